@@ -1,0 +1,79 @@
+#include "conv/conv_desc.h"
+
+#include <cctype>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+namespace dc {
+
+std::string ConvDesc::to_string() const {
+  std::ostringstream o;
+  o << "mb" << n << "ic" << c << "ih" << h;
+  if (w != h) o << "iw" << w;
+  o << "oc" << k << "oh" << p();
+  if (q() != p()) o << "ow" << q();
+  o << "kh" << r;
+  if (s != r) o << "kw" << s;
+  o << "sh" << stride_h;
+  if (stride_w != stride_h) o << "sw" << stride_w;
+  o << "ph" << pad_t;
+  if (pad_b != pad_t) o << "pb" << pad_b;
+  if (pad_l != pad_t || pad_r != pad_l) o << "pw" << pad_l;
+  if (pad_r != pad_l) o << "pr" << pad_r;
+  if (dil_h != 1 || dil_w != 1) {
+    // benchdnn counts dilation from 0.
+    o << "dh" << dil_h - 1;
+    if (dil_w != dil_h) o << "dw" << dil_w - 1;
+  }
+  return o.str();
+}
+
+std::string ConvDesc::validate() const {
+  std::ostringstream o;
+  if (n < 0) o << "batch size must be >= 0, got " << n;
+  else if (c < 1 || k < 1) o << "channels must be >= 1, got ic" << c << " oc" << k;
+  else if (h < 1 || w < 1) o << "input spatial size must be >= 1, got " << h << "x" << w;
+  else if (r < 1 || s < 1) o << "kernel size must be >= 1, got " << r << "x" << s;
+  else if (stride_h < 1 || stride_w < 1) o << "stride must be >= 1, got " << stride_h << "x" << stride_w;
+  else if (dil_h < 1 || dil_w < 1) o << "dilation must be >= 1, got " << dil_h << "x" << dil_w;
+  else if (pad_t < 0 || pad_b < 0 || pad_l < 0 || pad_r < 0) o << "padding must be >= 0";
+  else if (p() < 1 || q() < 1)
+    o << "kernel size " << dil_h * (r - 1) + 1 << "x" << dil_w * (s - 1) + 1
+      << " (dilated) is larger than the padded input " << h + pad_t + pad_b << "x" << w + pad_l + pad_r;
+  return o.str();
+}
+
+ConvDesc parse_conv_desc(const std::string& str) {
+  std::map<std::string, int64_t> f;
+  size_t i = 0;
+  while (i < str.size()) {
+    size_t j = i;
+    while (j < str.size() && std::isalpha(static_cast<unsigned char>(str[j]))) ++j;
+    size_t k = j;
+    while (k < str.size() && std::isdigit(static_cast<unsigned char>(str[k]))) ++k;
+    if (j == i || k == j) throw std::invalid_argument("conv problem string: cannot parse '" + str.substr(i) + "' in '" + str + "'");
+    f[str.substr(i, j - i)] = std::stoll(str.substr(j, k - j));
+    i = k;
+  }
+  auto get = [&](const char* key, int64_t dflt) { auto it = f.find(key); return it == f.end() ? dflt : it->second; };
+  ConvDesc d;
+  d.n = get("mb", 1);
+  d.c = get("ic", 1);
+  d.k = get("oc", 1);
+  d.h = get("ih", 1);
+  d.w = get("iw", d.h);
+  d.r = get("kh", 1);
+  d.s = get("kw", d.r);
+  d.stride_h = get("sh", 1);
+  d.stride_w = get("sw", d.stride_h);
+  d.pad_t = get("ph", 0);
+  d.pad_b = get("pb", d.pad_t);
+  d.pad_l = get("pw", d.pad_t);
+  d.pad_r = get("pr", d.pad_l);
+  d.dil_h = get("dh", 0) + 1;
+  d.dil_w = get("dw", d.dil_h - 1) + 1;
+  return d;
+}
+
+}  // namespace dc

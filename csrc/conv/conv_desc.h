@@ -1,0 +1,32 @@
+// The convolution exactly as the user asked for it: one group, fp32, blocked layouts.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace dc {
+
+struct ConvDesc {
+  int64_t n = 1, c = 1, h = 1, w = 1;  // input
+  int64_t k = 1, r = 1, s = 1;          // output channels, kernel rows, kernel columns
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_t = 0, pad_b = 0, pad_l = 0, pad_r = 0;
+  int64_t dil_h = 1, dil_w = 1;
+
+  int64_t p() const { return (h + pad_t + pad_b - dil_h * (r - 1) - 1) / stride_h + 1; }
+  int64_t q() const { return (w + pad_l + pad_r - dil_w * (s - 1) - 1) / stride_w + 1; }
+  double flops() const { return 2.0 * n * k * c * r * s * p() * q(); }
+
+  // benchdnn-style problem string, e.g. mb1ic64ih56iw56oc64oh56ow56kh3kw3sh1sw1ph1pw1.
+  std::string to_string() const;
+  // Empty when the description is valid, else what is wrong.
+  std::string validate() const;
+};
+
+// Parses a benchdnn-style problem string; missing fields take benchdnn's defaults
+// (iw = ih, kw = kh, ...). Throws std::invalid_argument naming the bad token.
+ConvDesc parse_conv_desc(const std::string& s);
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dc

@@ -1,0 +1,226 @@
+#include "conv/fwd_plan.h"
+
+#include <algorithm>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+namespace dc {
+
+namespace {
+
+// Estimated cycles of one unrolled step (one kernel column, one input channel) of a tile.
+// Two FMAs and two vector loads issue per cycle, but a load-bound stream reaches only
+// about 90% of that (DESIGN.md section 2), and with fewer than eight accumulators the
+// 4-cycle FMA latency is exposed. The small last term prefers fewer loads per FMA
+// among tiles that tie.
+double step_cycles(int accs, int loads) {
+  return std::max({accs / 2.0, loads / 1.8, 4.0}) + 0.05 * loads;
+}
+
+double tile_cycles(const ConvDesc& d, Isa isa, int oh, int ow, int n_oc) {
+  int loads = (isa == Isa::avx512 && n_oc == 1) ? oh * ow : oh * ow + n_oc;
+  double steps = static_cast<double>(d.r) * d.s * std::min<int64_t>(d.c, vlen(isa)) * div_up(d.c, vlen(isa));
+  return steps * step_cycles(oh * ow * n_oc, loads) + 20 + 2.0 * oh * ow * n_oc;
+}
+
+// Splits n into near-equal parts of at most `most`.
+std::vector<int> split_even(int64_t n, int64_t most) {
+  int64_t parts = div_up(n, most);
+  std::vector<int> out;
+  for (int64_t i = 0; i < parts; ++i) out.push_back(static_cast<int>(n / parts + (i < n % parts ? 1 : 0)));
+  return out;
+}
+
+struct Tile {
+  int oh, ow, n_oc;
+  double cycles;
+};
+
+// The tile with the fewest estimated cycles for the whole layer, within the register file.
+Tile choose_tile(const ConvDesc& d, Isa isa) {
+  const int64_t kb = div_up(d.k, vlen(isa));
+  const int64_t p = d.p(), q = d.q();
+  Tile best{1, 1, 1, 1e300};
+  for (int n_oc = 1; n_oc <= std::min<int64_t>(4, kb); ++n_oc)
+    for (int oh = 1; oh <= std::min<int64_t>(2, p); ++oh)
+      for (int ow = 1; ow <= std::min<int64_t>(q, 28); ++ow) {
+        FwdKernelSpec sp;
+        sp.isa = isa;
+        sp.oh = oh;
+        sp.ow = ow;
+        sp.n_oc = n_oc;
+        if (fwd_vector_registers(sp) > isa_vector_registers(isa)) continue;
+        double row_cost = 0;
+        for (int w : split_even(q, ow)) {
+          double full = tile_cycles(d, isa, oh, w, n_oc) * (kb / n_oc);
+          double tail = kb % n_oc ? tile_cycles(d, isa, oh, w, static_cast<int>(kb % n_oc)) : 0;
+          row_cost += full + tail;
+        }
+        // Row pairs cover p / oh pairs; leftover rows run single-row tiles.
+        double total = row_cost * static_cast<double>(p / oh);
+        if (p % oh) total += row_cost / oh * 1.2;
+        if (total < best.cycles * 0.999) best = {oh, ow, n_oc, total};
+      }
+  return best;
+}
+
+class StreamBuilder {
+ public:
+  explicit StreamBuilder(FwdPlan& plan) : plan_(plan), d_(plan.desc), V_(plan.v()) {}
+
+  int kernel_index(const FwdKernelSpec& sp) {
+    std::string name = sp.name();
+    auto it = index_.find(name);
+    if (it != index_.end()) return it->second;
+    int idx = static_cast<int>(plan_.kernels.size());
+    plan_.kernels.push_back(sp);
+    index_.emplace(name, idx);
+    return idx;
+  }
+
+  // Valid kernel rows [r_lo, r_lo + n_r) of output row oh.
+  void row_taps(int64_t oh, int64_t* r_lo, int64_t* n_r) const {
+    int64_t lo = 0, hi = d_.r;
+    while (lo < d_.r && oh * d_.stride_h - d_.pad_t + lo * d_.dil_h < 0) ++lo;
+    while (hi > lo && oh * d_.stride_h - d_.pad_t + (hi - 1) * d_.dil_h >= d_.h) --hi;
+    *r_lo = lo;
+    *n_r = hi - lo;
+  }
+
+  // All calls of tile rows [oh0, oh0 + rows) x output blocks [kb0, kb0 + n_oc) of image n.
+  void emit_rows(std::vector<FwdCall>& out, int64_t n, int64_t kb0, int n_oc, int64_t oh0, int rows) {
+    int64_t r_lo, n_r;
+    row_taps(oh0, &r_lo, &n_r);
+    const int64_t cb_full = d_.c / V_;
+    const int c_tail = static_cast<int>(d_.c % V_);
+    int64_t ow0 = 0;
+    for (int w : split_even(d_.q(), plan_.tile_ow)) {
+      FwdKernelSpec sp;
+      sp.isa = plan_.isa;
+      sp.s = static_cast<int>(d_.s);
+      sp.stride_w = static_cast<int>(d_.stride_w);
+      sp.dil_w = static_cast<int>(d_.dil_w);
+      sp.oh = rows;
+      sp.ow = w;
+      sp.n_oc = n_oc;
+      const int64_t iw0 = ow0 * d_.stride_w - d_.pad_l;
+      const int64_t iw_last = iw0 + (w - 1) * d_.stride_w + (d_.s - 1) * d_.dil_w;
+      if (iw0 < 0 || iw_last >= d_.w) {
+        sp.border = true;
+        sp.iw0 = static_cast<int>(iw0);
+        sp.w = static_cast<int>(d_.w);
+      }
+      const int64_t ih = oh0 * d_.stride_h - d_.pad_t + r_lo * d_.dil_h;
+      FwdCall call{};
+      call.n_r = static_cast<int32_t>(n_r);
+      call.bias_off = kb0 * V_;
+      call.dst_off = ((n * plan_.kb + kb0) * d_.p() + oh0) * d_.q() * V_ + ow0 * V_;
+      bool first = true;
+      auto push = [&](int64_t cb0, int64_t n_cb, int c_valid, bool last) {
+        sp.c_valid = c_valid;
+        call.kernel = kernel_index(sp);
+        call.n_cb = static_cast<int32_t>(n_cb);
+        call.flags = (first ? 0 : static_cast<int32_t>(kAccumulate)) | (last ? kLastChunk : 0);
+        call.src_off = ((n * plan_.cb + cb0) * d_.h + ih) * d_.w * V_ + iw0 * V_;
+        call.wei_off = ((kb0 * plan_.cb + cb0) * d_.r + r_lo) * d_.s * V_ * V_;
+        out.push_back(call);
+        first = false;
+      };
+      for (int64_t cb0 = 0; cb0 < cb_full; cb0 += plan_.c_chunk) {
+        int64_t n_cb = std::min(plan_.c_chunk, cb_full - cb0);
+        push(cb0, n_cb, V_, c_tail == 0 && cb0 + n_cb == cb_full);
+      }
+      if (c_tail) push(cb_full, 1, c_tail, true);
+      ow0 += w;
+    }
+  }
+
+  // Rows of one unit: pairs of rows that reduce over every kernel row share a tile.
+  void emit_unit(std::vector<FwdCall>& out, int64_t n, int64_t kg, int64_t row0, int64_t row1) {
+    const int64_t kb0 = kg * plan_.n_oc;
+    const int n_oc = static_cast<int>(std::min<int64_t>(plan_.n_oc, plan_.kb - kb0));
+    for (int64_t oh = row0; oh < row1;) {
+      int rows = 1;
+      if (plan_.tile_oh == 2 && oh + 1 < row1) {
+        int64_t lo0, n0, lo1, n1;
+        row_taps(oh, &lo0, &n0);
+        row_taps(oh + 1, &lo1, &n1);
+        if (lo0 == lo1 && n0 == n1) rows = 2;
+      }
+      emit_rows(out, n, kb0, n_oc, oh, rows);
+      oh += rows;
+    }
+  }
+
+ private:
+  FwdPlan& plan_;
+  const ConvDesc& d_;
+  const int V_;
+  std::map<std::string, int> index_;
+};
+
+}  // namespace
+
+std::string FwdPlan::to_string() const {
+  std::ostringstream o;
+  o << desc.to_string() << " " << isa_name(isa) << " threads=" << threads << " tile=" << tile_oh << "x" << tile_ow
+    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << " kernels=" << kernels.size();
+  return o.str();
+}
+
+FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
+  std::string err = desc.validate();
+  if (!err.empty()) throw std::invalid_argument("conv2d: " + err);
+  if (isa == Isa::none) throw std::invalid_argument("conv2d: no JIT ISA available");
+  FwdPlan plan;
+  plan.desc = desc;
+  plan.isa = isa;
+  plan.threads = std::max(1, threads);
+  const int V = plan.v();
+  plan.cb = div_up(desc.c, V);
+  plan.kb = div_up(desc.k, V);
+  Tile t = choose_tile(desc, isa);
+  plan.tile_oh = t.oh;
+  plan.tile_ow = t.ow;
+  plan.n_oc = t.n_oc;
+  plan.c_chunk = std::max<int64_t>(1, desc.c / V);
+
+  const int64_t P = desc.p(), Q = desc.q();
+  const int64_t kgroups = div_up(plan.kb, plan.n_oc);
+  // Enough units that every thread gets a fair share, in whole row pairs.
+  int64_t row_groups = 1;
+  while (desc.n * kgroups * row_groups < 4 * plan.threads && row_groups * 2 <= P) row_groups *= 2;
+  if (plan.threads == 1) row_groups = 1;
+  plan.rows_per_group = div_up(P, row_groups);
+  if (plan.tile_oh == 2 && plan.rows_per_group % 2 && plan.rows_per_group < P) ++plan.rows_per_group;
+
+  FwdCallArgs& a = plan.strides;
+  a.src_r_stride = desc.dil_h * desc.w * V * 4;
+  a.src_row_stride = desc.stride_h * desc.w * V * 4;
+  a.src_cb_stride = desc.h * desc.w * V * 4;
+  a.wei_cb_stride = desc.r * desc.s * V * V * 4;
+  a.wei_kb_stride = plan.cb * a.wei_cb_stride;
+  a.dst_row_stride = Q * V * 4;
+  a.dst_kb_stride = P * Q * V * 4;
+
+  // Units in the order n, row group, output-channel group; each thread takes a
+  // contiguous run, so it reuses the input rows across its output-channel groups.
+  struct Unit {
+    int64_t n, kg, row0, row1;
+  };
+  std::vector<Unit> units;
+  for (int64_t n = 0; n < desc.n; ++n)
+    for (int64_t r0 = 0; r0 < P; r0 += plan.rows_per_group)
+      for (int64_t kg = 0; kg < kgroups; ++kg) units.push_back({n, kg, r0, std::min(P, r0 + plan.rows_per_group)});
+  StreamBuilder sb(plan);
+  plan.streams.assign(plan.threads, {});
+  const int64_t nu = static_cast<int64_t>(units.size());
+  for (int t = 0; t < plan.threads; ++t) {
+    int64_t u0 = nu * t / plan.threads, u1 = nu * (t + 1) / plan.threads;
+    for (int64_t u = u0; u < u1; ++u) sb.emit_unit(plan.streams[t], units[u].n, units[u].kg, units[u].row0, units[u].row1);
+  }
+  return plan;
+}
+
+}  // namespace dc

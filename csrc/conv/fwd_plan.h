@@ -1,0 +1,44 @@
+// Blocking decisions and per-thread kernel streams of the forward pass (DESIGN.md 3, 4).
+// make_fwd_plan is a pure function of (ConvDesc, Isa, threads): no code is generated here.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "conv/conv_desc.h"
+#include "jit/fwd_kernel.h"
+
+namespace dc {
+
+// One recorded kernel call: which variant, and where its tile lives (element offsets
+// into the blocked input, weights, output and bias).
+struct FwdCall {
+  int32_t kernel;
+  int32_t n_r;
+  int32_t n_cb;
+  int32_t flags;  // kAccumulate, and kLastChunk on the call that finishes its tile
+  int64_t src_off, wei_off, dst_off, bias_off;
+};
+constexpr int32_t kLastChunk = 1 << 8;
+
+struct FwdPlan {
+  ConvDesc desc;
+  Isa isa = Isa::avx512;
+  int threads = 1;
+  int64_t cb = 0, kb = 0;  // channel blocks of the input and the output
+  // Tile: rows x pixels x output-channel blocks; the row is split into near-equal tiles.
+  int tile_oh = 1, tile_ow = 1, n_oc = 1;
+  int64_t c_chunk = 1;          // input-channel blocks per kernel call
+  int64_t rows_per_group = 1;   // output rows of one work unit
+  std::vector<FwdKernelSpec> kernels;
+  std::vector<std::vector<FwdCall>> streams;  // one per thread
+  FwdCallArgs strides{};  // the per-plan constants of every call (pointers left null)
+
+  int v() const { return vlen(isa); }
+  std::string to_string() const;
+};
+
+FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads);
+
+}  // namespace dc

@@ -1,0 +1,61 @@
+#include "conv/reference.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace dc {
+
+namespace {
+const float* at(const float* base, int64_t bytes) {
+  return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(base) + bytes);
+}
+}  // namespace
+
+void fwd_kernel_ref(const FwdKernelSpec& sp, const FwdCallArgs* a) {
+  const int V = sp.v();
+  for (int row = 0; row < sp.oh; ++row)
+    for (int oc = 0; oc < sp.n_oc; ++oc)
+      for (int px = 0; px < sp.ow; ++px) {
+        float* out = const_cast<float*>(at(a->dst, row * a->dst_row_stride + oc * a->dst_kb_stride)) + px * V;
+        for (int k = 0; k < V; ++k) {
+          float acc = (a->flags & kAccumulate) ? out[k] : a->bias ? a->bias[oc * V + k] : 0.f;
+          for (int64_t cb = 0; cb < a->n_cb; ++cb)
+            for (int64_t r = 0; r < a->n_r; ++r)
+              for (int col = 0; col < sp.s; ++col) {
+                if (!sp.tap_valid(px, col)) continue;
+                const float* in = at(a->src, cb * a->src_cb_stride + r * a->src_r_stride + row * a->src_row_stride) +
+                                  (px * sp.stride_w + col * sp.dil_w) * V;
+                const float* w =
+                    at(a->wei, cb * a->wei_cb_stride + oc * a->wei_kb_stride) + ((r * sp.s + col) * V) * V;
+                for (int c = 0; c < sp.c_valid; ++c) acc = std::fma(in[c], w[c * V + k], acc);
+              }
+          if (a->flags & kRelu) acc = std::max(acc, 0.f);
+          out[k] = acc;
+        }
+      }
+}
+
+void conv_fwd_ref_blocked(const ConvDesc& d, int V, const float* src, const float* wei, const float* bias, float* dst,
+                          bool relu) {
+  const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V), P = d.p(), Q = d.q();
+  for (int64_t n = 0; n < d.n; ++n)
+    for (int64_t k = 0; k < kb * V; ++k)
+      for (int64_t oh = 0; oh < P; ++oh)
+        for (int64_t ow = 0; ow < Q; ++ow) {
+          double acc = bias ? bias[k] : 0.0;
+          for (int64_t c = 0; c < d.c; ++c)
+            for (int64_t r = 0; r < d.r; ++r)
+              for (int64_t s = 0; s < d.s; ++s) {
+                int64_t ih = oh * d.stride_h - d.pad_t + r * d.dil_h, iw = ow * d.stride_w - d.pad_l + s * d.dil_w;
+                if (ih < 0 || ih >= d.h || iw < 0 || iw >= d.w) continue;
+                double x = src[(((n * cb + c / V) * d.h + ih) * d.w + iw) * V + c % V];
+                double w = wei[((((k / V) * cb + c / V) * d.r + r) * d.s + s) * V * V + (c % V) * V + k % V];
+                acc += x * w;
+              }
+          if (relu) acc = std::max(acc, 0.0);
+          dst[(((n * kb + k / V) * P + oh) * Q + ow) * V + k % V] = static_cast<float>(acc);
+        }
+}
+
+}  // namespace dc

@@ -1,0 +1,16 @@
+// Scalar twins: plain C++ with the same arguments as the JIT code, for the tests.
+#pragma once
+
+#include "conv/conv_desc.h"
+#include "jit/fwd_kernel.h"
+
+namespace dc {
+
+// Does exactly what the generated kernel of `spec` does with `args`.
+void fwd_kernel_ref(const FwdKernelSpec& spec, const FwdCallArgs* args);
+
+// Direct convolution on blocked tensors (layouts as fwd_execute), accumulated in double.
+void conv_fwd_ref_blocked(const ConvDesc& d, int v, const float* src, const float* wei, const float* bias, float* dst,
+                          bool relu);
+
+}  // namespace dc

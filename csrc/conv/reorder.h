@@ -1,0 +1,23 @@
+// Layout conversions between PyTorch's strided (N, C, H, W) tensors and the blocked
+// layouts of DESIGN.md section 1. Each runs one thread's share (tid of nthreads).
+// Strides are in elements, in the order of the logical dimensions.
+#pragma once
+
+#include <cstdint>
+
+namespace dc {
+
+// (N, C, H, W) with any strides -> (N, ceil(C/V), H, W, V); channels >= C become zero.
+void reorder_to_blocked(const float* src, const int64_t src_strides[4], int64_t n, int64_t c, int64_t h, int64_t w,
+                        int v, float* dst, int tid, int nthreads);
+// (N, ceil(C/V), H, W, V) -> (N, C, H, W) with any strides; padded channels are dropped.
+void reorder_from_blocked(const float* src, int64_t n, int64_t c, int64_t h, int64_t w, int v, float* dst,
+                          const int64_t dst_strides[4], int tid, int nthreads);
+// (K, C, R, S) with any strides -> (ceil(K/V), ceil(C/V), R, S, V(c), V(k)), zero-padded.
+void reorder_weight_to_blocked(const float* src, const int64_t src_strides[4], int64_t k, int64_t c, int64_t r,
+                               int64_t s, int v, float* dst, int tid, int nthreads);
+// The inverse of reorder_weight_to_blocked, into (K, C, R, S) with any strides.
+void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t r, int64_t s, int v, float* dst,
+                                 const int64_t dst_strides[4], int tid, int nthreads);
+
+}  // namespace dc

@@ -1,0 +1,240 @@
+#include "jit/fwd_kernel.h"
+
+#include <cstddef>
+#include <sstream>
+#include <stdexcept>
+
+namespace dc {
+
+std::string FwdKernelSpec::name() const {
+  std::ostringstream o;
+  o << "f32_conv_fwd_kw" << s << "s" << stride_w << "d" << dil_w << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c"
+    << c_valid;
+  if (border) o << "_b" << (iw0 < 0 ? "m" : "") << (iw0 < 0 ? -iw0 : iw0) << "w" << w;
+  o << "__" << isa_name(isa);
+  return o.str();
+}
+
+int isa_vector_registers(Isa isa) { return isa == Isa::avx512 ? 32 : 16; }
+
+namespace {
+// Embedded broadcast (one memory operand per FMA) needs no broadcast register, and is
+// used only for single-block tiles on AVX-512 where nothing could share a broadcast.
+bool uses_embedded_broadcast(const FwdKernelSpec& sp) { return sp.isa == Isa::avx512 && sp.n_oc == 1; }
+int broadcast_registers(const FwdKernelSpec& sp) {
+  if (uses_embedded_broadcast(sp)) return 0;
+  int spare = isa_vector_registers(sp.isa) - sp.oh * sp.ow * sp.n_oc - sp.n_oc;
+  return spare >= 2 ? 2 : 1;
+}
+}  // namespace
+
+int fwd_vector_registers(const FwdKernelSpec& sp) {
+  return sp.oh * sp.ow * sp.n_oc + sp.n_oc + (uses_embedded_broadcast(sp) ? 0 : 1);
+}
+
+namespace {
+
+using namespace Xbyak;
+
+class FwdKernel : public JitKernel {
+ public:
+  explicit FwdKernel(const FwdKernelSpec& sp) : JitKernel(sp.name(), code_size_estimate(sp)), sp_(sp) {
+    if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
+        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1)
+      throw std::invalid_argument("fwd kernel: unsupported tile " + sp.name());
+    if (fwd_vector_registers(sp) > isa_vector_registers(sp.isa))
+      throw std::invalid_argument("fwd kernel: tile needs too many vector registers: " + sp.name());
+  }
+
+ private:
+  static size_t code_size_estimate(const FwdKernelSpec& sp) {
+    size_t per_step = sp.n_oc * 12 + sp.oh * sp.ow * (12 + sp.n_oc * 8);
+    size_t epilogue = sp.oh * sp.ow * sp.n_oc * 48 + sp.oh * sp.n_oc * 64;
+    return 4096 + static_cast<size_t>(sp.s) * sp.c_valid * per_step + epilogue;
+  }
+
+  // Registers, named by role. rdi carries the argument struct (System V ABI).
+  const Reg64 reg_args = rdi;
+  const Reg64 reg_src = rsi;       // current kernel row of the current channel block
+  const Reg64 reg_wei = rdx;
+  const Reg64 reg_src_cb = rcx;    // current channel block
+  const Reg64 reg_wei_cb = r8;
+  const Reg64 reg_cnt_cb = r9;
+  const Reg64 reg_cnt_r = r10;
+  const Reg64 reg_wei_kbs = r11;   // weight bytes per output-channel block
+  const Reg64 reg_wei_kbs3 = rax;  // 3x that, for the fourth block
+  const Reg64 reg_src_rows = rbx;  // input bytes from one tile row to the next (callee-saved)
+  const Reg64 reg_out = r12;       // one (row, block) of the output tile (callee-saved)
+
+  int V() const { return sp_.v(); }
+  int vbytes() const { return V() * 4; }
+  Xmm vreg(int idx) const {
+    if (sp_.isa == Isa::avx512) return Zmm(idx);
+    return Ymm(idx);
+  }
+  int n_acc() const { return sp_.oh * sp_.ow * sp_.n_oc; }
+  Xmm vmm_acc(int row, int px, int oc) const { return vreg((row * sp_.ow + px) * sp_.n_oc + oc); }
+  Xmm vmm_wei(int oc) const { return vreg(n_acc() + oc); }
+  Xmm vmm_bcast(int i) const { return vreg(n_acc() + sp_.n_oc + i % broadcast_registers(sp_)); }
+
+  Address wei_addr(int oc, int64_t disp) const {
+    switch (oc) {
+      case 0: return ptr[reg_wei + disp];
+      case 1: return ptr[reg_wei + reg_wei_kbs + disp];
+      case 2: return ptr[reg_wei + reg_wei_kbs * 2 + disp];
+      default: return ptr[reg_wei + reg_wei_kbs3 + disp];
+    }
+  }
+  RegExp src_row(int row) const { return row == 0 ? RegExp(reg_src) : reg_src + reg_src_rows; }
+  Address arg(size_t offset) const { return qword[reg_args + static_cast<int64_t>(offset)]; }
+
+  void generate() override {
+    preamble();
+    load_args();
+    init_accumulators();
+    loop_cb([&] { loop_r([&] { compute_kernel_row(); }); });
+    apply_relu();
+    store_tile();
+    postamble();
+  }
+
+  void preamble() {
+    push(rbx);
+    push(r12);
+  }
+  void postamble() {
+    pop(r12);
+    pop(rbx);
+    vzeroupper();
+    ret();
+  }
+
+  void load_args() {
+    mov(reg_wei_kbs, arg(offsetof(FwdCallArgs, wei_kb_stride)));
+    lea(reg_wei_kbs3, ptr[reg_wei_kbs + reg_wei_kbs * 2]);
+    mov(reg_src_rows, arg(offsetof(FwdCallArgs, src_row_stride)));
+  }
+
+  template <typename F>
+  void for_each_acc(F f) {
+    for (int row = 0; row < sp_.oh; ++row)
+      for (int px = 0; px < sp_.ow; ++px)
+        for (int oc = 0; oc < sp_.n_oc; ++oc) f(row, px, oc);
+  }
+  // Points reg_out at output row `row`, block `oc` of the tile (once per call, not hot).
+  void point_out(int row, int oc) {
+    mov(reg_out, arg(offsetof(FwdCallArgs, dst)));
+    for (int i = 0; i < row; ++i) add(reg_out, arg(offsetof(FwdCallArgs, dst_row_stride)));
+    for (int i = 0; i < oc; ++i) add(reg_out, arg(offsetof(FwdCallArgs, dst_kb_stride)));
+  }
+  template <typename F>
+  void for_each_out_block(F f) {
+    for (int row = 0; row < sp_.oh; ++row)
+      for (int oc = 0; oc < sp_.n_oc; ++oc) {
+        point_out(row, oc);
+        for (int px = 0; px < sp_.ow; ++px) f(vmm_acc(row, px, oc), ptr[reg_out + px * vbytes()]);
+      }
+  }
+
+  void zero(const Xmm& x) {
+    if (sp_.isa == Isa::avx512) vpxord(x, x, x);
+    else vxorps(x, x, x);
+  }
+
+  // Accumulators start from dst (kAccumulate), from the bias, or from zero.
+  void init_accumulators() {
+    Label l_zero, l_bias, l_done;
+    test(arg(offsetof(FwdCallArgs, flags)), kAccumulate);
+    jz(l_bias, T_NEAR);
+    for_each_out_block([&](const Xmm& acc, const Address& a) { vmovups(acc, a); });
+    jmp(l_done, T_NEAR);
+    L(l_bias);
+    mov(reg_out, arg(offsetof(FwdCallArgs, bias)));
+    test(reg_out, reg_out);
+    jz(l_zero, T_NEAR);
+    for_each_acc([&](int row, int px, int oc) { vmovups(vmm_acc(row, px, oc), ptr[reg_out + oc * vbytes()]); });
+    jmp(l_done, T_NEAR);
+    L(l_zero);
+    for_each_acc([&](int row, int px, int oc) { zero(vmm_acc(row, px, oc)); });
+    L(l_done);
+  }
+
+  template <typename F>
+  void loop_cb(F body) {
+    Label l_cb;
+    mov(reg_src_cb, arg(offsetof(FwdCallArgs, src)));
+    mov(reg_wei_cb, arg(offsetof(FwdCallArgs, wei)));
+    mov(reg_cnt_cb, arg(offsetof(FwdCallArgs, n_cb)));
+    L(l_cb);
+    body();
+    add(reg_src_cb, arg(offsetof(FwdCallArgs, src_cb_stride)));
+    add(reg_wei_cb, arg(offsetof(FwdCallArgs, wei_cb_stride)));
+    dec(reg_cnt_cb);
+    jnz(l_cb, T_NEAR);
+  }
+
+  template <typename F>
+  void loop_r(F body) {
+    Label l_r, l_end;
+    mov(reg_src, reg_src_cb);
+    mov(reg_wei, reg_wei_cb);
+    mov(reg_cnt_r, arg(offsetof(FwdCallArgs, n_r)));
+    test(reg_cnt_r, reg_cnt_r);
+    jz(l_end, T_NEAR);
+    L(l_r);
+    body();
+    add(reg_src, arg(offsetof(FwdCallArgs, src_r_stride)));
+    add(reg_wei, static_cast<uint32_t>(sp_.s * V() * vbytes()));
+    dec(reg_cnt_r);
+    jnz(l_r, T_NEAR);
+    L(l_end);
+  }
+
+  // One kernel row: every column and every channel of the block, unrolled.
+  void compute_kernel_row() {
+    int nb = 0;
+    for (int col = 0; col < sp_.s; ++col) {
+      bool any = false;
+      for (int px = 0; px < sp_.ow; ++px) any = any || sp_.tap_valid(px, col);
+      if (!any) continue;
+      for (int c = 0; c < sp_.c_valid; ++c) {
+        int64_t wdisp = static_cast<int64_t>(col * V() + c) * vbytes();
+        for (int oc = 0; oc < sp_.n_oc; ++oc) vmovups(vmm_wei(oc), wei_addr(oc, wdisp));
+        for (int row = 0; row < sp_.oh; ++row)
+          for (int px = 0; px < sp_.ow; ++px) {
+            if (!sp_.tap_valid(px, col)) continue;
+            int64_t sdisp = (static_cast<int64_t>(px * sp_.stride_w + col * sp_.dil_w) * V() + c) * 4;
+            if (uses_embedded_broadcast(sp_)) {
+              vfmadd231ps(vmm_acc(row, px, 0), vmm_wei(0), ptr_b[src_row(row) + sdisp]);
+              continue;
+            }
+            Xmm b = vmm_bcast(nb++);
+            vbroadcastss(b, ptr[src_row(row) + sdisp]);
+            for (int oc = 0; oc < sp_.n_oc; ++oc) vfmadd231ps(vmm_acc(row, px, oc), vmm_wei(oc), b);
+          }
+      }
+    }
+  }
+
+  void apply_relu() {
+    Label l_skip;
+    test(arg(offsetof(FwdCallArgs, flags)), kRelu);
+    jz(l_skip, T_NEAR);
+    Xmm z = vmm_wei(0);
+    zero(z);
+    for_each_acc([&](int row, int px, int oc) { vmaxps(vmm_acc(row, px, oc), vmm_acc(row, px, oc), z); });
+    L(l_skip);
+  }
+
+  void store_tile() {
+    for_each_out_block([&](const Xmm& acc, const Address& a) { vmovups(a, acc); });
+  }
+
+  FwdKernelSpec sp_;
+};
+
+}  // namespace
+
+std::unique_ptr<JitKernel> make_fwd_kernel(const FwdKernelSpec& spec) { return std::make_unique<FwdKernel>(spec); }
+
+}  // namespace dc

@@ -1,0 +1,67 @@
+// Forward direct-convolution microkernel (DESIGN.md section 2).
+//
+// One call computes an output tile of `oh` rows x `ow` pixels x `n_oc` channel blocks,
+// held in vector registers, reducing over `n_cb` input-channel blocks and `n_r` kernel
+// rows (runtime loops) and over every kernel column and channel of a block (unrolled).
+// Per unrolled step it loads n_oc weight vectors, broadcasts each input scalar once into
+// a register and feeds it to n_oc FMAs, so loads per FMA stay well below one.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "jit/isa.h"
+#include "jit/jit_kernel.h"
+
+namespace dc {
+
+// What the generated code depends on; name() is the cache key.
+struct FwdKernelSpec {
+  Isa isa = Isa::avx512;
+  int s = 1;                      // kernel columns
+  int stride_w = 1, dil_w = 1;
+  int oh = 1, ow = 1, n_oc = 1;   // tile: rows x pixels x output-channel blocks
+  int c_valid = 16;               // channels of each input block that are used (< V for a tail)
+  // Border tiles skip the taps that fall on padding: iw0 is the tile's first input
+  // column (may be negative), w the input width. Interior tiles read every tap.
+  bool border = false;
+  int iw0 = 0, w = 0;
+
+  int v() const { return vlen(isa); }
+  bool tap_valid(int pixel, int col) const {
+    int iw = iw0 + pixel * stride_w + col * dil_w;
+    return !border || (iw >= 0 && iw < w);
+  }
+  std::string name() const;
+};
+
+// The kernel's one argument; offsets are read through offsetof.
+struct FwdCallArgs {
+  const float* src;        // input block cb0, first valid kernel row, column iw0
+  const float* wei;        // weights [kb0][cb0][first valid kernel row][0][0][0]
+  float* dst;              // output block kb0, row oh0, column ow0
+  const float* bias;       // bias + kb0 * V, or null
+  int64_t n_r;             // kernel rows to reduce (0 leaves bias or the old values)
+  int64_t n_cb;            // input-channel blocks to reduce (>= 1)
+  int64_t flags;           // kAccumulate: start from dst; kRelu: max(0, .) before the store
+  int64_t src_r_stride;    // bytes from one kernel row to the next in the input
+  int64_t src_row_stride;  // bytes from one tile row to the next in the input
+  int64_t src_cb_stride;   // bytes per input-channel block
+  int64_t wei_cb_stride;   // bytes per input-channel block of the weights
+  int64_t wei_kb_stride;   // bytes per output-channel block of the weights
+  int64_t dst_row_stride;  // bytes per output row
+  int64_t dst_kb_stride;   // bytes per output-channel block
+};
+constexpr int64_t kAccumulate = 1;
+constexpr int64_t kRelu = 2;
+
+using FwdKernelFn = void (*)(const FwdCallArgs*);
+
+std::unique_ptr<JitKernel> make_fwd_kernel(const FwdKernelSpec& spec);
+
+// Register budget of the tile, as the generator will allocate it.
+int fwd_vector_registers(const FwdKernelSpec& spec);
+int isa_vector_registers(Isa isa);
+
+}  // namespace dc

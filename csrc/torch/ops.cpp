@@ -1,0 +1,363 @@
+// The torch layer: op schemas and CPU kernels (TORCH_LIBRARY), Tensor -> raw pointers and
+// ConvDesc, and a few pybind11 utilities. The only C++ that includes torch.
+#include <ATen/ATen.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "conv/fwd_driver.h"
+#include "conv/reorder.h"
+#include "jit/isa.h"
+#include "jit/kernel_cache.h"
+#include "jit/peak_kernel.h"
+#include "threading.h"
+
+namespace dc_torch {
+
+using at::Tensor;
+using dc::ConvDesc;
+
+namespace {
+
+dc::Isa jit_isa() {
+  dc::Isa isa = dc::active_isa();
+  TORCH_CHECK(isa != dc::Isa::none,
+              "torch_directconv: no JIT ISA is active (the CPU lacks AVX2, or TORCH_DIRECTCONV_ISA=none); "
+              "the Python API falls back to torch's convolution");
+  return isa;
+}
+
+void check_float_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected '", name, "' on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected '", name, "' of dtype float32, got ", t.scalar_type());
+}
+
+std::vector<int64_t> strides4(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+ConvDesc make_desc(const char* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t s,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2, op, ": expected 'stride' of 2 values, got ", stride);
+  TORCH_CHECK(padding.size() == 4, op, ": expected 'padding' of 4 values (top, bottom, left, right), got ", padding);
+  TORCH_CHECK(dilation.size() == 2, op, ": expected 'dilation' of 2 values, got ", dilation);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": expected 'stride' >= 1, got ", stride);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": expected 'dilation' >= 1, got ", dilation);
+  for (int64_t p : padding) TORCH_CHECK(p >= 0, op, ": expected non-negative 'padding', got ", padding);
+  ConvDesc d;
+  d.n = n;
+  d.c = c;
+  d.h = h;
+  d.w = w;
+  d.k = k;
+  d.r = r;
+  d.s = s;
+  d.stride_h = stride[0];
+  d.stride_w = stride[1];
+  d.pad_t = padding[0];
+  d.pad_b = padding[1];
+  d.pad_l = padding[2];
+  d.pad_r = padding[3];
+  d.dil_h = dilation[0];
+  d.dil_w = dilation[1];
+  std::string err = d.validate();
+  TORCH_CHECK(err.empty(), op, ": ", err);
+  return d;
+}
+
+// Bias padded with zeros to kb * V, as the kernels read whole blocks.
+Tensor padded_bias(const c10::optional<Tensor>& bias, int64_t k, int64_t padded, const char* op) {
+  if (!bias.has_value() || !bias->defined()) return Tensor();
+  check_float_cpu(*bias, op, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == k, op, ": expected 'bias' of shape (", k, "), got ",
+              bias->sizes());
+  if (padded == k && bias->is_contiguous()) return *bias;
+  Tensor b = at::zeros({padded}, bias->options());
+  b.narrow(0, 0, k).copy_(*bias);
+  return b;
+}
+
+// Scratch for the blocked copies of the drop-in path, kept per calling thread so that
+// repeated calls do not page-fault fresh allocations.
+float* scratch(int slot, int64_t floats) {
+  thread_local Tensor buf[2];
+  if (!buf[slot].defined() || buf[slot].numel() < floats) buf[slot] = at::empty({floats}, at::kFloat);
+  return buf[slot].data_ptr<float>();
+}
+
+void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float* bias, float* dst, bool relu,
+             int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group) {
+  if (d.n == 0) return;
+  const int nt = num_threads();
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt);
+  run_shares(nt, [&](int tid, int) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::fwd_execute(*prim, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
+                      dst + g * dst_group, relu, tid);
+  });
+}
+
+}  // namespace
+
+// (G, Kb, Cb, R, S, V, V) from (K, C/G, R, S).
+Tensor pack_weight(const Tensor& weight, int64_t groups) {
+  const char* op = "pack_weight";
+  check_float_cpu(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 4, op, ": expected a 4-D 'weight' (K, C/groups, R, S), got shape ", weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": 'groups' (", groups,
+              ") must divide the output channels (", weight.size(0), ")");
+  const int V = dc::vlen(jit_isa());
+  const int64_t kg = weight.size(0) / groups, c = weight.size(1), r = weight.size(2), s = weight.size(3);
+  const int64_t kb = dc::div_up(kg, V), cb = dc::div_up(c, V);
+  Tensor out = at::empty({groups, kb, cb, r, s, V, V}, weight.options());
+  auto st = strides4(weight);
+  const float* src = weight.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t per_group = kb * cb * r * s * V * V;
+  run_shares(num_threads(), [&](int tid, int nt) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_weight_to_blocked(src + g * kg * st[0], st.data(), kg, c, r, s, V, dst + g * per_group, tid, nt);
+  });
+  return out;
+}
+
+// NCHW (any strides) in, NCHW out (channels_last when the input is), weights pre-packed.
+Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t out_channels,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     bool relu) {
+  const char* op = "conv2d";
+  check_float_cpu(input, op, "input");
+  check_float_cpu(weight, op, "weight");
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D 'input' (N, C, H, W), got shape ", input.sizes());
+  const int V = dc::vlen(jit_isa());
+  TORCH_CHECK(weight.dim() == 7 && weight.size(5) == V && weight.size(6) == V, op,
+              ": expected a packed 'weight' (groups, K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
+              weight.sizes());
+  TORCH_CHECK(groups >= 1 && weight.size(0) == groups, op, ": packed 'weight' holds ", weight.size(0),
+              " groups, but 'groups' is ", groups);
+  TORCH_CHECK(input.size(1) % groups == 0, op, ": 'groups' (", groups, ") must divide the input channels (",
+              input.size(1), ")");
+  TORCH_CHECK(out_channels % groups == 0, op, ": 'groups' (", groups, ") must divide the output channels (",
+              out_channels, ")");
+  const int64_t cg = input.size(1) / groups, kg = out_channels / groups;
+  TORCH_CHECK(dc::div_up(cg, V) == weight.size(2) && dc::div_up(kg, V) == weight.size(1), op, ": 'input' has ",
+              input.size(1), " channels and ", out_channels, " output channels in ", groups,
+              " groups, which does not match the packed 'weight' of shape ", weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), op, ": the packed 'weight' must be contiguous");
+  ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight.size(3), weight.size(4),
+                         stride, padding, dilation);
+  const int64_t cb = weight.size(2), kb = weight.size(1), P = d.p(), Q = d.q();
+  Tensor b = padded_bias(bias, out_channels, out_channels, op);
+  Tensor bias_blk;
+  if (b.defined()) {
+    bias_blk = at::zeros({groups, kb * V}, b.options());
+    bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
+  }
+  auto fmt = input.suggest_memory_format();
+  Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(fmt));
+  if (d.n == 0) return out;
+
+  const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
+  float* src_blk = scratch(0, groups * src_group);
+  float* dst_blk = scratch(1, groups * dst_group);
+  const float* x = input.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  auto xs = strides4(input), ys = strides4(out);
+  const int nt = num_threads();
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_to_blocked(x + g * cg * xs[1], xs.data(), d.n, cg, d.h, d.w, V, src_blk + g * src_group, tid,
+                             n_threads);
+  });
+  run_fwd(d, src_blk, weight.data_ptr<float>(), bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr, dst_blk,
+          relu, groups, src_group, kb * cb * d.r * d.s * V * V, kb * V, dst_group);
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_from_blocked(dst_blk + g * dst_group, d.n, kg, P, Q, V, y + g * kg * ys[1], ys.data(), tid,
+                               n_threads);
+  });
+  return out;
+}
+
+Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const char* op = "conv2d";
+  check_float_cpu(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 4, op, ": expected a 4-D 'weight' (K, C/groups, R, S), got shape ", weight.sizes());
+  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D 'input' (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(groups >= 1, op, ": expected 'groups' >= 1, got ", groups);
+  TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": 'input' has ", input.size(1),
+              " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
+              groups, " groups)");
+  return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,
+                       relu);
+}
+
+// Blocked in, blocked out: no layout conversion at all.
+Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                      c10::optional<int64_t> in_channels) {
+  const char* op = "conv2d_blocked";
+  check_float_cpu(input, op, "input");
+  check_float_cpu(weight, op, "weight");
+  const int V = dc::vlen(jit_isa());
+  TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'input' (N, C/", V, ", H, W, ", V,
+              "), got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 6 && weight.size(4) == V && weight.size(5) == V, op,
+              ": expected a blocked 'weight' (K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
+              weight.sizes());
+  TORCH_CHECK(input.size(1) == weight.size(1), op, ": 'input' has ", input.size(1), " channel blocks, but 'weight' has ",
+              weight.size(1));
+  const int64_t cb = input.size(1), kb = weight.size(0);
+  int64_t c = cb * V;
+  if (in_channels.has_value()) {
+    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
+                ") does not fit ", cb, " channel blocks of ", V);
+    c = *in_channels;
+  }
+  ConvDesc d = make_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2), weight.size(3),
+                         stride, padding, dilation);
+  Tensor x = input.contiguous(), w = weight.contiguous();
+  Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_float_cpu(*bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) <= kb * V && bias->size(0) > (kb - 1) * V, op,
+                ": expected 'bias' of at most ", kb * V, " values (", kb, " blocks), got shape ", bias->sizes());
+    b = padded_bias(bias, bias->size(0), kb * V, op);
+  }
+  Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
+  run_fwd(d, x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+          out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+  return out;
+}
+
+Tensor to_blocked(const Tensor& x, int64_t vlen) {
+  const char* op = "to_blocked";
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D 'x' (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16, got ", vlen);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  Tensor out = at::empty({n, dc::div_up(c, vlen), h, w, vlen}, x.options());
+  auto st = strides4(x);
+  run_shares(num_threads(), [&](int tid, int nt) {
+    dc::reorder_to_blocked(x.data_ptr<float>(), st.data(), n, c, h, w, static_cast<int>(vlen), out.data_ptr<float>(),
+                           tid, nt);
+  });
+  return out;
+}
+
+Tensor from_blocked(const Tensor& xb, int64_t channels) {
+  const char* op = "from_blocked";
+  check_float_cpu(xb, op, "xb");
+  TORCH_CHECK(xb.dim() == 5 && (xb.size(4) == 8 || xb.size(4) == 16), op,
+              ": expected a blocked 'xb' (N, C/V, H, W, V) with V 8 or 16, got shape ", xb.sizes());
+  const int64_t v = xb.size(4);
+  TORCH_CHECK(channels > (xb.size(1) - 1) * v && channels <= xb.size(1) * v, op, ": 'channels' (", channels,
+              ") does not fit ", xb.size(1), " blocks of ", v);
+  Tensor x = xb.contiguous();
+  Tensor out = at::empty({xb.size(0), channels, xb.size(2), xb.size(3)}, xb.options());
+  auto st = strides4(out);
+  run_shares(num_threads(), [&](int tid, int nt) {
+    dc::reorder_from_blocked(x.data_ptr<float>(), xb.size(0), channels, xb.size(2), xb.size(3), static_cast<int>(v),
+                             out.data_ptr<float>(), st.data(), tid, nt);
+  });
+  return out;
+}
+
+Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
+  const char* op = "to_blocked_weight";
+  check_float_cpu(w, op, "w");
+  TORCH_CHECK(w.dim() == 4, op, ": expected a 4-D 'w' (K, C, R, S), got shape ", w.sizes());
+  TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16, got ", vlen);
+  const int64_t k = w.size(0), c = w.size(1), r = w.size(2), s = w.size(3);
+  Tensor out = at::empty({dc::div_up(k, vlen), dc::div_up(c, vlen), r, s, vlen, vlen}, w.options());
+  auto st = strides4(w);
+  run_shares(num_threads(), [&](int tid, int nt) {
+    dc::reorder_weight_to_blocked(w.data_ptr<float>(), st.data(), k, c, r, s, static_cast<int>(vlen),
+                                  out.data_ptr<float>(), tid, nt);
+  });
+  return out;
+}
+
+// --- utilities (pybind11): never on the compute path -------------------------------------
+
+double fma_peak_gflops(int64_t threads, double seconds) {
+  dc::Isa isa = jit_isa();
+  auto k = dc::get_kernel(dc::make_peak_kernel(isa)->name(), [&] { return dc::make_peak_kernel(isa); }, "fma peak");
+  auto fn = k->entry<dc::PeakKernelFn>();
+  const int nt = static_cast<int>(std::max<int64_t>(1, threads));
+  int64_t iters = 1 << 16;
+  // Grow the loop until one run lasts long enough to time.
+  for (;;) {
+    auto t0 = std::chrono::steady_clock::now();
+    run_shares(nt, [&](int, int) { fn(iters); });
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt >= seconds) return static_cast<double>(iters) * dc::fma_peak_flops_per_iter(isa) * nt / dt * 1e-9;
+    iters *= 2;
+  }
+}
+
+pybind11::dict jit_stats() {
+  auto s = dc::kernel_cache_stats();
+  pybind11::dict d;
+  d["kernels"] = s.generated;
+  d["cache_hits"] = s.hits;
+  d["cache_entries"] = s.entries;
+  d["cache_bytes"] = s.bytes;
+  d["cache_cap_bytes"] = s.cap_bytes;
+  d["evicted"] = s.evicted;
+  d["generate_ms"] = s.generate_ms;
+  return d;
+}
+
+std::string fwd_plan(const std::string& problem, int64_t threads) {
+  return dc::get_fwd_primitive(dc::parse_conv_desc(problem), jit_isa(), static_cast<int>(threads))->plan.to_string();
+}
+
+}  // namespace dc_torch
+
+TORCH_LIBRARY(directconv, m) {
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+        "int groups, bool relu) -> Tensor");
+  m.def("conv2d_packed(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups, bool relu) -> Tensor");
+  m.def("pack_weight(Tensor weight, int groups) -> Tensor");
+  m.def("conv2d_blocked(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+        "bool relu, int? in_channels) -> Tensor");
+  m.def("to_blocked(Tensor x, int vlen) -> Tensor");
+  m.def("from_blocked(Tensor xb, int channels) -> Tensor");
+  m.def("to_blocked_weight(Tensor w, int vlen) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(directconv, CPU, m) {
+  m.impl("conv2d", &dc_torch::conv2d);
+  m.impl("conv2d_packed", &dc_torch::conv2d_packed);
+  m.impl("pack_weight", &dc_torch::pack_weight);
+  m.impl("conv2d_blocked", &dc_torch::conv2d_blocked);
+  m.impl("to_blocked", &dc_torch::to_blocked);
+  m.impl("from_blocked", &dc_torch::from_blocked);
+  m.impl("to_blocked_weight", &dc_torch::to_blocked_weight);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_directconv utilities; the compute path is in torch.ops.directconv";
+  m.def("isa", [] { return std::string(dc::isa_name(dc::active_isa())); });
+  m.def("detected_isa", [] { return std::string(dc::isa_name(dc::detected_isa())); });
+  m.def("set_isa_cap", [](const std::string& name) {
+    try {
+      dc::set_isa_cap(dc::parse_isa(name));
+    } catch (const std::invalid_argument& e) {
+      throw pybind11::value_error(e.what());
+    }
+    dc::clear_fwd_primitives();
+  });
+  m.def("jit_stats", &dc_torch::jit_stats);
+  m.def("set_cache_mb", [](double mb) { dc::set_kernel_cache_cap_bytes(static_cast<int64_t>(mb * 1024 * 1024)); });
+  m.def("clear_cache", [] {
+    dc::clear_fwd_primitives();
+    dc::clear_kernel_cache();
+  });
+  m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);
+  m.def("fwd_plan", &dc_torch::fwd_plan, pybind11::arg("problem"), pybind11::arg("threads") = 1);
+}

@@ -1,0 +1,141 @@
+// JIT kernels against their scalar twins, and whole forward passes against a direct
+// reference, over random awkward shapes: tails, padding, strides, dilation.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "conv/fwd_driver.h"
+#include "conv/reference.h"
+#include "jit/isa.h"
+
+using namespace dc;
+
+namespace {
+
+std::mt19937 rng(1234);
+int uni(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+void fill(std::vector<float>& v) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (float& x : v) x = u(rng);
+}
+double max_rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0;
+  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]) / (1.0 + std::fabs(b[i])));
+  return e;
+}
+
+// One kernel call on a standalone tile, JIT vs scalar twin.
+void kernel_vs_twin(Isa isa) {
+  for (int trial = 0; trial < 60; ++trial) {
+    FwdKernelSpec sp;
+    sp.isa = isa;
+    const int V = sp.v();
+    sp.s = uni(1, 5);
+    sp.stride_w = uni(1, 2);
+    sp.dil_w = uni(1, 2);
+    sp.n_oc = uni(1, 4);
+    sp.oh = uni(1, 2);
+    int budget = isa_vector_registers(isa) - sp.n_oc - 1;
+    sp.ow = uni(1, std::max(1, budget / (sp.oh * sp.n_oc)));
+    while (fwd_vector_registers(sp) > isa_vector_registers(isa) && sp.ow > 1) --sp.ow;
+    if (fwd_vector_registers(sp) > isa_vector_registers(isa)) continue;
+    sp.c_valid = uni(1, V);
+    const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
+    if (uni(0, 1)) {
+      sp.border = true;
+      sp.iw0 = -uni(0, 2);
+      sp.w = std::max(1, row_px + sp.iw0 - uni(0, 2));
+    }
+    const int n_cb = uni(1, 3), n_r = uni(0, 3), R = std::max(n_r, 1);
+    const int W = row_px + 2;  // room for every column the tile may touch
+    const int H = R + 2;
+    std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * V * V),
+        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * W * V), ref;
+    fill(src);
+    fill(wei);
+    fill(bias);
+    fill(dst);
+    ref = dst;
+    FwdCallArgs a{};
+    const int shift = sp.border ? -sp.iw0 : 0;  // keep the tile's first column inside the buffer
+    a.src = src.data() + shift * V;
+    a.wei = wei.data();
+    a.bias = uni(0, 1) ? bias.data() : nullptr;
+    a.n_r = n_r;
+    a.n_cb = n_cb;
+    a.flags = uni(0, 3);
+    a.src_r_stride = W * V * 4;
+    a.src_row_stride = W * V * 4;
+    a.src_cb_stride = H * W * V * 4;
+    a.wei_cb_stride = R * sp.s * V * V * 4;
+    a.wei_kb_stride = n_cb * a.wei_cb_stride;
+    a.dst_row_stride = W * V * 4;
+    a.dst_kb_stride = 2 * W * V * 4;
+    auto k = make_fwd_kernel(sp);
+    k->build();
+    a.dst = dst.data();
+    k->entry<FwdKernelFn>()(&a);
+    a.dst = ref.data();
+    fwd_kernel_ref(sp, &a);
+    double e = max_rel_err(dst, ref);
+    CHECK(e < 1e-5, "%s n_cb=%d n_r=%d flags=%lld: max rel err %g", sp.name().c_str(), n_cb, n_r,
+          static_cast<long long>(a.flags), e);
+  }
+}
+
+// Whole problems through plan + driver, against the direct reference.
+void conv_vs_reference(Isa isa) {
+  for (int trial = 0; trial < 80; ++trial) {
+    ConvDesc d;
+    d.n = uni(1, 2);
+    d.c = uni(1, 40);
+    d.k = uni(1, 40);
+    d.r = uni(1, 5);
+    d.s = uni(1, 5);
+    d.stride_h = uni(1, 3);
+    d.stride_w = uni(1, 3);
+    d.dil_h = uni(1, 2);
+    d.dil_w = uni(1, 2);
+    d.pad_t = uni(0, 2);
+    d.pad_b = uni(0, 2);
+    d.pad_l = uni(0, 2);
+    d.pad_r = uni(0, 2);
+    d.h = uni(1, 16);
+    d.w = uni(1, 20);
+    if (!d.validate().empty()) continue;
+    const int V = vlen(isa);
+    const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V);
+    std::vector<float> src(d.n * cb * d.h * d.w * V), wei(kb * cb * d.r * d.s * V * V), bias(kb * V),
+        out(d.n * kb * d.p() * d.q() * V), ref(out.size());
+    fill(src);
+    fill(wei);
+    fill(bias);
+    const bool relu = uni(0, 1);
+    const float* b = uni(0, 1) ? bias.data() : nullptr;
+    for (int threads : {1, 2}) {
+      auto prim = get_fwd_primitive(d, isa, threads);
+      std::fill(out.begin(), out.end(), NAN);
+      for (int t = 0; t < threads; ++t) fwd_execute(*prim, src.data(), wei.data(), b, out.data(), relu, t);
+      conv_fwd_ref_blocked(d, V, src.data(), wei.data(), b, ref.data(), relu);
+      double e = max_rel_err(out, ref);
+      CHECK(e < 1e-4, "%s %s threads=%d relu=%d: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,
+            relu, e, prim->plan.to_string().c_str());
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  for (Isa isa : {Isa::avx512, Isa::avx2}) {
+    if (static_cast<int>(detected_isa()) < static_cast<int>(isa)) {
+      std::printf("skipping %s: not supported by this CPU\n", isa_name(isa));
+      continue;
+    }
+    kernel_vs_twin(isa);
+    conv_vs_reference(isa);
+  }
+  TEST_MAIN_END("test_fwd_kernel");
+}

@@ -1,0 +1,27 @@
+"""torch_directconv: JIT-generated direct convolutions for x86 CPUs, as PyTorch ops.
+
+    import torch_directconv as tdc
+    y = tdc.conv2d(x, w, b, stride=1, padding=1)      # same as F.conv2d
+    model = tdc.convert(model)                         # every nn.Conv2d -> DirectConv2d
+
+See README.md for the blocked API, the environment variables and the benchmark.
+"""
+
+from ._backend import isa, jit_stats, vector_width
+from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
+from .functional import conv2d
+from .modules import DirectConv2d, convert
+
+__all__ = [
+    "DirectConv2d",
+    "conv2d",
+    "conv2d_blocked",
+    "convert",
+    "from_blocked",
+    "isa",
+    "jit_stats",
+    "to_blocked",
+    "to_blocked_weight",
+    "vector_width",
+]
+__version__ = "0.1.0"

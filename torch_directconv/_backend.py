@@ -1,0 +1,67 @@
+"""Loads the compiled extension and keeps the fallback bookkeeping.
+
+On a CPU without AVX2, off x86, or where the extension cannot load, every call goes to
+PyTorch's own convolution, and a warning says so once per reason.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import warnings
+
+try:
+    from . import _C  # noqa: F401  (also registers torch.ops.directconv)
+
+    _LOAD_ERROR: str | None = None
+except ImportError as e:  # pragma: no cover - only on broken or foreign installs
+    _C = None
+    _LOAD_ERROR = f"the compiled extension could not be loaded ({e})"
+
+_lock = threading.Lock()
+_warned: set[str] = set()
+_fallbacks = 0
+
+
+def isa() -> str:
+    """The ISA the JIT targets now: 'avx512', 'avx2' or 'none' (PyTorch's convolution)."""
+    if _C is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return "none"
+    return _C.isa()
+
+
+def vector_width() -> int:
+    """Channels per block of the blocked layouts: 16 for AVX-512, 8 for AVX2."""
+    return {"avx512": 16, "avx2": 8}.get(isa(), 0)
+
+
+def note_fallback(reason: str) -> None:
+    """Counts a call that goes to torch's convolution, and warns once per reason."""
+    global _fallbacks
+    with _lock:
+        _fallbacks += 1
+        first = reason not in _warned
+        _warned.add(reason)
+    if first:
+        warnings.warn(f"torch_directconv: {reason}; using PyTorch's convolution", RuntimeWarning, stacklevel=4)
+
+
+def no_jit_reason() -> str | None:
+    """Why the JIT cannot run at all on this machine, or None when it can."""
+    if _C is None:
+        return _LOAD_ERROR
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"this CPU ({platform.machine()}) is not x86-64"
+    if _C.isa() == "none":
+        if _C.detected_isa() == "none":
+            return "this CPU has neither AVX-512 nor AVX2"
+        return "the JIT is disabled (TORCH_DIRECTCONV_ISA=none)"
+    return None
+
+
+def jit_stats() -> dict:
+    """Kernel-cache statistics; 'kernels' counts generated kernels, 'fallbacks' calls sent to torch."""
+    stats = dict(_C.jit_stats()) if _C is not None else {"kernels": 0}
+    stats["fallbacks"] = _fallbacks
+    stats["isa"] = isa()
+    return stats

@@ -1,0 +1,65 @@
+"""The blocked layouts (DESIGN.md section 1) and the convolution that stays in them.
+
+Activations are (N, ceil(C/V), H, W, V) and weights (ceil(K/V), ceil(C/V), R, S, V(c), V(k)),
+with V = vector_width() (16 on AVX-512, 8 on AVX2) and missing channels zero-padded.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from . import _backend
+from .functional import IntOr2, _pair, conv_padding
+
+
+def _require_jit(op: str) -> None:
+    reason = _backend.no_jit_reason()
+    if reason:
+        raise RuntimeError(f"{op}: the blocked API needs the JIT, but {reason}")
+
+
+def to_blocked(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, ceil(C/V), H, W, V), zero-padded."""
+    _require_jit("to_blocked")
+    return torch.ops.directconv.to_blocked(x, _backend.vector_width())
+
+
+def from_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, ceil(C/V), H, W, V) -> (N, channels, H, W)."""
+    _require_jit("from_blocked")
+    return torch.ops.directconv.from_blocked(xb, channels)
+
+
+def to_blocked_weight(w: torch.Tensor) -> torch.Tensor:
+    """(K, C, R, S) -> (ceil(K/V), ceil(C/V), R, S, V, V), zero-padded."""
+    _require_jit("to_blocked_weight")
+    return torch.ops.directconv.to_blocked_weight(w, _backend.vector_width())
+
+
+def conv2d_blocked(
+    xb: torch.Tensor,
+    wb: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr2 = 1,
+    padding: Union[str, IntOr2] = 0,
+    dilation: IntOr2 = 1,
+    *,
+    relu: bool = False,
+    in_channels: int | None = None,
+) -> torch.Tensor:
+    """Convolution of blocked tensors (groups = 1); returns the blocked output with no conversion.
+
+    in_channels, when given, lets the kernels skip the zero padding of the last channel
+    block (for example the 3-channel image input); by default every channel is read.
+    """
+    _require_jit("conv2d_blocked")
+    if wb.dim() != 6:
+        raise RuntimeError(f"conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}")
+    stride2 = _pair(stride, "stride")
+    dilation2 = _pair(dilation, "dilation")
+    pad4 = conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)
+    return torch.ops.directconv.conv2d_blocked(
+        xb, wb, bias, list(stride2), list(pad4), list(dilation2), relu, in_channels
+    )

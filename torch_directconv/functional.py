@@ -1,0 +1,155 @@
+"""torch_directconv.conv2d: F.conv2d's signature and semantics, on JIT kernels."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+
+IntOr2 = Union[int, Sequence[int]]
+
+
+def _pair(value: IntOr2, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}") from None
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}")
+    return (int(items[0]), int(items[1]))
+
+
+def conv_padding(
+    padding: Union[str, IntOr2], kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) for an int, a pair, 'same' or 'valid', as torch reads them."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise RuntimeError("conv2d: padding='same' is not supported for strided convolutions")
+            th, tw = (dilation[0] * (kernel_size[0] - 1), dilation[1] * (kernel_size[1] - 1))
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise ValueError(f"conv2d: invalid padding string {padding!r}, should be one of 'valid', 'same'")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise RuntimeError(f"conv2d: expected non-negative 'padding', got {padding!r}")
+    return (ph, ph, pw, pw)
+
+
+def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"conv2d: expected 'input' to be a Tensor, got {type(input).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"conv2d: expected 'weight' to be a Tensor, got {type(weight).__name__}")
+    if input.dim() not in (3, 4):
+        raise RuntimeError(
+            f"conv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) 'input', got shape {tuple(input.shape)}"
+        )
+    if weight.dim() != 4:
+        raise RuntimeError(f"conv2d: expected a 4-D 'weight' (K, C/groups, R, S), got shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise RuntimeError(f"conv2d: expected 'groups' to be a positive int, got {groups!r}")
+    if input.dtype != weight.dtype:
+        raise RuntimeError(
+            f"conv2d: 'input' ({input.dtype}) and 'weight' ({weight.dtype}) must have the same dtype"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise RuntimeError(f"conv2d: 'bias' ({bias.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
+    c = input.shape[-3]
+    if weight.shape[0] % groups:
+        raise RuntimeError(
+            f"conv2d: 'groups' ({groups}) must divide the output channels of 'weight' ({weight.shape[0]})"
+        )
+    if c % groups:
+        raise RuntimeError(f"conv2d: 'groups' ({groups}) must divide the input channels ({c})")
+    if c != weight.shape[1] * groups:
+        raise RuntimeError(
+            f"conv2d: 'input' has {c} channels, but 'weight' of shape {tuple(weight.shape)} with groups={groups} "
+            f"expects {weight.shape[1] * groups}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(f"conv2d: expected 'bias' of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def fallback_reason(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why this call must go to torch's convolution, or None when the JIT takes it."""
+    reason = _backend.no_jit_reason()
+    if reason:
+        return reason
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            return f"'{name}' is on {t.device.type}, not the CPU"
+        if t.dtype != torch.float32:
+            return f"dtype {t.dtype} is not supported yet (float32 only)"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        return "autograd through the JIT convolution is not supported yet"
+    return None
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr2 = 1,
+    padding: Union[str, IntOr2] = 0,
+    dilation: IntOr2 = 1,
+    groups: int = 1,
+    *,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Same as torch.nn.functional.conv2d; relu=True fuses a ReLU into the kernel's epilogue."""
+    _check(input, weight, bias, groups)
+    stride2 = _pair(stride, "stride")
+    dilation2 = _pair(dilation, "dilation")
+    if min(stride2) < 1:
+        raise RuntimeError(f"conv2d: expected 'stride' >= 1, got {stride!r}")
+    if min(dilation2) < 1:
+        raise RuntimeError(f"conv2d: expected 'dilation' >= 1, got {dilation!r}")
+    pad4 = conv_padding(padding, (weight.shape[2], weight.shape[3]), stride2, dilation2)
+    reason = fallback_reason(input, weight, bias)
+    if reason:
+        _backend.note_fallback(reason)
+        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return torch.relu(out) if relu else out
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    out = torch.ops.directconv.conv2d(x, weight, bias, list(stride2), list(pad4), list(dilation2), groups, relu)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv2d_packed(
+    input: torch.Tensor,
+    packed_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_channels: int,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu: bool = False,
+) -> torch.Tensor:
+    """conv2d with weights already packed by pack_weight (as DirectConv2d caches them)."""
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    out = torch.ops.directconv.conv2d_packed(
+        x, packed_weight, bias, out_channels, list(stride), list(padding), list(dilation), groups, relu
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+def pack_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """(K, C/groups, R, S) -> (groups, K/V, C/V, R, S, V, V) for the active ISA."""
+    return torch.ops.directconv.pack_weight(weight, groups)
