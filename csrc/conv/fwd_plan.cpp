@@ -1,6 +1,8 @@
 #include "conv/fwd_plan.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -43,7 +45,9 @@ Tile choose_tile(const ConvDesc& d, Isa isa) {
   const int64_t p = d.p(), q = d.q();
   Tile best{1, 1, 1, 1e300};
   for (int n_oc = 1; n_oc <= std::min<int64_t>(4, kb); ++n_oc)
-    for (int oh = 1; oh <= std::min<int64_t>(2, p); ++oh)
+    // Two-row tiles measured slower than one-row tiles of the same size; they are only
+    // for rows too short to fill the registers.
+    for (int oh = 1; oh <= (q < 12 ? std::min<int64_t>(2, p) : 1); ++oh)
       for (int ow = 1; ow <= std::min<int64_t>(q, 28); ++ow) {
         FwdKernelSpec sp;
         sp.isa = isa;
@@ -185,14 +189,21 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
   plan.tile_ow = t.ow;
   plan.n_oc = t.n_oc;
   plan.c_chunk = std::max<int64_t>(1, desc.c / V);
+  if (const char* e = std::getenv("TDC_TILE")) sscanf(e, "%d,%d,%d", &plan.tile_oh, &plan.tile_ow, &plan.n_oc);
 
   const int64_t P = desc.p(), Q = desc.q();
   const int64_t kgroups = div_up(plan.kb, plan.n_oc);
-  // Enough units that every thread gets a fair share, in whole row pairs.
-  int64_t row_groups = 1;
-  while (desc.n * kgroups * row_groups < 4 * plan.threads && row_groups * 2 <= P) row_groups *= 2;
-  if (plan.threads == 1) row_groups = 1;
-  plan.rows_per_group = div_up(P, row_groups);
+  // A unit's input rows stay in L2 (a quarter of a 1 MiB L2) while every output-channel
+  // group of the unit streams over them; and there are enough units for every thread.
+  auto slab_bytes = [&](int64_t rows) {
+    return ((rows - 1) * desc.stride_h + (desc.r - 1) * desc.dil_h + 1) * desc.w * plan.cb * V * 4;
+  };
+  int64_t rows = P;
+  while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
+  while (rows > 1 && desc.n * div_up(P, rows) * kgroups < 4 * plan.threads) rows = div_up(rows, 2);
+  plan.rows_per_group = rows;
+  if (const char* e = std::getenv("TDC_ROWS")) plan.rows_per_group = atoi(e);
+  if (const char* e = std::getenv("TDC_CCHUNK")) plan.c_chunk = atoi(e);
   if (plan.tile_oh == 2 && plan.rows_per_group % 2 && plan.rows_per_group < P) ++plan.rows_per_group;
 
   FwdCallArgs& a = plan.strides;

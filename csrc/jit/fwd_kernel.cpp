@@ -121,19 +121,28 @@ class FwdKernel : public JitKernel {
       for (int px = 0; px < sp_.ow; ++px)
         for (int oc = 0; oc < sp_.n_oc; ++oc) f(row, px, oc);
   }
-  // Points reg_out at output row `row`, block `oc` of the tile (once per call, not hot).
-  void point_out(int row, int oc) {
-    mov(reg_out, arg(offsetof(FwdCallArgs, dst)));
-    for (int i = 0; i < row; ++i) add(reg_out, arg(offsetof(FwdCallArgs, dst_row_stride)));
-    for (int i = 0; i < oc; ++i) add(reg_out, arg(offsetof(FwdCallArgs, dst_kb_stride)));
-  }
+  // Visits every output vector of the tile with its address. Outside the loops, so the
+  // loop registers serve as the output-block stride and three times it.
   template <typename F>
   void for_each_out_block(F f) {
-    for (int row = 0; row < sp_.oh; ++row)
-      for (int oc = 0; oc < sp_.n_oc; ++oc) {
-        point_out(row, oc);
-        for (int px = 0; px < sp_.ow; ++px) f(vmm_acc(row, px, oc), ptr[reg_out + px * vbytes()]);
-      }
+    const Reg64& kbs = reg_cnt_r;
+    const Reg64& kbs3 = reg_src;
+    mov(reg_out, arg(offsetof(FwdCallArgs, dst)));
+    mov(kbs, arg(offsetof(FwdCallArgs, dst_kb_stride)));
+    lea(kbs3, ptr[kbs + kbs * 2]);
+    for (int row = 0; row < sp_.oh; ++row) {
+      if (row > 0) add(reg_out, arg(offsetof(FwdCallArgs, dst_row_stride)));
+      for (int oc = 0; oc < sp_.n_oc; ++oc)
+        for (int px = 0; px < sp_.ow; ++px) {
+          const int64_t disp = static_cast<int64_t>(px) * vbytes();
+          switch (oc) {
+            case 0: f(vmm_acc(row, px, oc), ptr[reg_out + disp]); break;
+            case 1: f(vmm_acc(row, px, oc), ptr[reg_out + kbs + disp]); break;
+            case 2: f(vmm_acc(row, px, oc), ptr[reg_out + kbs * 2 + disp]); break;
+            default: f(vmm_acc(row, px, oc), ptr[reg_out + kbs3 + disp]); break;
+          }
+        }
+    }
   }
 
   void zero(const Xmm& x) {
