@@ -1,0 +1,86 @@
+"""Shared helpers for the Python tests: tolerances, ISA checks and subprocess runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from torch_directconv import _C
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISA_WIDTH = {"avx512": 16, "avx2": 8}
+_ISA_RANK = {"none": 0, "avx2": 1, "avx512": 2}
+ENV_VARS = (
+    "TORCH_DIRECTCONV_ISA",
+    "TORCH_DIRECTCONV_VERBOSE",
+    "TORCH_DIRECTCONV_JIT_DUMP",
+    "TORCH_DIRECTCONV_CACHE_MB",
+)
+
+
+def cpu_has(isa: str) -> bool:
+    """Whether this CPU can run the JIT's `isa` kernels (the cap can only lower it)."""
+    return _ISA_RANK[_C.detected_isa()] >= _ISA_RANK[isa]
+
+
+def requires_isa(isa: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not cpu_has(isa), reason=f"this CPU lacks {isa} (detected: {_C.detected_isa()})")
+
+
+requires_jit = pytest.mark.skipif(
+    _C.isa() == "none", reason=f"the JIT is off here (detected {_C.detected_isa()}, active {_C.isa()})"
+)
+
+
+def conv_tol(fan_in: int) -> dict:
+    """rtol/atol for fp32 sums of fan_in products of O(1/sqrt(fan_in)) weights and O(1) inputs.
+
+    Summation-order error grows about like sqrt(fan_in) ulps of the partial sums. One missing
+    or doubled tap is off by about 1/sqrt(fan_in), far above this for every fan_in we use
+    (test_conv2d checks that).
+    """
+    t = 2e-6 * math.sqrt(fan_in)
+    return {"rtol": t, "atol": t}
+
+
+def assert_conv_close(actual: torch.Tensor, expected: torch.Tensor, fan_in: int, msg: str = "") -> None:
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(actual, expected, **conv_tol(fan_in), msg=lambda m: f"{msg}: {m}")
+
+
+def clean_env(**overrides: str) -> dict:
+    """The current environment without any TORCH_DIRECTCONV_* variable, plus overrides."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env.update(overrides)
+    return env
+
+
+def run_python(code: str, timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter with the given TORCH_DIRECTCONV_* variables.
+
+    With check=True a non-zero exit (including a crash by signal) fails the calling test,
+    showing the child's output.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, describe(proc)
+    return proc
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    return f"child process ended with {how}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
