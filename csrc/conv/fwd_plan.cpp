@@ -140,6 +140,15 @@ class StreamBuilder {
     }
   }
 
+  // Estimated cycles of one call: its FMAs at two per cycle, plus the call's overhead.
+  double call_cost(const FwdCall& c) const {
+    const FwdKernelSpec& sp = plan_.kernels[c.kernel];
+    int taps = 0;
+    for (int px = 0; px < sp.ow; ++px)
+      for (int col = 0; col < sp.s; ++col) taps += sp.tap_valid(px, col);
+    return 0.5 * c.n_r * c.n_cb * sp.c_valid * taps * sp.oh * sp.n_oc + 20 + 2 * sp.oh * sp.ow * sp.n_oc;
+  }
+
   // Rows of one unit: pairs of rows that reduce over every kernel row share a tile.
   void emit_unit(std::vector<FwdCall>& out, int64_t n, int64_t kg, int64_t row0, int64_t row1) {
     const int64_t kb0 = kg * plan_.n_oc;
@@ -184,10 +193,10 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
   const int V = plan.v();
   plan.cb = div_up(desc.c, V);
   plan.kb = div_up(desc.k, V);
-  Tile t = choose_tile(desc, isa);
-  plan.tile_oh = t.oh;
-  plan.tile_ow = t.ow;
-  plan.n_oc = t.n_oc;
+  const Tile tile = choose_tile(desc, isa);
+  plan.tile_oh = tile.oh;
+  plan.tile_ow = tile.ow;
+  plan.n_oc = tile.n_oc;
   plan.c_chunk = std::max<int64_t>(1, desc.c / V);
   if (const char* e = std::getenv("TDC_TILE")) sscanf(e, "%d,%d,%d", &plan.tile_oh, &plan.tile_ow, &plan.n_oc);
 
@@ -200,7 +209,7 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
   };
   int64_t rows = P;
   while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
-  while (rows > 1 && desc.n * div_up(P, rows) * kgroups < 4 * plan.threads) rows = div_up(rows, 2);
+  while (rows > 1 && desc.n * div_up(P, rows) * kgroups < 8 * plan.threads) rows = div_up(rows, 2);
   plan.rows_per_group = rows;
   if (const char* e = std::getenv("TDC_ROWS")) plan.rows_per_group = atoi(e);
   if (const char* e = std::getenv("TDC_CCHUNK")) plan.c_chunk = atoi(e);
@@ -215,21 +224,31 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
   a.dst_row_stride = Q * V * 4;
   a.dst_kb_stride = P * Q * V * 4;
 
-  // Units in the order n, row group, output-channel group; each thread takes a
-  // contiguous run, so it reuses the input rows across its output-channel groups.
-  struct Unit {
-    int64_t n, kg, row0, row1;
-  };
-  std::vector<Unit> units;
+  // Units in the order n, row group, output-channel group. Each thread takes a
+  // contiguous run of about equal estimated work, so it reuses the input rows across
+  // its output-channel groups.
+  StreamBuilder sb(plan);
+  std::vector<std::vector<FwdCall>> units;
+  std::vector<double> cost;
+  double total = 0;
   for (int64_t n = 0; n < desc.n; ++n)
     for (int64_t r0 = 0; r0 < P; r0 += plan.rows_per_group)
-      for (int64_t kg = 0; kg < kgroups; ++kg) units.push_back({n, kg, r0, std::min(P, r0 + plan.rows_per_group)});
-  StreamBuilder sb(plan);
+      for (int64_t kg = 0; kg < kgroups; ++kg) {
+        units.emplace_back();
+        sb.emit_unit(units.back(), n, kg, r0, std::min(P, r0 + plan.rows_per_group));
+        double c = 0;
+        for (const FwdCall& call : units.back()) c += sb.call_cost(call);
+        cost.push_back(c);
+        total += c;
+      }
   plan.streams.assign(plan.threads, {});
-  const int64_t nu = static_cast<int64_t>(units.size());
-  for (int t = 0; t < plan.threads; ++t) {
-    int64_t u0 = nu * t / plan.threads, u1 = nu * (t + 1) / plan.threads;
-    for (int64_t u = u0; u < u1; ++u) sb.emit_unit(plan.streams[t], units[u].n, units[u].kg, units[u].row0, units[u].row1);
+  double done = 0;
+  int t = 0;
+  for (size_t u = 0; u < units.size(); ++u) {
+    // Move to the next thread once this one has its share, judged at the unit's middle.
+    while (t + 1 < plan.threads && done + cost[u] / 2 > total * (t + 1) / plan.threads) ++t;
+    plan.streams[t].insert(plan.streams[t].end(), units[u].begin(), units[u].end());
+    done += cost[u];
   }
   return plan;
 }
