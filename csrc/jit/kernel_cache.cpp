@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <list>
 #include <mutex>
@@ -22,6 +23,8 @@ int64_t env_cap_bytes() {
 void dump(const JitKernel& k) {
   const char* dir = std::getenv("TORCH_DIRECTCONV_JIT_DUMP");
   if (!dir || !*dir) return;
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
   std::string path = std::string(dir) + "/" + k.name() + ".bin";
   if (FILE* f = std::fopen(path.c_str(), "wb")) {
     std::fwrite(k.getCode(), 1, k.code_bytes(), f);
