@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -36,6 +37,49 @@ def requires_isa(isa: str) -> pytest.MarkDecorator:
 requires_jit = pytest.mark.skipif(
     _C.isa() == "none", reason=f"the JIT is off here (detected {_C.detected_isa()}, active {_C.isa()})"
 )
+
+
+# The ISA this process should run: the cap when one is set, else the best one.
+EXPECTED_ISA = os.environ.get("TORCH_DIRECTCONV_ISA") or "avx512"
+
+
+def check_expected_isa() -> str:
+    """Skips unless the JIT can run EXPECTED_ISA here, then checks that it really does.
+
+    A child started with TORCH_DIRECTCONV_ISA=avx2 thus fails, rather than silently testing
+    AVX-512 again, when the cap is ignored.
+    """
+    import torch_directconv as tdc
+
+    if EXPECTED_ISA not in ISA_WIDTH:
+        pytest.skip(f"TORCH_DIRECTCONV_ISA={EXPECTED_ISA}: no JIT to test")
+    if not cpu_has(EXPECTED_ISA):
+        pytest.skip(f"this CPU lacks {EXPECTED_ISA} (detected {_C.detected_isa()})")
+    assert _C.isa() == EXPECTED_ISA
+    assert tdc.isa() == EXPECTED_ISA
+    assert tdc.vector_width() == ISA_WIDTH[EXPECTED_ISA]
+    assert tdc.jit_stats()["isa"] == EXPECTED_ISA
+    return EXPECTED_ISA
+
+
+def run_pytest_under_isa(isa: str, path: str, select: str, expect_passed: int | None = None) -> None:
+    """Runs `pytest path -k select` in a child capped to `isa`; every selected test must pass."""
+    if EXPECTED_ISA == isa:
+        pytest.skip(f"this process already runs under the {isa} cap")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k", select],
+        cwd=REPO,
+        env=clean_env(TORCH_DIRECTCONV_ISA=isa),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, describe(proc)
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed, describe(proc)
+    if expect_passed is not None:
+        assert int(passed.group(1)) == expect_passed, describe(proc)
+    assert "skipped" not in proc.stdout, describe(proc)
 
 
 def conv_tol(fan_in: int) -> dict:
@@ -83,4 +127,6 @@ def run_python(code: str, timeout: float = 300, check: bool = True, **env: str) 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
     how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-    return f"child process ended with {how}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    return (
+        f"child process ended with {how}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    )

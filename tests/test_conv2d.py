@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_conv_close, check_expected_isa, conv_tol, cpu_has, requires_jit, run_pytest_under_isa
 
 import torch_directconv as tdc
-from helpers import ISA_WIDTH, REPO, assert_conv_close, clean_env, conv_tol, cpu_has, describe, requires_jit
 from torch_directconv import _C
 
 SWEEP_SEED = 20250101
 SWEEP_COUNT = 300
-# The ISA this process is expected to run: the cap when one is set, else the best one.
-EXPECTED_ISA = os.environ.get("TORCH_DIRECTCONV_ISA") or "avx512"
 
 INPUT_LAYOUTS = ("contiguous", "channels_last", "sliced", "strided", "transposed", "expanded", "unbatched")
 KERNEL_SHAPES = (
@@ -192,16 +187,7 @@ def layout_of(t: torch.Tensor) -> tuple[bool, bool]:
 
 @pytest.fixture(scope="module")
 def sweep_isa() -> str:
-    """Checks that the process runs the ISA it was asked for, so a cap that is ignored fails."""
-    if EXPECTED_ISA not in ISA_WIDTH:
-        pytest.skip(f"TORCH_DIRECTCONV_ISA={EXPECTED_ISA}: no JIT to test")
-    if not cpu_has(EXPECTED_ISA):
-        pytest.skip(f"this CPU lacks {EXPECTED_ISA} (detected {_C.detected_isa()})")
-    assert tdc.isa() == EXPECTED_ISA
-    assert _C.isa() == EXPECTED_ISA
-    assert tdc.vector_width() == ISA_WIDTH[EXPECTED_ISA]
-    assert tdc.jit_stats()["isa"] == EXPECTED_ISA
-    return EXPECTED_ISA
+    return check_expected_isa()
 
 
 def check_case(case: Case) -> None:
@@ -265,20 +251,7 @@ def test_tolerance_catches_one_wrong_tap() -> None:
 @pytest.mark.skipif(not cpu_has("avx2"), reason=f"this CPU lacks AVX2 (detected {_C.detected_isa()})")
 def test_sweep_under_avx2_cap() -> None:
     """The whole sweep again in a child with TORCH_DIRECTCONV_ISA=avx2 (8-wide blocks, 16 registers)."""
-    if EXPECTED_ISA == "avx2":
-        pytest.skip("this process already runs the sweep under the AVX2 cap")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_conv2d.py", "-k", "test_matches_torch"],
-        cwd=REPO,
-        env=clean_env(TORCH_DIRECTCONV_ISA="avx2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, describe(proc)
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == len(CASES), describe(proc)
-    assert "skipped" not in proc.stdout, describe(proc)
+    run_pytest_under_isa("avx2", "tests/test_conv2d.py", "test_matches_torch", expect_passed=len(CASES))
 
 
 @requires_jit

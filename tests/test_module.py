@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_conv_close, requires_jit, run_python
 from torch import nn
 
 import torch_directconv as tdc
-from helpers import assert_conv_close, requires_jit, run_python
 from torch_directconv import DirectConv2d
 
 CTOR_ARGS = [
@@ -51,7 +51,7 @@ def test_constructor_parameters_and_repr_match_conv2d(args: tuple, kwargs: dict)
     assert list(m.state_dict()) == list(ref.state_dict())
     assert list(m.named_buffers()) == list(ref.named_buffers())
     # Same seed, same draws: the initialisation is nn.Conv2d's, not merely similar to it.
-    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert repr(m) == repr(ref).replace("Conv2d(", "DirectConv2d(", 1)
 
@@ -107,7 +107,9 @@ def test_from_conv2d_matches_the_conv(args: tuple, kwargs: dict) -> None:
 @pytest.mark.parametrize("padding", [1, (2, 1), "same", "valid", (0, 3)])
 def test_padding_modes_match_conv2d(padding_mode: str, padding) -> None:
     torch.manual_seed(7)
-    conv = nn.Conv2d(5, 18, (3, 4), padding=padding, padding_mode=padding_mode, dilation=(1, 2) if padding == "same" else 1)
+    conv = nn.Conv2d(
+        5, 18, (3, 4), padding=padding, padding_mode=padding_mode, dilation=(1, 2) if padding == "same" else 1
+    )
     m = DirectConv2d.from_conv2d(conv)
     x = torch.randn(2, 5, 9, 11)
     before = tdc.jit_stats()["fallbacks"]
