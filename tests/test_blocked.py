@@ -176,7 +176,9 @@ def test_blocked_layers_chain(isa: str) -> None:
     b1 = torch.randn(20, generator=g)
     w2 = torch.randn(10, 20, 3, 3, generator=g) / math.sqrt(180)
     b2 = torch.randn(10, generator=g)
-    h = tdc.conv2d_blocked(tdc.to_blocked(x), tdc.to_blocked_weight(w1), b1, stride=2, padding=1, relu=True, in_channels=3)
+    h = tdc.conv2d_blocked(
+        tdc.to_blocked(x), tdc.to_blocked_weight(w1), b1, stride=2, padding=1, relu=True, in_channels=3
+    )
     yb = tdc.conv2d_blocked(h, tdc.to_blocked_weight(w2), b2, padding="same")
     ref = F.conv2d(torch.relu(F.conv2d(x, w1, b1, stride=2, padding=1)), w2, b2, padding="same")
     assert_conv_close(tdc.from_blocked(yb, 10), ref, 180)
