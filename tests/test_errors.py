@@ -7,7 +7,7 @@ the tensors passed in must come back unchanged.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
