@@ -82,7 +82,9 @@ def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise RuntimeError(f"conv2d: expected 'bias' of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def fallback_reason(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+def fallback_reason(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1
+) -> str | None:
     """Why this call must go to torch's convolution, or None when the JIT takes it."""
     reason = _backend.no_jit_reason()
     if reason:
@@ -96,6 +98,12 @@ def fallback_reason(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             return f"dtype {t.dtype} is not supported yet (float32 only)"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
         return "autograd through the JIT convolution is not supported yet"
+    if groups > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups):
+        # Each group is padded to whole channel blocks; past a 2x waste torch is faster.
+        v = _backend.vector_width()
+        kg, cg = weight.shape[0] // groups, weight.shape[1]
+        if -(-kg // v) * v * -(-cg // v) * v > 2 * kg * cg:
+            return f"grouped convolutions with {cg} input and {kg} output channels per group are not covered by the JIT"
     return None
 
 
@@ -119,7 +127,7 @@ def conv2d(
     if min(dilation2) < 1:
         raise RuntimeError(f"conv2d: expected 'dilation' >= 1, got {dilation!r}")
     pad4 = conv_padding(padding, (weight.shape[2], weight.shape[3]), stride2, dilation2)
-    reason = fallback_reason(input, weight, bias)
+    reason = fallback_reason(input, weight, bias, groups)
     if reason:
         _backend.note_fallback(reason)
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)

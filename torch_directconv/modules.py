@@ -53,7 +53,7 @@ class DirectConv2d(nn.Conv2d):
             padding: tuple | str = (0, 0)
         else:
             padding = self.padding
-        reason = fallback_reason(input, weight, bias) if input.dim() in (3, 4) else "bad input"
+        reason = fallback_reason(input, weight, bias, self.groups) if input.dim() in (3, 4) else "bad input"
         if reason:
             if reason != "bad input":
                 _backend.note_fallback(reason)

@@ -44,6 +44,21 @@ std::string ConvDesc::validate() const {
   return o.str();
 }
 
+void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_r) {
+  int64_t lo = 0, hi = d.r;
+  while (lo < d.r && oh * d.stride_h - d.pad_t + lo * d.dil_h < 0) ++lo;
+  while (hi > lo && oh * d.stride_h - d.pad_t + (hi - 1) * d.dil_h >= d.h) --hi;
+  *r_lo = lo;
+  *n_r = hi - lo;
+}
+
+std::vector<int> split_even(int64_t n, int64_t most) {
+  const int64_t parts = div_up(n, most);
+  std::vector<int> out;
+  for (int64_t i = 0; i < parts; ++i) out.push_back(static_cast<int>(n / parts + (i < n % parts ? 1 : 0)));
+  return out;
+}
+
 ConvDesc parse_conv_desc(const std::string& str) {
   std::map<std::string, int64_t> f;
   size_t i = 0;

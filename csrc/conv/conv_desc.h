@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace dc {
 
@@ -28,5 +29,10 @@ struct ConvDesc {
 ConvDesc parse_conv_desc(const std::string& s);
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Kernel rows [*r_lo, *r_lo + *n_r) that fall inside the input for output row oh.
+void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_r);
+// Splits n into near-equal parts of at most `most` each.
+std::vector<int> split_even(int64_t n, int64_t most);
 
 }  // namespace dc

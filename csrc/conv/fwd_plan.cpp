@@ -26,14 +26,6 @@ double tile_cycles(const ConvDesc& d, Isa isa, int oh, int ow, int n_oc) {
   return steps * step_cycles(oh * ow * n_oc, loads) + 20 + 2.0 * oh * ow * n_oc;
 }
 
-// Splits n into near-equal parts of at most `most`.
-std::vector<int> split_even(int64_t n, int64_t most) {
-  int64_t parts = div_up(n, most);
-  std::vector<int> out;
-  for (int64_t i = 0; i < parts; ++i) out.push_back(static_cast<int>(n / parts + (i < n % parts ? 1 : 0)));
-  return out;
-}
-
 struct Tile {
   int oh, ow, n_oc;
   double cycles;
@@ -83,19 +75,10 @@ class StreamBuilder {
     return idx;
   }
 
-  // Valid kernel rows [r_lo, r_lo + n_r) of output row oh.
-  void row_taps(int64_t oh, int64_t* r_lo, int64_t* n_r) const {
-    int64_t lo = 0, hi = d_.r;
-    while (lo < d_.r && oh * d_.stride_h - d_.pad_t + lo * d_.dil_h < 0) ++lo;
-    while (hi > lo && oh * d_.stride_h - d_.pad_t + (hi - 1) * d_.dil_h >= d_.h) --hi;
-    *r_lo = lo;
-    *n_r = hi - lo;
-  }
-
   // All calls of tile rows [oh0, oh0 + rows) x output blocks [kb0, kb0 + n_oc) of image n.
   void emit_rows(std::vector<FwdCall>& out, int64_t n, int64_t kb0, int n_oc, int64_t oh0, int rows) {
     int64_t r_lo, n_r;
-    row_taps(oh0, &r_lo, &n_r);
+    valid_kernel_rows(d_, oh0, &r_lo, &n_r);
     const int64_t cb_full = d_.c / V_;
     const int c_tail = static_cast<int>(d_.c % V_);
     int64_t ow0 = 0;
@@ -157,8 +140,8 @@ class StreamBuilder {
       int rows = 1;
       if (plan_.tile_oh == 2 && oh + 1 < row1) {
         int64_t lo0, n0, lo1, n1;
-        row_taps(oh, &lo0, &n0);
-        row_taps(oh + 1, &lo1, &n1);
+        valid_kernel_rows(d_, oh, &lo0, &n0);
+        valid_kernel_rows(d_, oh + 1, &lo1, &n1);
         if (lo0 == lo1 && n0 == n1) rows = 2;
       }
       emit_rows(out, n, kb0, n_oc, oh, rows);

@@ -58,4 +58,40 @@ void conv_fwd_ref_blocked(const ConvDesc& d, int V, const float* src, const floa
         }
 }
 
+void dw_kernel_ref(const DwKernelSpec& sp, const DwCallArgs* a) {
+  const int V = sp.v();
+  for (int px = 0; px < sp.ow; ++px)
+    for (int k = 0; k < V; ++k) {
+      float acc = a->bias ? a->bias[k] : 0.f;
+      for (int64_t r = 0; r < a->n_r; ++r)
+        for (int col = 0; col < sp.s; ++col) {
+          if (!sp.tap_valid(px, col)) continue;
+          const float* in = at(a->src, r * a->src_r_stride) + (px * sp.stride_w + col * sp.dil_w) * V;
+          acc = std::fma(a->wei[(r * sp.s + col) * V + k], in[k], acc);
+        }
+      if (a->flags & kRelu) acc = std::max(acc, 0.f);
+      a->dst[px * V + k] = acc;
+    }
+}
+
+void dwconv_ref_blocked(const ConvDesc& d, int V, const float* src, const float* wei, const float* bias, float* dst,
+                        bool relu) {
+  const int64_t cb = div_up(d.c, V), P = d.p(), Q = d.q();
+  for (int64_t n = 0; n < d.n; ++n)
+    for (int64_t c = 0; c < cb * V; ++c)
+      for (int64_t oh = 0; oh < P; ++oh)
+        for (int64_t ow = 0; ow < Q; ++ow) {
+          double acc = bias ? bias[c] : 0.0;
+          for (int64_t r = 0; r < d.r; ++r)
+            for (int64_t s = 0; s < d.s; ++s) {
+              int64_t ih = oh * d.stride_h - d.pad_t + r * d.dil_h, iw = ow * d.stride_w - d.pad_l + s * d.dil_w;
+              if (ih < 0 || ih >= d.h || iw < 0 || iw >= d.w) continue;
+              acc += static_cast<double>(src[(((n * cb + c / V) * d.h + ih) * d.w + iw) * V + c % V]) *
+                     wei[(((c / V) * d.r + r) * d.s + s) * V + c % V];
+            }
+          if (relu) acc = std::max(acc, 0.0);
+          dst[(((n * cb + c / V) * P + oh) * Q + ow) * V + c % V] = static_cast<float>(acc);
+        }
+}
+
 }  // namespace dc

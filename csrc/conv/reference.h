@@ -2,6 +2,7 @@
 #pragma once
 
 #include "conv/conv_desc.h"
+#include "jit/dw_kernel.h"
 #include "jit/fwd_kernel.h"
 
 namespace dc {
@@ -12,5 +13,12 @@ void fwd_kernel_ref(const FwdKernelSpec& spec, const FwdCallArgs* args);
 // Direct convolution on blocked tensors (layouts as fwd_execute), accumulated in double.
 void conv_fwd_ref_blocked(const ConvDesc& d, int v, const float* src, const float* wei, const float* bias, float* dst,
                           bool relu);
+
+// Does exactly what the generated depthwise kernel of `spec` does with `args`.
+void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);
+
+// Depthwise convolution on blocked tensors (layouts as dw_execute), accumulated in double.
+void dwconv_ref_blocked(const ConvDesc& d, int v, const float* src, const float* wei, const float* bias, float* dst,
+                        bool relu);
 
 }  // namespace dc

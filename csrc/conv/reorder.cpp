@@ -1,8 +1,11 @@
 #include "conv/reorder.h"
 
+#include <immintrin.h>
+
 #include <cstring>
 
 #include "conv/conv_desc.h"
+#include "jit/isa.h"
 
 namespace dc {
 
@@ -12,6 +15,86 @@ void share(int64_t total, int tid, int nthreads, int64_t* begin, int64_t* end) {
   *begin = total * tid / nthreads;
   *end = total * (tid + 1) / nthreads;
 }
+
+// 8x8 float transpose in AVX2 registers: r[i] holds row i on entry, column i on exit.
+__attribute__((target("avx2"))) inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Lanes [0, n) of eight.
+__attribute__((target("avx2"))) inline __m256i tail_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One row of a channel block: nv channel rows (stride cstride, unit pixel stride) into
+// w pixels of v interleaved channels. Missing channels are written as zero.
+__attribute__((target("avx2"))) void rows_to_block_avx2(const float* in, int64_t cstride, int nv, int64_t w, int v,
+                                                        float* out) {
+  int64_t x = 0;
+  for (; x + 8 <= w; x += 8)
+    for (int j0 = 0; j0 < v; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = j0 + i < nv ? _mm256_loadu_ps(in + (j0 + i) * cstride + x) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (x + i) * v + j0, r[i]);
+    }
+  if (x < w) {
+    const int rem = static_cast<int>(w - x);
+    const __m256i mask = tail_mask(rem);
+    for (int j0 = 0; j0 < v; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = j0 + i < nv ? _mm256_maskload_ps(in + (j0 + i) * cstride + x, mask) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < rem; ++i) _mm256_storeu_ps(out + (x + i) * v + j0, r[i]);
+    }
+  }
+}
+
+// The inverse: w pixels of v interleaved channels into nv channel rows.
+__attribute__((target("avx2"))) void block_to_rows_avx2(const float* in, int nv, int64_t w, int v, float* out,
+                                                        int64_t cstride) {
+  int64_t x = 0;
+  for (; x + 8 <= w; x += 8)
+    for (int j0 = 0; j0 < nv; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (x + i) * v + j0);
+      transpose8(r);
+      for (int i = 0; i < 8 && j0 + i < nv; ++i) _mm256_storeu_ps(out + (j0 + i) * cstride + x, r[i]);
+    }
+  if (x < w) {
+    const int rem = static_cast<int>(w - x);
+    for (int j0 = 0; j0 < nv; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = i < rem ? _mm256_loadu_ps(in + (x + i) * v + j0) : _mm256_setzero_ps();
+      transpose8(r);
+      // Masked stores are slow on some cores: spill and copy the tail instead.
+      alignas(32) float tmp[8];
+      for (int i = 0; i < 8 && j0 + i < nv; ++i) {
+        _mm256_store_ps(tmp, r[i]);
+        std::memcpy(out + (j0 + i) * cstride + x, tmp, sizeof(float) * rem);
+      }
+    }
+  }
+}
+
+bool have_avx2() { return detected_isa() != Isa::none; }
+
 }  // namespace
 
 void reorder_to_blocked(const float* src, const int64_t st[4], int64_t n, int64_t c, int64_t h, int64_t w, int v,
@@ -25,6 +108,10 @@ void reorder_to_blocked(const float* src, const int64_t st[4], int64_t n, int64_
     const int nv = static_cast<int>(c - c0 < v ? c - c0 : v);
     float* out = dst + i * w * v;
     const float* in = src + img * st[0] + c0 * st[1] + y * st[2];
+    if (st[3] == 1 && v % 8 == 0 && have_avx2()) {
+      rows_to_block_avx2(in, st[1], nv, w, v, out);
+      continue;
+    }
     if (nv < v) std::memset(out, 0, sizeof(float) * w * v);
     if (st[1] == 1 && nv == v) {
       for (int64_t x = 0; x < w; ++x) std::memcpy(out + x * v, in + x * st[3], sizeof(float) * v);
@@ -51,6 +138,10 @@ void reorder_from_blocked(const float* src, int64_t n, int64_t c, int64_t h, int
     const int nv = static_cast<int>(c - c0 < v ? c - c0 : v);
     const float* in = src + i * w * v;
     float* out = dst + img * st[0] + c0 * st[1] + y * st[2];
+    if (st[3] == 1 && v % 8 == 0 && have_avx2()) {
+      block_to_rows_avx2(in, nv, w, v, out, st[1]);
+      continue;
+    }
     if (st[1] == 1 && nv == v) {
       for (int64_t x = 0; x < w; ++x) std::memcpy(out + x * st[3], in + x * v, sizeof(float) * v);
     } else if (st[3] == 1) {
@@ -94,6 +185,19 @@ void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t
         const int64_t kk = ki * v + jk, cc = ci * v + jc;
         if (kk < k && cc < c) dst[kk * st[0] + cc * st[1] + y * st[2] + x * st[3]] = in[jc * v + jk];
       }
+  }
+}
+
+void reorder_dw_weight_to_blocked(const float* src, const int64_t st[4], int64_t c, int64_t r, int64_t s, int v,
+                                  float* dst, int tid, int nthreads) {
+  int64_t b, e;
+  share(div_up(c, v) * r * s, tid, nthreads, &b, &e);
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t x = i % s, y = (i / s) % r, ci = i / (s * r);
+    for (int j = 0; j < v; ++j) {
+      const int64_t cc = ci * v + j;
+      dst[i * v + j] = cc < c ? src[cc * st[0] + y * st[2] + x * st[3]] : 0.f;
+    }
   }
 }
 

@@ -20,4 +20,8 @@ void reorder_weight_to_blocked(const float* src, const int64_t src_strides[4], i
 void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t r, int64_t s, int v, float* dst,
                                  const int64_t dst_strides[4], int tid, int nthreads);
 
+// Depthwise weights (C, 1, R, S) with any strides -> (ceil(C/V), R, S, V), zero-padded.
+void reorder_dw_weight_to_blocked(const float* src, const int64_t src_strides[4], int64_t c, int64_t r, int64_t s,
+                                  int v, float* dst, int tid, int nthreads);
+
 }  // namespace dc

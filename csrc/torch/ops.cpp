@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
 #include "conv/reorder.h"
 #include "jit/isa.h"
@@ -100,7 +101,12 @@ void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float*
 
 }  // namespace
 
-// (G, Kb, Cb, R, S, V, V) from (K, C/G, R, S).
+bool is_depthwise(const Tensor& weight, int64_t groups) {
+  return groups > 1 && weight.size(1) == 1 && weight.size(0) == groups;
+}
+
+// (G, Kb, Cb, R, S, V, V) from (K, C/G, R, S); depthwise weights (C, 1, R, S), with one
+// output channel per group, become (Cb, R, S, V) instead.
 Tensor pack_weight(const Tensor& weight, int64_t groups) {
   const char* op = "pack_weight";
   check_float_cpu(weight, op, "weight");
@@ -108,6 +114,15 @@ Tensor pack_weight(const Tensor& weight, int64_t groups) {
   TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": 'groups' (", groups,
               ") must divide the output channels (", weight.size(0), ")");
   const int V = dc::vlen(jit_isa());
+  if (is_depthwise(weight, groups)) {
+    const int64_t c = weight.size(0), r = weight.size(2), s = weight.size(3);
+    Tensor out = at::empty({dc::div_up(c, V), r, s, V}, weight.options());
+    auto st = strides4(weight);
+    run_shares(num_threads(), [&](int tid, int nt) {
+      dc::reorder_dw_weight_to_blocked(weight.data_ptr<float>(), st.data(), c, r, s, V, out.data_ptr<float>(), tid, nt);
+    });
+    return out;
+  }
   const int64_t kg = weight.size(0) / groups, c = weight.size(1), r = weight.size(2), s = weight.size(3);
   const int64_t kb = dc::div_up(kg, V), cb = dc::div_up(c, V);
   Tensor out = at::empty({groups, kb, cb, r, s, V, V}, weight.options());
@@ -122,6 +137,39 @@ Tensor pack_weight(const Tensor& weight, int64_t groups) {
   return out;
 }
 
+// Depthwise: input (N, C, H, W) any strides, packed weight (Cb, R, S, V).
+Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                        int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                        int64_t groups, bool relu, int V) {
+  const char* op = "conv2d";
+  const int64_t c = input.size(1);
+  TORCH_CHECK(groups == c && out_channels == c, op, ": a packed depthwise 'weight' needs groups == input channels == ",
+              "output channels, got groups=", groups, ", ", c, " input and ", out_channels, " output channels");
+  TORCH_CHECK(weight.size(0) == dc::div_up(c, V) && weight.size(3) == V && weight.is_contiguous(), op,
+              ": expected a packed depthwise 'weight' (C/", V, ", R, S, ", V, ") for ", c, " channels, got shape ",
+              weight.sizes());
+  ConvDesc d = make_desc(op, input.size(0), c, input.size(2), input.size(3), c, weight.size(1), weight.size(2), stride,
+                         padding, dilation);
+  const int64_t cb = weight.size(0), P = d.p(), Q = d.q();
+  Tensor b = padded_bias(bias, c, cb * V, op);
+  Tensor out = at::empty({d.n, c, P, Q}, input.options().memory_format(input.suggest_memory_format()));
+  if (d.n == 0) return out;
+  float* src_blk = scratch(0, d.n * cb * d.h * d.w * V);
+  float* dst_blk = scratch(1, d.n * cb * P * Q * V);
+  auto xs = strides4(input), ys = strides4(out);
+  const int nt = num_threads();
+  auto prim = dc::get_dw_primitive(d, jit_isa(), nt);
+  const float* x = input.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  run_shares(nt, [&](int tid, int n_threads) { dc::reorder_to_blocked(x, xs.data(), d.n, c, d.h, d.w, V, src_blk, tid, n_threads); });
+  run_shares(nt, [&](int tid, int) {
+    dc::dw_execute(*prim, src_blk, weight.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, dst_blk, relu,
+                   tid);
+  });
+  run_shares(nt, [&](int tid, int n_threads) { dc::reorder_from_blocked(dst_blk, d.n, c, P, Q, V, y, ys.data(), tid, n_threads); });
+  return out;
+}
+
 // NCHW (any strides) in, NCHW out (channels_last when the input is), weights pre-packed.
 Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t out_channels,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -131,6 +179,8 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
   check_float_cpu(weight, op, "weight");
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D 'input' (N, C, H, W), got shape ", input.sizes());
   const int V = dc::vlen(jit_isa());
+  if (weight.dim() == 4)
+    return depthwise_packed(input, weight, bias, out_channels, stride, padding, dilation, groups, relu, V);
   TORCH_CHECK(weight.dim() == 7 && weight.size(5) == V && weight.size(6) == V, op,
               ": expected a packed 'weight' (groups, K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
               weight.sizes());
@@ -351,11 +401,13 @@ PYBIND11_MODULE(_C, m) {
       throw pybind11::value_error(e.what());
     }
     dc::clear_fwd_primitives();
+    dc::clear_dw_primitives();
   });
   m.def("jit_stats", &dc_torch::jit_stats);
   m.def("set_cache_mb", [](double mb) { dc::set_kernel_cache_cap_bytes(static_cast<int64_t>(mb * 1024 * 1024)); });
   m.def("clear_cache", [] {
     dc::clear_fwd_primitives();
+    dc::clear_dw_primitives();
     dc::clear_kernel_cache();
   });
   m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);

@@ -1,0 +1,63 @@
+// What the drivers share: the primitive cache and pointer offsets.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace dc {
+
+// base + elements floats. Border tiles may start left of their row, where the kernel
+// never reads, so this is integer arithmetic rather than pointer arithmetic.
+template <typename T>
+T* at_offset(T* base, int64_t elements) {
+  return reinterpret_cast<T*>(reinterpret_cast<intptr_t>(base) + elements * static_cast<int64_t>(sizeof(float)));
+}
+
+// A small LRU cache of primitives (a plan with its generated kernels), keyed by problem,
+// ISA and threads. Kernels themselves live in the kernel cache; this one only saves
+// re-planning.
+template <typename Prim>
+class PrimitiveCache {
+ public:
+  std::shared_ptr<const Prim> get(const std::string& key, const std::function<std::shared_ptr<const Prim>()>& build) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = map_.find(key);
+      if (it != map_.end()) {
+        lru_.splice(lru_.begin(), lru_, it->second.second);
+        return it->second.first;
+      }
+    }
+    // Built outside the lock: the kernel cache makes concurrent generation safe, and two
+    // threads planning the same problem at once only duplicate cheap bookkeeping.
+    auto prim = build();
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(key);
+    if (it != map_.end()) return it->second.first;
+    lru_.push_front(key);
+    map_.emplace(key, std::make_pair(prim, lru_.begin()));
+    while (map_.size() > kMaxEntries) {
+      map_.erase(lru_.back());
+      lru_.pop_back();
+    }
+    return prim;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    map_.clear();
+    lru_.clear();
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 256;
+  std::mutex mu_;
+  std::list<std::string> lru_;
+  std::unordered_map<std::string, std::pair<std::shared_ptr<const Prim>, std::list<std::string>::iterator>> map_;
+};
+
+}  // namespace dc
