@@ -1,0 +1,210 @@
+"""Out-of-bounds reads: tensors placed right against an inaccessible (PROT_NONE) page.
+
+Each tensor the kernels or the reorders read is copied into an mmap so that it either ends
+exactly where a guard page begins, or starts exactly where one ends (border tiles start
+left of their row, so reads before the start matter too). A stray read then segfaults; the
+sweep runs in a child process so that shows up as a failed test with the last case named,
+and the child also checks every result against F.conv2d.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import random
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ISA_WIDTH, assert_conv_close, cpu_has, run_python
+
+PAGE = mmap.PAGESIZE
+PROT_NONE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.restype = ctypes.c_int
+
+
+def guarded_copy(src: torch.Tensor, side: str) -> torch.Tensor:
+    """A float32 copy of `src` (same strides as a contiguous tensor of its layout) in fresh memory
+    whose last element is followed by a PROT_NONE page (side='after') or whose first element is
+    preceded by one (side='before')."""
+    src = src.detach()
+    # Keep channels_last tensors channels_last: copy the memory in its own order.
+    cl = src.dim() == 4 and src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
+    flat = (src.permute(0, 2, 3, 1) if cl else src).contiguous().view(-1)
+    nbytes = flat.numel() * 4
+    data_pages = max(1, math.ceil(nbytes / PAGE))
+    total = (data_pages + 2) * PAGE
+    buf = mmap.mmap(-1, total, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    whole = torch.frombuffer(buf, dtype=torch.uint8)
+    base = whole.data_ptr()
+    del whole
+    for page in (base, base + total - PAGE):
+        if _libc.mprotect(page, PAGE, PROT_NONE) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+    offset = PAGE if side == "before" else total - PAGE - nbytes
+    out = torch.frombuffer(buf, dtype=torch.float32, count=flat.numel(), offset=offset)
+    out.copy_(flat)
+    if cl:
+        n, c, h, w = src.shape
+        out = out.view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = out.view(src.shape)
+    assert torch.equal(out, src)
+    return out
+
+
+def guard_cases(count: int, seed: int) -> list[dict]:
+    """Problems that stress the edges: padding, strides, dilation, channel and width tails."""
+    rng = random.Random(seed)
+    pinned = [
+        {"c": 3, "k": 16, "h": 9, "w": 9, "r": 3, "s": 3, "stride": (1, 1), "pad": (1, 1), "dil": (1, 1)},
+        {"c": 17, "k": 17, "h": 7, "w": 30, "r": 3, "s": 3, "stride": (1, 1), "pad": (1, 1), "dil": (1, 1)},
+        {"c": 16, "k": 32, "h": 8, "w": 8, "r": 7, "s": 7, "stride": (2, 2), "pad": (3, 3), "dil": (1, 1)},
+        {"c": 8, "k": 8, "h": 5, "w": 29, "r": 1, "s": 7, "stride": (1, 1), "pad": (0, 3), "dil": (1, 1)},
+        {"c": 5, "k": 40, "h": 11, "w": 13, "r": 3, "s": 3, "stride": (1, 1), "pad": (2, 2), "dil": (2, 2)},
+        {"c": 33, "k": 8, "h": 6, "w": 6, "r": 5, "s": 5, "stride": (1, 1), "pad": (4, 4), "dil": (1, 1)},
+        {"c": 1, "k": 1, "h": 1, "w": 1, "r": 1, "s": 1, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
+        {"c": 16, "k": 16, "h": 3, "w": 3, "r": 3, "s": 3, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
+        {"c": 24, "k": 20, "h": 10, "w": 17, "r": 2, "s": 4, "stride": (3, 2), "pad": (0, 1), "dil": (1, 2)},
+    ]
+    cases = []
+    for p in pinned:
+        cases.append({**p, "n": 1})
+    for _ in range(count):
+        r, s = rng.choice([(1, 1), (3, 3), (5, 5), (7, 7), (1, 7), (7, 1), (3, 2), (2, 5)])
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        dil = (1, 1) if rng.random() < 0.6 else (rng.randint(1, 3), rng.randint(1, 3))
+        pad = (rng.randint(0, r), rng.randint(0, s))
+        ext_h, ext_w = dil[0] * (r - 1) + 1, dil[1] * (s - 1) + 1
+        h = rng.randint(max(1, ext_h - 2 * pad[0]), max(1, ext_h - 2 * pad[0]) + 6)
+        w = rng.randint(max(1, ext_w - 2 * pad[1]), max(1, ext_w - 2 * pad[1]) + 31)
+        cases.append(
+            {
+                "n": rng.choice([1, 2]),
+                "c": rng.choice([1, 3, 7, 8, 16, 17, 31, 32, 40]),
+                "k": rng.choice([1, 8, 9, 16, 17, 32, 48]),
+                "h": h,
+                "w": w,
+                "r": r,
+                "s": s,
+                "stride": stride,
+                "pad": pad,
+                "dil": dil,
+            }
+        )
+    return cases
+
+
+def case_name(p: dict) -> str:
+    return (
+        f"mb{p['n']}ic{p['c']}ih{p['h']}iw{p['w']}oc{p['k']}kh{p['r']}kw{p['s']}"
+        f"sh{p['stride'][0]}sw{p['stride'][1]}ph{p['pad'][0]}pw{p['pad'][1]}dh{p['dil'][0]}dw{p['dil'][1]}"
+    )
+
+
+def check_case(p: dict, seed: int) -> int:
+    """Runs one problem with every read tensor against a guard page, on both sides. Returns calls made."""
+    import torch_directconv as tdc
+
+    v = tdc.vector_width()
+    g = torch.Generator().manual_seed(seed)
+    fan = p["c"] * p["r"] * p["s"]
+    x = torch.randn(p["n"], p["c"], p["h"], p["w"], generator=g)
+    w = torch.randn(p["k"], p["c"], p["r"], p["s"], generator=g) / math.sqrt(fan)
+    # A bias of whole blocks is used in place by conv2d_blocked; a shorter one is copied.
+    b_full = torch.randn(-(-p["k"] // v) * v, generator=g)
+    b = b_full[: p["k"]].clone()
+    args = {"stride": p["stride"], "padding": p["pad"], "dilation": p["dil"]}
+    ref = F.conv2d(x, w, b, **args)
+    name = case_name(p)
+    xb, wb = tdc.to_blocked(x), tdc.to_blocked_weight(w)
+    ref_full = F.conv2d(x, w, b_full[: p["k"]], **args)
+    calls = 0
+    for side in ("before", "after"):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            label = f"{name} drop-in {side} {fmt}"
+            print(label, file=sys.stderr, flush=True)
+            gx = guarded_copy(x.contiguous(memory_format=fmt), side)
+            gw = guarded_copy(w.contiguous(memory_format=fmt), side)
+            gb = guarded_copy(b, side)
+            assert_conv_close(tdc.conv2d(gx, gw, gb, **args), ref, fan, label)
+            calls += 1
+        label = f"{name} to_blocked {side}"
+        print(label, file=sys.stderr, flush=True)
+        assert torch.equal(tdc.to_blocked(guarded_copy(x, side)), xb), label
+        assert torch.equal(tdc.to_blocked_weight(guarded_copy(w, side)), wb), label
+        assert torch.equal(tdc.from_blocked(guarded_copy(xb, side), p["c"]), x), label
+        for in_channels in (None, p["c"]):
+            label = f"{name} blocked {side} in_channels={in_channels}"
+            print(label, file=sys.stderr, flush=True)
+            gxb, gwb, gbb = guarded_copy(xb, side), guarded_copy(wb, side), guarded_copy(b_full, side)
+            yb = tdc.conv2d_blocked(gxb, gwb, gbb, **args, in_channels=in_channels)
+            assert_conv_close(tdc.from_blocked(yb, p["k"]), ref_full, fan, label)
+            calls += 1
+    return calls
+
+
+def child_sweep(isa: str, count: int, seed: int) -> None:
+    """Entry point of the child process."""
+    import torch_directconv as tdc
+
+    assert tdc.isa() == isa and tdc.vector_width() == ISA_WIDTH[isa], (tdc.isa(), isa)
+    calls = 0
+    for i, p in enumerate(guard_cases(count, seed)):
+        calls += check_case(p, seed + i)
+    print(f"guard-page sweep: {calls} guarded calls on {isa}", flush=True)
+
+
+def test_guarded_copy_really_guards() -> None:
+    """The harness itself: touching one float past either end kills the process."""
+    for side in ("after", "before"):
+        proc = run_python(
+            f"""
+            import sys
+            sys.path.insert(0, "tests")
+            import torch, ctypes
+            from test_guard_page import guarded_copy
+            t = guarded_copy(torch.arange(10.0), "{side}")
+            i = t.numel() if "{side}" == "after" else -1
+            print(ctypes.c_float.from_address(t.data_ptr() + 4 * i).value)
+            """,
+            check=False,
+        )
+        assert proc.returncode == -11, f"{side}: expected SIGSEGV, got {proc.returncode}: {proc.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_no_reads_outside_the_tensors(isa: str) -> None:
+    if not cpu_has(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    proc = run_python(
+        f"""
+        import sys
+        sys.path.insert(0, "tests")
+        from test_guard_page import child_sweep
+        child_sweep("{isa}", count=40, seed=4242)
+        """,
+        TORCH_DIRECTCONV_ISA=isa,
+    )
+    assert "guard-page sweep:" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_no_reads_outside_the_tensors_large(isa: str) -> None:
+    if not cpu_has(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    run_python(
+        f"""
+        import sys
+        sys.path.insert(0, "tests")
+        from test_guard_page import child_sweep
+        child_sweep("{isa}", count=600, seed=777)
+        """,
+        timeout=1200,
+        TORCH_DIRECTCONV_ISA=isa,
+    )
