@@ -8,9 +8,9 @@ namespace dc {
 
 namespace {
 
-std::shared_ptr<const FwdPrimitive> build(const ConvDesc& desc, Isa isa, int threads) {
+std::shared_ptr<const FwdPrimitive> build(const ConvDesc& desc, Isa isa, int threads, const FwdPlanOptions& options) {
   auto prim = std::make_shared<FwdPrimitive>();
-  prim->plan = make_fwd_plan(desc, isa, threads);
+  prim->plan = make_fwd_plan(desc, isa, threads, options);
   const std::string info = prim->plan.to_string();
   for (const FwdKernelSpec& sp : prim->plan.kernels) {
     prim->kernels.push_back(get_kernel(sp.name(), [&] { return make_fwd_kernel(sp); }, info));
@@ -26,9 +26,10 @@ PrimitiveCache<FwdPrimitive>& primitives() {
 
 }  // namespace
 
-std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa isa, int threads) {
-  return primitives().get(desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads),
-                          [&] { return build(desc, isa, threads); });
+std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa isa, int threads,
+                                                      const FwdPlanOptions& options) {
+  return primitives().get(desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads) + "/" + options.key(),
+                          [&] { return build(desc, isa, threads, options); });
 }
 void clear_fwd_primitives() { primitives().clear(); }
 
@@ -36,8 +37,11 @@ void fwd_execute(const FwdPrimitive& prim, const float* src, const float* wei, c
                  int tid) {
   if (tid < 0 || tid >= static_cast<int>(prim.plan.streams.size())) return;
   FwdCallArgs a = prim.plan.strides;
-  for (const FwdCall& c : prim.plan.streams[tid]) {
+  const std::vector<FwdCall>& stream = prim.plan.streams[tid];
+  for (size_t i = 0; i < stream.size(); ++i) {
+    const FwdCall& c = stream[i];
     a.src = at_offset(src, c.src_off);
+    a.pf_src = at_offset(src, stream[i + 1 < stream.size() ? i + 1 : i].src_off);
     a.wei = at_offset(wei, c.wei_off);
     a.dst = at_offset(dst, c.dst_off);
     a.bias = bias ? at_offset(bias, c.bias_off) : nullptr;

@@ -17,7 +17,8 @@ struct FwdPrimitive {
 };
 
 // Cached by (problem, ISA, threads); the primitive cache keeps the 256 most recently used.
-std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa isa, int threads);
+std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa isa, int threads,
+                                                      const FwdPlanOptions& options = {});
 void clear_fwd_primitives();
 
 // Runs thread tid's share. Blocked pointers: src (N, Cb, H, W, V), wei (Kb, Cb, R, S, V, V),

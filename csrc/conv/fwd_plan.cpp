@@ -91,6 +91,7 @@ class StreamBuilder {
       sp.oh = rows;
       sp.ow = w;
       sp.n_oc = n_oc;
+      sp.prefetch = plan_.prefetch && rows == 1;
       const int64_t iw0 = ow0 * d_.stride_w - d_.pad_l;
       const int64_t iw_last = iw0 + (w - 1) * d_.stride_w + (d_.s - 1) * d_.dil_w;
       if (iw0 < 0 || iw_last >= d_.w) {
@@ -161,11 +162,11 @@ class StreamBuilder {
 std::string FwdPlan::to_string() const {
   std::ostringstream o;
   o << desc.to_string() << " " << isa_name(isa) << " threads=" << threads << " tile=" << tile_oh << "x" << tile_ow
-    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << " kernels=" << kernels.size();
+    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << (prefetch ? " prefetch" : "") << " kernels=" << kernels.size();
   return o.str();
 }
 
-FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
+FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanOptions& options) {
   std::string err = desc.validate();
   if (!err.empty()) throw std::invalid_argument("conv2d: " + err);
   if (isa == Isa::none) throw std::invalid_argument("conv2d: no JIT ISA available");
@@ -183,6 +184,7 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads) {
   plan.c_chunk = std::max<int64_t>(1, desc.c / V);
   if (const char* e = std::getenv("TDC_TILE")) sscanf(e, "%d,%d,%d", &plan.tile_oh, &plan.tile_ow, &plan.n_oc);
 
+  plan.prefetch = options.prefetch == 1;
   const int64_t P = desc.p(), Q = desc.q();
   const int64_t kgroups = div_up(plan.kb, plan.n_oc);
   // A unit's input rows stay in L2 (a quarter of a 1 MiB L2) while every output-channel

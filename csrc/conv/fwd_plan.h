@@ -22,6 +22,12 @@ struct FwdCall {
 };
 constexpr int32_t kLastChunk = 1 << 8;
 
+// Choices a benchmark may force; by default the plan decides.
+struct FwdPlanOptions {
+  int prefetch = -1;  // -1: the plan decides, 0: off, 1: on
+  std::string key() const { return "pf" + std::to_string(prefetch); }
+};
+
 struct FwdPlan {
   ConvDesc desc;
   Isa isa = Isa::avx512;
@@ -31,6 +37,7 @@ struct FwdPlan {
   int tile_oh = 1, tile_ow = 1, n_oc = 1;
   int64_t c_chunk = 1;          // input-channel blocks per kernel call
   int64_t rows_per_group = 1;   // output rows of one work unit
+  bool prefetch = false;        // kernels prefetch the next call's input
   std::vector<FwdKernelSpec> kernels;
   std::vector<std::vector<FwdCall>> streams;  // one per thread
   FwdCallArgs strides{};  // the per-plan constants of every call (pointers left null)
@@ -39,6 +46,6 @@ struct FwdPlan {
   std::string to_string() const;
 };
 
-FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads);
+FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanOptions& options = {});
 
 }  // namespace dc

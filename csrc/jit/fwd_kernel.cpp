@@ -11,6 +11,7 @@ std::string FwdKernelSpec::name() const {
   o << "f32_conv_fwd_kw" << s << "s" << stride_w << "d" << dil_w << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c"
     << c_valid;
   if (border) o << "_b" << (iw0 < 0 ? "m" : "") << (iw0 < 0 ? -iw0 : iw0) << "w" << w;
+  if (prefetch) o << "_pf";
   o << "__" << isa_name(isa);
   return o.str();
 }
@@ -48,7 +49,7 @@ class FwdKernel : public JitKernel {
 
  private:
   static size_t code_size_estimate(const FwdKernelSpec& sp) {
-    size_t per_step = sp.n_oc * 12 + sp.oh * sp.ow * (12 + sp.n_oc * 8);
+    size_t per_step = sp.n_oc * 12 + sp.oh * sp.ow * (12 + sp.n_oc * 8) + (sp.prefetch ? 16 : 0);
     size_t epilogue = sp.oh * sp.ow * sp.n_oc * 48 + sp.oh * sp.n_oc * 64;
     return 4096 + static_cast<size_t>(sp.s) * sp.c_valid * per_step + epilogue;
   }
@@ -65,6 +66,7 @@ class FwdKernel : public JitKernel {
   const Reg64 reg_wei_kbs3 = rax;  // 3x that, for the fourth block
   const Reg64 reg_src_rows = rbx;  // input bytes from one tile row to the next (callee-saved)
   const Reg64 reg_out = r12;       // one (row, block) of the output tile (callee-saved)
+  const Reg64 reg_pf_delta = r13;  // next call's src minus this call's (callee-saved)
 
   int V() const { return sp_.v(); }
   int vbytes() const { return V() * 4; }
@@ -101,8 +103,10 @@ class FwdKernel : public JitKernel {
   void preamble() {
     push(rbx);
     push(r12);
+    push(r13);
   }
   void postamble() {
+    pop(r13);
     pop(r12);
     pop(rbx);
     vzeroupper();
@@ -113,6 +117,29 @@ class FwdKernel : public JitKernel {
     mov(reg_wei_kbs, arg(offsetof(FwdCallArgs, wei_kb_stride)));
     lea(reg_wei_kbs3, ptr[reg_wei_kbs + reg_wei_kbs * 2]);
     mov(reg_src_rows, arg(offsetof(FwdCallArgs, src_row_stride)));
+    if (sp_.prefetch) {
+      mov(reg_pf_delta, arg(offsetof(FwdCallArgs, pf_src)));
+      sub(reg_pf_delta, arg(offsetof(FwdCallArgs, src)));
+    }
+  }
+
+  // Cache lines of one input row of the tile.
+  int row_lines() const {
+    int pixels = (sp_.ow - 1) * sp_.stride_w + (sp_.s - 1) * sp_.dil_w + 1;
+    return (pixels * vbytes() + 63) / 64;
+  }
+  // Spreads the prefetches of the next tile's current kernel row (its first tile row)
+  // over this row's steps.
+  void prefetch_step(int step, int steps) {
+    if (!sp_.prefetch) return;
+    const int lines = row_lines();
+    for (int l = step * lines / steps; l < (step + 1) * lines / steps; ++l)
+      prefetcht0(ptr[reg_src + reg_pf_delta + l * 64]);
+  }
+  bool column_used(int col) const {
+    for (int px = 0; px < sp_.ow; ++px)
+      if (sp_.tap_valid(px, col)) return true;
+    return false;
   }
 
   template <typename F>
@@ -201,12 +228,12 @@ class FwdKernel : public JitKernel {
 
   // One kernel row: every column and every channel of the block, unrolled.
   void compute_kernel_row() {
-    int nb = 0;
+    int nb = 0, step = 0, steps = 0;
+    for (int col = 0; col < sp_.s; ++col) steps += column_used(col) ? sp_.c_valid : 0;
     for (int col = 0; col < sp_.s; ++col) {
-      bool any = false;
-      for (int px = 0; px < sp_.ow; ++px) any = any || sp_.tap_valid(px, col);
-      if (!any) continue;
+      if (!column_used(col)) continue;
       for (int c = 0; c < sp_.c_valid; ++c) {
+        prefetch_step(step++, steps);
         int64_t wdisp = static_cast<int64_t>(col * V() + c) * vbytes();
         for (int oc = 0; oc < sp_.n_oc; ++oc) vmovups(vmm_wei(oc), wei_addr(oc, wdisp));
         for (int row = 0; row < sp_.oh; ++row)

@@ -27,6 +27,9 @@ struct FwdKernelSpec {
   // column (may be negative), w the input width. Interior tiles read every tap.
   bool border = false;
   int iw0 = 0, w = 0;
+  // Software prefetch: while reducing, touch the same rows of the next call's input tile
+  // (FwdCallArgs::pf_src), one cache line per unrolled step.
+  bool prefetch = false;
 
   int v() const { return vlen(isa); }
   bool tap_valid(int pixel, int col) const {
@@ -52,6 +55,7 @@ struct FwdCallArgs {
   int64_t wei_kb_stride;   // bytes per output-channel block of the weights
   int64_t dst_row_stride;  // bytes per output row
   int64_t dst_kb_stride;   // bytes per output-channel block
+  const float* pf_src;     // the next call's src, when the kernel prefetches
 };
 constexpr int64_t kAccumulate = 1;
 constexpr int64_t kRelu = 2;

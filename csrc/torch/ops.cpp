@@ -87,11 +87,17 @@ float* scratch(int slot, int64_t floats) {
   return buf[slot].data_ptr<float>();
 }
 
+// Plan choices forced by the benchmark (set_fwd_options); defaults let the plan decide.
+dc::FwdPlanOptions& fwd_options() {
+  static dc::FwdPlanOptions options;
+  return options;
+}
+
 void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float* bias, float* dst, bool relu,
              int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group) {
   if (d.n == 0) return;
   const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt);
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
       dc::fwd_execute(*prim, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
@@ -362,7 +368,8 @@ pybind11::dict jit_stats() {
 }
 
 std::string fwd_plan(const std::string& problem, int64_t threads) {
-  return dc::get_fwd_primitive(dc::parse_conv_desc(problem), jit_isa(), static_cast<int>(threads))->plan.to_string();
+  return dc::get_fwd_primitive(dc::parse_conv_desc(problem), jit_isa(), static_cast<int>(threads), fwd_options())
+      ->plan.to_string();
 }
 
 }  // namespace dc_torch
@@ -411,5 +418,8 @@ PYBIND11_MODULE(_C, m) {
     dc::clear_kernel_cache();
   });
   m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);
+  m.def(
+      "set_fwd_options", [](int prefetch) { dc_torch::fwd_options().prefetch = prefetch; }, pybind11::arg("prefetch") = -1,
+      "For benchmarks: force software prefetch on (1) or off (0); -1 lets the plan decide.");
   m.def("fwd_plan", &dc_torch::fwd_plan, pybind11::arg("problem"), pybind11::arg("threads") = 1);
 }

@@ -42,6 +42,7 @@ void kernel_vs_twin(Isa isa) {
     while (fwd_vector_registers(sp) > isa_vector_registers(isa) && sp.ow > 1) --sp.ow;
     if (fwd_vector_registers(sp) > isa_vector_registers(isa)) continue;
     sp.c_valid = uni(1, V);
+    sp.prefetch = uni(0, 1);
     const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
     if (uni(0, 1)) {
       sp.border = true;
@@ -73,6 +74,7 @@ void kernel_vs_twin(Isa isa) {
     a.wei_kb_stride = n_cb * a.wei_cb_stride;
     a.dst_row_stride = W * V * 4;
     a.dst_kb_stride = 2 * W * V * 4;
+    a.pf_src = src.data();
     auto k = make_fwd_kernel(sp);
     k->build();
     a.dst = dst.data();
@@ -114,8 +116,10 @@ void conv_vs_reference(Isa isa) {
     fill(bias);
     const bool relu = uni(0, 1);
     const float* b = uni(0, 1) ? bias.data() : nullptr;
+    FwdPlanOptions options;
+    options.prefetch = uni(-1, 1);
     for (int threads : {1, 2}) {
-      auto prim = get_fwd_primitive(d, isa, threads);
+      auto prim = get_fwd_primitive(d, isa, threads, options);
       std::fill(out.begin(), out.end(), NAN);
       for (int t = 0; t < threads; ++t) fwd_execute(*prim, src.data(), wei.data(), b, out.data(), relu, t);
       conv_fwd_ref_blocked(d, V, src.data(), wei.data(), b, ref.data(), relu);
