@@ -1,0 +1,161 @@
+"""Many Python threads asking for new kernels at the same moment.
+
+Each generated kernel must be generated once: threads that want a kernel another thread is
+generating wait for it instead of generating a duplicate, and every result stays right.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_conv_close, check_expected_isa
+
+import torch_directconv as tdc
+from torch_directconv import _C
+
+THREADS = 8
+ROUNDS = 3
+
+
+@pytest.fixture(autouse=True)
+def isa() -> str:
+    return check_expected_isa()
+
+
+def round_problems(rnd: int) -> list[dict]:
+    """Eight problems per round, none seen in another round. Threads 0-3 share a width (so they
+    ask for many of the same kernels at once); threads 4-7 each have their own width and kernel."""
+    problems = []
+    for i in range(THREADS):
+        shared = i < 4
+        problems.append(
+            {
+                "n": 1 + i % 2,
+                "c": 5 + 3 * rnd,
+                "k": 20 + 4 * i,
+                "h": 6 + i + 10 * rnd,
+                "w": 37 + 11 * rnd if shared else 40 + 11 * rnd + i,
+                "r": 3,
+                "s": 3 if shared else 1 + 2 * (i % 3),
+                "padding": (1, 1) if shared else (i % 2, i % 3),
+                "stride": (1, 1 + i % 2) if not shared else (1, 1),
+            }
+        )
+    return problems
+
+
+def make_tensors(p: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(p["n"], p["c"], p["h"], p["w"], generator=g)
+    w = torch.randn(p["k"], p["c"], p["r"], p["s"], generator=g) / math.sqrt(p["c"] * p["r"] * p["s"])
+    b = torch.randn(p["k"], generator=g)
+    return x, w, b
+
+
+def run_round(problems: list[dict], seed: int, concurrent: bool) -> list[torch.Tensor]:
+    inputs = [make_tensors(p, seed + i) for i, p in enumerate(problems)]
+    results: list = [None] * len(problems)
+    errors: list = []
+    barrier = threading.Barrier(len(problems))
+
+    def work(i: int) -> None:
+        try:
+            p = problems[i]
+            if concurrent:
+                barrier.wait(timeout=60)
+            results[i] = tdc.conv2d(*inputs[i], stride=p["stride"], padding=p["padding"])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            barrier.abort()
+
+    if concurrent:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert not any(th.is_alive() for th in threads), "a thread hung"
+    else:
+        for i in range(len(problems)):
+            work(i)
+    if errors:
+        raise errors[0]
+    for i, (p, (x, w, b)) in enumerate(zip(problems, inputs, strict=True)):
+        ref = F.conv2d(x, w, b, stride=p["stride"], padding=p["padding"])
+        assert_conv_close(results[i], ref, p["c"] * p["r"] * p["s"], f"thread {i}: {p}")
+    return results
+
+
+def kernels() -> int:
+    return tdc.jit_stats()["kernels"]
+
+
+def test_concurrent_first_calls_generate_each_kernel_once() -> None:
+    _C.clear_cache()
+    k0 = kernels()
+    concurrent = []
+    for rnd in range(ROUNDS):
+        run_round(round_problems(rnd), seed=100 * rnd, concurrent=True)
+        concurrent.append(kernels() - k0)
+        k0 = kernels()
+    assert all(n > 0 for n in concurrent), concurrent
+    entries = tdc.jit_stats()["cache_entries"]
+    assert entries == sum(concurrent), f"{entries} cache entries for {sum(concurrent)} generated kernels"
+
+    # The same calls again, still concurrently: everything is cached.
+    for rnd in range(ROUNDS):
+        run_round(round_problems(rnd), seed=100 * rnd + 1, concurrent=True)
+    assert kernels() == k0, "kernels were generated again for problems already seen"
+
+    # One thread at a time from an empty cache gives the number of distinct kernels.
+    _C.clear_cache()
+    serial = []
+    for rnd in range(ROUNDS):
+        k0 = kernels()
+        run_round(round_problems(rnd), seed=100 * rnd + 2, concurrent=False)
+        serial.append(kernels() - k0)
+    assert concurrent == serial, f"concurrent rounds generated {concurrent} kernels, one at a time {serial}"
+    # Threads 0-3 share their kernels, so a round needs fewer kernels than its problems do alone.
+    _C.clear_cache()
+    alone = 0
+    for p in round_problems(0):
+        _C.clear_cache()
+        k0 = kernels()
+        run_round([p], seed=7, concurrent=False)
+        alone += kernels() - k0
+    assert alone > serial[0], "the round shares no kernel between threads: the test checks less than it should"
+
+
+def test_one_module_from_many_threads() -> None:
+    """One DirectConv2d called from 8 threads at once; its packed-weight cache is shared."""
+    torch.manual_seed(3)
+    m = tdc.DirectConv2d(12, 24, 3, padding=1).eval()
+    xs = [torch.randn(2, 12, 9 + i, 10, generator=torch.Generator().manual_seed(i)) for i in range(THREADS)]
+    barrier = threading.Barrier(THREADS)
+    out: list = [None] * THREADS
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            with torch.no_grad():
+                for _ in range(5):
+                    out[i] = m(xs[i])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    if errors:
+        raise errors[0]
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            assert_conv_close(out[i], F.conv2d(x, m.weight, m.bias, padding=1), 108, f"thread {i}")
