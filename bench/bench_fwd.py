@@ -1,0 +1,570 @@
+#!/usr/bin/env python
+"""Forward convolution benchmark: torch_directconv against PyTorch on ResNet-50 v1.5's 23 layers.
+
+For every layer, batch size and thread count, four ways to run the same convolution are timed
+in the same run, round-robin:
+  blocked     conv2d_blocked on tensors already in the blocked layout (the kernel view);
+  drop-in     a DirectConv2d module on NCHW input, NCHW output, conversions included;
+  torch NCHW  F.conv2d on NCHW tensors;
+  torch CL    F.conv2d with input and weight in channels_last.
+GFLOP/s are nominal (2*N*K*C*R*S*P*Q) and shown as % of the FMA peak measured by the library's
+own JIT loop at the start of each thread-count section. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from problems import Layer, select_layers
+
+METHODS = ("blocked", "dropin", "torch_nchw", "torch_cl")
+LABELS = {"blocked": "blocked", "dropin": "drop-in", "torch_nchw": "torch NCHW", "torch_cl": "torch CL"}
+TORCH_METHODS = ("torch_nchw", "torch_cl")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median of `samples` samples, each at least `min_time` seconds, after `warmup` calls."""
+
+    samples: int
+    min_time: float
+    warmup: int
+    peak_runs: int
+    peak_seconds: float
+
+
+FULL = Timing(samples=5, min_time=0.05, warmup=2, peak_runs=3, peak_seconds=0.2)
+QUICK = Timing(samples=3, min_time=0.01, warmup=1, peak_runs=1, peak_seconds=0.1)
+
+
+@dataclass
+class Case:
+    """One layer at one (threads, N): its tensors, the four callables, and what was measured."""
+
+    layer: Layer
+    threads: int
+    n: int
+    peak: float
+    fns: dict[str, Callable[[], object]] = field(default_factory=dict)
+    error: str | None = None
+    max_err: float = float("nan")
+    dropin_fallback: bool = False
+    jit_kernels: int = 0
+    jit_generate_ms: float = 0.0
+    first_call_ms: float = float("nan")
+    plan: str = ""
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops(self) -> int:
+        return self.layer.conv.flops(self.n)
+
+    def gflops(self, method: str) -> float:
+        t = self.times.get(method)
+        return self.flops / t * 1e-9 if t else float("nan")
+
+    def pct(self, method: str) -> float:
+        return 100.0 * self.gflops(method) / self.peak
+
+    @property
+    def torch_best(self) -> str:
+        return min(TORCH_METHODS, key=lambda m: self.times.get(m, math.inf))
+
+    def speedup(self, method: str, baseline: str) -> float:
+        """t(baseline) / t(method): above 1 means `method` is faster."""
+        if method not in self.times or baseline not in self.times:
+            return float("nan")
+        return self.times[baseline] / self.times[method]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    ap.add_argument(
+        "--batch",
+        choices=("latency", "throughput", "both"),
+        default="both",
+        help="latency: N=1; throughput: N=2 x threads (default: both)",
+    )
+    ap.add_argument("--layers", default=None, help="comma-separated layer ids or names, e.g. L03,L04 (default: all 23)")
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter samples: a smoke run, not a measurement")
+    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA (peak follows)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    if min(args.threads) < 1:
+        ap.error(f"--threads: expected counts >= 1, got {args.threads}")
+    return args
+
+
+def batch_sizes(batch: str, threads: int) -> list[int]:
+    return {"latency": [1], "throughput": [2 * threads], "both": [1, 2 * threads]}[batch]
+
+
+def config_name(threads: int, n: int) -> str:
+    return f"{threads}T N={n}"
+
+
+def measure_peak(tdc, threads: int, timing: Timing) -> tuple[float, float]:
+    """(GFLOP/s, CPUs busy): the best of a few runs, as the peak is a maximum; and how many
+    CPUs' worth of time the process used meanwhile, which shows whether the threads ran in parallel."""
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    peak = max(tdc._C.fma_peak_gflops(threads, timing.peak_seconds) for _ in range(timing.peak_runs))
+    r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return peak, cpu / (w1 - w0)
+
+
+def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -> Case:
+    """Makes the tensors, checks both JIT paths against F.conv2d, and records the JIT cost."""
+    conv = layer.conv
+    case = Case(layer, threads, n, peak)
+    gen = torch.Generator().manual_seed(1000 * int(layer.id[1:]) + n)
+    x = torch.randn(conv.input_shape(n), generator=gen)
+    w = torch.randn(conv.weight_shape(), generator=gen) * math.sqrt(2.0 / (conv.ic * conv.kh * conv.kw))
+    args = (None, conv.stride, conv.padding, conv.dilation)
+    ref = F.conv2d(x, w, *args)
+    scale = ref.abs().max().item()
+
+    problems = []
+    stats0 = tdc.jit_stats()
+    try:
+        xb = tdc.to_blocked(x)
+        wb = tdc.to_blocked_weight(w)
+        t0 = time.perf_counter()
+        out_blocked = tdc.conv2d_blocked(xb, wb, *args, in_channels=conv.ic)
+        case.first_call_ms = 1e3 * (time.perf_counter() - t0)
+        module = tdc.DirectConv2d(
+            conv.ic,
+            conv.oc,
+            (conv.kh, conv.kw),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=False,
+        )
+        module.weight.copy_(w)
+        out_dropin = module(x)
+        case.plan = tdc._C.fwd_plan(conv.to_string(n), threads)
+    except (RuntimeError, ValueError, TypeError) as e:
+        # A layer the library rejects is a result to report, not the end of the run.
+        case.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        out_blocked = out_dropin = None
+    stats1 = tdc.jit_stats()
+    case.jit_kernels = stats1["kernels"] - stats0["kernels"]
+    case.jit_generate_ms = stats1["generate_ms"] - stats0["generate_ms"]
+    case.dropin_fallback = stats1["fallbacks"] != stats0["fallbacks"]
+
+    if case.error is None:
+        for label, out in (("blocked", tdc.from_blocked(out_blocked, conv.oc)), ("drop-in", out_dropin)):
+            err = (out - ref).abs().max().item() / scale
+            case.max_err = err if math.isnan(case.max_err) else max(case.max_err, err)
+            try:
+                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * scale)
+            except AssertionError as e:
+                first = str(e).strip().splitlines()
+                problems.append(f"{label} output differs from F.conv2d ({'; '.join(first[:3])})")
+        if not out_dropin.is_contiguous():
+            problems.append(f"drop-in output is not NCHW-contiguous (strides {out_dropin.stride()})")
+        if case.dropin_fallback:
+            problems.append("drop-in went to PyTorch's convolution (jit_stats()['fallbacks'] grew)")
+        if not case.plan.startswith(conv.to_string(n)):
+            problems.append(f"fwd_plan describes {case.plan.split()[0]!r}, asked for {conv.to_string(n)!r}")
+        if problems:
+            case.error = "; ".join(problems)
+
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    if case.error is None:
+        case.fns["blocked"] = lambda: tdc.conv2d_blocked(xb, wb, *args, in_channels=conv.ic)
+        case.fns["dropin"] = lambda: module(x)
+    case.fns["torch_nchw"] = lambda: F.conv2d(x, w, *args)
+    case.fns["torch_cl"] = lambda: F.conv2d(x_cl, w_cl, *args)
+    return case
+
+
+def time_case(case: Case, timing: Timing) -> None:
+    """Round-robin samples over the methods, so drift on a shared machine hits all of them alike."""
+    reps = {}
+    for method, fn in case.fns.items():
+        per_call = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            per_call = min(per_call, time.perf_counter() - t0)
+        reps[method] = max(1, math.ceil(1.1 * timing.min_time / per_call))
+    samples: dict[str, list[float]] = {m: [] for m in case.fns}
+    for _ in range(timing.samples):
+        for method, fn in case.fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[method]):
+                fn()
+            samples[method].append((time.perf_counter() - t0) / reps[method])
+    case.times = {m: statistics.median(s) for m, s in samples.items()}
+
+
+def network_totals(cases: list[Case]) -> dict:
+    """Sum over layers of count x time, per method, for the layers where every method ran."""
+    complete = [c for c in cases if all(m in c.times for m in METHODS)]
+    totals = {m: sum(c.layer.count * c.times[m] for c in complete) for m in METHODS}
+    flops = sum(c.layer.count * c.flops for c in complete)
+    peak = cases[0].peak if cases else float("nan")
+    best = min(TORCH_METHODS, key=lambda m: totals[m]) if complete else "torch_nchw"
+    out = {
+        "layers": len(complete),
+        "layers_skipped": len(cases) - len(complete),
+        "convs": sum(c.layer.count for c in complete),
+        "gflop": flops * 1e-9,
+        "torch_best": best,
+        "methods": {},
+    }
+    for m in METHODS:
+        t = totals[m]
+        out["methods"][m] = {
+            "ms": 1e3 * t,
+            "gflops": flops / t * 1e-9 if t else float("nan"),
+            "pct_peak": 100.0 * flops / t * 1e-9 / peak if t else float("nan"),
+            "x_torch_best": totals[best] / t if t else float("nan"),
+            "x_torch_nchw": totals["torch_nchw"] / t if t else float("nan"),
+        }
+    return out
+
+
+def cell(gflops: float, pct: float) -> str:
+    return "-" if math.isnan(gflops) else f"{gflops:6.1f} ({pct:3.0f}%)"
+
+
+def ratio(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2f}x"
+
+
+def format_table(cases: list[Case], totals: dict) -> str:
+    c0 = cases[0]
+    head = (
+        f"{config_name(c0.threads, c0.n)}: {c0.threads} thread(s), N={c0.n}, "
+        f"FMA peak {c0.peak:.1f} GFLOP/s; cells: GFLOP/s (% of peak); ratios: torch time / our time"
+    )
+    cols = ["id", "name", "MFLOP"] + [LABELS[m] for m in METHODS] + ["best", "blk/best", "drop/NCHW"]
+    widths = [4, 12, 7, 14, 14, 14, 14, 4, 8, 9]
+    lines = [head, "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths)))]
+    lines.append("-" * len(lines[-1]))
+    for c in cases:
+        best = c.torch_best
+        cells = [c.layer.id, c.layer.name[:12], f"{c.flops * 1e-6:.1f}"]
+        cells += [cell(c.gflops(m), c.pct(m)) for m in METHODS]
+        cells += ["CL" if best == "torch_cl" else "NCHW", ratio(c.speedup("blocked", best))]
+        cells += [ratio(c.speedup("dropin", "torch_nchw"))]
+        lines.append("  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths))))
+        if c.error:
+            lines.append(f"      !! {c.layer.id} FAILED the check, JIT paths not timed: {c.error}")
+    lines.append("-" * len(lines[1]))
+    tm = totals["methods"]
+    cells = ["net", f"{totals['convs']} convs", f"{totals['gflop'] * 1e3:.0f}"]
+    cells += [f"{tm[m]['ms']:7.2f}ms ({tm[m]['pct_peak']:2.0f}%)" for m in METHODS]
+    cells += ["CL" if totals["torch_best"] == "torch_cl" else "NCHW", ratio(tm["blocked"]["x_torch_best"])]
+    cells += [ratio(tm["dropin"]["x_torch_nchw"])]
+    lines.append("  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths))))
+    if totals["layers_skipped"]:
+        lines.append(f"      (network totals leave out {totals['layers_skipped']} layer(s) that failed the check)")
+    kernels = sum(c.jit_kernels for c in cases)
+    gen_ms = sum(c.jit_generate_ms for c in cases)
+    per = f", {gen_ms / kernels:.3f} ms/kernel" if kernels else ""
+    lines.append(f"JIT for this config: {kernels} new kernels, {gen_ms:.1f} ms generating{per}")
+    return "\n".join(lines)
+
+
+def summarize(configs: dict[str, list[Case]], all_totals: dict[str, dict]) -> tuple[str, list[dict]]:
+    rows = []
+    for name, cases in configs.items():
+        totals = all_totals[name]
+        for m in METHODS:
+            pcts = [c.pct(m) for c in cases if m in c.times]
+            faster = [c for c in cases if m in c.times and c.times[m] < c.times[c.torch_best]]
+            rows.append(
+                {
+                    "config": name,
+                    "method": m,
+                    "layers": len(pcts),
+                    "median_pct_peak": statistics.median(pcts) if pcts else float("nan"),
+                    "min_pct_peak": min(pcts) if pcts else float("nan"),
+                    "max_pct_peak": max(pcts) if pcts else float("nan"),
+                    "layers_faster_than_torch_best": len(faster),
+                    "network_ms": totals["methods"][m]["ms"],
+                    "network_x_torch_best": totals["methods"][m]["x_torch_best"],
+                    "network_x_torch_nchw": totals["methods"][m]["x_torch_nchw"],
+                }
+            )
+    head = (
+        f"{'config':<9} {'method':<11} {'median%':>7} {'min%':>5} {'faster than torch best':>22} "
+        f"{'network ms':>10} {'x torch best':>12} {'x torch NCHW':>12}"
+    )
+    lines = [
+        "Summary (% of the measured FMA peak over the layers; network = sum of count x time)",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        jit = r["method"] in ("blocked", "dropin")
+        faster = f"{r['layers_faster_than_torch_best']}/{r['layers']}" if jit else ""
+        lines.append(
+            f"{r['config']:<9} {LABELS[r['method']]:<11} {r['median_pct_peak']:7.1f} {r['min_pct_peak']:5.1f} "
+            f"{faster:>22} {r['network_ms']:10.2f} {ratio(r['network_x_torch_best']):>12} "
+            f"{ratio(r['network_x_torch_nchw']):>12}"
+        )
+    return "\n".join(lines), rows
+
+
+def case_record(c: Case) -> dict:
+    rec = {
+        "id": c.layer.id,
+        "name": c.layer.name,
+        "problem": c.layer.conv.to_string(c.n),
+        "count": c.layer.count,
+        "threads": c.threads,
+        "N": c.n,
+        "mflop": c.flops * 1e-6,
+        "peak_gflops": c.peak,
+    }
+    for m in METHODS:
+        rec[f"{m}_ms"] = 1e3 * c.times[m] if m in c.times else float("nan")
+        rec[f"{m}_gflops"] = c.gflops(m)
+        rec[f"{m}_pct_peak"] = c.pct(m)
+    rec.update(
+        torch_best=c.torch_best,
+        blocked_x_torch_best=c.speedup("blocked", c.torch_best),
+        dropin_x_torch_nchw=c.speedup("dropin", "torch_nchw"),
+        dropin_x_torch_best=c.speedup("dropin", c.torch_best),
+        check_max_rel_err=c.max_err,
+        check_error=c.error or "",
+        jit_kernels=c.jit_kernels,
+        jit_generate_ms=c.jit_generate_ms,
+        first_call_ms=c.first_call_ms,
+        plan=c.plan,
+    )
+    return rec
+
+
+def write_csv(path: Path, records: list[dict], all_totals: dict[str, dict]) -> None:
+    fields = list(records[0].keys())
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        for name, totals in all_totals.items():
+            threads, n = name.split("T N=")
+            row = {k: "" for k in fields}
+            row.update(id="NET", name="network", count=totals["convs"], threads=threads, N=n)
+            row["mflop"] = f"{totals['gflop'] * 1e3:.6g}"
+            for m in METHODS:
+                row[f"{m}_ms"] = f"{totals['methods'][m]['ms']:.6g}"
+                row[f"{m}_gflops"] = f"{totals['methods'][m]['gflops']:.6g}"
+                row[f"{m}_pct_peak"] = f"{totals['methods'][m]['pct_peak']:.6g}"
+            row["torch_best"] = totals["torch_best"]
+            row["blocked_x_torch_best"] = f"{totals['methods']['blocked']['x_torch_best']:.6g}"
+            row["dropin_x_torch_nchw"] = f"{totals['methods']['dropin']['x_torch_nchw']:.6g}"
+            row["dropin_x_torch_best"] = f"{totals['methods']['dropin']['x_torch_best']:.6g}"
+            writer.writerow(row)
+
+
+def write_chart(path: Path, configs: dict[str, list[Case]], isa: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(configs)
+    ncols = 2 if len(names) > 1 else 1
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        cases = configs[name]
+        xs = range(len(cases))
+        blocked = [c.pct("blocked") for c in cases]
+        best = [c.pct(c.torch_best) for c in cases]
+        dropin = [c.pct("dropin") for c in cases]
+        ax.bar([x - 0.2 for x in xs], blocked, width=0.4, label="blocked (conv2d_blocked)", color="tab:blue")
+        ax.bar([x + 0.2 for x in xs], best, width=0.4, label="torch, better of NCHW / CL", color="tab:gray")
+        ax.plot(list(xs), dropin, "o", ms=3.5, color="tab:orange", label="drop-in (DirectConv2d, NCHW)")
+        ax.axhline(100, color="k", lw=0.6, ls=":")
+        ax.set_xticks(list(xs), [c.layer.id for c in cases], rotation=90, fontsize=7)
+        ax.set_ylabel("% of FMA peak")
+        ax.set_title(f"{name} (peak {cases[0].peak:.0f} GFLOP/s, {isa})", fontsize=10)
+        ax.set_ylim(0, max(110, max([v for v in blocked + best + dropin if not math.isnan(v)], default=0) * 1.05))
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("ResNet-50 v1.5 forward convolutions: % of the measured FMA peak", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # torch first: torch_directconv's extension needs libtorch loaded, or it falls back silently.
+    import torch
+    import torch.nn.functional as F
+
+    import torch_directconv as tdc
+
+    # The cap must be in place before any kernel or plan exists.
+    if args.isa_cap:
+        tdc._C.set_isa_cap(args.isa_cap)
+    from tqdm import tqdm
+
+    start = time.time()
+    isa = tdc.isa()
+    if isa == "none":
+        print(
+            "bench_fwd: the JIT is not active on this machine (isa() == 'none'); nothing to benchmark", file=sys.stderr
+        )
+        return 2
+    if args.isa_cap and isa != args.isa_cap:
+        print(f"bench_fwd: asked for --isa-cap {args.isa_cap}, but the JIT runs {isa}", file=sys.stderr)
+        return 2
+    layers = select_layers(args.layers)
+    timing = QUICK if args.quick else FULL
+    cpus = os.cpu_count() or 1
+    if max(args.threads) > cpus:
+        print(f"bench_fwd: warning: {max(args.threads)} threads on {cpus} CPUs", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"torch {torch.__version__}, torch_directconv {tdc.__version__}, ISA {isa} (V={tdc.vector_width()}), "
+        f"{cpus} CPUs, load average {os.getloadavg()[0]:.2f}; timing: median of {timing.samples} samples "
+        f">= {timing.min_time}s after {timing.warmup} warm-up(s){' (--quick)' if args.quick else ''}"
+    )
+
+    configs: dict[str, list[Case]] = {}
+    peaks: dict[int, float] = {}
+    busy: dict[int, float] = {}
+    all_totals: dict[str, dict] = {}
+    failures = 0
+    units = len(args.threads) * len(batch_sizes(args.batch, 1)) * len(layers)
+    bar = tqdm(total=2 * units, unit="step", dynamic_ncols=True, mininterval=0.5)
+    with torch.no_grad():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            bar.set_description(f"{threads}T peak")
+            peaks[threads], busy[threads] = measure_peak(tdc, threads, timing)
+            if busy[threads] < 0.75 * threads:
+                why = "other processes hold the cores" + (
+                    ", or the JIT's threads do not run in parallel" if threads > 1 else ""
+                )
+                tqdm.write(
+                    f"!! the {threads}-thread FMA peak loop kept only {busy[threads]:.2f} CPUs busy ({why}): "
+                    f"the {threads}T peak ({peaks[threads]:.1f} GFLOP/s) and the % of peak are not "
+                    f"{threads}-core figures"
+                )
+            # Warm-up pass over every case before any timing: it generates the kernels and
+            # lets the allocator reach its steady state (a fresh process pays mmap page faults).
+            pending = []
+            for n in batch_sizes(args.batch, threads):
+                cases = []
+                for layer in layers:
+                    bar.set_description(f"{config_name(threads, n)} {layer.id} check+warm-up")
+                    case = build_case(tdc, torch, F, layer, threads, n, peaks[threads])
+                    for fn in case.fns.values():
+                        for _ in range(timing.warmup):
+                            fn()
+                    if case.error:
+                        failures += 1
+                        tqdm.write(f"!! {config_name(threads, n)} {layer.id}: {case.error}")
+                    cases.append(case)
+                    bar.update()
+                pending.append((n, cases))
+            for n, cases in pending:
+                for case in cases:
+                    bar.set_description(f"{config_name(threads, n)} {case.layer.id} timing")
+                    time_case(case, timing)
+                    for fn in list(case.fns):
+                        case.fns[fn] = None  # frees the tensors the closures hold
+                    bar.update()
+                name = config_name(threads, n)
+                configs[name] = cases
+                all_totals[name] = network_totals(cases)
+                tqdm.write("\n" + format_table(cases, all_totals[name]) + "\n")
+            del pending
+    bar.close()
+
+    summary_text, summary_rows = summarize(configs, all_totals)
+    stats = tdc.jit_stats()
+    per_kernel = stats["generate_ms"] / stats["kernels"] if stats["kernels"] else float("nan")
+    wall = time.time() - start
+    print(summary_text)
+    print(
+        f"\nJIT cost: {stats['kernels']} kernels generated in {stats['generate_ms']:.1f} ms "
+        f"({per_kernel:.3f} ms per kernel); cache {stats['cache_entries']} entries, "
+        f"{stats['cache_bytes'] / 1024:.0f} KiB"
+    )
+    print(
+        "FMA peak (GFLOP/s): "
+        + ", ".join(f"{t}T {p:.1f} ({busy[t]:.2f} CPUs busy)" for t, p in peaks.items())
+        + f", {isa}"
+    )
+
+    records = [case_record(c) for cases in configs.values() for c in cases]
+    csv_path, json_path, png_path = (args.out / f"bench_fwd.{ext}" for ext in ("csv", "json", "png"))
+    write_csv(csv_path, records, all_totals)
+    meta = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+        "wall_s": wall,
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpus": cpus,
+        "torch": torch.__version__,
+        "torch_directconv": tdc.__version__,
+        "isa": isa,
+        "vector_width": tdc.vector_width(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "timing": timing.__dict__,
+        "peak_gflops": {str(t): p for t, p in peaks.items()},
+        "peak_cpus_busy": {str(t): b for t, b in busy.items()},
+        "loadavg_end": os.getloadavg(),
+        "jit_stats": stats,
+        "jit_ms_per_kernel": per_kernel,
+    }
+    doc = {"meta": meta, "layers": records, "network": all_totals, "summary": summary_rows}
+    json_path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    write_chart(png_path, configs, isa)
+    print(f"wrote {csv_path}, {json_path.name}, {png_path.name}; wall time {wall:.0f} s")
+    if failures:
+        print(
+            f"bench_fwd: {failures} case(s) FAILED the correctness check; their JIT paths were not timed",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
