@@ -25,7 +25,7 @@ _fallbacks = 0
 
 def isa() -> str:
     """The ISA the JIT targets now: 'avx512', 'avx2' or 'none' (PyTorch's convolution)."""
-    if _C is None or platform.machine().lower() not in ("x86_64", "amd64"):
+    if _C is None or not _IS_X86:
         return "none"
     return _C.isa()
 
@@ -46,8 +46,13 @@ def note_fallback(reason: str) -> None:
         warnings.warn(f"torch_directconv: {reason}; using PyTorch's convolution", RuntimeWarning, stacklevel=4)
 
 
+_IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def no_jit_reason() -> str | None:
     """Why the JIT cannot run at all on this machine, or None when it can."""
+    if _C is not None and _IS_X86 and _C.isa() != "none":
+        return None
     if _C is None:
         return _LOAD_ERROR
     if platform.machine().lower() not in ("x86_64", "amd64"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
-from .functional import _pair, conv2d_packed, conv_padding, fallback_reason, pack_weight
+from .functional import _check, _pair, conv2d_packed, conv_padding, fallback_reason, pack_weight
 
 
 class DirectConv2d(nn.Conv2d):
@@ -24,6 +24,7 @@ class DirectConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
+        self._geometry_cache: tuple | None = None
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "DirectConv2d":
@@ -38,6 +39,7 @@ class DirectConv2d(nn.Conv2d):
         new._modules = dict(conv._modules)
         new._packed = None
         new._packed_key = None
+        new._geometry_cache = None
         return new
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,17 @@ class DirectConv2d(nn.Conv2d):
             self._packed = pack_weight(weight, self.groups)
             self._packed_key = key
         return self._packed
+
+    def _geometry(self) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
+        """(stride, (top, bottom, left, right) padding, dilation), recomputed when they change."""
+        key = (self.stride, self.padding, self.dilation, self.kernel_size, self.padding_mode)
+        if self._geometry_cache is None or self._geometry_cache[0] != key:
+            stride = _pair(self.stride, "stride")
+            dilation = _pair(self.dilation, "dilation")
+            # Other padding modes pad the input explicitly first.
+            padding = self.padding if self.padding_mode == "zeros" else (0, 0)
+            self._geometry_cache = (key, (stride, conv_padding(padding, self.kernel_size, stride, dilation), dilation))
+        return self._geometry_cache[1]
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":
@@ -58,12 +71,8 @@ class DirectConv2d(nn.Conv2d):
             if reason != "bad input":
                 _backend.note_fallback(reason)
             return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups)
-        from .functional import _check
-
         _check(input, weight, bias, self.groups)
-        stride = _pair(self.stride, "stride")
-        dilation = _pair(self.dilation, "dilation")
-        pad4 = conv_padding(padding, self.kernel_size, stride, dilation)
+        stride, pad4, dilation = self._geometry()
         return conv2d_packed(
             input, self._packed_weight(weight), bias, self.out_channels, stride, pad4, dilation, self.groups
         )
@@ -73,6 +82,7 @@ class DirectConv2d(nn.Conv2d):
         state = dict(state)
         state["_packed"] = None
         state["_packed_key"] = None
+        state["_geometry_cache"] = None
         return state
 
 
