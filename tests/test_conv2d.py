@@ -11,6 +11,7 @@ import dataclasses
 import math
 import random
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -140,6 +141,10 @@ def sweep_cases() -> list[Case]:
         dict(c=32, k=32, groups=32, rs=(3, 3), padding=1, layout="channels_last"),
         dict(c=17, k=34, groups=17, rs=(5, 5), padding=2, stride=(2, 2)),
         dict(c=12, k=8, groups=4, rs=(3, 3), padding=1, layout="transposed"),
+        # Grouped problems with whole (or nearly whole) channel blocks per group stay on the JIT.
+        dict(c=32, k=64, groups=2, rs=(3, 3), padding=1),
+        dict(c=34, k=32, groups=2, rs=(1, 1), layout="channels_last"),
+        dict(c=48, k=48, groups=3, rs=(3, 3), stride=(2, 2), padding=1, layout="sliced"),
         dict(layout="unbatched", relu=True, bias=True),
         dict(layout="unbatched", padding="same", stride=(1, 1)),
         dict(relu=True, bias=False, layout="expanded"),
@@ -198,8 +203,12 @@ def check_case(case: Case) -> None:
     args = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
     x0, w0 = x.clone(), w.clone()
     before = tdc.jit_stats()["fallbacks"]
-    y = tdc.conv2d(x, w, b, **args, relu=case.relu)
-    assert tdc.jit_stats()["fallbacks"] == before, f"{case}: fell back to torch instead of running the JIT"
+    with warnings.catch_warnings():
+        # Grouped convolutions that would waste most of each channel block go to torch, by design.
+        warnings.filterwarnings("ignore", "torch_directconv: grouped convolutions", RuntimeWarning)
+        y = tdc.conv2d(x, w, b, **args, relu=case.relu)
+    if case.groups == 1 or (case.k == case.groups == case.c):
+        assert tdc.jit_stats()["fallbacks"] == before, f"{case}: fell back to torch instead of running the JIT"
     ref = F.conv2d(x, w, b, **args)
     if case.relu:
         ref = torch.relu(ref)
@@ -333,6 +342,19 @@ def test_grad_free_modes_run_the_jit(mode: str) -> None:
         ref = F.conv2d(x, w, padding=1)
     assert tdc.jit_stats()["fallbacks"] == before
     assert_conv_close(y, ref, 72)
+
+
+@requires_jit
+@pytest.mark.parametrize("c,k,groups", [(32, 64, 2), (34, 32, 2), (48, 48, 3), (64, 64, 64)])
+def test_grouped_with_whole_blocks_runs_the_jit(c: int, k: int, groups: int) -> None:
+    """Only grouped problems that would waste most of each channel block may go to torch."""
+    g = torch.Generator().manual_seed(c + k)
+    x = torch.randn(2, c, 8, 8, generator=g)
+    w = torch.randn(k, c // groups, 3, 3, generator=g) / math.sqrt(9 * c // groups)
+    before = tdc.jit_stats()["fallbacks"]
+    y = tdc.conv2d(x, w, padding=1, groups=groups)
+    assert tdc.jit_stats()["fallbacks"] == before
+    assert_conv_close(y, F.conv2d(x, w, padding=1, groups=groups), 9 * c // groups)
 
 
 @requires_jit
