@@ -40,7 +40,13 @@ setup(
             "torch_directconv._C",
             sources,
             include_dirs=[os.path.join(HERE, "csrc"), xbyak_include_dir()],
-            extra_compile_args=["-O3", "-std=c++17", "-Wall"],
+            # The C++ standard is the one torch asks for (its headers need C++20 bit-field
+            # initialisers); the torch-free core is C++17.
+            # at::parallel_for is inline and uses OpenMP only when the caller is compiled
+            # with it. Linking -fopenmp resolves to the libgomp torch has already loaded
+            # (same soname), so there is still one OpenMP runtime in the process.
+            extra_compile_args=["-O3", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},

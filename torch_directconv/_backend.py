@@ -10,6 +10,8 @@ import platform
 import threading
 import warnings
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (also registers torch.ops.directconv)
 

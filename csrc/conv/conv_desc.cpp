@@ -73,7 +73,7 @@ ConvDesc parse_conv_desc(const std::string& str) {
   }
   auto get = [&](const char* key, int64_t dflt) { auto it = f.find(key); return it == f.end() ? dflt : it->second; };
   ConvDesc d;
-  d.n = get("mb", 1);
+  d.n = get("mb", 2);  // benchdnn's default
   d.c = get("ic", 1);
   d.k = get("oc", 1);
   d.h = get("ih", 1);
