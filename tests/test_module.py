@@ -199,6 +199,19 @@ def test_convert_a_bare_conv_and_a_shared_conv() -> None:
 
 
 @requires_jit
+def test_convert_keeps_hooks_and_mode() -> None:
+    seen = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)).train()
+    model[0].register_forward_hook(lambda mod, inp, out: seen.append((type(mod).__name__, out.shape)))
+    model[1].eval()
+    converted = tdc.convert(model)
+    assert converted.training and converted[0].training and not converted[1].training
+    with torch.no_grad():
+        converted(torch.randn(1, 3, 6, 6))
+    assert seen == [("DirectConv2d", torch.Size([1, 4, 4, 4]))]
+
+
+@requires_jit
 def test_convert_inplace_shares_parameters() -> None:
     torch.manual_seed(10)
     model = Net().eval()
