@@ -255,16 +255,20 @@ WEIGHT_UPDATES = {
 
 
 @requires_jit
+@pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
 @pytest.mark.parametrize("update", list(WEIGHT_UPDATES))
-def test_packed_weights_follow_weight_updates(update: str) -> None:
+def test_packed_weights_follow_weight_updates(update: str, cache_weights: bool) -> None:
     torch.manual_seed(11)
-    m = DirectConv2d(6, 20, 3, padding=1).eval()
+    m = DirectConv2d(6, 20, 3, padding=1, cache_weights=cache_weights).eval()
     x = torch.randn(2, 6, 8, 8)
     with torch.no_grad():
         for _ in range(2):
             first = m(x)
             assert_conv_close(first, F.conv2d(x, m.weight, m.bias, padding=1), 54)
             WEIGHT_UPDATES[update](m)
+            if cache_weights and update == "data_add_":
+                # Writes through .data bypass the version counter; the documented remedy.
+                m.refresh_packed_weight()
             after = m(x)
             if update != "to_channels_last":
                 assert not torch.allclose(first, after), "the update did not change the output"
@@ -272,7 +276,8 @@ def test_packed_weights_follow_weight_updates(update: str) -> None:
 
 
 @requires_jit
-def test_packed_weights_survive_address_reuse() -> None:
+@pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
+def test_packed_weights_survive_address_reuse(cache_weights: bool) -> None:
     """A new weight at the address of a freed one, with the same fresh version, is still new.
 
     The allocator often hands the freed block straight back, so within a few rounds the new
@@ -280,7 +285,7 @@ def test_packed_weights_survive_address_reuse() -> None:
     the allocator; a correct cache passes every round.
     """
     torch.manual_seed(16)
-    m = DirectConv2d(16, 16, 3).eval()
+    m = DirectConv2d(16, 16, 3, cache_weights=cache_weights).eval()
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
         for i in range(40):
@@ -292,9 +297,10 @@ def test_packed_weights_survive_address_reuse() -> None:
 
 
 @requires_jit
-def test_pickle_and_deepcopy_keep_the_module_working() -> None:
+@pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
+def test_pickle_and_deepcopy_keep_the_module_working(cache_weights: bool) -> None:
     torch.manual_seed(12)
-    m = DirectConv2d(4, 8, 3, padding=1).eval()
+    m = DirectConv2d(4, 8, 3, padding=1, cache_weights=cache_weights).eval()
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
         y = m(x)  # fills the packed-weight cache
@@ -313,11 +319,12 @@ def test_pickle_and_deepcopy_keep_the_module_working() -> None:
 
 
 @requires_jit
-def test_module_built_under_inference_mode() -> None:
+@pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
+def test_module_built_under_inference_mode(cache_weights: bool) -> None:
     """Parameters made inside inference_mode are inference tensors (no version counter)."""
     torch.manual_seed(13)
     with torch.inference_mode():
-        m = tdc.convert(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)))
+        m = tdc.convert(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1)), cache_weights=cache_weights)
         x = torch.randn(1, 4, 6, 6)
         y = m(x)
         assert_conv_close(y, F.conv2d(x, m[0].weight, m[0].bias, padding=1), 36)
@@ -396,3 +403,22 @@ def test_requires_grad_forward_matches_and_backward_works() -> None:
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(m.weight.grad, conv.weight.grad)
     torch.testing.assert_close(m.bias.grad, conv.bias.grad)
+
+
+@requires_jit
+def test_cached_weights_are_packed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cache_weights=True packs once while the weight does not change, and again after it does."""
+    import torch_directconv.modules as modules
+
+    calls = []
+    real = modules.pack_weight
+    monkeypatch.setattr(modules, "pack_weight", lambda w, g: calls.append(1) or real(w, g))
+    m = DirectConv2d(8, 8, 3, padding=1, cache_weights=True).eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        for _ in range(3):
+            m(x)
+        assert len(calls) == 1
+        m.weight.mul_(2)
+        assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias, padding=1), 72)
+        assert len(calls) == 2

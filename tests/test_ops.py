@@ -34,7 +34,12 @@ def op_samples() -> list:
         (
             "conv2d_packed",
             ops.conv2d_packed.default,
-            (x, pack_weight(w, 1), b, 20, [1, 1], [1, 1, 1, 1], [1, 1], 1, False),
+            (x, pack_weight(w, 1), b, 20, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, False),
+        ),
+        (
+            "conv2d_packed_depthwise",
+            ops.conv2d_packed.default,
+            (x, pack_weight(torch.randn(12, 1, 3, 3, generator=g), 12), None, 12, [1, 1], [1, 1, 1, 1], [1, 1], 12, True, True),
         ),
         ("pack_weight", ops.pack_weight.default, (wg, 2)),
         ("conv2d_blocked", ops.conv2d_blocked.default, (xb, wb, b, [1, 1], [1, 1, 1, 1], [1, 1], False, 12)),

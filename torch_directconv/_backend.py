@@ -7,6 +7,8 @@ PyTorch's own convolution, and a warning says so once per reason.
 from __future__ import annotations
 
 import platform
+
+from torch._prims_common import suggest_memory_format
 import threading
 import warnings
 
@@ -25,6 +27,12 @@ _warned: set[str] = set()
 _fallbacks = 0
 
 
+def _constant_under_compile(fn):
+    # The ISA does not change while a compiled graph runs; torch.compile may bake it in.
+    return torch._dynamo.assume_constant_result(fn)
+
+
+@_constant_under_compile
 def isa() -> str:
     """The ISA the JIT targets now: 'avx512', 'avx2' or 'none' (PyTorch's convolution)."""
     if _C is None or not _IS_X86:
@@ -32,6 +40,7 @@ def isa() -> str:
     return _C.isa()
 
 
+@_constant_under_compile
 def vector_width() -> int:
     """Channels per block of the blocked layouts: 16 for AVX-512, 8 for AVX2."""
     return {"avx512": 16, "avx2": 8}.get(isa(), 0)
@@ -51,6 +60,7 @@ def note_fallback(reason: str) -> None:
 _IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
+@_constant_under_compile
 def no_jit_reason() -> str | None:
     """Why the JIT cannot run at all on this machine, or None when it can."""
     if _C is not None and _IS_X86 and _C.isa() != "none":
@@ -64,6 +74,16 @@ def no_jit_reason() -> str | None:
             return "this CPU has neither AVX-512 nor AVX2"
         return "the JIT is disabled (TORCH_DIRECTCONV_ISA=none)"
     return None
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether torch would treat t as channels_last (its suggested memory format)."""
+    if t.dim() != 4:
+        return False
+    if suggest_memory_format(t) == torch.channels_last:
+        return True
+    # An empty batch suggests no format, but torch still follows its channels_last strides.
+    return t.numel() == 0 and t.shape[1] > 1 and t.stride(1) == 1 and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def jit_stats() -> dict:

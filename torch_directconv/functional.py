@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence, Union
 
 import torch
@@ -12,20 +13,26 @@ from . import _backend
 IntOr2 = Union[int, Sequence[int]]
 
 
-def _pair(value: IntOr2, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
+def _int(value: object, name: str) -> int:
+    """An int, or anything torch takes as one (numpy integers, 0-d integer tensors)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise TypeError(f"conv2d: expected '{name}' as an int, got {value!r}")
     try:
-        items = tuple(value)
+        return operator.index(value)
     except TypeError:
         raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}") from None
-    if len(items) == 1:
-        items = items * 2
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}")
-    return (int(items[0]), int(items[1]))
+
+
+def _pair(value: IntOr2, name: str) -> tuple[int, int]:
+    if isinstance(value, (list, tuple, torch.Size)):
+        items = [_int(v, name) for v in value]
+        if len(items) == 1:
+            items *= 2
+        if len(items) != 2:
+            raise RuntimeError(f"conv2d: expected '{name}' to be a single int or a list of 2 values, got {list(value)}")
+        return (items[0], items[1])
+    v = _int(value, name)
+    return (v, v)
 
 
 def conv_padding(
@@ -40,7 +47,7 @@ def conv_padding(
                 raise RuntimeError("conv2d: padding='same' is not supported for strided convolutions")
             th, tw = (dilation[0] * (kernel_size[0] - 1), dilation[1] * (kernel_size[1] - 1))
             return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-        raise ValueError(f"conv2d: invalid padding string {padding!r}, should be one of 'valid', 'same'")
+        raise RuntimeError(f"conv2d: invalid padding string {padding!r}, should be one of 'valid', 'same'")
     ph, pw = _pair(padding, "padding")
     if ph < 0 or pw < 0:
         raise RuntimeError(f"conv2d: expected non-negative 'padding', got {padding!r}")
@@ -58,7 +65,7 @@ def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         )
     if weight.dim() != 4:
         raise RuntimeError(f"conv2d: expected a 4-D 'weight' (K, C/groups, R, S), got shape {tuple(weight.shape)}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    if _int(groups, "groups") < 1:
         raise RuntimeError(f"conv2d: expected 'groups' to be a positive int, got {groups!r}")
     if input.dtype != weight.dtype:
         raise RuntimeError(
@@ -120,6 +127,7 @@ def conv2d(
 ) -> torch.Tensor:
     """Same as torch.nn.functional.conv2d; relu=True fuses a ReLU into the kernel's epilogue."""
     _check(input, weight, bias, groups)
+    groups = _int(groups, "groups")
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     if min(stride2) < 1:
@@ -148,14 +156,15 @@ def conv2d_packed(
     dilation: tuple[int, int],
     groups: int,
     relu: bool = False,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """conv2d with weights already packed by pack_weight (as DirectConv2d caches them)."""
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
-    out = torch.ops.directconv.conv2d_packed(
-        x, packed_weight, bias, out_channels, list(stride), list(padding), list(dilation), groups, relu
+    """conv2d on a 4-D input with weights packed by pack_weight (as DirectConv2d caches them).
+
+    channels_last asks for a channels_last output, as torch gives when the weight is.
+    """
+    return torch.ops.directconv.conv2d_packed(
+        input, packed_weight, bias, out_channels, list(stride), list(padding), list(dilation), groups, relu, channels_last
     )
-    return out.squeeze(0) if unbatched else out
 
 
 def pack_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +17,30 @@ class DirectConv2d(nn.Conv2d):
     """nn.Conv2d whose forward runs on JIT-generated direct-convolution kernels.
 
     Same constructor, parameters, initialisation and state_dict keys as nn.Conv2d, so an
-    nn.Conv2d state_dict loads into it and back. The weights are packed into the blocked
-    layout once and re-packed only when they change (tracked by the tensor's version).
+    nn.Conv2d state_dict loads into it and back.
+
+    By default each call packs the weight into the blocked layout, so the output always
+    follows the weight exactly. With ``cache_weights=True`` (for inference) the packed
+    weight is kept and packed again only when PyTorch records a change to the weight: a
+    new tensor, or an in-place update that bumps its version counter (optimizer steps,
+    ``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``weight.data`` do
+    not bump that counter: after those, call ``refresh_packed_weight()``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, cache_weights: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.cache_weights = cache_weights
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
+        self._packed_source: weakref.ref | None = None
         self._geometry_cache: tuple | None = None
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d) -> "DirectConv2d":
-        """A DirectConv2d that shares conv's parameters (and so its state_dict)."""
+    def from_conv2d(cls, conv: nn.Conv2d, cache_weights: bool = False) -> "DirectConv2d":
+        """A DirectConv2d that shares conv's parameters, buffers and hooks."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"DirectConv2d.from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
         new = cls.__new__(cls)
@@ -37,16 +49,25 @@ class DirectConv2d(nn.Conv2d):
         new._parameters = dict(conv._parameters)
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
-        new._packed = None
-        new._packed_key = None
-        new._geometry_cache = None
+        new.cache_weights = cache_weights
+        new._reset_caches()
         return new
 
+    def refresh_packed_weight(self) -> None:
+        """Forgets the cached packed weight (needed only after writes through weight.data)."""
+        self._packed = None
+        self._packed_key = None
+        self._packed_source = None
+
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.is_inference():  # no version counter to watch
+            return pack_weight(weight, self.groups)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), self.groups, _backend.isa())
-        if self._packed is None or self._packed_key != key:
+        source = self._packed_source() if self._packed_source is not None else None
+        if self._packed is None or source is not weight or self._packed_key != key:
             self._packed = pack_weight(weight, self.groups)
             self._packed_key = key
+            self._packed_source = weakref.ref(weight)
         return self._packed
 
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
@@ -73,16 +94,28 @@ class DirectConv2d(nn.Conv2d):
             return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups)
         _check(input, weight, bias, self.groups)
         stride, pad4, dilation = self._geometry()
-        return conv2d_packed(
-            input, self._packed_weight(weight), bias, self.out_channels, stride, pad4, dilation, self.groups
-        )
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        if self.cache_weights and not torch.compiler.is_compiling():
+            out = conv2d_packed(
+                x,
+                self._packed_weight(weight),
+                bias,
+                self.out_channels,
+                stride,
+                pad4,
+                dilation,
+                self.groups,
+                channels_last=_backend.is_channels_last(weight),
+            )
+        else:
+            out = torch.ops.directconv.conv2d(x, weight, bias, list(stride), list(pad4), list(dilation), self.groups, False)
+        return out.squeeze(0) if unbatched else out
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state["_packed"] = None
-        state["_packed_key"] = None
-        state["_geometry_cache"] = None
+        state = dict(super().__getstate__())
+        for key in ("_packed", "_packed_key", "_packed_source"):
+            state[key] = None
         return state
 
 
@@ -97,21 +130,39 @@ def _convertible(m: nn.Module) -> bool:
     )
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, inplace: bool = False, cache_weights: bool = False) -> nn.Module:
     """Replaces every nn.Conv2d in model, recursively, by a DirectConv2d, and returns the model.
 
     With inplace=False the model is deep-copied first; with inplace=True the replacements
-    share the original parameters, so an optimizer built before still updates them.
+    share the original parameters, so an optimizer built before still updates them. A
+    convolution used at several places stays one shared module. cache_weights is passed
+    to every DirectConv2d (see there; meant for inference).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    replaced: dict[int, DirectConv2d] = {}
+
+    def replacement(conv: nn.Module) -> DirectConv2d:
+        if id(conv) not in replaced:
+            replaced[id(conv)] = DirectConv2d.from_conv2d(conv, cache_weights=cache_weights)
+        return replaced[id(conv)]
+
     if _convertible(model):
-        return DirectConv2d.from_conv2d(model)
-    for name, child in model.named_children():
-        if _convertible(child):
-            setattr(model, name, DirectConv2d.from_conv2d(child))
-        else:
-            convert(child, inplace=True)
+        return replacement(model)
+    visited: set[int] = set()
+
+    def walk(parent: nn.Module) -> None:
+        visited.add(id(parent))
+        # _modules, not named_children(): a module shared by several names is listed once there.
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if _convertible(child):
+                parent._modules[name] = replacement(child)
+            elif id(child) not in visited:
+                walk(child)
+
+    walk(model)
     return model

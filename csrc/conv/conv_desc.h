@@ -14,14 +14,18 @@ struct ConvDesc {
   int64_t pad_t = 0, pad_b = 0, pad_l = 0, pad_r = 0;
   int64_t dil_h = 1, dil_w = 1;
 
-  int64_t p() const { return (h + pad_t + pad_b - dil_h * (r - 1) - 1) / stride_h + 1; }
-  int64_t q() const { return (w + pad_l + pad_r - dil_w * (s - 1) - 1) / stride_w + 1; }
+  // Output size; 0 or less when the dilated kernel does not fit the padded input.
+  int64_t p() const { return out_size(h + pad_t + pad_b - dil_h * (r - 1) - 1, stride_h); }
+  int64_t q() const { return out_size(w + pad_l + pad_r - dil_w * (s - 1) - 1, stride_w); }
   double flops() const { return 2.0 * n * k * c * r * s * p() * q(); }
 
   // benchdnn-style problem string, e.g. mb1ic64ih56iw56oc64oh56ow56kh3kw3sh1sw1ph1pw1.
   std::string to_string() const;
   // Empty when the description is valid, else what is wrong.
   std::string validate() const;
+
+ private:
+  static int64_t out_size(int64_t span, int64_t stride) { return span < 0 ? 0 : span / stride + 1; }
 };
 
 // Parses a benchdnn-style problem string; missing fields take benchdnn's defaults

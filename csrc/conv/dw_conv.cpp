@@ -86,11 +86,8 @@ PrimitiveCache<DwPrimitive>& primitives() {
 std::shared_ptr<const DwPrimitive> build(const ConvDesc& desc, Isa isa, int threads) {
   auto prim = std::make_shared<DwPrimitive>();
   prim->plan = make_dw_plan(desc, isa, threads);
-  const std::string info = prim->plan.to_string();
-  for (const DwKernelSpec& sp : prim->plan.kernels) {
-    prim->kernels.push_back(get_kernel(sp.name(), [&] { return make_dw_kernel(sp); }, info));
-    prim->fns.push_back(prim->kernels.back()->entry<DwKernelFn>());
-  }
+  prim->info = prim->plan.to_string();
+  acquire_kernels(*prim);
   return prim;
 }
 
@@ -102,7 +99,16 @@ std::shared_ptr<const DwPrimitive> get_dw_primitive(const ConvDesc& desc, Isa is
 }
 void clear_dw_primitives() { primitives().clear(); }
 
-void dw_execute(const DwPrimitive& prim, const float* src, const float* wei, const float* bias, float* dst, bool relu,
+DwKernels acquire_kernels(const DwPrimitive& prim) {
+  DwKernels k;
+  for (const DwKernelSpec& sp : prim.plan.kernels) {
+    k.held.push_back(get_kernel(sp.name(), [&] { return make_dw_kernel(sp); }, prim.info));
+    k.fns.push_back(k.held.back()->entry<DwKernelFn>());
+  }
+  return k;
+}
+
+void dw_execute(const DwPrimitive& prim, const DwKernels& kernels, const float* src, const float* wei, const float* bias, float* dst, bool relu,
                 int tid) {
   if (tid < 0 || tid >= static_cast<int>(prim.plan.streams.size())) return;
   DwCallArgs a{};
@@ -114,7 +120,7 @@ void dw_execute(const DwPrimitive& prim, const float* src, const float* wei, con
     a.dst = at_offset(dst, c.dst_off);
     a.bias = bias ? at_offset(bias, c.bias_off) : nullptr;
     a.n_r = c.n_r;
-    prim.fns[c.kernel](&a);
+    kernels.fns[c.kernel](&a);
   }
 }
 

@@ -35,15 +35,20 @@ struct DwPlan {
 
 DwPlan make_dw_plan(const ConvDesc& desc, Isa isa, int threads);
 
+// As FwdPrimitive and FwdKernels: the plan is cached, the kernels are held per run.
 struct DwPrimitive {
   DwPlan plan;
-  std::vector<KernelPtr> kernels;
+  std::string info;
+};
+struct DwKernels {
+  std::vector<KernelPtr> held;
   std::vector<DwKernelFn> fns;
 };
+DwKernels acquire_kernels(const DwPrimitive& prim);
 
 std::shared_ptr<const DwPrimitive> get_dw_primitive(const ConvDesc& desc, Isa isa, int threads);
 void clear_dw_primitives();
-void dw_execute(const DwPrimitive& prim, const float* src, const float* wei, const float* bias, float* dst, bool relu,
+void dw_execute(const DwPrimitive& prim, const DwKernels& kernels, const float* src, const float* wei, const float* bias, float* dst, bool relu,
                 int tid);
 
 }  // namespace dc

@@ -11,11 +11,8 @@ namespace {
 std::shared_ptr<const FwdPrimitive> build(const ConvDesc& desc, Isa isa, int threads, const FwdPlanOptions& options) {
   auto prim = std::make_shared<FwdPrimitive>();
   prim->plan = make_fwd_plan(desc, isa, threads, options);
-  const std::string info = prim->plan.to_string();
-  for (const FwdKernelSpec& sp : prim->plan.kernels) {
-    prim->kernels.push_back(get_kernel(sp.name(), [&] { return make_fwd_kernel(sp); }, info));
-    prim->fns.push_back(prim->kernels.back()->entry<FwdKernelFn>());
-  }
+  prim->info = prim->plan.to_string();
+  acquire_kernels(*prim);  // generate them now, at the first call
   return prim;
 }
 
@@ -33,7 +30,16 @@ std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa 
 }
 void clear_fwd_primitives() { primitives().clear(); }
 
-void fwd_execute(const FwdPrimitive& prim, const float* src, const float* wei, const float* bias, float* dst, bool relu,
+FwdKernels acquire_kernels(const FwdPrimitive& prim) {
+  FwdKernels k;
+  for (const FwdKernelSpec& sp : prim.plan.kernels) {
+    k.held.push_back(get_kernel(sp.name(), [&] { return make_fwd_kernel(sp); }, prim.info));
+    k.fns.push_back(k.held.back()->entry<FwdKernelFn>());
+  }
+  return k;
+}
+
+void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei, const float* bias, float* dst, bool relu,
                  int tid) {
   if (tid < 0 || tid >= static_cast<int>(prim.plan.streams.size())) return;
   FwdCallArgs a = prim.plan.strides;
@@ -48,7 +54,7 @@ void fwd_execute(const FwdPrimitive& prim, const float* src, const float* wei, c
     a.n_r = c.n_r;
     a.n_cb = c.n_cb;
     a.flags = (c.flags & kAccumulate) | (relu && (c.flags & kLastChunk) ? kRelu : 0);
-    prim.fns[c.kernel](&a);
+    kernels.fns[c.kernel](&a);
   }
 }
 

@@ -2,7 +2,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "conv/conv_desc.h"
 #include "jit/isa.h"
@@ -93,6 +95,18 @@ __attribute__((target("avx2"))) void block_to_rows_avx2(const float* in, int nv,
   }
 }
 
+// out[j * out_stride + i] = in[i * in_stride + j] for i < rows, j < cols (multiples of 8).
+__attribute__((target("avx2"))) void transpose_block_avx2(const float* in, int64_t in_stride, int rows, int cols,
+                                                          float* out, int64_t out_stride) {
+  for (int i0 = 0; i0 < rows; i0 += 8)
+    for (int j0 = 0; j0 < cols; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (i0 + i) * in_stride + j0);
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (j0 + j) * out_stride + i0, r[j]);
+    }
+}
+
 bool have_avx2() { return detected_isa() != Isa::none; }
 
 }  // namespace
@@ -158,17 +172,44 @@ void reorder_from_blocked(const float* src, int64_t n, int64_t c, int64_t h, int
 
 void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r, int64_t s,
                                int v, float* dst, int tid, int nthreads) {
-  const int64_t kb = div_up(k, v), cb = div_up(c, v);
+  const int64_t kb = div_up(k, v), cb = div_up(c, v), rs = r * s;
+  // Contiguous (K, C, R, S) weights: a block's V kernel rows of V * R * S floats each are
+  // read once, in order, and scattered within the L1-sized output block.
+  const bool dense = st[3] == 1 && st[2] == s && st[1] == rs;
   int64_t b, e;
-  share(kb * cb * r * s, tid, nthreads, &b, &e);
+  share(kb * cb, tid, nthreads, &b, &e);
   for (int64_t i = b; i < e; ++i) {
-    const int64_t x = i % s, y = (i / s) % r, ci = (i / (s * r)) % cb, ki = i / (s * r * cb);
-    float* out = dst + i * v * v;
-    for (int jc = 0; jc < v; ++jc)
-      for (int jk = 0; jk < v; ++jk) {
-        const int64_t kk = ki * v + jk, cc = ci * v + jc;
-        out[jc * v + jk] = (kk < k && cc < c) ? src[kk * st[0] + cc * st[1] + y * st[2] + x * st[3]] : 0.f;
+    const int64_t ci = i % cb, ki = i / cb;
+    float* out = dst + i * rs * v * v;  // [r][s][c][k]
+    const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
+    if (nk < v || nc < v) std::memset(out, 0, sizeof(float) * rs * v * v);
+    if (dense && nk == v && nc == v && v % 8 == 0 && have_avx2()) {
+      // The block is a V x (V * R * S) matrix [k][c * R * S + t]: transpose it in 8x8
+      // tiles to [c * R * S + t][k], then move each row of V to its place [t][c].
+      const float* block = src + ki * v * st[0] + ci * v * st[1];
+      if (rs == 1) {
+        transpose_block_avx2(block, st[0], v, v, out, v);
+        continue;
       }
+      thread_local std::vector<float> tmp;
+      tmp.resize(static_cast<size_t>(rs) * v * v);
+      transpose_block_avx2(block, st[0], v, static_cast<int>(v * rs), tmp.data(), v);
+      for (int jc = 0; jc < v; ++jc)
+        for (int64_t t = 0; t < rs; ++t)
+          std::memcpy(out + (t * v + jc) * v, tmp.data() + (jc * rs + t) * v, sizeof(float) * v);
+      continue;
+    }
+    for (int jk = 0; jk < nk; ++jk) {
+      const float* row = src + (ki * v + jk) * st[0] + ci * v * st[1];
+      if (dense) {
+        for (int jc = 0; jc < nc; ++jc)
+          for (int64_t t = 0; t < rs; ++t) out[(t * v + jc) * v + jk] = row[jc * rs + t];
+      } else {
+        for (int jc = 0; jc < nc; ++jc)
+          for (int64_t y = 0; y < r; ++y)
+            for (int64_t x = 0; x < s; ++x) out[((y * s + x) * v + jc) * v + jk] = row[jc * st[1] + y * st[2] + x * st[3]];
+      }
+    }
   }
 }
 

@@ -106,8 +106,8 @@ class DwKernel : public JitKernel {
     Label l_skip;
     test(arg(offsetof(DwCallArgs, flags)), kRelu);
     jz(l_skip, T_NEAR);
-    zero(vmm_wei());
-    for (int px = 0; px < sp_.ow; ++px) vmaxps(vmm_acc(px), vmm_acc(px), vmm_wei());
+    zero(vmm_wei());  // x second, so NaN propagates (see FwdKernel::apply_relu)
+    for (int px = 0; px < sp_.ow; ++px) vmaxps(vmm_acc(px), vmm_wei(), vmm_acc(px));
     L(l_skip);
   }
 

@@ -256,9 +256,11 @@ class FwdKernel : public JitKernel {
     Label l_skip;
     test(arg(offsetof(FwdCallArgs, flags)), kRelu);
     jz(l_skip, T_NEAR);
+    // max(0, x) with x second: maxps returns its second operand when either is NaN, so
+    // NaN propagates as torch.relu does.
     Xmm z = vmm_wei(0);
     zero(z);
-    for_each_acc([&](int row, int px, int oc) { vmaxps(vmm_acc(row, px, oc), vmm_acc(row, px, oc), z); });
+    for_each_acc([&](int row, int px, int oc) { vmaxps(vmm_acc(row, px, oc), z, vmm_acc(row, px, oc)); });
     L(l_skip);
   }
 

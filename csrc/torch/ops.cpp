@@ -98,14 +98,26 @@ void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float*
   if (d.n == 0) return;
   const int nt = num_threads();
   auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
+  const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
-      dc::fwd_execute(*prim, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
+      dc::fwd_execute(*prim, kernels, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
                       dst + g * dst_group, relu, tid);
   });
 }
 
 }  // namespace
+
+// As torch: channels_last output when the input or the (unpacked) weight is channels_last.
+// An empty batch suggests no format, but torch still follows its channels_last strides.
+bool is_channels_last(const Tensor& t) {
+  if (t.suggest_memory_format() == at::MemoryFormat::ChannelsLast) return true;
+  return t.numel() == 0 && t.size(1) > 1 && t.stride(1) == 1 && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+at::MemoryFormat output_format(const Tensor& input, bool weight_channels_last) {
+  return weight_channels_last || is_channels_last(input) ? at::MemoryFormat::ChannelsLast
+                                                         : at::MemoryFormat::Contiguous;
+}
 
 bool is_depthwise(const Tensor& weight, int64_t groups) {
   return groups > 1 && weight.size(1) == 1 && weight.size(0) == groups;
@@ -146,7 +158,7 @@ Tensor pack_weight(const Tensor& weight, int64_t groups) {
 // Depthwise: input (N, C, H, W) any strides, packed weight (Cb, R, S, V).
 Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                         int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                        int64_t groups, bool relu, int V) {
+                        int64_t groups, bool relu, bool channels_last, int V) {
   const char* op = "conv2d";
   const int64_t c = input.size(1);
   TORCH_CHECK(groups == c && out_channels == c, op, ": a packed depthwise 'weight' needs groups == input channels == ",
@@ -158,18 +170,19 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
                          padding, dilation);
   const int64_t cb = weight.size(0), P = d.p(), Q = d.q();
   Tensor b = padded_bias(bias, c, cb * V, op);
-  Tensor out = at::empty({d.n, c, P, Q}, input.options().memory_format(input.suggest_memory_format()));
+  Tensor out = at::empty({d.n, c, P, Q}, input.options().memory_format(output_format(input, channels_last)));
   if (d.n == 0) return out;
   float* src_blk = scratch(0, d.n * cb * d.h * d.w * V);
   float* dst_blk = scratch(1, d.n * cb * P * Q * V);
   auto xs = strides4(input), ys = strides4(out);
   const int nt = num_threads();
   auto prim = dc::get_dw_primitive(d, jit_isa(), nt);
+  const dc::DwKernels kernels = dc::acquire_kernels(*prim);
   const float* x = input.data_ptr<float>();
   float* y = out.data_ptr<float>();
   run_shares(nt, [&](int tid, int n_threads) { dc::reorder_to_blocked(x, xs.data(), d.n, c, d.h, d.w, V, src_blk, tid, n_threads); });
   run_shares(nt, [&](int tid, int) {
-    dc::dw_execute(*prim, src_blk, weight.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, dst_blk, relu,
+    dc::dw_execute(*prim, kernels, src_blk, weight.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, dst_blk, relu,
                    tid);
   });
   run_shares(nt, [&](int tid, int n_threads) { dc::reorder_from_blocked(dst_blk, d.n, c, P, Q, V, y, ys.data(), tid, n_threads); });
@@ -179,14 +192,14 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
 // NCHW (any strides) in, NCHW out (channels_last when the input is), weights pre-packed.
 Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t out_channels,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                     bool relu) {
+                     bool relu, bool channels_last) {
   const char* op = "conv2d";
   check_float_cpu(input, op, "input");
   check_float_cpu(weight, op, "weight");
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D 'input' (N, C, H, W), got shape ", input.sizes());
   const int V = dc::vlen(jit_isa());
   if (weight.dim() == 4)
-    return depthwise_packed(input, weight, bias, out_channels, stride, padding, dilation, groups, relu, V);
+    return depthwise_packed(input, weight, bias, out_channels, stride, padding, dilation, groups, relu, channels_last, V);
   TORCH_CHECK(weight.dim() == 7 && weight.size(5) == V && weight.size(6) == V, op,
               ": expected a packed 'weight' (groups, K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
               weight.sizes());
@@ -210,8 +223,7 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
     bias_blk = at::zeros({groups, kb * V}, b.options());
     bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
   }
-  auto fmt = input.suggest_memory_format();
-  Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(fmt));
+  Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(output_format(input, channels_last)));
   if (d.n == 0) return out;
 
   const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
@@ -247,7 +259,7 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
               " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
               groups, " groups)");
   return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,
-                       relu);
+                       relu, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
 }
 
 // Blocked in, blocked out: no layout conversion at all.
@@ -255,15 +267,15 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
                       c10::optional<int64_t> in_channels) {
   const char* op = "conv2d_blocked";
-  check_float_cpu(input, op, "input");
-  check_float_cpu(weight, op, "weight");
+  check_float_cpu(input, op, "xb");
+  check_float_cpu(weight, op, "wb");
   const int V = dc::vlen(jit_isa());
-  TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'input' (N, C/", V, ", H, W, ", V,
+  TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'xb' (N, C/", V, ", H, W, ", V,
               "), got shape ", input.sizes());
   TORCH_CHECK(weight.dim() == 6 && weight.size(4) == V && weight.size(5) == V, op,
-              ": expected a blocked 'weight' (K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
+              ": expected a blocked 'wb' (K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
               weight.sizes());
-  TORCH_CHECK(input.size(1) == weight.size(1), op, ": 'input' has ", input.size(1), " channel blocks, but 'weight' has ",
+  TORCH_CHECK(input.size(1) == weight.size(1), op, ": 'xb' has ", input.size(1), " channel blocks, but 'wb' has ",
               weight.size(1));
   const int64_t cb = input.size(1), kb = weight.size(0);
   int64_t c = cb * V;
@@ -378,9 +390,9 @@ TORCH_LIBRARY(directconv, m) {
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
         "int groups, bool relu) -> Tensor");
   m.def("conv2d_packed(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, int[4] padding, "
-        "int[2] dilation, int groups, bool relu) -> Tensor");
+        "int[2] dilation, int groups, bool relu, bool channels_last) -> Tensor");
   m.def("pack_weight(Tensor weight, int groups) -> Tensor");
-  m.def("conv2d_blocked(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+  m.def("conv2d_blocked(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
         "bool relu, int? in_channels) -> Tensor");
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");

@@ -95,7 +95,8 @@ void conv_vs_reference(Isa isa) {
     for (int threads : {1, 3}) {
       auto prim = get_dw_primitive(d, isa, threads);
       std::fill(out.begin(), out.end(), NAN);
-      for (int t = 0; t < threads; ++t) dw_execute(*prim, src.data(), wei.data(), b, out.data(), relu, t);
+      const DwKernels kernels = acquire_kernels(*prim);
+      for (int t = 0; t < threads; ++t) dw_execute(*prim, kernels, src.data(), wei.data(), b, out.data(), relu, t);
       dwconv_ref_blocked(d, V, src.data(), wei.data(), b, ref.data(), relu);
       double e = max_rel_err(out, ref);
       CHECK(e < 1e-4, "%s %s threads=%d: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads, e,

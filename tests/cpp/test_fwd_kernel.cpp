@@ -121,7 +121,8 @@ void conv_vs_reference(Isa isa) {
     for (int threads : {1, 2}) {
       auto prim = get_fwd_primitive(d, isa, threads, options);
       std::fill(out.begin(), out.end(), NAN);
-      for (int t = 0; t < threads; ++t) fwd_execute(*prim, src.data(), wei.data(), b, out.data(), relu, t);
+      const FwdKernels kernels = acquire_kernels(*prim);
+      for (int t = 0; t < threads; ++t) fwd_execute(*prim, kernels, src.data(), wei.data(), b, out.data(), relu, t);
       conv_fwd_ref_blocked(d, V, src.data(), wei.data(), b, ref.data(), relu);
       double e = max_rel_err(out, ref);
       CHECK(e < 1e-4, "%s %s threads=%d relu=%d: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,

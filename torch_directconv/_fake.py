@@ -1,0 +1,73 @@
+"""Fake (meta) kernels of the directconv ops: shapes, dtypes and memory formats only, so
+that torch.compile, torch.export and FakeTensor can trace them."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+
+def _out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
+    span = size + pad - dilation * (kernel - 1) - 1
+    if span < 0:
+        raise RuntimeError("conv2d: kernel size (dilated) is larger than the padded input")
+    return span // stride + 1
+
+
+def _spatial(x: torch.Tensor, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
+    h, w = x.shape[2], x.shape[3]
+    return (
+        _out_size(h, padding[0] + padding[1], r, stride[0], dilation[0]),
+        _out_size(w, padding[2] + padding[3], s, stride[1], dilation[1]),
+    )
+
+
+def _nchw_out(x: torch.Tensor, k: int, p: int, q: int, channels_last: bool) -> torch.Tensor:
+    cl = channels_last or _backend.is_channels_last(x)
+    return x.new_empty((x.shape[0], k, p, q)).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+@torch.library.register_fake("directconv::conv2d")
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, relu):
+    p, q = _spatial(input, weight.shape[2], weight.shape[3], stride, padding, dilation)
+    return _nchw_out(input, weight.shape[0], p, q, _backend.is_channels_last(weight))
+
+
+@torch.library.register_fake("directconv::conv2d_packed")
+def _conv2d_packed(input, weight, bias, out_channels, stride, padding, dilation, groups, relu, channels_last):
+    r, s = (weight.shape[1], weight.shape[2]) if weight.dim() == 4 else (weight.shape[3], weight.shape[4])
+    p, q = _spatial(input, r, s, stride, padding, dilation)
+    return _nchw_out(input, out_channels, p, q, channels_last)
+
+
+@torch.library.register_fake("directconv::pack_weight")
+def _pack_weight(weight, groups):
+    v = _backend.vector_width()
+    k, c, r, s = weight.shape
+    if groups > 1 and c == 1 and k == groups:
+        return weight.new_empty((-(-k // v), r, s, v))
+    return weight.new_empty((groups, -(-(k // groups) // v), -(-c // v), r, s, v, v))
+
+
+@torch.library.register_fake("directconv::conv2d_blocked")
+def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels):
+    p, q = _spatial(xb, wb.shape[2], wb.shape[3], stride, padding, dilation)
+    return xb.new_empty((xb.shape[0], wb.shape[0], p, q, xb.shape[4]))
+
+
+@torch.library.register_fake("directconv::to_blocked")
+def _to_blocked(x, vlen):
+    n, c, h, w = x.shape
+    return x.new_empty((n, -(-c // vlen), h, w, vlen))
+
+
+@torch.library.register_fake("directconv::from_blocked")
+def _from_blocked(xb, channels):
+    return xb.new_empty((xb.shape[0], channels, xb.shape[2], xb.shape[3]))
+
+
+@torch.library.register_fake("directconv::to_blocked_weight")
+def _to_blocked_weight(w, vlen):
+    k, c, r, s = w.shape
+    return w.new_empty((-(-k // vlen), -(-c // vlen), r, s, vlen, vlen))
