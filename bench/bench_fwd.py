@@ -4,7 +4,9 @@
 For every layer, batch size and thread count, four ways to run the same convolution are timed
 in the same run, round-robin:
   blocked     conv2d_blocked on tensors already in the blocked layout (the kernel view);
-  drop-in     a DirectConv2d module on NCHW input, NCHW output, conversions included;
+  drop-in     a DirectConv2d module on NCHW input, NCHW output, conversions included
+              (the weight is packed at every call: exact whatever happens to the weight);
+  cached      the same with cache_weights=True (the weight packed once, as for inference);
   torch NCHW  F.conv2d on NCHW tensors;
   torch CL    F.conv2d with input and weight in channels_last.
 GFLOP/s are nominal (2*N*K*C*R*S*P*Q) and shown as % of the FMA peak measured by the library's
@@ -29,8 +31,15 @@ from pathlib import Path
 
 from problems import Layer, select_layers
 
-METHODS = ("blocked", "dropin", "torch_nchw", "torch_cl")
-LABELS = {"blocked": "blocked", "dropin": "drop-in", "torch_nchw": "torch NCHW", "torch_cl": "torch CL"}
+METHODS = ("blocked", "dropin", "dropin_cached", "torch_nchw", "torch_cl")
+JIT_METHODS = ("blocked", "dropin", "dropin_cached")
+LABELS = {
+    "blocked": "blocked",
+    "dropin": "drop-in",
+    "dropin_cached": "cached",
+    "torch_nchw": "torch NCHW",
+    "torch_cl": "torch CL",
+}
 TORCH_METHODS = ("torch_nchw", "torch_cl")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -157,18 +166,21 @@ def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -
         )
         module.weight.copy_(w)
         out_dropin = module(x)
+        cached = tdc.DirectConv2d.from_conv2d(module, cache_weights=True)
+        out_cached = cached(x)
         case.plan = tdc._C.fwd_plan(conv.to_string(n), threads)
     except (RuntimeError, ValueError, TypeError) as e:
         # A layer the library rejects is a result to report, not the end of the run.
         case.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-        out_blocked = out_dropin = None
+        out_blocked = out_dropin = out_cached = None
     stats1 = tdc.jit_stats()
     case.jit_kernels = stats1["kernels"] - stats0["kernels"]
     case.jit_generate_ms = stats1["generate_ms"] - stats0["generate_ms"]
     case.dropin_fallback = stats1["fallbacks"] != stats0["fallbacks"]
 
     if case.error is None:
-        for label, out in (("blocked", tdc.from_blocked(out_blocked, conv.oc)), ("drop-in", out_dropin)):
+        outs = (("blocked", tdc.from_blocked(out_blocked, conv.oc)), ("drop-in", out_dropin), ("cached", out_cached))
+        for label, out in outs:
             err = (out - ref).abs().max().item() / scale
             case.max_err = err if math.isnan(case.max_err) else max(case.max_err, err)
             try:
@@ -190,6 +202,7 @@ def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -
     if case.error is None:
         case.fns["blocked"] = lambda: tdc.conv2d_blocked(xb, wb, *args, in_channels=conv.ic)
         case.fns["dropin"] = lambda: module(x)
+        case.fns["dropin_cached"] = lambda: cached(x)
     case.fns["torch_nchw"] = lambda: F.conv2d(x, w, *args)
     case.fns["torch_cl"] = lambda: F.conv2d(x_cl, w_cl, *args)
     return case
@@ -256,8 +269,8 @@ def format_table(cases: list[Case], totals: dict) -> str:
         f"{config_name(c0.threads, c0.n)}: {c0.threads} thread(s), N={c0.n}, "
         f"FMA peak {c0.peak:.1f} GFLOP/s; cells: GFLOP/s (% of peak); ratios: torch time / our time"
     )
-    cols = ["id", "name", "MFLOP"] + [LABELS[m] for m in METHODS] + ["best", "blk/best", "drop/NCHW"]
-    widths = [4, 12, 7, 14, 14, 14, 14, 4, 8, 9]
+    cols = ["id", "name", "MFLOP"] + [LABELS[m] for m in METHODS] + ["best", "blk/best", "drop/NCHW", "cach/NCHW"]
+    widths = [4, 12, 7, 14, 14, 14, 14, 14, 4, 8, 9, 9]
     lines = [head, "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths)))]
     lines.append("-" * len(lines[-1]))
     for c in cases:
@@ -265,7 +278,7 @@ def format_table(cases: list[Case], totals: dict) -> str:
         cells = [c.layer.id, c.layer.name[:12], f"{c.flops * 1e-6:.1f}"]
         cells += [cell(c.gflops(m), c.pct(m)) for m in METHODS]
         cells += ["CL" if best == "torch_cl" else "NCHW", ratio(c.speedup("blocked", best))]
-        cells += [ratio(c.speedup("dropin", "torch_nchw"))]
+        cells += [ratio(c.speedup("dropin", "torch_nchw")), ratio(c.speedup("dropin_cached", "torch_nchw"))]
         lines.append("  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths))))
         if c.error:
             lines.append(f"      !! {c.layer.id} FAILED the check, JIT paths not timed: {c.error}")
@@ -274,7 +287,7 @@ def format_table(cases: list[Case], totals: dict) -> str:
     cells = ["net", f"{totals['convs']} convs", f"{totals['gflop'] * 1e3:.0f}"]
     cells += [f"{tm[m]['ms']:7.2f}ms ({tm[m]['pct_peak']:2.0f}%)" for m in METHODS]
     cells += ["CL" if totals["torch_best"] == "torch_cl" else "NCHW", ratio(tm["blocked"]["x_torch_best"])]
-    cells += [ratio(tm["dropin"]["x_torch_nchw"])]
+    cells += [ratio(tm["dropin"]["x_torch_nchw"]), ratio(tm["dropin_cached"]["x_torch_nchw"])]
     lines.append("  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths))))
     if totals["layers_skipped"]:
         lines.append(f"      (network totals leave out {totals['layers_skipped']} layer(s) that failed the check)")
@@ -316,7 +329,7 @@ def summarize(configs: dict[str, list[Case]], all_totals: dict[str, dict]) -> tu
         "-" * len(head),
     ]
     for r in rows:
-        jit = r["method"] in ("blocked", "dropin")
+        jit = r["method"] in JIT_METHODS
         faster = f"{r['layers_faster_than_torch_best']}/{r['layers']}" if jit else ""
         lines.append(
             f"{r['config']:<9} {LABELS[r['method']]:<11} {r['median_pct_peak']:7.1f} {r['min_pct_peak']:5.1f} "

@@ -107,6 +107,16 @@ __attribute__((target("avx2"))) void transpose_block_avx2(const float* in, int64
     }
 }
 
+// out[(t * nc + c) * v ...] = in[(c * nt + t) * v ...]: rows of v floats, from [c][t] to [t][c].
+__attribute__((target("avx2"))) void permute_rows_avx2(const float* in, int nc, int64_t nt, int v, float* out) {
+  for (int c = 0; c < nc; ++c)
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* src = in + (c * nt + t) * v;
+      float* dst = out + (t * nc + c) * v;
+      for (int j = 0; j < v; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+    }
+}
+
 bool have_avx2() { return detected_isa() != Isa::none; }
 
 }  // namespace
@@ -194,9 +204,7 @@ void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k,
       thread_local std::vector<float> tmp;
       tmp.resize(static_cast<size_t>(rs) * v * v);
       transpose_block_avx2(block, st[0], v, static_cast<int>(v * rs), tmp.data(), v);
-      for (int jc = 0; jc < v; ++jc)
-        for (int64_t t = 0; t < rs; ++t)
-          std::memcpy(out + (t * v + jc) * v, tmp.data() + (jc * rs + t) * v, sizeof(float) * v);
+      permute_rows_avx2(tmp.data(), v, rs, v, out);
       continue;
     }
     for (int jk = 0; jk < nk; ++jk) {
