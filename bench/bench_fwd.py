@@ -10,7 +10,8 @@ in the same run, round-robin:
   torch NCHW  F.conv2d on NCHW tensors;
   torch CL    F.conv2d with input and weight in channels_last.
 GFLOP/s are nominal (2*N*K*C*R*S*P*Q) and shown as % of the FMA peak measured by the library's
-own JIT loop at the start of each thread-count section. See bench/README.md.
+own JIT loop, which takes a turn in every round of each layer's samples (so the % is against
+what the machine gave at that moment). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -208,8 +209,12 @@ def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -
     return case
 
 
-def time_case(case: Case, timing: Timing) -> None:
-    """Round-robin samples over the methods, so drift on a shared machine hits all of them alike."""
+def time_case(case: Case, timing: Timing, tdc) -> None:
+    """Round-robin samples over the methods, so drift on a shared machine hits all of them alike.
+
+    The FMA peak loop takes a turn in every round too, and the layer's % of peak is taken
+    against the median of those turns: the peak the machine gave while the layer was timed.
+    """
     reps = {}
     for method, fn in case.fns.items():
         per_call = math.inf
@@ -219,13 +224,16 @@ def time_case(case: Case, timing: Timing) -> None:
             per_call = min(per_call, time.perf_counter() - t0)
         reps[method] = max(1, math.ceil(1.1 * timing.min_time / per_call))
     samples: dict[str, list[float]] = {m: [] for m in case.fns}
+    peaks = []
     for _ in range(timing.samples):
+        peaks.append(tdc._C.fma_peak_gflops(case.threads, timing.min_time))
         for method, fn in case.fns.items():
             t0 = time.perf_counter()
             for _ in range(reps[method]):
                 fn()
             samples[method].append((time.perf_counter() - t0) / reps[method])
     case.times = {m: statistics.median(s) for m, s in samples.items()}
+    case.peak = statistics.median(peaks)
 
 
 def network_totals(cases: list[Case]) -> dict:
@@ -233,7 +241,13 @@ def network_totals(cases: list[Case]) -> dict:
     complete = [c for c in cases if all(m in c.times for m in METHODS)]
     totals = {m: sum(c.layer.count * c.times[m] for c in complete) for m in METHODS}
     flops = sum(c.layer.count * c.flops for c in complete)
-    peak = cases[0].peak if cases else float("nan")
+    # The peak while the network's layers ran: their own peaks, weighted as their times are.
+    peak = (
+        sum(c.layer.count * c.times["blocked"] * c.peak for c in complete)
+        / sum(c.layer.count * c.times["blocked"] for c in complete)
+        if complete
+        else float("nan")
+    )
     best = min(TORCH_METHODS, key=lambda m: totals[m]) if complete else "torch_nchw"
     out = {
         "layers": len(complete),
@@ -502,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, cases in pending:
                 for case in cases:
                     bar.set_description(f"{config_name(threads, n)} {case.layer.id} timing")
-                    time_case(case, timing)
+                    time_case(case, timing, tdc)
                     for fn in list(case.fns):
                         case.fns[fn] = None  # frees the tensors the closures hold
                     bar.update()

@@ -39,15 +39,16 @@ FwdKernels acquire_kernels(const FwdPrimitive& prim) {
   return k;
 }
 
-void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei, const float* bias, float* dst, bool relu,
-                 int tid) {
-  if (tid < 0 || tid >= static_cast<int>(prim.plan.streams.size())) return;
+namespace {
+
+// Calls [begin, end) of one stream.
+void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::vector<FwdCall>& stream, size_t begin,
+               size_t end, const float* src, const float* wei, const float* bias, float* dst, bool relu) {
   FwdCallArgs a = prim.plan.strides;
-  const std::vector<FwdCall>& stream = prim.plan.streams[tid];
-  for (size_t i = 0; i < stream.size(); ++i) {
+  for (size_t i = begin; i < end; ++i) {
     const FwdCall& c = stream[i];
     a.src = at_offset(src, c.src_off);
-    a.pf_src = at_offset(src, stream[i + 1 < stream.size() ? i + 1 : i].src_off);
+    a.pf_src = at_offset(src, stream[i + 1 < end ? i + 1 : i].src_off);
     a.wei = at_offset(wei, c.wei_off);
     a.dst = at_offset(dst, c.dst_off);
     a.bias = bias ? at_offset(bias, c.bias_off) : nullptr;
@@ -55,6 +56,26 @@ void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const floa
     a.n_cb = c.n_cb;
     a.flags = (c.flags & kAccumulate) | (relu && (c.flags & kLastChunk) ? kRelu : 0);
     kernels.fns[c.kernel](&a);
+  }
+}
+
+}  // namespace
+
+void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
+                 const float* bias, float* dst, bool relu, int tid, FwdWorkQueue* queue) {
+  const FwdPlan& plan = prim.plan;
+  const int threads = static_cast<int>(plan.streams.size());
+  if (tid < 0 || tid >= threads) return;
+  if (!queue) {
+    run_calls(prim, kernels, plan.streams[tid], 0, plan.streams[tid].size(), src, wei, bias, dst, relu);
+    return;
+  }
+  // Own units first, in order; then whatever is left of the others'.
+  for (int i = 0; i < threads; ++i) {
+    const int t = (tid + i) % threads;
+    const std::vector<int32_t>& starts = plan.unit_starts[t];
+    for (int64_t u = queue->take(t); u + 1 < static_cast<int64_t>(starts.size()); u = queue->take(t))
+      run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, bias, dst, relu);
   }
 }
 

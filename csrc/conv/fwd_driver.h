@@ -1,6 +1,7 @@
 // Forward driver: replays one thread's recorded kernel stream. It loops and never emits code.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,9 +31,23 @@ std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa 
                                                       const FwdPlanOptions& options = {});
 void clear_fwd_primitives();
 
-// Runs thread tid's share. Blocked pointers: src (N, Cb, H, W, V), wei (Kb, Cb, R, S, V, V),
+// Shared by the threads of one run: how many units of each thread's stream are taken.
+class FwdWorkQueue {
+ public:
+  explicit FwdWorkQueue(int threads) : next_(new std::atomic<int64_t>[threads]) {
+    for (int i = 0; i < threads; ++i) next_[i] = 0;
+  }
+  int64_t take(int stream) { return next_[stream].fetch_add(1, std::memory_order_relaxed); }
+
+ private:
+  std::unique_ptr<std::atomic<int64_t>[]> next_;
+};
+
+// Runs thread tid's share. With a queue, a thread that finishes its own stream early takes
+// the remaining units of the others, whole, so a thread slowed down by the machine does
+// not hold the run up; without one, it runs exactly its own stream. Blocked pointers: src (N, Cb, H, W, V), wei (Kb, Cb, R, S, V, V),
 // bias (Kb * V) or null, dst (N, Kb, P, Q, V).
-void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei, const float* bias, float* dst, bool relu,
-                 int tid);
+void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
+                 const float* bias, float* dst, bool relu, int tid, FwdWorkQueue* queue = nullptr);
 
 }  // namespace dc

@@ -227,14 +227,17 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
         total += c;
       }
   plan.streams.assign(plan.threads, {});
+  plan.unit_starts.assign(plan.threads, {});
   double done = 0;
   int t = 0;
   for (size_t u = 0; u < units.size(); ++u) {
     // Move to the next thread once this one has its share, judged at the unit's middle.
     while (t + 1 < plan.threads && done + cost[u] / 2 > total * (t + 1) / plan.threads) ++t;
+    plan.unit_starts[t].push_back(static_cast<int32_t>(plan.streams[t].size()));
     plan.streams[t].insert(plan.streams[t].end(), units[u].begin(), units[u].end());
     done += cost[u];
   }
+  for (int i = 0; i < plan.threads; ++i) plan.unit_starts[i].push_back(static_cast<int32_t>(plan.streams[i].size()));
   return plan;
 }
 

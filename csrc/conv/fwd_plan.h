@@ -40,6 +40,9 @@ struct FwdPlan {
   bool prefetch = false;        // kernels prefetch the next call's input
   std::vector<FwdKernelSpec> kernels;
   std::vector<std::vector<FwdCall>> streams;  // one per thread
+  // Where each work unit of a thread's stream begins (and, last, where the stream ends):
+  // a thread that runs out of work takes whole units from the others.
+  std::vector<std::vector<int32_t>> unit_starts;
   FwdCallArgs strides{};  // the per-plan constants of every call (pointers left null)
 
   int v() const { return vlen(isa); }

@@ -99,10 +99,13 @@ void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float*
   const int nt = num_threads();
   auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
   const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
+  std::vector<dc::FwdWorkQueue> queues;
+  queues.reserve(groups);
+  for (int64_t g = 0; g < groups; ++g) queues.emplace_back(nt);
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
       dc::fwd_execute(*prim, kernels, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
-                      dst + g * dst_group, relu, tid);
+                      dst + g * dst_group, relu, tid, nt > 1 ? &queues[g] : nullptr);
   });
 }
 

@@ -122,7 +122,10 @@ void conv_vs_reference(Isa isa) {
       auto prim = get_fwd_primitive(d, isa, threads, options);
       std::fill(out.begin(), out.end(), NAN);
       const FwdKernels kernels = acquire_kernels(*prim);
-      for (int t = 0; t < threads; ++t) fwd_execute(*prim, kernels, src.data(), wei.data(), b, out.data(), relu, t);
+      // Serially, with a work queue: thread 0 takes every unit, the others find none left.
+      FwdWorkQueue queue(threads);
+      for (int t = 0; t < threads; ++t)
+        fwd_execute(*prim, kernels, src.data(), wei.data(), b, out.data(), relu, t, trial % 2 ? &queue : nullptr);
       conv_fwd_ref_blocked(d, V, src.data(), wei.data(), b, ref.data(), relu);
       double e = max_rel_err(out, ref);
       CHECK(e < 1e-4, "%s %s threads=%d relu=%d: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,

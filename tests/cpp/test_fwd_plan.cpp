@@ -31,6 +31,11 @@ void check_coverage(const ConvDesc& d, Isa isa, int threads) {
     }
   int bad = 0;
   for (int v : done) bad += v != 1;
+  for (size_t t = 0; t < plan.streams.size(); ++t) {
+    const auto& starts = plan.unit_starts[t];
+    CHECK(!starts.empty() && starts.back() == static_cast<int32_t>(plan.streams[t].size()), "unit starts end the stream");
+    for (size_t i = 1; i < starts.size(); ++i) CHECK(starts[i - 1] <= starts[i], "unit starts are ordered");
+  }
   CHECK(bad == 0, "%s threads=%d: %d output pixels not written exactly once", d.to_string().c_str(), threads, bad);
 }
 
