@@ -1,8 +1,6 @@
 #include "conv/fwd_plan.h"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -182,7 +180,6 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   plan.tile_ow = tile.ow;
   plan.n_oc = tile.n_oc;
   plan.c_chunk = std::max<int64_t>(1, desc.c / V);
-  if (const char* e = std::getenv("TDC_TILE")) sscanf(e, "%d,%d,%d", &plan.tile_oh, &plan.tile_ow, &plan.n_oc);
 
   plan.prefetch = options.prefetch == 1;
   const int64_t P = desc.p(), Q = desc.q();
@@ -196,8 +193,6 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
   while (rows > 1 && desc.n * div_up(P, rows) * kgroups < 8 * plan.threads) rows = div_up(rows, 2);
   plan.rows_per_group = rows;
-  if (const char* e = std::getenv("TDC_ROWS")) plan.rows_per_group = atoi(e);
-  if (const char* e = std::getenv("TDC_CCHUNK")) plan.c_chunk = atoi(e);
   if (plan.tile_oh == 2 && plan.rows_per_group % 2 && plan.rows_per_group < P) ++plan.rows_per_group;
 
   FwdCallArgs& a = plan.strides;
