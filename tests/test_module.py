@@ -373,11 +373,9 @@ def test_fallbacks_warn_once_per_reason() -> None:
             got = call(dt)
             assert len(got) == 1 and str(dt).split(".")[1] in got[0], got
             assert call(dt) == []
-        got = call(torch.float32, grad=True)
-        assert len(got) == 1 and "autograd" in got[0], got
-        assert call(torch.float32, grad=True) == []
+        assert call(torch.float32, grad=True) == [], "autograd runs on the JIT and must not warn"
         assert call(torch.float32) == [], "a JIT call warned"
-        assert tdc.jit_stats()["fallbacks"] == 8, tdc.jit_stats()
+        assert tdc.jit_stats()["fallbacks"] == 6, tdc.jit_stats()
         """
     )
 
@@ -393,7 +391,7 @@ def test_requires_grad_forward_matches_and_backward_works() -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
         before = tdc.jit_stats()["fallbacks"]
         y = m(x1)
-        assert tdc.jit_stats()["fallbacks"] == before + 1
+        assert tdc.jit_stats()["fallbacks"] == before, "the forward of a training step must run on the JIT"
     ref = conv(x2)
     assert y.requires_grad and y.grad_fn is not None
     assert_conv_close(y, ref, 54)

@@ -47,8 +47,14 @@ def vector_width() -> int:
 
 
 def note_fallback(reason: str) -> None:
-    """Counts a call that goes to torch's convolution, and warns once per reason."""
+    """Counts a call that goes to torch's convolution, and warns once per reason.
+
+    Not while torch.compile traces: the choice is made at trace time and the compiled graph
+    simply calls torch's convolution, so there is nothing to count per call.
+    """
     global _fallbacks
+    if torch.compiler.is_compiling():
+        return
     with _lock:
         _fallbacks += 1
         first = reason not in _warned

@@ -71,3 +71,13 @@ def _from_blocked(xb, channels):
 def _to_blocked_weight(w, vlen):
     k, c, r, s = w.shape
     return w.new_empty((-(-k // vlen), -(-c // vlen), r, s, vlen, vlen))
+
+
+@torch.library.register_fake("directconv::conv2d_backward_data")
+def _conv2d_backward_data(grad_output, weight, input_size, stride, padding, dilation, groups):
+    return grad_output.new_empty(input_size)
+
+
+@torch.library.register_fake("directconv::conv2d_backward_weight")
+def _conv2d_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups):
+    return grad_output.new_empty(weight_size)

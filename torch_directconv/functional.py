@@ -103,8 +103,6 @@ def fallback_reason(
             return f"'{name}' is on {t.device.type}, not the CPU"
         if t.dtype != torch.float32:
             return f"dtype {t.dtype} is not supported yet (float32 only)"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return "autograd through the JIT convolution is not supported yet"
     if groups > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups):
         # Each group is padded to whole channel blocks; past a 2x waste torch is faster.
         v = _backend.vector_width()

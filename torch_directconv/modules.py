@@ -96,7 +96,11 @@ class DirectConv2d(nn.Conv2d):
         stride, pad4, dilation = self._geometry()
         unbatched = input.dim() == 3
         x = input.unsqueeze(0) if unbatched else input
-        if self.cache_weights and not torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        # The cached packed weight has no autograd: training takes the op that packs per call.
+        if self.cache_weights and not needs_grad and not torch.compiler.is_compiling():
             out = conv2d_packed(
                 x,
                 self._packed_weight(weight),

@@ -351,6 +351,68 @@ Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
   return out;
 }
 
+// --- backward passes --------------------------------------------------------------------
+// For now these run on ATen's convolution_backward: exact, and the autograd wiring,
+// fake kernels and torch.compile support are in place for the JIT kernels of issue 3.
+// ATen takes one padding per dimension, so an asymmetric padding (padding='same' with an
+// even kernel) is applied to the input explicitly and cut off the gradient again.
+
+namespace {
+
+void check_backward_args(const char* op, const Tensor& grad_output, const Tensor& other, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_float_cpu(grad_output, op, "grad_output");
+  TORCH_CHECK(grad_output.dim() == 4, op, ": expected a 4-D 'grad_output', got shape ", grad_output.sizes());
+  TORCH_CHECK(other.dim() == 4, op, ": expected 4-D tensors, got shape ", other.sizes());
+  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4, op,
+              ": expected 2 strides, 4 paddings and 2 dilations");
+  TORCH_CHECK(groups >= 1, op, ": expected 'groups' >= 1, got ", groups);
+}
+
+bool symmetric(at::IntArrayRef padding) { return padding[0] == padding[1] && padding[2] == padding[3]; }
+
+std::tuple<Tensor, Tensor, Tensor> aten_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                 at::IntArrayRef dilation, int64_t groups, bool want_input,
+                                                 bool want_weight) {
+  const bool sym = symmetric(padding);
+  Tensor x = sym ? input : at::constant_pad_nd(input, {padding[2], padding[3], padding[0], padding[1]}, 0);
+  std::vector<int64_t> pad2 = sym ? std::vector<int64_t>{padding[0], padding[2]} : std::vector<int64_t>{0, 0};
+  auto grads = at::convolution_backward(grad_output, x, weight, c10::nullopt, stride, pad2, dilation, false, {0, 0},
+                                        groups, {want_input, want_weight, false});
+  Tensor gi = std::get<0>(grads);
+  if (want_input && !sym)
+    gi = gi.narrow(2, padding[0], input.size(2)).narrow(3, padding[2], input.size(3)).contiguous(
+        input.suggest_memory_format());
+  return {gi, std::get<1>(grads), Tensor()};
+}
+
+}  // namespace
+
+// The gradient of conv2d with respect to its input, of shape input_size.
+Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_data";
+  check_backward_args(op, grad_output, weight, stride, padding, dilation, groups);
+  check_float_cpu(weight, op, "weight");
+  TORCH_CHECK(input_size.size() == 4, op, ": expected 'input_size' of 4 values, got ", input_size);
+  // Only the input's shape matters for this gradient.
+  Tensor input = at::empty(input_size, grad_output.options());
+  return std::get<0>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, true, false));
+}
+
+// The gradient of conv2d with respect to its weight, of shape weight_size.
+Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  check_backward_args(op, grad_output, input, stride, padding, dilation, groups);
+  check_float_cpu(input, op, "input");
+  TORCH_CHECK(weight_size.size() == 4, op, ": expected 'weight_size' of 4 values, got ", weight_size);
+  Tensor weight = at::empty(weight_size, grad_output.options());
+  return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true));
+}
+
 // --- utilities (pybind11): never on the compute path -------------------------------------
 
 double fma_peak_gflops(int64_t threads, double seconds) {
@@ -397,6 +459,10 @@ TORCH_LIBRARY(directconv, m) {
   m.def("pack_weight(Tensor weight, int groups) -> Tensor");
   m.def("conv2d_blocked(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
         "bool relu, int? in_channels) -> Tensor");
+  m.def("conv2d_backward_data(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, int[4] weight_size, int[2] stride, "
+        "int[4] padding, int[2] dilation, int groups) -> Tensor");
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
   m.def("to_blocked_weight(Tensor w, int vlen) -> Tensor");
@@ -407,6 +473,8 @@ TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("conv2d_packed", &dc_torch::conv2d_packed);
   m.impl("pack_weight", &dc_torch::pack_weight);
   m.impl("conv2d_blocked", &dc_torch::conv2d_blocked);
+  m.impl("conv2d_backward_data", &dc_torch::conv2d_backward_data);
+  m.impl("conv2d_backward_weight", &dc_torch::conv2d_backward_weight);
   m.impl("to_blocked", &dc_torch::to_blocked);
   m.impl("from_blocked", &dc_torch::from_blocked);
   m.impl("to_blocked_weight", &dc_torch::to_blocked_weight);
