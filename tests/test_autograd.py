@@ -195,3 +195,32 @@ def test_opcheck_backward_ops() -> None:
     torch.library.opcheck(ops.conv2d_backward_weight.default, (grad, x, list(w.shape), *args))
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
     torch.library.opcheck(ops.conv2d.default, (xr, wr, None, [2, 1], [1, 2, 0, 1], [1, 1], 2, True))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(c=16, k=32, r=3, s=3, padding=[1, 1, 1, 1], dilation=[1, 1], groups=1),
+        dict(c=17, k=5, r=1, s=1, padding=[0, 0, 0, 0], dilation=[1, 1], groups=1),
+        dict(c=24, k=24, r=3, s=5, padding=[0, 2, 3, 1], dilation=[2, 1], groups=24),
+        dict(c=32, k=64, r=3, s=3, padding=[1, 0, 2, 2], dilation=[1, 1], groups=2),
+    ],
+)
+def test_stride_one_backward_data_runs_on_the_jit(shape: dict) -> None:
+    """Stride 1: the input gradient is a JIT forward convolution (duality), checked against torch."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(32, shape["c"], 11, 12, generator=g)  # N * P * Q large enough for the JIT path
+    w = torch.randn(shape["k"], shape["c"] // shape["groups"], shape["r"], shape["s"], generator=g)
+    pad = shape["padding"]
+    out = F.conv2d(F.pad(x, (pad[2], pad[3], pad[0], pad[1])), w, None, 1, 0, shape["dilation"], shape["groups"])
+    grad = torch.randn(out.shape, generator=g)
+    tdc._C.clear_cache()
+    before = tdc.jit_stats()["kernels"]
+    got = torch.ops.directconv.conv2d_backward_data(
+        grad, w, list(x.shape), [1, 1], pad, shape["dilation"], shape["groups"]
+    )
+    assert tdc.jit_stats()["kernels"] > before, "the input gradient did not run on JIT kernels"
+    xr = x.clone().requires_grad_()
+    ref_out = F.conv2d(F.pad(xr, (pad[2], pad[3], pad[0], pad[1])), w, None, 1, 0, shape["dilation"], shape["groups"])
+    (want,) = torch.autograd.grad(ref_out, xr, grad)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
