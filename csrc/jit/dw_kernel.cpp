@@ -9,11 +9,7 @@
 namespace dc {
 
 std::string DwKernelSpec::name() const {
-  std::ostringstream o;
-  o << "f32_dwconv_fwd_kw" << s << "s" << stride_w << "d" << dil_w << "_ow" << ow;
-  if (border) o << "_b" << (iw0 < 0 ? "m" : "") << (iw0 < 0 ? -iw0 : iw0) << "w" << w;
-  o << "__" << isa_name(isa);
-  return o.str();
+  return "f32_dwconv_fwd_" + taps_name() + "_ow" + std::to_string(ow) + border_name() + "__" + isa_name(isa);
 }
 
 int dw_max_ow(Isa isa) { return isa_vector_registers(isa) - 2; }

@@ -12,22 +12,13 @@
 
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
+#include "jit/row_taps.h"
 
 namespace dc {
 
-struct DwKernelSpec {
-  Isa isa = Isa::avx512;
-  int s = 1;
-  int stride_w = 1, dil_w = 1;
-  int ow = 1;
-  bool border = false;  // as FwdKernelSpec: taps outside [0, w) of column iw0 + ... are skipped
-  int iw0 = 0, w = 0;
+struct DwKernelSpec : RowTaps {
+  int ow = 1;  // output pixels of the call
 
-  int v() const { return vlen(isa); }
-  bool tap_valid(int pixel, int col) const {
-    int iw = iw0 + pixel * stride_w + col * dil_w;
-    return !border || (iw >= 0 && iw < w);
-  }
   std::string name() const;
 };
 

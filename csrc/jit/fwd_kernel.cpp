@@ -8,11 +8,8 @@ namespace dc {
 
 std::string FwdKernelSpec::name() const {
   std::ostringstream o;
-  o << "f32_conv_fwd_kw" << s << "s" << stride_w << "d" << dil_w << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c"
-    << c_valid;
-  if (border) o << "_b" << (iw0 < 0 ? "m" : "") << (iw0 < 0 ? -iw0 : iw0) << "w" << w;
-  if (prefetch) o << "_pf";
-  o << "__" << isa_name(isa);
+  o << "f32_conv_fwd_" << taps_name() << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c" << c_valid
+    << border_name() << (prefetch ? "_pf" : "") << "__" << isa_name(isa);
   return o.str();
 }
 

@@ -13,29 +13,18 @@
 
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
+#include "jit/row_taps.h"
 
 namespace dc {
 
 // What the generated code depends on; name() is the cache key.
-struct FwdKernelSpec {
-  Isa isa = Isa::avx512;
-  int s = 1;                      // kernel columns
-  int stride_w = 1, dil_w = 1;
-  int oh = 1, ow = 1, n_oc = 1;   // tile: rows x pixels x output-channel blocks
-  int c_valid = 16;               // channels of each input block that are used (< V for a tail)
-  // Border tiles skip the taps that fall on padding: iw0 is the tile's first input
-  // column (may be negative), w the input width. Interior tiles read every tap.
-  bool border = false;
-  int iw0 = 0, w = 0;
+struct FwdKernelSpec : RowTaps {
+  int oh = 1, ow = 1, n_oc = 1;  // tile: rows x pixels x output-channel blocks
+  int c_valid = 16;              // channels of each input block that are used (< V for a tail)
   // Software prefetch: while reducing, touch the same rows of the next call's input tile
   // (FwdCallArgs::pf_src), one cache line per unrolled step.
   bool prefetch = false;
 
-  int v() const { return vlen(isa); }
-  bool tap_valid(int pixel, int col) const {
-    int iw = iw0 + pixel * stride_w + col * dil_w;
-    return !border || (iw >= 0 && iw < w);
-  }
   std::string name() const;
 };
 

@@ -1,13 +1,33 @@
 // A minimal check harness for the C++ tests: CHECK records failures, main reports them.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
+#include <vector>
 
 namespace dc_test {
 inline int& failures() {
   static int f = 0;
   return f;
+}
+
+// Seeded random numbers for the sweeps: each test program seeds it once.
+inline std::mt19937& rng() {
+  static std::mt19937 r;
+  return r;
+}
+inline int uni(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng()); }
+inline void fill(std::vector<float>& v) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (float& x : v) x = u(rng());
+}
+inline double max_rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double e = 0;
+  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]) / (1.0 + std::fabs(b[i])));
+  return e;
 }
 }  // namespace dc_test
 

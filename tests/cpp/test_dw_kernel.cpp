@@ -11,20 +11,11 @@
 #include "jit/fwd_kernel.h"
 
 using namespace dc;
+using dc_test::fill;
+using dc_test::max_rel_err;
+using dc_test::uni;
 
 namespace {
-
-std::mt19937 rng(99);
-int uni(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
-void fill(std::vector<float>& v) {
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  for (float& x : v) x = u(rng);
-}
-double max_rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  double e = 0;
-  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]) / (1.0 + std::fabs(b[i])));
-  return e;
-}
 
 void kernel_vs_twin(Isa isa) {
   for (int trial = 0; trial < 40; ++trial) {
@@ -108,6 +99,7 @@ void conv_vs_reference(Isa isa) {
 }  // namespace
 
 int main() {
+  dc_test::rng().seed(99);
   for (Isa isa : {Isa::avx512, Isa::avx2}) {
     if (static_cast<int>(detected_isa()) < static_cast<int>(isa)) {
       std::printf("skipping %s: not supported by this CPU\n", isa_name(isa));
