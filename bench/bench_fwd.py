@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from problems import Layer, select_layers
+from problems import Layer, add_run_args, batch_sizes, check_run_args, select_layers
 
 METHODS = ("blocked", "dropin", "dropin_cached", "torch_nchw", "torch_cl")
 JIT_METHODS = ("blocked", "dropin", "dropin_cached")
@@ -102,25 +102,12 @@ class Case:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    ap.add_argument(
-        "--batch",
-        choices=("latency", "throughput", "both"),
-        default="both",
-        help="latency: N=1; throughput: N=2 x threads (default: both)",
-    )
+    add_run_args(ap, isa_help="cap the JIT's ISA (peak follows)")
     ap.add_argument("--layers", default=None, help="comma-separated layer ids or names, e.g. L03,L04 (default: all 23)")
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter samples: a smoke run, not a measurement")
-    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA (peak follows)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
-    if min(args.threads) < 1:
-        ap.error(f"--threads: expected counts >= 1, got {args.threads}")
+    check_run_args(ap, args)
     return args
-
-
-def batch_sizes(batch: str, threads: int) -> list[int]:
-    return {"latency": [1], "throughput": [2 * threads], "both": [1, 2 * threads]}[batch]
 
 
 def config_name(threads: int, n: int) -> str:

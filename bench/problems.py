@@ -308,5 +308,28 @@ def _self_check() -> None:
     print("problems.py: self-check passed")
 
 
+def add_run_args(ap, isa_help: str = "cap the JIT's ISA") -> None:
+    """The options both benchmarks take: --threads, --batch, --quick and --isa-cap."""
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    ap.add_argument(
+        "--batch",
+        choices=("latency", "throughput", "both"),
+        default="both",
+        help="latency: N=1; throughput: N=2 x threads (default: both)",
+    )
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter samples: a smoke run, not a measurement")
+    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help=isa_help)
+
+
+def check_run_args(ap, args) -> None:
+    if min(args.threads) < 1:
+        ap.error(f"--threads: expected counts >= 1, got {args.threads}")
+
+
+def batch_sizes(batch: str, threads: int) -> list[int]:
+    """N = 1 (latency) and N = 2 x threads (throughput)."""
+    return {"latency": [1], "throughput": [2 * threads], "both": [1, 2 * threads]}[batch]
+
+
 if __name__ == "__main__":
     _self_check()

@@ -22,36 +22,25 @@ import sys
 import time
 from pathlib import Path
 
+from problems import add_run_args, batch_sizes, check_run_args
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    ap.add_argument(
-        "--batch",
-        choices=("latency", "throughput", "both"),
-        default="both",
-        help="latency: N=1; throughput: N=2 x threads (default: both)",
-    )
+    add_run_args(ap)
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 10, --quick 3)")
-    ap.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run, not a measurement")
-    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA")
     ap.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output directory for the JSON (default: {DEFAULT_OUT})"
     )
     args = ap.parse_args(argv)
-    if min(args.threads) < 1:
-        ap.error(f"--threads: expected counts >= 1, got {args.threads}")
+    check_run_args(ap, args)
     if args.iters is None:
         args.iters = 3 if args.quick else 10
     if args.iters < 1:
         ap.error(f"--iters: expected >= 1, got {args.iters}")
     return args
-
-
-def batch_sizes(batch: str, threads: int) -> list[int]:
-    return {"latency": [1], "throughput": [2 * threads], "both": [1, 2 * threads]}[batch]
 
 
 def main(argv: list[str] | None = None) -> int:
