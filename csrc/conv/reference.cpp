@@ -94,4 +94,41 @@ void dwconv_ref_blocked(const ConvDesc& d, int V, const float* src, const float*
         }
 }
 
+void upd_kernel_ref(const UpdKernelSpec& sp, const UpdCallArgs* a) {
+  const int V = sp.v();
+  for (int c = 0; c < sp.n_c; ++c)
+    for (int kb = 0; kb < sp.n_kb; ++kb)
+      for (int k = 0; k < V; ++k) {
+        float* out = const_cast<float*>(at(a->dw, kb * a->dw_kb_stride)) + c * V + k;
+        float acc = (a->flags & kAccumulate) ? *out : 0.f;
+        for (int64_t row = 0; row < a->n_rows; ++row)
+          for (int64_t px = 0; px < a->n_px; ++px) {
+            const float x = at(a->x, row * a->x_row_stride + px * a->x_px_stride)[c];
+            const float g = at(a->dy, row * a->dy_row_stride + kb * a->dy_kb_stride)[px * V + k];
+            acc = std::fma(g, x, acc);
+          }
+        *out = acc;
+      }
+}
+
+void conv_upd_ref_blocked(const ConvDesc& d, int V, const float* x, const float* dy, float* dw) {
+  const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V), P = d.p(), Q = d.q();
+  for (int64_t k = 0; k < kb * V; ++k)
+    for (int64_t c = 0; c < cb * V; ++c)
+      for (int64_t r = 0; r < d.r; ++r)
+        for (int64_t s = 0; s < d.s; ++s) {
+          double acc = 0;
+          if (c < d.c)
+            for (int64_t n = 0; n < d.n; ++n)
+              for (int64_t oh = 0; oh < P; ++oh)
+                for (int64_t ow = 0; ow < Q; ++ow) {
+                  int64_t ih = oh * d.stride_h - d.pad_t + r * d.dil_h, iw = ow * d.stride_w - d.pad_l + s * d.dil_w;
+                  if (ih < 0 || ih >= d.h || iw < 0 || iw >= d.w) continue;
+                  acc += static_cast<double>(x[(((n * cb + c / V) * d.h + ih) * d.w + iw) * V + c % V]) *
+                         dy[(((n * kb + k / V) * P + oh) * Q + ow) * V + k % V];
+                }
+          dw[((((k / V) * cb + c / V) * d.r + r) * d.s + s) * V * V + (c % V) * V + k % V] = static_cast<float>(acc);
+        }
+}
+
 }  // namespace dc

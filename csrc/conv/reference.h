@@ -4,6 +4,7 @@
 #include "conv/conv_desc.h"
 #include "jit/dw_kernel.h"
 #include "jit/fwd_kernel.h"
+#include "jit/upd_kernel.h"
 
 namespace dc {
 
@@ -20,5 +21,11 @@ void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);
 // Depthwise convolution on blocked tensors (layouts as dw_execute), accumulated in double.
 void dwconv_ref_blocked(const ConvDesc& d, int v, const float* src, const float* wei, const float* bias, float* dst,
                         bool relu);
+
+// Does exactly what the generated weight-update kernel of `spec` does with `args`.
+void upd_kernel_ref(const UpdKernelSpec& spec, const UpdCallArgs* args);
+
+// The weight gradient on blocked tensors (layouts as upd_execute), accumulated in double.
+void conv_upd_ref_blocked(const ConvDesc& d, int v, const float* x, const float* dy, float* dw);
 
 }  // namespace dc

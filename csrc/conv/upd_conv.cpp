@@ -1,0 +1,195 @@
+#include "conv/upd_conv.h"
+
+#include <algorithm>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#include "conv/driver_util.h"
+#include "jit/fwd_kernel.h"
+
+namespace dc {
+
+namespace {
+
+// Estimated cycles per pixel of a tile (as fwd_plan's step_cycles): two FMAs and two loads
+// per cycle, loads at 90 %, and the FMA latency exposed below eight accumulators.
+double pixel_cycles(int n_c, int n_kb) {
+  return std::max({n_c * n_kb / 2.0, (n_c + n_kb) / 1.8, 4.0});
+}
+
+// Output rows [lo, hi) whose input row for kernel row r is inside the image (likewise for
+// columns with the column parameters).
+void valid_range(int64_t out, int64_t in, int64_t stride, int64_t pad, int64_t dil, int64_t tap, int64_t* lo,
+                 int64_t* hi) {
+  const int64_t off = tap * dil - pad;  // input index = o * stride + off
+  int64_t a = off >= 0 ? 0 : div_up(-off, stride);
+  int64_t b = in - 1 - off < 0 ? 0 : (in - 1 - off) / stride + 1;
+  *lo = std::min(a, out);
+  *hi = std::max(*lo, std::min(b, out));
+}
+
+}  // namespace
+
+std::string UpdPlan::to_string() const {
+  std::ostringstream o;
+  o << desc.to_string() << " upd " << isa_name(isa) << " threads=" << threads << " tile=" << n_c << "c x " << n_kb
+    << "kb rows/block=" << rows_per_block << " parts=" << parts << " kernels=" << kernels.size();
+  return o.str();
+}
+
+UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
+  std::string err = d.validate();
+  if (!err.empty()) throw std::invalid_argument("conv2d weight gradient: " + err);
+  if (isa == Isa::none) throw std::invalid_argument("conv2d weight gradient: no JIT ISA available");
+  UpdPlan plan;
+  plan.desc = d;
+  plan.isa = isa;
+  plan.threads = std::max(1, threads);
+  const int V = plan.v();
+  const int64_t P = d.p(), Q = d.q();
+  plan.cb = div_up(d.c, V);
+  plan.kb = div_up(d.k, V);
+
+  // The register tile with the fewest estimated cycles over all channels and blocks.
+  double best = 1e300;
+  for (int n_kb = 1; n_kb <= std::min<int64_t>(4, plan.kb); ++n_kb)
+    for (int n_c = 1; n_c <= V; ++n_c) {
+      UpdKernelSpec sp;
+      sp.isa = isa;
+      sp.n_c = n_c;
+      sp.n_kb = n_kb;
+      if (upd_vector_registers(sp) > isa_vector_registers(isa)) continue;
+      const double kgroups = static_cast<double>(div_up(plan.kb, n_kb));
+      const double cparts = static_cast<double>(div_up(std::min<int64_t>(d.c, V), n_c));
+      const double cost = kgroups * cparts * pixel_cycles(n_c, n_kb);
+      if (cost < best * 0.999) {
+        best = cost;
+        plan.n_c = n_c;
+        plan.n_kb = n_kb;
+      }
+    }
+
+  // Rows of output gradient (n_kb blocks) plus the input rows they meet stay in L2.
+  auto block_bytes = [&](int64_t rows) {
+    return (plan.n_kb * rows * Q + ((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1) * d.w) * V * 4;
+  };
+  int64_t rows = P;
+  while (rows > 1 && block_bytes(rows) > (128 << 10)) rows = div_up(rows, 2);
+  plan.rows_per_block = rows;
+
+  const int64_t kgroups = div_up(plan.kb, plan.n_kb);
+  const int64_t units = kgroups * plan.cb;
+  plan.parts = units < 2 * plan.threads ? static_cast<int>(std::min<int64_t>(plan.threads, std::max<int64_t>(1, d.n))) : 1;
+
+  UpdCallArgs& a = plan.strides;
+  a.flags = kAccumulate;
+  a.x_row_stride = d.stride_h * d.w * V * 4;
+  a.x_px_stride = d.stride_w * V * 4;
+  a.dy_row_stride = Q * V * 4;
+  a.dy_kb_stride = P * Q * V * 4;
+  a.dw_kb_stride = plan.cb * d.r * d.s * V * V * 4;
+
+  std::map<std::string, int> index;
+  auto kernel_index = [&](int n_c, int n_kb) {
+    UpdKernelSpec sp;
+    sp.isa = isa;
+    sp.n_c = n_c;
+    sp.n_kb = n_kb;
+    auto it = index.find(sp.name());
+    if (it != index.end()) return it->second;
+    plan.kernels.push_back(sp);
+    return index[sp.name()] = static_cast<int>(plan.kernels.size()) - 1;
+  };
+
+  // Units (part, kg, cb) dealt out in equal runs; within a unit: images, row blocks, then
+  // every tap and channel part on the rows in cache.
+  plan.streams.assign(plan.threads, {});
+  const int64_t total = plan.parts * units;
+  for (int t = 0; t < plan.threads; ++t)
+    for (int64_t u = total * t / plan.threads; u < total * (t + 1) / plan.threads; ++u) {
+      const int part = static_cast<int>(u / units);
+      const int64_t kg = (u % units) / plan.cb, cbi = u % plan.cb;
+      const int64_t kb0 = kg * plan.n_kb;
+      const int n_kb = static_cast<int>(std::min<int64_t>(plan.n_kb, plan.kb - kb0));
+      const int c_valid = static_cast<int>(std::min<int64_t>(V, d.c - cbi * V));
+      const int64_t n_lo = d.n * part / plan.parts, n_hi = d.n * (part + 1) / plan.parts;
+      for (int64_t n = n_lo; n < n_hi; ++n)
+        for (int64_t ob0 = 0; ob0 < P; ob0 += rows) {
+          const int64_t ob1 = std::min(P, ob0 + rows);
+          for (int64_t r = 0; r < d.r; ++r) {
+            int64_t oh_lo, oh_hi;
+            valid_range(P, d.h, d.stride_h, d.pad_t, d.dil_h, r, &oh_lo, &oh_hi);
+            oh_lo = std::max(oh_lo, ob0);
+            oh_hi = std::min(oh_hi, ob1);
+            if (oh_lo >= oh_hi) continue;
+            for (int64_t s = 0; s < d.s; ++s) {
+              int64_t ow_lo, ow_hi;
+              valid_range(Q, d.w, d.stride_w, d.pad_l, d.dil_w, s, &ow_lo, &ow_hi);
+              if (ow_lo >= ow_hi) continue;
+              const int64_t ih = oh_lo * d.stride_h - d.pad_t + r * d.dil_h;
+              const int64_t iw = ow_lo * d.stride_w - d.pad_l + s * d.dil_w;
+              for (int c0 = 0; c0 < c_valid; c0 += plan.n_c) {
+                UpdCall c{};
+                c.kernel = kernel_index(std::min(plan.n_c, c_valid - c0), n_kb);
+                c.n_rows = static_cast<int32_t>(oh_hi - oh_lo);
+                c.n_px = static_cast<int32_t>(ow_hi - ow_lo);
+                c.part = part;
+                c.x_off = ((n * plan.cb + cbi) * d.h + ih) * d.w * V + iw * V + c0;
+                c.dy_off = ((n * plan.kb + kb0) * P + oh_lo) * Q * V + ow_lo * V;
+                c.dw_off = ((((kb0 * plan.cb + cbi) * d.r + r) * d.s + s) * V + c0) * V;
+                plan.streams[t].push_back(c);
+              }
+            }
+          }
+        }
+    }
+  return plan;
+}
+
+namespace {
+
+PrimitiveCache<UpdPrimitive>& primitives() {
+  static auto* c = new PrimitiveCache<UpdPrimitive>();
+  return *c;
+}
+
+}  // namespace
+
+UpdKernels acquire_kernels(const UpdPrimitive& prim) {
+  UpdKernels k;
+  for (const UpdKernelSpec& sp : prim.plan.kernels) {
+    k.held.push_back(get_kernel(sp.name(), [&] { return make_upd_kernel(sp); }, prim.info));
+    k.fns.push_back(k.held.back()->entry<UpdKernelFn>());
+  }
+  return k;
+}
+
+std::shared_ptr<const UpdPrimitive> get_upd_primitive(const ConvDesc& desc, Isa isa, int threads) {
+  return primitives().get("upd/" + desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads), [&] {
+    auto prim = std::make_shared<UpdPrimitive>();
+    prim->plan = make_upd_plan(desc, isa, threads);
+    prim->info = prim->plan.to_string();
+    acquire_kernels(*prim);
+    return std::shared_ptr<const UpdPrimitive>(prim);
+  });
+}
+void clear_upd_primitives() { primitives().clear(); }
+
+void upd_execute(const UpdPrimitive& prim, const UpdKernels& kernels, const float* x, const float* dy, float* dw,
+                 int tid) {
+  const UpdPlan& plan = prim.plan;
+  if (tid < 0 || tid >= static_cast<int>(plan.streams.size())) return;
+  UpdCallArgs a = plan.strides;
+  const int64_t part_size = plan.dw_elements();
+  for (const UpdCall& c : plan.streams[tid]) {
+    a.x = at_offset(x, c.x_off);
+    a.dy = at_offset(dy, c.dy_off);
+    a.dw = at_offset(dw, c.part * part_size + c.dw_off);
+    a.n_rows = c.n_rows;
+    a.n_px = c.n_px;
+    kernels.fns[c.kernel](&a);
+  }
+}
+
+}  // namespace dc
