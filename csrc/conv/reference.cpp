@@ -101,12 +101,14 @@ void upd_kernel_ref(const UpdKernelSpec& sp, const UpdCallArgs* a) {
       for (int k = 0; k < V; ++k) {
         float* out = const_cast<float*>(at(a->dw, kb * a->dw_kb_stride)) + c * V + k;
         float acc = (a->flags & kAccumulate) ? *out : 0.f;
-        for (int64_t row = 0; row < a->n_rows; ++row)
-          for (int64_t px = 0; px < a->n_px; ++px) {
-            const float x = at(a->x, row * a->x_row_stride + px * a->x_px_stride)[c];
-            const float g = at(a->dy, row * a->dy_row_stride + kb * a->dy_kb_stride)[px * V + k];
-            acc = std::fma(g, x, acc);
-          }
+        for (int64_t img = 0; img < (a->n_rows ? a->n_imgs : 0); ++img)
+          for (int64_t row = 0; row < a->n_rows; ++row)
+            for (int64_t px = 0; px < a->n_px; ++px) {
+              const float x = at(a->x, img * a->x_img_stride + row * a->x_row_stride + px * a->x_px_stride)[c];
+              const float g =
+                  at(a->dy, img * a->dy_img_stride + row * a->dy_row_stride + kb * a->dy_kb_stride)[px * V + k];
+              acc = std::fma(g, x, acc);
+            }
         *out = acc;
       }
 }

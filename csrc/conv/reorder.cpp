@@ -223,17 +223,33 @@ void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k,
 
 void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t r, int64_t s, int v, float* dst,
                                  const int64_t st[4], int tid, int nthreads) {
-  const int64_t kb = div_up(k, v), cb = div_up(c, v);
+  const int64_t kb = div_up(k, v), cb = div_up(c, v), rs = r * s;
+  const bool dense = st[3] == 1 && st[2] == s && st[1] == rs;
   int64_t b, e;
-  share(kb * cb * r * s, tid, nthreads, &b, &e);
+  share(kb * cb, tid, nthreads, &b, &e);
   for (int64_t i = b; i < e; ++i) {
-    const int64_t x = i % s, y = (i / s) % r, ci = (i / (s * r)) % cb, ki = i / (s * r * cb);
-    const float* in = src + i * v * v;
-    for (int jc = 0; jc < v; ++jc)
-      for (int jk = 0; jk < v; ++jk) {
-        const int64_t kk = ki * v + jk, cc = ci * v + jc;
-        if (kk < k && cc < c) dst[kk * st[0] + cc * st[1] + y * st[2] + x * st[3]] = in[jc * v + jk];
+    const int64_t ci = i % cb, ki = i / cb;
+    const float* in = src + i * rs * v * v;  // [r][s][c][k]
+    const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
+    if (dense && nk == v && nc == v && v % 8 == 0 && have_avx2()) {
+      // The inverse of reorder_weight_to_blocked's fast path: rows [t][c] to [c][t], then a
+      // transpose of the (V * R * S) x V matrix into the V kernel rows of the block.
+      float* block = dst + ki * v * st[0] + ci * v * st[1];
+      if (rs == 1) {
+        transpose_block_avx2(in, v, v, v, block, st[0]);
+        continue;
       }
+      thread_local std::vector<float> tmp;
+      tmp.resize(static_cast<size_t>(rs) * v * v);
+      permute_rows_avx2(in, static_cast<int>(rs), v, v, tmp.data());
+      transpose_block_avx2(tmp.data(), v, static_cast<int>(v * rs), v, block, st[0]);
+      continue;
+    }
+    for (int64_t t = 0; t < rs; ++t)
+      for (int jc = 0; jc < nc; ++jc)
+        for (int jk = 0; jk < nk; ++jk)
+          dst[(ki * v + jk) * st[0] + (ci * v + jc) * st[1] + (t / s) * st[2] + (t % s) * st[3]] =
+              in[(t * v + jc) * v + jk];
   }
 }
 

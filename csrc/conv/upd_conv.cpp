@@ -83,7 +83,8 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   plan.parts = units < 2 * plan.threads ? static_cast<int>(std::min<int64_t>(plan.threads, std::max<int64_t>(1, d.n))) : 1;
 
   UpdCallArgs& a = plan.strides;
-  a.flags = kAccumulate;
+  a.x_img_stride = plan.cb * d.h * d.w * V * 4;
+  a.dy_img_stride = plan.kb * P * Q * V * 4;
   a.x_row_stride = d.stride_h * d.w * V * 4;
   a.x_px_stride = d.stride_w * V * 4;
   a.dy_row_stride = Q * V * 4;
@@ -114,35 +115,48 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
       const int n_kb = static_cast<int>(std::min<int64_t>(plan.n_kb, plan.kb - kb0));
       const int c_valid = static_cast<int>(std::min<int64_t>(V, d.c - cbi * V));
       const int64_t n_lo = d.n * part / plan.parts, n_hi = d.n * (part + 1) / plan.parts;
-      for (int64_t n = n_lo; n < n_hi; ++n)
-        for (int64_t ob0 = 0; ob0 < P; ob0 += rows) {
-          const int64_t ob1 = std::min(P, ob0 + rows);
-          for (int64_t r = 0; r < d.r; ++r) {
-            int64_t oh_lo, oh_hi;
-            valid_range(P, d.h, d.stride_h, d.pad_t, d.dil_h, r, &oh_lo, &oh_hi);
-            oh_lo = std::max(oh_lo, ob0);
-            oh_hi = std::min(oh_hi, ob1);
-            if (oh_lo >= oh_hi) continue;
-            for (int64_t s = 0; s < d.s; ++s) {
-              int64_t ow_lo, ow_hi;
-              valid_range(Q, d.w, d.stride_w, d.pad_l, d.dil_w, s, &ow_lo, &ow_hi);
-              if (ow_lo >= ow_hi) continue;
-              const int64_t ih = oh_lo * d.stride_h - d.pad_t + r * d.dil_h;
-              const int64_t iw = ow_lo * d.stride_w - d.pad_l + s * d.dil_w;
-              for (int c0 = 0; c0 < c_valid; c0 += plan.n_c) {
-                UpdCall c{};
-                c.kernel = kernel_index(std::min(plan.n_c, c_valid - c0), n_kb);
-                c.n_rows = static_cast<int32_t>(oh_hi - oh_lo);
-                c.n_px = static_cast<int32_t>(ow_hi - ow_lo);
-                c.part = part;
-                c.x_off = ((n * plan.cb + cbi) * d.h + ih) * d.w * V + iw * V + c0;
-                c.dy_off = ((n * plan.kb + kb0) * P + oh_lo) * Q * V + ow_lo * V;
-                c.dw_off = ((((kb0 * plan.cb + cbi) * d.r + r) * d.s + s) * V + c0) * V;
-                plan.streams[t].push_back(c);
+      // Each tile of dW: overwritten by its first call, accumulated by the others; a tap
+      // that meets no pixel at all gets one call that writes zeros.
+      std::vector<char> visited(static_cast<size_t>(d.r * d.s * V), 0);
+      auto emit = [&](int64_t r, int64_t s, int c0, int64_t oh_lo, int64_t oh_hi, int64_t ow_lo, int64_t ow_hi) {
+        char& seen = visited[(r * d.s + s) * V + c0];
+        const int64_t ih = oh_lo * d.stride_h - d.pad_t + r * d.dil_h;
+        const int64_t iw = ow_lo * d.stride_w - d.pad_l + s * d.dil_w;
+        UpdCall c{};
+        c.kernel = kernel_index(std::min(plan.n_c, (c0 < c_valid ? c_valid : V) - c0), n_kb);
+        c.flags = seen ? static_cast<int32_t>(kAccumulate) : 0;
+        c.n_imgs = static_cast<int32_t>(n_hi - n_lo);
+        c.n_rows = static_cast<int32_t>(oh_hi - oh_lo);
+        c.n_px = static_cast<int32_t>(ow_hi - ow_lo);
+        c.part = part;
+        c.x_off = c.n_rows ? ((n_lo * plan.cb + cbi) * d.h + ih) * d.w * V + iw * V + c0 : 0;
+        c.dy_off = c.n_rows ? ((n_lo * plan.kb + kb0) * P + oh_lo) * Q * V + ow_lo * V : 0;
+        c.dw_off = ((((kb0 * plan.cb + cbi) * d.r + r) * d.s + s) * V + c0) * V;
+        plan.streams[t].push_back(c);
+        seen = 1;
+      };
+      for (int64_t ob0 = 0; ob0 < P; ob0 += rows) {
+        const int64_t ob1 = std::min(P, ob0 + rows);
+        for (int64_t r = 0; r < d.r; ++r) {
+          int64_t oh_lo, oh_hi;
+          valid_range(P, d.h, d.stride_h, d.pad_t, d.dil_h, r, &oh_lo, &oh_hi);
+          const bool tap_rows = oh_lo < oh_hi;
+          oh_lo = std::max(oh_lo, ob0);
+          oh_hi = std::min(oh_hi, ob1);
+          for (int64_t s = 0; s < d.s; ++s) {
+            int64_t ow_lo, ow_hi;
+            valid_range(Q, d.w, d.stride_w, d.pad_l, d.dil_w, s, &ow_lo, &ow_hi);
+            // Channels past c_valid (the zero padding of the last block) get zero calls.
+            for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0)) {
+              if (!tap_rows || ow_lo >= ow_hi || c0 >= c_valid) {
+                if (ob0 == 0) emit(r, s, c0, 0, 0, 0, 0);
+              } else if (oh_lo < oh_hi) {
+                emit(r, s, c0, oh_lo, oh_hi, ow_lo, ow_hi);
               }
             }
           }
         }
+      }
     }
   return plan;
 }
@@ -186,8 +200,10 @@ void upd_execute(const UpdPrimitive& prim, const UpdKernels& kernels, const floa
     a.x = at_offset(x, c.x_off);
     a.dy = at_offset(dy, c.dy_off);
     a.dw = at_offset(dw, c.part * part_size + c.dw_off);
+    a.n_imgs = c.n_imgs;
     a.n_rows = c.n_rows;
     a.n_px = c.n_px;
+    a.flags = c.flags;
     kernels.fns[c.kernel](&a);
   }
 }

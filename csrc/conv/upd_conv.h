@@ -14,8 +14,9 @@ namespace dc {
 
 struct UpdCall {
   int32_t kernel;
-  int32_t n_rows, n_px;
-  int32_t part;  // which private copy of dW (minibatch split), else 0
+  int32_t flags;  // kAccumulate except on a tile's first call
+  int32_t n_imgs, n_rows, n_px;
+  int32_t part;   // which private copy of dW (minibatch split), else 0
   int64_t x_off, dy_off, dw_off;
 };
 
@@ -53,8 +54,8 @@ std::shared_ptr<const UpdPrimitive> get_upd_primitive(const ConvDesc& desc, Isa 
 UpdKernels acquire_kernels(const UpdPrimitive& prim);
 void clear_upd_primitives();
 
-// Thread tid's share. dw holds plan.parts zeroed copies of dW, one after the other; the
-// calls add into them.
+// Thread tid's share. dw holds plan.parts copies of dW, one after the other; every element
+// of each is written (no need to zero them first).
 void upd_execute(const UpdPrimitive& prim, const UpdKernels& kernels, const float* x, const float* dy, float* dw,
                  int tid);
 

@@ -36,6 +36,9 @@ class UpdKernel : public JitKernel {
   const Reg64 reg_dy_kbs = r11;  // gradient bytes per output-channel block
   const Reg64 reg_dw = rax;
   const Reg64 reg_kbs3 = rbx;    // 3x a block stride (callee-saved)
+  const Reg64 reg_x_img = r12;   // (callee-saved)
+  const Reg64 reg_dy_img = r13;  // (callee-saved)
+  const Reg64 reg_cnt_img = r14; // (callee-saved)
 
   int vbytes() const { return sp_.v() * 4; }
   Xmm vreg(int idx) const {
@@ -58,9 +61,15 @@ class UpdKernel : public JitKernel {
 
   void generate() override {
     push(rbx);
+    push(r12);
+    push(r13);
+    push(r14);
     init_accumulators();
     loop_pixels();
     store();
+    pop(r14);
+    pop(r13);
+    pop(r12);
     pop(rbx);
     vzeroupper();
     ret();
@@ -91,12 +100,19 @@ class UpdKernel : public JitKernel {
     L(l_done);
   }
 
+  // Images, rows, pixels; nothing when the rectangle is empty.
   void loop_pixels() {
-    Label l_row, l_px;
+    Label l_img, l_row, l_px, l_end;
     mov(reg_dy_kbs, arg(offsetof(UpdCallArgs, dy_kb_stride)));
     lea(reg_kbs3, ptr[reg_dy_kbs + reg_dy_kbs * 2]);
-    mov(reg_x_row, arg(offsetof(UpdCallArgs, x)));
-    mov(reg_dy_row, arg(offsetof(UpdCallArgs, dy)));
+    cmp(arg(offsetof(UpdCallArgs, n_rows)), 0);
+    je(l_end, T_NEAR);
+    mov(reg_x_img, arg(offsetof(UpdCallArgs, x)));
+    mov(reg_dy_img, arg(offsetof(UpdCallArgs, dy)));
+    mov(reg_cnt_img, arg(offsetof(UpdCallArgs, n_imgs)));
+    L(l_img);
+    mov(reg_x_row, reg_x_img);
+    mov(reg_dy_row, reg_dy_img);
     mov(reg_cnt_row, arg(offsetof(UpdCallArgs, n_rows)));
     L(l_row);
     mov(reg_x, reg_x_row);
@@ -116,6 +132,11 @@ class UpdKernel : public JitKernel {
     add(reg_dy_row, arg(offsetof(UpdCallArgs, dy_row_stride)));
     dec(reg_cnt_row);
     jnz(l_row, T_NEAR);
+    add(reg_x_img, arg(offsetof(UpdCallArgs, x_img_stride)));
+    add(reg_dy_img, arg(offsetof(UpdCallArgs, dy_img_stride)));
+    dec(reg_cnt_img);
+    jnz(l_img, T_NEAR);
+    L(l_end);
   }
 
   void store() {

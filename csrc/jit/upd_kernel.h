@@ -1,7 +1,8 @@
 // Weight-update microkernel (DESIGN.md section 6): dW[c][k] += x[c] * dy[k] over pixels.
 //
 // One call reduces a rectangle of output pixels (n_rows x n_px, all valid for one kernel
-// tap) into a tile of n_c input channels x n_kb output-channel blocks held in registers.
+// tap) of n_imgs images into a tile of n_c input channels x n_kb output-channel blocks held
+// in registers.
 // Per pixel it loads n_kb gradient vectors once and broadcasts each of the n_c input
 // scalars once, feeding n_kb FMAs: (n_kb + n_c) loads per n_c * n_kb FMAs.
 #pragma once
@@ -28,8 +29,11 @@ struct UpdCallArgs {
   const float* x;         // input: channel c0 of its block, at the first pixel
   const float* dy;        // output gradient: block kb0, at the first pixel
   float* dw;              // dW[kb0][cb][r][s][c0][0]
-  int64_t n_rows, n_px;   // the pixel rectangle (both >= 1)
+  int64_t n_imgs;         // images (>= 1)
+  int64_t n_rows, n_px;   // the pixel rectangle; n_rows = 0 just writes zeros (or keeps dw)
   int64_t flags;          // kAccumulate (fwd_kernel.h): add to dw instead of overwriting it
+  int64_t x_img_stride;   // bytes from one image to the next in the input
+  int64_t dy_img_stride;  // bytes from one image to the next in the output gradient
   int64_t x_row_stride;   // bytes from one pixel row to the next in the input
   int64_t x_px_stride;    // bytes from one pixel to the next in the input (stride * V * 4)
   int64_t dy_row_stride;  // bytes from one row to the next in the output gradient

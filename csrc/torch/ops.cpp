@@ -11,6 +11,7 @@
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
 #include "conv/reorder.h"
+#include "conv/upd_conv.h"
 #include "jit/isa.h"
 #include "jit/kernel_cache.h"
 #include "jit/peak_kernel.h"
@@ -395,6 +396,61 @@ Tensor backward_data_by_duality(const Tensor& grad_output, const Tensor& weight,
   return gi;
 }
 
+// Empty when the JIT does not take the problem (see conv2d_backward_weight).
+Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  const dc::Isa isa = dc::active_isa();
+  if (isa == dc::Isa::none) return Tensor();
+  const int64_t k = weight_size[0], cg = weight_size[1], kg = k / groups, V = dc::vlen(isa);
+  if (groups > 1 && dc::div_up(kg, V) * V * dc::div_up(cg, V) * V > 2 * kg * cg) return Tensor();
+  TORCH_CHECK(k % groups == 0 && input.size(1) == cg * groups, op, ": 'input' has ", input.size(1),
+              " channels, 'weight_size' ", weight_size, " with groups=", groups);
+  ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight_size[2], weight_size[3],
+                         stride, padding, dilation);
+  TORCH_CHECK(grad_output.size(0) == d.n && grad_output.size(1) == k && grad_output.size(2) == d.p() &&
+                  grad_output.size(3) == d.q(),
+              op, ": 'grad_output' of shape ", grad_output.sizes(), " does not match the convolution's output (",
+              d.n, ", ", k, ", ", d.p(), ", ", d.q(), ")");
+  Tensor out = at::empty(weight_size, grad_output.options());
+  if (d.n == 0) return out.zero_();
+  const int nt = num_threads();
+  auto prim = dc::get_upd_primitive(d, isa, nt);
+  const dc::UpdKernels kernels = dc::acquire_kernels(*prim);
+  const dc::UpdPlan& plan = prim->plan;
+  const int64_t P = d.p(), Q = d.q(), dw_elems = plan.dw_elements();
+  const int64_t x_group = d.n * plan.cb * d.h * d.w * V, dy_group = d.n * plan.kb * P * Q * V;
+  float* x_blk = scratch(0, groups * x_group);
+  float* dy_blk = scratch(1, groups * dy_group);
+  Tensor dw = at::empty({groups, plan.parts, dw_elems}, grad_output.options());  // the kernels write all of it
+  const float* x = input.data_ptr<float>();
+  const float* gy = grad_output.data_ptr<float>();
+  auto xs = strides4(input), gs = strides4(grad_output), ws = strides4(out);
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g) {
+      dc::reorder_to_blocked(x + g * cg * xs[1], xs.data(), d.n, cg, d.h, d.w, static_cast<int>(V), x_blk + g * x_group,
+                             tid, n_threads);
+      dc::reorder_to_blocked(gy + g * kg * gs[1], gs.data(), d.n, kg, P, Q, static_cast<int>(V),
+                             dy_blk + g * dy_group, tid, n_threads);
+    }
+  });
+  float* dw_ptr = dw.data_ptr<float>();
+  run_shares(nt, [&](int tid, int) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::upd_execute(*prim, kernels, x_blk + g * x_group, dy_blk + g * dy_group, dw_ptr + g * plan.parts * dw_elems,
+                      tid);
+  });
+  Tensor summed = plan.parts > 1 ? dw.sum(1) : dw.select(1, 0);
+  const float* sp = summed.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_weight_from_blocked(sp + g * dw_elems, kg, cg, d.r, d.s, static_cast<int>(V), o + g * kg * ws[0],
+                                      ws.data(), tid, n_threads);
+  });
+  return out;
+}
+
 bool symmetric(at::IntArrayRef padding) { return padding[0] == padding[1] && padding[2] == padding[3]; }
 
 std::tuple<Tensor, Tensor, Tensor> aten_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
@@ -436,7 +492,9 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   return std::get<0>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, true, false));
 }
 
-// The gradient of conv2d with respect to its weight, of shape weight_size.
+// The gradient of conv2d with respect to its weight, of shape weight_size: the JIT
+// weight-update kernels, except for groups that would waste most of a channel block
+// (depthwise included), which take ATen's convolution_backward for now.
 Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
@@ -444,6 +502,8 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
   check_backward_args(op, grad_output, input, stride, padding, dilation, groups);
   check_float_cpu(input, op, "input");
   TORCH_CHECK(weight_size.size() == 4, op, ": expected 'weight_size' of 4 values, got ", weight_size);
+  if (Tensor gw = backward_weight_jit(grad_output, input, weight_size, stride, padding, dilation, groups); gw.defined())
+    return gw;
   Tensor weight = at::empty(weight_size, grad_output.options());
   return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true));
 }
@@ -527,12 +587,14 @@ PYBIND11_MODULE(_C, m) {
     }
     dc::clear_fwd_primitives();
     dc::clear_dw_primitives();
+    dc::clear_upd_primitives();
   });
   m.def("jit_stats", &dc_torch::jit_stats);
   m.def("set_cache_mb", [](double mb) { dc::set_kernel_cache_cap_bytes(static_cast<int64_t>(mb * 1024 * 1024)); });
   m.def("clear_cache", [] {
     dc::clear_fwd_primitives();
     dc::clear_dw_primitives();
+    dc::clear_upd_primitives();
     dc::clear_kernel_cache();
   });
   m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);

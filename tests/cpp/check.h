@@ -24,9 +24,15 @@ inline void fill(std::vector<float>& v) {
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   for (float& x : v) x = u(rng());
 }
+// Infinite when a value is NaN where the reference has none (or the sizes differ).
 inline double max_rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return INFINITY;
   double e = 0;
-  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]) / (1.0 + std::fabs(b[i])));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(a[i] - b[i]) / (1.0 + std::fabs(b[i]));
+    if (std::isnan(d) && !std::isnan(b[i])) return INFINITY;
+    e = std::max(e, d);
+  }
   return e;
 }
 }  // namespace dc_test

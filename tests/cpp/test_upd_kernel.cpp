@@ -34,7 +34,8 @@ void kernel_vs_twin(Isa isa) {
     UpdCallArgs a{};
     a.x = x.data() + uni(0, V - sp.n_c);
     a.dy = dy.data();
-    a.n_rows = rows;
+    a.n_imgs = 1;
+    a.n_rows = uni(0, 4) ? rows : 0;
     a.n_px = px;
     a.flags = uni(0, 1) ? kAccumulate : 0;
     a.x_row_stride = W * V * 4;
@@ -83,7 +84,7 @@ void conv_vs_reference(Isa isa) {
     for (int threads : {1, 2, 5}) {
       auto prim = get_upd_primitive(d, isa, threads);
       const UpdKernels kernels = acquire_kernels(*prim);
-      std::vector<float> dw(prim->plan.parts * prim->plan.dw_elements(), 0.f);
+      std::vector<float> dw(prim->plan.parts * prim->plan.dw_elements(), NAN);  // every element must be written
       for (int t = 0; t < threads; ++t) upd_execute(*prim, kernels, x.data(), dy.data(), dw.data(), t);
       for (int p = 1; p < prim->plan.parts; ++p)
         for (int64_t i = 0; i < prim->plan.dw_elements(); ++i) dw[i] += dw[p * prim->plan.dw_elements() + i];
