@@ -13,9 +13,10 @@ namespace dc {
 namespace {
 
 // Estimated cycles per pixel of a tile (as fwd_plan's step_cycles): two FMAs and two loads
-// per cycle, loads at 90 %, and the FMA latency exposed below eight accumulators.
+// per cycle, loads at 90 %, the FMA latency exposed below eight accumulators, and a cycle
+// of loop overhead per pixel.
 double pixel_cycles(int n_c, int n_kb) {
-  return std::max({n_c * n_kb / 2.0, (n_c + n_kb) / 1.8, 4.0});
+  return std::max({n_c * n_kb / 2.0, (n_c + n_kb) / 1.8, 4.0}) + 1.0;
 }
 
 // Output rows [lo, hi) whose input row for kernel row r is inside the image (likewise for
@@ -60,9 +61,12 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
       sp.n_c = n_c;
       sp.n_kb = n_kb;
       if (upd_vector_registers(sp) > isa_vector_registers(isa)) continue;
-      const double kgroups = static_cast<double>(div_up(plan.kb, n_kb));
-      const double cparts = static_cast<double>(div_up(std::min<int64_t>(d.c, V), n_c));
-      const double cost = kgroups * cparts * pixel_cycles(n_c, n_kb);
+      // Every tile the plan will run, the tails of the channels and blocks included.
+      double cost = 0;
+      for (int64_t kb0 = 0; kb0 < plan.kb; kb0 += n_kb)
+        for (int64_t c0 = 0; c0 < std::min<int64_t>(d.c, V); c0 += n_c)
+          cost += pixel_cycles(static_cast<int>(std::min<int64_t>(n_c, std::min<int64_t>(d.c, V) - c0)),
+                               static_cast<int>(std::min<int64_t>(n_kb, plan.kb - kb0)));
       if (cost < best * 0.999) {
         best = cost;
         plan.n_c = n_c;
