@@ -83,7 +83,7 @@ Tensor padded_bias(const c10::optional<Tensor>& bias, int64_t k, int64_t padded,
 // Scratch for the blocked copies of the drop-in path, kept per calling thread so that
 // repeated calls do not page-fault fresh allocations.
 float* scratch(int slot, int64_t floats) {
-  thread_local Tensor buf[2];
+  thread_local Tensor buf[3];
   if (!buf[slot].defined() || buf[slot].numel() < floats) buf[slot] = at::empty({floats}, at::kFloat);
   return buf[slot].data_ptr<float>();
 }
@@ -422,7 +422,7 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   const int64_t x_group = d.n * plan.cb * d.h * d.w * V, dy_group = d.n * plan.kb * P * Q * V;
   float* x_blk = scratch(0, groups * x_group);
   float* dy_blk = scratch(1, groups * dy_group);
-  Tensor dw = at::empty({groups, plan.parts, dw_elems}, grad_output.options());  // the kernels write all of it
+  float* dw_ptr = scratch(2, groups * plan.parts * dw_elems);  // the kernels write all of it
   const float* x = input.data_ptr<float>();
   const float* gy = grad_output.data_ptr<float>();
   auto xs = strides4(input), gs = strides4(grad_output), ws = strides4(out);
@@ -434,18 +434,26 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
                              dy_blk + g * dy_group, tid, n_threads);
     }
   });
-  float* dw_ptr = dw.data_ptr<float>();
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
       dc::upd_execute(*prim, kernels, x_blk + g * x_group, dy_blk + g * dy_group, dw_ptr + g * plan.parts * dw_elems,
                       tid);
   });
-  Tensor summed = plan.parts > 1 ? dw.sum(1) : dw.select(1, 0);
-  const float* sp = summed.data_ptr<float>();
+  // The private copies of a minibatch split add into the first.
+  if (plan.parts > 1)
+    run_shares(nt, [&](int tid, int n_threads) {
+      const int64_t total = groups * dw_elems;
+      for (int64_t i = total * tid / n_threads; i < total * (tid + 1) / n_threads; ++i) {
+        float* first = dw_ptr + (i / dw_elems) * plan.parts * dw_elems + i % dw_elems;
+        for (int p = 1; p < plan.parts; ++p) *first += first[p * dw_elems];
+      }
+    });
+  const float* sp = dw_ptr;
   float* o = out.data_ptr<float>();
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
-      dc::reorder_weight_from_blocked(sp + g * dw_elems, kg, cg, d.r, d.s, static_cast<int>(V), o + g * kg * ws[0],
+      dc::reorder_weight_from_blocked(sp + g * plan.parts * dw_elems, kg, cg, d.r, d.s, static_cast<int>(V),
+                                      o + g * kg * ws[0],
                                       ws.data(), tid, n_threads);
   });
   return out;
