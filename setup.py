@@ -50,6 +50,6 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4"],
 )

@@ -272,7 +272,10 @@ def format_table(cases: list[Case], totals: dict) -> str:
     )
     cols = ["id", "name", "MFLOP"] + [LABELS[m] for m in METHODS] + ["best", "blk/best", "drop/NCHW", "cach/NCHW"]
     widths = [4, 12, 7, 14, 14, 14, 14, 14, 4, 8, 9, 9]
-    lines = [head, "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths)))]
+    lines = [
+        head,
+        "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cols, widths, strict=False))),
+    ]
     lines.append("-" * len(lines[-1]))
     for c in cases:
         best = c.torch_best
@@ -280,7 +283,11 @@ def format_table(cases: list[Case], totals: dict) -> str:
         cells += [cell(c.gflops(m), c.pct(m)) for m in METHODS]
         cells += ["CL" if best == "torch_cl" else "NCHW", ratio(c.speedup("blocked", best))]
         cells += [ratio(c.speedup("dropin", "torch_nchw")), ratio(c.speedup("dropin_cached", "torch_nchw"))]
-        lines.append("  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths))))
+        lines.append(
+            "  ".join(
+                f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths, strict=False))
+            )
+        )
         if c.error:
             lines.append(f"      !! {c.layer.id} FAILED the check, JIT paths not timed: {c.error}")
     lines.append("-" * len(lines[1]))
@@ -289,7 +296,9 @@ def format_table(cases: list[Case], totals: dict) -> str:
     cells += [f"{tm[m]['ms']:7.2f}ms ({tm[m]['pct_peak']:2.0f}%)" for m in METHODS]
     cells += ["CL" if totals["torch_best"] == "torch_cl" else "NCHW", ratio(tm["blocked"]["x_torch_best"])]
     cells += [ratio(tm["dropin"]["x_torch_nchw"]), ratio(tm["dropin_cached"]["x_torch_nchw"])]
-    lines.append("  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths))))
+    lines.append(
+        "  ".join(f"{v:<{w}}" if i < 2 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths, strict=False)))
+    )
     if totals["layers_skipped"]:
         lines.append(f"      (network totals leave out {totals['layers_skipped']} layer(s) that failed the check)")
     kernels = sum(c.jit_kernels for c in cases)
@@ -403,7 +412,7 @@ def write_chart(path: Path, configs: dict[str, list[Case]], isa: str) -> None:
     ncols = 2 if len(names) > 1 else 1
     nrows = math.ceil(len(names) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         cases = configs[name]
         xs = range(len(cases))
         blocked = [c.pct("blocked") for c in cases]

@@ -244,7 +244,7 @@ def check_against_file(path: str | Path = SHARED_LAYERS_FILE) -> list[str]:
     diffs = []
     if len(theirs) != len(RESNET50_LAYERS):
         diffs.append(f"{path} has {len(theirs)} layers, the in-repo list {len(RESNET50_LAYERS)}")
-    for mine, other in zip(RESNET50_LAYERS, theirs):
+    for mine, other in zip(RESNET50_LAYERS, theirs, strict=False):
         if (mine.id, mine.name, mine.conv, mine.count) != (other.id, other.name, other.conv, other.count):
             diffs.append(f"{mine} != {other}")
     return diffs

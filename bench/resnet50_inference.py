@@ -192,7 +192,9 @@ def format_table(rows: list[dict]) -> str:
             f"{r['jit_kernels']}",
             f"{r['jit_generate_ms']:.1f}",
         ]
-        lines.append("  ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(cells, cols))))
+        lines.append(
+            "  ".join(f"{v:>{w}}" if i else f"{v:<{w}}" for i, (v, (_, w)) in enumerate(zip(cells, cols, strict=False)))
+        )
     return "\n".join(lines)
 
 

@@ -72,7 +72,7 @@ def _check_gradients(case: dict, seed: int) -> None:
     grad = torch.randn(ref.shape, generator=g)
     got = torch.autograd.grad(out, leaves, grad)
     want = torch.autograd.grad(ref, ref_leaves, grad)
-    for name, a, e in zip(("input", "weight", "bias"), got, want):
+    for name, a, e in zip(("input", "weight", "bias"), got, want, strict=False):
         scale = e.abs().max().item() + 1
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * scale, msg=f"grad of {name} in {case}")
 
@@ -91,7 +91,9 @@ def test_gradients_match_torch_more(i: int) -> None:
     _check_gradients(_random_case(random.Random(10_000 + i)), seed=10_000 + i)
 
 
-@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+@pytest.mark.parametrize(
+    "wants", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]
+)
 def test_requires_grad_independently(wants: tuple[bool, bool, bool]) -> None:
     torch.manual_seed(1)
     x, w, b = torch.randn(2, 6, 7, 7), torch.randn(8, 6, 3, 3), torch.randn(8)
@@ -102,9 +104,9 @@ def test_requires_grad_independently(wants: tuple[bool, bool, bool]) -> None:
     y = tdc.conv2d(x, w, b, padding=1)
     assert tdc.jit_stats()["fallbacks"] == before
     y.square().sum().backward()
-    ref = [t.detach().clone().requires_grad_(r) for t, r in zip((x, w, b), wants)]
+    ref = [t.detach().clone().requires_grad_(r) for t, r in zip((x, w, b), wants, strict=False)]
     F.conv2d(*ref, padding=1).square().sum().backward()
-    for t, r, want in zip((x, w, b), ref, wants):
+    for t, r, want in zip((x, w, b), ref, wants, strict=False):
         assert (t.grad is not None) == want
         if want:
             torch.testing.assert_close(t.grad, r.grad, rtol=1e-4, atol=1e-3)
@@ -158,7 +160,7 @@ def test_converted_model_trains_like_the_original(cache_weights: bool) -> None:
             opt.zero_grad()
             F.cross_entropy(m(x), y).backward()
             opt.step()
-        for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+        for (name, p), q in zip(model.named_parameters(), converted.parameters(), strict=False):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=f"step {step}: {name}")
 
 
@@ -172,7 +174,7 @@ def test_compiled_training_step_matches_eager() -> None:
     loss_c = F.cross_entropy(compiled(x), y)
     grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
     torch.testing.assert_close(loss_c, loss)
-    for a, b in zip(grads_c, grads):
+    for a, b in zip(grads_c, grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

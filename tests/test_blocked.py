@@ -10,9 +10,9 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_conv_close, check_expected_isa, cpu_has, ref_conv2d, run_pytest_under_isa
 
 import torch_directconv as tdc
+from helpers import assert_conv_close, check_expected_isa, cpu_has, ref_conv2d, run_pytest_under_isa
 from torch_directconv import _C
 
 

@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_conv_close, check_expected_isa
 
 import torch_directconv as tdc
+from helpers import assert_conv_close, check_expected_isa
 from torch_directconv import _C
 
 THREADS = 8

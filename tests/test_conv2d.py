@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import torch_directconv as tdc
 from helpers import (
     assert_conv_close,
     check_expected_isa,
@@ -26,8 +28,6 @@ from helpers import (
     requires_jit,
     run_pytest_under_isa,
 )
-
-import torch_directconv as tdc
 from torch_directconv import _C
 
 SWEEP_SEED = 20250101

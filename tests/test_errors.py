@@ -12,10 +12,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import requires_jit
 from torch import nn
 
 import torch_directconv as tdc
+from helpers import requires_jit
 
 
 def t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+
 from helpers import ISA_WIDTH, assert_conv_close, cpu_has, ref_conv2d, run_python
 
 PAGE = mmap.PAGESIZE

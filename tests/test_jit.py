@@ -11,9 +11,9 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EXPECTED_ISA, ISA_WIDTH, assert_conv_close, check_expected_isa, cpu_has, requires_jit, run_python
 
 import torch_directconv as tdc
+from helpers import EXPECTED_ISA, ISA_WIDTH, assert_conv_close, check_expected_isa, cpu_has, requires_jit, run_python
 from torch_directconv import _C
 
 VERBOSE_LINE = re.compile(r"^torch_directconv: jit (\S+): (\d+) bytes in ([0-9.]+) ms; plan: (.+)$", re.M)

@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_conv_close, requires_jit, run_python
 from torch import nn
 
 import torch_directconv as tdc
+from helpers import assert_conv_close, requires_jit, run_python
 from torch_directconv import DirectConv2d
 
 CTOR_ARGS = [

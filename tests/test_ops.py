@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_conv_close, check_expected_isa
 from torch import nn
 
 import torch_directconv as tdc
+from helpers import assert_conv_close, check_expected_isa
 from torch_directconv.functional import pack_weight
 
 
@@ -39,7 +39,18 @@ def op_samples() -> list:
         (
             "conv2d_packed_depthwise",
             ops.conv2d_packed.default,
-            (x, pack_weight(torch.randn(12, 1, 3, 3, generator=g), 12), None, 12, [1, 1], [1, 1, 1, 1], [1, 1], 12, True, True),
+            (
+                x,
+                pack_weight(torch.randn(12, 1, 3, 3, generator=g), 12),
+                None,
+                12,
+                [1, 1],
+                [1, 1, 1, 1],
+                [1, 1],
+                12,
+                True,
+                True,
+            ),
         ),
         ("pack_weight", ops.pack_weight.default, (wg, 2)),
         ("conv2d_blocked", ops.conv2d_blocked.default, (xb, wb, b, [1, 1], [1, 1, 1, 1], [1, 1], False, 12)),

@@ -7,12 +7,11 @@ PyTorch's own convolution, and a warning says so once per reason.
 from __future__ import annotations
 
 import platform
-
-from torch._prims_common import suggest_memory_format
 import threading
 import warnings
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
+from torch._prims_common import suggest_memory_format
 
 try:
     from . import _C  # noqa: F401  (also registers torch.ops.directconv)

@@ -25,7 +25,9 @@ def _spatial(x: torch.Tensor, r: int, s: int, stride, padding, dilation) -> tupl
 
 def _nchw_out(x: torch.Tensor, k: int, p: int, q: int, channels_last: bool) -> torch.Tensor:
     cl = channels_last or _backend.is_channels_last(x)
-    return x.new_empty((x.shape[0], k, p, q)).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return x.new_empty((x.shape[0], k, p, q)).contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format
+    )
 
 
 @torch.library.register_fake("directconv::conv2d")

@@ -6,8 +6,6 @@ with V = vector_width() (16 on AVX-512, 8 on AVX2) and missing channels zero-pad
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 
 from . import _backend
@@ -43,7 +41,7 @@ def conv2d_blocked(
     wb: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntOr2 = 1,
-    padding: Union[str, IntOr2] = 0,
+    padding: str | IntOr2 = 0,
     dilation: IntOr2 = 1,
     *,
     relu: bool = False,
@@ -56,7 +54,9 @@ def conv2d_blocked(
     """
     _require_jit("conv2d_blocked")
     if wb.dim() != 6:
-        raise RuntimeError(f"conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}")
+        raise RuntimeError(
+            f"conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}"
+        )
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     pad4 = conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)

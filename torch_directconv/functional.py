@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import operator
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import _backend
 
-IntOr2 = Union[int, Sequence[int]]
+IntOr2 = int | Sequence[int]
 
 
 def _int(value: object, name: str) -> int:
@@ -36,7 +36,7 @@ def _pair(value: IntOr2, name: str) -> tuple[int, int]:
 
 
 def conv_padding(
-    padding: Union[str, IntOr2], kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+    padding: str | IntOr2, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
 ) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) for an int, a pair, 'same' or 'valid', as torch reads them."""
     if isinstance(padding, str):
@@ -68,9 +68,7 @@ def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if _int(groups, "groups") < 1:
         raise RuntimeError(f"conv2d: expected 'groups' to be a positive int, got {groups!r}")
     if input.dtype != weight.dtype:
-        raise RuntimeError(
-            f"conv2d: 'input' ({input.dtype}) and 'weight' ({weight.dtype}) must have the same dtype"
-        )
+        raise RuntimeError(f"conv2d: 'input' ({input.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
     if bias is not None and bias.dtype != weight.dtype:
         raise RuntimeError(f"conv2d: 'bias' ({bias.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
     c = input.shape[-3]
@@ -117,7 +115,7 @@ def conv2d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntOr2 = 1,
-    padding: Union[str, IntOr2] = 0,
+    padding: str | IntOr2 = 0,
     dilation: IntOr2 = 1,
     groups: int = 1,
     *,
@@ -161,7 +159,16 @@ def conv2d_packed(
     channels_last asks for a channels_last output, as torch gives when the weight is.
     """
     return torch.ops.directconv.conv2d_packed(
-        input, packed_weight, bias, out_channels, list(stride), list(padding), list(dilation), groups, relu, channels_last
+        input,
+        packed_weight,
+        bias,
+        out_channels,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        relu,
+        channels_last,
     )
 
 

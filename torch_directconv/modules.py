@@ -39,13 +39,15 @@ class DirectConv2d(nn.Conv2d):
         self._geometry_cache: tuple | None = None
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, cache_weights: bool = False) -> "DirectConv2d":
+    def from_conv2d(cls, conv: nn.Conv2d, cache_weights: bool = False) -> DirectConv2d:
         """A DirectConv2d that shares conv's parameters, buffers and hooks."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"DirectConv2d.from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.__dict__.update({k: v for k, v in conv.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
+        new.__dict__.update(
+            {k: v for k, v in conv.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
+        )
         new._parameters = dict(conv._parameters)
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
@@ -113,7 +115,9 @@ class DirectConv2d(nn.Conv2d):
                 channels_last=_backend.is_channels_last(weight),
             )
         else:
-            out = torch.ops.directconv.conv2d(x, weight, bias, list(stride), list(pad4), list(dilation), self.groups, False)
+            out = torch.ops.directconv.conv2d(
+                x, weight, bias, list(stride), list(pad4), list(dilation), self.groups, False
+            )
         return out.squeeze(0) if unbatched else out
 
     def __getstate__(self):
