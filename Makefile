@@ -41,6 +41,7 @@ test-slow: setup cpp-test
 
 demo: setup
 	$(VPY) bench/bench_fwd.py
+	$(VPY) bench/bench_bwd.py
 	$(VPY) bench/resnet50_inference.py
 
 bench: demo
