@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_fwd import FULL, QUICK, Timing, config_name, measure_peak
-
 from problems import Layer, add_run_args, batch_sizes, check_run_args, select_layers
 
 PASSES = ("fwd", "bwd_data", "bwd_weight")
