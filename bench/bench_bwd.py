@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_fwd import FULL, QUICK, Timing, config_name, measure_peak
-from problems import Layer, add_run_args, batch_sizes, check_run_args, select_layers
+from harness import Timing, config_name, print_jit_and_peaks, run_configs, start_run
+from problems import Layer, add_run_args, check_run_args
 
 PASSES = ("fwd", "bwd_data", "bwd_weight")
 METHODS = ("ours", "torch_nchw", "torch_cl")
@@ -515,106 +515,18 @@ def write_csv(path: Path, records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # torch first: torch_directconv's extension needs libtorch loaded, or it falls back silently.
-    import torch
-    import torch.nn.functional as F
-
-    import torch_directconv as tdc
-
-    # The cap must be in place before any kernel or plan exists.
-    if args.isa_cap:
-        tdc._C.set_isa_cap(args.isa_cap)
-    from tqdm import tqdm
-
-    start = time.time()
-    isa = tdc.isa()
-    if isa == "none":
-        print(
-            "bench_bwd: the JIT is not active on this machine (isa() == 'none'); nothing to benchmark", file=sys.stderr
-        )
-        return 2
-    if args.isa_cap and isa != args.isa_cap:
-        print(f"bench_bwd: asked for --isa-cap {args.isa_cap}, but the JIT runs {isa}", file=sys.stderr)
-        return 2
-    layers = select_layers(args.layers)
-    timing = QUICK if args.quick else FULL
+    run = start_run(args, "bench_bwd")
+    torch, tdc, isa, timing, start = run.torch, run.tdc, run.isa, run.timing, run.start
     cpus = os.cpu_count() or 1
-    if max(args.threads) > cpus:
-        print(f"bench_bwd: warning: {max(args.threads)} threads on {cpus} CPUs", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"torch {torch.__version__}, torch_directconv {tdc.__version__}, ISA {isa} (V={tdc.vector_width()}), "
-        f"{cpus} CPUs, load average {os.getloadavg()[0]:.2f}; timing: median of {timing.samples} samples "
-        f">= {timing.min_time}s after {timing.warmup} warm-up(s){' (--quick)' if args.quick else ''}"
-    )
-
-    configs: dict[str, list[Case]] = {}
-    peaks: dict[int, float] = {}
-    busy: dict[int, float] = {}
-    all_totals: dict[str, dict] = {}
-    failures = 0
-    units = len(args.threads) * len(batch_sizes(args.batch, 1)) * len(layers)
-    bar = tqdm(total=2 * units, unit="step", dynamic_ncols=True, mininterval=0.5)
-    with torch.no_grad():
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            bar.set_description(f"{threads}T peak")
-            peaks[threads], busy[threads] = measure_peak(tdc, threads, timing)
-            if busy[threads] < 0.75 * threads:
-                why = "other processes hold the cores" + (
-                    ", or the JIT's threads do not run in parallel" if threads > 1 else ""
-                )
-                tqdm.write(
-                    f"!! the {threads}-thread FMA peak loop kept only {busy[threads]:.2f} CPUs busy ({why}): "
-                    f"the {threads}T peak ({peaks[threads]:.1f} GFLOP/s) and the % of peak are not "
-                    f"{threads}-core figures"
-                )
-            # Warm-up pass over every case before any timing: it generates the kernels and
-            # lets the allocator reach its steady state (a fresh process pays mmap page faults).
-            pending = []
-            for n in batch_sizes(args.batch, threads):
-                cases = []
-                for layer in layers:
-                    bar.set_description(f"{config_name(threads, n)} {layer.id} check+warm-up")
-                    case = build_case(tdc, torch, F, layer, threads, n, peaks[threads])
-                    for fn in case.fns.values():
-                        for _ in range(timing.warmup):
-                            fn()
-                    if case.error:
-                        failures += 1
-                        tqdm.write(f"!! {config_name(threads, n)} {layer.id}: {case.error}")
-                    cases.append(case)
-                    bar.update()
-                pending.append((n, cases))
-            for n, cases in pending:
-                for case in cases:
-                    bar.set_description(f"{config_name(threads, n)} {case.layer.id} timing")
-                    if case.fns:
-                        time_case(case, timing, tdc)
-                    case.fns.clear()  # frees the tensors the closures hold
-                    bar.update()
-                name = config_name(threads, n)
-                configs[name] = cases
-                all_totals[name] = network_totals(cases)
-                tqdm.write("\n" + format_table(cases, all_totals[name]) + "\n")
-            del pending
-    bar.close()
+    res = run_configs(args, run, build_case, time_case, network_totals, format_table)
+    configs, all_totals, peaks, busy, failures = res.configs, res.totals, res.peaks, res.busy, res.failures
 
     summary_text, summary_rows = summarize(configs, all_totals)
     stats = tdc.jit_stats()
     per_kernel = stats["generate_ms"] / stats["kernels"] if stats["kernels"] else float("nan")
     wall = time.time() - start
     print(summary_text)
-    print(
-        f"\nJIT cost: {stats['kernels']} kernels generated in {stats['generate_ms']:.1f} ms "
-        f"({per_kernel:.3f} ms per kernel); cache {stats['cache_entries']} entries, "
-        f"{stats['cache_bytes'] / 1024:.0f} KiB"
-    )
-    print(
-        "FMA peak (GFLOP/s): "
-        + ", ".join(f"{t}T {p:.1f} ({busy[t]:.2f} CPUs busy)" for t, p in peaks.items())
-        + f", {isa}"
-    )
+    print_jit_and_peaks(tdc, res, isa)
 
     records = [r for cases in configs.values() for c in cases for r in case_records(c)]
     records += [r for name, totals in all_totals.items() for r in network_records(name, totals)]
