@@ -8,6 +8,8 @@
 #include <random>
 #include <vector>
 
+#include "conv/conv_desc.h"
+
 namespace dc_test {
 inline int& failures() {
   static int f = 0;
@@ -34,6 +36,27 @@ inline double max_rel_err(const std::vector<float>& a, const std::vector<float>&
     e = std::max(e, d);
   }
   return e;
+}
+// A random problem with awkward tails, padding, strides and dilation; it may be invalid
+// (a kernel larger than the padded input): callers skip those.
+inline dc::ConvDesc random_desc(int max_n, int max_c, int max_h, int max_w) {
+  dc::ConvDesc d;
+  d.n = uni(1, max_n);
+  d.c = uni(1, max_c);
+  d.k = uni(1, max_c);
+  d.r = uni(1, 5);
+  d.s = uni(1, 5);
+  d.stride_h = uni(1, 3);
+  d.stride_w = uni(1, 3);
+  d.dil_h = uni(1, 2);
+  d.dil_w = uni(1, 2);
+  d.pad_t = uni(0, 2);
+  d.pad_b = uni(0, 2);
+  d.pad_l = uni(0, 2);
+  d.pad_r = uni(0, 2);
+  d.h = uni(1, max_h);
+  d.w = uni(1, max_w);
+  return d;
 }
 }  // namespace dc_test
 
