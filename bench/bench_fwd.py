@@ -20,8 +20,6 @@ import argparse
 import csv
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import Timing, config_name, print_jit_and_peaks, run_configs, start_run
+from harness import Timing, config_name, print_jit_and_peaks, run_configs, run_meta, start_run
 from problems import Layer, add_run_args, check_run_args
 
 METHODS = ("blocked", "dropin", "dropin_cached", "torch_nchw", "torch_cl")
@@ -410,43 +408,21 @@ def write_chart(path: Path, configs: dict[str, list[Case]], isa: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = start_run(args, "bench_fwd")
-    torch, tdc, isa, timing, start = run.torch, run.tdc, run.isa, run.timing, run.start
-    cpus = os.cpu_count() or 1
     res = run_configs(args, run, build_case, time_case, network_totals, format_table)
-    configs, all_totals, peaks, busy, failures = res.configs, res.totals, res.peaks, res.busy, res.failures
+    tdc, isa, configs, all_totals, failures = run.tdc, run.isa, res.configs, res.totals, res.failures
 
     summary_text, summary_rows = summarize(configs, all_totals)
-    stats = tdc.jit_stats()
-    per_kernel = stats["generate_ms"] / stats["kernels"] if stats["kernels"] else float("nan")
-    wall = time.time() - start
     print(summary_text)
     print_jit_and_peaks(tdc, res, isa)
 
     records = [case_record(c) for cases in configs.values() for c in cases]
     csv_path, json_path, png_path = (args.out / f"bench_fwd.{ext}" for ext in ("csv", "json", "png"))
     write_csv(csv_path, records, all_totals)
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
-        "wall_s": wall,
-        "host": platform.node(),
-        "cpu": _cpu_model(),
-        "cpus": cpus,
-        "torch": torch.__version__,
-        "torch_directconv": tdc.__version__,
-        "isa": isa,
-        "vector_width": tdc.vector_width(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "timing": timing.__dict__,
-        "peak_gflops": {str(t): p for t, p in peaks.items()},
-        "peak_cpus_busy": {str(t): b for t, b in busy.items()},
-        "loadavg_end": os.getloadavg(),
-        "jit_stats": stats,
-        "jit_ms_per_kernel": per_kernel,
-    }
+    meta = run_meta(args, run, res)
     doc = {"meta": meta, "layers": records, "network": all_totals, "summary": summary_rows}
     json_path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     write_chart(png_path, configs, isa)
-    print(f"wrote {csv_path}, {json_path.name}, {png_path.name}; wall time {wall:.0f} s")
+    print(f"wrote {csv_path}, {json_path.name}, {png_path.name}; wall time {meta['wall_s']:.0f} s")
     if failures:
         print(
             f"bench_fwd: {failures} case(s) FAILED the correctness check; their JIT paths were not timed",
@@ -454,16 +430,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _json_default(o: object) -> object:

@@ -4,11 +4,13 @@ the loop over thread counts and batch sizes (a warm-up and check pass, then timi
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from problems import batch_sizes, select_layers
 
@@ -170,3 +172,36 @@ def print_jit_and_peaks(tdc, res: Results, isa: str) -> None:
         + ", ".join(f"{t}T {p:.1f} ({res.busy[t]:.2f} CPUs busy)" for t, p in res.peaks.items())
         + f", {isa}"
     )
+
+
+def run_meta(args, run: Run, res: Results) -> dict:
+    """What a results file records about its run: when, where, with what, and the peaks."""
+    stats = run.tdc.jit_stats()
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run.start)),
+        "wall_s": time.time() - run.start,
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count() or 1,
+        "torch": run.torch.__version__,
+        "torch_directconv": run.tdc.__version__,
+        "isa": run.isa,
+        "vector_width": run.tdc.vector_width(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "timing": run.timing.__dict__,
+        "peak_gflops": {str(t): p for t, p in res.peaks.items()},
+        "peak_cpus_busy": {str(t): b for t, b in res.busy.items()},
+        "loadavg_end": os.getloadavg(),
+        "jit_stats": stats,
+        "jit_ms_per_kernel": stats["generate_ms"] / stats["kernels"] if stats["kernels"] else float("nan"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "conv/conv_desc.h"
+#include "jit/isa.h"
 
 namespace dc_test {
 inline int& failures() {
@@ -37,6 +38,18 @@ inline double max_rel_err(const std::vector<float>& a, const std::vector<float>&
   }
   return e;
 }
+// Runs fn(isa) for AVX-512 and AVX2, skipping (and saying so) what this CPU lacks.
+template <typename F>
+void for_each_isa(F fn) {
+  for (dc::Isa isa : {dc::Isa::avx512, dc::Isa::avx2}) {
+    if (static_cast<int>(dc::detected_isa()) < static_cast<int>(isa)) {
+      std::printf("skipping %s: not supported by this CPU\n", dc::isa_name(isa));
+      continue;
+    }
+    fn(isa);
+  }
+}
+
 // A random problem with awkward tails, padding, strides and dilation; it may be invalid
 // (a kernel larger than the padded input): callers skip those.
 inline dc::ConvDesc random_desc(int max_n, int max_c, int max_h, int max_w) {

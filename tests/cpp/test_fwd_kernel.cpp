@@ -114,13 +114,9 @@ void conv_vs_reference(Isa isa) {
 
 int main() {
   dc_test::rng().seed(1234);
-  for (Isa isa : {Isa::avx512, Isa::avx2}) {
-    if (static_cast<int>(detected_isa()) < static_cast<int>(isa)) {
-      std::printf("skipping %s: not supported by this CPU\n", isa_name(isa));
-      continue;
-    }
+  dc_test::for_each_isa([](Isa isa) {
     kernel_vs_twin(isa);
     conv_vs_reference(isa);
-  }
+  });
   TEST_MAIN_END("test_fwd_kernel");
 }
