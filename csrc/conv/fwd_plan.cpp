@@ -90,6 +90,7 @@ class StreamBuilder {
       sp.ow = w;
       sp.n_oc = n_oc;
       sp.prefetch = plan_.prefetch && rows == 1;
+      sp.dst_px = static_cast<int>(plan_.dst.px);
       const int64_t iw0 = ow0 * d_.stride_w - d_.pad_l;
       const int64_t iw_last = iw0 + (w - 1) * d_.stride_w + (d_.s - 1) * d_.dil_w;
       if (iw0 < 0 || iw_last >= d_.w) {
@@ -101,7 +102,7 @@ class StreamBuilder {
       FwdCall call{};
       call.n_r = static_cast<int32_t>(n_r);
       call.bias_off = kb0 * V_;
-      call.dst_off = ((n * plan_.kb + kb0) * d_.p() + oh0) * d_.q() * V_ + ow0 * V_;
+      call.dst_off = n * plan_.dst.img + kb0 * plan_.dst.kb + oh0 * plan_.dst.row + ow0 * plan_.dst.px * V_;
       bool first = true;
       auto push = [&](int64_t cb0, int64_t n_cb, int c_valid, bool last) {
         sp.c_valid = c_valid;
@@ -183,6 +184,12 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
 
   plan.prefetch = options.prefetch == 1;
   const int64_t P = desc.p(), Q = desc.q();
+  plan.dst.px = options.dst.px;
+  plan.dst.row = options.dst.row ? options.dst.row : Q * options.dst.px * V;
+  plan.dst.kb = options.dst.kb ? options.dst.kb : P * plan.dst.row;
+  plan.dst.img = options.dst.img ? options.dst.img : plan.kb * plan.dst.kb;
+  if (plan.dst.px < 1 || plan.dst.row < 1 || plan.dst.kb < 1 || plan.dst.img < 1)
+    throw std::invalid_argument("conv2d: bad output layout");
   const int64_t kgroups = div_up(plan.kb, plan.n_oc);
   // A unit's input rows stay in L2 (a quarter of a 1 MiB L2) while every output-channel
   // group of the unit streams over them; and there are enough units for every thread.
@@ -201,8 +208,8 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   a.src_cb_stride = desc.h * desc.w * V * 4;
   a.wei_cb_stride = desc.r * desc.s * V * V * 4;
   a.wei_kb_stride = plan.cb * a.wei_cb_stride;
-  a.dst_row_stride = Q * V * 4;
-  a.dst_kb_stride = P * Q * V * 4;
+  a.dst_row_stride = plan.dst.row * 4;
+  a.dst_kb_stride = plan.dst.kb * 4;
 
   // Units in the order n, row group, output-channel group. Each thread takes a
   // contiguous run of about equal estimated work, so it reuses the input rows across

@@ -22,10 +22,25 @@ struct FwdCall {
 };
 constexpr int32_t kLastChunk = 1 << 8;
 
-// Choices a benchmark may force; by default the plan decides.
+// Where the output goes, in elements: by default the dense blocked (N, Kb, P, Q, V).
+// A strided view (pixel step px vectors, and row, block and image strides) lets each
+// phase of a strided layer's input gradient write straight into its pixels.
+struct FwdDstLayout {
+  int64_t px = 1, row = 0, kb = 0, img = 0;  // 0: the dense stride
+  bool dense() const { return px == 1 && row == 0 && kb == 0 && img == 0; }
+};
+
+// Choices a benchmark may force (prefetch) or a caller needs (dst); by default the plan decides.
 struct FwdPlanOptions {
   int prefetch = -1;  // -1: the plan decides, 0: off, 1: on
-  std::string key() const { return "pf" + std::to_string(prefetch); }
+  FwdDstLayout dst;
+  std::string key() const {
+    std::string k = "pf" + std::to_string(prefetch);
+    if (!dst.dense())
+      k += "_dst" + std::to_string(dst.px) + "," + std::to_string(dst.row) + "," + std::to_string(dst.kb) + "," +
+           std::to_string(dst.img);
+    return k;
+  }
 };
 
 struct FwdPlan {
@@ -38,6 +53,7 @@ struct FwdPlan {
   int64_t c_chunk = 1;          // input-channel blocks per kernel call
   int64_t rows_per_group = 1;   // output rows of one work unit
   bool prefetch = false;        // kernels prefetch the next call's input
+  FwdDstLayout dst;             // the output strides, all set (elements)
   std::vector<FwdKernelSpec> kernels;
   std::vector<std::vector<FwdCall>> streams;  // one per thread
   // Where each work unit of a thread's stream begins (and, last, where the stream ends):

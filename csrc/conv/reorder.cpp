@@ -253,6 +253,69 @@ void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t
   }
 }
 
+void reorder_weight_to_blocked_bwd(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r,
+                                   int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,
+                                   float* dst, int tid, int nthreads) {
+  const int64_t kb = div_up(k, v), cb = div_up(c, v), taps = n_r * n_s;
+  // The source tap of each destination tap.
+  std::vector<int64_t> src_tap(taps);
+  for (int64_t i = 0; i < n_r; ++i)
+    for (int64_t j = 0; j < n_s; ++j) src_tap[i * n_s + j] = taps_r[n_r - 1 - i] * st[2] + taps_s[n_s - 1 - j] * st[3];
+  const int64_t rs = r * s;
+  const bool dense = st[3] == 1 && st[2] == s && st[1] == rs;
+  int64_t b, e;
+  share(cb * kb, tid, nthreads, &b, &e);
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t ki = i % kb, ci = i / kb;
+    float* out = dst + i * taps * v * v;  // [tap][k][c]
+    const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
+    const float* block = src + ki * v * st[0] + ci * v * st[1];
+    if (nk == v && nc == v && v % 8 == 0 && have_avx2() && dense) {
+      if (rs == 1) {
+        // 1x1: each destination row [k][c] is a source row.
+        for (int jk = 0; jk < v; ++jk) std::memcpy(out + jk * v, block + jk * st[0], sizeof(float) * v);
+        continue;
+      }
+      // The block is a V x (V * rs) matrix [k][c * rs + t]: transpose it to [c][t][k], then
+      // each tap's V x V matrix [c][k] (rows rs * V apart) to [k][c].
+      thread_local std::vector<float> tmp;
+      tmp.resize(static_cast<size_t>(rs) * v * v);
+      transpose_block_avx2(block, st[0], v, static_cast<int>(v * rs), tmp.data(), v);
+      for (int64_t t = 0; t < taps; ++t)
+        transpose_block_avx2(tmp.data() + src_tap[t] * v, rs * v, v, v, out + t * v * v, v);
+      continue;
+    }
+    if (nk < v || nc < v) std::memset(out, 0, sizeof(float) * taps * v * v);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int jk = 0; jk < nk; ++jk)
+        for (int jc = 0; jc < nc; ++jc) out[(t * v + jk) * v + jc] = block[jk * st[0] + jc * st[1] + src_tap[t]];
+  }
+}
+
+void reorder_blocked_weight_to_bwd(const float* src, int64_t kb, int64_t cb, int64_t r, int64_t s,
+                                   const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,
+                                   float* dst, int tid, int nthreads) {
+  const int64_t taps = n_r * n_s;
+  int64_t b, e;
+  share(cb * kb, tid, nthreads, &b, &e);
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t ki = i % kb, ci = i / kb;
+    const float* in = src + (ki * cb + ci) * r * s * v * v;  // [r][s][c][k]
+    float* out = dst + i * taps * v * v;                      // [tap][k][c]
+    for (int64_t y = 0; y < n_r; ++y)
+      for (int64_t x = 0; x < n_s; ++x) {
+        const float* blk = in + (taps_r[n_r - 1 - y] * s + taps_s[n_s - 1 - x]) * v * v;
+        float* o = out + (y * n_s + x) * v * v;
+        if (v % 8 == 0 && have_avx2()) {
+          transpose_block_avx2(blk, v, v, v, o, v);
+        } else {
+          for (int jc = 0; jc < v; ++jc)
+            for (int jk = 0; jk < v; ++jk) o[jk * v + jc] = blk[jc * v + jk];
+        }
+      }
+  }
+}
+
 void reorder_dw_weight_to_blocked(const float* src, const int64_t st[4], int64_t c, int64_t r, int64_t s, int v,
                                   float* dst, int tid, int nthreads) {
   int64_t b, e;

@@ -9,7 +9,9 @@ namespace dc {
 std::string FwdKernelSpec::name() const {
   std::ostringstream o;
   o << "f32_conv_fwd_" << taps_name() << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c" << c_valid
-    << border_name() << (prefetch ? "_pf" : "") << "__" << isa_name(isa);
+     << border_name() << (prefetch ? "_pf" : "");
+  if (dst_px != 1) o << "_dpx" << dst_px;
+  o << "__" << isa_name(isa);
   return o.str();
 }
 
@@ -38,7 +40,7 @@ class FwdKernel : public JitKernel {
  public:
   explicit FwdKernel(const FwdKernelSpec& sp) : JitKernel(sp.name(), code_size_estimate(sp)), sp_(sp) {
     if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
-        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1)
+        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1)
       throw std::invalid_argument("fwd kernel: unsupported tile " + sp.name());
     if (fwd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("fwd kernel: tile needs too many vector registers: " + sp.name());
@@ -158,7 +160,7 @@ class FwdKernel : public JitKernel {
       if (row > 0) add(reg_out, arg(offsetof(FwdCallArgs, dst_row_stride)));
       for (int oc = 0; oc < sp_.n_oc; ++oc)
         for (int px = 0; px < sp_.ow; ++px) {
-          const int64_t disp = static_cast<int64_t>(px) * vbytes();
+          const int64_t disp = static_cast<int64_t>(px) * sp_.dst_px * vbytes();
           switch (oc) {
             case 0: f(vmm_acc(row, px, oc), ptr[reg_out + disp]); break;
             case 1: f(vmm_acc(row, px, oc), ptr[reg_out + kbs + disp]); break;

@@ -24,6 +24,9 @@ struct FwdKernelSpec : RowTaps {
   // Software prefetch: while reducing, touch the same rows of the next call's input tile
   // (FwdCallArgs::pf_src), one cache line per unrolled step.
   bool prefetch = false;
+  // Vectors from one output pixel to the next: 1 for a dense output row, more when the
+  // output is a strided view (the phases of a strided layer's input gradient).
+  int dst_px = 1;
 
   std::string name() const;
 };

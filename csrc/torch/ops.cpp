@@ -5,9 +5,12 @@
 #include <torch/library.h>
 
 #include <chrono>
+#include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "conv/bwd_data.h"
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
 #include "conv/reorder.h"
@@ -95,10 +98,11 @@ dc::FwdPlanOptions& fwd_options() {
 }
 
 void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float* bias, float* dst, bool relu,
-             int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group) {
+             int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
+             const dc::FwdPlanOptions& options = fwd_options()) {
   if (d.n == 0) return;
   const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, options);
   const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
   std::vector<dc::FwdWorkQueue> queues;
   queues.reserve(groups);
@@ -370,30 +374,147 @@ void check_backward_args(const char* op, const Tensor& grad_output, const Tensor
   TORCH_CHECK(groups >= 1, op, ": expected 'groups' >= 1, got ", groups);
 }
 
-// Empty when the duality does not apply (see conv2d_backward_data).
-Tensor backward_data_by_duality(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
-                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups) {
-  if (dc::active_isa() == dc::Isa::none || stride[0] != 1 || stride[1] != 1) return Tensor();
-  // The weights are flipped, transposed and packed at every call, which costs about as much
-  // as the convolution itself unless each weight meets enough output pixels: measured on
-  // ResNet-50's stride-1 layers, the JIT path wins from 56x56 maps up (N * P * Q >= 3136)
-  // and loses up to 2x at 7x7.
-  if (grad_output.size(0) * grad_output.size(2) * grad_output.size(3) < 3136) return Tensor();
-  const int64_t k = weight.size(0), cg = weight.size(1), r = weight.size(2), s = weight.size(3), kg = k / groups;
+// Whether the grouped problem of kg x cg channels per group fills at least half of its blocks.
+bool groups_fit_blocks(int64_t groups, int64_t kg, int64_t cg, int64_t V) {
+  return groups == 1 || dc::div_up(kg, V) * V * dc::div_up(cg, V) * V <= 2 * kg * cg;
+}
+
+// Writes one thread's share of a phase's weights (Cb, Kb, n_r, n_s, V, V) for every group.
+using PackPhase = std::function<void(const dc::BwdDataPhase&, float* dst, int tid, int nthreads)>;
+
+// The input gradient on blocked tensors, group after group: dy (N, Kb, P, Q, V) at dy_group
+// floats per group, dx (N, Cb, H, W, V) at dx_group. Every pixel of dx is written: each
+// phase with taps by the forward kernels through a strided output view, the others with zeros.
+void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases, const float* dy, float* dx,
+                  int64_t groups, int64_t dy_group, int64_t dx_group, const PackPhase& pack) {
+  if (d.n == 0) return;
+  const int64_t V = dc::vlen(jit_isa()), cb = dc::div_up(d.c, V), kb = dc::div_up(d.k, V);
+  const int nt = num_threads();
+  for (const dc::BwdDataPhase& ph : phases) {
+    float* base = dx + (ph.a * d.w + ph.b) * V;
+    if (ph.empty()) {
+      const int64_t lines = groups * d.n * cb * ph.rows;
+      run_shares(nt, [&](int tid, int n_threads) {
+        for (int64_t i = lines * tid / n_threads; i < lines * (tid + 1) / n_threads; ++i) {
+          const int64_t y = i % ph.rows, blk = i / ph.rows;  // blk runs over (group, image, channel block)
+          float* row = dx + (blk / (d.n * cb)) * dx_group + (blk % (d.n * cb)) * d.h * d.w * V +
+                       ((ph.a + y * d.stride_h) * d.w + ph.b) * V;
+          for (int64_t x = 0; x < ph.cols; ++x) std::memset(row + x * d.stride_w * V, 0, sizeof(float) * V);
+        }
+      });
+      continue;
+    }
+    const int64_t wei_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
+    float* wei = scratch(2, groups * wei_group);
+    run_shares(nt, [&](int tid, int n_threads) { pack(ph, wei, tid, n_threads); });
+    dc::FwdPlanOptions options = fwd_options();
+    if (d.stride_h > 1 || d.stride_w > 1)
+      options.dst = {d.stride_w, d.stride_h * d.w * V, d.h * d.w * V, cb * d.h * d.w * V};
+    run_fwd(ph.sub, dy, wei, nullptr, base, false, groups, dy_group, wei_group, 0, dx_group, options);
+  }
+}
+
+// The phases of the JIT input gradient; empty when it does not take the problem.
+std::vector<dc::BwdDataPhase> jit_bwd_data_phases(const ConvDesc& d, int64_t groups) {
+  std::vector<dc::BwdDataPhase> phases;
+  if (dc::active_isa() == dc::Isa::none || !groups_fit_blocks(groups, d.k, d.c, dc::vlen(dc::active_isa())))
+    return phases;
+  if (!dc::bwd_data_phases(d, &phases)) phases.clear();
+  return phases;
+}
+
+// Depthwise, stride 1: the duality on the depthwise forward kernels.
+Tensor depthwise_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
+  if (dc::active_isa() == dc::Isa::none || stride[0] != 1 || stride[1] != 1 || !is_depthwise(weight, groups))
+    return Tensor();
+  const int64_t r = weight.size(2), s = weight.size(3);
   const std::vector<int64_t> pad = {dilation[0] * (r - 1) - padding[0], dilation[0] * (r - 1) - padding[1],
                                     dilation[1] * (s - 1) - padding[2], dilation[1] * (s - 1) - padding[3]};
   for (int64_t p : pad)
     if (p < 0) return Tensor();
-  const bool depthwise = groups > 1 && cg == 1 && kg == 1;
-  const int64_t v = dc::vlen(dc::active_isa());
-  // The swapped problem has kg input and cg output channels per group.
-  if (groups > 1 && !depthwise && dc::div_up(kg, v) * v * dc::div_up(cg, v) * v > 2 * kg * cg) return Tensor();
-  Tensor flipped = weight.view({groups, kg, cg, r, s}).transpose(1, 2).reshape({groups * cg, kg, r, s}).flip({2, 3});
-  Tensor gi = conv2d(grad_output, flipped, c10::nullopt, {1, 1}, pad, dilation, groups, false);
+  Tensor gi = conv2d(grad_output, weight.flip({2, 3}), c10::nullopt, {1, 1}, pad, dilation, groups, false);
   TORCH_CHECK(gi.sizes() == input_size, "conv2d_backward_data: internal shape mismatch ", gi.sizes(), " vs ",
               input_size);
   return gi;
+}
+
+// Empty when the JIT does not take the problem (see conv2d_backward_data).
+Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_data";
+  if (dc::active_isa() == dc::Isa::none) return Tensor();
+  const int64_t k = weight.size(0), cg = weight.size(1), kg = k / groups;
+  TORCH_CHECK(k % groups == 0 && input_size[1] == cg * groups, op, ": 'input_size' ", input_size,
+              " does not match 'weight' of shape ", weight.sizes(), " with groups=", groups);
+  ConvDesc d = make_desc(op, input_size[0], cg, input_size[2], input_size[3], kg, weight.size(2), weight.size(3),
+                         stride, padding, dilation);
+  const int64_t P = d.p(), Q = d.q();
+  TORCH_CHECK(grad_output.size(0) == d.n && grad_output.size(1) == k && grad_output.size(2) == P &&
+                  grad_output.size(3) == Q,
+              op, ": 'grad_output' of shape ", grad_output.sizes(), " does not match the convolution's output (", d.n,
+              ", ", k, ", ", P, ", ", Q, ")");
+  const std::vector<dc::BwdDataPhase> phases = jit_bwd_data_phases(d, groups);
+  if (phases.empty()) return Tensor();
+  const int V = dc::vlen(jit_isa());
+  const int64_t cb = dc::div_up(cg, V), kb = dc::div_up(kg, V);
+  Tensor out = at::empty(input_size, grad_output.options().memory_format(output_format(
+                                         grad_output, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast)));
+  if (d.n == 0) return out;
+  const int64_t dy_group = d.n * kb * P * Q * V, dx_group = d.n * cb * d.h * d.w * V;
+  float* dy_blk = scratch(0, groups * dy_group);
+  float* dx_blk = scratch(1, groups * dx_group);
+  const float* gy = grad_output.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* gx = out.data_ptr<float>();
+  auto gs = strides4(grad_output), ws = strides4(weight), xs = strides4(out);
+  const int nt = num_threads();
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_to_blocked(gy + g * kg * gs[1], gs.data(), d.n, kg, P, Q, V, dy_blk + g * dy_group, tid, n_threads);
+  });
+  run_bwd_data(d, phases, dy_blk, dx_blk, groups, dy_group, dx_group,
+               [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
+                 const int64_t per_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
+                 for (int64_t g = 0; g < groups; ++g)
+                   dc::reorder_weight_to_blocked_bwd(w + g * kg * ws[0], ws.data(), kg, cg, d.r, d.s,
+                                                     ph.taps_r.data(), ph.sub.r, ph.taps_s.data(), ph.sub.s, V,
+                                                     dst + g * per_group, tid, n_threads);
+               });
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_from_blocked(dx_blk + g * dx_group, d.n, cg, d.h, d.w, V, gx + g * cg * xs[1], xs.data(), tid,
+                               n_threads);
+  });
+  return out;
+}
+
+// The weight gradient of every group on blocked tensors, x (N, Cb, H, W, V) at x_group
+// floats per group and dy (N, Kb, P, Q, V) at dy_group. Returns dW (Kb, Cb, R, S, V, V) of
+// group g at the returned pointer + g * (its second member) floats, in scratch slot 2.
+std::pair<const float*, int64_t> run_upd(const ConvDesc& d, int64_t groups, const float* x_blk, int64_t x_group,
+                                         const float* dy_blk, int64_t dy_group) {
+  const int nt = num_threads();
+  auto prim = dc::get_upd_primitive(d, jit_isa(), nt);
+  const dc::UpdKernels kernels = dc::acquire_kernels(*prim);
+  const dc::UpdPlan& plan = prim->plan;
+  const int64_t dw_elems = plan.dw_elements(), group_stride = plan.parts * dw_elems;
+  float* dw = scratch(2, groups * group_stride);  // the kernels write all of it
+  run_shares(nt, [&](int tid, int) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::upd_execute(*prim, kernels, x_blk + g * x_group, dy_blk + g * dy_group, dw + g * group_stride, tid);
+  });
+  // The private copies of a minibatch split add into the first.
+  if (plan.parts > 1)
+    run_shares(nt, [&](int tid, int n_threads) {
+      const int64_t total = groups * dw_elems;
+      for (int64_t i = total * tid / n_threads; i < total * (tid + 1) / n_threads; ++i) {
+        float* first = dw + (i / dw_elems) * group_stride + i % dw_elems;
+        for (int p = 1; p < plan.parts; ++p) *first += first[p * dw_elems];
+      }
+    });
+  return {dw, group_stride};
 }
 
 // Empty when the JIT does not take the problem (see conv2d_backward_weight).
@@ -403,7 +524,7 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   const dc::Isa isa = dc::active_isa();
   if (isa == dc::Isa::none) return Tensor();
   const int64_t k = weight_size[0], cg = weight_size[1], kg = k / groups, V = dc::vlen(isa);
-  if (groups > 1 && dc::div_up(kg, V) * V * dc::div_up(cg, V) * V > 2 * kg * cg) return Tensor();
+  if (!groups_fit_blocks(groups, kg, cg, V)) return Tensor();
   TORCH_CHECK(k % groups == 0 && input.size(1) == cg * groups, op, ": 'input' has ", input.size(1),
               " channels, 'weight_size' ", weight_size, " with groups=", groups);
   ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight_size[2], weight_size[3],
@@ -415,14 +536,10 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   Tensor out = at::empty(weight_size, grad_output.options());
   if (d.n == 0) return out.zero_();
   const int nt = num_threads();
-  auto prim = dc::get_upd_primitive(d, isa, nt);
-  const dc::UpdKernels kernels = dc::acquire_kernels(*prim);
-  const dc::UpdPlan& plan = prim->plan;
-  const int64_t P = d.p(), Q = d.q(), dw_elems = plan.dw_elements();
-  const int64_t x_group = d.n * plan.cb * d.h * d.w * V, dy_group = d.n * plan.kb * P * Q * V;
+  const int64_t P = d.p(), Q = d.q(), cb = dc::div_up(cg, V), kb = dc::div_up(kg, V);
+  const int64_t x_group = d.n * cb * d.h * d.w * V, dy_group = d.n * kb * P * Q * V;
   float* x_blk = scratch(0, groups * x_group);
   float* dy_blk = scratch(1, groups * dy_group);
-  float* dw_ptr = scratch(2, groups * plan.parts * dw_elems);  // the kernels write all of it
   const float* x = input.data_ptr<float>();
   const float* gy = grad_output.data_ptr<float>();
   auto xs = strides4(input), gs = strides4(grad_output), ws = strides4(out);
@@ -434,26 +551,11 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
                              dy_blk + g * dy_group, tid, n_threads);
     }
   });
-  run_shares(nt, [&](int tid, int) {
-    for (int64_t g = 0; g < groups; ++g)
-      dc::upd_execute(*prim, kernels, x_blk + g * x_group, dy_blk + g * dy_group, dw_ptr + g * plan.parts * dw_elems,
-                      tid);
-  });
-  // The private copies of a minibatch split add into the first.
-  if (plan.parts > 1)
-    run_shares(nt, [&](int tid, int n_threads) {
-      const int64_t total = groups * dw_elems;
-      for (int64_t i = total * tid / n_threads; i < total * (tid + 1) / n_threads; ++i) {
-        float* first = dw_ptr + (i / dw_elems) * plan.parts * dw_elems + i % dw_elems;
-        for (int p = 1; p < plan.parts; ++p) *first += first[p * dw_elems];
-      }
-    });
-  const float* sp = dw_ptr;
+  auto [dw, group_stride] = run_upd(d, groups, x_blk, x_group, dy_blk, dy_group);
   float* o = out.data_ptr<float>();
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
-      dc::reorder_weight_from_blocked(sp + g * plan.parts * dw_elems, kg, cg, d.r, d.s, static_cast<int>(V),
-                                      o + g * kg * ws[0],
+      dc::reorder_weight_from_blocked(dw + g * group_stride, kg, cg, d.r, d.s, static_cast<int>(V), o + g * kg * ws[0],
                                       ws.data(), tid, n_threads);
   });
   return out;
@@ -492,8 +594,10 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   check_backward_args(op, grad_output, weight, stride, padding, dilation, groups);
   check_float_cpu(weight, op, "weight");
   TORCH_CHECK(input_size.size() == 4, op, ": expected 'input_size' of 4 values, got ", input_size);
-  if (Tensor gi = backward_data_by_duality(grad_output, weight, input_size, stride, padding, dilation, groups);
+  if (Tensor gi = depthwise_backward_data(grad_output, weight, input_size, stride, padding, dilation, groups);
       gi.defined())
+    return gi;
+  if (Tensor gi = backward_data_jit(grad_output, weight, input_size, stride, padding, dilation, groups); gi.defined())
     return gi;
   // Only the input's shape matters for this gradient.
   Tensor input = at::empty(input_size, grad_output.options());
@@ -514,6 +618,107 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
     return gw;
   Tensor weight = at::empty(weight_size, grad_output.options());
   return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true));
+}
+
+namespace {
+
+// The geometry of a blocked convolution (conv2d_blocked): input (N, Cb, H, W, V) of
+// in_channels (default Cb * V) channels, output (N, Kb, P, Q, V).
+ConvDesc blocked_desc(const char* op, at::IntArrayRef x_size, int64_t kb, int64_t r, int64_t s,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      c10::optional<int64_t> in_channels, int64_t V) {
+  const int64_t cb = x_size[1];
+  int64_t c = cb * V;
+  if (in_channels.has_value()) {
+    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
+                ") does not fit ", cb, " channel blocks of ", V);
+    c = *in_channels;
+  }
+  return make_desc(op, x_size[0], c, x_size[2], x_size[3], kb * V, r, s, stride, padding, dilation);
+}
+
+void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc& d, int64_t kb, int64_t V) {
+  check_float_cpu(gy, op, "grad_output");
+  TORCH_CHECK(gy.dim() == 5 && gy.size(0) == d.n && gy.size(1) == kb && gy.size(2) == d.p() && gy.size(3) == d.q() &&
+                  gy.size(4) == V,
+              op, ": 'grad_output' of shape ", gy.sizes(), " does not match the blocked output (", d.n, ", ", kb, ", ",
+              d.p(), ", ", d.q(), ", ", V, ")");
+}
+
+// Blocked (N, B, H, W, V) <-> (N, B * V, H, W), for the ATen fallbacks.
+Tensor unblock(const Tensor& t) {
+  return t.permute({0, 1, 4, 2, 3}).reshape({t.size(0), t.size(1) * t.size(4), t.size(2), t.size(3)});
+}
+Tensor reblock(const Tensor& t, int64_t V) {
+  return t.view({t.size(0), t.size(1) / V, V, t.size(2), t.size(3)}).permute({0, 1, 3, 4, 2}).contiguous();
+}
+
+}  // namespace
+
+// The input gradient of conv2d_blocked, blocked like its input (input_size: N, Cb, H, W, V).
+// Channels past in_channels get a zero gradient, as the forward does not read them.
+Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    c10::optional<int64_t> in_channels) {
+  const char* op = "conv2d_blocked_backward_data";
+  const int64_t V = dc::vlen(jit_isa());
+  check_float_cpu(weight, op, "wb");
+  TORCH_CHECK(input_size.size() == 5 && input_size[4] == V, op, ": expected a blocked 'input_size' (N, C/", V,
+              ", H, W, ", V, "), got ", input_size);
+  TORCH_CHECK(weight.dim() == 6 && weight.size(1) == input_size[1] && weight.size(4) == V && weight.size(5) == V, op,
+              ": expected a blocked 'wb' (K/", V, ", ", input_size[1], ", R, S, ", V, ", ", V, "), got shape ",
+              weight.sizes());
+  const int64_t kb = weight.size(0), cb = input_size[1];
+  ConvDesc d = blocked_desc(op, input_size, kb, weight.size(2), weight.size(3), stride, padding, dilation,
+                            in_channels, V);
+  check_blocked_grad_output(op, grad_output, d, kb, V);
+  Tensor gy = grad_output.contiguous(), w = weight.contiguous();
+  Tensor out;
+  const std::vector<dc::BwdDataPhase> phases = jit_bwd_data_phases(d, 1);
+  if (!phases.empty()) {
+    out = at::empty(input_size, gy.options());
+    const float* wp = w.data_ptr<float>();
+    run_bwd_data(d, phases, gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
+                 [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
+                   dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                                     ph.taps_s.data(), ph.sub.s, static_cast<int>(V), dst, tid,
+                                                     n_threads);
+                 });
+  } else {
+    // A padding wider than the dilated kernel: ATen on the unblocked tensors.
+    Tensor wk = w.permute({0, 5, 1, 4, 2, 3}).reshape({kb * V, cb * V, d.r, d.s});
+    Tensor x = at::empty({d.n, cb * V, d.h, d.w}, gy.options());
+    out = reblock(std::get<0>(aten_backward(unblock(gy), x, wk, stride, padding, dilation, 1, true, false)), V);
+  }
+  if (d.c < cb * V && d.n > 0) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
+  return out;
+}
+
+// The weight gradient of conv2d_blocked, blocked like its weight (weight_size: Kb, Cb, R, S, V, V).
+// Input channels past in_channels get a zero gradient.
+Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      c10::optional<int64_t> in_channels) {
+  const char* op = "conv2d_blocked_backward_weight";
+  const int64_t V = dc::vlen(jit_isa());
+  check_float_cpu(input, op, "xb");
+  TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'xb' (N, C/", V, ", H, W, ", V,
+              "), got shape ", input.sizes());
+  TORCH_CHECK(weight_size.size() == 6 && weight_size[1] == input.size(1) && weight_size[4] == V && weight_size[5] == V,
+              op, ": expected a blocked 'weight_size' (K/", V, ", ", input.size(1), ", R, S, ", V, ", ", V, "), got ",
+              weight_size);
+  const int64_t kb = weight_size[0], cb = input.size(1);
+  ConvDesc d = blocked_desc(op, input.sizes(), kb, weight_size[2], weight_size[3], stride, padding, dilation,
+                            in_channels, V);
+  check_blocked_grad_output(op, grad_output, d, kb, V);
+  Tensor out = at::empty(weight_size, input.options());
+  if (d.n == 0) return out.zero_();
+  Tensor x = input.contiguous(), gy = grad_output.contiguous();
+  auto [dw, group_stride] = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0);
+  (void)group_stride;
+  std::memcpy(out.data_ptr<float>(), dw, sizeof(float) * out.numel());
+  if (d.c < cb * V) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
+  return out;
 }
 
 // --- utilities (pybind11): never on the compute path -------------------------------------
@@ -566,6 +771,10 @@ TORCH_LIBRARY(directconv, m) {
         "int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, int[4] weight_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_blocked_backward_data(Tensor grad_output, Tensor wb, int[5] input_size, int[2] stride, "
+        "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
+  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, int[6] weight_size, int[2] stride, "
+        "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
   m.def("to_blocked_weight(Tensor w, int vlen) -> Tensor");
@@ -578,6 +787,8 @@ TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("conv2d_blocked", &dc_torch::conv2d_blocked);
   m.impl("conv2d_backward_data", &dc_torch::conv2d_backward_data);
   m.impl("conv2d_backward_weight", &dc_torch::conv2d_backward_weight);
+  m.impl("conv2d_blocked_backward_data", &dc_torch::conv2d_blocked_backward_data);
+  m.impl("conv2d_blocked_backward_weight", &dc_torch::conv2d_blocked_backward_weight);
   m.impl("to_blocked", &dc_torch::to_blocked);
   m.impl("from_blocked", &dc_torch::from_blocked);
   m.impl("to_blocked_weight", &dc_torch::to_blocked_weight);

@@ -1,0 +1,73 @@
+#include "conv/bwd_data.h"
+
+#include <numeric>
+
+namespace dc {
+
+namespace {
+// One dimension of a phase: for input index a (mod stride), the taps it receives and the
+// stride-1 problem over the output gradient of size out_n that yields its n_in pixels.
+struct PhaseDim {
+  std::vector<int64_t> taps;
+  int64_t n_in = 0, dil = 1, pad_lo = 0, pad_hi = 0;
+};
+
+bool phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t stride, int64_t pad, int64_t dil,
+               PhaseDim* pd) {
+  pd->n_in = a < in ? (in - a + stride - 1) / stride : 0;
+  for (int64_t r = 0; r < kernel; ++r)
+    if ((a + pad - r * dil) % stride == 0) pd->taps.push_back(r);
+  if (pd->taps.empty() || pd->n_in == 0) return true;
+  // Taps step by stride / gcd, and the output-gradient index they read by dil / gcd.
+  pd->dil = dil / std::gcd(stride, dil);
+  // Pixel i of the phase reads output-gradient index i + (a + pad - r * dil) / stride; the
+  // last tap reads the smallest, which is the forward problem's first tap.
+  const int64_t n_t = static_cast<int64_t>(pd->taps.size());
+  pd->pad_lo = -(a + pad - pd->taps.back() * dil) / stride;
+  pd->pad_hi = pd->n_in + pd->dil * (n_t - 1) - pd->pad_lo - out_n;
+  return pd->pad_lo >= 0 && pd->pad_hi >= 0;
+}
+}  // namespace
+
+bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases) {
+  phases->clear();
+  const int64_t P = d.p(), Q = d.q();
+  for (int64_t a = 0; a < d.stride_h; ++a)
+    for (int64_t b = 0; b < d.stride_w; ++b) {
+      PhaseDim pr, ps;
+      if (!phase_dim(a, d.h, P, d.r, d.stride_h, d.pad_t, d.dil_h, &pr) ||
+          !phase_dim(b, d.w, Q, d.s, d.stride_w, d.pad_l, d.dil_w, &ps))
+        return false;
+      if (pr.n_in == 0 || ps.n_in == 0) continue;
+      BwdDataPhase ph;
+      ph.a = a;
+      ph.b = b;
+      ph.rows = pr.n_in;
+      ph.cols = ps.n_in;
+      ph.taps_r = pr.taps;
+      ph.taps_s = ps.taps;
+      if (!ph.empty()) {
+        ConvDesc& s = ph.sub;
+        s.n = d.n;
+        s.c = d.k;
+        s.h = P;
+        s.w = Q;
+        s.k = d.c;
+        s.r = static_cast<int64_t>(pr.taps.size());
+        s.s = static_cast<int64_t>(ps.taps.size());
+        s.stride_h = s.stride_w = 1;
+        s.dil_h = pr.dil;
+        s.dil_w = ps.dil;
+        s.pad_t = pr.pad_lo;
+        s.pad_b = pr.pad_hi;
+        s.pad_l = ps.pad_lo;
+        s.pad_r = ps.pad_hi;
+      } else {
+        ph.sub.k = 0;
+      }
+      phases->push_back(ph);
+    }
+  return true;
+}
+
+}  // namespace dc

@@ -1,0 +1,35 @@
+// The input gradient of a convolution as forward convolutions (DESIGN.md section 5).
+//
+// Stride 1 is one forward convolution by duality: grad_output convolved with the weights
+// flipped in R and S, C and K swapped. A strided layer splits its input pixels into
+// stride_h x stride_w phases; the pixels of phase (a, b), rows a, a + stride_h, ... and
+// columns b, b + stride_w, ..., receive exactly the kernel taps r with
+// (a + pad_t - r * dil_h) divisible by stride_h (and likewise for s), and over those taps
+// they are a stride-1 convolution of grad_output. Each phase runs on the forward kernels
+// and writes straight into its pixels through a strided output view.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "conv/conv_desc.h"
+
+namespace dc {
+
+struct BwdDataPhase {
+  int64_t a = 0, b = 0;               // first input row and column of the phase
+  int64_t rows = 0, cols = 0;         // input pixels of the phase
+  std::vector<int64_t> taps_r, taps_s;  // the forward kernel's taps it receives, ascending
+  // The forward problem over grad_output (n, K channels, P x Q) that yields the phase's
+  // rows x cols pixels of C channels; its kernel tap (i, j) is the forward tap
+  // (taps_r[n_r - 1 - i], taps_s[n_s - 1 - j]). Unset (k = 0) when no tap reaches the phase.
+  ConvDesc sub;
+  bool empty() const { return taps_r.empty() || taps_s.empty(); }
+};
+
+// The phases of the input gradient of `d` (one group), all stride_h * stride_w of them,
+// phases without pixels left out. False when some phase would need negative padding
+// (a padding wider than the dilated kernel), which the forward kernels cannot express.
+bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases);
+
+}  // namespace dc
