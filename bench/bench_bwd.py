@@ -3,12 +3,14 @@
 
 For every layer, batch size and thread count, three passes are timed, each three ways, in the
 same run and round-robin:
-  fwd         ours: torch_directconv.conv2d (NCHW in and out, the weight packed at every call,
-              as in training); torch: F.conv2d on NCHW tensors, and on channels_last tensors;
-  bwd_data    ours: torch.ops.directconv.conv2d_backward_data; torch: aten.convolution_backward
-              with output_mask [True, False, False], NCHW and channels_last;
-  bwd_weight  ours: torch.ops.directconv.conv2d_backward_weight; torch: the same with
-              output_mask [False, True, False].
+  fwd         blocked: conv2d_blocked on blocked tensors (no conversion at all);
+              drop-in: torch_directconv.conv2d (NCHW in and out, the weight packed at every
+              call, as in training); torch: F.conv2d on NCHW tensors, and on channels_last tensors;
+  bwd_data    blocked: torch.ops.directconv.conv2d_blocked_backward_data; drop-in:
+              conv2d_backward_data; torch: aten.convolution_backward with output_mask
+              [True, False, False], NCHW and channels_last;
+  bwd_weight  blocked: conv2d_blocked_backward_weight; drop-in: conv2d_backward_weight; torch:
+              the same with output_mask [False, True, False].
 Every pass counts the nominal 2*N*K*C*R*S*P*Q flops, shown as % of the FMA peak measured by the
 library's own JIT loop in every sampling round. The training total is fwd + bwd_data + bwd_weight
 over the network; conv1's input gradient is left out (no one needs the gradient of the image).
@@ -33,9 +35,10 @@ from harness import Timing, config_name, print_jit_and_peaks, run_configs, run_m
 from problems import Layer, add_run_args, check_run_args
 
 PASSES = ("fwd", "bwd_data", "bwd_weight")
-METHODS = ("ours", "torch_nchw", "torch_cl")
+OURS = ("blocked", "ours")
+METHODS = OURS + ("torch_nchw", "torch_cl")
 TORCH_METHODS = ("torch_nchw", "torch_cl")
-LABELS = {"ours": "ours", "torch_nchw": "torch NCHW", "torch_cl": "torch CL"}
+LABELS = {"blocked": "blocked", "ours": "drop-in", "torch_nchw": "torch NCHW", "torch_cl": "torch CL"}
 FORMATS = {"torch_nchw": "NCHW", "torch_cl": "CL"}
 # Training needs no gradient of the network's input: conv1's bwd_data is shown, not counted.
 NO_INPUT_GRAD = frozenset({"L01"})
@@ -84,9 +87,9 @@ class Case:
     def torch_best(self, pas: str) -> str:
         return min(TORCH_METHODS, key=lambda m: self.times.get((pas, m), math.inf))
 
-    def speedup(self, pas: str, baseline: str) -> float:
-        """t(baseline) / t(ours): above 1 means ours is faster."""
-        ours, base = self.times.get((pas, "ours")), self.times.get((pas, baseline))
+    def speedup(self, pas: str, baseline: str, method: str = "ours") -> float:
+        """t(baseline) / t(method): above 1 means ours is faster."""
+        ours, base = self.times.get((pas, method)), self.times.get((pas, baseline))
         return base / ours if ours and base else float("nan")
 
 
@@ -131,29 +134,51 @@ def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -
         "bwd_data": lambda: ops.conv2d_backward_data(gy, w, x_shape, stride, pad4, dilation, groups),
         "bwd_weight": lambda: ops.conv2d_backward_weight(gy, x, w_shape, stride, pad4, dilation, groups),
     }
+    # The blocked kernels alone: activations, gradients and weights already blocked.
+    c_in = conv.ic
+    xb, wb, gyb = tdc.to_blocked(x), tdc.to_blocked_weight(w), tdc.to_blocked(gy)
+    xb_shape, wb_shape = list(xb.shape), list(wb.shape)
+    blocked = {
+        "fwd": lambda: ops.conv2d_blocked(xb, wb, None, stride, pad4, dilation, False, c_in),
+        "bwd_data": lambda: ops.conv2d_blocked_backward_data(gyb, wb, xb_shape, stride, pad4, dilation, c_in),
+        "bwd_weight": lambda: ops.conv2d_blocked_backward_weight(gyb, xb, wb_shape, stride, pad4, dilation, c_in),
+    }
+    unblock = {
+        "fwd": lambda t: tdc.from_blocked(t, conv.oc),
+        "bwd_data": lambda t: tdc.from_blocked(t, c_in),
+        "bwd_weight": lambda t: t.permute(0, 5, 1, 4, 2, 3).reshape(wb.shape[0] * wb.shape[5], -1, *wb.shape[2:4])[
+            : conv.oc, :c_in
+        ],
+    }
     refs = {"fwd": y, "bwd_data": torch_bwd(gy, x, w, data_mask)[0], "bwd_weight": torch_bwd(gy, x, w, weight_mask)[1]}
 
     problems = []
     stats0 = tdc.jit_stats()
-    for pas in PASSES:
+    for pas, method in [(p, m) for p in PASSES for m in OURS]:
         fallbacks, calls = tdc.jit_stats()["fallbacks"], _jit_calls(tdc)
+        grouped = groups > 1 and method == "blocked"  # the blocked API is for groups = 1
+        if grouped:
+            continue
         try:
-            out = ours[pas]()
+            out = ours[pas]() if method == "ours" else unblock[pas](blocked[pas]())
         except (RuntimeError, ValueError, TypeError) as e:
             # A layer the library rejects is a result to report, not the end of the run.
-            problems.append(f"{pas}: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
+            problems.append(f"{LABELS[method]} {pas}: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
             continue
-        case.via[pas] = "JIT" if _jit_calls(tdc) > calls else "ATen"
+        via = "JIT" if _jit_calls(tdc) > calls else "ATen"
+        case.via[pas] = via if method == "ours" or case.via.get(pas, via) == via else "mixed"
         if tdc.jit_stats()["fallbacks"] != fallbacks:
             problems.append(f"{pas} went to PyTorch's convolution (jit_stats()['fallbacks'] grew)")
+        if method == "blocked":
+            out = out.contiguous()
         ref = refs[pas]
         scale = ref.abs().max().item()
-        case.max_err[pas] = (out - ref).abs().max().item() / scale
+        case.max_err[pas] = max(case.max_err.get(pas, 0.0), (out - ref).abs().max().item() / scale)
         try:
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * scale)
         except AssertionError as e:
             first = [line for line in str(e).splitlines() if line.strip()]
-            problems.append(f"{pas} differs from PyTorch's ({'; '.join(first[:3])})")
+            problems.append(f"{LABELS[method]} {pas} differs from PyTorch's ({'; '.join(first[:3])})")
         if not out.is_contiguous():
             problems.append(f"{pas} result is not NCHW-contiguous (strides {out.stride()})")
     stats1 = tdc.jit_stats()
@@ -165,6 +190,8 @@ def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -
 
     for pas in PASSES:
         case.fns[(pas, "ours")] = ours[pas]
+        if groups == 1:
+            case.fns[(pas, "blocked")] = blocked[pas]
     case.fns[("fwd", "torch_nchw")] = lambda: F.conv2d(x, w, None, stride, padding, dilation, groups)
     case.fns[("fwd", "torch_cl")] = lambda: F.conv2d(x_cl, w_cl, None, stride, padding, dilation, groups)
     case.fns[("bwd_data", "torch_nchw")] = lambda: torch_bwd(gy, x, w, data_mask)
@@ -226,7 +253,7 @@ def network_totals(cases: list[Case]) -> dict:
     best_per_pass = {}
     for pas in PASSES:
         counted = [c for c in timed if c.count(pas)]
-        times = {m: sum(c.count(pas) * c.times[(pas, m)] for c in counted) for m in METHODS}
+        times = {m: sum(c.count(pas) * c.times.get((pas, m), math.nan) for c in counted) for m in METHODS}
         flops = sum(c.count(pas) * c.flops for c in counted)
         # The peak while the network's layers ran: their own peaks, weighted as our times are.
         weight = sum(c.count(pas) * c.times[(pas, "ours")] * c.peak for c in counted)
@@ -277,7 +304,7 @@ CELL, RATIO, VIA = 11, 6, 5
 
 def _widths(pas: str) -> list[int]:
     # Only the backward passes have a 'via' column: the forward is checked not to fall back.
-    return ([VIA] if pas != "fwd" else []) + [CELL] * len(METHODS) + [RATIO]
+    return ([VIA] if pas != "fwd" else []) + [CELL] * len(METHODS) + [RATIO] * len(OURS)
 
 
 def _group(pas: str, values: list[str]) -> str:
@@ -293,20 +320,20 @@ def format_table(cases: list[Case], totals: dict) -> str:
     lines = [
         (
             f"{config_name(c0.threads, c0.n)}: {c0.threads} thread(s), N={c0.n}, FMA peak {c0.peak:.1f} GFLOP/s; "
-            "cells: GFLOP/s and % of peak; x best: time(PyTorch's faster format) / time(ours); "
-            "via: the path our op took"
+            "cells: GFLOP/s and % of peak; x blk, x dro: time(PyTorch's faster format) / time(ours), blocked and "
+            "drop-in; via: the path our ops took"
         )
     ]
     prefix = f"{'':<3} {'':<11} {'':>7}"
     lines.append(prefix + "".join(f" | {pas:<{sum(_widths(pas)) + len(_widths(pas)) - 1}}" for pas in PASSES))
-    cols = [LABELS[m] for m in METHODS] + ["x best"]
+    cols = [LABELS[m] for m in METHODS] + ["x blk", "x dro"]
     head = f"{'id':<3} {'name':<11} {'MFLOP':>7}" + "".join(_group(pas, _via(pas, "via") + cols) for pas in PASSES)
     lines += [head, "-" * len(head)]
     for c in cases:
         row = f"{c.layer.id:<3} {c.layer.name[:11]:<11} {c.flops * 1e-6:7.1f}"
         for pas in PASSES:
             values = [cell(c.gflops(pas, m), c.pct(pas, m)) for m in METHODS]
-            values.append(ratio(c.speedup(pas, c.torch_best(pas))))
+            values += [ratio(c.speedup(pas, c.torch_best(pas), m)) for m in OURS]
             row += _group(pas, _via(pas, c.via.get(pas, "-") + ("" if c.count(pas) else "*")) + values)
         lines.append(row)
         if c.error:
@@ -321,9 +348,10 @@ def format_table(cases: list[Case], totals: dict) -> str:
     for pas in PASSES:
         t = totals[pas]
         tm = t["methods"]
-        values = [cell(tm[m]["gflops"], tm[m]["pct_peak"]) for m in METHODS] + [ratio(tm["ours"]["x_torch_best"])]
+        values = [cell(tm[m]["gflops"], tm[m]["pct_peak"]) for m in METHODS]
+        values += [ratio(tm[m]["x_torch_best"]) for m in OURS]
         gf_row += _group(pas, _via(pas, f"{t['jit_layers']}/{t['layers']}") + values)
-        ms_row += _group(pas, _via(pas, "") + [f"{tm[m]['ms']:9.2f}ms" for m in METHODS] + [""])
+        ms_row += _group(pas, _via(pas, "") + [f"{tm[m]['ms']:9.2f}ms" for m in METHODS] + [""] * len(OURS))
     lines += [gf_row, ms_row]
     lines.append(
         "net: sum over layers of count x median time ("
@@ -345,14 +373,15 @@ def format_table(cases: list[Case], totals: dict) -> str:
 
 def training_line(tr: dict) -> str:
     tm = tr["methods"]
-    ours = tm["ours"]["ms"]
     formats = ", ".join(f"{pas} {FORMATS[m]}" for pas, m in tr["torch_best_per_pass"].items())
+    best = tr["torch_best_per_pass_ms"]
+    ours = "; ".join(
+        f"{LABELS[m]} {tm[m]['ms']:.2f} ms ({tm[m]['pct_peak']:.0f}% of peak) = {ratio(best / tm[m]['ms'])}"
+        for m in OURS
+    )
     return (
-        f"training step (fwd + bwd_data + bwd_weight): ours {ours:.2f} ms ({tm['ours']['pct_peak']:.0f}% of peak); "
-        f"torch best per pass {tr['torch_best_per_pass_ms']:.2f} ms ({formats}) = "
-        f"{ratio(tr['x_torch_best_per_pass'])}; "
-        f"torch NCHW {tm['torch_nchw']['ms']:.2f} ms = {ratio(tm['ours']['x_torch_nchw'])}; "
-        f"torch CL {tm['torch_cl']['ms']:.2f} ms = {ratio(tm['torch_cl']['ms'] / ours if ours else math.nan)}"
+        f"training step (fwd + bwd_data + bwd_weight): {ours} against torch's best per pass {best:.2f} ms "
+        f"({formats}); torch NCHW {tm['torch_nchw']['ms']:.2f} ms, torch CL {tm['torch_cl']['ms']:.2f} ms"
     )
 
 
@@ -361,13 +390,14 @@ def summarize(configs: dict[str, list[Case]], all_totals: dict[str, dict]) -> tu
     for name, cases in configs.items():
         totals = all_totals[name]
         timed = [c for c in cases if c.times]
-        for pas in PASSES:
+        for pas, m in [(p, m) for p in PASSES for m in OURS]:
             t = totals[pas]
-            pcts = [c.pct(pas, "ours") for c in timed]
+            pcts = [c.pct(pas, m) for c in timed if (pas, m) in c.times]
             torch_pcts = [c.pct(pas, c.torch_best(pas)) for c in timed]
             rows.append(
                 {
                     "config": name,
+                    "path": LABELS[m],
                     "pass": pas,
                     "layers": len(timed),
                     "jit_layers": sum(c.via.get(pas) == "JIT" for c in timed),
@@ -375,36 +405,42 @@ def summarize(configs: dict[str, list[Case]], all_totals: dict[str, dict]) -> tu
                     "min_pct_peak": min(pcts) if pcts else float("nan"),
                     "max_pct_peak": max(pcts) if pcts else float("nan"),
                     "torch_best_median_pct_peak": statistics.median(torch_pcts) if torch_pcts else float("nan"),
-                    "layers_faster_than_torch_best": sum(c.speedup(pas, c.torch_best(pas)) > 1 for c in timed),
-                    "network_ms": t["methods"]["ours"]["ms"],
+                    "layers_faster_than_torch_best": sum(c.speedup(pas, c.torch_best(pas), m) > 1 for c in timed),
+                    "network_ms": t["methods"][m]["ms"],
+                    "network_pct_peak": t["methods"][m]["pct_peak"],
                     "network_torch_best": t["torch_best"],
                     "network_torch_best_ms": t["methods"][t["torch_best"]]["ms"],
-                    "network_x_torch_best": t["methods"]["ours"]["x_torch_best"],
-                    "network_x_torch_nchw": t["methods"]["ours"]["x_torch_nchw"],
+                    "network_x_torch_best": t["methods"][m]["x_torch_best"],
+                    "network_x_torch_nchw": t["methods"][m]["x_torch_nchw"],
                 }
             )
         tr = totals["training"]
-        rows.append(
-            {
-                "config": name,
-                "pass": "training",
-                "layers": len(timed),
-                "network_ms": tr["methods"]["ours"]["ms"],
-                "network_torch_best": "per pass",
-                "network_torch_best_ms": tr["torch_best_per_pass_ms"],
-                "network_x_torch_best": tr["x_torch_best_per_pass"],
-                "network_x_torch_nchw": tr["methods"]["ours"]["x_torch_nchw"],
-            }
-        )
+        for m in OURS:
+            ms = tr["methods"][m]["ms"]
+            rows.append(
+                {
+                    "config": name,
+                    "path": LABELS[m],
+                    "pass": "training",
+                    "layers": len(timed),
+                    "network_ms": ms,
+                    "network_pct_peak": tr["methods"][m]["pct_peak"],
+                    "network_torch_best": "per pass",
+                    "network_torch_best_ms": tr["torch_best_per_pass_ms"],
+                    "network_x_torch_best": tr["torch_best_per_pass_ms"] / ms if ms else float("nan"),
+                    "network_x_torch_nchw": tr["methods"][m]["x_torch_nchw"],
+                }
+            )
     head = (
-        f"{'config':<8} {'pass':<10} {'JIT':>5} {'median%':>7} {'min%':>5} {'torch%':>6} {'faster':>6} "
-        f"{'network ms':>10} {'torch best ms':>18} {'x torch best':>12} {'x torch NCHW':>12}"
+        f"{'config':<8} {'path':<8} {'pass':<10} {'JIT':>5} {'median%':>7} {'min%':>5} {'torch%':>6} {'faster':>6} "
+        f"{'network ms':>10} {'net%':>5} {'torch best ms':>18} {'x torch best':>12} {'x torch NCHW':>12}"
     )
     lines = [
-        "Summary of ours (median% and min%: % of the measured FMA peak over the layers; torch%: the median for "
-        + "PyTorch's faster format;",
-        "JIT: layers our op ran on the JIT; faster: layers where ours beat PyTorch's faster format; network: sum of "
-        + "count x time; training: the three passes, with PyTorch's faster format picked per pass)",
+        "Summary of ours, blocked and drop-in (median% and min%: % of the measured FMA peak over the layers; "
+        + "torch%: the median for PyTorch's faster format;",
+        "JIT: layers our drop-in op ran on the JIT; faster: layers where ours beat PyTorch's faster format; network: "
+        + "sum of count x time, net% its % of peak; training: the three passes, with PyTorch's faster format picked "
+        + "per pass)",
         head,
         "-" * len(head),
     ]
@@ -419,7 +455,8 @@ def summarize(configs: dict[str, list[Case]], all_totals: dict[str, dict]) -> tu
                 f"{r['torch_best_median_pct_peak']:6.1f} {r['layers_faster_than_torch_best']:>3}/{r['layers']:<2}"
             )
         lines.append(
-            f"{r['config']:<8} {r['pass']:<10} {stats} {r['network_ms']:10.2f} {best_ms:>18} "
+            f"{r['config']:<8} {r['path']:<8} {r['pass']:<10} {stats} {r['network_ms']:10.2f} "
+            f"{r['network_pct_peak']:5.1f} {best_ms:>18} "
             f"{ratio(r['network_x_torch_best']):>12} {ratio(r['network_x_torch_nchw']):>12}"
         )
     for name, cases in configs.items():
@@ -457,6 +494,7 @@ def case_records(c: Case) -> list[dict]:
         rec.update(
             torch_best=c.torch_best(pas) if c.times else "",
             x_torch_best=c.speedup(pas, c.torch_best(pas)),
+            blocked_x_torch_best=c.speedup(pas, c.torch_best(pas), "blocked"),
             x_torch_nchw=c.speedup(pas, "torch_nchw"),
             check_max_rel_err=c.max_err.get(pas, float("nan")),
             check_error=c.error or "",
@@ -497,6 +535,9 @@ def network_records(name: str, totals: dict) -> list[dict]:
             torch_best="per_pass" if training else t["torch_best"],
             x_torch_best=t["x_torch_best_per_pass"] if training else tm["ours"]["x_torch_best"],
             x_torch_nchw=tm["ours"]["x_torch_nchw"],
+            blocked_x_torch_best=(
+                t["torch_best_per_pass_ms"] / tm["blocked"]["ms"] if training else tm["blocked"]["x_torch_best"]
+            ),
         )
         recs.append(rec)
     return recs

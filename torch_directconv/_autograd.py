@@ -1,8 +1,10 @@
-"""Autograd of directconv::conv2d, built from the project's own backward ops.
+"""Autograd of directconv::conv2d and of the blocked API, built from the project's own ops.
 
 The backward ops are torch.library custom ops (directconv::conv2d_backward_data and
-conv2d_backward_weight), so torch.compile and torch.export see the whole training graph.
-Double backward is not supported and says so.
+conv2d_backward_weight, and their blocked twins), so torch.compile and torch.export see the
+whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight)
+are differentiable too, so a model whose activations stay blocked trains end to end.
+Double backward through a convolution is not supported and says so.
 """
 
 from __future__ import annotations
@@ -40,6 +42,60 @@ def _backward(ctx, grad):
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
+def _setup_blocked(ctx, inputs, output) -> None:
+    xb, wb, bias, stride, padding, dilation, relu, in_channels = inputs
+    ctx.save_for_backward(xb, wb, output if relu else None)
+    ctx.geometry = (list(stride), list(padding), list(dilation), in_channels)
+    ctx.relu = relu
+    ctx.bias_size = bias.shape[0] if bias is not None else None
+
+
+def _backward_blocked(ctx, grad):
+    xb, wb, output = ctx.saved_tensors
+    stride, padding, dilation, in_channels = ctx.geometry
+    if ctx.relu:
+        grad = torch.where(output <= 0, torch.zeros_like(grad), grad)
+    grad_xb = grad_wb = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_xb = torch.ops.directconv.conv2d_blocked_backward_data(
+            grad, wb, list(xb.shape), stride, padding, dilation, in_channels
+        )
+    if ctx.needs_input_grad[1]:
+        grad_wb = torch.ops.directconv.conv2d_blocked_backward_weight(
+            grad, xb, list(wb.shape), stride, padding, dilation, in_channels
+        )
+    if ctx.bias_size is not None and ctx.needs_input_grad[2]:
+        grad_bias = grad.sum((0, 2, 3)).reshape(-1)[: ctx.bias_size]
+    return grad_xb, grad_wb, grad_bias, None, None, None, None, None
+
+
+def _setup_to_blocked(ctx, inputs, output) -> None:
+    ctx.channels = inputs[0].shape[1]
+
+
+def _backward_to_blocked(ctx, grad):
+    return torch.ops.directconv.from_blocked(grad, ctx.channels), None
+
+
+def _setup_from_blocked(ctx, inputs, output) -> None:
+    ctx.vlen = inputs[0].shape[4]
+
+
+def _backward_from_blocked(ctx, grad):
+    return torch.ops.directconv.to_blocked(grad, ctx.vlen), None
+
+
+def _setup_to_blocked_weight(ctx, inputs, output) -> None:
+    ctx.kc = inputs[0].shape[:2]
+
+
+def _backward_to_blocked_weight(ctx, grad):
+    kb, cb, r, s, v, _ = grad.shape
+    k, c = ctx.kc
+    # (K/V, C/V, R, S, V(c), V(k)) -> (K, C, R, S), dropping the padding.
+    return grad.permute(0, 5, 1, 4, 2, 3).reshape(kb * v, cb * v, r, s)[:k, :c], None
+
+
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "torch_directconv: double backward (a gradient of a gradient) through conv2d is not supported; "
@@ -52,5 +108,16 @@ def _keep_nothing(ctx, inputs, output) -> None:
 
 
 torch.library.register_autograd("directconv::conv2d", _backward, setup_context=_setup_context)
-for _name in ("directconv::conv2d_backward_data", "directconv::conv2d_backward_weight"):
+torch.library.register_autograd("directconv::conv2d_blocked", _backward_blocked, setup_context=_setup_blocked)
+torch.library.register_autograd("directconv::to_blocked", _backward_to_blocked, setup_context=_setup_to_blocked)
+torch.library.register_autograd("directconv::from_blocked", _backward_from_blocked, setup_context=_setup_from_blocked)
+torch.library.register_autograd(
+    "directconv::to_blocked_weight", _backward_to_blocked_weight, setup_context=_setup_to_blocked_weight
+)
+for _name in (
+    "directconv::conv2d_backward_data",
+    "directconv::conv2d_backward_weight",
+    "directconv::conv2d_blocked_backward_data",
+    "directconv::conv2d_blocked_backward_weight",
+):
     torch.library.register_autograd(_name, _no_double_backward, setup_context=_keep_nothing)

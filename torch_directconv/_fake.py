@@ -83,3 +83,13 @@ def _conv2d_backward_data(grad_output, weight, input_size, stride, padding, dila
 @torch.library.register_fake("directconv::conv2d_backward_weight")
 def _conv2d_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups):
     return grad_output.new_empty(weight_size)
+
+
+@torch.library.register_fake("directconv::conv2d_blocked_backward_data")
+def _conv2d_blocked_backward_data(grad_output, wb, input_size, stride, padding, dilation, in_channels):
+    return grad_output.new_empty(input_size)
+
+
+@torch.library.register_fake("directconv::conv2d_blocked_backward_weight")
+def _conv2d_blocked_backward_weight(grad_output, xb, weight_size, stride, padding, dilation, in_channels):
+    return grad_output.new_empty(weight_size)

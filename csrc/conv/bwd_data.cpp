@@ -1,5 +1,6 @@
 #include "conv/bwd_data.h"
 
+#include <algorithm>
 #include <numeric>
 
 namespace dc {
@@ -10,6 +11,7 @@ namespace {
 struct PhaseDim {
   std::vector<int64_t> taps;
   int64_t n_in = 0, dil = 1, pad_lo = 0, pad_hi = 0;
+  int64_t crop = 0, size = 0;  // the output-gradient span read: [crop, crop + size)
 };
 
 bool phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t stride, int64_t pad, int64_t dil,
@@ -25,7 +27,13 @@ bool phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t str
   const int64_t n_t = static_cast<int64_t>(pd->taps.size());
   pd->pad_lo = -(a + pad - pd->taps.back() * dil) / stride;
   pd->pad_hi = pd->n_in + pd->dil * (n_t - 1) - pd->pad_lo - out_n;
-  return pd->pad_lo >= 0 && pd->pad_hi >= 0;
+  // A negative padding is a crop: those output-gradient entries are never read.
+  pd->crop = std::max<int64_t>(0, -pd->pad_lo);
+  pd->size = out_n - pd->crop - std::max<int64_t>(0, -pd->pad_hi);
+  pd->pad_lo = std::max<int64_t>(0, pd->pad_lo);
+  pd->pad_hi = std::max<int64_t>(0, pd->pad_hi);
+  if (pd->size < 1) pd->taps.clear();  // every tap reads past the output gradient: a zero phase
+  return true;
 }
 }  // namespace
 
@@ -50,8 +58,10 @@ bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases) {
         ConvDesc& s = ph.sub;
         s.n = d.n;
         s.c = d.k;
-        s.h = P;
-        s.w = Q;
+        s.h = pr.size;
+        s.w = ps.size;
+        ph.crop_t = pr.crop;
+        ph.crop_l = ps.crop;
         s.k = d.c;
         s.r = static_cast<int64_t>(pr.taps.size());
         s.s = static_cast<int64_t>(ps.taps.size());
@@ -68,6 +78,16 @@ bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases) {
       phases->push_back(ph);
     }
   return true;
+}
+
+void bwd_data_phase_layout(const ConvDesc& d, const BwdDataPhase& ph, int v, FwdPlanOptions* options,
+                           int64_t* src_off, int64_t* dst_off) {
+  const int64_t P = d.p(), Q = d.q(), cb = div_up(d.c, v), kb = div_up(d.k, v);
+  if (d.stride_h > 1 || d.stride_w > 1)
+    options->dst = {d.stride_w, d.stride_h * d.w * v, d.h * d.w * v, cb * d.h * d.w * v};
+  if (ph.sub.h != P || ph.sub.w != Q) options->src = {Q * v, P * Q * v, kb * P * Q * v};
+  *src_off = (ph.crop_t * Q + ph.crop_l) * v;
+  *dst_off = (ph.a * d.w + ph.b) * v;
 }
 
 }  // namespace dc

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "conv/conv_desc.h"
+#include "conv/fwd_plan.h"
 
 namespace dc {
 
@@ -23,13 +24,22 @@ struct BwdDataPhase {
   // The forward problem over grad_output (n, K channels, P x Q) that yields the phase's
   // rows x cols pixels of C channels; its kernel tap (i, j) is the forward tap
   // (taps_r[n_r - 1 - i], taps_s[n_s - 1 - j]). Unset (k = 0) when no tap reaches the phase.
+  // Its input is grad_output from row crop_t and column crop_l on: sub.h x sub.w of the
+  // P x Q pixels (the rest are never read by this phase).
   ConvDesc sub;
+  int64_t crop_t = 0, crop_l = 0;
   bool empty() const { return taps_r.empty() || taps_s.empty(); }
 };
 
 // The phases of the input gradient of `d` (one group), all stride_h * stride_w of them,
-// phases without pixels left out. False when some phase would need negative padding
-// (a padding wider than the dilated kernel), which the forward kernels cannot express.
+// phases without pixels left out. Always true for now: false is kept for a phase that
+// the forward kernels could not express.
 bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases);
+
+// How phase ph's forward problem (ph.sub) reads the blocked output gradient
+// (N, Kb, P, Q, V) and writes the blocked input gradient (N, Cb, H, W, V): the layouts to
+// add to its plan options, and the element offsets of its first input and output pixel.
+void bwd_data_phase_layout(const ConvDesc& d, const BwdDataPhase& ph, int v, FwdPlanOptions* options,
+                           int64_t* src_off, int64_t* dst_off);
 
 }  // namespace dc

@@ -5,9 +5,20 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <unistd.h>
+
 namespace dc {
 
 namespace {
+
+// The L2 cache of one core, as the OS reports it (1 MiB when it does not).
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? static_cast<int64_t>(b) : int64_t{1} << 20;
+  }();
+  return bytes;
+}
 
 // Estimated cycles of one unrolled step (one kernel column, one input channel) of a tile.
 // Two FMAs and two vector loads issue per cycle, but a load-bound stream reaches only
@@ -73,8 +84,9 @@ class StreamBuilder {
     return idx;
   }
 
-  // All calls of tile rows [oh0, oh0 + rows) x output blocks [kb0, kb0 + n_oc) of image n.
-  void emit_rows(std::vector<FwdCall>& out, int64_t n, int64_t kb0, int n_oc, int64_t oh0, int rows) {
+  // The tiles of rows [oh0, oh0 + rows) x output blocks [kb0, kb0 + n_oc) of image n: for
+  // each, its calls, one per chunk of input channels.
+  void emit_rows(std::vector<std::vector<FwdCall>>& tiles, int64_t n, int64_t kb0, int n_oc, int64_t oh0, int rows) {
     int64_t r_lo, n_r;
     valid_kernel_rows(d_, oh0, &r_lo, &n_r);
     const int64_t cb_full = d_.c / V_;
@@ -99,6 +111,7 @@ class StreamBuilder {
         sp.w = static_cast<int>(d_.w);
       }
       const int64_t ih = oh0 * d_.stride_h - d_.pad_t + r_lo * d_.dil_h;
+      std::vector<FwdCall>& out = tiles.emplace_back();
       FwdCall call{};
       call.n_r = static_cast<int32_t>(n_r);
       call.bias_off = kb0 * V_;
@@ -109,7 +122,7 @@ class StreamBuilder {
         call.kernel = kernel_index(sp);
         call.n_cb = static_cast<int32_t>(n_cb);
         call.flags = (first ? 0 : static_cast<int32_t>(kAccumulate)) | (last ? kLastChunk : 0);
-        call.src_off = ((n * plan_.cb + cb0) * d_.h + ih) * d_.w * V_ + iw0 * V_;
+        call.src_off = n * plan_.src.img + cb0 * plan_.src.cb + ih * plan_.src.row + iw0 * V_;
         call.wei_off = ((kb0 * plan_.cb + cb0) * d_.r + r_lo) * d_.s * V_ * V_;
         out.push_back(call);
         first = false;
@@ -132,10 +145,13 @@ class StreamBuilder {
     return 0.5 * c.n_r * c.n_cb * sp.c_valid * taps * sp.oh * sp.n_oc + 20 + 2 * sp.oh * sp.ow * sp.n_oc;
   }
 
-  // Rows of one unit: pairs of rows that reduce over every kernel row share a tile.
+  // Rows of one unit: pairs of rows that reduce over every kernel row share a tile. The
+  // unit's tiles take each chunk of input channels in turn, so that the chunk's weights
+  // stay in L1 while every tile of the unit uses them.
   void emit_unit(std::vector<FwdCall>& out, int64_t n, int64_t kg, int64_t row0, int64_t row1) {
     const int64_t kb0 = kg * plan_.n_oc;
     const int n_oc = static_cast<int>(std::min<int64_t>(plan_.n_oc, plan_.kb - kb0));
+    std::vector<std::vector<FwdCall>> tiles;
     for (int64_t oh = row0; oh < row1;) {
       int rows = 1;
       if (plan_.tile_oh == 2 && oh + 1 < row1) {
@@ -144,9 +160,14 @@ class StreamBuilder {
         valid_kernel_rows(d_, oh + 1, &lo1, &n1);
         if (lo0 == lo1 && n0 == n1) rows = 2;
       }
-      emit_rows(out, n, kb0, n_oc, oh, rows);
+      emit_rows(tiles, n, kb0, n_oc, oh, rows);
       oh += rows;
     }
+    size_t chunks = 0;
+    for (const auto& t : tiles) chunks = std::max(chunks, t.size());
+    for (size_t i = 0; i < chunks; ++i)
+      for (const auto& t : tiles)
+        if (i < t.size()) out.push_back(t[i]);
   }
 
  private:
@@ -180,7 +201,12 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   plan.tile_oh = tile.oh;
   plan.tile_ow = tile.ow;
   plan.n_oc = tile.n_oc;
-  plan.c_chunk = std::max<int64_t>(1, desc.c / V);
+  // Input-channel chunks whose weights for the tile's output blocks fit in half of a
+  // 32 KiB L1 (a chunk's weights are read by every tile of the unit, from L1); at least
+  // one block.
+  const int64_t chunk_bytes = plan.n_oc * desc.r * desc.s * V * V * 4;
+  plan.c_chunk = options.c_chunk > 0 ? options.c_chunk : std::max<int64_t>(1, (16 << 10) / chunk_bytes);
+  plan.c_chunk = std::min<int64_t>(plan.c_chunk, std::max<int64_t>(1, desc.c / V));
 
   plan.prefetch = options.prefetch == 1;
   const int64_t P = desc.p(), Q = desc.q();
@@ -190,22 +216,39 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   plan.dst.img = options.dst.img ? options.dst.img : plan.kb * plan.dst.kb;
   if (plan.dst.px < 1 || plan.dst.row < 1 || plan.dst.kb < 1 || plan.dst.img < 1)
     throw std::invalid_argument("conv2d: bad output layout");
+  plan.src.row = options.src.row ? options.src.row : desc.w * V;
+  plan.src.cb = options.src.cb ? options.src.cb : desc.h * plan.src.row;
+  plan.src.img = options.src.img ? options.src.img : plan.cb * plan.src.cb;
+  if (plan.src.row < desc.w * V || plan.src.cb < desc.h * desc.w * V || plan.src.img < 1)
+    throw std::invalid_argument("conv2d: bad input layout");
   const int64_t kgroups = div_up(plan.kb, plan.n_oc);
-  // A unit's input rows stay in L2 (a quarter of a 1 MiB L2) while every output-channel
-  // group of the unit streams over them; and there are enough units for every thread.
+  // A unit's tiles read its input rows (the slab) once per chunk, and its output-channel
+  // group's weights once. The rows per unit minimise the bytes that come from beyond L2:
+  // the weights, once per row group, when they do not fit in half of L2 beside the slab;
+  // the slab, once per output-channel group when it does not fit, else once. Ties keep
+  // the largest slab under a quarter of a 1 MiB L2. Then there must be enough units for
+  // every thread.
   auto slab_bytes = [&](int64_t rows) {
     return ((rows - 1) * desc.stride_h + (desc.r - 1) * desc.dil_h + 1) * desc.w * plan.cb * V * 4;
   };
+  const double half_l2 = l2_bytes() / 2.0;
+  const double w_bytes = static_cast<double>(plan.kb) * plan.cb * desc.r * desc.s * V * V * 4;
+  auto far_bytes = [&](int64_t rows) {
+    const double groups = static_cast<double>(div_up(P, rows)), slab = static_cast<double>(slab_bytes(rows));
+    return groups * (w_bytes + slab > half_l2 ? w_bytes : 0) + groups * slab * (slab > half_l2 ? kgroups : 1);
+  };
   int64_t rows = P;
   while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
+  for (int64_t r = P; r >= 1; --r)
+    if (far_bytes(r) < 0.9 * far_bytes(rows)) rows = r;
   while (rows > 1 && desc.n * div_up(P, rows) * kgroups < 8 * plan.threads) rows = div_up(rows, 2);
   plan.rows_per_group = rows;
   if (plan.tile_oh == 2 && plan.rows_per_group % 2 && plan.rows_per_group < P) ++plan.rows_per_group;
 
   FwdCallArgs& a = plan.strides;
-  a.src_r_stride = desc.dil_h * desc.w * V * 4;
-  a.src_row_stride = desc.stride_h * desc.w * V * 4;
-  a.src_cb_stride = desc.h * desc.w * V * 4;
+  a.src_r_stride = desc.dil_h * plan.src.row * 4;
+  a.src_row_stride = desc.stride_h * plan.src.row * 4;
+  a.src_cb_stride = plan.src.cb * 4;
   a.wei_cb_stride = desc.r * desc.s * V * V * 4;
   a.wei_kb_stride = plan.cb * a.wei_cb_stride;
   a.dst_row_stride = plan.dst.row * 4;

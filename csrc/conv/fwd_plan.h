@@ -30,15 +30,28 @@ struct FwdDstLayout {
   bool dense() const { return px == 1 && row == 0 && kb == 0 && img == 0; }
 };
 
-// Choices a benchmark may force (prefetch) or a caller needs (dst); by default the plan decides.
+// Where the input comes from, in elements: by default the dense blocked (N, Cb, H, W, V).
+// A cropped view (row, block and image strides of a larger tensor) lets a phase of a
+// strided layer's input gradient skip output-gradient rows and columns it never reads.
+struct FwdSrcLayout {
+  int64_t row = 0, cb = 0, img = 0;  // 0: the dense stride
+  bool dense() const { return row == 0 && cb == 0 && img == 0; }
+};
+
+// Choices a benchmark may force (prefetch, c_chunk) or a caller needs (src, dst); by
+// default the plan decides.
 struct FwdPlanOptions {
   int prefetch = -1;  // -1: the plan decides, 0: off, 1: on
+  int c_chunk = -1;   // input-channel blocks per kernel call; -1: the plan decides
+  FwdSrcLayout src;
   FwdDstLayout dst;
   std::string key() const {
-    std::string k = "pf" + std::to_string(prefetch);
+    std::string k = "pf" + std::to_string(prefetch) + "_cc" + std::to_string(c_chunk);
     if (!dst.dense())
       k += "_dst" + std::to_string(dst.px) + "," + std::to_string(dst.row) + "," + std::to_string(dst.kb) + "," +
            std::to_string(dst.img);
+    if (!src.dense())
+      k += "_src" + std::to_string(src.row) + "," + std::to_string(src.cb) + "," + std::to_string(src.img);
     return k;
   }
 };
@@ -53,6 +66,7 @@ struct FwdPlan {
   int64_t c_chunk = 1;          // input-channel blocks per kernel call
   int64_t rows_per_group = 1;   // output rows of one work unit
   bool prefetch = false;        // kernels prefetch the next call's input
+  FwdSrcLayout src;             // the input strides, all set (elements)
   FwdDstLayout dst;             // the output strides, all set (elements)
   std::vector<FwdKernelSpec> kernels;
   std::vector<std::vector<FwdCall>> streams;  // one per thread

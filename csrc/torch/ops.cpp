@@ -391,7 +391,6 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
   const int64_t V = dc::vlen(jit_isa()), cb = dc::div_up(d.c, V), kb = dc::div_up(d.k, V);
   const int nt = num_threads();
   for (const dc::BwdDataPhase& ph : phases) {
-    float* base = dx + (ph.a * d.w + ph.b) * V;
     if (ph.empty()) {
       const int64_t lines = groups * d.n * cb * ph.rows;
       run_shares(nt, [&](int tid, int n_threads) {
@@ -408,9 +407,10 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
     float* wei = scratch(2, groups * wei_group);
     run_shares(nt, [&](int tid, int n_threads) { pack(ph, wei, tid, n_threads); });
     dc::FwdPlanOptions options = fwd_options();
-    if (d.stride_h > 1 || d.stride_w > 1)
-      options.dst = {d.stride_w, d.stride_h * d.w * V, d.h * d.w * V, cb * d.h * d.w * V};
-    run_fwd(ph.sub, dy, wei, nullptr, base, false, groups, dy_group, wei_group, 0, dx_group, options);
+    int64_t src_off, dst_off;
+    dc::bwd_data_phase_layout(d, ph, static_cast<int>(V), &options, &src_off, &dst_off);
+    run_fwd(ph.sub, dy + src_off, wei, nullptr, dx + dst_off, false, groups, dy_group, wei_group, 0, dx_group,
+            options);
   }
 }
 
@@ -818,7 +818,13 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);
   m.def(
-      "set_fwd_options", [](int prefetch) { dc_torch::fwd_options().prefetch = prefetch; }, pybind11::arg("prefetch") = -1,
-      "For benchmarks: force software prefetch on (1) or off (0); -1 lets the plan decide.");
+      "set_fwd_options",
+      [](int prefetch, int c_chunk) {
+        dc_torch::fwd_options().prefetch = prefetch;
+        dc_torch::fwd_options().c_chunk = c_chunk;
+      },
+      pybind11::arg("prefetch") = -1, pybind11::arg("c_chunk") = -1,
+      "For benchmarks: force software prefetch on (1) or off (0), and the input-channel blocks per kernel call; "
+      "-1 lets the plan decide.");
   m.def("fwd_plan", &dc_torch::fwd_plan, pybind11::arg("problem"), pybind11::arg("threads") = 1);
 }

@@ -34,6 +34,7 @@ void kernel_vs_twin(Isa isa) {
     if (fwd_vector_registers(sp) > isa_vector_registers(isa)) continue;
     sp.c_valid = uni(1, V);
     sp.prefetch = uni(0, 1);
+    sp.dst_px = uni(1, 3);  // a strided output view, as the input-gradient phases write
     const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
     if (uni(0, 1)) {
       sp.border = true;
@@ -43,8 +44,9 @@ void kernel_vs_twin(Isa isa) {
     const int n_cb = uni(1, 3), n_r = uni(0, 3), R = std::max(n_r, 1);
     const int W = row_px + 2;  // room for every column the tile may touch
     const int H = R + 2;
+    const int DW = sp.ow * sp.dst_px;  // output row
     std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * V * V),
-        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * W * V), ref;
+        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), ref;
     fill(src);
     fill(wei);
     fill(bias);
@@ -63,8 +65,8 @@ void kernel_vs_twin(Isa isa) {
     a.src_cb_stride = H * W * V * 4;
     a.wei_cb_stride = R * sp.s * V * V * 4;
     a.wei_kb_stride = n_cb * a.wei_cb_stride;
-    a.dst_row_stride = W * V * 4;
-    a.dst_kb_stride = 2 * W * V * 4;
+    a.dst_row_stride = DW * V * 4;
+    a.dst_kb_stride = 2 * DW * V * 4;
     a.pf_src = src.data();
     auto k = make_fwd_kernel(sp);
     k->build();
@@ -94,6 +96,7 @@ void conv_vs_reference(Isa isa) {
     const float* b = uni(0, 1) ? bias.data() : nullptr;
     FwdPlanOptions options;
     options.prefetch = uni(-1, 1);
+    options.c_chunk = uni(-1, 3);
     for (int threads : {1, 2}) {
       auto prim = get_fwd_primitive(d, isa, threads, options);
       std::fill(out.begin(), out.end(), NAN);
