@@ -492,15 +492,17 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
 
 // The weight gradient of every group on blocked tensors, x (N, Cb, H, W, V) at x_group
 // floats per group and dy (N, Kb, P, Q, V) at dy_group. Returns dW (Kb, Cb, R, S, V, V) of
-// group g at the returned pointer + g * (its second member) floats, in scratch slot 2.
+// group g at the returned pointer + g * (its second member) floats: straight in `out`
+// (dense, one group) when given and no private copies are needed, else in scratch slot 2.
 std::pair<const float*, int64_t> run_upd(const ConvDesc& d, int64_t groups, const float* x_blk, int64_t x_group,
-                                         const float* dy_blk, int64_t dy_group) {
+                                         const float* dy_blk, int64_t dy_group, float* out = nullptr) {
   const int nt = num_threads();
   auto prim = dc::get_upd_primitive(d, jit_isa(), nt);
   const dc::UpdKernels kernels = dc::acquire_kernels(*prim);
   const dc::UpdPlan& plan = prim->plan;
   const int64_t dw_elems = plan.dw_elements(), group_stride = plan.parts * dw_elems;
-  float* dw = scratch(2, groups * group_stride);  // the kernels write all of it
+  // The kernels write all of it.
+  float* dw = out && groups == 1 && plan.parts == 1 ? out : scratch(2, groups * group_stride);
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
       dc::upd_execute(*prim, kernels, x_blk + g * x_group, dy_blk + g * dy_group, dw + g * group_stride, tid);
@@ -714,9 +716,8 @@ Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& i
   Tensor out = at::empty(weight_size, input.options());
   if (d.n == 0) return out.zero_();
   Tensor x = input.contiguous(), gy = grad_output.contiguous();
-  auto [dw, group_stride] = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0);
-  (void)group_stride;
-  std::memcpy(out.data_ptr<float>(), dw, sizeof(float) * out.numel());
+  const float* dw = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0, out.data_ptr<float>()).first;
+  if (dw != out.data_ptr<float>()) std::memcpy(out.data_ptr<float>(), dw, sizeof(float) * out.numel());
   if (d.c < cb * V) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
   return out;
 }
