@@ -43,6 +43,7 @@ demo: setup
 	$(VPY) bench/bench_fwd.py
 	$(VPY) bench/bench_bwd.py
 	$(VPY) bench/resnet50_inference.py
+	$(VPY) bench/resnet50_training.py --batch latency
 
 bench: demo
 

@@ -191,7 +191,8 @@ class BlockedNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = tdc.vector_width()
         b1 = torch.cat([self.c1.bias, self.c1.bias.new_zeros(-(-16 // v) * v - 16)])
-        h = tdc.conv2d_blocked(tdc.to_blocked(x), tdc.to_blocked_weight(self.c1.weight), b1, 1, 1, relu=True, in_channels=3)
+        w1 = tdc.to_blocked_weight(self.c1.weight)
+        h = tdc.conv2d_blocked(tdc.to_blocked(x), w1, b1, 1, 1, relu=True, in_channels=3)
         h = tdc.conv2d_blocked(h, tdc.to_blocked_weight(self.c2.weight), None, 2, 1)
         return tdc.from_blocked(h, 24).mean((2, 3))
 
