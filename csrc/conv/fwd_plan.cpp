@@ -208,7 +208,10 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   plan.c_chunk = options.c_chunk > 0 ? options.c_chunk : std::max<int64_t>(1, (16 << 10) / chunk_bytes);
   plan.c_chunk = std::min<int64_t>(plan.c_chunk, std::max<int64_t>(1, desc.c / V));
 
-  plan.prefetch = options.prefetch == 1;
+  // Prefetching the next call's input rows measured 1-5 % faster on an AVX-512 Xeon (two
+  // FMA units: the input streams of the channel blocks outrun the hardware prefetchers)
+  // and within 2 % either way on Zen 4: on unless a benchmark turns it off.
+  plan.prefetch = options.prefetch != 0;
   const int64_t P = desc.p(), Q = desc.q();
   plan.dst.px = options.dst.px;
   plan.dst.row = options.dst.row ? options.dst.row : Q * options.dst.px * V;

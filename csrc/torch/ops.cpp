@@ -384,34 +384,63 @@ using PackPhase = std::function<void(const dc::BwdDataPhase&, float* dst, int ti
 
 // The input gradient on blocked tensors, group after group: dy (N, Kb, P, Q, V) at dy_group
 // floats per group, dx (N, Cb, H, W, V) at dx_group. Every pixel of dx is written: each
-// phase with taps by the forward kernels through a strided output view, the others with zeros.
+// phase with taps by the forward kernels through a strided output view, the others with
+// zeros. Two parallel regions in all: one packs the weights of every phase (and zeroes the
+// phases no tap reaches), one runs every phase; a thread done with its share of a phase
+// goes on to the next, as the phases' pixels are disjoint.
 void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases, const float* dy, float* dx,
                   int64_t groups, int64_t dy_group, int64_t dx_group, const PackPhase& pack) {
   if (d.n == 0) return;
-  const int64_t V = dc::vlen(jit_isa()), cb = dc::div_up(d.c, V), kb = dc::div_up(d.k, V);
+  const dc::Isa isa = jit_isa();
+  const int64_t V = dc::vlen(isa), cb = dc::div_up(d.c, V), kb = dc::div_up(d.k, V);
   const int nt = num_threads();
+  struct Job {
+    const dc::BwdDataPhase* phase;
+    std::shared_ptr<const dc::FwdPrimitive> prim;
+    dc::FwdKernels kernels;
+    int64_t src_off, dst_off, wei_off, wei_group;
+  };
+  std::vector<Job> jobs;
+  int64_t wei_total = 0;
   for (const dc::BwdDataPhase& ph : phases) {
-    if (ph.empty()) {
-      const int64_t lines = groups * d.n * cb * ph.rows;
-      run_shares(nt, [&](int tid, int n_threads) {
-        for (int64_t i = lines * tid / n_threads; i < lines * (tid + 1) / n_threads; ++i) {
-          const int64_t y = i % ph.rows, blk = i / ph.rows;  // blk runs over (group, image, channel block)
-          float* row = dx + (blk / (d.n * cb)) * dx_group + (blk % (d.n * cb)) * d.h * d.w * V +
-                       ((ph.a + y * d.stride_h) * d.w + ph.b) * V;
-          for (int64_t x = 0; x < ph.cols; ++x) std::memset(row + x * d.stride_w * V, 0, sizeof(float) * V);
-        }
-      });
-      continue;
-    }
-    const int64_t wei_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
-    float* wei = scratch(2, groups * wei_group);
-    run_shares(nt, [&](int tid, int n_threads) { pack(ph, wei, tid, n_threads); });
+    if (ph.empty()) continue;
+    Job j;
+    j.phase = &ph;
     dc::FwdPlanOptions options = fwd_options();
-    int64_t src_off, dst_off;
-    dc::bwd_data_phase_layout(d, ph, static_cast<int>(V), &options, &src_off, &dst_off);
-    run_fwd(ph.sub, dy + src_off, wei, nullptr, dx + dst_off, false, groups, dy_group, wei_group, 0, dx_group,
-            options);
+    dc::bwd_data_phase_layout(d, ph, static_cast<int>(V), &options, &j.src_off, &j.dst_off);
+    j.prim = dc::get_fwd_primitive(ph.sub, isa, nt, options);
+    j.kernels = dc::acquire_kernels(*j.prim);
+    j.wei_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
+    j.wei_off = wei_total;
+    wei_total += groups * j.wei_group;
+    jobs.push_back(std::move(j));
   }
+  float* wei = scratch(2, std::max<int64_t>(1, wei_total));
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (const Job& j : jobs) pack(*j.phase, wei + j.wei_off, tid, n_threads);
+    for (const dc::BwdDataPhase& ph : phases) {
+      if (!ph.empty()) continue;
+      const int64_t lines = groups * d.n * cb * ph.rows;
+      for (int64_t i = lines * tid / n_threads; i < lines * (tid + 1) / n_threads; ++i) {
+        const int64_t y = i % ph.rows, blk = i / ph.rows;  // blk runs over (group, image, channel block)
+        float* row = dx + (blk / (d.n * cb)) * dx_group + (blk % (d.n * cb)) * d.h * d.w * V +
+                     ((ph.a + y * d.stride_h) * d.w + ph.b) * V;
+        for (int64_t x = 0; x < ph.cols; ++x) std::memset(row + x * d.stride_w * V, 0, sizeof(float) * V);
+      }
+    }
+  });
+  if (jobs.empty()) return;
+  std::vector<dc::FwdWorkQueue> queues;
+  queues.reserve(jobs.size() * groups);
+  for (size_t i = 0; i < jobs.size() * groups; ++i) queues.emplace_back(nt);
+  run_shares(nt, [&](int tid, int) {
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const Job& j = jobs[i];
+      for (int64_t g = 0; g < groups; ++g)
+        dc::fwd_execute(*j.prim, j.kernels, dy + g * dy_group + j.src_off, wei + j.wei_off + g * j.wei_group, nullptr,
+                        dx + g * dx_group + j.dst_off, false, tid, nt > 1 ? &queues[i * groups + g] : nullptr);
+    }
+  });
 }
 
 // The phases of the JIT input gradient; empty when it does not take the problem.
