@@ -30,6 +30,19 @@ std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa 
 }
 void clear_fwd_primitives() { primitives().clear(); }
 
+std::shared_ptr<const FwdPrimitive> get_fwd_nchw_1x1_primitive(const ConvDesc& desc, Isa isa, int threads,
+                                                               bool accumulate) {
+  return primitives().get(
+      "nchw1x1/" + desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads) + (accumulate ? "/acc" : ""),
+      [&] {
+        auto prim = std::make_shared<FwdPrimitive>();
+        prim->plan = make_fwd_plan_nchw_1x1(desc, isa, threads, accumulate);
+        prim->info = prim->plan.to_string() + " nchw1x1";
+        acquire_kernels(*prim);
+        return std::shared_ptr<const FwdPrimitive>(prim);
+      });
+}
+
 FwdKernels acquire_kernels(const FwdPrimitive& prim) {
   FwdKernels k;
   for (const FwdKernelSpec& sp : prim.plan.kernels) {

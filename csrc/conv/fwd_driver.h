@@ -30,6 +30,9 @@ FwdKernels acquire_kernels(const FwdPrimitive& prim);
 std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa isa, int threads,
                                                       const FwdPlanOptions& options = {});
 void clear_fwd_primitives();
+// The same for make_fwd_plan_nchw_1x1.
+std::shared_ptr<const FwdPrimitive> get_fwd_nchw_1x1_primitive(const ConvDesc& desc, Isa isa, int threads,
+                                                               bool accumulate);
 
 // Shared by the threads of one run: how many units of each thread's stream are taken.
 class FwdWorkQueue {

@@ -289,4 +289,90 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   return plan;
 }
 
+bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
+  const int64_t V = vlen(isa);
+  return isa != Isa::none && d.r == 1 && d.s == 1 && d.stride_h == 1 && d.stride_w == 1 && d.pad_t == 0 &&
+         d.pad_b == 0 && d.pad_l == 0 && d.pad_r == 0 && d.c % V == 0 && (d.h * d.w) % V == 0 && d.n >= 1;
+}
+
+FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate) {
+  if (!nchw_1x1_applies(d, isa)) throw std::invalid_argument("conv2d: the NCHW 1x1 plan does not apply to " + d.to_string());
+  FwdPlan plan;
+  plan.desc = d;
+  plan.isa = isa;
+  plan.threads = std::max(1, threads);
+  const int V = plan.v();
+  const int64_t pq = d.h * d.w, vecs = pq / V;
+  // Output channels x pixel vectors: 6 x 4 in 32 registers, 4 x 3 in 16.
+  const int k_rows = isa == Isa::avx512 ? 6 : 4, n_vec = isa == Isa::avx512 ? 4 : 3;
+  plan.cb = d.c / V;
+  plan.kb = div_up(d.k, V);
+  plan.tile_oh = 1;
+  plan.tile_ow = k_rows;
+  plan.n_oc = n_vec;
+  plan.c_chunk = plan.cb;
+  plan.rows_per_group = 1;
+  FwdCallArgs& a = plan.strides;
+  a.src_cb_stride = V * 4;       // the next V channels of a weight row
+  a.wei_cb_stride = V * pq * 4;  // the next V channel rows of the image
+  a.wei_kb_stride = V * 4;       // the next vector of pixels
+  a.dst_kb_stride = V * 4;
+  a.dst_row_stride = 0;
+  std::map<std::string, int> index;
+  auto kernel_index = [&](int rows, int n_oc) {
+    FwdKernelSpec sp;
+    sp.isa = isa;
+    sp.s = 1;
+    sp.stride_w = static_cast<int>(d.c / V);  // a "pixel" of the broadcast side is a weight row
+    sp.oh = 1;
+    sp.ow = rows;
+    sp.n_oc = n_oc;
+    sp.c_valid = V;
+    sp.dst_px = static_cast<int>(vecs);  // from one output channel's row to the next
+    sp.wei_c_stride = pq * 4;
+    auto it = index.find(sp.name());
+    if (it != index.end()) return it->second;
+    plan.kernels.push_back(sp);
+    return index[sp.name()] = static_cast<int>(plan.kernels.size()) - 1;
+  };
+  // Units: (image, group of n_vec pixel vectors), every output channel, chunk after chunk.
+  // Input channels in chunks whose pixels (n_vec * V of each) fit in 32 KiB: the chunk stays
+  // in L1 while every output channel's weights stream past it.
+  plan.c_chunk = std::max<int64_t>(1, std::min<int64_t>(plan.cb, (32 << 10) / (n_vec * V * V * 4)));
+  std::vector<std::vector<FwdCall>> units;
+  for (int64_t n = 0; n < d.n; ++n)
+    for (int64_t v0 = 0; v0 < vecs; v0 += n_vec) {
+      const int nv = static_cast<int>(std::min<int64_t>(n_vec, vecs - v0));
+      std::vector<FwdCall>& u = units.emplace_back();
+      for (int64_t cb0 = 0; cb0 < plan.cb; cb0 += plan.c_chunk) {
+        const int64_t n_cb = std::min(plan.c_chunk, plan.cb - cb0);
+        int64_t k0 = 0;
+        for (int rows : split_even(d.k, k_rows)) {
+          FwdCall c{};
+          c.kernel = kernel_index(rows, nv);
+          c.n_r = 1;
+          c.n_cb = static_cast<int32_t>(n_cb);
+          c.flags = (accumulate || cb0 > 0 ? static_cast<int32_t>(kAccumulate) : 0) |
+                    (cb0 + n_cb == plan.cb ? kLastChunk : 0);
+          c.src_off = k0 * d.c + cb0 * V;
+          c.wei_off = (n * d.c + cb0 * V) * pq + v0 * V;
+          c.dst_off = (n * d.k + k0) * pq + v0 * V;
+          u.push_back(c);
+          k0 += rows;
+        }
+      }
+    }
+  plan.streams.assign(plan.threads, {});
+  plan.unit_starts.assign(plan.threads, {});
+  const size_t total = units.size();
+  for (int t = 0; t < plan.threads; ++t) {
+    for (size_t i = total * t / plan.threads; i < total * (t + 1) / plan.threads; ++i) {
+      plan.unit_starts[t].push_back(static_cast<int32_t>(plan.streams[t].size()));
+      plan.streams[t].insert(plan.streams[t].end(), units[i].begin(), units[i].end());
+    }
+    plan.unit_starts[t].push_back(static_cast<int32_t>(plan.streams[t].size()));
+  }
+  return plan;
+}
+
 }  // namespace dc

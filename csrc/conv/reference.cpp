@@ -28,7 +28,7 @@ void fwd_kernel_ref(const FwdKernelSpec& sp, const FwdCallArgs* a) {
                                   (px * sp.stride_w + col * sp.dil_w) * V;
                 const float* w =
                     at(a->wei, cb * a->wei_cb_stride + oc * a->wei_kb_stride) + ((r * sp.s + col) * V) * V;
-                for (int c = 0; c < sp.c_valid; ++c) acc = std::fma(in[c], w[c * V + k], acc);
+                for (int c = 0; c < sp.c_valid; ++c) acc = std::fma(in[c], at(w, c * sp.wei_c_bytes())[k], acc);
               }
           if (a->flags & kRelu) acc = std::max(acc, 0.f);
           out[k] = acc;

@@ -11,6 +11,7 @@ std::string FwdKernelSpec::name() const {
   o << "f32_conv_fwd_" << taps_name() << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c" << c_valid
      << border_name() << (prefetch ? "_pf" : "");
   if (dst_px != 1) o << "_dpx" << dst_px;
+  if (wei_c_stride) o << "_wc" << wei_c_stride;
   o << "__" << isa_name(isa);
   return o.str();
 }
@@ -40,7 +41,7 @@ class FwdKernel : public JitKernel {
  public:
   explicit FwdKernel(const FwdKernelSpec& sp) : JitKernel(sp.name(), code_size_estimate(sp)), sp_(sp) {
     if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
-        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1)
+        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1 || sp.wei_c_stride < 0)
       throw std::invalid_argument("fwd kernel: unsupported tile " + sp.name());
     if (fwd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("fwd kernel: tile needs too many vector registers: " + sp.name());
@@ -233,7 +234,7 @@ class FwdKernel : public JitKernel {
       if (!column_used(col)) continue;
       for (int c = 0; c < sp_.c_valid; ++c) {
         prefetch_step(step++, steps);
-        int64_t wdisp = static_cast<int64_t>(col * V() + c) * vbytes();
+        int64_t wdisp = static_cast<int64_t>(col) * V() * vbytes() + c * sp_.wei_c_bytes();
         for (int oc = 0; oc < sp_.n_oc; ++oc) vmovups(vmm_wei(oc), wei_addr(oc, wdisp));
         for (int row = 0; row < sp_.oh; ++row)
           for (int px = 0; px < sp_.ow; ++px) {

@@ -27,7 +27,12 @@ struct FwdKernelSpec : RowTaps {
   // Vectors from one output pixel to the next: 1 for a dense output row, more when the
   // output is a strided view (the phases of a strided layer's input gradient).
   int dst_px = 1;
+  // Bytes from the weight vector of one input channel to the next within a block: 0 for
+  // the packed V x V blocks (V * 4). The NCHW 1x1 plan reads the input rows themselves as
+  // its "weights", one channel's row of pixels after the other (conv/fwd_plan.h).
+  int64_t wei_c_stride = 0;
 
+  int64_t wei_c_bytes() const { return wei_c_stride ? wei_c_stride : v() * 4; }
   std::string name() const;
 };
 

@@ -256,6 +256,40 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
   return out;
 }
 
+namespace {
+
+// 1x1, stride 1, no padding, NCHW in and out: the GEMM plan (make_fwd_plan_nchw_1x1) reads
+// the weights and the input as they are and writes the output in place, with no packing
+// and no layout conversion. Empty when it does not apply.
+Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  const dc::Isa isa = jit_isa();
+  if (weight.size(2) != 1 || weight.size(3) != 1 || !input.is_contiguous() || !weight.is_contiguous() ||
+      output_format(input, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast) !=
+          at::MemoryFormat::Contiguous)
+    return Tensor();
+  const int64_t k = weight.size(0);
+  ConvDesc d = make_desc("conv2d", input.size(0), input.size(1), input.size(2), input.size(3), k, 1, 1, stride,
+                         padding, dilation);
+  if (!dc::nchw_1x1_applies(d, isa)) return Tensor();
+  Tensor b = padded_bias(bias, k, k, "conv2d");
+  Tensor out = at::empty({d.n, k, d.h, d.w}, input.options());
+  if (b.defined()) out.copy_(b.view({1, k, 1, 1}).expand_as(out));  // the kernels add to it
+  const int nt = num_threads();
+  auto prim = dc::get_fwd_nchw_1x1_primitive(d, isa, nt, b.defined());
+  const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
+  dc::FwdWorkQueue queue(nt);
+  const float* w = weight.data_ptr<float>();
+  const float* x = input.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  run_shares(nt, [&](int tid, int) {
+    dc::fwd_execute(*prim, kernels, w, x, nullptr, y, relu, tid, nt > 1 ? &queue : nullptr);
+  });
+  return out;
+}
+
+}  // namespace
+
 Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, at::IntArrayRef stride,
               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
   const char* op = "conv2d";
@@ -266,6 +300,9 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
   TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": 'input' has ", input.size(1),
               " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
               groups, " groups)");
+  check_float_cpu(input, op, "input");
+  if (groups == 1)
+    if (Tensor y = conv2d_nchw_1x1(input, weight, bias, stride, padding, dilation, relu); y.defined()) return y;
   return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,
                        relu, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
 }

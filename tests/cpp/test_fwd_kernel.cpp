@@ -35,6 +35,11 @@ void kernel_vs_twin(Isa isa) {
     sp.c_valid = uni(1, V);
     sp.prefetch = uni(0, 1);
     sp.dst_px = uni(1, 3);  // a strided output view, as the input-gradient phases write
+    // Weight vectors of consecutive channels further apart than a packed block, as the NCHW
+    // 1x1 plan reads them (rows of the image).
+    const int wc = uni(0, 1) ? 0 : V * uni(1, 3) + V * V;
+    sp.wei_c_stride = wc * 4;
+    const size_t wei_block = wc ? static_cast<size_t>(V) * wc : static_cast<size_t>(V) * V;
     const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
     if (uni(0, 1)) {
       sp.border = true;
@@ -45,7 +50,7 @@ void kernel_vs_twin(Isa isa) {
     const int W = row_px + 2;  // room for every column the tile may touch
     const int H = R + 2;
     const int DW = sp.ow * sp.dst_px;  // output row
-    std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * V * V),
+    std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * wei_block),
         bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), ref;
     fill(src);
     fill(wei);
@@ -63,7 +68,7 @@ void kernel_vs_twin(Isa isa) {
     a.src_r_stride = W * V * 4;
     a.src_row_stride = W * V * 4;
     a.src_cb_stride = H * W * V * 4;
-    a.wei_cb_stride = R * sp.s * V * V * 4;
+    a.wei_cb_stride = R * sp.s * wei_block * 4;
     a.wei_kb_stride = n_cb * a.wei_cb_stride;
     a.dst_row_stride = DW * V * 4;
     a.dst_kb_stride = 2 * DW * V * 4;
@@ -113,6 +118,48 @@ void conv_vs_reference(Isa isa) {
   }
 }
 
+// The NCHW 1x1 plan (no packing: weights (K, C), input (N, C, H*W), output (N, K, H*W))
+// against a direct GEMM.
+void nchw_1x1_vs_reference(Isa isa) {
+  const int V = vlen(isa);
+  int run = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    ConvDesc d;
+    d.n = uni(1, 2);
+    d.c = V * uni(1, 5);
+    d.k = uni(1, 40);
+    d.h = uni(1, 6);
+    d.w = V * uni(1, 3) / d.h + 1;
+    while ((d.h * d.w) % V) ++d.w;
+    if (!nchw_1x1_applies(d, isa)) continue;
+    const int64_t pq = d.h * d.w;
+    std::vector<float> w(d.k * d.c), x(d.n * d.c * pq), y(d.n * d.k * pq), ref(y.size());
+    fill(w);
+    fill(x);
+    fill(y);  // the prefilled bias when accumulating
+    const bool accumulate = uni(0, 1), relu = uni(0, 1);
+    for (int64_t n = 0; n < d.n; ++n)
+      for (int64_t k = 0; k < d.k; ++k)
+        for (int64_t p = 0; p < pq; ++p) {
+          double acc = accumulate ? y[(n * d.k + k) * pq + p] : 0.0;
+          for (int64_t c = 0; c < d.c; ++c) acc += static_cast<double>(w[k * d.c + c]) * x[(n * d.c + c) * pq + p];
+          ref[(n * d.k + k) * pq + p] = static_cast<float>(relu && acc < 0 ? 0.0 : acc);
+        }
+    for (int threads : {1, 2}) {
+      std::vector<float> out = y;
+      auto prim = get_fwd_nchw_1x1_primitive(d, isa, threads, accumulate);
+      const FwdKernels kernels = acquire_kernels(*prim);
+      FwdWorkQueue queue(threads);
+      for (int t = 0; t < threads; ++t) fwd_execute(*prim, kernels, w.data(), x.data(), nullptr, out.data(), relu, t, &queue);
+      const double e = max_rel_err(out, ref);
+      CHECK(e < 1e-4, "%s %s nchw1x1 threads=%d acc=%d relu=%d: max rel err %g", d.to_string().c_str(),
+            isa_name(isa), threads, accumulate, relu, e);
+    }
+    ++run;
+  }
+  CHECK(run > 20, "only %d NCHW 1x1 problems ran", run);
+}
+
 }  // namespace
 
 int main() {
@@ -120,6 +167,7 @@ int main() {
   dc_test::for_each_isa([](Isa isa) {
     kernel_vs_twin(isa);
     conv_vs_reference(isa);
+    nchw_1x1_vs_reference(isa);
   });
   TEST_MAIN_END("test_fwd_kernel");
 }
