@@ -119,3 +119,21 @@ def test_two_threads_and_a_large_map() -> None:
         torch.testing.assert_close(tdc.conv2d(x, w, b, relu=True), torch.relu(F.conv2d(x, w, b)), rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_input_gradient_of_a_1x1_layer(seed: int) -> None:
+    """The input gradient of a 1x1 stride-1 layer is W^T dY per image: the same GEMM path with the
+    transposed weight matrix (output channels a multiple of the vector width)."""
+    rng = random.Random(seed)
+    v = tdc.vector_width()
+    k, c, n = v * rng.randint(1, 4), rng.randint(1, 50), rng.randint(1, 3)
+    h, w = rng.choice([(4, 4), (8, 8), (2, 8), (7, 7), (16, 16)])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, requires_grad=True)
+    wt = torch.randn(k, c, 1, 1, generator=g, requires_grad=True)
+    dy = torch.randn(n, k, h, w, generator=g)
+    got = torch.autograd.grad(tdc.conv2d(x, wt), (x, wt), dy)
+    want = torch.autograd.grad(F.conv2d(x, wt), (x, wt), dy)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * (e.abs().max().item() + 1))

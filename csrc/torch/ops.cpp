@@ -665,6 +665,15 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   if (Tensor gi = depthwise_backward_data(grad_output, weight, input_size, stride, padding, dilation, groups);
       gi.defined())
     return gi;
+  // 1x1, stride 1, unpadded, NCHW: the input gradient is W^T dY per image, the NCHW 1x1
+  // GEMM with the (small) transposed weight matrix.
+  if (groups == 1 && weight.size(2) == 1 && weight.size(3) == 1 && dc::active_isa() != dc::Isa::none &&
+      weight.size(1) == input_size[1] && grad_output.size(2) == input_size[2] && grad_output.size(3) == input_size[3])
+    if (Tensor gi = conv2d_nchw_1x1(grad_output, weight.view({weight.size(0), weight.size(1)}).t().contiguous().view(
+                                                     {weight.size(1), weight.size(0), 1, 1}),
+                                    c10::nullopt, stride, padding, dilation, false);
+        gi.defined())
+      return gi;
   if (Tensor gi = backward_data_jit(grad_output, weight, input_size, stride, padding, dilation, groups); gi.defined())
     return gi;
   // Only the input's shape matters for this gradient.
