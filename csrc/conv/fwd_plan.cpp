@@ -291,8 +291,10 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
 
 bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
   const int64_t V = vlen(isa);
+  // A last, partial vector of pixels needs AVX-512's masks.
   return isa != Isa::none && d.r == 1 && d.s == 1 && d.stride_h == 1 && d.stride_w == 1 && d.pad_t == 0 &&
-         d.pad_b == 0 && d.pad_l == 0 && d.pad_r == 0 && d.c % V == 0 && (d.h * d.w) % V == 0 && d.n >= 1;
+         d.pad_b == 0 && d.pad_l == 0 && d.pad_r == 0 && d.c % V == 0 &&
+         ((d.h * d.w) % V == 0 || isa == Isa::avx512) && d.n >= 1;
 }
 
 FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate) {
@@ -302,7 +304,8 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
   plan.isa = isa;
   plan.threads = std::max(1, threads);
   const int V = plan.v();
-  const int64_t pq = d.h * d.w, vecs = pq / V;
+  const int64_t pq = d.h * d.w, vecs = div_up(pq, V);
+  const int tail_lanes = static_cast<int>(pq % V);
   // Output channels x pixel vectors: 6 x 4 in 32 registers, 4 x 3 in 16.
   const int k_rows = isa == Isa::avx512 ? 6 : 4, n_vec = isa == Isa::avx512 ? 4 : 3;
   plan.cb = d.c / V;
@@ -319,7 +322,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
   a.dst_kb_stride = V * 4;
   a.dst_row_stride = 0;
   std::map<std::string, int> index;
-  auto kernel_index = [&](int rows, int n_oc) {
+  auto kernel_index = [&](int rows, int n_oc, int last_lanes) {
     FwdKernelSpec sp;
     sp.isa = isa;
     sp.s = 1;
@@ -328,8 +331,9 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
     sp.ow = rows;
     sp.n_oc = n_oc;
     sp.c_valid = V;
-    sp.dst_px = static_cast<int>(vecs);  // from one output channel's row to the next
+    sp.dst_px_bytes = pq * 4;  // from one output channel's row to the next
     sp.wei_c_stride = pq * 4;
+    sp.last_oc_lanes = last_lanes;
     auto it = index.find(sp.name());
     if (it != index.end()) return it->second;
     plan.kernels.push_back(sp);
@@ -349,7 +353,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
         int64_t k0 = 0;
         for (int rows : split_even(d.k, k_rows)) {
           FwdCall c{};
-          c.kernel = kernel_index(rows, nv);
+          c.kernel = kernel_index(rows, nv, v0 + nv == vecs ? tail_lanes : 0);
           c.n_r = 1;
           c.n_cb = static_cast<int32_t>(n_cb);
           c.flags = (accumulate || cb0 > 0 ? static_cast<int32_t>(kAccumulate) : 0) |

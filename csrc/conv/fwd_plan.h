@@ -86,7 +86,8 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
 // Its "input" is the weight matrix as given (K rows of C channels), broadcast a scalar at a
 // time; its "weights" are the image's channel rows, V pixels per vector (wei_c_stride = one
 // row); its tile of `ow` output channels x `n_oc` vectors of V pixels is stored straight
-// into Y (dst_px = one output row). No packing and no layout conversion. fwd_execute takes
+// into Y (dst_px_bytes = one output row); on AVX-512 a last, partial vector of pixels is
+// loaded and stored under a mask. No packing and no layout conversion. fwd_execute takes
 // src = the weights (K, C), wei = the input (N, C, P * Q), dst = the output (N, K, P * Q);
 // with `accumulate` every call adds to dst (prefilled with the bias).
 bool nchw_1x1_applies(const ConvDesc& desc, Isa isa);

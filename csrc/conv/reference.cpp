@@ -17,8 +17,10 @@ void fwd_kernel_ref(const FwdKernelSpec& sp, const FwdCallArgs* a) {
   for (int row = 0; row < sp.oh; ++row)
     for (int oc = 0; oc < sp.n_oc; ++oc)
       for (int px = 0; px < sp.ow; ++px) {
-        float* out = const_cast<float*>(at(a->dst, row * a->dst_row_stride + oc * a->dst_kb_stride)) + px * sp.dst_px * V;
-        for (int k = 0; k < V; ++k) {
+        float* out =
+            const_cast<float*>(at(a->dst, row * a->dst_row_stride + oc * a->dst_kb_stride + px * sp.dst_px_step()));
+        const int lanes = sp.last_oc_lanes && oc == sp.n_oc - 1 ? sp.last_oc_lanes : V;
+        for (int k = 0; k < lanes; ++k) {
           float acc = (a->flags & kAccumulate) ? out[k] : a->bias ? a->bias[oc * V + k] : 0.f;
           for (int64_t cb = 0; cb < a->n_cb; ++cb)
             for (int64_t r = 0; r < a->n_r; ++r)

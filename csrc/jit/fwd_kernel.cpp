@@ -12,6 +12,8 @@ std::string FwdKernelSpec::name() const {
      << border_name() << (prefetch ? "_pf" : "");
   if (dst_px != 1) o << "_dpx" << dst_px;
   if (wei_c_stride) o << "_wc" << wei_c_stride;
+  if (dst_px_bytes) o << "_dpb" << dst_px_bytes;
+  if (last_oc_lanes) o << "_m" << last_oc_lanes;
   o << "__" << isa_name(isa);
   return o.str();
 }
@@ -41,7 +43,8 @@ class FwdKernel : public JitKernel {
  public:
   explicit FwdKernel(const FwdKernelSpec& sp) : JitKernel(sp.name(), code_size_estimate(sp)), sp_(sp) {
     if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
-        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1 || sp.wei_c_stride < 0)
+        sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1 || sp.wei_c_stride < 0 || sp.dst_px_bytes < 0 ||
+        sp.last_oc_lanes < 0 || sp.last_oc_lanes >= sp.v() || (sp.last_oc_lanes && sp.isa != Isa::avx512))
       throw std::invalid_argument("fwd kernel: unsupported tile " + sp.name());
     if (fwd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("fwd kernel: tile needs too many vector registers: " + sp.name());
@@ -104,7 +107,12 @@ class FwdKernel : public JitKernel {
     push(rbx);
     push(r12);
     push(r13);
+    if (sp_.last_oc_lanes) {
+      mov(reg_out.cvt32(), (1u << sp_.last_oc_lanes) - 1);
+      kmovw(k1, reg_out.cvt32());
+    }
   }
+  bool masked(int oc) const { return sp_.last_oc_lanes && oc == sp_.n_oc - 1; }
   void postamble() {
     pop(r13);
     pop(r12);
@@ -161,12 +169,13 @@ class FwdKernel : public JitKernel {
       if (row > 0) add(reg_out, arg(offsetof(FwdCallArgs, dst_row_stride)));
       for (int oc = 0; oc < sp_.n_oc; ++oc)
         for (int px = 0; px < sp_.ow; ++px) {
-          const int64_t disp = static_cast<int64_t>(px) * sp_.dst_px * vbytes();
+          const int64_t disp = px * sp_.dst_px_step();
+          const bool m = masked(oc);
           switch (oc) {
-            case 0: f(vmm_acc(row, px, oc), ptr[reg_out + disp]); break;
-            case 1: f(vmm_acc(row, px, oc), ptr[reg_out + kbs + disp]); break;
-            case 2: f(vmm_acc(row, px, oc), ptr[reg_out + kbs * 2 + disp]); break;
-            default: f(vmm_acc(row, px, oc), ptr[reg_out + kbs3 + disp]); break;
+            case 0: f(vmm_acc(row, px, oc), ptr[reg_out + disp], m); break;
+            case 1: f(vmm_acc(row, px, oc), ptr[reg_out + kbs + disp], m); break;
+            case 2: f(vmm_acc(row, px, oc), ptr[reg_out + kbs * 2 + disp], m); break;
+            default: f(vmm_acc(row, px, oc), ptr[reg_out + kbs3 + disp], m); break;
           }
         }
     }
@@ -182,7 +191,10 @@ class FwdKernel : public JitKernel {
     Label l_zero, l_bias, l_done;
     test(arg(offsetof(FwdCallArgs, flags)), kAccumulate);
     jz(l_bias, T_NEAR);
-    for_each_out_block([&](const Xmm& acc, const Address& a) { vmovups(acc, a); });
+    for_each_out_block([&](const Xmm& acc, const Address& a, bool m) {
+      if (m) vmovups(Zmm(acc.getIdx()) | k1 | T_z, a);
+      else vmovups(acc, a);
+    });
     jmp(l_done, T_NEAR);
     L(l_bias);
     mov(reg_out, arg(offsetof(FwdCallArgs, bias)));
@@ -235,7 +247,10 @@ class FwdKernel : public JitKernel {
       for (int c = 0; c < sp_.c_valid; ++c) {
         prefetch_step(step++, steps);
         int64_t wdisp = static_cast<int64_t>(col) * V() * vbytes() + c * sp_.wei_c_bytes();
-        for (int oc = 0; oc < sp_.n_oc; ++oc) vmovups(vmm_wei(oc), wei_addr(oc, wdisp));
+        for (int oc = 0; oc < sp_.n_oc; ++oc) {
+          if (masked(oc)) vmovups(Zmm(vmm_wei(oc).getIdx()) | k1 | T_z, wei_addr(oc, wdisp));
+          else vmovups(vmm_wei(oc), wei_addr(oc, wdisp));
+        }
         for (int row = 0; row < sp_.oh; ++row)
           for (int px = 0; px < sp_.ow; ++px) {
             if (!sp_.tap_valid(px, col)) continue;
@@ -265,7 +280,10 @@ class FwdKernel : public JitKernel {
   }
 
   void store_tile() {
-    for_each_out_block([&](const Xmm& acc, const Address& a) { vmovups(a, acc); });
+    for_each_out_block([&](const Xmm& acc, const Address& a, bool m) {
+      if (m) vmovups(a | k1, Zmm(acc.getIdx()));
+      else vmovups(a, acc);
+    });
   }
 
   FwdKernelSpec sp_;

@@ -31,8 +31,16 @@ struct FwdKernelSpec : RowTaps {
   // the packed V x V blocks (V * 4). The NCHW 1x1 plan reads the input rows themselves as
   // its "weights", one channel's row of pixels after the other (conv/fwd_plan.h).
   int64_t wei_c_stride = 0;
+  // Bytes from one output pixel to the next when it is not a whole number of vectors (the
+  // NCHW 1x1 plan's output channel rows); 0: dst_px vectors.
+  int64_t dst_px_bytes = 0;
+  // AVX-512 only: the lanes of the tile's last output block that exist (the NCHW 1x1 plan's
+  // last vector of pixels); its weight vectors are loaded and its outputs stored under a
+  // mask. 0: every lane.
+  int last_oc_lanes = 0;
 
   int64_t wei_c_bytes() const { return wei_c_stride ? wei_c_stride : v() * 4; }
+  int64_t dst_px_step() const { return dst_px_bytes ? dst_px_bytes : static_cast<int64_t>(dst_px) * v() * 4; }
   std::string name() const;
 };
 

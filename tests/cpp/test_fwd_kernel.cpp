@@ -40,6 +40,10 @@ void kernel_vs_twin(Isa isa) {
     const int wc = uni(0, 1) ? 0 : V * uni(1, 3) + V * V;
     sp.wei_c_stride = wc * 4;
     const size_t wei_block = wc ? static_cast<size_t>(V) * wc : static_cast<size_t>(V) * V;
+    // Output pixels a byte stride apart that is no whole number of vectors, and a partial last
+    // output block under a mask (AVX-512), as the NCHW 1x1 plan writes rows of channels.
+    if (uni(0, 2) == 0) sp.dst_px_bytes = (sp.dst_px * V + uni(1, V - 1)) * 4;
+    if (isa == Isa::avx512 && uni(0, 2) == 0) sp.last_oc_lanes = uni(1, V - 1);
     const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
     if (uni(0, 1)) {
       sp.border = true;
@@ -49,7 +53,7 @@ void kernel_vs_twin(Isa isa) {
     const int n_cb = uni(1, 3), n_r = uni(0, 3), R = std::max(n_r, 1);
     const int W = row_px + 2;  // room for every column the tile may touch
     const int H = R + 2;
-    const int DW = sp.ow * sp.dst_px;  // output row
+    const int DW = sp.ow * (sp.dst_px + 1);  // output row
     std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * wei_block),
         bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), ref;
     fill(src);
@@ -130,7 +134,10 @@ void nchw_1x1_vs_reference(Isa isa) {
     d.k = uni(1, 40);
     d.h = uni(1, 6);
     d.w = V * uni(1, 3) / d.h + 1;
-    while ((d.h * d.w) % V) ++d.w;
+    if (isa != Isa::avx512)  // AVX2 takes whole vectors of pixels only
+      while ((d.h * d.w) % V) ++d.w;
+    else if (uni(0, 1))
+      d.w = uni(1, 9);
     if (!nchw_1x1_applies(d, isa)) continue;
     const int64_t pq = d.h * d.w;
     std::vector<float> w(d.k * d.c), x(d.n * d.c * pq), y(d.n * d.k * pq), ref(y.size());
