@@ -61,6 +61,7 @@ class Case:
     max_err: dict[str, float] = field(default_factory=dict)
     jit_kernels: int = 0
     jit_generate_ms: float = 0.0
+    upd_parts: int = 1  # the weight update's plan: 1 splits the weight blocks, p > 1 also the minibatch
     times: dict[Key, float] = field(default_factory=dict)
     cpus_busy: float = float("nan")
 
@@ -182,6 +183,9 @@ def build_case(tdc, torch, F, layer: Layer, threads: int, n: int, peak: float) -
         if not out.is_contiguous():
             problems.append(f"{pas} result is not NCHW-contiguous (strides {out.stride()})")
     stats1 = tdc.jit_stats()
+    if groups == 1:
+        plan = tdc._C.upd_plan(conv.to_string(n), threads)
+        case.upd_parts = int(plan.split(" parts=")[1].split()[0])
     case.jit_kernels = stats1["kernels"] - stats0["kernels"]
     case.jit_generate_ms = stats1["generate_ms"] - stats0["generate_ms"]
     if problems:
@@ -334,7 +338,8 @@ def format_table(cases: list[Case], totals: dict) -> str:
         for pas in PASSES:
             values = [cell(c.gflops(pas, m), c.pct(pas, m)) for m in METHODS]
             values += [ratio(c.speedup(pas, c.torch_best(pas), m)) for m in OURS]
-            row += _group(pas, _via(pas, c.via.get(pas, "-") + ("" if c.count(pas) else "*")) + values)
+            via = c.via.get(pas, "-") + (f"p{c.upd_parts}" if pas == "bwd_weight" and c.upd_parts > 1 else "")
+            row += _group(pas, _via(pas, via + ("" if c.count(pas) else "*")) + values)
         lines.append(row)
         if c.error:
             lines.append(f"    !! {c.layer.id} FAILED the check, not timed: {c.error}")
@@ -485,6 +490,7 @@ def case_records(c: Case) -> list[dict]:
             "mflop": c.flops * 1e-6,
             "peak_gflops": c.peak,
             "via": c.via.get(pas, ""),
+            "upd_parts": c.upd_parts if pas == "bwd_weight" else "",
         }
         for m in METHODS:
             t = c.times.get((pas, m))

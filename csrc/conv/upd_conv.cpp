@@ -84,7 +84,32 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
 
   const int64_t kgroups = div_up(plan.kb, plan.n_kb);
   const int64_t units = kgroups * plan.cb;
-  plan.parts = units < 2 * plan.threads ? static_cast<int>(std::min<int64_t>(plan.threads, std::max<int64_t>(1, d.n))) : 1;
+  // Parallelise over weight blocks (units) alone, or also over the minibatch (its images,
+  // or the row blocks of one image when there are fewer images than parts) in `parts`
+  // private copies of dW that are summed afterwards: whichever has the shorter estimated
+  // makespan. A unit's FMAs take work / units cycles at two FMAs per cycle; p parts deal
+  // p x units items, each with 1 / p of the minibatch (the largest part sets the pace); the
+  // sum reads and writes the p copies, about a quarter of a cycle per element and copy,
+  // shared by the threads.
+  const double work = d.flops() / (4.0 * V), per_unit = work / static_cast<double>(units);
+  const double dw_elems = static_cast<double>(plan.kb * plan.cb * d.r * d.s * V * V);
+  double best_time = 1e300;
+  for (int p = 1; p <= std::min<int64_t>(plan.threads, std::max<int64_t>(d.n, P)); ++p) {
+    // One image: its row blocks are split, at least p of them.
+    const int64_t split = d.n > 1 ? d.n : div_up(P, std::min(rows, div_up(P, p)));
+    if (p > split) break;
+    const double items = static_cast<double>(div_up(p * units, plan.threads));
+    const double share = static_cast<double>(div_up(split, p)) / static_cast<double>(split);
+    const double time = items * per_unit * share + (p > 1 ? 0.25 * dw_elems * p / plan.threads : 0.0);
+    if (time < best_time * 0.98) {
+      best_time = time;
+      plan.parts = p;
+    }
+  }
+  const bool split_rows = plan.parts > 1 && d.n == 1;
+  if (split_rows) rows = std::min(rows, div_up(P, plan.parts));
+  plan.rows_per_block = rows;
+  const int64_t row_blocks = div_up(P, rows);
 
   UpdCallArgs& a = plan.strides;
   a.x_img_stride = plan.cb * d.h * d.w * V * 4;
@@ -118,9 +143,12 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
       const int64_t kb0 = kg * plan.n_kb;
       const int n_kb = static_cast<int>(std::min<int64_t>(plan.n_kb, plan.kb - kb0));
       const int c_valid = static_cast<int>(std::min<int64_t>(V, d.c - cbi * V));
-      const int64_t n_lo = d.n * part / plan.parts, n_hi = d.n * (part + 1) / plan.parts;
-      // Each tile of dW: overwritten by its first call, accumulated by the others; a tap
-      // that meets no pixel at all gets one call that writes zeros.
+      const int64_t n_lo = split_rows ? 0 : d.n * part / plan.parts;
+      const int64_t n_hi = split_rows ? d.n : d.n * (part + 1) / plan.parts;
+      const int64_t rb_lo = split_rows ? row_blocks * part / plan.parts : 0;
+      const int64_t rb_hi = split_rows ? row_blocks * (part + 1) / plan.parts : row_blocks;
+      // Each tile of dW: overwritten by its first call, accumulated by the others; a tile
+      // that meets no pixel in this part gets one call that writes zeros.
       std::vector<char> visited(static_cast<size_t>(d.r * d.s * V), 0);
       auto emit = [&](int64_t r, int64_t s, int c0, int64_t oh_lo, int64_t oh_hi, int64_t ow_lo, int64_t ow_hi) {
         char& seen = visited[(r * d.s + s) * V + c0];
@@ -139,8 +167,8 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
         plan.streams[t].push_back(c);
         seen = 1;
       };
-      for (int64_t ob0 = 0; ob0 < P; ob0 += rows) {
-        const int64_t ob1 = std::min(P, ob0 + rows);
+      for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
+        const int64_t ob0 = rb * rows, ob1 = std::min(P, ob0 + rows);
         for (int64_t r = 0; r < d.r; ++r) {
           int64_t oh_lo, oh_hi;
           valid_range(P, d.h, d.stride_h, d.pad_t, d.dil_h, r, &oh_lo, &oh_hi);
@@ -151,16 +179,18 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
             int64_t ow_lo, ow_hi;
             valid_range(Q, d.w, d.stride_w, d.pad_l, d.dil_w, s, &ow_lo, &ow_hi);
             // Channels past c_valid (the zero padding of the last block) get zero calls.
-            for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0)) {
-              if (!tap_rows || ow_lo >= ow_hi || c0 >= c_valid) {
-                if (ob0 == 0) emit(r, s, c0, 0, 0, 0, 0);
-              } else if (oh_lo < oh_hi) {
+            for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0))
+              if (tap_rows && ow_lo < ow_hi && c0 < c_valid && oh_lo < oh_hi)
                 emit(r, s, c0, oh_lo, oh_hi, ow_lo, ow_hi);
-              }
-            }
           }
         }
       }
+      // Tiles no pixel of this part reached (taps on padding only, padded channels, or rows
+      // of other parts): zeros.
+      for (int64_t r = 0; r < d.r; ++r)
+        for (int64_t s = 0; s < d.s; ++s)
+          for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0))
+            if (!visited[(r * d.s + s) * V + c0]) emit(r, s, c0, 0, 0, 0, 0);
     }
   return plan;
 }

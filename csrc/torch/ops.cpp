@@ -903,4 +903,12 @@ PYBIND11_MODULE(_C, m) {
       "For benchmarks: force software prefetch on (1) or off (0), and the input-channel blocks per kernel call; "
       "-1 lets the plan decide.");
   m.def("fwd_plan", &dc_torch::fwd_plan, pybind11::arg("problem"), pybind11::arg("threads") = 1);
+  m.def(
+      "upd_plan",
+      [](const std::string& problem, int64_t threads) {
+        return dc::get_upd_primitive(dc::parse_conv_desc(problem), dc_torch::jit_isa(), static_cast<int>(threads))
+            ->plan.to_string();
+      },
+      pybind11::arg("problem"), pybind11::arg("threads") = 1,
+      "The weight-update plan of a benchdnn problem string: its tile, rows per block and minibatch parts.");
 }
