@@ -70,6 +70,10 @@ def guard_cases(count: int, seed: int) -> list[dict]:
         {"c": 1, "k": 1, "h": 1, "w": 1, "r": 1, "s": 1, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
         {"c": 16, "k": 16, "h": 3, "w": 3, "r": 3, "s": 3, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
         {"c": 24, "k": 20, "h": 10, "w": 17, "r": 2, "s": 4, "stride": (3, 2), "pad": (0, 1), "dil": (1, 2)},
+        # The NCHW 1x1 GEMM path: whole vectors of pixels, and a last partial one under a mask.
+        {"c": 32, "k": 20, "h": 4, "w": 4, "r": 1, "s": 1, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
+        {"c": 32, "k": 13, "h": 7, "w": 7, "r": 1, "s": 1, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
+        {"c": 16, "k": 7, "h": 3, "w": 5, "r": 1, "s": 1, "stride": (1, 1), "pad": (0, 0), "dil": (1, 1)},
     ]
     cases = []
     for p in pinned:
