@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -110,6 +111,34 @@ def ref_conv2d(*args, **kwargs) -> torch.Tensor:
         return torch.nn.functional.conv2d(*args, **kwargs)
     finally:
         torch.backends.mkldnn.enabled = enabled
+
+
+@contextlib.contextmanager
+def torch_native():
+    """Runs torch's convolutions, forward and backward, on its native kernels (oneDNN off; see ref_conv2d).
+
+    Autograd picks the backward kernel when backward runs, so reference gradients must be
+    computed inside this block too.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """A gradient against torch's: 1e-4 relative, plus 1e-4 of the gradient's largest magnitude (plus one).
+
+    Gradients are sums of up to N * P * Q products (the weight gradient) whose rounding grows
+    with the size of the sum; one missing or doubled product is still well above this
+    (test_autograd.test_tolerance_catches_one_missing_term checks that).
+    """
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{msg}: dtype {actual.dtype} != {expected.dtype}"
+    scale = expected.abs().max().item() + 1 if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{msg}: {m}")
 
 
 def assert_conv_close(actual: torch.Tensor, expected: torch.Tensor, fan_in: int, msg: str = "") -> None:

@@ -1,4 +1,4 @@
-"""Many Python threads asking for new kernels at the same moment.
+"""Many Python threads asking for new kernels at the same moment, forward and backward.
 
 Each generated kernel must be generated once: threads that want a kernel another thread is
 generating wait for it instead of generating a duplicate, and every result stays right.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_directconv as tdc
-from helpers import assert_conv_close, check_expected_isa
+from helpers import assert_conv_close, assert_grad_close, check_expected_isa, torch_native
 from torch_directconv import _C
 
 THREADS = 8
@@ -159,3 +159,109 @@ def test_one_module_from_many_threads() -> None:
     with torch.no_grad():
         for i, x in enumerate(xs):
             assert_conv_close(out[i], F.conv2d(x, m.weight, m.bias, padding=1), 108, f"thread {i}")
+
+
+def backward_problems(rnd: int) -> list[dict]:
+    """Eight training problems per round, none seen in another round. Threads 0-3 share a shape (so
+    they ask for the same backward kernels at once); threads 4-7 each have their own: depthwise, a
+    strided 1x1, a large batch (the JIT input gradient) and a dilated, strided one."""
+    shared = {"n": 2, "c": 9 + 2 * rnd, "k": 24, "h": 9 + rnd, "w": 31 + 7 * rnd, "r": 3, "s": 3,
+              "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "groups": 1}  # fmt: skip
+    own = [
+        {"n": 2, "c": 24, "k": 24, "h": 8 + rnd, "w": 23 + 5 * rnd, "r": 3, "s": 3, "stride": (1, 1),
+         "padding": (1, 1), "dilation": (1, 1), "groups": 24},
+        {"n": 3, "c": 19 + rnd, "k": 40, "h": 10 + 2 * rnd, "w": 17 + 3 * rnd, "r": 1, "s": 1, "stride": (2, 2),
+         "padding": (0, 0), "dilation": (1, 1), "groups": 1},
+        {"n": 32, "c": 16, "k": 16 + 8 * rnd, "h": 10 + rnd, "w": 10 + rnd, "r": 3, "s": 3, "stride": (1, 1),
+         "padding": (1, 1), "dilation": (1, 1), "groups": 1},
+        {"n": 1, "c": 12, "k": 33, "h": 13 + rnd, "w": 19 + 2 * rnd, "r": 5, "s": 3, "stride": (1, 2),
+         "padding": (2, 1), "dilation": (2, 1), "groups": 1},
+    ]  # fmt: skip
+    return [dict(shared) for _ in range(4)] + own
+
+
+def make_training_tensors(p: dict, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    fan = p["c"] // p["groups"] * p["r"] * p["s"]
+    x = torch.randn(p["n"], p["c"], p["h"], p["w"], generator=g)
+    w = torch.randn(p["k"], p["c"] // p["groups"], p["r"], p["s"], generator=g) / math.sqrt(fan)
+    b = torch.randn(p["k"], generator=g)
+    out_shape = F.conv2d(x, w, None, p["stride"], p["padding"], p["dilation"], p["groups"]).shape
+    return x, w, b, torch.randn(out_shape, generator=g)
+
+
+def geometry(p: dict) -> tuple:
+    ph, pw = p["padding"]
+    return list(p["stride"]), [ph, ph, pw, pw], list(p["dilation"]), p["groups"]
+
+
+def run_backward_round(problems: list[dict], seed: int, mode: str, concurrent: bool) -> None:
+    """mode 'ops': both backward ops per thread; 'autograd': forward and loss.backward() through tdc.conv2d."""
+    inputs = [make_training_tensors(p, seed + i) for i, p in enumerate(problems)]
+    results: list = [None] * len(problems)
+    errors: list = []
+    barrier = threading.Barrier(len(problems))
+
+    def work(i: int) -> None:
+        try:
+            p = problems[i]
+            x, w, b, gy = inputs[i]
+            if concurrent:
+                barrier.wait(timeout=60)
+            if mode == "ops":
+                ops = torch.ops.directconv
+                results[i] = (
+                    ops.conv2d_backward_data(gy, w, list(x.shape), *geometry(p)),
+                    ops.conv2d_backward_weight(gy, x, list(w.shape), *geometry(p)),
+                )
+            else:
+                xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+                out = tdc.conv2d(xl, wl, bl, p["stride"], p["padding"], p["dilation"], p["groups"])
+                (out * gy).sum().backward()
+                results[i] = (xl.grad, wl.grad, bl.grad)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            barrier.abort()
+
+    if concurrent:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        assert not any(th.is_alive() for th in threads), "a thread hung"
+    else:
+        for i in range(len(problems)):
+            work(i)
+    if errors:
+        raise errors[0]
+    for i, (p, (x, w, b, gy)) in enumerate(zip(problems, inputs, strict=True)):
+        with torch_native():
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            ref = F.conv2d(xr, wr, br, p["stride"], p["padding"], p["dilation"], p["groups"])
+            want = torch.autograd.grad(ref, (xr, wr, br), gy)
+        for name, got, expected in zip(("input", "weight", "bias"), results[i], want, strict=False):
+            assert_grad_close(got, expected, f"thread {i} ({mode}): grad of {name} in {p}")
+
+
+@pytest.mark.parametrize("mode", ["ops", "autograd"])
+def test_concurrent_first_backward_calls(mode: str) -> None:
+    """Eight threads run eight new backward problems at the same moment; every gradient is right,
+    and together they generate the kernels one thread at a time would, no more."""
+    concurrent = []
+    for rnd in range(ROUNDS):
+        _C.clear_cache()
+        k0 = kernels()
+        run_backward_round(backward_problems(rnd), seed=200 * rnd, mode=mode, concurrent=True)
+        concurrent.append(kernels() - k0)
+        # Everything is cached now: the same round again generates nothing.
+        run_backward_round(backward_problems(rnd), seed=200 * rnd + 1, mode=mode, concurrent=True)
+        assert kernels() == k0 + concurrent[-1], f"round {rnd}: kernels generated again for problems already seen"
+    assert all(n > 0 for n in concurrent), f"no JIT kernel ran in some round: {concurrent}"
+    serial = []
+    for rnd in range(ROUNDS):
+        _C.clear_cache()
+        k0 = kernels()
+        run_backward_round(backward_problems(rnd), seed=200 * rnd + 2, mode=mode, concurrent=False)
+        serial.append(kernels() - k0)
+    assert concurrent == serial, f"concurrent rounds generated {concurrent} kernels, one at a time {serial}"
