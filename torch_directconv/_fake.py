@@ -77,7 +77,11 @@ def _to_blocked_weight(w, vlen):
 
 @torch.library.register_fake("directconv::conv2d_backward_data")
 def _conv2d_backward_data(grad_output, weight, input_size, stride, padding, dilation, groups):
-    return grad_output.new_empty(input_size)
+    # As the real op: channels_last when grad_output or the weight is.
+    cl = _backend.is_channels_last(grad_output) or _backend.is_channels_last(weight)
+    return grad_output.new_empty(input_size).contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format
+    )
 
 
 @torch.library.register_fake("directconv::conv2d_backward_weight")

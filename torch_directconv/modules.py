@@ -75,13 +75,18 @@ class DirectConv2d(nn.Conv2d):
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
         """(stride, (top, bottom, left, right) padding, dilation), recomputed when they change."""
         key = (self.stride, self.padding, self.dilation, self.kernel_size, self.padding_mode)
-        if self._geometry_cache is None or self._geometry_cache[0] != key:
-            stride = _pair(self.stride, "stride")
-            dilation = _pair(self.dilation, "dilation")
-            # Other padding modes pad the input explicitly first.
-            padding = self.padding if self.padding_mode == "zeros" else (0, 0)
-            self._geometry_cache = (key, (stride, conv_padding(padding, self.kernel_size, stride, dilation), dilation))
-        return self._geometry_cache[1]
+        if self._geometry_cache is not None and self._geometry_cache[0] == key:
+            return self._geometry_cache[1]
+        stride = _pair(self.stride, "stride")
+        dilation = _pair(self.dilation, "dilation")
+        # Other padding modes pad the input explicitly first.
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
+        geometry = (stride, conv_padding(padding, self.kernel_size, stride, dilation), dilation)
+        # While torch.compile traces, a write to the module would become a guard (and a
+        # recompile on the next call): the geometry is only computed then, not cached.
+        if not torch.compiler.is_compiling():
+            self._geometry_cache = (key, geometry)
+        return geometry
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":

@@ -649,19 +649,38 @@ std::tuple<Tensor, Tensor, Tensor> aten_backward(const Tensor& grad_output, cons
 
 }  // namespace
 
+namespace {
+Tensor backward_data_any_path(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups);
+}  // namespace
+
 // The gradient of conv2d with respect to its input, of shape input_size.
 //
-// Stride 1, by duality (DESIGN.md section 5): a forward convolution of grad_output with the
-// weights flipped in R and S and with C and K swapped in each group, padded by
-// dilation * (kernel - 1) - padding on each side, runs on the forward JIT kernels.
-// Strided layers, paddings larger than the dilated kernel and groups that would waste
-// most of a channel block take ATen's convolution_backward for now.
+// On the forward JIT kernels (DESIGN.md section 5): stride 1 by duality, a forward
+// convolution of grad_output with the weights flipped in R and S and C and K swapped in
+// each group; strided layers by phases (conv/bwd_data.h), one such convolution per phase of
+// the input pixels. 1x1 stride-1 NCHW layers take the NCHW 1x1 GEMM with the transposed
+// weight matrix, stride-1 depthwise layers the depthwise kernels. Strided depthwise layers
+// and groups that would waste most of a channel block take ATen's convolution_backward.
 Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_data";
   check_backward_args(op, grad_output, weight, stride, padding, dilation, groups);
   check_float_cpu(weight, op, "weight");
   TORCH_CHECK(input_size.size() == 4, op, ": expected 'input_size' of 4 values, got ", input_size);
+  // Channels_last when grad_output or the weight is, whatever the path (the fake kernel says so).
+  const at::MemoryFormat format = is_channels_last(grad_output) || is_channels_last(weight)
+                                      ? at::MemoryFormat::ChannelsLast
+                                      : at::MemoryFormat::Contiguous;
+  return backward_data_any_path(grad_output, weight, input_size, stride, padding, dilation, groups).contiguous(format);
+}
+
+namespace {
+
+Tensor backward_data_any_path(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
   if (Tensor gi = depthwise_backward_data(grad_output, weight, input_size, stride, padding, dilation, groups);
       gi.defined())
     return gi;
@@ -681,6 +700,8 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   return std::get<0>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, true, false));
 }
 
+}  // namespace
+
 // The gradient of conv2d with respect to its weight, of shape weight_size: the JIT
 // weight-update kernels, except for groups that would waste most of a channel block
 // (depthwise included), which take ATen's convolution_backward for now.
@@ -694,7 +715,8 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
   if (Tensor gw = backward_weight_jit(grad_output, input, weight_size, stride, padding, dilation, groups); gw.defined())
     return gw;
   Tensor weight = at::empty(weight_size, grad_output.options());
-  return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true));
+  return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true))
+      .contiguous();
 }
 
 namespace {
@@ -843,13 +865,13 @@ TORCH_LIBRARY(directconv, m) {
   m.def("pack_weight(Tensor weight, int groups) -> Tensor");
   m.def("conv2d_blocked(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
         "bool relu, int? in_channels) -> Tensor");
-  m.def("conv2d_backward_data(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, int[4] padding, "
+  m.def("conv2d_backward_data(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, int[4] padding, "
         "int[2] dilation, int groups) -> Tensor");
-  m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, int[4] weight_size, int[2] stride, "
+  m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int groups) -> Tensor");
-  m.def("conv2d_blocked_backward_data(Tensor grad_output, Tensor wb, int[5] input_size, int[2] stride, "
+  m.def("conv2d_blocked_backward_data(Tensor grad_output, Tensor wb, SymInt[5] input_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
-  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, int[6] weight_size, int[2] stride, "
+  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, SymInt[6] weight_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
