@@ -107,13 +107,36 @@ __attribute__((target("avx2"))) void transpose_block_avx2(const float* in, int64
     }
 }
 
-// out[(t * nc + c) * v ...] = in[(c * nt + t) * v ...]: rows of v floats, from [c][t] to [t][c].
-__attribute__((target("avx2"))) void permute_rows_avx2(const float* in, int nc, int64_t nt, int v, float* out) {
-  for (int c = 0; c < nc; ++c)
-    for (int64_t t = 0; t < nt; ++t) {
-      const float* src = in + (c * nt + t) * v;
-      float* dst = out + (t * nc + c) * v;
-      for (int j = 0; j < v; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+// The transpose of a v x (v * nt) block [k][c * nt + t] (rows in_stride apart), written as
+// out[(t * v + c) * v + k]: the packed [t][c][k] of a weight block in one pass.
+__attribute__((target("avx2"))) void transpose_to_taps_avx2(const float* in, int64_t in_stride, int v, int64_t nt,
+                                                            float* out) {
+  const int64_t cols = v * nt;
+  for (int i0 = 0; i0 < v; i0 += 8)
+    for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (i0 + i) * in_stride + j0);
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t col = j0 + j, c = col / nt, t = col % nt;
+        _mm256_storeu_ps(out + (t * v + c) * v + i0, r[j]);
+      }
+    }
+}
+
+// The inverse: packed [t][c][k] into the v rows [k][c * nt + t] (out_stride apart).
+__attribute__((target("avx2"))) void transpose_from_taps_avx2(const float* in, int v, int64_t nt, float* out,
+                                                              int64_t out_stride) {
+  const int64_t cols = v * nt;
+  for (int i0 = 0; i0 < v; i0 += 8)
+    for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) {
+        const int64_t col = j0 + j, c = col / nt, t = col % nt;
+        r[j] = _mm256_loadu_ps(in + (t * v + c) * v + i0);
+      }
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (i0 + i) * out_stride + j0, r[i]);
     }
 }
 
@@ -194,17 +217,14 @@ void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k,
     const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
     if (nk < v || nc < v) std::memset(out, 0, sizeof(float) * rs * v * v);
     if (dense && nk == v && nc == v && v % 8 == 0 && have_avx2()) {
-      // The block is a V x (V * R * S) matrix [k][c * R * S + t]: transpose it in 8x8
-      // tiles to [c * R * S + t][k], then move each row of V to its place [t][c].
+      // The block is a V x (V * R * S) matrix [k][c * R * S + t]: transposed in 8x8 tiles,
+      // each row [c * R * S + t] of V output channels stored straight at its place [t][c].
       const float* block = src + ki * v * st[0] + ci * v * st[1];
       if (rs == 1) {
         transpose_block_avx2(block, st[0], v, v, out, v);
         continue;
       }
-      thread_local std::vector<float> tmp;
-      tmp.resize(static_cast<size_t>(rs) * v * v);
-      transpose_block_avx2(block, st[0], v, static_cast<int>(v * rs), tmp.data(), v);
-      permute_rows_avx2(tmp.data(), v, rs, v, out);
+      transpose_to_taps_avx2(block, st[0], v, rs, out);
       continue;
     }
     for (int jk = 0; jk < nk; ++jk) {
@@ -232,17 +252,14 @@ void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t
     const float* in = src + i * rs * v * v;  // [r][s][c][k]
     const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
     if (dense && nk == v && nc == v && v % 8 == 0 && have_avx2()) {
-      // The inverse of reorder_weight_to_blocked's fast path: rows [t][c] to [c][t], then a
-      // transpose of the (V * R * S) x V matrix into the V kernel rows of the block.
+      // The inverse of reorder_weight_to_blocked's fast path: rows [t][c] gathered in the
+      // order [c][t] into 8x8 transposes that write the V kernel rows of the block.
       float* block = dst + ki * v * st[0] + ci * v * st[1];
       if (rs == 1) {
         transpose_block_avx2(in, v, v, v, block, st[0]);
         continue;
       }
-      thread_local std::vector<float> tmp;
-      tmp.resize(static_cast<size_t>(rs) * v * v);
-      permute_rows_avx2(in, static_cast<int>(rs), v, v, tmp.data());
-      transpose_block_avx2(tmp.data(), v, static_cast<int>(v * rs), v, block, st[0]);
+      transpose_from_taps_avx2(in, v, rs, block, st[0]);
       continue;
     }
     for (int64_t t = 0; t < rs; ++t)
