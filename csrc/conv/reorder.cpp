@@ -148,6 +148,16 @@ void reorder_to_blocked(const float* src, const int64_t st[4], int64_t n, int64_
                         float* dst, int tid, int nthreads) {
   const int64_t cb = div_up(c, v);
   int64_t b, e;
+  if (st[3] == 1 && st[2] == w && v % 8 == 0 && have_avx2()) {
+    // Dense rows: each channel's plane is one row of h * w pixels, with one tail at its end.
+    share(n * cb, tid, nthreads, &b, &e);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t blk = i % cb, img = i / cb, c0 = blk * v;
+      rows_to_block_avx2(src + img * st[0] + c0 * st[1], st[1], static_cast<int>(std::min<int64_t>(v, c - c0)), h * w,
+                         v, dst + i * h * w * v);
+    }
+    return;
+  }
   share(n * cb * h, tid, nthreads, &b, &e);
   for (int64_t i = b; i < e; ++i) {
     const int64_t y = i % h, blk = (i / h) % cb, img = i / (h * cb);
@@ -178,6 +188,16 @@ void reorder_from_blocked(const float* src, int64_t n, int64_t c, int64_t h, int
                           const int64_t st[4], int tid, int nthreads) {
   const int64_t cb = div_up(c, v);
   int64_t b, e;
+  if (st[3] == 1 && st[2] == w && v % 8 == 0 && have_avx2()) {
+    // Dense rows: each channel's plane is one row of h * w pixels, with one tail at its end.
+    share(n * cb, tid, nthreads, &b, &e);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t blk = i % cb, img = i / cb, c0 = blk * v;
+      block_to_rows_avx2(src + i * h * w * v, static_cast<int>(std::min<int64_t>(v, c - c0)), h * w, v,
+                         dst + img * st[0] + c0 * st[1], st[1]);
+    }
+    return;
+  }
   share(n * cb * h, tid, nthreads, &b, &e);
   for (int64_t i = b; i < e; ++i) {
     const int64_t y = i % h, blk = (i / h) % cb, img = i / (h * cb);
