@@ -298,7 +298,8 @@ bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
 }
 
 FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate) {
-  if (!nchw_1x1_applies(d, isa)) throw std::invalid_argument("conv2d: the NCHW 1x1 plan does not apply to " + d.to_string());
+  if (!nchw_1x1_applies(d, isa))
+    throw std::invalid_argument("conv2d: the NCHW 1x1 plan does not apply to " + d.to_string());
   FwdPlan plan;
   plan.desc = d;
   plan.isa = isa;

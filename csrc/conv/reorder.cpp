@@ -291,8 +291,8 @@ void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t
 }
 
 void reorder_weight_to_blocked_bwd(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r,
-                                   int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,
-                                   float* dst, int tid, int nthreads) {
+                                   int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s,
+                                   int64_t n_s, int v, float* dst, int tid, int nthreads) {
   const int64_t kb = div_up(k, v), cb = div_up(c, v), taps = n_r * n_s;
   // The source tap of each destination tap.
   std::vector<int64_t> src_tap(taps);

@@ -35,7 +35,7 @@ void valid_range(int64_t out, int64_t in, int64_t stride, int64_t pad, int64_t d
 std::string UpdPlan::to_string() const {
   std::ostringstream o;
   o << desc.to_string() << " upd " << isa_name(isa) << " threads=" << threads << " tile=" << n_c << "c x " << n_kb
-    << "kb rows/block=" << rows_per_block << " parts=" << parts << " kernels=" << kernels.size();
+    << "kb cb/unit=" << cb_group << " rows/block=" << rows_per_block << " parts=" << parts << " kernels=" << kernels.size();
   return o.str();
 }
 
@@ -74,16 +74,21 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
       }
     }
 
-  // Rows of output gradient (n_kb blocks) plus the input rows they meet stay in L2.
+  // A unit's input-channel blocks: as many as keep its dW tiles (n_kb x cb_group blocks of
+  // every tap) within 512 KiB of L2, so that each row block of the output gradient, read
+  // once, serves all of them.
+  plan.cb_group = std::min<int64_t>(plan.cb, std::max<int64_t>(1, (512 << 10) / (plan.n_kb * d.r * d.s * V * V * 4)));
+  // Rows of output gradient (n_kb blocks) plus the input rows they meet (every block of the
+  // group) stay in L2.
   auto block_bytes = [&](int64_t rows) {
-    return (plan.n_kb * rows * Q + ((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1) * d.w) * V * 4;
+    return (plan.n_kb * rows * Q + plan.cb_group * ((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1) * d.w) * V * 4;
   };
   int64_t rows = P;
   while (rows > 1 && block_bytes(rows) > (128 << 10)) rows = div_up(rows, 2);
   plan.rows_per_block = rows;
 
-  const int64_t kgroups = div_up(plan.kb, plan.n_kb);
-  const int64_t units = kgroups * plan.cb;
+  const int64_t kgroups = div_up(plan.kb, plan.n_kb), cgroups = div_up(plan.cb, plan.cb_group);
+  const int64_t units = kgroups * cgroups;
   // Parallelise over weight blocks (units) alone, or also over the minibatch (its images,
   // or the row blocks of one image when there are fewer images than parts) in `parts`
   // private copies of dW that are summed afterwards: whichever has the shorter estimated
@@ -132,26 +137,29 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
     return index[sp.name()] = static_cast<int>(plan.kernels.size()) - 1;
   };
 
-  // Units (part, kg, cb) dealt out in equal runs; within a unit: images, row blocks, then
-  // every tap and channel part on the rows in cache.
+  // Units (part, kg, cg) dealt out in equal runs; within a unit: row blocks (the calls loop
+  // over the images), then every input-channel block of the group, tap and channel part on
+  // the rows in cache.
   plan.streams.assign(plan.threads, {});
   const int64_t total = plan.parts * units;
   for (int t = 0; t < plan.threads; ++t)
     for (int64_t u = total * t / plan.threads; u < total * (t + 1) / plan.threads; ++u) {
       const int part = static_cast<int>(u / units);
-      const int64_t kg = (u % units) / plan.cb, cbi = u % plan.cb;
+      const int64_t kg = (u % units) / cgroups, cb_lo = (u % cgroups) * plan.cb_group;
+      const int64_t cb_hi = std::min(plan.cb, cb_lo + plan.cb_group);
       const int64_t kb0 = kg * plan.n_kb;
       const int n_kb = static_cast<int>(std::min<int64_t>(plan.n_kb, plan.kb - kb0));
-      const int c_valid = static_cast<int>(std::min<int64_t>(V, d.c - cbi * V));
+      int64_t cbi = cb_lo;
+      int c_valid = V;
       const int64_t n_lo = split_rows ? 0 : d.n * part / plan.parts;
       const int64_t n_hi = split_rows ? d.n : d.n * (part + 1) / plan.parts;
       const int64_t rb_lo = split_rows ? row_blocks * part / plan.parts : 0;
       const int64_t rb_hi = split_rows ? row_blocks * (part + 1) / plan.parts : row_blocks;
       // Each tile of dW: overwritten by its first call, accumulated by the others; a tile
       // that meets no pixel in this part gets one call that writes zeros.
-      std::vector<char> visited(static_cast<size_t>(d.r * d.s * V), 0);
+      std::vector<char> visited(static_cast<size_t>((cb_hi - cb_lo) * d.r * d.s * V), 0);
       auto emit = [&](int64_t r, int64_t s, int c0, int64_t oh_lo, int64_t oh_hi, int64_t ow_lo, int64_t ow_hi) {
-        char& seen = visited[(r * d.s + s) * V + c0];
+        char& seen = visited[(((cbi - cb_lo) * d.r + r) * d.s + s) * V + c0];
         const int64_t ih = oh_lo * d.stride_h - d.pad_t + r * d.dil_h;
         const int64_t iw = ow_lo * d.stride_w - d.pad_l + s * d.dil_w;
         UpdCall c{};
@@ -168,29 +176,35 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
         seen = 1;
       };
       for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
-        const int64_t ob0 = rb * rows, ob1 = std::min(P, ob0 + rows);
-        for (int64_t r = 0; r < d.r; ++r) {
-          int64_t oh_lo, oh_hi;
-          valid_range(P, d.h, d.stride_h, d.pad_t, d.dil_h, r, &oh_lo, &oh_hi);
-          const bool tap_rows = oh_lo < oh_hi;
-          oh_lo = std::max(oh_lo, ob0);
-          oh_hi = std::min(oh_hi, ob1);
-          for (int64_t s = 0; s < d.s; ++s) {
-            int64_t ow_lo, ow_hi;
-            valid_range(Q, d.w, d.stride_w, d.pad_l, d.dil_w, s, &ow_lo, &ow_hi);
-            // Channels past c_valid (the zero padding of the last block) get zero calls.
-            for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0))
-              if (tap_rows && ow_lo < ow_hi && c0 < c_valid && oh_lo < oh_hi)
-                emit(r, s, c0, oh_lo, oh_hi, ow_lo, ow_hi);
+        for (cbi = cb_lo; cbi < cb_hi; ++cbi) {
+          c_valid = static_cast<int>(std::min<int64_t>(V, d.c - cbi * V));
+          const int64_t ob0 = rb * rows, ob1 = std::min(P, ob0 + rows);
+          for (int64_t r = 0; r < d.r; ++r) {
+            int64_t oh_lo, oh_hi;
+            valid_range(P, d.h, d.stride_h, d.pad_t, d.dil_h, r, &oh_lo, &oh_hi);
+            const bool tap_rows = oh_lo < oh_hi;
+            oh_lo = std::max(oh_lo, ob0);
+            oh_hi = std::min(oh_hi, ob1);
+            for (int64_t s = 0; s < d.s; ++s) {
+              int64_t ow_lo, ow_hi;
+              valid_range(Q, d.w, d.stride_w, d.pad_l, d.dil_w, s, &ow_lo, &ow_hi);
+              // Channels past c_valid (the zero padding of the last block) get zero calls.
+              for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0))
+                if (tap_rows && ow_lo < ow_hi && c0 < c_valid && oh_lo < oh_hi)
+                  emit(r, s, c0, oh_lo, oh_hi, ow_lo, ow_hi);
+            }
           }
         }
       }
       // Tiles no pixel of this part reached (taps on padding only, padded channels, or rows
       // of other parts): zeros.
-      for (int64_t r = 0; r < d.r; ++r)
-        for (int64_t s = 0; s < d.s; ++s)
-          for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0))
-            if (!visited[(r * d.s + s) * V + c0]) emit(r, s, c0, 0, 0, 0, 0);
+      for (cbi = cb_lo; cbi < cb_hi; ++cbi) {
+        c_valid = static_cast<int>(std::min<int64_t>(V, d.c - cbi * V));
+        for (int64_t r = 0; r < d.r; ++r)
+          for (int64_t s = 0; s < d.s; ++s)
+            for (int c0 = 0; c0 < V; c0 += std::min(plan.n_c, c0 < c_valid ? c_valid - c0 : V - c0))
+              if (!visited[(((cbi - cb_lo) * d.r + r) * d.s + s) * V + c0]) emit(r, s, c0, 0, 0, 0, 0);
+      }
     }
   return plan;
 }

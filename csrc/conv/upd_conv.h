@@ -26,8 +26,9 @@ struct UpdPlan {
   int threads = 1;
   int64_t cb = 0, kb = 0;
   int n_c = 1, n_kb = 1;       // register tile
+  int64_t cb_group = 1;        // input-channel blocks of one work unit
   int64_t rows_per_block = 1;  // output rows whose gradient stays in L2 while every tap uses it
-  // Work units are (output-channel group, input-channel block); when that is faster by the
+  // Work units are (output-channel group, input-channel-block group); when that is faster by the
   // plan's estimate (few units for the threads), the minibatch is also split into `parts`,
   // each reducing into a private copy of dW that the caller sums afterwards.
   int parts = 1;
