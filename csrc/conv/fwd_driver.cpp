@@ -92,4 +92,27 @@ void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const floa
   }
 }
 
+void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
+                          const FwdPrepare& prepare, const float* bias, float* dst, bool relu, int tid,
+                          FwdWorkQueue* queue) {
+  const FwdPlan& plan = prim.plan;
+  const int threads = static_cast<int>(plan.streams.size());
+  if (tid < 0 || tid >= threads) return;
+  auto run_unit = [&](int t, int64_t u) {
+    const std::vector<int32_t>& starts = plan.unit_starts[t];
+    if (starts[u] == starts[u + 1]) return;
+    const float* wei = prepare(plan.streams[t][starts[u]]);
+    run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, bias, dst, relu);
+  };
+  if (!queue) {
+    for (int64_t u = 0; u + 1 < static_cast<int64_t>(plan.unit_starts[tid].size()); ++u) run_unit(tid, u);
+    return;
+  }
+  for (int i = 0; i < threads; ++i) {
+    const int t = (tid + i) % threads;
+    for (int64_t u = queue->take(t); u + 1 < static_cast<int64_t>(plan.unit_starts[t].size()); u = queue->take(t))
+      run_unit(t, u);
+  }
+}
+
 }  // namespace dc

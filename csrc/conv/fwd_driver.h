@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,5 +53,13 @@ class FwdWorkQueue {
 // bias (Kb * V) or null, dst (N, Kb, P, Q, V).
 void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
                  const float* bias, float* dst, bool relu, int tid, FwdWorkQueue* queue = nullptr);
+
+// As fwd_execute, with each work unit's weights prepared just before its calls:
+// prepare(the unit's first call) returns the base that the unit's calls add their weight
+// offsets to (its output-channel group's weights, which are all the unit reads).
+using FwdPrepare = std::function<const float*(const FwdCall& first)>;
+void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
+                          const FwdPrepare& prepare, const float* bias, float* dst, bool relu, int tid,
+                          FwdWorkQueue* queue = nullptr);
 
 }  // namespace dc

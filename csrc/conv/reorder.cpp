@@ -329,16 +329,14 @@ void reorder_weight_to_blocked_bwd(const float* src, const int64_t st[4], int64_
   }
 }
 
-void reorder_blocked_weight_to_bwd(const float* src, int64_t kb, int64_t cb, int64_t r, int64_t s,
-                                   const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,
-                                   float* dst, int tid, int nthreads) {
+void reorder_blocked_weight_to_bwd_blocks(const float* src, int64_t kb, int64_t cb, int64_t r, int64_t s,
+                                          const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s,
+                                          int v, int64_t begin, int64_t end, float* dst) {
   const int64_t taps = n_r * n_s;
-  int64_t b, e;
-  share(cb * kb, tid, nthreads, &b, &e);
-  for (int64_t i = b; i < e; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     const int64_t ki = i % kb, ci = i / kb;
     const float* in = src + (ki * cb + ci) * r * s * v * v;  // [r][s][c][k]
-    float* out = dst + i * taps * v * v;                      // [tap][k][c]
+    float* out = dst + (i - begin) * taps * v * v;            // [tap][k][c]
     for (int64_t y = 0; y < n_r; ++y)
       for (int64_t x = 0; x < n_s; ++x) {
         const float* blk = in + (taps_r[n_r - 1 - y] * s + taps_s[n_s - 1 - x]) * v * v;
@@ -351,6 +349,15 @@ void reorder_blocked_weight_to_bwd(const float* src, int64_t kb, int64_t cb, int
         }
       }
   }
+}
+
+void reorder_blocked_weight_to_bwd(const float* src, int64_t kb, int64_t cb, int64_t r, int64_t s,
+                                   const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,
+                                   float* dst, int tid, int nthreads) {
+  int64_t b, e;
+  share(cb * kb, tid, nthreads, &b, &e);
+  reorder_blocked_weight_to_bwd_blocks(src, kb, cb, r, s, taps_r, n_r, taps_s, n_s, v, b, e,
+                                       dst + b * n_r * n_s * v * v);
 }
 
 void reorder_dw_weight_to_blocked(const float* src, const int64_t st[4], int64_t c, int64_t r, int64_t s, int v,

@@ -418,6 +418,8 @@ bool groups_fit_blocks(int64_t groups, int64_t kg, int64_t cg, int64_t V) {
 
 // Writes one thread's share of a phase's weights (Cb, Kb, n_r, n_s, V, V) for every group.
 using PackPhase = std::function<void(const dc::BwdDataPhase&, float* dst, int tid, int nthreads)>;
+// Writes blocks [begin, end) of a phase's weights (one group) from dst on.
+using PackBlocks = std::function<void(const dc::BwdDataPhase&, int64_t begin, int64_t end, float* dst)>;
 
 // The input gradient on blocked tensors, group after group: dy (N, Kb, P, Q, V) at dy_group
 // floats per group, dx (N, Cb, H, W, V) at dx_group. Every pixel of dx is written: each
@@ -425,8 +427,15 @@ using PackPhase = std::function<void(const dc::BwdDataPhase&, float* dst, int ti
 // zeros. Two parallel regions in all: one packs the weights of every phase (and zeroes the
 // phases no tap reaches), one runs every phase; a thread done with its share of a phase
 // goes on to the next, as the phases' pixels are disjoint.
+//
+// With pack_blocks, one group and one image whose plans give each output-channel group a
+// single work unit (all rows), every unit packs its own weights just before its calls, into
+// a per-thread buffer that stays in cache: the weights are read once, not packed, written
+// and read again (the 7x7 layers at N = 1, where that traffic costs about as much as the
+// convolution).
 void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases, const float* dy, float* dx,
-                  int64_t groups, int64_t dy_group, int64_t dx_group, const PackPhase& pack) {
+                  int64_t groups, int64_t dy_group, int64_t dx_group, const PackPhase& pack,
+                  const PackBlocks& pack_blocks = nullptr) {
   if (d.n == 0) return;
   const dc::Isa isa = jit_isa();
   const int64_t V = dc::vlen(isa), cb = dc::div_up(d.c, V), kb = dc::div_up(d.k, V);
@@ -452,9 +461,12 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
     wei_total += groups * j.wei_group;
     jobs.push_back(std::move(j));
   }
-  float* wei = scratch(2, std::max<int64_t>(1, wei_total));
+  bool per_unit = pack_blocks && groups == 1 && d.n == 1;
+  for (const Job& j : jobs) per_unit = per_unit && j.prim->plan.rows_per_group >= j.phase->sub.p();
+  float* wei = per_unit ? nullptr : scratch(2, std::max<int64_t>(1, wei_total));
   run_shares(nt, [&](int tid, int n_threads) {
-    for (const Job& j : jobs) pack(*j.phase, wei + j.wei_off, tid, n_threads);
+    if (!per_unit)
+      for (const Job& j : jobs) pack(*j.phase, wei + j.wei_off, tid, n_threads);
     for (const dc::BwdDataPhase& ph : phases) {
       if (!ph.empty()) continue;
       const int64_t lines = groups * d.n * cb * ph.rows;
@@ -470,6 +482,26 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
   std::vector<dc::FwdWorkQueue> queues;
   queues.reserve(jobs.size() * groups);
   for (size_t i = 0; i < jobs.size() * groups; ++i) queues.emplace_back(nt);
+  if (per_unit) {
+    run_shares(nt, [&](int tid, int) {
+      thread_local std::vector<float> buffer;
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        const Job& j = jobs[i];
+        const dc::FwdPlan& plan = j.prim->plan;
+        const int64_t block = j.phase->sub.r * j.phase->sub.s * V * V, per_kb = plan.cb * block;
+        auto prepare = [&](const dc::FwdCall& first) {
+          const int64_t kb0 = first.wei_off / per_kb, n = std::min<int64_t>(plan.n_oc, plan.kb - kb0);
+          buffer.resize(static_cast<size_t>(plan.n_oc * per_kb));
+          pack_blocks(*j.phase, kb0 * plan.cb, (kb0 + n) * plan.cb, buffer.data());
+          // The unit's calls add offsets counted from the first output-channel block.
+          return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(buffer.data()) - kb0 * per_kb * 4);
+        };
+        dc::fwd_execute_prepared(*j.prim, j.kernels, dy + j.src_off, prepare, nullptr, dx + j.dst_off, false, tid,
+                                 nt > 1 ? &queues[i] : nullptr);
+      }
+    });
+    return;
+  }
   run_shares(nt, [&](int tid, int) {
     for (size_t i = 0; i < jobs.size(); ++i) {
       const Job& j = jobs[i];
@@ -777,12 +809,16 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   if (!phases.empty()) {
     out = at::empty(input_size, gy.options());
     const float* wp = w.data_ptr<float>();
-    run_bwd_data(d, phases, gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
-                 [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
-                   dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r,
-                                                     ph.taps_s.data(), ph.sub.s, static_cast<int>(V), dst, tid,
-                                                     n_threads);
-                 });
+    run_bwd_data(
+        d, phases, gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
+        [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
+          dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                            ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
+        },
+        [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {
+          dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                                   ph.taps_s.data(), ph.sub.s, static_cast<int>(V), begin, end, dst);
+        });
   } else {
     // A padding wider than the dilated kernel: ATen on the unblocked tensors.
     Tensor wk = w.permute({0, 5, 1, 4, 2, 3}).reshape({kb * V, cb * V, d.r, d.s});

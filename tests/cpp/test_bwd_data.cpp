@@ -74,7 +74,23 @@ void phases_vs_reference(Isa isa) {
       bwd_data_phase_layout(d, ph, V, &options, &src_off, &dst_off);
       auto prim = get_fwd_primitive(ph.sub, isa, 1, options);
       const FwdKernels kernels = acquire_kernels(*prim);
-      fwd_execute(*prim, kernels, dy.data() + src_off, wt.data(), nullptr, dx.data() + dst_off, false, 0);
+      if (trial % 2) {
+        fwd_execute(*prim, kernels, dy.data() + src_off, wt.data(), nullptr, dx.data() + dst_off, false, 0);
+        continue;
+      }
+      // Each work unit packs its own output-channel group's weights just before its calls.
+      const FwdPlan& plan = prim->plan;
+      const int64_t per_kb = plan.cb * ph.sub.r * ph.sub.s * V * V;
+      std::vector<float> unit_wei;
+      auto prepare = [&](const FwdCall& first) {
+        const int64_t kb0 = first.wei_off / per_kb, n = std::min<int64_t>(plan.n_oc, plan.kb - kb0);
+        unit_wei.assign(n * per_kb, NAN);
+        reorder_blocked_weight_to_bwd_blocks(w.data(), kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                             ph.taps_s.data(), ph.sub.s, V, kb0 * plan.cb, (kb0 + n) * plan.cb,
+                                             unit_wei.data());
+        return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(unit_wei.data()) - kb0 * per_kb * 4);
+      };
+      fwd_execute_prepared(*prim, kernels, dy.data() + src_off, prepare, nullptr, dx.data() + dst_off, false, 0);
     }
     // Channels past d.c of the last block are garbage-free only where the reference is defined.
     for (size_t i = 0; i < dx.size(); ++i)
