@@ -290,21 +290,19 @@ void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t
   }
 }
 
-void reorder_weight_to_blocked_bwd(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r,
-                                   int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s,
-                                   int64_t n_s, int v, float* dst, int tid, int nthreads) {
-  const int64_t kb = div_up(k, v), cb = div_up(c, v), taps = n_r * n_s;
+void reorder_weight_to_blocked_bwd_blocks(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r,
+                                          int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s,
+                                          int64_t n_s, int v, int64_t begin, int64_t end, float* dst) {
+  const int64_t kb = div_up(k, v), taps = n_r * n_s;
   // The source tap of each destination tap.
   std::vector<int64_t> src_tap(taps);
   for (int64_t i = 0; i < n_r; ++i)
     for (int64_t j = 0; j < n_s; ++j) src_tap[i * n_s + j] = taps_r[n_r - 1 - i] * st[2] + taps_s[n_s - 1 - j] * st[3];
   const int64_t rs = r * s;
   const bool dense = st[3] == 1 && st[2] == s && st[1] == rs;
-  int64_t b, e;
-  share(cb * kb, tid, nthreads, &b, &e);
-  for (int64_t i = b; i < e; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     const int64_t ki = i % kb, ci = i / kb;
-    float* out = dst + i * taps * v * v;  // [tap][k][c]
+    float* out = dst + (i - begin) * taps * v * v;  // [tap][k][c]
     const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
     const float* block = src + ki * v * st[0] + ci * v * st[1];
     if (nk == v && nc == v && v % 8 == 0 && have_avx2() && dense) {
@@ -327,6 +325,15 @@ void reorder_weight_to_blocked_bwd(const float* src, const int64_t st[4], int64_
       for (int jk = 0; jk < nk; ++jk)
         for (int jc = 0; jc < nc; ++jc) out[(t * v + jk) * v + jc] = block[jk * st[0] + jc * st[1] + src_tap[t]];
   }
+}
+
+void reorder_weight_to_blocked_bwd(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r,
+                                   int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s,
+                                   int64_t n_s, int v, float* dst, int tid, int nthreads) {
+  int64_t b, e;
+  share(div_up(c, v) * div_up(k, v), tid, nthreads, &b, &e);
+  reorder_weight_to_blocked_bwd_blocks(src, st, k, c, r, s, taps_r, n_r, taps_s, n_s, v, b, e,
+                                       dst + b * n_r * n_s * v * v);
 }
 
 void reorder_blocked_weight_to_bwd_blocks(const float* src, int64_t kb, int64_t cb, int64_t r, int64_t s,

@@ -26,6 +26,11 @@ void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t
 void reorder_weight_to_blocked_bwd(const float* src, const int64_t src_strides[4], int64_t k, int64_t c, int64_t r,
                                    int64_t s, const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,
                                    float* dst, int tid, int nthreads);
+// Its blocks [begin, end) alone (block i = C block * ceil(K/V) + K block), from dst on.
+void reorder_weight_to_blocked_bwd_blocks(const float* src, const int64_t src_strides[4], int64_t k, int64_t c,
+                                          int64_t r, int64_t s, const int64_t* taps_r, int64_t n_r,
+                                          const int64_t* taps_s, int64_t n_s, int v, int64_t begin, int64_t end,
+                                          float* dst);
 // The same from blocked weights (ceil(K/V), ceil(C/V), R, S, V(c), V(k)) with S columns.
 void reorder_blocked_weight_to_bwd(const float* src, int64_t kb, int64_t cb, int64_t r, int64_t s,
                                    const int64_t* taps_r, int64_t n_r, const int64_t* taps_s, int64_t n_s, int v,

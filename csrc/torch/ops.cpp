@@ -572,14 +572,19 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
     for (int64_t g = 0; g < groups; ++g)
       dc::reorder_to_blocked(gy + g * kg * gs[1], gs.data(), d.n, kg, P, Q, V, dy_blk + g * dy_group, tid, n_threads);
   });
-  run_bwd_data(d, phases, dy_blk, dx_blk, groups, dy_group, dx_group,
-               [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
-                 const int64_t per_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
-                 for (int64_t g = 0; g < groups; ++g)
-                   dc::reorder_weight_to_blocked_bwd(w + g * kg * ws[0], ws.data(), kg, cg, d.r, d.s,
-                                                     ph.taps_r.data(), ph.sub.r, ph.taps_s.data(), ph.sub.s, V,
-                                                     dst + g * per_group, tid, n_threads);
-               });
+  run_bwd_data(
+      d, phases, dy_blk, dx_blk, groups, dy_group, dx_group,
+      [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
+        const int64_t per_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
+        for (int64_t g = 0; g < groups; ++g)
+          dc::reorder_weight_to_blocked_bwd(w + g * kg * ws[0], ws.data(), kg, cg, d.r, d.s, ph.taps_r.data(),
+                                            ph.sub.r, ph.taps_s.data(), ph.sub.s, V, dst + g * per_group, tid,
+                                            n_threads);
+      },
+      [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {  // one group
+        dc::reorder_weight_to_blocked_bwd_blocks(w, ws.data(), kg, cg, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                                 ph.taps_s.data(), ph.sub.s, V, begin, end, dst);
+      });
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
       dc::reorder_from_blocked(dx_blk + g * dx_group, d.n, cg, d.h, d.w, V, gx + g * cg * xs[1], xs.data(), tid,
