@@ -13,6 +13,7 @@ Run ``python bench/problems.py`` for the self-check.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -319,6 +320,23 @@ def add_run_args(ap, isa_help: str = "cap the JIT's ISA") -> None:
     )
     ap.add_argument("--quick", action="store_true", help="fewer, shorter samples: a smoke run, not a measurement")
     ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help=isa_help)
+
+
+def parse_model_run_args(ap, argv: list[str] | None, iters: tuple[int, int], out: Path) -> argparse.Namespace:
+    """The run options of add_run_args, plus --iters (iters[0], or iters[1] with --quick) and --out, parsed
+    and checked; for the whole-model benchmarks."""
+    add_run_args(ap)
+    ap.add_argument(
+        "--iters", type=int, default=None, help=f"timed iterations per variant (default {iters[0]}, --quick {iters[1]})"
+    )
+    ap.add_argument("--out", type=Path, default=out, help=f"output directory (default: {out})")
+    args = ap.parse_args(argv)
+    check_run_args(ap, args)
+    if args.iters is None:
+        args.iters = iters[1] if args.quick else iters[0]
+    if args.iters < 1:
+        ap.error(f"--iters: expected >= 1, got {args.iters}")
+    return args
 
 
 def check_run_args(ap, args) -> None:

@@ -22,25 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from problems import add_run_args, batch_sizes, check_run_args
+from problems import batch_sizes, parse_model_run_args
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap)
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 10, --quick 3)")
-    ap.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output directory for the JSON (default: {DEFAULT_OUT})"
-    )
-    args = ap.parse_args(argv)
-    check_run_args(ap, args)
-    if args.iters is None:
-        args.iters = 3 if args.quick else 10
-    if args.iters < 1:
-        ap.error(f"--iters: expected >= 1, got {args.iters}")
-    return args
+    return parse_model_run_args(ap, argv, iters=(10, 3), out=DEFAULT_OUT)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from problems import add_run_args, batch_sizes, check_run_args
+from problems import batch_sizes, parse_model_run_args
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = ("torch_eager", "converted_eager", "converted_compiled")
@@ -32,16 +32,10 @@ LABELS = {"torch_eager": "torch eager", "converted_eager": "conv. eager", "conve
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap)
-    ap.add_argument("--iters", type=int, default=None, help="timed steps per variant (default 7, --quick 2)")
     ap.add_argument("--size", type=int, default=224, help="image height and width (default 224)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    args = ap.parse_args(argv)
-    check_run_args(ap, args)
-    if args.iters is None:
-        args.iters = 2 if args.quick else 7
-    if args.iters < 1 or args.size < 32:
-        ap.error("--iters must be >= 1 and --size >= 32")
+    args = parse_model_run_args(ap, argv, iters=(7, 2), out=DEFAULT_OUT)
+    if args.size < 32:
+        ap.error(f"--size: expected >= 32, got {args.size}")
     return args
 
 

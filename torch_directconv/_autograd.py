@@ -22,23 +22,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
-    input, weight, output = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.geometry
+def _conv_grads(ctx, grad, x, w, output, data_op, weight_op):
+    """(input gradient, weight gradient, the output gradient after the fused ReLU), each op called
+    only when its gradient is needed; ctx.geometry ends with the op's last argument."""
     if ctx.relu:
         # As torch.relu's backward (threshold_backward): no gradient where the output is <= 0.
         grad = torch.where(output <= 0, torch.zeros_like(grad), grad)
-    grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.directconv.conv2d_backward_data(
-            grad, weight, list(input.shape), stride, padding, dilation, groups
-        )
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.directconv.conv2d_backward_weight(
-            grad, input, list(weight.shape), stride, padding, dilation, groups
-        )
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad.sum((0, 2, 3))
+    stride, padding, dilation, last = ctx.geometry
+    gx = data_op(grad, w, list(x.shape), stride, padding, dilation, last) if ctx.needs_input_grad[0] else None
+    gw = weight_op(grad, x, list(w.shape), stride, padding, dilation, last) if ctx.needs_input_grad[1] else None
+    return gx, gw, grad
+
+
+def _backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    ops = torch.ops.directconv
+    grad_input, grad_weight, grad = _conv_grads(
+        ctx, grad, input, weight, output, ops.conv2d_backward_data, ops.conv2d_backward_weight
+    )
+    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -52,18 +54,11 @@ def _setup_blocked(ctx, inputs, output) -> None:
 
 def _backward_blocked(ctx, grad):
     xb, wb, output = ctx.saved_tensors
-    stride, padding, dilation, in_channels = ctx.geometry
-    if ctx.relu:
-        grad = torch.where(output <= 0, torch.zeros_like(grad), grad)
-    grad_xb = grad_wb = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_xb = torch.ops.directconv.conv2d_blocked_backward_data(
-            grad, wb, list(xb.shape), stride, padding, dilation, in_channels
-        )
-    if ctx.needs_input_grad[1]:
-        grad_wb = torch.ops.directconv.conv2d_blocked_backward_weight(
-            grad, xb, list(wb.shape), stride, padding, dilation, in_channels
-        )
+    ops = torch.ops.directconv
+    grad_xb, grad_wb, grad = _conv_grads(
+        ctx, grad, xb, wb, output, ops.conv2d_blocked_backward_data, ops.conv2d_blocked_backward_weight
+    )
+    grad_bias = None
     if ctx.bias_size is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum((0, 2, 3)).reshape(-1)[: ctx.bias_size]
     return grad_xb, grad_wb, grad_bias, None, None, None, None, None

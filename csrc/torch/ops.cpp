@@ -825,7 +825,8 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
                                                    ph.taps_s.data(), ph.sub.s, static_cast<int>(V), begin, end, dst);
         });
   } else {
-    // A padding wider than the dilated kernel: ATen on the unblocked tensors.
+    // No phases the forward kernels can run (none at present: bwd_data_phases takes every
+    // geometry): ATen on the unblocked tensors.
     Tensor wk = w.permute({0, 5, 1, 4, 2, 3}).reshape({kb * V, cb * V, d.r, d.s});
     Tensor x = at::empty({d.n, cb * V, d.h, d.w}, gy.options());
     out = reblock(std::get<0>(aten_backward(unblock(gy), x, wk, stride, padding, dilation, 1, true, false)), V);
