@@ -57,24 +57,35 @@ class Run:
     start: float
 
 
-def start_run(args, prog: str) -> Run:
-    """Imports torch and torch_directconv, applies --isa-cap, prints the header; exits 2 when
-    the JIT is not active (or not the ISA asked for)."""
+def load_jit(args, prog: str) -> tuple:
+    """(torch, torch_directconv, ISA name) with --isa-cap applied; exits 2 when the JIT is not
+    active (or not the ISA asked for)."""
     # torch first: torch_directconv's extension needs libtorch loaded, or it falls back silently.
     import torch
-    import torch.nn.functional as F
 
     import torch_directconv as tdc
 
     # The cap must be in place before any kernel or plan exists.
     if args.isa_cap:
         tdc._C.set_isa_cap(args.isa_cap)
-    start = time.time()
     isa = tdc.isa()
+    problem = ""
     if isa == "none":
-        sys.exit(f"{prog}: the JIT is not active on this machine (isa() == 'none'); nothing to benchmark")
-    if args.isa_cap and isa != args.isa_cap:
-        sys.exit(f"{prog}: asked for --isa-cap {args.isa_cap}, but the JIT runs {isa}")
+        problem = "the JIT is not active on this machine (isa() == 'none'); nothing to benchmark"
+    elif args.isa_cap and isa != args.isa_cap:
+        problem = f"asked for --isa-cap {args.isa_cap}, but the JIT runs {isa}"
+    if problem:
+        print(f"{prog}: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return torch, tdc, isa
+
+
+def start_run(args, prog: str) -> Run:
+    """load_jit, then the run's timing settings and header."""
+    torch, tdc, isa = load_jit(args, prog)
+    import torch.nn.functional as F
+
+    start = time.time()
     timing = FULL if not args.quick else QUICK
     cpus = os.cpu_count() or 1
     if max(args.threads) > cpus:

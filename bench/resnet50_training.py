@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import load_jit
 from problems import batch_sizes, parse_model_run_args
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -41,18 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    import torch_directconv as tdc
-
-    if args.isa_cap:
-        tdc._C.set_isa_cap(args.isa_cap)
+    torch, tdc, isa = load_jit(args, "resnet50_training")
     from resnet50 import randomize_batchnorm, resnet50
 
-    isa = tdc.isa()
-    if isa == "none":
-        print("resnet50_training: the JIT is not active on this machine (isa() == 'none')", file=sys.stderr)
-        return 2
     warmup = 1 if args.quick else 2
     start = time.time()
     print(

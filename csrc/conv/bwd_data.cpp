@@ -14,12 +14,12 @@ struct PhaseDim {
   int64_t crop = 0, size = 0;  // the output-gradient span read: [crop, crop + size)
 };
 
-bool phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t stride, int64_t pad, int64_t dil,
+void phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t stride, int64_t pad, int64_t dil,
                PhaseDim* pd) {
   pd->n_in = a < in ? (in - a + stride - 1) / stride : 0;
   for (int64_t r = 0; r < kernel; ++r)
     if ((a + pad - r * dil) % stride == 0) pd->taps.push_back(r);
-  if (pd->taps.empty() || pd->n_in == 0) return true;
+  if (pd->taps.empty() || pd->n_in == 0) return;
   // Taps step by stride / gcd, and the output-gradient index they read by dil / gcd.
   pd->dil = dil / std::gcd(stride, dil);
   // Pixel i of the phase reads output-gradient index i + (a + pad - r * dil) / stride; the
@@ -33,19 +33,17 @@ bool phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t str
   pd->pad_lo = std::max<int64_t>(0, pd->pad_lo);
   pd->pad_hi = std::max<int64_t>(0, pd->pad_hi);
   if (pd->size < 1) pd->taps.clear();  // every tap reads past the output gradient: a zero phase
-  return true;
 }
 }  // namespace
 
-bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases) {
-  phases->clear();
+std::vector<BwdDataPhase> bwd_data_phases(const ConvDesc& d) {
+  std::vector<BwdDataPhase> phases;
   const int64_t P = d.p(), Q = d.q();
   for (int64_t a = 0; a < d.stride_h; ++a)
     for (int64_t b = 0; b < d.stride_w; ++b) {
       PhaseDim pr, ps;
-      if (!phase_dim(a, d.h, P, d.r, d.stride_h, d.pad_t, d.dil_h, &pr) ||
-          !phase_dim(b, d.w, Q, d.s, d.stride_w, d.pad_l, d.dil_w, &ps))
-        return false;
+      phase_dim(a, d.h, P, d.r, d.stride_h, d.pad_t, d.dil_h, &pr);
+      phase_dim(b, d.w, Q, d.s, d.stride_w, d.pad_l, d.dil_w, &ps);
       if (pr.n_in == 0 || ps.n_in == 0) continue;
       BwdDataPhase ph;
       ph.a = a;
@@ -75,9 +73,9 @@ bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases) {
       } else {
         ph.sub.k = 0;
       }
-      phases->push_back(ph);
+      phases.push_back(ph);
     }
-  return true;
+  return phases;
 }
 
 void bwd_data_phase_layout(const ConvDesc& d, const BwdDataPhase& ph, int v, FwdPlanOptions* options,

@@ -32,9 +32,8 @@ struct BwdDataPhase {
 };
 
 // The phases of the input gradient of `d` (one group), all stride_h * stride_w of them,
-// phases without pixels left out. Always true for now: false is kept for a phase that
-// the forward kernels could not express.
-bool bwd_data_phases(const ConvDesc& d, std::vector<BwdDataPhase>* phases);
+// phases without pixels left out: at least one, for any valid geometry.
+std::vector<BwdDataPhase> bwd_data_phases(const ConvDesc& d);
 
 // How phase ph's forward problem (ph.sub) reads the blocked output gradient
 // (N, Kb, P, Q, V) and writes the blocked input gradient (N, Cb, H, W, V): the layouts to

@@ -76,20 +76,7 @@ void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::v
 
 void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
                  const float* bias, float* dst, bool relu, int tid, FwdWorkQueue* queue) {
-  const FwdPlan& plan = prim.plan;
-  const int threads = static_cast<int>(plan.streams.size());
-  if (tid < 0 || tid >= threads) return;
-  if (!queue) {
-    run_calls(prim, kernels, plan.streams[tid], 0, plan.streams[tid].size(), src, wei, bias, dst, relu);
-    return;
-  }
-  // Own units first, in order; then whatever is left of the others'.
-  for (int i = 0; i < threads; ++i) {
-    const int t = (tid + i) % threads;
-    const std::vector<int32_t>& starts = plan.unit_starts[t];
-    for (int64_t u = queue->take(t); u + 1 < static_cast<int64_t>(starts.size()); u = queue->take(t))
-      run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, bias, dst, relu);
-  }
+  fwd_execute_prepared(prim, kernels, src, [wei](const FwdCall&) { return wei; }, bias, dst, relu, tid, queue);
 }
 
 void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
@@ -108,6 +95,7 @@ void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, c
     for (int64_t u = 0; u + 1 < static_cast<int64_t>(plan.unit_starts[tid].size()); ++u) run_unit(tid, u);
     return;
   }
+  // Own units first, in order; then whatever is left of the others'.
   for (int i = 0; i < threads; ++i) {
     const int t = (tid + i) % threads;
     for (int64_t u = queue->take(t); u + 1 < static_cast<int64_t>(plan.unit_starts[t].size()); u = queue->take(t))

@@ -514,11 +514,9 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
 
 // The phases of the JIT input gradient; empty when it does not take the problem.
 std::vector<dc::BwdDataPhase> jit_bwd_data_phases(const ConvDesc& d, int64_t groups) {
-  std::vector<dc::BwdDataPhase> phases;
   if (dc::active_isa() == dc::Isa::none || !groups_fit_blocks(groups, d.k, d.c, dc::vlen(dc::active_isa())))
-    return phases;
-  if (!dc::bwd_data_phases(d, &phases)) phases.clear();
-  return phases;
+    return {};
+  return dc::bwd_data_phases(d);
 }
 
 // Depthwise, stride 1: the duality on the depthwise forward kernels.
@@ -781,14 +779,6 @@ void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc&
               d.p(), ", ", d.q(), ", ", V, ")");
 }
 
-// Blocked (N, B, H, W, V) <-> (N, B * V, H, W), for the ATen fallbacks.
-Tensor unblock(const Tensor& t) {
-  return t.permute({0, 1, 4, 2, 3}).reshape({t.size(0), t.size(1) * t.size(4), t.size(2), t.size(3)});
-}
-Tensor reblock(const Tensor& t, int64_t V) {
-  return t.view({t.size(0), t.size(1) / V, V, t.size(2), t.size(3)}).permute({0, 1, 3, 4, 2}).contiguous();
-}
-
 }  // namespace
 
 // The input gradient of conv2d_blocked, blocked like its input (input_size: N, Cb, H, W, V).
@@ -809,28 +799,19 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
                             in_channels, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
   Tensor gy = grad_output.contiguous(), w = weight.contiguous();
-  Tensor out;
-  const std::vector<dc::BwdDataPhase> phases = jit_bwd_data_phases(d, 1);
-  if (!phases.empty()) {
-    out = at::empty(input_size, gy.options());
-    const float* wp = w.data_ptr<float>();
-    run_bwd_data(
-        d, phases, gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
-        [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
-          dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
-                                            ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
-        },
-        [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {
-          dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r,
-                                                   ph.taps_s.data(), ph.sub.s, static_cast<int>(V), begin, end, dst);
-        });
-  } else {
-    // No phases the forward kernels can run (none at present: bwd_data_phases takes every
-    // geometry): ATen on the unblocked tensors.
-    Tensor wk = w.permute({0, 5, 1, 4, 2, 3}).reshape({kb * V, cb * V, d.r, d.s});
-    Tensor x = at::empty({d.n, cb * V, d.h, d.w}, gy.options());
-    out = reblock(std::get<0>(aten_backward(unblock(gy), x, wk, stride, padding, dilation, 1, true, false)), V);
-  }
+  Tensor out = at::empty(input_size, gy.options());
+  const float* wp = w.data_ptr<float>();
+  // One group always fits its blocks, so every geometry has its phases.
+  run_bwd_data(
+      d, dc::bwd_data_phases(d), gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
+      [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
+        dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                          ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
+      },
+      [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {
+        dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                                 ph.sub.s, static_cast<int>(V), begin, end, dst);
+      });
   if (d.c < cb * V && d.n > 0) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
   return out;
 }

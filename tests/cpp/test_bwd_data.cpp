@@ -55,8 +55,8 @@ void phases_vs_reference(Isa isa) {
     fill(w);
     // Padded output channels of dy and padded weights must not leak into real channels.
     bwd_data_ref(d, V, dy.data(), w.data(), ref.data());
-    std::vector<BwdDataPhase> phases;
-    CHECK(bwd_data_phases(d, &phases), "%s: no phases", d.to_string().c_str());
+    const std::vector<BwdDataPhase> phases = bwd_data_phases(d);
+    CHECK(!phases.empty(), "%s: no phases", d.to_string().c_str());
     for (const BwdDataPhase& ph : phases) {
       if (ph.empty()) {
         for (int64_t n = 0; n < d.n * cb; ++n)
