@@ -340,33 +340,44 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
     plan.kernels.push_back(sp);
     return index[sp.name()] = static_cast<int>(plan.kernels.size()) - 1;
   };
-  // Units: (image, group of n_vec pixel vectors), every output channel, chunk after chunk.
-  // Input channels in chunks whose pixels (n_vec * V of each) fit in 32 KiB: the chunk stays
-  // in L1 while every output channel's weights stream past it.
+  // Units: (image, group of n_vec pixel vectors, part of the output channels), chunk after
+  // chunk. Input channels in chunks whose pixels (n_vec * V of each) fit in 32 KiB: the
+  // chunk stays in L1 while the part's weights stream past it. The output channels are
+  // split only when the images' pixels alone give too few units for the threads (a 7x7
+  // image is a single group of pixel vectors).
   plan.c_chunk = std::max<int64_t>(1, std::min<int64_t>(plan.cb, (32 << 10) / (n_vec * V * V * 4)));
+  const int64_t pixel_units = d.n * div_up(vecs, n_vec), want = 8 * static_cast<int64_t>(plan.threads);
+  const int64_t k_parts = plan.threads > 1 && pixel_units < want
+                              ? std::min(div_up(want, pixel_units), div_up(d.k, k_rows))
+                              : 1;
   std::vector<std::vector<FwdCall>> units;
   for (int64_t n = 0; n < d.n; ++n)
-    for (int64_t v0 = 0; v0 < vecs; v0 += n_vec) {
-      const int nv = static_cast<int>(std::min<int64_t>(n_vec, vecs - v0));
-      std::vector<FwdCall>& u = units.emplace_back();
-      for (int64_t cb0 = 0; cb0 < plan.cb; cb0 += plan.c_chunk) {
-        const int64_t n_cb = std::min(plan.c_chunk, plan.cb - cb0);
-        int64_t k0 = 0;
-        for (int rows : split_even(d.k, k_rows)) {
-          FwdCall c{};
-          c.kernel = kernel_index(rows, nv, v0 + nv == vecs ? tail_lanes : 0);
-          c.n_r = 1;
-          c.n_cb = static_cast<int32_t>(n_cb);
-          c.flags = (accumulate || cb0 > 0 ? static_cast<int32_t>(kAccumulate) : 0) |
-                    (cb0 + n_cb == plan.cb ? kLastChunk : 0);
-          c.src_off = k0 * d.c + cb0 * V;
-          c.wei_off = (n * d.c + cb0 * V) * pq + v0 * V;
-          c.dst_off = (n * d.k + k0) * pq + v0 * V;
-          u.push_back(c);
-          k0 += rows;
+    for (int64_t v0 = 0; v0 < vecs; v0 += n_vec)
+      for (int64_t part = 0, k_begin = 0; part < k_parts; ++part) {
+        // Whole tiles of k_rows where they can be, in near-equal parts.
+        const int64_t k_end =
+            part + 1 == k_parts ? d.k : std::min(d.k, div_up(d.k * (part + 1), k_parts * k_rows) * k_rows);
+        const int nv = static_cast<int>(std::min<int64_t>(n_vec, vecs - v0));
+        std::vector<FwdCall>& u = units.emplace_back();
+        for (int64_t cb0 = 0; cb0 < plan.cb; cb0 += plan.c_chunk) {
+          const int64_t n_cb = std::min(plan.c_chunk, plan.cb - cb0);
+          int64_t k0 = k_begin;
+          for (int rows : split_even(k_end - k_begin, k_rows)) {
+            FwdCall c{};
+            c.kernel = kernel_index(rows, nv, v0 + nv == vecs ? tail_lanes : 0);
+            c.n_r = 1;
+            c.n_cb = static_cast<int32_t>(n_cb);
+            c.flags = (accumulate || cb0 > 0 ? static_cast<int32_t>(kAccumulate) : 0) |
+                      (cb0 + n_cb == plan.cb ? kLastChunk : 0);
+            c.src_off = k0 * d.c + cb0 * V;
+            c.wei_off = (n * d.c + cb0 * V) * pq + v0 * V;
+            c.dst_off = (n * d.k + k0) * pq + v0 * V;
+            u.push_back(c);
+            k0 += rows;
+          }
         }
+        k_begin = k_end;
       }
-    }
   plan.streams.assign(plan.threads, {});
   plan.unit_starts.assign(plan.threads, {});
   const size_t total = units.size();

@@ -223,17 +223,15 @@ void reorder_from_blocked(const float* src, int64_t n, int64_t c, int64_t h, int
   }
 }
 
-void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r, int64_t s,
-                               int v, float* dst, int tid, int nthreads) {
-  const int64_t kb = div_up(k, v), cb = div_up(c, v), rs = r * s;
+void reorder_weight_to_blocked_blocks(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r,
+                                      int64_t s, int v, int64_t begin, int64_t end, float* dst) {
+  const int64_t cb = div_up(c, v), rs = r * s;
   // Contiguous (K, C, R, S) weights: a block's V kernel rows of V * R * S floats each are
   // read once, in order, and scattered within the L1-sized output block.
   const bool dense = st[3] == 1 && st[2] == s && st[1] == rs;
-  int64_t b, e;
-  share(kb * cb, tid, nthreads, &b, &e);
-  for (int64_t i = b; i < e; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     const int64_t ci = i % cb, ki = i / cb;
-    float* out = dst + i * rs * v * v;  // [r][s][c][k]
+    float* out = dst + (i - begin) * rs * v * v;  // [r][s][c][k]
     const int nk = static_cast<int>(std::min<int64_t>(v, k - ki * v)), nc = static_cast<int>(std::min<int64_t>(v, c - ci * v));
     if (nk < v || nc < v) std::memset(out, 0, sizeof(float) * rs * v * v);
     if (dense && nk == v && nc == v && v % 8 == 0 && have_avx2()) {
@@ -259,6 +257,13 @@ void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k,
       }
     }
   }
+}
+
+void reorder_weight_to_blocked(const float* src, const int64_t st[4], int64_t k, int64_t c, int64_t r, int64_t s,
+                               int v, float* dst, int tid, int nthreads) {
+  int64_t b, e;
+  share(div_up(k, v) * div_up(c, v), tid, nthreads, &b, &e);
+  reorder_weight_to_blocked_blocks(src, st, k, c, r, s, v, b, e, dst + b * r * s * v * v);
 }
 
 void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t r, int64_t s, int v, float* dst,

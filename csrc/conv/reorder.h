@@ -16,6 +16,9 @@ void reorder_from_blocked(const float* src, int64_t n, int64_t c, int64_t h, int
 // (K, C, R, S) with any strides -> (ceil(K/V), ceil(C/V), R, S, V(c), V(k)), zero-padded.
 void reorder_weight_to_blocked(const float* src, const int64_t src_strides[4], int64_t k, int64_t c, int64_t r,
                                int64_t s, int v, float* dst, int tid, int nthreads);
+// Its blocks [begin, end) alone (block i = K block * ceil(C/V) + C block), from dst on.
+void reorder_weight_to_blocked_blocks(const float* src, const int64_t src_strides[4], int64_t k, int64_t c, int64_t r,
+                                      int64_t s, int v, int64_t begin, int64_t end, float* dst);
 // The inverse of reorder_weight_to_blocked, into (K, C, R, S) with any strides.
 void reorder_weight_from_blocked(const float* src, int64_t k, int64_t c, int64_t r, int64_t s, int v, float* dst,
                                  const int64_t dst_strides[4], int tid, int nthreads);

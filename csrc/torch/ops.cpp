@@ -97,19 +97,53 @@ dc::FwdPlanOptions& fwd_options() {
   return options;
 }
 
-void run_fwd(const ConvDesc& d, const float* src, const float* wei, const float* bias, float* dst, bool relu,
-             int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
-             const dc::FwdPlanOptions& options = fwd_options()) {
-  if (d.n == 0) return;
+// Writes blocks [begin, end) of one group's packed weights from dst on, in the order of
+// the layer's weight blocks.
+using PackBlockRange = std::function<void(int64_t begin, int64_t end, float* dst)>;
+
+// Whether each output-channel group of the plan is one work unit (one image, every row),
+// whose weights no other unit reads: the unit may then pack them itself.
+bool one_unit_per_kgroup(const dc::FwdPlan& plan) {
+  return plan.desc.n == 1 && plan.rows_per_group >= plan.desc.p();
+}
+
+// fwd_execute_prepared's prepare for a unit that packs its own output-channel group's
+// weights just before its calls, into a per-thread buffer that stays in cache: the weights
+// are read once, not packed, written and read again.
+dc::FwdPrepare pack_per_unit(const dc::FwdPlan& plan, const PackBlockRange& pack) {
+  return [&plan, &pack](const dc::FwdCall& first) {
+    thread_local std::vector<float> buffer;
+    const int64_t V = plan.v(), per_kb = plan.cb * plan.desc.r * plan.desc.s * V * V;
+    // The unit's first output-channel block (bias_off, unlike wei_off, has no tap in it).
+    const int64_t kb0 = first.bias_off / V, n = std::min<int64_t>(plan.n_oc, plan.kb - kb0);
+    buffer.resize(static_cast<size_t>(plan.n_oc * per_kb));
+    pack(kb0 * plan.cb, (kb0 + n) * plan.cb, buffer.data());
+    // The unit's calls add offsets counted from the first output-channel block.
+    return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(buffer.data()) - kb0 * per_kb * 4);
+  };
+}
+
+// The forward of every group on blocked tensors. With `pack` (one group, wei null) each
+// work unit packs its own weights (one_unit_per_kgroup must hold).
+void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const float* bias, float* dst,
+             bool relu, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
+             const PackBlockRange& pack = nullptr) {
+  if (prim.plan.desc.n == 0) return;
   const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, options);
-  const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
+  const dc::FwdKernels kernels = dc::acquire_kernels(prim);
   std::vector<dc::FwdWorkQueue> queues;
   queues.reserve(groups);
   for (int64_t g = 0; g < groups; ++g) queues.emplace_back(nt);
+  if (pack) {
+    const dc::FwdPrepare prepare = pack_per_unit(prim.plan, pack);
+    run_shares(nt, [&](int tid, int) {
+      dc::fwd_execute_prepared(prim, kernels, src, prepare, bias, dst, relu, tid, nt > 1 ? &queues[0] : nullptr);
+    });
+    return;
+  }
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
-      dc::fwd_execute(*prim, kernels, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
+      dc::fwd_execute(prim, kernels, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
                       dst + g * dst_group, relu, tid, nt > 1 ? &queues[g] : nullptr);
   });
 }
@@ -197,6 +231,60 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
   return out;
 }
 
+namespace {
+
+// NCHW (any strides) in, NCHW out (channels_last when asked), through the blocked kernels:
+// the input converted to blocks, the kernels run, the output converted back. The weights
+// are `packed` (every group, as pack_weight gives them), or, when that is null, packed at
+// this call by `pack` (one group): by each work unit just before its calls when the plan
+// allows (one_unit_per_kgroup), else beside the input's conversion.
+Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups, int64_t out_channels,
+                         const c10::optional<Tensor>& bias, bool relu, bool channels_last, const float* packed,
+                         const PackBlockRange& pack) {
+  const char* op = "conv2d";
+  const int V = dc::vlen(jit_isa());
+  const int64_t cg = d.c, kg = d.k, cb = dc::div_up(cg, V), kb = dc::div_up(kg, V), P = d.p(), Q = d.q();
+  Tensor b = padded_bias(bias, out_channels, out_channels, op);
+  Tensor bias_blk;
+  if (b.defined()) {
+    bias_blk = at::zeros({groups, kb * V}, b.options());
+    bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
+  }
+  Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(output_format(input, channels_last)));
+  if (d.n == 0) return out;
+
+  const int nt = num_threads();
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
+  const bool per_unit = !packed && one_unit_per_kgroup(prim->plan);
+  const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
+  const int64_t wei_group = kb * cb * d.r * d.s * V * V;
+  float* src_blk = scratch(0, groups * src_group);
+  float* dst_blk = scratch(1, groups * dst_group);
+  float* wei_blk = packed || per_unit ? nullptr : scratch(2, wei_group);
+  const float* x = input.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  auto xs = strides4(input), ys = strides4(out);
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_to_blocked(x + g * cg * xs[1], xs.data(), d.n, cg, d.h, d.w, V, src_blk + g * src_group, tid,
+                             n_threads);
+    if (wei_blk) {
+      const int64_t blocks = kb * cb, begin = blocks * tid / n_threads, end = blocks * (tid + 1) / n_threads;
+      pack(begin, end, wei_blk + begin * d.r * d.s * V * V);
+    }
+  });
+  run_fwd(*prim, src_blk, packed ? packed : wei_blk, bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr,
+          dst_blk, relu, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
+  run_shares(nt, [&](int tid, int n_threads) {
+    for (int64_t g = 0; g < groups; ++g)
+      dc::reorder_from_blocked(dst_blk + g * dst_group, d.n, kg, P, Q, V, y + g * kg * ys[1], ys.data(), tid,
+                               n_threads);
+  });
+  return out;
+}
+
+}  // namespace
+
 // NCHW (any strides) in, NCHW out (channels_last when the input is), weights pre-packed.
 Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t out_channels,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -224,36 +312,8 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
   TORCH_CHECK(weight.is_contiguous(), op, ": the packed 'weight' must be contiguous");
   ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight.size(3), weight.size(4),
                          stride, padding, dilation);
-  const int64_t cb = weight.size(2), kb = weight.size(1), P = d.p(), Q = d.q();
-  Tensor b = padded_bias(bias, out_channels, out_channels, op);
-  Tensor bias_blk;
-  if (b.defined()) {
-    bias_blk = at::zeros({groups, kb * V}, b.options());
-    bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
-  }
-  Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(output_format(input, channels_last)));
-  if (d.n == 0) return out;
-
-  const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
-  float* src_blk = scratch(0, groups * src_group);
-  float* dst_blk = scratch(1, groups * dst_group);
-  const float* x = input.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  auto xs = strides4(input), ys = strides4(out);
-  const int nt = num_threads();
-  run_shares(nt, [&](int tid, int n_threads) {
-    for (int64_t g = 0; g < groups; ++g)
-      dc::reorder_to_blocked(x + g * cg * xs[1], xs.data(), d.n, cg, d.h, d.w, V, src_blk + g * src_group, tid,
-                             n_threads);
-  });
-  run_fwd(d, src_blk, weight.data_ptr<float>(), bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr, dst_blk,
-          relu, groups, src_group, kb * cb * d.r * d.s * V * V, kb * V, dst_group);
-  run_shares(nt, [&](int tid, int n_threads) {
-    for (int64_t g = 0; g < groups; ++g)
-      dc::reorder_from_blocked(dst_blk + g * dst_group, d.n, kg, P, Q, V, y + g * kg * ys[1], ys.data(), tid,
-                               n_threads);
-  });
-  return out;
+  return conv2d_via_blocks(input, d, groups, out_channels, bias, relu, channels_last, weight.data_ptr<float>(),
+                           nullptr);
 }
 
 namespace {
@@ -303,8 +363,20 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
   check_float_cpu(input, op, "input");
   if (groups == 1)
     if (Tensor y = conv2d_nchw_1x1(input, weight, bias, stride, padding, dilation, relu); y.defined()) return y;
-  return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,
-                       relu, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
+  const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  if (groups > 1)
+    return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,
+                         relu, weight_channels_last);
+  // One group: the weights are packed within the call, by the work units where they can.
+  const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
+  ConvDesc d = make_desc(op, input.size(0), c, input.size(2), input.size(3), k, r, s, stride, padding, dilation);
+  auto ws = strides4(weight);
+  const float* w = weight.data_ptr<float>();
+  const int V = dc::vlen(jit_isa());
+  return conv2d_via_blocks(input, d, 1, k, bias, relu, weight_channels_last, nullptr,
+                           [&](int64_t begin, int64_t end, float* dst) {
+                             dc::reorder_weight_to_blocked_blocks(w, ws.data(), k, c, r, s, V, begin, end, dst);
+                           });
 }
 
 // Blocked in, blocked out: no layout conversion at all.
@@ -340,8 +412,8 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
     b = padded_bias(bias, bias->size(0), kb * V, op);
   }
   Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
-  run_fwd(d, x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
-          out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options()), x.data_ptr<float>(), w.data_ptr<float>(),
+          b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
   return out;
 }
 
@@ -461,8 +533,8 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
     wei_total += groups * j.wei_group;
     jobs.push_back(std::move(j));
   }
-  bool per_unit = pack_blocks && groups == 1 && d.n == 1;
-  for (const Job& j : jobs) per_unit = per_unit && j.prim->plan.rows_per_group >= j.phase->sub.p();
+  bool per_unit = pack_blocks && groups == 1;
+  for (const Job& j : jobs) per_unit = per_unit && one_unit_per_kgroup(j.prim->plan);
   float* wei = per_unit ? nullptr : scratch(2, std::max<int64_t>(1, wei_total));
   run_shares(nt, [&](int tid, int n_threads) {
     if (!per_unit)
@@ -484,18 +556,12 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
   for (size_t i = 0; i < jobs.size() * groups; ++i) queues.emplace_back(nt);
   if (per_unit) {
     run_shares(nt, [&](int tid, int) {
-      thread_local std::vector<float> buffer;
       for (size_t i = 0; i < jobs.size(); ++i) {
         const Job& j = jobs[i];
-        const dc::FwdPlan& plan = j.prim->plan;
-        const int64_t block = j.phase->sub.r * j.phase->sub.s * V * V, per_kb = plan.cb * block;
-        auto prepare = [&](const dc::FwdCall& first) {
-          const int64_t kb0 = first.wei_off / per_kb, n = std::min<int64_t>(plan.n_oc, plan.kb - kb0);
-          buffer.resize(static_cast<size_t>(plan.n_oc * per_kb));
-          pack_blocks(*j.phase, kb0 * plan.cb, (kb0 + n) * plan.cb, buffer.data());
-          // The unit's calls add offsets counted from the first output-channel block.
-          return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(buffer.data()) - kb0 * per_kb * 4);
+        const PackBlockRange pack_phase = [&](int64_t begin, int64_t end, float* dst) {
+          pack_blocks(*j.phase, begin, end, dst);
         };
+        const dc::FwdPrepare prepare = pack_per_unit(j.prim->plan, pack_phase);
         dc::fwd_execute_prepared(*j.prim, j.kernels, dy + j.src_off, prepare, nullptr, dx + j.dst_off, false, tid,
                                  nt > 1 ? &queues[i] : nullptr);
       }
