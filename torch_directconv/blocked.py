@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from .functional import IntOr2, _pair, conv_padding
+from .functional import IntOr2, _pair, call_op, conv_padding
 
 
 def _require_jit(op: str) -> None:
@@ -21,19 +21,19 @@ def _require_jit(op: str) -> None:
 def to_blocked(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, ceil(C/V), H, W, V), zero-padded."""
     _require_jit("to_blocked")
-    return torch.ops.directconv.to_blocked(x, _backend.vector_width())
+    return call_op(torch.ops.directconv.to_blocked.default, x, _backend.vector_width())
 
 
 def from_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
     """(N, ceil(C/V), H, W, V) -> (N, channels, H, W)."""
     _require_jit("from_blocked")
-    return torch.ops.directconv.from_blocked(xb, channels)
+    return call_op(torch.ops.directconv.from_blocked.default, xb, channels)
 
 
 def to_blocked_weight(w: torch.Tensor) -> torch.Tensor:
     """(K, C, R, S) -> (ceil(K/V), ceil(C/V), R, S, V, V), zero-padded."""
     _require_jit("to_blocked_weight")
-    return torch.ops.directconv.to_blocked_weight(w, _backend.vector_width())
+    return call_op(torch.ops.directconv.to_blocked_weight.default, w, _backend.vector_width())
 
 
 def conv2d_blocked(
@@ -60,6 +60,14 @@ def conv2d_blocked(
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     pad4 = conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)
-    return torch.ops.directconv.conv2d_blocked(
-        xb, wb, bias, list(stride2), list(pad4), list(dilation2), relu, in_channels
+    return call_op(
+        torch.ops.directconv.conv2d_blocked.default,
+        xb,
+        wb,
+        bias,
+        list(stride2),
+        list(pad4),
+        list(dilation2),
+        relu,
+        in_channels,
     )

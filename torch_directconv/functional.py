@@ -138,26 +138,17 @@ def conv2d(
         return torch.relu(out) if relu else out
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    out = call_conv2d_op(x, weight, bias, list(stride2), list(pad4), list(dilation2), groups, relu)
+    out = call_op(
+        torch.ops.directconv.conv2d.default, x, weight, bias, list(stride2), list(pad4), list(dilation2), groups, relu
+    )
     return out.squeeze(0) if unbatched else out
 
 
-def call_conv2d_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    relu: bool,
-) -> torch.Tensor:
-    """directconv::conv2d. When no gradient can flow, the call goes straight below autograd,
-    as the op's own (Python) autograd kernel would pass it on, minus that kernel's cost of
-    several microseconds a call."""
-    op = torch.ops.directconv.conv2d.default
-    args = (x, weight, bias, stride, padding, dilation, groups, relu)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias)):
+def call_op(op, *args):
+    """A directconv op with autograd. When no gradient can flow, the call goes straight below
+    autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
+    cost of several microseconds a call."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

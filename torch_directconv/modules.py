@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
-from .functional import _check, _pair, call_conv2d_op, conv2d_packed, conv_padding, fallback_reason, pack_weight
+from .functional import _check, _pair, call_op, conv2d_packed, conv_padding, fallback_reason, pack_weight
 
 
 class DirectConv2d(nn.Conv2d):
@@ -120,7 +120,17 @@ class DirectConv2d(nn.Conv2d):
                 channels_last=_backend.is_channels_last(weight),
             )
         else:
-            out = call_conv2d_op(x, weight, bias, list(stride), list(pad4), list(dilation), self.groups, False)
+            out = call_op(
+                torch.ops.directconv.conv2d.default,
+                x,
+                weight,
+                bias,
+                list(stride),
+                list(pad4),
+                list(dilation),
+                self.groups,
+                False,
+            )
         return out.squeeze(0) if unbatched else out
 
     def __getstate__(self):
