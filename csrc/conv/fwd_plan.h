@@ -43,10 +43,12 @@ struct FwdSrcLayout {
 struct FwdPlanOptions {
   int prefetch = -1;  // -1: the plan decides, 0: off, 1: on
   int c_chunk = -1;   // input-channel blocks per kernel call; -1: the plan decides
+  int tile_oh = -1, tile_ow = -1, n_oc = -1;  // the tile, all three or none; -1: the plan decides
   FwdSrcLayout src;
   FwdDstLayout dst;
   std::string key() const {
     std::string k = "pf" + std::to_string(prefetch) + "_cc" + std::to_string(c_chunk);
+    if (tile_ow > 0) k += "_t" + std::to_string(tile_oh) + "x" + std::to_string(tile_ow) + "x" + std::to_string(n_oc);
     if (!dst.dense())
       k += "_dst" + std::to_string(dst.px) + "," + std::to_string(dst.row) + "," + std::to_string(dst.kb) + "," +
            std::to_string(dst.img);

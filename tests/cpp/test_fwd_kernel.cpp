@@ -106,6 +106,11 @@ void conv_vs_reference(Isa isa) {
     FwdPlanOptions options;
     options.prefetch = uni(-1, 1);
     options.c_chunk = uni(-1, 3);
+    if (uni(0, 2) == 0) {  // a forced tile, as a benchmark may ask for
+      options.tile_oh = uni(1, 2);
+      options.n_oc = uni(1, isa == Isa::avx512 ? 4 : 2);
+      options.tile_ow = uni(1, (isa_vector_registers(isa) - 1 - options.n_oc) / (options.tile_oh * options.n_oc));
+    }
     for (int threads : {1, 2}) {
       auto prim = get_fwd_primitive(d, isa, threads, options);
       std::fill(out.begin(), out.end(), NAN);
@@ -118,6 +123,11 @@ void conv_vs_reference(Isa isa) {
       double e = max_rel_err(out, ref);
       CHECK(e < 1e-4, "%s %s threads=%d relu=%d: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,
             relu, e, prim->plan.to_string().c_str());
+      if (options.tile_ow > 0)
+        CHECK(prim->plan.tile_oh == options.tile_oh && prim->plan.tile_ow == options.tile_ow &&
+                  prim->plan.n_oc == std::min<int64_t>(options.n_oc, kb),
+              "forced tile %dx%dx%d not taken: %s", options.tile_oh, options.tile_ow, options.n_oc,
+              prim->plan.to_string().c_str());
     }
   }
 }
