@@ -1,6 +1,7 @@
 #include "conv/fwd_plan.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -266,7 +267,24 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
   for (int64_t r = P; r >= 1; --r)
     if (far_bytes(r) < 0.9 * far_bytes(rows)) rows = r;
-  while (rows > 1 && desc.n * div_up(P, rows) * kgroups < 8 * plan.threads) rows = div_up(rows, 2);
+  // Then fewer rows per unit while that pays: more units balance the threads better (a
+  // thread's share is whole units, about equal), but every row group reads the weights
+  // again. Estimated cycles: the FMAs at two per cycle, stretched by the imbalance, plus
+  // the bytes from beyond L2 at about 8 per cycle per core.
+  if (plan.threads > 1) {
+    const double fma_cycles = desc.flops() / (4.0 * V) / plan.threads;
+    auto estimate = [&](int64_t r) {
+      const double units = static_cast<double>(desc.n * div_up(P, r) * kgroups);
+      const double share = std::ceil(units / plan.threads) / (units / plan.threads);
+      return fma_cycles * share + far_bytes(r) * desc.n / (8.0 * plan.threads);
+    };
+    int64_t best = rows;
+    for (int64_t r = div_up(rows, 2); r >= 1; r = r > 1 ? div_up(r, 2) : 0) {
+      if (estimate(r) < 0.98 * estimate(best)) best = r;
+      if (r == 1) break;
+    }
+    rows = best;
+  }
   plan.rows_per_group = rows;
   if (plan.tile_oh == 2 && plan.rows_per_group % 2 && plan.rows_per_group < P) ++plan.rows_per_group;
 
