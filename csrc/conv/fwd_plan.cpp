@@ -25,10 +25,12 @@ int64_t l2_bytes() {
 // Estimated cycles of one unrolled step (one kernel column, one input channel) of a tile.
 // Two FMAs and two vector loads issue per cycle, but a load-bound stream reaches only
 // about 90% of that (DESIGN.md section 2), and with fewer than eight accumulators the
-// 4-cycle FMA latency is exposed. The small last term prefers fewer loads per FMA
-// among tiles that tie.
-double step_cycles(int accs, int loads) {
-  return std::max({accs / 2.0, loads / 1.8, 4.0}) + 0.05 * loads;
+// 4-cycle FMA latency is exposed. The AVX2 kernels measured as if loads issued at 1.2 per
+// cycle (timed tile sweeps: the 4x3 tiles, fewer loads per FMA, beat 6x2 by up to 20 % on
+// the 1x1 and 7x7 layers). The small last term prefers fewer loads per FMA among tiles
+// that tie.
+double step_cycles(int accs, int loads, double load_rate) {
+  return std::max({accs / 2.0, loads / load_rate, 4.0}) + 0.05 * loads;
 }
 
 // Input-channel blocks per kernel call: the chunk's weights for the tile's output blocks
@@ -49,7 +51,7 @@ double tile_cycles(const ConvDesc& d, Isa isa, int oh, int ow, int n_oc) {
   // every tile over the ResNet-50 layers (Xeon, one thread): with it the model picks the
   // wide 14x2 and 2x7x2 tiles that won the 14- and 7-pixel rows by 2-6 %.
   const double calls = static_cast<double>(div_up(div_up(d.c, vlen(isa)), default_c_chunk(d, isa, n_oc)));
-  return steps * step_cycles(oh * ow * n_oc, loads) + calls * (100 + 4.0 * oh * ow * n_oc);
+  return steps * step_cycles(oh * ow * n_oc, loads, isa == Isa::avx2 ? 1.2 : 1.8) + calls * (100 + 4.0 * oh * ow * n_oc);
 }
 
 struct Tile {
@@ -64,8 +66,8 @@ Tile choose_tile(const ConvDesc& d, Isa isa) {
   Tile best{1, 1, 1, 1e300};
   for (int n_oc = 1; n_oc <= std::min<int64_t>(4, kb); ++n_oc)
     // Two-row tiles measured slower than one-row tiles of the same size; they are only
-    // for rows too short to fill the registers.
-    for (int oh = 1; oh <= (q < 12 ? std::min<int64_t>(2, p) : 1); ++oh)
+    // for rows too short to fill the registers (AVX2's 16 registers: 14 pixels too).
+    for (int oh = 1; oh <= (q < (isa == Isa::avx2 ? 16 : 12) ? std::min<int64_t>(2, p) : 1); ++oh)
       for (int ow = 1; ow <= std::min<int64_t>(q, 28); ++ow) {
         FwdKernelSpec sp;
         sp.isa = isa;
