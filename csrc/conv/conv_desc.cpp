@@ -5,6 +5,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <unistd.h>
+
 namespace dc {
 
 std::string ConvDesc::to_string() const {
@@ -89,6 +91,14 @@ ConvDesc parse_conv_desc(const std::string& str) {
   d.dil_h = get("dh", 0) + 1;
   d.dil_w = get("dw", d.dil_h - 1) + 1;
   return d;
+}
+
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? static_cast<int64_t>(b) : int64_t{1} << 20;
+  }();
+  return bytes;
 }
 
 }  // namespace dc

@@ -39,4 +39,8 @@ void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_
 // Splits n into near-equal parts of at most `most` each.
 std::vector<int> split_even(int64_t n, int64_t most);
 
+// The L2 cache of one core, as the OS reports it (1 MiB when it does not): the plans size
+// their blocks by it.
+int64_t l2_bytes();
+
 }  // namespace dc

@@ -6,21 +6,10 @@
 #include <sstream>
 #include <stdexcept>
 
-#include <unistd.h>
-
 namespace dc {
 
 namespace {
 
-
-// The L2 cache of one core, as the OS reports it (1 MiB when it does not).
-int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return b > 0 ? static_cast<int64_t>(b) : int64_t{1} << 20;
-  }();
-  return bytes;
-}
 
 // Estimated cycles of one unrolled step (one kernel column, one input channel) of a tile.
 // Two FMAs and two vector loads issue per cycle, but a load-bound stream reaches only

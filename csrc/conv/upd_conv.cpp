@@ -78,13 +78,19 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   // every tap) within 512 KiB of L2, so that each row block of the output gradient, read
   // once, serves all of them.
   plan.cb_group = std::min<int64_t>(plan.cb, std::max<int64_t>(1, (512 << 10) / (plan.n_kb * d.r * d.s * V * V * 4)));
-  // Rows of output gradient (n_kb blocks) plus the input rows they meet (every block of the
-  // group) stay in L2.
+  // Rows of output gradient (n_kb blocks) plus the input pixels they meet (every block of
+  // the group) stay in L2. A strided layer skips input rows and pixels that no tap reaches
+  // (a strided 1x1 layer reads one pixel in stride_h x stride_w).
   auto block_bytes = [&](int64_t rows) {
-    return (plan.n_kb * rows * Q + plan.cb_group * ((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1) * d.w) * V * 4;
+    const int64_t in_rows = std::min((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1, rows * d.r);
+    const int64_t in_cols = std::min(d.w, Q * d.s);
+    return (plan.n_kb * rows * Q + plan.cb_group * in_rows * in_cols) * V * 4;
   };
   int64_t rows = P;
-  while (rows > 1 && block_bytes(rows) > (128 << 10)) rows = div_up(rows, 2);
+  while (rows > 1 && block_bytes(rows) > l2_bytes() / 8) rows = div_up(rows, 2);
+  // A call's rows of output gradient are read again by the call of each input-channel
+  // tile: they should stay in a 32 KiB L1 (while a call keeps at least 28 pixels).
+  while (rows > 1 && plan.n_kb * rows * Q * V * 4 > (32 << 10) && div_up(rows, 2) * Q >= 28) rows = div_up(rows, 2);
   plan.rows_per_block = rows;
 
   const int64_t kgroups = div_up(plan.kb, plan.n_kb), cgroups = div_up(plan.cb, plan.cb_group);
