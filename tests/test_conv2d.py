@@ -292,6 +292,35 @@ def test_thread_counts_agree(threads: int) -> None:
 
 
 @requires_jit
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deep_layer_units_take_every_image(threads: int) -> None:
+    """A deep layer (weights far above the minibatch's input) runs units that take every
+    image, each packing its own weights on the drop-in path; forward and input gradient
+    stay exact, blocked and drop-in."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 512, 5, 4, generator=g, requires_grad=True)
+    w = torch.randn(520, 512, 3, 3, generator=g) / math.sqrt(512 * 9)
+    b = torch.randn(520, generator=g)
+    v = tdc.vector_width()
+    problem = f"mb3ic512ih5iw4oc{-(-520 // v) * v}kh3kw3sh1sw1ph1pw1"
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert "images/unit=3" in _C.fwd_plan(problem, threads), _C.fwd_plan(problem, threads)
+        y = tdc.conv2d(x, w, b, padding=1)
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        yb = tdc.from_blocked(tdc.conv2d_blocked(tdc.to_blocked(x.detach()), tdc.to_blocked_weight(w), b, 1, 1), 520)
+    finally:
+        torch.set_num_threads(old)
+    xr = x.detach().requires_grad_(True)
+    ref = F.conv2d(xr, w, b, padding=1)
+    (gx_ref,) = torch.autograd.grad(ref, xr, torch.ones_like(ref))
+    assert_conv_close(y, ref.detach(), 512 * 9, "drop-in")
+    assert_conv_close(yb, ref.detach(), 512 * 9, "blocked")
+    assert_conv_close(gx, gx_ref, 520 * 9, "input gradient")
+
+
+@requires_jit
 def test_channels_last_weight_gives_torch_memory_format() -> None:
     """torch picks a channels_last output when either the input or the weight is channels_last."""
     g = torch.Generator().manual_seed(3)

@@ -190,7 +190,7 @@ class StreamBuilder {
 std::string FwdPlan::to_string() const {
   std::ostringstream o;
   o << desc.to_string() << " " << isa_name(isa) << " threads=" << threads << " tile=" << tile_oh << "x" << tile_ow
-    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << (prefetch ? " prefetch" : "") << " kernels=" << kernels.size();
+    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << (images_per_unit > 1 ? " images/unit=" + std::to_string(images_per_unit) : "") << (prefetch ? " prefetch" : "") << " kernels=" << kernels.size();
   return o.str();
 }
 
@@ -254,10 +254,18 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
     const double groups = static_cast<double>(div_up(P, rows)), slab = static_cast<double>(slab_bytes(rows));
     return groups * (w_bytes + slab > half_l2 ? w_bytes : 0) + groups * slab * (slab > half_l2 ? kgroups : 1);
   };
+  // Weights larger than half of L2 and than every image's input together (the deep
+  // layers) are read once for all the images: a unit then takes every image of its rows
+  // and output-channel group, else one image.
+  const double image_bytes = static_cast<double>(desc.h) * desc.w * plan.cb * V * 4;
+  plan.images_per_unit = desc.n > 1 && w_bytes > half_l2 && w_bytes > desc.n * image_bytes ? desc.n : 1;
+  const bool all_images = plan.images_per_unit > 1;
   int64_t rows = P;
-  while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
-  for (int64_t r = P; r >= 1; --r)
-    if (far_bytes(r) < 0.9 * far_bytes(rows)) rows = r;
+  if (!all_images) {
+    while (rows > 2 && slab_bytes(rows) > (256 << 10)) rows = div_up(rows, 2);
+    for (int64_t r = P; r >= 1; --r)
+      if (far_bytes(r) < 0.9 * far_bytes(rows)) rows = r;
+  }
   // Then fewer rows per unit while that pays: more units balance the threads better (a
   // thread's share is whole units, about equal), but every row group reads the weights
   // again. Estimated cycles: the FMAs at two per cycle, stretched by the imbalance, plus
@@ -265,9 +273,10 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   if (plan.threads > 1) {
     const double fma_cycles = desc.flops() / (4.0 * V) / plan.threads;
     auto estimate = [&](int64_t r) {
-      const double units = static_cast<double>(desc.n * div_up(P, r) * kgroups);
+      const double units = static_cast<double>(desc.n / plan.images_per_unit * div_up(P, r) * kgroups);
       const double share = std::ceil(units / plan.threads) / (units / plan.threads);
-      return fma_cycles * share + far_bytes(r) * desc.n / (8.0 * plan.threads);
+      const double far = all_images ? div_up(P, r) * w_bytes : far_bytes(r) * desc.n;
+      return fma_cycles * share + far / (8.0 * plan.threads);
     };
     int64_t best = rows;
     for (int64_t r = div_up(rows, 2); r >= 1; r = r > 1 ? div_up(r, 2) : 0) {
@@ -288,18 +297,19 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   a.dst_row_stride = plan.dst.row * 4;
   a.dst_kb_stride = plan.dst.kb * 4;
 
-  // Units in the order n, row group, output-channel group. Each thread takes a
-  // contiguous run of about equal estimated work, so it reuses the input rows across
-  // its output-channel groups.
+  // Units in the order n, row group, output-channel group (each unit's images one after
+  // the other). Each thread takes a contiguous run of about equal estimated work, so it
+  // reuses the input rows across its output-channel groups.
   StreamBuilder sb(plan);
   std::vector<std::vector<FwdCall>> units;
   std::vector<double> cost;
   double total = 0;
-  for (int64_t n = 0; n < desc.n; ++n)
+  for (int64_t n0 = 0; n0 < desc.n; n0 += plan.images_per_unit)
     for (int64_t r0 = 0; r0 < P; r0 += plan.rows_per_group)
       for (int64_t kg = 0; kg < kgroups; ++kg) {
         units.emplace_back();
-        sb.emit_unit(units.back(), n, kg, r0, std::min(P, r0 + plan.rows_per_group));
+        for (int64_t n = n0; n < n0 + plan.images_per_unit; ++n)
+          sb.emit_unit(units.back(), n, kg, r0, std::min(P, r0 + plan.rows_per_group));
         double c = 0;
         for (const FwdCall& call : units.back()) c += sb.call_cost(call);
         cost.push_back(c);

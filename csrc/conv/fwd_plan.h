@@ -67,6 +67,7 @@ struct FwdPlan {
   int tile_oh = 1, tile_ow = 1, n_oc = 1;
   int64_t c_chunk = 1;          // input-channel blocks per kernel call
   int64_t rows_per_group = 1;   // output rows of one work unit
+  int64_t images_per_unit = 1;  // images of one work unit: 1, or all of them (deep layers)
   bool prefetch = false;        // kernels prefetch the next call's input
   FwdSrcLayout src;             // the input strides, all set (elements)
   FwdDstLayout dst;             // the output strides, all set (elements)

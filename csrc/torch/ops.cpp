@@ -101,10 +101,10 @@ dc::FwdPlanOptions& fwd_options() {
 // the layer's weight blocks.
 using PackBlockRange = std::function<void(int64_t begin, int64_t end, float* dst)>;
 
-// Whether each output-channel group of the plan is one work unit (one image, every row),
-// whose weights no other unit reads: the unit may then pack them itself.
+// Whether each output-channel group of the plan is one work unit (every image, every
+// row), whose weights no other unit reads: the unit may then pack them itself.
 bool one_unit_per_kgroup(const dc::FwdPlan& plan) {
-  return plan.desc.n == 1 && plan.rows_per_group >= plan.desc.p();
+  return plan.images_per_unit == plan.desc.n && plan.rows_per_group >= plan.desc.p();
 }
 
 // fwd_execute_prepared's prepare for a unit that packs its own output-channel group's
@@ -500,11 +500,11 @@ using PackBlocks = std::function<void(const dc::BwdDataPhase&, int64_t begin, in
 // phases no tap reaches), one runs every phase; a thread done with its share of a phase
 // goes on to the next, as the phases' pixels are disjoint.
 //
-// With pack_blocks, one group and one image whose plans give each output-channel group a
-// single work unit (all rows), every unit packs its own weights just before its calls, into
-// a per-thread buffer that stays in cache: the weights are read once, not packed, written
-// and read again (the 7x7 layers at N = 1, where that traffic costs about as much as the
-// convolution).
+// With pack_blocks, one group and plans that give each output-channel group a single work
+// unit (every image and row: one image, or the deep layers), every unit packs its own
+// weights just before its calls, into a per-thread buffer that stays in cache: the weights
+// are read once, not packed, written and read again (the 7x7 layers, where that traffic
+// costs about as much as the convolution).
 void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases, const float* dy, float* dx,
                   int64_t groups, int64_t dy_group, int64_t dx_group, const PackPhase& pack,
                   const PackBlocks& pack_blocks = nullptr) {
