@@ -78,19 +78,21 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   // every tap) within 512 KiB of L2, so that each row block of the output gradient, read
   // once, serves all of them.
   plan.cb_group = std::min<int64_t>(plan.cb, std::max<int64_t>(1, (512 << 10) / (plan.n_kb * d.r * d.s * V * V * 4)));
-  // Rows of output gradient (n_kb blocks) plus the input pixels they meet (every block of
-  // the group) stay in L2. A strided layer skips input rows and pixels that no tap reaches
+  // Rows of output gradient (n_kb blocks, read again for each input-channel block of the
+  // group) plus the input pixels of one block that they meet (read again by each tap), of
+  // every image, stay in L2. A strided layer skips input rows and pixels that no tap reaches
   // (a strided 1x1 layer reads one pixel in stride_h x stride_w).
   auto block_bytes = [&](int64_t rows) {
     const int64_t in_rows = std::min((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1, rows * d.r);
     const int64_t in_cols = std::min(d.w, Q * d.s);
-    return (plan.n_kb * rows * Q + plan.cb_group * in_rows * in_cols) * V * 4;
+    return d.n * (plan.n_kb * rows * Q + in_rows * in_cols) * V * 4;  // a call takes every image
   };
   int64_t rows = P;
   while (rows > 1 && block_bytes(rows) > l2_bytes() / 8) rows = div_up(rows, 2);
   // A call's rows of output gradient are read again by the call of each input-channel
   // tile: they should stay in a 32 KiB L1 (while a call keeps at least 28 pixels).
-  while (rows > 1 && plan.n_kb * rows * Q * V * 4 > (32 << 10) && div_up(rows, 2) * Q >= 28) rows = div_up(rows, 2);
+  while (rows > 1 && d.n * plan.n_kb * rows * Q * V * 4 > (32 << 10) && d.n * div_up(rows, 2) * Q >= 28)
+    rows = div_up(rows, 2);
   plan.rows_per_block = rows;
 
   const int64_t kgroups = div_up(plan.kb, plan.n_kb), cgroups = div_up(plan.cb, plan.cb_group);
@@ -100,7 +102,8 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   // private copies of dW that are summed afterwards: whichever has the shorter estimated
   // makespan. A unit's FMAs take work / units cycles at two FMAs per cycle; p parts deal
   // p x units items, each with 1 / p of the minibatch (the largest part sets the pace); the
-  // sum reads and writes the p copies, about a quarter of a cycle per element and copy,
+  // sum reads and writes the p copies, about a quarter of a cycle per element and copy
+  // while they fit in L2 and two cycles beyond it (the kernels wrote them there too),
   // shared by the threads.
   const double work = d.flops() / (4.0 * V), per_unit = work / static_cast<double>(units);
   const double dw_elems = static_cast<double>(plan.kb * plan.cb * d.r * d.s * V * V);
@@ -111,7 +114,8 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
     if (p > split) break;
     const double items = static_cast<double>(div_up(p * units, plan.threads));
     const double share = static_cast<double>(div_up(split, p)) / static_cast<double>(split);
-    const double time = items * per_unit * share + (p > 1 ? 0.25 * dw_elems * p / plan.threads : 0.0);
+    const double per_elem = dw_elems * p * 4 > l2_bytes() ? 2.0 : 0.25;
+    const double time = items * per_unit * share + (p > 1 ? per_elem * dw_elems * p / plan.threads : 0.0);
     if (time < best_time * 0.98) {
       best_time = time;
       plan.parts = p;
