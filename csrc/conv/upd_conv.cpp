@@ -1,6 +1,7 @@
 #include "conv/upd_conv.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -78,6 +79,22 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   // every tap) within 512 KiB of L2, so that each row block of the output gradient, read
   // once, serves all of them.
   plan.cb_group = std::min<int64_t>(plan.cb, std::max<int64_t>(1, (512 << 10) / (plan.n_kb * d.r * d.s * V * V * 4)));
+  // With more threads than images, smaller groups where they balance the units much
+  // better (each group reads the output gradient again, from L2 when it fits); with enough
+  // images, splitting the minibatch (below) measured better.
+  if (plan.threads > d.n) {
+    const int64_t kg = div_up(plan.kb, plan.n_kb);
+    auto imbalance = [&](int64_t g) {
+      const double u = static_cast<double>(kg * div_up(plan.cb, g));
+      return std::ceil(u / plan.threads) / (u / plan.threads);
+    };
+    int64_t best = plan.cb_group;
+    for (int64_t g = div_up(plan.cb_group, 2); g >= 1; g = g > 1 ? div_up(g, 2) : 0) {
+      if (imbalance(g) < 0.95 * imbalance(best)) best = g;
+      if (g == 1) break;
+    }
+    plan.cb_group = best;
+  }
   // Rows of output gradient (n_kb blocks, read again for each input-channel block of the
   // group) plus the input pixels of one block that they meet (read again by each tap), of
   // every image, stay in L2. A strided layer skips input rows and pixels that no tap reaches
