@@ -276,6 +276,24 @@ def test_packed_weights_follow_weight_updates(update: str, cache_weights: bool) 
 
 
 @requires_jit
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cached_1x1_module_takes_the_gemm_on_nchw(layout: str) -> None:
+    """With cache_weights, a 1x1 layer on an NCHW image of 28x28 or more reads the weight as
+    it is (nothing is packed or cached), and follows an in-place weight update;
+    channels_last input still takes the cached packing."""
+    torch.manual_seed(12)
+    m = DirectConv2d(32, 48, 1, cache_weights=True).eval()
+    x = torch.randn(2, 32, 28, 28)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias), 32, layout)
+        assert (m._packed is None) == (layout == "nchw"), "packed cache use"
+        m.weight.mul_(-2)
+        assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias), 32, f"{layout}, after an update")
+
+
+@requires_jit
 @pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
 def test_packed_weights_survive_address_reuse(cache_weights: bool) -> None:
     """A new weight at the address of a freed one, with the same fresh version, is still new.

@@ -72,6 +72,24 @@ class DirectConv2d(nn.Conv2d):
             self._packed_source = weakref.ref(weight)
         return self._packed
 
+    def _nchw_gemm(self, x: torch.Tensor, weight: torch.Tensor, stride: tuple, pad4: tuple) -> bool:
+        """Whether the op takes its NCHW 1x1 GEMM (no packing, no layout conversion), and it
+        beats the cached packing: images of 28x28 and more (on smaller ones the GEMM has too
+        few pixels per output channel)."""
+        if self.kernel_size != (1, 1) or self.groups != 1 or stride != (1, 1) or any(pad4):
+            return False
+        if x.shape[2] * x.shape[3] < 784:
+            return False
+        v = _backend.vector_width()
+        return (
+            x.is_contiguous()
+            and weight.is_contiguous()
+            and not _backend.is_channels_last(x)
+            and not _backend.is_channels_last(weight)
+            and x.shape[1] % v == 0
+            and (v == 16 or (x.shape[2] * x.shape[3]) % v == 0)
+        )
+
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
         """(stride, (top, bottom, left, right) padding, dilation), recomputed when they change."""
         key = (self.stride, self.padding, self.dilation, self.kernel_size, self.padding_mode)
@@ -107,7 +125,13 @@ class DirectConv2d(nn.Conv2d):
             input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
         # The cached packed weight has no autograd: training takes the op that packs per call.
-        if self.cache_weights and not needs_grad and not torch.compiler.is_compiling():
+        # A layer that runs as a GEMM on NCHW tensors reads the weight as it is: nothing to cache.
+        if (
+            self.cache_weights
+            and not needs_grad
+            and not torch.compiler.is_compiling()
+            and not self._nchw_gemm(x, weight, stride, pad4)
+        ):
             out = conv2d_packed(
                 x,
                 self._packed_weight(weight),
