@@ -1,5 +1,5 @@
-"""The NCHW 1x1 path of the drop-in op: 1x1, stride 1, unpadded convolutions of NCHW tensors
-with C and H*W multiples of the vector width run as a GEMM on the forward kernels, reading
+"""The NCHW 1x1 path of the drop-in op: 1x1, stride 1, unpadded convolutions of NCHW images
+of 28x28 pixels or more, with C and H*W multiples of the vector width, run as a GEMM on the forward kernels, reading
 the weights and the input as they are and writing the output in place (no packing, no layout
 conversion). These tests pin that the path is taken where it applies, left where it does not,
 and exact either way.
@@ -22,8 +22,10 @@ pytestmark = requires_jit
 
 def _case(rng: random.Random) -> dict:
     v = tdc.vector_width()
-    h = rng.choice([1, 2, 4, 8, 14, 16])
-    w = rng.choice([v, 2 * v, 56]) if h in (1, 2) else rng.choice([4, 8, 16, 28])
+    # Images of 28x28 pixels or more (the op's threshold for the GEMM), rows of one or two
+    # pixels too, and pixel counts with a tail.
+    h = rng.choice([1, 2, 28, 29, 32])
+    w = {1: rng.choice([784, 800, 1024]), 2: rng.choice([392, 400, 512])}.get(h, rng.choice([28, 29, 32]))
     return dict(
         n=rng.randint(1, 3),
         c=v * rng.randint(1, 5),
@@ -62,23 +64,29 @@ def test_matches_torch_under_avx2_cap() -> None:
 def test_the_path_takes_the_gemm_kernels_and_nothing_else() -> None:
     """In a fresh process with the verbose log: the call generates only the 1x1 GEMM kernels
     (their names carry the image's row stride, _wc), planned as nchw1x1, and no kernel of the
-    blocked path; a channels_last input of the same shape takes the blocked path instead."""
+    blocked path; a channels_last input of the same shape, and an image under 28x28 pixels,
+    take the blocked path instead."""
     proc = run_python(
         """
-import torch, torch_directconv as tdc
+import sys, torch, torch_directconv as tdc
 v = tdc.vector_width()
 w = torch.randn(24, 2 * v, 1, 1)
-tdc.conv2d(torch.randn(2, 2 * v, 8, 8), w)
-import sys; sys.stderr.write("--- channels_last\\n"); sys.stderr.flush()
-tdc.conv2d(torch.randn(2, 2 * v, 8, 8).contiguous(memory_format=torch.channels_last), w)
+tdc.conv2d(torch.randn(2, 2 * v, 28, 28), w)
+sys.stderr.write("--- channels_last\\n"); sys.stderr.flush()
+tdc.conv2d(torch.randn(2, 2 * v, 28, 28).contiguous(memory_format=torch.channels_last), w)
+sys.stderr.write("--- small\\n"); sys.stderr.flush()
+tdc._C.clear_cache()  # so that its kernels are generated, and logged, again
+tdc.conv2d(torch.randn(2, 2 * v, 14, 14), w)
 """,
         TORCH_DIRECTCONV_VERBOSE="1",
     )
-    nchw, _, blocked = proc.stderr.partition("--- channels_last")
+    nchw, _, rest = proc.stderr.partition("--- channels_last")
+    channels_last, _, small = rest.partition("--- small")
     nchw_kernels = [line for line in nchw.splitlines() if "jit f32_conv" in line]
     assert nchw_kernels and all("_wc" in line and "nchw1x1" in line for line in nchw_kernels), proc.stderr
-    blocked_kernels = [line for line in blocked.splitlines() if "jit f32_conv" in line]
-    assert blocked_kernels and not any("_wc" in line for line in blocked_kernels), proc.stderr
+    for part in (channels_last, small):
+        blocked_kernels = [line for line in part.splitlines() if "jit f32_conv" in line]
+        assert blocked_kernels and not any("_wc" in line for line in blocked_kernels), proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -318,6 +318,8 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
 
 namespace {
 
+constexpr int64_t kNchwGemmMinPixels = 28 * 28;
+
 // 1x1, stride 1, no padding, NCHW in and out: the GEMM plan (make_fwd_plan_nchw_1x1) reads
 // the weights and the input as they are and writes the output in place, with no packing
 // and no layout conversion. Empty when it does not apply.
@@ -361,7 +363,9 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
               " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
               groups, " groups)");
   check_float_cpu(input, op, "input");
-  if (groups == 1)
+  // The NCHW 1x1 GEMM on images of 28x28 and more; on smaller ones it has too few pixels
+  // per output channel, and the blocked kernels with their conversions measured faster.
+  if (groups == 1 && input.size(2) * input.size(3) >= kNchwGemmMinPixels)
     if (Tensor y = conv2d_nchw_1x1(input, weight, bias, stride, padding, dilation, relu); y.defined()) return y;
   const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   if (groups > 1)
