@@ -56,34 +56,45 @@ def make_tensors(p: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return x, w, b
 
 
-def run_round(problems: list[dict], seed: int, concurrent: bool) -> list[torch.Tensor]:
-    inputs = [make_tensors(p, seed + i) for i, p in enumerate(problems)]
-    results: list = [None] * len(problems)
+def run_at_once(count: int, job, concurrent: bool) -> list:
+    """job(i) for i in range(count): on `count` threads released together by a barrier, or one
+    after the other; returns the results in order and re-raises the first error."""
+    results: list = [None] * count
     errors: list = []
-    barrier = threading.Barrier(len(problems))
+    barrier = threading.Barrier(count)
 
     def work(i: int) -> None:
         try:
-            p = problems[i]
             if concurrent:
                 barrier.wait(timeout=60)
-            results[i] = tdc.conv2d(*inputs[i], stride=p["stride"], padding=p["padding"])
+            results[i] = job(i)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
             barrier.abort()
 
     if concurrent:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
         for th in threads:
             th.start()
         for th in threads:
             th.join(timeout=120)
         assert not any(th.is_alive() for th in threads), "a thread hung"
     else:
-        for i in range(len(problems)):
+        for i in range(count):
             work(i)
     if errors:
         raise errors[0]
+    return results
+
+
+def run_round(problems: list[dict], seed: int, concurrent: bool) -> list[torch.Tensor]:
+    inputs = [make_tensors(p, seed + i) for i, p in enumerate(problems)]
+
+    def job(i: int) -> torch.Tensor:
+        p = problems[i]
+        return tdc.conv2d(*inputs[i], stride=p["stride"], padding=p["padding"])
+
+    results = run_at_once(len(problems), job, concurrent)
     for i, (p, (x, w, b)) in enumerate(zip(problems, inputs, strict=True)):
         ref = F.conv2d(x, w, b, stride=p["stride"], padding=p["padding"])
         assert_conv_close(results[i], ref, p["c"] * p["r"] * p["s"], f"thread {i}: {p}")
@@ -198,43 +209,22 @@ def geometry(p: dict) -> tuple:
 def run_backward_round(problems: list[dict], seed: int, mode: str, concurrent: bool) -> None:
     """mode 'ops': both backward ops per thread; 'autograd': forward and loss.backward() through tdc.conv2d."""
     inputs = [make_training_tensors(p, seed + i) for i, p in enumerate(problems)]
-    results: list = [None] * len(problems)
-    errors: list = []
-    barrier = threading.Barrier(len(problems))
 
-    def work(i: int) -> None:
-        try:
-            p = problems[i]
-            x, w, b, gy = inputs[i]
-            if concurrent:
-                barrier.wait(timeout=60)
-            if mode == "ops":
-                ops = torch.ops.directconv
-                results[i] = (
-                    ops.conv2d_backward_data(gy, w, list(x.shape), *geometry(p)),
-                    ops.conv2d_backward_weight(gy, x, list(w.shape), *geometry(p)),
-                )
-            else:
-                xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
-                out = tdc.conv2d(xl, wl, bl, p["stride"], p["padding"], p["dilation"], p["groups"])
-                (out * gy).sum().backward()
-                results[i] = (xl.grad, wl.grad, bl.grad)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(e)
-            barrier.abort()
+    def job(i: int) -> tuple:
+        p = problems[i]
+        x, w, b, gy = inputs[i]
+        if mode == "ops":
+            ops = torch.ops.directconv
+            return (
+                ops.conv2d_backward_data(gy, w, list(x.shape), *geometry(p)),
+                ops.conv2d_backward_weight(gy, x, list(w.shape), *geometry(p)),
+            )
+        xl, wl, bl = (t.clone().requires_grad_() for t in (x, w, b))
+        out = tdc.conv2d(xl, wl, bl, p["stride"], p["padding"], p["dilation"], p["groups"])
+        (out * gy).sum().backward()
+        return (xl.grad, wl.grad, bl.grad)
 
-    if concurrent:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-        assert not any(th.is_alive() for th in threads), "a thread hung"
-    else:
-        for i in range(len(problems)):
-            work(i)
-    if errors:
-        raise errors[0]
+    results = run_at_once(len(problems), job, concurrent)
     for i, (p, (x, w, b, gy)) in enumerate(zip(problems, inputs, strict=True)):
         with torch_native():
             xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))

@@ -181,34 +181,30 @@ def test_guarded_copy_really_guards() -> None:
         assert proc.returncode == -11, f"{side}: expected SIGSEGV, got {proc.returncode}: {proc.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_no_reads_outside_the_tensors(isa: str) -> None:
+def run_child_sweep(module: str, isa: str, count: int, seed: int, timeout: float = 300):
+    """`module`.child_sweep in a fresh process under the ISA cap (a crash fails the test);
+    skips when the CPU lacks the ISA."""
     if not cpu_has(isa):
         pytest.skip(f"this CPU lacks {isa}")
-    proc = run_python(
+    return run_python(
         f"""
         import sys
         sys.path.insert(0, "tests")
-        from test_guard_page import child_sweep
-        child_sweep("{isa}", count=40, seed=4242)
+        from {module} import child_sweep
+        child_sweep("{isa}", count={count}, seed={seed})
         """,
+        timeout=timeout,
         TORCH_DIRECTCONV_ISA=isa,
     )
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_no_reads_outside_the_tensors(isa: str) -> None:
+    proc = run_child_sweep("test_guard_page", isa, count=40, seed=4242)
     assert "guard-page sweep:" in proc.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_no_reads_outside_the_tensors_large(isa: str) -> None:
-    if not cpu_has(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    run_python(
-        f"""
-        import sys
-        sys.path.insert(0, "tests")
-        from test_guard_page import child_sweep
-        child_sweep("{isa}", count=600, seed=777)
-        """,
-        timeout=1200,
-        TORCH_DIRECTCONV_ISA=isa,
-    )
+    run_child_sweep("test_guard_page", isa, count=600, seed=777, timeout=1200)

@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_guard_page import guarded_copy
+from test_guard_page import guarded_copy, run_child_sweep
 
-from helpers import ISA_WIDTH, assert_grad_close, cpu_has, run_python, torch_native
+from helpers import ISA_WIDTH, assert_grad_close, torch_native
 
 
 def _case(n, c, k, h, w, r, s, stride=(1, 1), pad=(0, 0, 0, 0), dil=(1, 1), groups=1) -> dict:
@@ -161,32 +161,11 @@ def test_sweep_covers_the_edges() -> None:
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_backward_reads_nothing_outside_the_tensors(isa: str) -> None:
-    if not cpu_has(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    proc = run_python(
-        f"""
-        import sys
-        sys.path.insert(0, "tests")
-        from test_guard_page_backward import child_sweep
-        child_sweep("{isa}", count=80, seed=4243)
-        """,
-        TORCH_DIRECTCONV_ISA=isa,
-    )
+    proc = run_child_sweep("test_guard_page_backward", isa, count=80, seed=4243)
     assert "backward guard-page sweep:" in proc.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_backward_reads_nothing_outside_the_tensors_large(isa: str) -> None:
-    if not cpu_has(isa):
-        pytest.skip(f"this CPU lacks {isa}")
-    run_python(
-        f"""
-        import sys
-        sys.path.insert(0, "tests")
-        from test_guard_page_backward import child_sweep
-        child_sweep("{isa}", count=400, seed=778)
-        """,
-        timeout=1200,
-        TORCH_DIRECTCONV_ISA=isa,
-    )
+    run_child_sweep("test_guard_page_backward", isa, count=400, seed=778, timeout=1200)

@@ -279,9 +279,9 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
       return fma_cycles * share + far / (8.0 * plan.threads);
     };
     int64_t best = rows;
-    for (int64_t r = div_up(rows, 2); r >= 1; r = r > 1 ? div_up(r, 2) : 0) {
+    for (int64_t r = rows; r > 1;) {
+      r = div_up(r, 2);
       if (estimate(r) < 0.98 * estimate(best)) best = r;
-      if (r == 1) break;
     }
     rows = best;
   }

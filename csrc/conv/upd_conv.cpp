@@ -89,9 +89,9 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
       return std::ceil(u / plan.threads) / (u / plan.threads);
     };
     int64_t best = plan.cb_group;
-    for (int64_t g = div_up(plan.cb_group, 2); g >= 1; g = g > 1 ? div_up(g, 2) : 0) {
+    for (int64_t g = plan.cb_group; g > 1;) {
+      g = div_up(g, 2);
       if (imbalance(g) < 0.95 * imbalance(best)) best = g;
-      if (g == 1) break;
     }
     plan.cb_group = best;
   }
