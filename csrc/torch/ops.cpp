@@ -129,7 +129,9 @@ void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, c
              bool relu, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
              const PackBlockRange& pack = nullptr) {
   if (prim.plan.desc.n == 0) return;
-  const int nt = num_threads();
+  // The plan's thread count, never a fresh num_threads(): another thread may have changed
+  // torch's since the plan was made, and a stream left unrun is output left unwritten.
+  const int nt = prim.plan.threads;
   const dc::FwdKernels kernels = dc::acquire_kernels(prim);
   std::vector<dc::FwdWorkQueue> queues;
   queues.reserve(groups);
@@ -217,8 +219,8 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
   float* src_blk = scratch(0, d.n * cb * d.h * d.w * V);
   float* dst_blk = scratch(1, d.n * cb * P * Q * V);
   auto xs = strides4(input), ys = strides4(out);
-  const int nt = num_threads();
-  auto prim = dc::get_dw_primitive(d, jit_isa(), nt);
+  auto prim = dc::get_dw_primitive(d, jit_isa(), num_threads());
+  const int nt = prim->plan.threads;
   const dc::DwKernels kernels = dc::acquire_kernels(*prim);
   const float* x = input.data_ptr<float>();
   float* y = out.data_ptr<float>();
@@ -337,8 +339,8 @@ Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::opt
   Tensor b = padded_bias(bias, k, k, "conv2d");
   Tensor out = at::empty({d.n, k, d.h, d.w}, input.options());
   if (b.defined()) out.copy_(b.view({1, k, 1, 1}).expand_as(out));  // the kernels add to it
-  const int nt = num_threads();
-  auto prim = dc::get_fwd_nchw_1x1_primitive(d, isa, nt, b.defined());
+  auto prim = dc::get_fwd_nchw_1x1_primitive(d, isa, num_threads(), b.defined());
+  const int nt = prim->plan.threads;
   const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
   dc::FwdWorkQueue queue(nt);
   const float* w = weight.data_ptr<float>();
@@ -667,8 +669,8 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
 // (dense, one group) when given and no private copies are needed, else in scratch slot 2.
 std::pair<const float*, int64_t> run_upd(const ConvDesc& d, int64_t groups, const float* x_blk, int64_t x_group,
                                          const float* dy_blk, int64_t dy_group, float* out = nullptr) {
-  const int nt = num_threads();
-  auto prim = dc::get_upd_primitive(d, jit_isa(), nt);
+  auto prim = dc::get_upd_primitive(d, jit_isa(), num_threads());
+  const int nt = prim->plan.threads;
   const dc::UpdKernels kernels = dc::acquire_kernels(*prim);
   const dc::UpdPlan& plan = prim->plan;
   const int64_t dw_elems = plan.dw_elements(), group_stride = plan.parts * dw_elems;
