@@ -40,10 +40,25 @@ std::string ConvDesc::validate() const {
   else if (stride_h < 1 || stride_w < 1) o << "stride must be >= 1, got " << stride_h << "x" << stride_w;
   else if (dil_h < 1 || dil_w < 1) o << "dilation must be >= 1, got " << dil_h << "x" << dil_w;
   else if (pad_t < 0 || pad_b < 0 || pad_l < 0 || pad_r < 0) o << "padding must be >= 0";
+  else if (static_cast<__int128>(h) + pad_t + pad_b > INT64_MAX || static_cast<__int128>(w) + pad_l + pad_r > INT64_MAX ||
+           static_cast<__int128>(dil_h) * (r - 1) > INT64_MAX || static_cast<__int128>(dil_w) * (s - 1) > INT64_MAX)
+    o << "padding or dilation too large: the padded input or the dilated kernel exceeds 2^63";
   else if (p() < 1 || q() < 1)
     o << "kernel size " << dil_h * (r - 1) + 1 << "x" << dil_w * (s - 1) + 1
       << " (dilated) is larger than the padded input " << h + pad_t + pad_b << "x" << w + pad_l + pad_r;
   return o.str();
+}
+
+bool jit_fits(const ConvDesc& d, int64_t V) {
+  using wide = __int128;
+  constexpr wide kMax = INT32_MAX;
+  if (d.n < 0 || d.c < 1 || d.k < 1 || d.h < 1 || d.w < 1 || d.r < 1 || d.s < 1 || d.stride_h < 1 ||
+      d.stride_w < 1 || d.dil_h < 1 || d.dil_w < 1 || d.pad_t < 0 || d.pad_b < 0 || d.pad_l < 0 || d.pad_r < 0)
+    return false;
+  const wide hp = wide(d.h) + d.pad_t + d.pad_b, wp = wide(d.w) + d.pad_l + d.pad_r;
+  const wide vec_bytes = wide(V) * static_cast<wide>(sizeof(float));
+  return hp * wp * vec_bytes <= kMax && wide(d.r) * d.s * vec_bytes * V <= kMax && d.stride_h <= hp &&
+         d.stride_w <= wp && wide(d.dil_h) * (d.r - 1) < hp && wide(d.dil_w) * (d.s - 1) < wp;
 }
 
 void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_r) {

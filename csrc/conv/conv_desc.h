@@ -14,9 +14,10 @@ struct ConvDesc {
   int64_t pad_t = 0, pad_b = 0, pad_l = 0, pad_r = 0;
   int64_t dil_h = 1, dil_w = 1;
 
-  // Output size; 0 or less when the dilated kernel does not fit the padded input.
-  int64_t p() const { return out_size(h + pad_t + pad_b - dil_h * (r - 1) - 1, stride_h); }
-  int64_t q() const { return out_size(w + pad_l + pad_r - dil_w * (s - 1) - 1, stride_w); }
+  // Output size; 0 when the dilated kernel does not fit the padded input. In 128-bit
+  // arithmetic, as paddings and dilations may come near 2^63 (saturates at INT64_MAX).
+  int64_t p() const { return out_size(wide(h) + pad_t + pad_b - wide(dil_h) * (r - 1) - 1, stride_h); }
+  int64_t q() const { return out_size(wide(w) + pad_l + pad_r - wide(dil_w) * (s - 1) - 1, stride_w); }
   double flops() const { return 2.0 * n * k * c * r * s * p() * q(); }
 
   // benchdnn-style problem string, e.g. mb1ic64ih56iw56oc64oh56ow56kh3kw3sh1sw1ph1pw1.
@@ -25,7 +26,12 @@ struct ConvDesc {
   std::string validate() const;
 
  private:
-  static int64_t out_size(int64_t span, int64_t stride) { return span < 0 ? 0 : span / stride + 1; }
+  using wide = __int128;
+  static int64_t out_size(wide span, int64_t stride) {
+    if (span < 0 || stride < 1) return 0;
+    const wide n = span / stride + 1;
+    return n > INT64_MAX ? INT64_MAX : static_cast<int64_t>(n);
+  }
 };
 
 // Parses a benchdnn-style problem string; missing fields take benchdnn's defaults
@@ -33,6 +39,13 @@ struct ConvDesc {
 ConvDesc parse_conv_desc(const std::string& s);
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether the JIT kernels take this geometry with V-channel blocks. The kernels encode the
+// offsets within a channel block's (padded) plane as 32-bit displacements and their specs
+// keep strides, dilations and kernel sizes as int, so every such offset must fit in 31
+// bits; a stride wider than the padded input (one output pixel) is not taken either. What
+// they do not take runs on torch's convolution, never truncated.
+bool jit_fits(const ConvDesc& d, int64_t V);
 
 // Kernel rows [*r_lo, *r_lo + *n_r) that fall inside the input for output row oh.
 void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_r);

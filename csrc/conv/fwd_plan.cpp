@@ -335,7 +335,9 @@ bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
   // A last, partial vector of pixels needs AVX-512's masks.
   return isa != Isa::none && d.r == 1 && d.s == 1 && d.stride_h == 1 && d.stride_w == 1 && d.pad_t == 0 &&
          d.pad_b == 0 && d.pad_l == 0 && d.pad_r == 0 && d.c % V == 0 &&
-         ((d.h * d.w) % V == 0 || isa == Isa::avx512) && d.n >= 1;
+         ((d.h * d.w) % V == 0 || isa == Isa::avx512) && d.n >= 1 &&
+         // The kernels step over channels and pixels of an NCHW image with 32-bit offsets.
+         static_cast<__int128>(std::max(d.c, d.k)) * d.h * d.w * static_cast<int64_t>(sizeof(float)) <= INT32_MAX;
 }
 
 FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate) {

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -42,7 +43,9 @@ void check_float_cpu(const Tensor& t, const char* op, const char* name) {
 
 std::vector<int64_t> strides4(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-ConvDesc make_desc(const char* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t s,
+// The geometry as given, checked only for what any convolution needs; jit_takes says
+// whether the kernels take it, make_desc also validates it for them.
+ConvDesc fill_desc(const char* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t s,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(stride.size() == 2, op, ": expected 'stride' of 2 values, got ", stride);
   TORCH_CHECK(padding.size() == 4, op, ": expected 'padding' of 4 values (top, bottom, left, right), got ", padding);
@@ -66,9 +69,79 @@ ConvDesc make_desc(const char* op, int64_t n, int64_t c, int64_t h, int64_t w, i
   d.pad_r = padding[3];
   d.dil_h = dilation[0];
   d.dil_w = dilation[1];
+  return d;
+}
+
+const ConvDesc& validated(const char* op, const ConvDesc& d) {
   std::string err = d.validate();
   TORCH_CHECK(err.empty(), op, ": ", err);
   return d;
+}
+
+ConvDesc make_desc(const char* op, int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t s,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return validated(op, fill_desc(op, n, c, h, w, k, r, s, stride, padding, dilation));
+}
+
+// Whether the JIT kernels take this geometry (empty channels, or offsets beyond 32 bits, go
+// to torch's convolution).
+bool jit_takes(const ConvDesc& d) {
+  return dc::active_isa() != dc::Isa::none && dc::jit_fits(d, dc::vlen(dc::active_isa()));
+}
+
+std::atomic<int64_t> aten_fallbacks{0};
+
+bool symmetric(at::IntArrayRef padding) { return padding[0] == padding[1] && padding[2] == padding[3]; }
+
+// Torch's own convolution, for what the kernels do not take: the same answer, or the same
+// error, as F.conv2d. An asymmetric padding is applied to the input first.
+Tensor aten_conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                   at::MemoryFormat format) {
+  ++aten_fallbacks;
+  TORCH_WARN_ONCE("torch_directconv: a convolution with empty channels, or with a stride, padding or dilation whose "
+                  "offsets exceed the kernels' 32 bits, runs on PyTorch's convolution");
+  const bool sym = symmetric(padding);
+  Tensor x = sym ? input : at::constant_pad_nd(input, {padding[2], padding[3], padding[0], padding[1]}, 0);
+  const std::vector<int64_t> pad2 = sym ? std::vector<int64_t>{padding[0], padding[2]} : std::vector<int64_t>{0, 0};
+  Tensor y = at::conv2d(x, weight, bias, stride, pad2, dilation, groups);
+  if (relu) y = at::relu(y);
+  return y.contiguous(format);
+}
+
+// (G, Kb, Cb, R, S, V(c), V(k)) packed weights back to (G * kg, cg, R, S), for torch's convolution.
+Tensor unpack_weight(const Tensor& packed, int64_t kg, int64_t cg) {
+  const int64_t g = packed.size(0), kb = packed.size(1), cb = packed.size(2), V = packed.size(5);
+  return packed.permute({0, 1, 6, 2, 5, 3, 4})
+      .reshape({g, kb * V, cb * V, packed.size(3), packed.size(4)})
+      .narrow(1, 0, kg)
+      .narrow(2, 0, cg)
+      .reshape({g * kg, cg, packed.size(3), packed.size(4)});
+}
+
+// The blocked layouts and back, for the blocked ops' geometries that torch's convolution
+// takes: (N, Cb, H, W, V) <-> (N, C, H, W), and (Kb, Cb, R, S, V(c), V(k)) <-> (K, C, R, S).
+Tensor unblock(const Tensor& xb, int64_t channels) {
+  return xb.permute({0, 1, 4, 2, 3}).reshape({xb.size(0), xb.size(1) * xb.size(4), xb.size(2), xb.size(3)})
+      .narrow(1, 0, channels);
+}
+Tensor block(const Tensor& x, int64_t V) {
+  const int64_t cb = dc::div_up(x.size(1), V);
+  return at::constant_pad_nd(x, {0, 0, 0, 0, 0, cb * V - x.size(1)})
+      .view({x.size(0), cb, V, x.size(2), x.size(3)})
+      .permute({0, 1, 3, 4, 2})
+      .contiguous();
+}
+Tensor unblock_weight(const Tensor& wb) {
+  const int64_t V = wb.size(4);
+  return wb.permute({0, 5, 1, 4, 2, 3}).reshape({wb.size(0) * V, wb.size(1) * V, wb.size(2), wb.size(3)});
+}
+Tensor block_weight(const Tensor& w, int64_t V) {
+  const int64_t kb = dc::div_up(w.size(0), V), cb = dc::div_up(w.size(1), V);
+  return at::constant_pad_nd(w, {0, 0, 0, 0, 0, cb * V - w.size(1), 0, kb * V - w.size(0)})
+      .view({kb, V, cb, V, w.size(2), w.size(3)})
+      .permute({0, 2, 4, 5, 3, 1})
+      .contiguous();
 }
 
 // Bias padded with zeros to kb * V, as the kernels read whole blocks.
@@ -296,8 +369,14 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
   check_float_cpu(weight, op, "weight");
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D 'input' (N, C, H, W), got shape ", input.sizes());
   const int V = dc::vlen(jit_isa());
-  if (weight.dim() == 4)
+  if (weight.dim() == 4) {
+    // Depthwise (Cb, R, S, V): back to (C, 1, R, S) where the kernels cannot take it.
+    const int64_t c = input.size(1), r = weight.size(1), s = weight.size(2);
+    if (!jit_takes(fill_desc(op, input.size(0), c, input.size(2), input.size(3), c, r, s, stride, padding, dilation)))
+      return aten_conv2d(input, weight.permute({0, 3, 1, 2}).reshape({-1, r, s}).narrow(0, 0, c).unsqueeze(1), bias,
+                         stride, padding, dilation, groups, relu, output_format(input, channels_last));
     return depthwise_packed(input, weight, bias, out_channels, stride, padding, dilation, groups, relu, channels_last, V);
+  }
   TORCH_CHECK(weight.dim() == 7 && weight.size(5) == V && weight.size(6) == V, op,
               ": expected a packed 'weight' (groups, K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
               weight.sizes());
@@ -312,6 +391,10 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
               input.size(1), " channels and ", out_channels, " output channels in ", groups,
               " groups, which does not match the packed 'weight' of shape ", weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), op, ": the packed 'weight' must be contiguous");
+  if (!jit_takes(fill_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight.size(3), weight.size(4),
+                           stride, padding, dilation)))
+    return aten_conv2d(input, unpack_weight(weight, kg, cg), bias, stride, padding, dilation, groups, relu,
+                       output_format(input, channels_last));
   ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight.size(3), weight.size(4),
                          stride, padding, dilation);
   return conv2d_via_blocks(input, d, groups, out_channels, bias, relu, channels_last, weight.data_ptr<float>(),
@@ -365,11 +448,16 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
               " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
               groups, " groups)");
   check_float_cpu(input, op, "input");
+  const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  if (weight.size(0) % groups != 0 ||
+      !jit_takes(fill_desc(op, input.size(0), weight.size(1), input.size(2), input.size(3), weight.size(0) / groups,
+                           weight.size(2), weight.size(3), stride, padding, dilation)))
+    return aten_conv2d(input, weight, bias, stride, padding, dilation, groups, relu,
+                       output_format(input, weight_channels_last));
   // The NCHW 1x1 GEMM on images of 28x28 and more; on smaller ones it has too few pixels
   // per output channel, and the blocked kernels with their conversions measured faster.
   if (groups == 1 && input.size(2) * input.size(3) >= kNchwGemmMinPixels)
     if (Tensor y = conv2d_nchw_1x1(input, weight, bias, stride, padding, dilation, relu); y.defined()) return y;
-  const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   if (groups > 1)
     return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,
                          relu, weight_channels_last);
@@ -407,9 +495,8 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
                 ") does not fit ", cb, " channel blocks of ", V);
     c = *in_channels;
   }
-  ConvDesc d = make_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2), weight.size(3),
-                         stride, padding, dilation);
-  Tensor x = input.contiguous(), w = weight.contiguous();
+  const ConvDesc d = fill_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2),
+                               weight.size(3), stride, padding, dilation);
   Tensor b;
   if (bias.has_value() && bias->defined()) {
     check_float_cpu(*bias, op, "bias");
@@ -417,6 +504,12 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
                 ": expected 'bias' of at most ", kb * V, " values (", kb, " blocks), got shape ", bias->sizes());
     b = padded_bias(bias, bias->size(0), kb * V, op);
   }
+  if (!jit_takes(d))
+    return block(aten_conv2d(unblock(input, c), unblock_weight(weight).narrow(1, 0, c), b, stride, padding, dilation, 1,
+                             relu, at::MemoryFormat::Contiguous),
+                 V);
+  validated(op, d);
+  Tensor x = input.contiguous(), w = weight.contiguous();
   Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
   run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options()), x.data_ptr<float>(), w.data_ptr<float>(),
           b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
@@ -487,6 +580,24 @@ void check_backward_args(const char* op, const Tensor& grad_output, const Tensor
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4, op,
               ": expected 2 strides, 4 paddings and 2 dilations");
   TORCH_CHECK(groups >= 1, op, ": expected 'groups' >= 1, got ", groups);
+}
+
+// The convolution whose gradient a backward op computes, checked against 'grad_output'.
+ConvDesc backward_desc(const char* op, const Tensor& grad_output, at::IntArrayRef input_size,
+                       at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input_size.size() == 4, op, ": expected an input size of 4 values, got ", input_size);
+  TORCH_CHECK(weight_size.size() == 4, op, ": expected a weight size of 4 values, got ", weight_size);
+  const int64_t k = weight_size[0], cg = weight_size[1];
+  TORCH_CHECK(k % groups == 0 && input_size[1] == cg * groups, op, ": an input of ", input_size[1],
+              " channels does not match a weight of shape ", weight_size, " with groups=", groups);
+  ConvDesc d = fill_desc(op, input_size[0], cg, input_size[2], input_size[3], k / groups, weight_size[2],
+                         weight_size[3], stride, padding, dilation);
+  TORCH_CHECK(grad_output.size(0) == d.n && grad_output.size(1) == k && grad_output.size(2) == d.p() &&
+                  grad_output.size(3) == d.q(),
+              op, ": 'grad_output' of shape ", grad_output.sizes(), " does not match the convolution's output (", d.n,
+              ", ", k, ", ", d.p(), ", ", d.q(), ")");
+  return d;
 }
 
 // Whether the grouped problem of kg x cg channels per group fills at least half of its blocks.
@@ -614,17 +725,14 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
   const char* op = "conv2d_backward_data";
   if (dc::active_isa() == dc::Isa::none) return Tensor();
   const int64_t k = weight.size(0), cg = weight.size(1), kg = k / groups;
-  TORCH_CHECK(k % groups == 0 && input_size[1] == cg * groups, op, ": 'input_size' ", input_size,
-              " does not match 'weight' of shape ", weight.sizes(), " with groups=", groups);
   ConvDesc d = make_desc(op, input_size[0], cg, input_size[2], input_size[3], kg, weight.size(2), weight.size(3),
                          stride, padding, dilation);
   const int64_t P = d.p(), Q = d.q();
-  TORCH_CHECK(grad_output.size(0) == d.n && grad_output.size(1) == k && grad_output.size(2) == P &&
-                  grad_output.size(3) == Q,
-              op, ": 'grad_output' of shape ", grad_output.sizes(), " does not match the convolution's output (", d.n,
-              ", ", k, ", ", P, ", ", Q, ")");
   const std::vector<dc::BwdDataPhase> phases = jit_bwd_data_phases(d, groups);
   if (phases.empty()) return Tensor();
+  // Each phase is a convolution of its own, over grad_output, that the kernels must take too.
+  for (const dc::BwdDataPhase& ph : phases)
+    if (!ph.empty() && !jit_takes(ph.sub)) return Tensor();
   const int V = dc::vlen(jit_isa());
   const int64_t cb = dc::div_up(cg, V), kb = dc::div_up(kg, V);
   Tensor out = at::empty(input_size, grad_output.options().memory_format(output_format(
@@ -700,14 +808,8 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   if (isa == dc::Isa::none) return Tensor();
   const int64_t k = weight_size[0], cg = weight_size[1], kg = k / groups, V = dc::vlen(isa);
   if (!groups_fit_blocks(groups, kg, cg, V)) return Tensor();
-  TORCH_CHECK(k % groups == 0 && input.size(1) == cg * groups, op, ": 'input' has ", input.size(1),
-              " channels, 'weight_size' ", weight_size, " with groups=", groups);
   ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight_size[2], weight_size[3],
                          stride, padding, dilation);
-  TORCH_CHECK(grad_output.size(0) == d.n && grad_output.size(1) == k && grad_output.size(2) == d.p() &&
-                  grad_output.size(3) == d.q(),
-              op, ": 'grad_output' of shape ", grad_output.sizes(), " does not match the convolution's output (",
-              d.n, ", ", k, ", ", d.p(), ", ", d.q(), ")");
   Tensor out = at::empty(weight_size, grad_output.options());
   if (d.n == 0) return out.zero_();
   const int nt = num_threads();
@@ -735,8 +837,6 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   });
   return out;
 }
-
-bool symmetric(at::IntArrayRef padding) { return padding[0] == padding[1] && padding[2] == padding[3]; }
 
 std::tuple<Tensor, Tensor, Tensor> aten_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
@@ -775,11 +875,21 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   const char* op = "conv2d_backward_data";
   check_backward_args(op, grad_output, weight, stride, padding, dilation, groups);
   check_float_cpu(weight, op, "weight");
-  TORCH_CHECK(input_size.size() == 4, op, ": expected 'input_size' of 4 values, got ", input_size);
   // Channels_last when grad_output or the weight is, whatever the path (the fake kernel says so).
   const at::MemoryFormat format = is_channels_last(grad_output) || is_channels_last(weight)
                                       ? at::MemoryFormat::ChannelsLast
                                       : at::MemoryFormat::Contiguous;
+  // No input or no output channels: an empty or zero gradient (and torch's forward then
+  // gives an output of 0 channels, whatever the weight says).
+  if (input_size.size() == 4 && (input_size[1] == 0 || weight.size(0) == 0))
+    return at::zeros(input_size, grad_output.options()).contiguous(format);
+  const ConvDesc d = backward_desc(op, grad_output, input_size, weight.sizes(), stride, padding, dilation, groups);
+  if (!jit_takes(d)) {
+    ++aten_fallbacks;
+    Tensor input = at::empty(input_size, grad_output.options());
+    return std::get<0>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, true, false))
+        .contiguous(format);
+  }
   return backward_data_any_path(grad_output, weight, input_size, stride, padding, dilation, groups).contiguous(format);
 }
 
@@ -818,8 +928,13 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
   const char* op = "conv2d_backward_weight";
   check_backward_args(op, grad_output, input, stride, padding, dilation, groups);
   check_float_cpu(input, op, "input");
-  TORCH_CHECK(weight_size.size() == 4, op, ": expected 'weight_size' of 4 values, got ", weight_size);
-  if (Tensor gw = backward_weight_jit(grad_output, input, weight_size, stride, padding, dilation, groups); gw.defined())
+  if (weight_size.size() == 4 && (input.size(1) == 0 || weight_size[0] == 0))
+    return at::zeros(weight_size, grad_output.options());
+  const ConvDesc d = backward_desc(op, grad_output, input.sizes(), weight_size, stride, padding, dilation, groups);
+  if (!jit_takes(d))
+    ++aten_fallbacks;
+  else if (Tensor gw = backward_weight_jit(grad_output, input, weight_size, stride, padding, dilation, groups);
+           gw.defined())
     return gw;
   Tensor weight = at::empty(weight_size, grad_output.options());
   return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true))
@@ -840,7 +955,7 @@ ConvDesc blocked_desc(const char* op, at::IntArrayRef x_size, int64_t kb, int64_
                 ") does not fit ", cb, " channel blocks of ", V);
     c = *in_channels;
   }
-  return make_desc(op, x_size[0], c, x_size[2], x_size[3], kb * V, r, s, stride, padding, dilation);
+  return fill_desc(op, x_size[0], c, x_size[2], x_size[3], kb * V, r, s, stride, padding, dilation);
 }
 
 void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc& d, int64_t kb, int64_t V) {
@@ -870,6 +985,15 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   ConvDesc d = blocked_desc(op, input_size, kb, weight.size(2), weight.size(3), stride, padding, dilation,
                             in_channels, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
+  if (!jit_takes(d)) {
+    ++aten_fallbacks;
+    Tensor input = at::empty({d.n, d.c, d.h, d.w}, grad_output.options());
+    return block(std::get<0>(aten_backward(unblock(grad_output, kb * V), input,
+                                           unblock_weight(weight).narrow(1, 0, d.c), stride, padding, dilation, 1,
+                                           true, false)),
+                 V);
+  }
+  validated(op, d);
   Tensor gy = grad_output.contiguous(), w = weight.contiguous();
   Tensor out = at::empty(input_size, gy.options());
   const float* wp = w.data_ptr<float>();
@@ -905,6 +1029,14 @@ Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& i
   ConvDesc d = blocked_desc(op, input.sizes(), kb, weight_size[2], weight_size[3], stride, padding, dilation,
                             in_channels, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
+  if (!jit_takes(d)) {
+    ++aten_fallbacks;
+    Tensor weight = at::empty({kb * V, d.c, d.r, d.s}, grad_output.options());
+    return block_weight(std::get<1>(aten_backward(unblock(grad_output, kb * V), unblock(input, d.c), weight, stride,
+                                                  padding, dilation, 1, false, true)),
+                        V);
+  }
+  validated(op, d);
   Tensor out = at::empty(weight_size, input.options());
   if (d.n == 0) return out.zero_();
   Tensor x = input.contiguous(), gy = grad_output.contiguous();
@@ -942,6 +1074,7 @@ pybind11::dict jit_stats() {
   d["cache_cap_bytes"] = s.cap_bytes;
   d["evicted"] = s.evicted;
   d["generate_ms"] = s.generate_ms;
+  d["aten_fallbacks"] = aten_fallbacks.load();
   return d;
 }
 
