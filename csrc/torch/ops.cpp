@@ -15,6 +15,7 @@
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
 #include "conv/reorder.h"
+#include "conv/scratch.h"
 #include "conv/upd_conv.h"
 #include "jit/isa.h"
 #include "jit/kernel_cache.h"
@@ -156,13 +157,9 @@ Tensor padded_bias(const c10::optional<Tensor>& bias, int64_t k, int64_t padded,
   return b;
 }
 
-// Scratch for the blocked copies of the drop-in path, kept per calling thread so that
-// repeated calls do not page-fault fresh allocations.
-float* scratch(int slot, int64_t floats) {
-  thread_local Tensor buf[3];
-  if (!buf[slot].defined() || buf[slot].numel() < floats) buf[slot] = at::empty({floats}, at::kFloat);
-  return buf[slot].data_ptr<float>();
-}
+// Scratch of the calling thread (conv/scratch.h): kept between calls up to a process-wide
+// cap, so repeated calls do not fault in fresh pages, and returned to the OS beyond it.
+float* scratch(dc::ScratchSlot slot, int64_t floats) { return dc::scratch_floats(slot, floats); }
 
 // Plan choices forced by the benchmark (set_fwd_options); defaults let the plan decide.
 dc::FwdPlanOptions& fwd_options() {
@@ -185,14 +182,13 @@ bool one_unit_per_kgroup(const dc::FwdPlan& plan) {
 // are read once, not packed, written and read again.
 dc::FwdPrepare pack_per_unit(const dc::FwdPlan& plan, const PackBlockRange& pack) {
   return [&plan, &pack](const dc::FwdCall& first) {
-    thread_local std::vector<float> buffer;
     const int64_t V = plan.v(), per_kb = plan.cb * plan.desc.r * plan.desc.s * V * V;
     // The unit's first output-channel block (bias_off, unlike wei_off, has no tap in it).
     const int64_t kb0 = first.bias_off / V, n = std::min<int64_t>(plan.n_oc, plan.kb - kb0);
-    buffer.resize(static_cast<size_t>(plan.n_oc * per_kb));
-    pack(kb0 * plan.cb, (kb0 + n) * plan.cb, buffer.data());
+    float* buffer = scratch(dc::kScratchUnit, plan.n_oc * per_kb);
+    pack(kb0 * plan.cb, (kb0 + n) * plan.cb, buffer);
     // The unit's calls add offsets counted from the first output-channel block.
-    return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(buffer.data()) - kb0 * per_kb * 4);
+    return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(buffer) - kb0 * per_kb * 4);
   };
 }
 
@@ -212,6 +208,7 @@ void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, c
   if (pack) {
     const dc::FwdPrepare prepare = pack_per_unit(prim.plan, pack);
     run_shares(nt, [&](int tid, int) {
+      dc::ScratchScope share;  // the pool thread's own packing buffer
       dc::fwd_execute_prepared(prim, kernels, src, prepare, bias, dst, relu, tid, nt > 1 ? &queues[0] : nullptr);
     });
     return;
@@ -289,8 +286,8 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
   Tensor b = padded_bias(bias, c, cb * V, op);
   Tensor out = at::empty({d.n, c, P, Q}, input.options().memory_format(output_format(input, channels_last)));
   if (d.n == 0) return out;
-  float* src_blk = scratch(0, d.n * cb * d.h * d.w * V);
-  float* dst_blk = scratch(1, d.n * cb * P * Q * V);
+  float* src_blk = scratch(dc::kScratchSrc, d.n * cb * d.h * d.w * V);
+  float* dst_blk = scratch(dc::kScratchDst, d.n * cb * P * Q * V);
   auto xs = strides4(input), ys = strides4(out);
   auto prim = dc::get_dw_primitive(d, jit_isa(), num_threads());
   const int nt = prim->plan.threads;
@@ -333,9 +330,9 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   const bool per_unit = !packed && one_unit_per_kgroup(prim->plan);
   const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
   const int64_t wei_group = kb * cb * d.r * d.s * V * V;
-  float* src_blk = scratch(0, groups * src_group);
-  float* dst_blk = scratch(1, groups * dst_group);
-  float* wei_blk = packed || per_unit ? nullptr : scratch(2, wei_group);
+  float* src_blk = scratch(dc::kScratchSrc, groups * src_group);
+  float* dst_blk = scratch(dc::kScratchDst, groups * dst_group);
+  float* wei_blk = packed || per_unit ? nullptr : scratch(dc::kScratchWei, wei_group);
   const float* x = input.data_ptr<float>();
   float* y = out.data_ptr<float>();
   auto xs = strides4(input), ys = strides4(out);
@@ -364,6 +361,7 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
 Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t out_channels,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                      bool relu, bool channels_last) {
+  dc::ScratchScope call;
   const char* op = "conv2d";
   check_float_cpu(input, op, "input");
   check_float_cpu(weight, op, "weight");
@@ -439,6 +437,7 @@ Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::opt
 
 Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, at::IntArrayRef stride,
               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  dc::ScratchScope call;
   const char* op = "conv2d";
   check_float_cpu(weight, op, "weight");
   TORCH_CHECK(weight.dim() == 4, op, ": expected a 4-D 'weight' (K, C/groups, R, S), got shape ", weight.sizes());
@@ -448,6 +447,8 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
               " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
               groups, " groups)");
   check_float_cpu(input, op, "input");
+  TORCH_CHECK(weight.size(0) >= 1, op, ": expected 'weight' with at least one output channel, got shape ",
+              weight.sizes());
   const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   if (weight.size(0) % groups != 0 ||
       !jit_takes(fill_desc(op, input.size(0), weight.size(1), input.size(2), input.size(3), weight.size(0) / groups,
@@ -477,6 +478,7 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
 Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
                       c10::optional<int64_t> in_channels) {
+  dc::ScratchScope call;
   const char* op = "conv2d_blocked";
   check_float_cpu(input, op, "xb");
   check_float_cpu(weight, op, "wb");
@@ -652,7 +654,7 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
   }
   bool per_unit = pack_blocks && groups == 1;
   for (const Job& j : jobs) per_unit = per_unit && one_unit_per_kgroup(j.prim->plan);
-  float* wei = per_unit ? nullptr : scratch(2, std::max<int64_t>(1, wei_total));
+  float* wei = per_unit ? nullptr : scratch(dc::kScratchWei, std::max<int64_t>(1, wei_total));
   run_shares(nt, [&](int tid, int n_threads) {
     if (!per_unit)
       for (const Job& j : jobs) pack(*j.phase, wei + j.wei_off, tid, n_threads);
@@ -673,6 +675,7 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
   for (size_t i = 0; i < jobs.size() * groups; ++i) queues.emplace_back(nt);
   if (per_unit) {
     run_shares(nt, [&](int tid, int) {
+      dc::ScratchScope share;  // the pool thread's own packing buffer
       for (size_t i = 0; i < jobs.size(); ++i) {
         const Job& j = jobs[i];
         const PackBlockRange pack_phase = [&](int64_t begin, int64_t end, float* dst) {
@@ -739,8 +742,8 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
                                          grad_output, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast)));
   if (d.n == 0) return out;
   const int64_t dy_group = d.n * kb * P * Q * V, dx_group = d.n * cb * d.h * d.w * V;
-  float* dy_blk = scratch(0, groups * dy_group);
-  float* dx_blk = scratch(1, groups * dx_group);
+  float* dy_blk = scratch(dc::kScratchSrc, groups * dy_group);
+  float* dx_blk = scratch(dc::kScratchDst, groups * dx_group);
   const float* gy = grad_output.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* gx = out.data_ptr<float>();
@@ -783,7 +786,7 @@ std::pair<const float*, int64_t> run_upd(const ConvDesc& d, int64_t groups, cons
   const dc::UpdPlan& plan = prim->plan;
   const int64_t dw_elems = plan.dw_elements(), group_stride = plan.parts * dw_elems;
   // The kernels write all of it.
-  float* dw = out && groups == 1 && plan.parts == 1 ? out : scratch(2, groups * group_stride);
+  float* dw = out && groups == 1 && plan.parts == 1 ? out : scratch(dc::kScratchWei, groups * group_stride);
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
       dc::upd_execute(*prim, kernels, x_blk + g * x_group, dy_blk + g * dy_group, dw + g * group_stride, tid);
@@ -815,8 +818,8 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   const int nt = num_threads();
   const int64_t P = d.p(), Q = d.q(), cb = dc::div_up(cg, V), kb = dc::div_up(kg, V);
   const int64_t x_group = d.n * cb * d.h * d.w * V, dy_group = d.n * kb * P * Q * V;
-  float* x_blk = scratch(0, groups * x_group);
-  float* dy_blk = scratch(1, groups * dy_group);
+  float* x_blk = scratch(dc::kScratchSrc, groups * x_group);
+  float* dy_blk = scratch(dc::kScratchDst, groups * dy_group);
   const float* x = input.data_ptr<float>();
   const float* gy = grad_output.data_ptr<float>();
   auto xs = strides4(input), gs = strides4(grad_output), ws = strides4(out);
@@ -872,6 +875,7 @@ Tensor backward_data_any_path(const Tensor& grad_output, const Tensor& weight, a
 // and groups that would waste most of a channel block take ATen's convolution_backward.
 Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  dc::ScratchScope call;
   const char* op = "conv2d_backward_data";
   check_backward_args(op, grad_output, weight, stride, padding, dilation, groups);
   check_float_cpu(weight, op, "weight");
@@ -925,6 +929,7 @@ Tensor backward_data_any_path(const Tensor& grad_output, const Tensor& weight, a
 Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
+  dc::ScratchScope call;
   const char* op = "conv2d_backward_weight";
   check_backward_args(op, grad_output, input, stride, padding, dilation, groups);
   check_float_cpu(input, op, "input");
@@ -973,6 +978,7 @@ void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc&
 Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     c10::optional<int64_t> in_channels) {
+  dc::ScratchScope call;
   const char* op = "conv2d_blocked_backward_data";
   const int64_t V = dc::vlen(jit_isa());
   check_float_cpu(weight, op, "wb");
@@ -1017,6 +1023,7 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
 Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       c10::optional<int64_t> in_channels) {
+  dc::ScratchScope call;
   const char* op = "conv2d_blocked_backward_weight";
   const int64_t V = dc::vlen(jit_isa());
   check_float_cpu(input, op, "xb");
@@ -1075,6 +1082,8 @@ pybind11::dict jit_stats() {
   d["evicted"] = s.evicted;
   d["generate_ms"] = s.generate_ms;
   d["aten_fallbacks"] = aten_fallbacks.load();
+  d["scratch_kept_bytes"] = dc::scratch_kept_bytes();
+  d["scratch_cap_bytes"] = dc::scratch_cap_bytes();
   return d;
 }
 
@@ -1136,6 +1145,10 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("jit_stats", &dc_torch::jit_stats);
   m.def("set_cache_mb", [](double mb) { dc::set_kernel_cache_cap_bytes(static_cast<int64_t>(mb * 1024 * 1024)); });
+  m.def(
+      "set_scratch_mb", [](double mb) { dc::set_scratch_cap_bytes(static_cast<int64_t>(std::max(0.0, mb) * 1024 * 1024)); },
+      "The cap of the scratch kept between calls over all threads (TORCH_DIRECTCONV_SCRATCH_MB); buffers past it "
+      "are returned to the OS at the end of their call.");
   m.def("clear_cache", [] {
     dc::clear_fwd_primitives();
     dc::clear_dw_primitives();
