@@ -22,9 +22,11 @@ class DirectConv2d(nn.Conv2d):
     By default each call packs the weight into the blocked layout, so the output always
     follows the weight exactly. With ``cache_weights=True`` (for inference) the packed
     weight is kept and packed again only when PyTorch records a change to the weight: a
-    new tensor, or an in-place update that bumps its version counter (optimizer steps,
-    ``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``weight.data`` do
-    not bump that counter: after those, call ``refresh_packed_weight()``.
+    new tensor or Parameter (``weight.data = ...`` included), or an in-place update that
+    bumps its version counter (optimizer steps, ``load_state_dict``, ``copy_`` under
+    ``no_grad``). Writes PyTorch does not see cannot be detected: in-place writes through
+    ``weight.data``, through a numpy view (``weight.detach().numpy()[...] = ...``) or through DLPack.
+    After those, call ``refresh_packed_weight()``.
     """
 
     def __init__(self, *args, cache_weights: bool = False, **kwargs) -> None:
@@ -33,9 +35,7 @@ class DirectConv2d(nn.Conv2d):
         self._reset_caches()
 
     def _reset_caches(self) -> None:
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple | None = None
-        self._packed_source: weakref.ref | None = None
+        self.refresh_packed_weight()
         self._geometry_cache: tuple | None = None
 
     @classmethod
@@ -56,20 +56,31 @@ class DirectConv2d(nn.Conv2d):
         return new
 
     def refresh_packed_weight(self) -> None:
-        """Forgets the cached packed weight (needed only after writes through weight.data)."""
-        self._packed = None
-        self._packed_key = None
-        self._packed_source = None
+        """Forgets the cached packed weight (needed only after writes PyTorch does not see)."""
+        self._packed: torch.Tensor | None = None
+        # The exact tensor that was packed, as an alias (same storage, offset, sizes, strides;
+        # no copy): it keeps that storage alive, so no new weight can be given its address.
+        self._packed_alias: torch.Tensor | None = None
+        # Which Parameter: one made from weight.data shares the storage, not the version counter.
+        self._packed_param: weakref.ref | None = None
+        self._packed_key: tuple | None = None  # (version, groups, isa)
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.is_inference():  # no version counter to watch
+        # A weight computed in forward (a parametrization) is new at every call: nothing to cache.
+        if weight.is_inference() or weight is not self._parameters.get("weight"):
             return pack_weight(weight, self.groups)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), self.groups, _backend.isa())
-        source = self._packed_source() if self._packed_source is not None else None
-        if self._packed is None or source is not weight or self._packed_key != key:
+        key = (weight._version, self.groups, _backend.isa())
+        if (
+            self._packed_alias is None
+            or not weight.is_set_to(self._packed_alias)
+            or self._packed_param() is not weight
+            or self._packed_key != key
+        ):
+            self.refresh_packed_weight()  # frees the old packing before the new one is made
             self._packed = pack_weight(weight, self.groups)
+            self._packed_alias = weight.detach()
+            self._packed_param = weakref.ref(weight)
             self._packed_key = key
-            self._packed_source = weakref.ref(weight)
         return self._packed
 
     def _nchw_gemm(self, x: torch.Tensor, weight: torch.Tensor, stride: tuple, pad4: tuple) -> bool:
@@ -159,7 +170,7 @@ class DirectConv2d(nn.Conv2d):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        for key in ("_packed", "_packed_key", "_packed_source"):
+        for key in ("_packed", "_packed_alias", "_packed_param", "_packed_key"):
             state[key] = None
         return state
 
