@@ -2,18 +2,27 @@
 test runs the same thing under torch and under torch_directconv and wants the same answer, or
 the same kind of error.
 
-- the cached packed weight follows a new tensor even at the address of the old one.
+- the cached packed weight follows a new tensor even at the address of the old one;
+- convert() of parametrized (weight_norm, spectral_norm, the old hook-based weight_norm) and of
+  unmaterialised lazy convolutions.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 
-from helpers import assert_conv_close, requires_jit
+import torch_directconv as tdc
+from helpers import assert_conv_close, assert_grad_close, requires_jit
 from torch_directconv import DirectConv2d
 
 pytestmark = requires_jit
@@ -58,5 +67,115 @@ def test_cached_weight_holds_no_copy_of_an_old_weight() -> None:
         m.weight.data = torch.randn(m.weight.shape)
         m.refresh_packed_weight()
         assert old.expired(), "refresh_packed_weight() kept the old storage"
+
+
+# --- convert() of parametrized and lazy convolutions -------------------------------------------
+
+
+class TwoConvs(nn.Module):
+    def __init__(self, wrap) -> None:
+        super().__init__()
+        self.a = wrap(nn.Conv2d(4, 8, 3, padding=1))
+        self.b = wrap(nn.Conv2d(8, 6, 3, stride=2, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _old_weight_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, and still in use
+        return torch.nn.utils.weight_norm(conv)
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": weight_norm,
+    "spectral_norm": spectral_norm,
+    "old_weight_norm": _old_weight_norm,
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
+def test_convert_parametrized_convs_train_and_eval_like_the_originals(name: str, inplace: bool) -> None:
+    torch.manual_seed(22)
+    model = TwoConvs(PARAMETRIZATIONS[name])
+    ref = TwoConvs(PARAMETRIZATIONS[name])  # torch cannot deepcopy the old weight_norm's module
+    ref.load_state_dict(model.state_dict())
+    converted = tdc.convert(model, inplace=inplace)
+    for conv in (converted.a, converted.b):
+        assert isinstance(conv, DirectConv2d), type(conv)
+        if name != "old_weight_norm":
+            assert parametrize.is_parametrized(conv, "weight")
+    assert list(converted.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 4, 9, 9)
+    for step in range(2):  # spectral_norm's power iteration moves its buffers in every training step
+        converted.zero_grad()
+        ref.zero_grad()
+        before = tdc.jit_stats()["fallbacks"]
+        out = converted(x)
+        assert tdc.jit_stats()["fallbacks"] == before, "a parametrized conv fell back to torch"
+        expected = ref(x)
+        assert_conv_close(out, expected, 8 * 9, f"train step {step}")
+        g = torch.randn_like(out)
+        out.backward(g)
+        expected.backward(g)
+        grads = dict(ref.named_parameters())
+        for pname, p in converted.named_parameters():
+            assert_grad_close(p.grad, grads[pname].grad, f"{pname}, step {step}")
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v, msg=k)
+    converted.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert_conv_close(converted(x), ref(x), 8 * 9, "eval")
+
+
+@pytest.mark.parametrize("name", ["weight_norm", "spectral_norm"])
+def test_convert_parametrized_convs_with_cached_weights(name: str) -> None:
+    torch.manual_seed(23)
+    model = TwoConvs(PARAMETRIZATIONS[name]).eval()
+    converted = tdc.convert(model, cache_weights=True)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert_conv_close(converted(x), model(x), 8 * 9)
+        for p in (*converted.a.parametrizations.weight.parameters(), *model.a.parametrizations.weight.parameters()):
+            p.mul_(1.5).add_(0.1)
+        assert_conv_close(converted(x), model(x), 8 * 9, "after an update of the original")
+
+
+def test_convert_lazy_conv_materialises_onto_the_jit() -> None:
+    def make() -> nn.Module:
+        return nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), nn.LazyConv2d(5, 1))
+
+    x = torch.randn(2, 6, 7, 7)
+    torch.manual_seed(24)
+    ref = make()
+    torch.manual_seed(24)
+    converted = tdc.convert(make(), cache_weights=True)
+    torch.manual_seed(25)
+    expected = ref(x)
+    torch.manual_seed(25)
+    before = tdc.jit_stats()["fallbacks"]
+    out = converted(x)
+    assert tdc.jit_stats()["fallbacks"] == before, "the materialised conv fell back to torch"
+    assert type(converted[0]) is DirectConv2d and type(converted[2]) is DirectConv2d
+    assert converted[0].cache_weights
+    for (name, p), q in zip(converted.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: materialised differently from nn.LazyConv2d"
+    assert_conv_close(out, expected, 8 * 9)
+    with torch.no_grad():
+        assert_conv_close(converted.eval()(x), ref(x), 8 * 9, "cached")
+
+
+def test_convert_lazy_conv_loads_a_state_dict_before_its_first_forward() -> None:
+    torch.manual_seed(26)
+    trained = nn.Conv2d(6, 8, 3)
+    converted = tdc.convert(nn.LazyConv2d(8, 3))
+    converted.load_state_dict(trained.state_dict())
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        assert_conv_close(converted(x), trained(x), 54)
+    assert type(converted) is DirectConv2d
 
 

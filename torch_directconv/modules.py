@@ -8,6 +8,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _backend
 from .functional import _check, _pair, call_op, conv2d_packed, conv_padding, fallback_reason, pack_weight
@@ -40,10 +43,15 @@ class DirectConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, cache_weights: bool = False) -> DirectConv2d:
-        """A DirectConv2d that shares conv's parameters, buffers and hooks."""
+        """A DirectConv2d that shares conv's parameters, buffers, parametrizations and hooks.
+
+        An unmaterialised nn.LazyConv2d gives a LazyDirectConv2d, which becomes a DirectConv2d
+        on its first forward, as nn.LazyConv2d becomes an nn.Conv2d.
+        """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"DirectConv2d.from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
-        new = cls.__new__(cls)
+        new_cls = LazyDirectConv2d if isinstance(conv, LazyModuleMixin) else cls
+        new = new_cls.__new__(new_cls)
         nn.Module.__init__(new)
         new.__dict__.update(
             {k: v for k, v in conv.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
@@ -51,6 +59,13 @@ class DirectConv2d(nn.Conv2d):
         new._parameters = dict(conv._parameters)
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
+        if parametrize.is_parametrized(conv):
+            # A parametrized tensor is a property of a class made for the one module (torch's
+            # Parametrized<Class>), bound to it (its cache is keyed by that module): new gets a
+            # class and properties of its own, made as register_parametrization makes them.
+            parametrize._inject_new_class(new)
+            for name in conv.parametrizations:
+                parametrize._inject_property(new, name)
         new.cache_weights = cache_weights
         new._reset_caches()
         return new
@@ -175,6 +190,14 @@ class DirectConv2d(nn.Conv2d):
         return state
 
 
+class LazyDirectConv2d(nn.LazyConv2d, DirectConv2d):
+    """What convert() makes of an unmaterialised nn.LazyConv2d: its first forward reads
+    in_channels from the input, initialises the weights as nn.LazyConv2d does, and makes the
+    module a DirectConv2d."""
+
+    cls_to_become = DirectConv2d
+
+
 def _convertible(m: nn.Module) -> bool:
     # Subclasses that change what forward computes are left alone.
     t = type(m)
@@ -186,18 +209,35 @@ def _convertible(m: nn.Module) -> bool:
     )
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, which torch refuses for a module under the old hook-based weight_norm: the
+    weight that weight_norm leaves on it is computed, not a leaf. The copy's hook computes its
+    own before every forward, so the copy starts from a detached clone of the value."""
+    computed = [
+        getattr(m, hook.name)
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, WeightNorm)
+    ]
+    memo = {id(w): w.detach().clone() for w in computed if w.grad_fn is not None}
+    return copy.deepcopy(model, memo)
+
+
 def convert(model: nn.Module, inplace: bool = False, cache_weights: bool = False) -> nn.Module:
     """Replaces every nn.Conv2d in model, recursively, by a DirectConv2d, and returns the model.
 
     With inplace=False the model is deep-copied first; with inplace=True the replacements
     share the original parameters, so an optimizer built before still updates them. A
     convolution used at several places stays one shared module. cache_weights is passed
-    to every DirectConv2d (see there; meant for inference).
+    to every DirectConv2d (see there; meant for inference). Parametrized convolutions
+    (torch.nn.utils.parametrizations, and the old hook-based weight_norm) stay parametrized,
+    with the same state_dict keys; an unmaterialised nn.LazyConv2d becomes a DirectConv2d on
+    its first forward.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     replaced: dict[int, DirectConv2d] = {}
 
     def replacement(conv: nn.Module) -> DirectConv2d:
