@@ -4,7 +4,8 @@ the same kind of error.
 
 - the cached packed weight follows a new tensor even at the address of the old one;
 - convert() of parametrized (weight_norm, spectral_norm, the old hook-based weight_norm) and of
-  unmaterialised lazy convolutions.
+  unmaterialised lazy convolutions;
+- torch.func transforms (grad, vjp, functional_call, vmap of grad).
 """
 
 from __future__ import annotations
@@ -177,5 +178,79 @@ def test_convert_lazy_conv_loads_a_state_dict_before_its_first_forward() -> None
     with torch.no_grad():
         assert_conv_close(converted(x), trained(x), 54)
     assert type(converted) is DirectConv2d
+
+
+# --- torch.func ----------------------------------------------------------------------------------
+
+
+def _loss(conv, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, **kwargs) -> torch.Tensor:
+    return (conv(x, w, b, **kwargs) * torch.linspace(-1, 1, 7 * 7 * 8).reshape(1, 8, 7, 7)).sum()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_torch_func_grad_of_conv2d(relu: bool) -> None:
+    torch.manual_seed(27)
+    x, w, b = torch.randn(2, 5, 7, 7), torch.randn(8, 5, 3, 3), torch.randn(8)
+
+    def ours(x, w, b):
+        return _loss(tdc.conv2d, x, w, b, padding=1, relu=relu)
+
+    def theirs(x, w, b):
+        return _loss(lambda *a, **k: F.relu(F.conv2d(*a, **k)) if relu else F.conv2d(*a, **k), x, w, b, padding=1)
+
+    got = torch.func.grad(ours, argnums=(0, 1, 2))(x, w, b)
+    want = torch.func.grad(theirs, argnums=(0, 1, 2))(x, w, b)
+    for name, g, e in zip(("input", "weight", "bias"), got, want, strict=True):
+        assert_grad_close(g, e, name)
+
+
+def test_torch_func_vjp_of_conv2d() -> None:
+    torch.manual_seed(28)
+    x, w, b = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3), torch.randn(6)
+    out, vjp = torch.func.vjp(lambda x, w, b: tdc.conv2d(x, w, b, stride=2, padding=1), x, w, b)
+    ref_out, ref_vjp = torch.func.vjp(lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1), x, w, b)
+    assert_conv_close(out, ref_out, 36)
+    ct = torch.randn_like(ref_out)
+    for name, g, e in zip(("input", "weight", "bias"), vjp(ct), ref_vjp(ct), strict=True):
+        assert_grad_close(g, e, name)
+
+
+@pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
+def test_torch_func_grad_through_functional_call(cache_weights: bool) -> None:
+    torch.manual_seed(29)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    m = DirectConv2d.from_conv2d(conv, cache_weights=cache_weights)
+    x = torch.randn(2, 4, 6, 6)
+
+    def loss(module: nn.Module):
+        return lambda params, x: torch.func.functional_call(module, params, (x,)).square().sum()
+
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    got = torch.func.grad(loss(m))(params, x)
+    want = torch.func.grad(loss(conv))(params, x)
+    for k in want:
+        assert_grad_close(got[k], want[k], k)
+
+
+def test_torch_func_per_sample_gradients() -> None:
+    """vmap of grad, the per-sample gradients recipe."""
+    torch.manual_seed(30)
+    conv = nn.Conv2d(3, 4, 3)
+    m = DirectConv2d.from_conv2d(conv)
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    x = torch.randn(3, 3, 5, 5)
+
+    def per_sample(module: nn.Module) -> dict:
+        def loss(params, xi):
+            return torch.func.functional_call(module, params, (xi.unsqueeze(0),)).square().sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+        got = per_sample(m)
+    want = per_sample(conv)
+    for k in want:
+        assert_grad_close(got[k], want[k], k)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._autograd import call_op
 
 IntOr2 = int | Sequence[int]
 
@@ -142,16 +143,6 @@ def conv2d(
         torch.ops.directconv.conv2d.default, x, weight, bias, list(stride2), list(pad4), list(dilation2), groups, relu
     )
     return out.squeeze(0) if unbatched else out
-
-
-def call_op(op, *args):
-    """A directconv op with autograd. When no gradient can flow, the call goes straight below
-    autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
-    cost of several microseconds a call."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
 
 
 def conv2d_packed(

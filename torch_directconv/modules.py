@@ -13,7 +13,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _backend
-from .functional import _check, _pair, call_op, conv2d_packed, conv_padding, fallback_reason, pack_weight
+from ._autograd import call_op
+from .functional import _check, _pair, conv2d_packed, conv_padding, fallback_reason, pack_weight
 
 
 class DirectConv2d(nn.Conv2d):
