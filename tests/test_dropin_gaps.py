@@ -254,3 +254,10 @@ def test_torch_func_per_sample_gradients() -> None:
         assert_grad_close(got[k], want[k], k)
 
 
+def test_torch_func_jvp_raises_rather_than_giving_a_zero_tangent() -> None:
+    """Forward mode has no rule here yet: an error, not the zero tangent a call below autograd gave."""
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda w: tdc.conv2d(x, w), (w,), (torch.ones_like(w),))
+
+
