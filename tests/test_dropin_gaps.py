@@ -5,12 +5,14 @@ the same kind of error.
 - the cached packed weight follows a new tensor even at the address of the old one;
 - convert() of parametrized (weight_norm, spectral_norm, the old hook-based weight_norm) and of
   unmaterialised lazy convolutions;
-- torch.func transforms (grad, vjp, functional_call, vmap of grad).
+- torch.func transforms (grad, vjp, functional_call, vmap of grad);
+- arguments of the wrong type.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -259,5 +261,56 @@ def test_torch_func_jvp_raises_rather_than_giving_a_zero_tangent() -> None:
     x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
     with pytest.raises(NotImplementedError, match="jvp"):
         torch.func.jvp(lambda w: tdc.conv2d(x, w), (w,), (torch.ones_like(w),))
+
+
+# --- arguments of the wrong type -----------------------------------------------------------------
+
+_X, _W, _B = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8)
+WRONG = {
+    "float": 3.0,
+    "str": "abc",
+    "tensors": [_X, _X],
+    "none": None,
+    "bool": True,
+    "int": 3,
+    "ndarray": np.zeros(8, np.float32),
+}
+ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _raised(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - whatever torch raises is the reference
+        return e
+    return None
+
+
+@pytest.mark.parametrize("kind", list(WRONG))
+@pytest.mark.parametrize("arg", ARGS)
+def test_conv2d_arguments_of_the_wrong_type_raise_like_torch(arg: str, kind: str) -> None:
+    kwargs = dict(input=_X, weight=_W, bias=_B, stride=1, padding=0, dilation=1, groups=1)
+    kwargs[arg] = WRONG[kind]
+    expected = _raised(lambda: F.conv2d(**kwargs))
+    if expected is None:
+        out = tdc.conv2d(**kwargs)
+        assert_conv_close(out, F.conv2d(**kwargs), 36)
+        return
+    got = _raised(lambda: tdc.conv2d(**kwargs))
+    assert got is not None, f"torch raises {type(expected).__name__} ({expected}); torch_directconv accepts"
+    assert isinstance(got, type(expected)), (
+        f"torch raises {type(expected).__name__} ({expected}); torch_directconv raises {type(got).__name__} ({got})"
+    )
+    if isinstance(expected, TypeError):
+        assert re.search(f"'{arg}'", str(got)), f"the message does not name '{arg}': {got}"
+        assert len(str(got)) < 200, f"the message is too long: {got}"
+
+
+@pytest.mark.parametrize("kind", ["float", "str", "tensors", "none", "ndarray"])
+def test_module_input_of_the_wrong_type_raises_like_conv2d(kind: str) -> None:
+    conv = nn.Conv2d(4, 8, 3)
+    expected = _raised(lambda: conv(WRONG[kind]))
+    got = _raised(lambda: DirectConv2d.from_conv2d(conv)(WRONG[kind]))
+    assert isinstance(got, type(expected)), f"torch raises {expected!r}; torch_directconv raises {got!r}"
 
 

@@ -139,9 +139,11 @@ class DirectConv2d(nn.Conv2d):
             padding: tuple | str = (0, 0)
         else:
             padding = self.padding
-        reason = fallback_reason(input, weight, bias, self.groups) if input.dim() in (3, 4) else "bad input"
+        # torch's convolution raises its own errors for an input that is no 3-D or 4-D tensor.
+        wellformed = isinstance(input, torch.Tensor) and input.dim() in (3, 4)
+        reason = fallback_reason(input, weight, bias, self.groups) if wellformed else "bad input"
         if reason:
-            if reason != "bad input":
+            if wellformed:
                 _backend.note_fallback(reason)
             return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups)
         _check(input, weight, bias, self.groups)
