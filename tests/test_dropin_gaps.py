@@ -6,7 +6,8 @@ the same kind of error.
 - convert() of parametrized (weight_norm, spectral_norm, the old hook-based weight_norm) and of
   unmaterialised lazy convolutions;
 - torch.func transforms (grad, vjp, functional_call, vmap of grad);
-- arguments of the wrong type.
+- arguments of the wrong type;
+- torch.jit.trace of a model with cached weights.
 """
 
 from __future__ import annotations
@@ -312,5 +313,27 @@ def test_module_input_of_the_wrong_type_raises_like_conv2d(kind: str) -> None:
     expected = _raised(lambda: conv(WRONG[kind]))
     got = _raised(lambda: DirectConv2d.from_conv2d(conv)(WRONG[kind]))
     assert isinstance(got, type(expected)), f"torch raises {expected!r}; torch_directconv raises {got!r}"
+
+
+# --- torch.jit.trace -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
+def test_jit_trace_of_a_converted_model_under_no_grad(cache_weights: bool) -> None:
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2)).eval()
+    converted = tdc.convert(model, cache_weights=cache_weights)
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(converted, x)
+        for inp in (x, torch.randn(2, 3, 10, 10)):
+            torch.testing.assert_close(traced(inp), converted(inp))
+            assert_conv_close(traced(inp), model(inp), 16 * 9)
+        # The trace reads the weights, not a packing of them made while tracing.
+        converted[0].weight.mul_(-1)
+        model[0].weight.mul_(-1)
+        assert_conv_close(traced(x), model(x), 16 * 9, "after a weight update")
 
 

@@ -154,11 +154,14 @@ class DirectConv2d(nn.Conv2d):
             input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
         # The cached packed weight has no autograd: training takes the op that packs per call.
+        # A graph being recorded (torch.compile, torch.jit.trace) must read the weight, not
+        # bake in a packing of it as a constant (and a trace sees sizes as tensors).
         # A layer that runs as a GEMM on NCHW tensors reads the weight as it is: nothing to cache.
         if (
             self.cache_weights
             and not needs_grad
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and not self._nchw_gemm(x, weight, stride, pad4)
         ):
             out = conv2d_packed(
