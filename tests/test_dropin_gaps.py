@@ -7,7 +7,8 @@ the same kind of error.
   unmaterialised lazy convolutions;
 - torch.func transforms (grad, vjp, functional_call, vmap of grad);
 - arguments of the wrong type;
-- torch.jit.trace of a model with cached weights.
+- torch.jit.trace of a model with cached weights;
+- inputs with no channels.
 """
 
 from __future__ import annotations
@@ -337,3 +338,72 @@ def test_jit_trace_of_a_converted_model_under_no_grad(cache_weights: bool) -> No
         assert_conv_close(traced(x), model(x), 16 * 9, "after a weight update")
 
 
+# --- inputs with no channels ---------------------------------------------------------------------
+
+
+def _no_input_channel_conv(stride: int) -> nn.Conv2d:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # initialising a zero-element weight
+        conv = nn.Conv2d(0, 3, 3, stride=stride, padding=1)
+    with torch.no_grad():
+        conv.bias.copy_(torch.arange(1.0, 4.0))  # nn.Conv2d leaves it uninitialised with fan_in 0
+    return conv
+
+
+NO_CHANNEL_SHAPES = {"batched": (2, 0, 5, 5), "unbatched": (0, 5, 5), "empty_batch": (0, 0, 5, 5)}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", list(NO_CHANNEL_SHAPES))
+def test_no_input_channels_give_what_torch_gives(shape: str, stride: int) -> None:
+    conv = _no_input_channel_conv(stride)
+    x = torch.randn(NO_CHANNEL_SHAPES[shape])
+    w, b = conv.weight.detach(), conv.bias.detach()
+    expected = F.conv2d(x, w, b, stride=stride, padding=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the note that torch computes it
+        for how, out in (
+            ("conv2d", tdc.conv2d(x, w, b, stride=stride, padding=1)),
+            ("module", DirectConv2d.from_conv2d(conv)(x)),
+            ("cached", DirectConv2d.from_conv2d(conv, cache_weights=True).eval()(x)),
+        ):
+            assert (out.shape, out.stride()) == (expected.shape, expected.stride()), how
+            assert torch.equal(out, expected), how
+
+
+def test_no_input_channels_backward_gives_what_torch_gives() -> None:
+    conv = _no_input_channel_conv(1)
+    x = torch.randn(2, 0, 5, 5)
+
+    def grads(fn, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        xs = x.clone().requires_grad_()
+        (fn(xs) * 2).sum().backward()
+        return [xs.grad, *(p.grad for p in params)]
+
+    ref = copy.deepcopy(conv)
+    m = DirectConv2d.from_conv2d(copy.deepcopy(conv))
+    w, b = (p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias))
+    want = grads(ref, [ref.weight, ref.bias])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the note that torch computes it
+        got = {
+            "conv2d": grads(lambda xs: tdc.conv2d(xs, w, b, padding=1), [w, b]),
+            "module": grads(m, [m.weight, m.bias]),
+        }
+    for how, gs in got.items():
+        for name, g, e in zip(("input", "weight", "bias"), gs, want, strict=True):
+            assert g is not None and g.shape == e.shape and torch.equal(g, e), f"{how}: {name}"
+
+
+def test_no_output_channels_raise_like_torch() -> None:
+    x = torch.randn(2, 4, 5, 5)
+    for w in (torch.randn(0, 4, 3, 3), torch.randn(0, 0, 3, 3)):
+        expected = _raised(lambda w=w: F.conv2d(x if w.shape[1] else x[:, :0], w))
+        got = _raised(lambda w=w: tdc.conv2d(x if w.shape[1] else x[:, :0], w))
+        assert isinstance(got, type(expected)), f"torch raises {expected!r}; torch_directconv raises {got!r}"
+        assert "'weight'" in str(got), got
+    conv = nn.Conv2d(4, 0, 3)
+    expected = _raised(lambda: conv(x))
+    with torch.no_grad():
+        got = _raised(lambda: DirectConv2d.from_conv2d(conv)(x))
+    assert isinstance(got, type(expected)), f"torch raises {expected!r}; torch_directconv raises {got!r}"

@@ -82,6 +82,11 @@ def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if bias is not None and bias.dtype != weight.dtype:
         raise RuntimeError(f"conv2d: 'bias' ({bias.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
     c = input.shape[-3]
+    if weight.shape[0] < groups:
+        raise RuntimeError(
+            f"conv2d: expected 'weight' to have at least groups={groups} output channels, got shape "
+            f"{tuple(weight.shape)}"
+        )
     if weight.shape[0] % groups:
         raise RuntimeError(
             f"conv2d: 'groups' ({groups}) must divide the output channels of 'weight' ({weight.shape[0]})"
@@ -111,6 +116,9 @@ def fallback_reason(
             return f"'{name}' is on {t.device.type}, not the CPU"
         if t.dtype != torch.float32:
             return f"dtype {t.dtype} is not supported yet (float32 only)"
+    if input.shape[-3] == 0:
+        # torch gives an output with no channels here, whatever the weight and bias.
+        return "'input' has no channels"
     if groups > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups):
         # Each group is padded to whole channel blocks; past a 2x waste torch is faster.
         v = _backend.vector_width()
