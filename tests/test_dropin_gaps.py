@@ -72,6 +72,10 @@ def test_cached_weight_holds_no_copy_of_an_old_weight() -> None:
         m.weight.data = torch.randn(m.weight.shape)
         m.refresh_packed_weight()
         assert old.expired(), "refresh_packed_weight() kept the old storage"
+        m(x)
+        old = StorageWeakRef(m.weight.untyped_storage())
+        m.double()  # torch computes float64: no cached call would drop the old packing
+        assert old.expired(), "the cache kept the float32 weight after .double()"
 
 
 # --- convert() of parametrized and lazy convolutions -------------------------------------------
@@ -217,6 +221,14 @@ def test_torch_func_vjp_of_conv2d() -> None:
     ct = torch.randn_like(ref_out)
     for name, g, e in zip(("input", "weight", "bias"), vjp(ct), ref_vjp(ct), strict=True):
         assert_grad_close(g, e, name)
+
+
+def test_torch_func_jacrev_of_conv2d() -> None:
+    torch.manual_seed(33)
+    x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3)
+    got = torch.func.jacrev(lambda w: tdc.conv2d(x, w, padding=1), argnums=0)(w)
+    want = torch.func.jacrev(lambda w: F.conv2d(x, w, padding=1), argnums=0)(w)
+    assert_grad_close(got, want, "jacobian")
 
 
 @pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])

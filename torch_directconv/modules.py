@@ -29,8 +29,8 @@ class DirectConv2d(nn.Conv2d):
     new tensor or Parameter (``weight.data = ...`` included), or an in-place update that
     bumps its version counter (optimizer steps, ``load_state_dict``, ``copy_`` under
     ``no_grad``). Writes PyTorch does not see cannot be detected: in-place writes through
-    ``weight.data``, through a numpy view (``weight.detach().numpy()[...] = ...``) or through DLPack.
-    After those, call ``refresh_packed_weight()``.
+    ``weight.data``, through a numpy view (``weight.detach().numpy()[...] = ...``) or
+    through DLPack. After those, call ``refresh_packed_weight()``.
     """
 
     def __init__(self, *args, cache_weights: bool = False, **kwargs) -> None:
@@ -82,7 +82,8 @@ class DirectConv2d(nn.Conv2d):
         self._packed_key: tuple | None = None  # (version, groups, isa)
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        # A weight computed in forward (a parametrization) is new at every call: nothing to cache.
+        # An inference tensor has no version counter to watch, and a weight computed in forward
+        # (a parametrization) is new at every call: nothing to cache.
         if weight.is_inference() or weight is not self._parameters.get("weight"):
             return pack_weight(weight, self.groups)
         key = (weight._version, self.groups, _backend.isa())
@@ -98,6 +99,12 @@ class DirectConv2d(nn.Conv2d):
             self._packed_param = weakref.ref(weight)
             self._packed_key = key
         return self._packed
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .double(), .cuda() replace the weight: drop the packing and its alias now, not
+        # at a next cached call, which a dtype or a device torch computes may never make.
+        self.refresh_packed_weight()
+        return super()._apply(fn, recurse)
 
     def _nchw_gemm(self, x: torch.Tensor, weight: torch.Tensor, stride: tuple, pad4: tuple) -> bool:
         """Whether the op takes its NCHW 1x1 GEMM (no packing, no layout conversion), and it
