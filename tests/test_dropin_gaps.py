@@ -226,7 +226,9 @@ def test_torch_func_vjp_of_conv2d() -> None:
 def test_torch_func_jacrev_of_conv2d() -> None:
     torch.manual_seed(33)
     x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3)
-    got = torch.func.jacrev(lambda w: tdc.conv2d(x, w, padding=1), argnums=0)(w)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)  # the ops' batched fallback
+        got = torch.func.jacrev(lambda w: tdc.conv2d(x, w, padding=1), argnums=0)(w)
     want = torch.func.jacrev(lambda w: F.conv2d(x, w, padding=1), argnums=0)(w)
     assert_grad_close(got, want, "jacobian")
 
@@ -263,7 +265,7 @@ def test_torch_func_per_sample_gradients() -> None:
         return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)  # the ops' batched fallback
         got = per_sample(m)
     want = per_sample(conv)
     for k in want:
@@ -273,7 +275,8 @@ def test_torch_func_per_sample_gradients() -> None:
 def test_torch_func_jvp_raises_rather_than_giving_a_zero_tangent() -> None:
     """Forward mode has no rule here yet: an error, not the zero tangent a call below autograd gave."""
     x, w = torch.randn(1, 4, 6, 6), torch.randn(8, 4, 3, 3)
-    with pytest.raises(NotImplementedError, match="jvp"):
+    with pytest.raises(NotImplementedError, match="jvp"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.func's jvp scripts its decompositions
         torch.func.jvp(lambda w: tdc.conv2d(x, w), (w,), (torch.ones_like(w),))
 
 
@@ -414,7 +417,9 @@ def test_no_output_channels_raise_like_torch() -> None:
         got = _raised(lambda w=w: tdc.conv2d(x if w.shape[1] else x[:, :0], w))
         assert isinstance(got, type(expected)), f"torch raises {expected!r}; torch_directconv raises {got!r}"
         assert "'weight'" in str(got), got
-    conv = nn.Conv2d(4, 0, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # initialising a zero-element weight
+        conv = nn.Conv2d(4, 0, 3)
     expected = _raised(lambda: conv(x))
     with torch.no_grad():
         got = _raised(lambda: DirectConv2d.from_conv2d(conv)(x))
