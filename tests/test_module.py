@@ -8,6 +8,7 @@ import math
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,25 +294,36 @@ def test_cached_1x1_module_takes_the_gemm_on_nchw(layout: str) -> None:
         assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias), 32, f"{layout}, after an update")
 
 
+def _new_parameter_at(m: nn.Conv2d, values: np.ndarray) -> None:
+    del m.weight  # frees the old storage before the new one is allocated
+    m.weight = nn.Parameter(torch.from_numpy(values).clone())
+
+
+def _new_data_at(m: nn.Conv2d, values: np.ndarray) -> None:
+    # The same Parameter and version counter, a new storage: the old one is freed first.
+    m.weight.data = torch.empty(0)
+    m.weight.data = torch.from_numpy(values).clone()
+
+
 @requires_jit
+@pytest.mark.parametrize("replace", [_new_parameter_at, _new_data_at], ids=["new_parameter", "data_assign"])
 @pytest.mark.parametrize("cache_weights", [False, True], ids=["packed_per_call", "cached"])
-def test_packed_weights_survive_address_reuse(cache_weights: bool) -> None:
-    """A new weight at the address of a freed one, with the same fresh version, is still new.
+def test_packed_weights_survive_address_reuse(cache_weights: bool, replace) -> None:
+    """A new weight at the address of a freed one, with the same version, is still new.
 
     The allocator often hands the freed block straight back, so within a few rounds the new
-    Parameter has the old one's data_ptr, shape, strides and version 0. Detection depends on
-    the allocator; a correct cache passes every round.
+    weight has the old one's data_ptr, shape, strides and version (the Parameter too, after
+    weight.data = ...). Detection depends on the allocator; a correct cache passes every round,
+    and test_dropin_gaps reproduces the case deterministically.
     """
     torch.manual_seed(16)
-    m = DirectConv2d(16, 16, 3, cache_weights=cache_weights).eval()
-    x = torch.randn(2, 16, 8, 8)
+    m = DirectConv2d(12, 12, 3, cache_weights=cache_weights).eval()
+    x = torch.randn(2, 12, 8, 8)
     with torch.no_grad():
         for i in range(40):
             m(x)
-            values = (1 - m.weight.detach()).numpy().copy()
-            del m.weight  # frees the old storage before the new one is allocated
-            m.weight = nn.Parameter(torch.from_numpy(values).clone())
-            assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias), 144, f"round {i}")
+            replace(m, (1 - m.weight.detach()).numpy().copy())
+            assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias), 108, f"round {i}")
 
 
 @requires_jit

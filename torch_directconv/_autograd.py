@@ -5,6 +5,11 @@ conv2d_backward_weight, and their blocked twins), so torch.compile and torch.exp
 whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight)
 are differentiable too, so a model whose activations stay blocked trains end to end.
 Double backward through a convolution is not supported and says so.
+
+Every op also has an autograd.Function with the same setup_context and backward, which
+call_op uses under torch.func transforms (grad, vjp, vmap): the autograd that
+register_autograd makes has no setup_context, and the transforms refuse a Function without
+one (pytorch/pytorch#168393).
 """
 
 from __future__ import annotations
@@ -12,6 +17,22 @@ from __future__ import annotations
 import torch
 
 from . import _backend  # noqa: F401  (loads the ops)
+
+
+def call_op(op: torch._ops.OpOverload, *args):
+    """A directconv op with autograd. When no gradient can flow, the call goes straight below
+    autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
+    cost of several microseconds a call. Under torch.func transforms it always goes through
+    the op's autograd.Function: which tensors carry gradients (or tangents, which no
+    requires_grad shows) is for the transforms to say, level by level."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch._C._are_functorch_transforms_active():
+        return _FUNCTIONS[op].apply(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -29,8 +50,9 @@ def _conv_grads(ctx, grad, x, w, output, data_op, weight_op):
         # As torch.relu's backward (threshold_backward): no gradient where the output is <= 0.
         grad = torch.where(output <= 0, torch.zeros_like(grad), grad)
     stride, padding, dilation, last = ctx.geometry
-    gx = data_op(grad, w, list(x.shape), stride, padding, dilation, last) if ctx.needs_input_grad[0] else None
-    gw = weight_op(grad, x, list(w.shape), stride, padding, dilation, last) if ctx.needs_input_grad[1] else None
+    needs_x, needs_w = ctx.needs_input_grad[:2]
+    gx = call_op(data_op, grad, w, list(x.shape), stride, padding, dilation, last) if needs_x else None
+    gw = call_op(weight_op, grad, x, list(w.shape), stride, padding, dilation, last) if needs_w else None
     return gx, gw, grad
 
 
@@ -38,7 +60,7 @@ def _backward(ctx, grad):
     input, weight, output = ctx.saved_tensors
     ops = torch.ops.directconv
     grad_input, grad_weight, grad = _conv_grads(
-        ctx, grad, input, weight, output, ops.conv2d_backward_data, ops.conv2d_backward_weight
+        ctx, grad, input, weight, output, ops.conv2d_backward_data.default, ops.conv2d_backward_weight.default
     )
     grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
@@ -56,7 +78,13 @@ def _backward_blocked(ctx, grad):
     xb, wb, output = ctx.saved_tensors
     ops = torch.ops.directconv
     grad_xb, grad_wb, grad = _conv_grads(
-        ctx, grad, xb, wb, output, ops.conv2d_blocked_backward_data, ops.conv2d_blocked_backward_weight
+        ctx,
+        grad,
+        xb,
+        wb,
+        output,
+        ops.conv2d_blocked_backward_data.default,
+        ops.conv2d_blocked_backward_weight.default,
     )
     grad_bias = None
     if ctx.bias_size is not None and ctx.needs_input_grad[2]:
@@ -69,7 +97,7 @@ def _setup_to_blocked(ctx, inputs, output) -> None:
 
 
 def _backward_to_blocked(ctx, grad):
-    return torch.ops.directconv.from_blocked(grad, ctx.channels), None
+    return call_op(torch.ops.directconv.from_blocked.default, grad, ctx.channels), None
 
 
 def _setup_from_blocked(ctx, inputs, output) -> None:
@@ -77,7 +105,7 @@ def _setup_from_blocked(ctx, inputs, output) -> None:
 
 
 def _backward_from_blocked(ctx, grad):
-    return torch.ops.directconv.to_blocked(grad, ctx.vlen), None
+    return call_op(torch.ops.directconv.to_blocked.default, grad, ctx.vlen), None
 
 
 def _setup_to_blocked_weight(ctx, inputs, output) -> None:
@@ -102,17 +130,39 @@ def _keep_nothing(ctx, inputs, output) -> None:
     pass
 
 
-torch.library.register_autograd("directconv::conv2d", _backward, setup_context=_setup_context)
-torch.library.register_autograd("directconv::conv2d_blocked", _backward_blocked, setup_context=_setup_blocked)
-torch.library.register_autograd("directconv::to_blocked", _backward_to_blocked, setup_context=_setup_to_blocked)
-torch.library.register_autograd("directconv::from_blocked", _backward_from_blocked, setup_context=_setup_from_blocked)
-torch.library.register_autograd(
-    "directconv::to_blocked_weight", _backward_to_blocked_weight, setup_context=_setup_to_blocked_weight
-)
+_FUNCTIONS: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
+
+
+def _register(name: str, backward, setup_context) -> None:
+    """register_autograd for directconv::name, and the op's autograd.Function for torch.func."""
+    torch.library.register_autograd(f"directconv::{name}", backward, setup_context=setup_context)
+    op = getattr(torch.ops.directconv, name).default
+
+    def forward(*args):
+        return op(*args)
+
+    _FUNCTIONS[op] = type(
+        f"{name}_function",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            # Under vmap, forward and backward run on batched tensors (the ops' batched fallback).
+            "generate_vmap_rule": True,
+        },
+    )
+
+
+_register("conv2d", _backward, _setup_context)
+_register("conv2d_blocked", _backward_blocked, _setup_blocked)
+_register("to_blocked", _backward_to_blocked, _setup_to_blocked)
+_register("from_blocked", _backward_from_blocked, _setup_from_blocked)
+_register("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)
 for _name in (
-    "directconv::conv2d_backward_data",
-    "directconv::conv2d_backward_weight",
-    "directconv::conv2d_blocked_backward_data",
-    "directconv::conv2d_blocked_backward_weight",
+    "conv2d_backward_data",
+    "conv2d_backward_weight",
+    "conv2d_blocked_backward_data",
+    "conv2d_blocked_backward_weight",
 ):
-    torch.library.register_autograd(_name, _no_double_backward, setup_context=_keep_nothing)
+    _register(_name, _no_double_backward, _keep_nothing)

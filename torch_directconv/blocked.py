@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from .functional import IntOr2, _pair, call_op, conv_padding
+from ._autograd import call_op
+from .functional import IntOr2, _pair, conv_padding
 
 
 def _require_jit(op: str) -> None:

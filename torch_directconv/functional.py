@@ -9,29 +9,37 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._autograd import call_op
 
 IntOr2 = int | Sequence[int]
 
 
-def _int(value: object, name: str) -> int:
+def _shown(value: object) -> str:
+    """value's repr, or its type's name where the repr runs long (a tensor's shows its data)."""
+    text = repr(value)
+    return text if len(text) <= 40 else type(value).__name__
+
+
+def _int(value: object, name: str, expected: str = "an int") -> int:
     """An int, or anything torch takes as one (numpy integers, 0-d integer tensors)."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise TypeError(f"conv2d: expected '{name}' as an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"conv2d: expected '{name}' as an int or a pair of ints, got {value!r}") from None
+    if not isinstance(value, (bool, float)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"conv2d: expected '{name}' as {expected}, got {_shown(value)}")
 
 
 def _pair(value: IntOr2, name: str) -> tuple[int, int]:
+    expected = "an int or a pair of ints"
     if isinstance(value, (list, tuple, torch.Size)):
-        items = [_int(v, name) for v in value]
+        items = [_int(v, name, expected) for v in value]
         if len(items) == 1:
             items *= 2
         if len(items) != 2:
             raise RuntimeError(f"conv2d: expected '{name}' to be a single int or a list of 2 values, got {list(value)}")
         return (items[0], items[1])
-    v = _int(value, name)
+    v = _int(value, name, expected)
     return (v, v)
 
 
@@ -59,19 +67,26 @@ def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise TypeError(f"conv2d: expected 'input' to be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"conv2d: expected 'weight' to be a Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"conv2d: expected 'bias' to be a Tensor or None, got {type(bias).__name__}")
     if input.dim() not in (3, 4):
         raise RuntimeError(
             f"conv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) 'input', got shape {tuple(input.shape)}"
         )
     if weight.dim() != 4:
         raise RuntimeError(f"conv2d: expected a 4-D 'weight' (K, C/groups, R, S), got shape {tuple(weight.shape)}")
-    if _int(groups, "groups") < 1:
+    if groups < 1:
         raise RuntimeError(f"conv2d: expected 'groups' to be a positive int, got {groups!r}")
     if input.dtype != weight.dtype:
         raise RuntimeError(f"conv2d: 'input' ({input.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
     if bias is not None and bias.dtype != weight.dtype:
         raise RuntimeError(f"conv2d: 'bias' ({bias.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
     c = input.shape[-3]
+    if weight.shape[0] < groups:
+        raise RuntimeError(
+            f"conv2d: expected 'weight' to have at least groups={groups} output channels, got shape "
+            f"{tuple(weight.shape)}"
+        )
     if weight.shape[0] % groups:
         raise RuntimeError(
             f"conv2d: 'groups' ({groups}) must divide the output channels of 'weight' ({weight.shape[0]})"
@@ -101,6 +116,9 @@ def fallback_reason(
             return f"'{name}' is on {t.device.type}, not the CPU"
         if t.dtype != torch.float32:
             return f"dtype {t.dtype} is not supported yet (float32 only)"
+    if input.shape[-3] == 0:
+        # torch gives an output with no channels here, whatever the weight and bias.
+        return "'input' has no channels"
     if groups > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups):
         # Each group is padded to whole channel blocks; past a 2x waste torch is faster.
         v = _backend.vector_width()
@@ -122,8 +140,8 @@ def conv2d(
     relu: bool = False,
 ) -> torch.Tensor:
     """Same as torch.nn.functional.conv2d; relu=True fuses a ReLU into the kernel's epilogue."""
-    _check(input, weight, bias, groups)
     groups = _int(groups, "groups")
+    _check(input, weight, bias, groups)
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
     if min(stride2) < 1:
@@ -142,16 +160,6 @@ def conv2d(
         torch.ops.directconv.conv2d.default, x, weight, bias, list(stride2), list(pad4), list(dilation2), groups, relu
     )
     return out.squeeze(0) if unbatched else out
-
-
-def call_op(op, *args):
-    """A directconv op with autograd. When no gradient can flow, the call goes straight below
-    autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
-    cost of several microseconds a call."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
 
 
 def conv2d_packed(

@@ -8,9 +8,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _backend
-from .functional import _check, _pair, call_op, conv2d_packed, conv_padding, fallback_reason, pack_weight
+from ._autograd import call_op
+from .functional import _check, _pair, conv2d_packed, conv_padding, fallback_reason, pack_weight
 
 
 class DirectConv2d(nn.Conv2d):
@@ -22,9 +26,11 @@ class DirectConv2d(nn.Conv2d):
     By default each call packs the weight into the blocked layout, so the output always
     follows the weight exactly. With ``cache_weights=True`` (for inference) the packed
     weight is kept and packed again only when PyTorch records a change to the weight: a
-    new tensor, or an in-place update that bumps its version counter (optimizer steps,
-    ``load_state_dict``, ``copy_`` under ``no_grad``). Writes through ``weight.data`` do
-    not bump that counter: after those, call ``refresh_packed_weight()``.
+    new tensor or Parameter (``weight.data = ...`` included), or an in-place update that
+    bumps its version counter (optimizer steps, ``load_state_dict``, ``copy_`` under
+    ``no_grad``). Writes PyTorch does not see cannot be detected: in-place writes through
+    ``weight.data``, through a numpy view (``weight.detach().numpy()[...] = ...``) or
+    through DLPack. After those, call ``refresh_packed_weight()``.
     """
 
     def __init__(self, *args, cache_weights: bool = False, **kwargs) -> None:
@@ -33,17 +39,20 @@ class DirectConv2d(nn.Conv2d):
         self._reset_caches()
 
     def _reset_caches(self) -> None:
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple | None = None
-        self._packed_source: weakref.ref | None = None
+        self.refresh_packed_weight()
         self._geometry_cache: tuple | None = None
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, cache_weights: bool = False) -> DirectConv2d:
-        """A DirectConv2d that shares conv's parameters, buffers and hooks."""
+        """A DirectConv2d that shares conv's parameters, buffers, parametrizations and hooks.
+
+        An unmaterialised nn.LazyConv2d gives a LazyDirectConv2d, which becomes a DirectConv2d
+        on its first forward, as nn.LazyConv2d becomes an nn.Conv2d.
+        """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"DirectConv2d.from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
-        new = cls.__new__(cls)
+        new_cls = LazyDirectConv2d if isinstance(conv, LazyModuleMixin) else cls
+        new = new_cls.__new__(new_cls)
         nn.Module.__init__(new)
         new.__dict__.update(
             {k: v for k, v in conv.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")}
@@ -51,26 +60,51 @@ class DirectConv2d(nn.Conv2d):
         new._parameters = dict(conv._parameters)
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
+        if parametrize.is_parametrized(conv):
+            # A parametrized tensor is a property of a class made for the one module (torch's
+            # Parametrized<Class>), bound to it (its cache is keyed by that module): new gets a
+            # class and properties of its own, made as register_parametrization makes them.
+            parametrize._inject_new_class(new)
+            for name in conv.parametrizations:
+                parametrize._inject_property(new, name)
         new.cache_weights = cache_weights
         new._reset_caches()
         return new
 
     def refresh_packed_weight(self) -> None:
-        """Forgets the cached packed weight (needed only after writes through weight.data)."""
-        self._packed = None
-        self._packed_key = None
-        self._packed_source = None
+        """Forgets the cached packed weight (needed only after writes PyTorch does not see)."""
+        self._packed: torch.Tensor | None = None
+        # The exact tensor that was packed, as an alias (same storage, offset, sizes, strides;
+        # no copy): it keeps that storage alive, so no new weight can be given its address.
+        self._packed_alias: torch.Tensor | None = None
+        # Which Parameter: one made from weight.data shares the storage, not the version counter.
+        self._packed_param: weakref.ref | None = None
+        self._packed_key: tuple | None = None  # (version, groups, isa)
 
     def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.is_inference():  # no version counter to watch
+        # An inference tensor has no version counter to watch, and a weight computed in forward
+        # (a parametrization) is new at every call: nothing to cache.
+        if weight.is_inference() or weight is not self._parameters.get("weight"):
             return pack_weight(weight, self.groups)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), self.groups, _backend.isa())
-        source = self._packed_source() if self._packed_source is not None else None
-        if self._packed is None or source is not weight or self._packed_key != key:
+        key = (weight._version, self.groups, _backend.isa())
+        if (
+            self._packed_alias is None
+            or not weight.is_set_to(self._packed_alias)
+            or self._packed_param() is not weight
+            or self._packed_key != key
+        ):
+            self.refresh_packed_weight()  # frees the old packing before the new one is made
             self._packed = pack_weight(weight, self.groups)
+            self._packed_alias = weight.detach()
+            self._packed_param = weakref.ref(weight)
             self._packed_key = key
-            self._packed_source = weakref.ref(weight)
         return self._packed
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .double(), .cuda() replace the weight: drop the packing and its alias now, not
+        # at a next cached call, which a dtype or a device torch computes may never make.
+        self.refresh_packed_weight()
+        return super()._apply(fn, recurse)
 
     def _nchw_gemm(self, x: torch.Tensor, weight: torch.Tensor, stride: tuple, pad4: tuple) -> bool:
         """Whether the op takes its NCHW 1x1 GEMM (no packing, no layout conversion), and it
@@ -112,9 +146,11 @@ class DirectConv2d(nn.Conv2d):
             padding: tuple | str = (0, 0)
         else:
             padding = self.padding
-        reason = fallback_reason(input, weight, bias, self.groups) if input.dim() in (3, 4) else "bad input"
+        # torch's convolution raises its own errors for an input that is no 3-D or 4-D tensor.
+        wellformed = isinstance(input, torch.Tensor) and input.dim() in (3, 4)
+        reason = fallback_reason(input, weight, bias, self.groups) if wellformed else "bad input"
         if reason:
-            if reason != "bad input":
+            if wellformed:
                 _backend.note_fallback(reason)
             return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups)
         _check(input, weight, bias, self.groups)
@@ -125,11 +161,14 @@ class DirectConv2d(nn.Conv2d):
             input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
         # The cached packed weight has no autograd: training takes the op that packs per call.
+        # A graph being recorded (torch.compile, torch.jit.trace) must read the weight, not
+        # bake in a packing of it as a constant (and a trace sees sizes as tensors).
         # A layer that runs as a GEMM on NCHW tensors reads the weight as it is: nothing to cache.
         if (
             self.cache_weights
             and not needs_grad
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and not self._nchw_gemm(x, weight, stride, pad4)
         ):
             out = conv2d_packed(
@@ -159,9 +198,17 @@ class DirectConv2d(nn.Conv2d):
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        for key in ("_packed", "_packed_key", "_packed_source"):
+        for key in ("_packed", "_packed_alias", "_packed_param", "_packed_key"):
             state[key] = None
         return state
+
+
+class LazyDirectConv2d(nn.LazyConv2d, DirectConv2d):
+    """What convert() makes of an unmaterialised nn.LazyConv2d: its first forward reads
+    in_channels from the input, initialises the weights as nn.LazyConv2d does, and makes the
+    module a DirectConv2d."""
+
+    cls_to_become = DirectConv2d
 
 
 def _convertible(m: nn.Module) -> bool:
@@ -175,18 +222,35 @@ def _convertible(m: nn.Module) -> bool:
     )
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy, which torch refuses for a module under the old hook-based weight_norm: the
+    weight that weight_norm leaves on it is computed, not a leaf. The copy's hook computes its
+    own before every forward, so the copy starts from a detached clone of the value."""
+    computed = [
+        getattr(m, hook.name)
+        for m in model.modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, WeightNorm)
+    ]
+    memo = {id(w): w.detach().clone() for w in computed if w.grad_fn is not None}
+    return copy.deepcopy(model, memo)
+
+
 def convert(model: nn.Module, inplace: bool = False, cache_weights: bool = False) -> nn.Module:
     """Replaces every nn.Conv2d in model, recursively, by a DirectConv2d, and returns the model.
 
     With inplace=False the model is deep-copied first; with inplace=True the replacements
     share the original parameters, so an optimizer built before still updates them. A
     convolution used at several places stays one shared module. cache_weights is passed
-    to every DirectConv2d (see there; meant for inference).
+    to every DirectConv2d (see there; meant for inference). Parametrized convolutions
+    (torch.nn.utils.parametrizations, and the old hook-based weight_norm) stay parametrized,
+    with the same state_dict keys; an unmaterialised nn.LazyConv2d becomes a DirectConv2d on
+    its first forward.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     replaced: dict[int, DirectConv2d] = {}
 
     def replacement(conv: nn.Module) -> DirectConv2d:
