@@ -94,6 +94,7 @@ def is_channels_last(t: torch.Tensor) -> bool:
 def jit_stats() -> dict:
     """Kernel-cache statistics; 'kernels' counts generated kernels, 'fallbacks' calls sent to torch."""
     stats = dict(_C.jit_stats()) if _C is not None else {"kernels": 0}
-    stats["fallbacks"] = _fallbacks
+    # Calls the Python layer sent to torch, and those the ops sent there themselves.
+    stats["fallbacks"] = _fallbacks + stats.get("aten_fallbacks", 0)
     stats["isa"] = isa()
     return stats
