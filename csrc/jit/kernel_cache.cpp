@@ -27,7 +27,7 @@ void dump(const JitKernel& k) {
   std::filesystem::create_directories(dir, ec);
   std::string path = std::string(dir) + "/" + k.name() + ".bin";
   if (FILE* f = std::fopen(path.c_str(), "wb")) {
-    std::fwrite(k.getCode(), 1, k.code_bytes(), f);
+    std::fwrite(k.code(), 1, k.code_bytes(), f);
     std::fclose(f);
   } else {
     std::fprintf(stderr, "torch_directconv: cannot write JIT dump %s\n", path.c_str());
@@ -36,7 +36,7 @@ void dump(const JitKernel& k) {
 
 class Cache {
  public:
-  KernelPtr get(const std::string& name, const std::function<std::unique_ptr<JitKernel>()>& make,
+  KernelPtr get(const std::string& name, const std::function<std::unique_ptr<JitGenerator>()>& make,
                 const std::string& plan) {
     std::promise<KernelPtr> promise;
     std::shared_future<KernelPtr> fut;
@@ -84,13 +84,12 @@ class Cache {
     int64_t bytes;  // 0 while being generated
   };
 
-  KernelPtr generate(const std::string& name, const std::function<std::unique_ptr<JitKernel>()>& make,
+  KernelPtr generate(const std::string& name, const std::function<std::unique_ptr<JitGenerator>()>& make,
                      const std::string& plan, std::promise<KernelPtr>& promise) {
     auto t0 = std::chrono::steady_clock::now();
-    std::shared_ptr<JitKernel> k;
+    std::shared_ptr<const JitKernel> k;
     try {
-      k = std::shared_ptr<JitKernel>(make().release());
-      k->build();
+      k = make()->build();  // the generator goes here: the cache keeps only the copy
     } catch (...) {
       promise.set_exception(std::current_exception());
       std::lock_guard<std::mutex> lock(mu_);
@@ -109,7 +108,7 @@ class Cache {
     stats_.generate_ms += ms;
     auto it = map_.find(name);
     if (it != map_.end()) {
-      it->second.bytes = static_cast<int64_t>(k->code_bytes());
+      it->second.bytes = static_cast<int64_t>(k->reserved_bytes());
       stats_.bytes += it->second.bytes;
     }
     evict_locked(name);
@@ -152,7 +151,7 @@ Cache& cache() {
 
 }  // namespace
 
-KernelPtr get_kernel(const std::string& name, const std::function<std::unique_ptr<JitKernel>()>& make,
+KernelPtr get_kernel(const std::string& name, const std::function<std::unique_ptr<JitGenerator>()>& make,
                      const std::string& plan) {
   return cache().get(name, make, plan);
 }
