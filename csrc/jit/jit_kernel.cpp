@@ -14,7 +14,7 @@ namespace dc {
 namespace {
 
 size_t page_round(size_t bytes) {
-  static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   return (std::max<size_t>(bytes, 1) + page - 1) / page * page;
 }
 

@@ -6,6 +6,8 @@
 //   keep, whole pages each: past the cap the least recently used kernels are dropped.
 //   Callers hold shared_ptrs, so a kernel that is in use stays alive until its last user
 //   lets go: eviction never frees running code.
+// - fork() may come while other threads use the cache: the child keeps the finished kernels
+//   and generates anew any that another thread was generating.
 // - TORCH_DIRECTCONV_VERBOSE=1 logs every generation; TORCH_DIRECTCONV_JIT_DUMP=<dir>
 //   writes each kernel to <dir>/<name>.bin.
 #pragma once

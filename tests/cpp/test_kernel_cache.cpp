@@ -1,6 +1,7 @@
 // The kernel cache: one generation per name under concurrency, LRU eviction past the cap
 // without freeing kernels in use, a count and a cap that cover the pages the kernels keep,
-// and W^X pages.
+// W^X pages, and a fork() in the middle of a generation.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -83,6 +84,32 @@ void eviction_keeps_the_mappings_within_the_cap() {
   set_kernel_cache_cap_bytes(64 << 20);
 }
 
+// A fork() while another thread generates a kernel: the child, which lacks that thread,
+// generates the kernel itself instead of waiting for it.
+void fork_during_a_generation() {
+  FwdKernelSpec sp = spec(5, 4);
+  std::atomic<bool> inside{false}, release{false};
+  std::thread generating([&] {
+    get_kernel(sp.name(), [&] {
+      inside = true;
+      while (!release) std::this_thread::yield();
+      return make_fwd_kernel(sp);
+    }, "test");
+  });
+  while (!inside) std::this_thread::yield();
+  const pid_t pid = fork();
+  if (pid == 0) {
+    alarm(5);  // waiting for the parent's thread would block this child for good
+    KernelPtr k = get_kernel(sp.name(), [&] { return make_fwd_kernel(sp); }, "test");
+    _exit(k && k->name() == sp.name() ? 0 : 2);
+  }
+  release = true;
+  generating.join();
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the child ended with wait status %d", status);
+}
+
 // True when any mapping of this process is writable and executable at once.
 bool has_wx_mapping() {
   std::ifstream maps("/proc/self/maps");
@@ -105,6 +132,7 @@ int main() {
   }
   counts_the_pages_kernels_keep();
   eviction_keeps_the_mappings_within_the_cap();
+  fork_during_a_generation();
   clear_kernel_cache();
   const int64_t gen0 = kernel_cache_stats().generated;
 
