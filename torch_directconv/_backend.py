@@ -6,6 +6,7 @@ PyTorch's own convolution, and a warning says so once per reason.
 
 from __future__ import annotations
 
+import os
 import platform
 import threading
 import warnings
@@ -24,6 +25,16 @@ except ImportError as e:  # pragma: no cover - only on broken or foreign install
 _lock = threading.Lock()
 _warned: set[str] = set()
 _fallbacks = 0
+
+
+def _new_lock_in_child() -> None:
+    # A fork may copy _lock held by a thread the child does not have. Each change to what it
+    # guards is one step under the GIL, so the child finds those whole: it needs only a lock.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _constant_under_compile(fn):

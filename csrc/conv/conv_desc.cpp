@@ -117,4 +117,9 @@ int64_t l2_bytes() {
   return bytes;
 }
 
+namespace {
+// Settled at load, before another thread can be inside it: no fork() finds it half done.
+[[maybe_unused]] const int64_t g_l2_at_load = l2_bytes();
+}  // namespace
+
 }  // namespace dc

@@ -9,6 +9,8 @@
 #include <string>
 #include <unordered_map>
 
+#include "jit/fork_safe_mutex.h"
+
 namespace dc {
 
 // base + elements floats. Border tiles may start left of their row, where the kernel
@@ -20,13 +22,13 @@ T* at_offset(T* base, int64_t elements) {
 
 // A small LRU cache of primitives (a plan with its generated kernels), keyed by problem,
 // ISA and threads. Kernels themselves live in the kernel cache; this one only saves
-// re-planning.
+// re-planning. Make the long-lived ones at load (see ForkSafeMutex).
 template <typename Prim>
 class PrimitiveCache {
  public:
   std::shared_ptr<const Prim> get(const std::string& key, const std::function<std::shared_ptr<const Prim>()>& build) {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      std::lock_guard<ForkSafeMutex> lock(mu_);
       auto it = map_.find(key);
       if (it != map_.end()) {
         lru_.splice(lru_.begin(), lru_, it->second.second);
@@ -36,7 +38,7 @@ class PrimitiveCache {
     // Built outside the lock: the kernel cache makes concurrent generation safe, and two
     // threads planning the same problem at once only duplicate cheap bookkeeping.
     auto prim = build();
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<ForkSafeMutex> lock(mu_);
     auto it = map_.find(key);
     if (it != map_.end()) return it->second.first;
     lru_.push_front(key);
@@ -48,14 +50,14 @@ class PrimitiveCache {
     return prim;
   }
   void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<ForkSafeMutex> lock(mu_);
     map_.clear();
     lru_.clear();
   }
 
  private:
   static constexpr size_t kMaxEntries = 256;
-  std::mutex mu_;
+  ForkSafeMutex mu_;
   std::list<std::string> lru_;
   std::unordered_map<std::string, std::pair<std::shared_ptr<const Prim>, std::list<std::string>::iterator>> map_;
 };

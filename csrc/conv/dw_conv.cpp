@@ -82,6 +82,8 @@ PrimitiveCache<DwPrimitive>& primitives() {
   static auto* c = new PrimitiveCache<DwPrimitive>();
   return *c;
 }
+// Made at load, before another thread can be inside it: no fork() finds it half made.
+[[maybe_unused]] PrimitiveCache<DwPrimitive>& g_primitives_at_load = primitives();
 
 std::shared_ptr<const DwPrimitive> build(const ConvDesc& desc, Isa isa, int threads) {
   auto prim = std::make_shared<DwPrimitive>();

@@ -20,6 +20,8 @@ PrimitiveCache<FwdPrimitive>& primitives() {
   static auto* c = new PrimitiveCache<FwdPrimitive>();  // never destroyed, like the kernel cache
   return *c;
 }
+// Made at load, before another thread can be inside it: no fork() finds it half made.
+[[maybe_unused]] PrimitiveCache<FwdPrimitive>& g_primitives_at_load = primitives();
 
 }  // namespace
 

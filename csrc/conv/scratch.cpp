@@ -19,10 +19,8 @@ int64_t env_cap_bytes() {
   return static_cast<int64_t>((mb >= 0 ? mb : 64.0) * 1024 * 1024);
 }
 
-std::atomic<int64_t>& cap() {
-  static std::atomic<int64_t> c{env_cap_bytes()};
-  return c;
-}
+// Set when the extension loads: a function-local static's guard could be caught by a fork.
+std::atomic<int64_t> cap_bytes{env_cap_bytes()};
 std::atomic<int64_t> kept{0};
 
 struct Buffer {
@@ -53,7 +51,7 @@ struct Buffer {
   // At the end of a call: kept if it fits under the cap, else returned.
   void settle() {
     if (!ptr || counted) return;
-    if (kept.fetch_add(bytes) + bytes <= cap().load()) {
+    if (kept.fetch_add(bytes) + bytes <= cap_bytes.load()) {
       counted = true;
       return;
     }
@@ -93,8 +91,8 @@ ScratchScope::~ScratchScope() {
   for (Buffer& b : s.slots) b.settle();
 }
 
-int64_t scratch_cap_bytes() { return cap().load(); }
-void set_scratch_cap_bytes(int64_t c) { cap() = c; }
+int64_t scratch_cap_bytes() { return cap_bytes.load(); }
+void set_scratch_cap_bytes(int64_t c) { cap_bytes = c; }
 int64_t scratch_kept_bytes() { return kept.load(); }
 
 }  // namespace dc

@@ -242,6 +242,8 @@ PrimitiveCache<UpdPrimitive>& primitives() {
   static auto* c = new PrimitiveCache<UpdPrimitive>();
   return *c;
 }
+// Made at load, before another thread can be inside it: no fork() finds it half made.
+[[maybe_unused]] PrimitiveCache<UpdPrimitive>& g_primitives_at_load = primitives();
 
 }  // namespace
 

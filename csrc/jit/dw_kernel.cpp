@@ -18,9 +18,9 @@ namespace {
 
 using namespace Xbyak;
 
-class DwKernel : public JitKernel {
+class DwKernel : public JitGenerator {
  public:
-  explicit DwKernel(const DwKernelSpec& sp) : JitKernel(sp.name(), 4096 + sp.s * sp.ow * 16 + sp.ow * 32), sp_(sp) {
+  explicit DwKernel(const DwKernelSpec& sp) : JitGenerator(sp.name(), 4096 + sp.s * sp.ow * 16 + sp.ow * 32), sp_(sp) {
     if (sp.ow < 1 || sp.ow > dw_max_ow(sp.isa) || sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1)
       throw std::invalid_argument("dw kernel: unsupported tile " + sp.name());
   }
@@ -117,6 +117,6 @@ class DwKernel : public JitKernel {
 
 }  // namespace
 
-std::unique_ptr<JitKernel> make_dw_kernel(const DwKernelSpec& spec) { return std::make_unique<DwKernel>(spec); }
+std::unique_ptr<JitGenerator> make_dw_kernel(const DwKernelSpec& spec) { return std::make_unique<DwKernel>(spec); }
 
 }  // namespace dc

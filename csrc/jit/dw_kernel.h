@@ -34,7 +34,7 @@ struct DwCallArgs {
 
 using DwKernelFn = void (*)(const DwCallArgs*);
 
-std::unique_ptr<JitKernel> make_dw_kernel(const DwKernelSpec& spec);
+std::unique_ptr<JitGenerator> make_dw_kernel(const DwKernelSpec& spec);
 // Accumulators that fit beside the weight register.
 int dw_max_ow(Isa isa);
 

@@ -67,7 +67,7 @@ constexpr int64_t kRelu = 2;
 
 using FwdKernelFn = void (*)(const FwdCallArgs*);
 
-std::unique_ptr<JitKernel> make_fwd_kernel(const FwdKernelSpec& spec);
+std::unique_ptr<JitGenerator> make_fwd_kernel(const FwdKernelSpec& spec);
 
 // Register budget of the tile, as the generator will allocate it.
 int fwd_vector_registers(const FwdKernelSpec& spec);

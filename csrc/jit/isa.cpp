@@ -36,6 +36,9 @@ Isa detected_isa() {
 }
 
 namespace {
+// Settled at load, before another thread can be inside it: no fork() finds it half done.
+[[maybe_unused]] const Isa g_detected_at_load = detected_isa();
+
 Isa env_cap() {
   const char* env = std::getenv("TORCH_DIRECTCONV_ISA");
   if (!env || !*env) return Isa::avx512;

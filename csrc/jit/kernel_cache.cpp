@@ -9,6 +9,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "jit/fork_safe_mutex.h"
+
 namespace dc {
 
 namespace {
@@ -27,7 +29,7 @@ void dump(const JitKernel& k) {
   std::filesystem::create_directories(dir, ec);
   std::string path = std::string(dir) + "/" + k.name() + ".bin";
   if (FILE* f = std::fopen(path.c_str(), "wb")) {
-    std::fwrite(k.getCode(), 1, k.code_bytes(), f);
+    std::fwrite(k.code(), 1, k.code_bytes(), f);
     std::fclose(f);
   } else {
     std::fprintf(stderr, "torch_directconv: cannot write JIT dump %s\n", path.c_str());
@@ -36,12 +38,12 @@ void dump(const JitKernel& k) {
 
 class Cache {
  public:
-  KernelPtr get(const std::string& name, const std::function<std::unique_ptr<JitKernel>()>& make,
+  KernelPtr get(const std::string& name, const std::function<std::unique_ptr<JitGenerator>()>& make,
                 const std::string& plan) {
     std::promise<KernelPtr> promise;
     std::shared_future<KernelPtr> fut;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      std::lock_guard<ForkSafeMutex> lock(mu_);
       auto it = map_.find(name);
       if (it != map_.end()) {
         lru_.splice(lru_.begin(), lru_, it->second.lru);
@@ -58,19 +60,19 @@ class Cache {
   }
 
   KernelCacheStats stats() {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<ForkSafeMutex> lock(mu_);
     KernelCacheStats s = stats_;
     s.entries = static_cast<int64_t>(map_.size());
     s.cap_bytes = cap_;
     return s;
   }
   void set_cap(int64_t cap) {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<ForkSafeMutex> lock(mu_);
     cap_ = cap;
     evict_locked("");
   }
   void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<ForkSafeMutex> lock(mu_);
     int64_t cap = cap_;
     cap_ = 0;
     evict_locked("");
@@ -84,16 +86,15 @@ class Cache {
     int64_t bytes;  // 0 while being generated
   };
 
-  KernelPtr generate(const std::string& name, const std::function<std::unique_ptr<JitKernel>()>& make,
+  KernelPtr generate(const std::string& name, const std::function<std::unique_ptr<JitGenerator>()>& make,
                      const std::string& plan, std::promise<KernelPtr>& promise) {
     auto t0 = std::chrono::steady_clock::now();
-    std::shared_ptr<JitKernel> k;
+    std::shared_ptr<const JitKernel> k;
     try {
-      k = std::shared_ptr<JitKernel>(make().release());
-      k->build();
+      k = make()->build();  // the generator goes here: the cache keeps only the copy
     } catch (...) {
       promise.set_exception(std::current_exception());
-      std::lock_guard<std::mutex> lock(mu_);
+      std::lock_guard<ForkSafeMutex> lock(mu_);
       erase_locked(name);
       throw;
     }
@@ -104,12 +105,12 @@ class Cache {
                    plan.c_str());
     KernelPtr result = k;
     promise.set_value(result);
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<ForkSafeMutex> lock(mu_);
     ++stats_.generated;
     stats_.generate_ms += ms;
     auto it = map_.find(name);
     if (it != map_.end()) {
-      it->second.bytes = static_cast<int64_t>(k->code_bytes());
+      it->second.bytes = static_cast<int64_t>(k->reserved_bytes());
       stats_.bytes += it->second.bytes;
     }
     evict_locked(name);
@@ -122,6 +123,19 @@ class Cache {
     stats_.bytes -= it->second.bytes;
     lru_.erase(it->second.lru);
     map_.erase(it);
+  }
+
+  // In the child of a fork(): a kernel still being generated belonged to a thread the child
+  // does not have, so its result would never come. The next request generates it anew.
+  void drop_unfinished_locked() {
+    for (auto it = map_.begin(); it != map_.end();) {
+      if (it->second.bytes != 0) {
+        ++it;
+        continue;
+      }
+      lru_.erase(it->second.lru);
+      it = map_.erase(it);
+    }
   }
 
   // Drops least recently used, finished kernels until the cache fits its cap.
@@ -138,7 +152,7 @@ class Cache {
     }
   }
 
-  std::mutex mu_;
+  ForkSafeMutex mu_{[this] { drop_unfinished_locked(); }};
   std::unordered_map<std::string, Entry> map_;
   std::list<std::string> lru_;  // front = most recently used
   KernelCacheStats stats_;
@@ -149,10 +163,12 @@ Cache& cache() {
   static Cache* c = new Cache();  // never destroyed: kernels may run during static destruction
   return *c;
 }
+// Made at load, before another thread can be inside it: no fork() finds it half made.
+[[maybe_unused]] Cache& g_cache_at_load = cache();
 
 }  // namespace
 
-KernelPtr get_kernel(const std::string& name, const std::function<std::unique_ptr<JitKernel>()>& make,
+KernelPtr get_kernel(const std::string& name, const std::function<std::unique_ptr<JitGenerator>()>& make,
                      const std::string& plan) {
   return cache().get(name, make, plan);
 }
@@ -166,5 +182,9 @@ bool verbose() {
   }();
   return v;
 }
+namespace {
+// Read at load, before another thread can be inside it: no fork() finds it half read.
+[[maybe_unused]] const bool g_verbose_at_load = verbose();
+}  // namespace
 
 }  // namespace dc

@@ -9,9 +9,11 @@ namespace {
 // Enough independent chains to cover FMA latency times the number of FMA pipes.
 int chains(Isa isa) { return isa == Isa::avx512 ? 16 : 12; }
 
-class PeakKernel : public JitKernel {
+class PeakKernel : public JitGenerator {
  public:
-  explicit PeakKernel(Isa isa) : JitKernel(std::string("f32_fma_peak_") + std::to_string(chains(isa)) + "x4__" + isa_name(isa), 4096), isa_(isa) {}
+  explicit PeakKernel(Isa isa)
+      : JitGenerator(std::string("f32_fma_peak_") + std::to_string(chains(isa)) + "x4__" + isa_name(isa), 4096),
+        isa_(isa) {}
 
  private:
   Xbyak::Xmm vreg(int i) const {
@@ -39,7 +41,7 @@ class PeakKernel : public JitKernel {
 
 }  // namespace
 
-std::unique_ptr<JitKernel> make_peak_kernel(Isa isa) { return std::make_unique<PeakKernel>(isa); }
+std::unique_ptr<JitGenerator> make_peak_kernel(Isa isa) { return std::make_unique<PeakKernel>(isa); }
 int64_t fma_peak_flops_per_iter(Isa isa) { return 4LL * chains(isa) * vlen(isa) * 2; }
 
 }  // namespace dc

@@ -11,7 +11,7 @@ namespace dc {
 
 // fn(iterations): each iteration issues fma_peak_flops_per_iter(isa) flops in independent chains.
 using PeakKernelFn = void (*)(int64_t);
-std::unique_ptr<JitKernel> make_peak_kernel(Isa isa);
+std::unique_ptr<JitGenerator> make_peak_kernel(Isa isa);
 int64_t fma_peak_flops_per_iter(Isa isa);
 
 }  // namespace dc

@@ -17,9 +17,9 @@ namespace {
 
 using namespace Xbyak;
 
-class UpdKernel : public JitKernel {
+class UpdKernel : public JitGenerator {
  public:
-  explicit UpdKernel(const UpdKernelSpec& sp) : JitKernel(sp.name(), 4096 + sp.n_c * sp.n_kb * 64), sp_(sp) {
+  explicit UpdKernel(const UpdKernelSpec& sp) : JitGenerator(sp.name(), 4096 + sp.n_c * sp.n_kb * 64), sp_(sp) {
     if (sp.n_c < 1 || sp.n_c > sp.v() || sp.n_kb < 1 || sp.n_kb > 4 ||
         upd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("upd kernel: unsupported tile " + sp.name());
@@ -150,6 +150,6 @@ class UpdKernel : public JitKernel {
 
 }  // namespace
 
-std::unique_ptr<JitKernel> make_upd_kernel(const UpdKernelSpec& spec) { return std::make_unique<UpdKernel>(spec); }
+std::unique_ptr<JitGenerator> make_upd_kernel(const UpdKernelSpec& spec) { return std::make_unique<UpdKernel>(spec); }
 
 }  // namespace dc

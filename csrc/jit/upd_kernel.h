@@ -43,7 +43,7 @@ struct UpdCallArgs {
 
 using UpdKernelFn = void (*)(const UpdCallArgs*);
 
-std::unique_ptr<JitKernel> make_upd_kernel(const UpdKernelSpec& spec);
+std::unique_ptr<JitGenerator> make_upd_kernel(const UpdKernelSpec& spec);
 int upd_vector_registers(const UpdKernelSpec& spec);
 
 }  // namespace dc

@@ -45,8 +45,7 @@ void kernel_vs_twin(Isa isa) {
     a.n_r = n_r;
     a.flags = uni(0, 1) ? kRelu : 0;
     a.src_r_stride = W * V * 4;
-    auto k = make_dw_kernel(sp);
-    k->build();
+    auto k = make_dw_kernel(sp)->build();
     a.dst = dst.data();
     k->entry<DwKernelFn>()(&a);
     a.dst = ref.data();

@@ -77,8 +77,7 @@ void kernel_vs_twin(Isa isa) {
     a.dst_row_stride = DW * V * 4;
     a.dst_kb_stride = 2 * DW * V * 4;
     a.pf_src = src.data();
-    auto k = make_fwd_kernel(sp);
-    k->build();
+    auto k = make_fwd_kernel(sp)->build();
     a.dst = dst.data();
     k->entry<FwdKernelFn>()(&a);
     a.dst = ref.data();

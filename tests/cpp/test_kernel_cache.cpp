@@ -1,5 +1,9 @@
 // The kernel cache: one generation per name under concurrency, LRU eviction past the cap
-// without freeing kernels in use, and W^X pages.
+// without freeing kernels in use, a count and a cap that cover the pages the kernels keep,
+// W^X pages, and a fork() in the middle of a generation.
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -27,6 +31,85 @@ FwdKernelSpec spec(int s, int ow) {
   return sp;
 }
 
+// The i-th of a few dozen distinct kernels, built in the cache and let go at once.
+void request_kernel(int i) {
+  FwdKernelSpec sp = spec(1 + i % 5, 1 + i / 5 % 6);
+  sp.c_valid = 1 + i / 30 % sp.v();
+  get_kernel(sp.name(), [&] { return make_fwd_kernel(sp); }, "test");
+}
+
+// Bytes of anonymous executable mappings: in this program, only generated code lives there.
+int64_t anon_exec_bytes() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  int64_t total = 0;
+  while (std::getline(maps, line)) {
+    std::istringstream ls(line);
+    std::string range, perms, offset, dev, inode, path;
+    ls >> range >> perms >> offset >> dev >> inode >> path;
+    if (perms.size() < 3 || perms[2] != 'x' || !path.empty()) continue;
+    const size_t dash = range.find('-');
+    total += std::stoll(range.substr(dash + 1), nullptr, 16) - std::stoll(range.substr(0, dash), nullptr, 16);
+  }
+  return total;
+}
+
+// The cache's byte count is what its kernels keep mapped: whole pages, nothing uncounted.
+void counts_the_pages_kernels_keep() {
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  clear_kernel_cache();
+  set_kernel_cache_cap_bytes(64 << 20);
+  const int64_t exec0 = anon_exec_bytes();
+  for (int i = 0; i < 40; ++i) request_kernel(i);
+  KernelCacheStats s = kernel_cache_stats();
+  CHECK(s.entries == 40, "expected 40 kernels in the cache, got %lld", static_cast<long long>(s.entries));
+  CHECK(s.bytes % page == 0 && s.bytes >= s.entries * page, "%lld bytes for %lld kernels are not whole pages each",
+        static_cast<long long>(s.bytes), static_cast<long long>(s.entries));
+  CHECK(anon_exec_bytes() - exec0 == s.bytes, "the kernels keep %lld bytes of code mappings, the cache counts %lld",
+        static_cast<long long>(anon_exec_bytes() - exec0), static_cast<long long>(s.bytes));
+}
+
+// Past the cap, eviction frees the mappings of kernels nobody holds: what stays fits the cap.
+void eviction_keeps_the_mappings_within_the_cap() {
+  const int64_t page = sysconf(_SC_PAGESIZE), cap = 5 * page;
+  clear_kernel_cache();
+  const int64_t exec0 = anon_exec_bytes();
+  set_kernel_cache_cap_bytes(cap);
+  for (int i = 0; i < 40; ++i) request_kernel(i);
+  KernelCacheStats s = kernel_cache_stats();
+  CHECK(s.bytes <= cap && s.entries >= 1, "%lld kernels hold %lld bytes, cap %lld", static_cast<long long>(s.entries),
+        static_cast<long long>(s.bytes), static_cast<long long>(cap));
+  CHECK(anon_exec_bytes() - exec0 <= cap, "the cached kernels keep %lld bytes of code mappings over a cap of %lld",
+        static_cast<long long>(anon_exec_bytes() - exec0), static_cast<long long>(cap));
+  set_kernel_cache_cap_bytes(64 << 20);
+}
+
+// A fork() while another thread generates a kernel: the child, which lacks that thread,
+// generates the kernel itself instead of waiting for it.
+void fork_during_a_generation() {
+  FwdKernelSpec sp = spec(5, 4);
+  std::atomic<bool> inside{false}, release{false};
+  std::thread generating([&] {
+    get_kernel(sp.name(), [&] {
+      inside = true;
+      while (!release) std::this_thread::yield();
+      return make_fwd_kernel(sp);
+    }, "test");
+  });
+  while (!inside) std::this_thread::yield();
+  const pid_t pid = fork();
+  if (pid == 0) {
+    alarm(5);  // waiting for the parent's thread would block this child for good
+    KernelPtr k = get_kernel(sp.name(), [&] { return make_fwd_kernel(sp); }, "test");
+    _exit(k && k->name() == sp.name() ? 0 : 2);
+  }
+  release = true;
+  generating.join();
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the child ended with wait status %d", status);
+}
+
 // True when any mapping of this process is writable and executable at once.
 bool has_wx_mapping() {
   std::ifstream maps("/proc/self/maps");
@@ -47,6 +130,9 @@ int main() {
     std::printf("test_kernel_cache: skipped, no AVX2 on this CPU\n");
     return 0;
   }
+  counts_the_pages_kernels_keep();
+  eviction_keeps_the_mappings_within_the_cap();
+  fork_during_a_generation();
   clear_kernel_cache();
   const int64_t gen0 = kernel_cache_stats().generated;
 
@@ -73,7 +159,7 @@ int main() {
 
   // A cap smaller than two kernels evicts the older one; a held kernel stays callable.
   KernelPtr held = got[0];
-  set_kernel_cache_cap_bytes(static_cast<int64_t>(held->code_bytes()) + 1);
+  set_kernel_cache_cap_bytes(static_cast<int64_t>(held->reserved_bytes()) + 1);
   KernelCacheStats s = kernel_cache_stats();
   CHECK(s.bytes <= s.cap_bytes, "cache holds %lld bytes over its cap %lld", static_cast<long long>(s.bytes),
         static_cast<long long>(s.cap_bytes));

@@ -43,8 +43,7 @@ void kernel_vs_twin(Isa isa) {
     a.dy_row_stride = px * V * 4;
     a.dy_kb_stride = rows * px * V * 4;
     a.dw_kb_stride = 2 * V * V * 4;
-    auto k = make_upd_kernel(sp);
-    k->build();
+    auto k = make_upd_kernel(sp)->build();
     a.dw = dw.data();
     k->entry<UpdKernelFn>()(&a);
     a.dw = ref.data();
