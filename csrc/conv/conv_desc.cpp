@@ -57,9 +57,12 @@ bool jit_fits(const ConvDesc& d, int64_t V) {
     return false;
   const wide hp = wide(d.h) + d.pad_t + d.pad_b, wp = wide(d.w) + d.pad_l + d.pad_r;
   const wide vec_bytes = wide(V) * static_cast<wide>(sizeof(float));
-  // A dilated kernel larger than the padded input is left to validate(), which says so.
-  return hp * wp * vec_bytes <= kMax && wide(d.r) * d.s * vec_bytes * V <= kMax && d.stride_h <= hp &&
-         d.stride_w <= wp && wide(d.dil_h) * (d.r - 1) <= kMax && wide(d.dil_w) * (d.s - 1) <= kMax;
+  // A row of a tile spans at most kMaxTilePixels strides. A dilated kernel larger than the
+  // padded input is left to validate(), which says so.
+  constexpr wide kMaxTilePixels = 64;
+  return hp * wp * vec_bytes <= kMax && wide(d.r) * d.s * vec_bytes * V <= kMax &&
+         wide(d.stride_h) * wp * vec_bytes <= kMax && wide(d.stride_w) * vec_bytes * kMaxTilePixels <= kMax &&
+         wide(d.dil_h) * (d.r - 1) <= kMax && wide(d.dil_w) * (d.s - 1) <= kMax;
 }
 
 void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_r) {

@@ -41,10 +41,10 @@ ConvDesc parse_conv_desc(const std::string& s);
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether the JIT kernels take this geometry with V-channel blocks. The kernels encode the
-// offsets within a channel block's (padded) plane as 32-bit displacements and their specs
-// keep strides, dilations and kernel sizes as int, so every such offset must fit in 31
-// bits; a stride wider than the padded input (one output pixel) is not taken either. What
-// they do not take runs on torch's convolution, never truncated.
+// offsets within a channel block's (padded) plane, and a tile's strides, as 32-bit
+// displacements, and their specs keep strides, dilations and kernel sizes as int, so every
+// such offset must fit in 31 bits. What they do not take runs on torch's convolution,
+// never truncated.
 bool jit_fits(const ConvDesc& d, int64_t V);
 
 // Kernel rows [*r_lo, *r_lo + *n_r) that fall inside the input for output row oh.
