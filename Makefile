@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-PY_DEPS := torch==$(TORCH_VERSION) ninja pytest numpy tqdm matplotlib scikit-learn setuptools wheel
+PY_DEPS := torch==$(TORCH_VERSION) ninja pytest hypothesis numpy tqdm matplotlib scikit-learn setuptools wheel
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup xbyak build test test-slow cpp-test demo bench clean
