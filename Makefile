@@ -10,7 +10,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.deps xbyak build
 
-$(VENV)/.deps:
+# Made again when the Makefile changes, so that a new dependency reaches existing venvs.
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet $(PY_DEPS)

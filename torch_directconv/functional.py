@@ -20,20 +20,30 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else type(value).__name__
 
 
-def _int(value: object, name: str, expected: str = "an int") -> int:
-    """An int, or anything torch takes as one (numpy integers, 0-d integer tensors)."""
+_INT64 = range(-(2**63), 2**63)
+
+
+def _int(value: object, name: str, expected: str = "an int", in_list: bool = False) -> int:
+    """An int, or anything torch takes as one (numpy integers, 0-d integer tensors), within
+    int64 as torch's arguments are: past it torch raises ValueError, or TypeError for an
+    item of a list."""
     if not isinstance(value, (bool, float)):
         try:
-            return operator.index(value)
+            v = operator.index(value)
         except TypeError:
             pass
+        else:
+            if v in _INT64:
+                return v
+            error = TypeError if in_list else ValueError
+            raise error(f"conv2d: '{name}' of {v} does not fit a 64-bit integer")
     raise TypeError(f"conv2d: expected '{name}' as {expected}, got {_shown(value)}")
 
 
 def _pair(value: IntOr2, name: str) -> tuple[int, int]:
     expected = "an int or a pair of ints"
     if isinstance(value, (list, tuple, torch.Size)):
-        items = [_int(v, name, expected) for v in value]
+        items = [_int(v, name, expected, in_list=True) for v in value]
         if len(items) == 1:
             items *= 2
         if len(items) != 2:

@@ -39,12 +39,15 @@ void phase_dim(int64_t a, int64_t in, int64_t out_n, int64_t kernel, int64_t str
 std::vector<BwdDataPhase> bwd_data_phases(const ConvDesc& d) {
   std::vector<BwdDataPhase> phases;
   const int64_t P = d.p(), Q = d.q();
-  for (int64_t a = 0; a < d.stride_h; ++a)
-    for (int64_t b = 0; b < d.stride_w; ++b) {
-      PhaseDim pr, ps;
-      phase_dim(a, d.h, P, d.r, d.stride_h, d.pad_t, d.dil_h, &pr);
-      phase_dim(b, d.w, Q, d.s, d.stride_w, d.pad_l, d.dil_w, &ps);
-      if (pr.n_in == 0 || ps.n_in == 0) continue;
+  // Only the first h (w) remainders have pixels: a stride wider than the input gives fewer
+  // phases than stride_h x stride_w. Each dimension is worked out once.
+  std::vector<PhaseDim> rows(static_cast<size_t>(std::min(d.stride_h, d.h)));
+  std::vector<PhaseDim> cols(static_cast<size_t>(std::min(d.stride_w, d.w)));
+  for (size_t a = 0; a < rows.size(); ++a) phase_dim(a, d.h, P, d.r, d.stride_h, d.pad_t, d.dil_h, &rows[a]);
+  for (size_t b = 0; b < cols.size(); ++b) phase_dim(b, d.w, Q, d.s, d.stride_w, d.pad_l, d.dil_w, &cols[b]);
+  for (size_t a = 0; a < rows.size(); ++a)
+    for (size_t b = 0; b < cols.size(); ++b) {
+      const PhaseDim &pr = rows[a], &ps = cols[b];
       BwdDataPhase ph;
       ph.a = a;
       ph.b = b;
