@@ -72,13 +72,17 @@ def conv_padding(
     return (ph, ph, pw, pw)
 
 
-def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> None:
+def _check_types(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"conv2d: expected 'input' to be a Tensor, got {type(input).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"conv2d: expected 'weight' to be a Tensor, got {type(weight).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"conv2d: expected 'bias' to be a Tensor or None, got {type(bias).__name__}")
+
+
+def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> None:
+    _check_types(input, weight, bias)
     if input.dim() not in (3, 4):
         raise RuntimeError(
             f"conv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) 'input', got shape {tuple(input.shape)}"
@@ -150,10 +154,14 @@ def conv2d(
     relu: bool = False,
 ) -> torch.Tensor:
     """Same as torch.nn.functional.conv2d; relu=True fuses a ReLU into the kernel's epilogue."""
+    # As torch: every argument is parsed, in order, before any shape is checked.
+    _check_types(input, weight, bias)
+    stride2 = _pair(stride, "stride")
+    if not isinstance(padding, str):
+        _pair(padding, "padding")
+    dilation2 = _pair(dilation, "dilation")
     groups = _int(groups, "groups")
     _check(input, weight, bias, groups)
-    stride2 = _pair(stride, "stride")
-    dilation2 = _pair(dilation, "dilation")
     if min(stride2) < 1:
         raise RuntimeError(f"conv2d: expected 'stride' >= 1, got {stride!r}")
     if min(dilation2) < 1:

@@ -92,7 +92,18 @@ bool jit_takes(const ConvDesc& d) {
 
 std::atomic<int64_t> aten_fallbacks{0};
 
-bool symmetric(at::IntArrayRef padding) { return padding[0] == padding[1] && padding[2] == padding[3]; }
+// ATen takes one padding per dimension: an asymmetric (top, bottom, left, right) padding is
+// the symmetric part, given to ATen, plus the rest, applied to the input explicitly (only the
+// difference, as torch does for padding='same', so that a huge padding is not materialised).
+struct AtenPadding {
+  std::vector<int64_t> symmetric;  // (rows, columns)
+  std::vector<int64_t> extra;      // constant_pad_nd's (left, right, top, bottom)
+  bool any_extra() const { return extra[0] || extra[1] || extra[2] || extra[3]; }
+};
+AtenPadding aten_padding(at::IntArrayRef padding) {
+  const int64_t ph = std::min(padding[0], padding[1]), pw = std::min(padding[2], padding[3]);
+  return {{ph, pw}, {padding[2] - pw, padding[3] - pw, padding[0] - ph, padding[1] - ph}};
+}
 
 // Torch's own convolution, for what the kernels do not take: the same answer, or the same
 // error, as F.conv2d. An asymmetric padding is applied to the input first.
@@ -102,10 +113,9 @@ Tensor aten_conv2d(const Tensor& input, const Tensor& weight, const c10::optiona
   ++aten_fallbacks;
   TORCH_WARN_ONCE("torch_directconv: a convolution with empty channels, or with a stride, padding or dilation whose "
                   "offsets exceed the kernels' 32 bits, runs on PyTorch's convolution");
-  const bool sym = symmetric(padding);
-  Tensor x = sym ? input : at::constant_pad_nd(input, {padding[2], padding[3], padding[0], padding[1]}, 0);
-  const std::vector<int64_t> pad2 = sym ? std::vector<int64_t>{padding[0], padding[2]} : std::vector<int64_t>{0, 0};
-  Tensor y = at::conv2d(x, weight, bias, stride, pad2, dilation, groups);
+  const AtenPadding pad = aten_padding(padding);
+  Tensor x = pad.any_extra() ? at::constant_pad_nd(input, pad.extra, 0) : input;
+  Tensor y = at::conv2d(x, weight, bias, stride, pad.symmetric, dilation, groups);
   if (relu) y = at::relu(y);
   return y.contiguous(format);
 }
@@ -845,14 +855,13 @@ std::tuple<Tensor, Tensor, Tensor> aten_backward(const Tensor& grad_output, cons
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                  at::IntArrayRef dilation, int64_t groups, bool want_input,
                                                  bool want_weight) {
-  const bool sym = symmetric(padding);
-  Tensor x = sym ? input : at::constant_pad_nd(input, {padding[2], padding[3], padding[0], padding[1]}, 0);
-  std::vector<int64_t> pad2 = sym ? std::vector<int64_t>{padding[0], padding[2]} : std::vector<int64_t>{0, 0};
-  auto grads = at::convolution_backward(grad_output, x, weight, c10::nullopt, stride, pad2, dilation, false, {0, 0},
-                                        groups, {want_input, want_weight, false});
+  const AtenPadding pad = aten_padding(padding);
+  Tensor x = pad.any_extra() ? at::constant_pad_nd(input, pad.extra, 0) : input;
+  auto grads = at::convolution_backward(grad_output, x, weight, c10::nullopt, stride, pad.symmetric, dilation, false,
+                                        {0, 0}, groups, {want_input, want_weight, false});
   Tensor gi = std::get<0>(grads);
-  if (want_input && !sym)
-    gi = gi.narrow(2, padding[0], input.size(2)).narrow(3, padding[2], input.size(3)).contiguous(
+  if (want_input && pad.any_extra())
+    gi = gi.narrow(2, pad.extra[2], input.size(2)).narrow(3, pad.extra[0], input.size(3)).contiguous(
         input.suggest_memory_format());
   return {gi, std::get<1>(grads), Tensor()};
 }
