@@ -153,8 +153,9 @@ class DirectConv2d(nn.Conv2d):
             if wellformed:
                 _backend.note_fallback(reason)
             return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups)
-        _check(input, weight, bias, self.groups)
+        # As torch: the geometry is parsed before any shape is checked.
         stride, pad4, dilation = self._geometry()
+        _check(input, weight, bias, self.groups)
         unbatched = input.dim() == 3
         x = input.unsqueeze(0) if unbatched else input
         needs_grad = torch.is_grad_enabled() and (

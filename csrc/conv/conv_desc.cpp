@@ -62,7 +62,9 @@ bool jit_fits(const ConvDesc& d, int64_t V) {
   constexpr wide kMaxTilePixels = 64;
   return hp * wp * vec_bytes <= kMax && wide(d.r) * d.s * vec_bytes * V <= kMax &&
          wide(d.stride_h) * wp * vec_bytes <= kMax && wide(d.stride_w) * vec_bytes * kMaxTilePixels <= kMax &&
-         wide(d.dil_h) * (d.r - 1) <= kMax && wide(d.dil_w) * (d.s - 1) <= kMax;
+         wide(d.dil_h) * (d.r - 1) <= kMax && wide(d.dil_w) * (d.s - 1) <= kMax &&
+         // The specs keep each as an int, even where it changes nothing (a 1-tap dilation).
+         d.dil_h <= kMax && d.dil_w <= kMax && d.stride_h <= kMax && d.stride_w <= kMax;
 }
 
 void valid_kernel_rows(const ConvDesc& d, int64_t oh, int64_t* r_lo, int64_t* n_r) {
