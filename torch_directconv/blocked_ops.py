@@ -99,12 +99,13 @@ def batch_norm(
 
 def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     """As torch's batch norm: running = momentum * batch + (1 - momentum) * running, with the
-    unbiased variance var * M / (M - 1)."""
+    unbiased variance var * M / (M - 1). As lerp_ (one op rather than three, to a rounding of torch's
+    formula): these small ops cost more than the blocked loops on ResNet's 7x7 maps."""
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+            running_mean.lerp_(mean, momentum)
         if running_var is not None:
-            running_var.copy_(momentum * (var * (count / (count - 1))) + (1 - momentum) * running_var)
+            running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
 def max_pool2d(

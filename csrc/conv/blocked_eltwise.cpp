@@ -1,19 +1,10 @@
 #include "conv/blocked_eltwise.h"
 
-#include <algorithm>
 #include <cmath>
-#include <limits>
 
-#include "conv/blocked_runs.h"
-#include "conv/lanes.h"
+#include "conv/isa_region.h"
 
 namespace dc {
-
-using lanes::DSum;
-using lanes::keep;
-using lanes::lane_mask;
-using lanes::load;
-using lanes::store;
 
 int eltwise_threads(int64_t floats, int max_threads) {
   constexpr int64_t kMinFloatsPerThread = 32 * 1024;
@@ -22,145 +13,30 @@ int eltwise_threads(int64_t floats, int max_threads) {
 
 namespace {
 
-// ---- statistics ---------------------------------------------------------------------------
-
-template <int V>
-DC_INLINE void stats_share(const BlockedShape& s, const float* x, double* partial, int tid, int nthreads) {
-  std::fill(partial, partial + 2 * s.padded(), 0.0);
-  for_each_run(s, tid, nthreads, [&](int64_t cb, int64_t first, int64_t count) {
-    // The shift: this channel block's first pixel of the first image.
-    const auto shift = load<V>(x + cb * s.plane() * V);
-    DSum<V> s1, s2;
-    const float* p = x + first * V;
-    for (int64_t i = 0; i < count; ++i) {
-      const auto d = load<V>(p + i * V) - shift;
-      s1.add(d);
-      s2.add_product(d, d);
-    }
-    s1.flush(partial + cb * V);
-    s2.flush(partial + s.padded() + cb * V);
-  });
-}
-
-DC_TARGET_AVX512 void stats_share16(const BlockedShape& s, const float* x, double* partial, int tid, int nt) {
-  stats_share<16>(s, x, partial, tid, nt);
-}
-DC_TARGET_AVX2 void stats_share8(const BlockedShape& s, const float* x, double* partial, int tid, int nt) {
-  stats_share<8>(s, x, partial, tid, nt);
-}
-
-// ---- apply --------------------------------------------------------------------------------
-
-template <int V, bool kResidual, bool kRelu>
-DC_INLINE void apply_share(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* residual,
-                           float* y, int tid, int nthreads) {
-  for_each_run(s, tid, nthreads, [&](int64_t cb, int64_t first, int64_t count) {
-    const auto center = load<V>(a.center.data() + cb * V), scale = load<V>(a.scale.data() + cb * V),
-               shift = load<V>(a.shift.data() + cb * V);
-    const auto mask = lane_mask<V>(s.c - cb * V);
-    const int64_t base = first * V;
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t o = base + i * V;
-      auto v = (load<V>(x + o) - center) * scale + shift;
-      if (kResidual) v += load<V>(residual + o);
-      if (kRelu) v = lanes::relu<V>(v);
-      store<V>(y + o, keep<V>(v, mask));
-    }
-  });
-}
-
-using ApplyShareFn = void (*)(const BlockedShape&, const ChannelAffine&, const float*, const float*, float*, int, int);
-
-template <bool kResidual, bool kRelu>
-DC_TARGET_AVX512 void apply_share16(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* r,
-                                    float* y, int tid, int nt) {
-  apply_share<16, kResidual, kRelu>(s, a, x, r, y, tid, nt);
-}
-template <bool kResidual, bool kRelu>
-DC_TARGET_AVX2 void apply_share8(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* r,
-                                 float* y, int tid, int nt) {
-  apply_share<8, kResidual, kRelu>(s, a, x, r, y, tid, nt);
-}
-
-template <bool kResidual, bool kRelu>
-ApplyShareFn apply_fn(int v) {
-  return v == 16 ? &apply_share16<kResidual, kRelu> : &apply_share8<kResidual, kRelu>;
-}
-
-ApplyShareFn pick_apply(int v, bool residual, bool relu) {
-  if (residual) return relu ? apply_fn<true, true>(v) : apply_fn<true, false>(v);
-  return relu ? apply_fn<false, true>(v) : apply_fn<false, false>(v);
-}
-
-// ---- backward -----------------------------------------------------------------------------
-
-// What a backward pass does, as template flags: each combination is its own loop.
-// kCentered: grad_x = k * g + b * (x - mean) + d (train); without it grad_x = k * g, and x is
-// not read unless the sums need it.
+// What a backward pass does. kCentered: grad_x = k * g + b * (x - mean) + d (train); without
+// it grad_x = k * g, and x is not read unless the sums need it.
 enum BwdFlags : unsigned { kMask = 1, kSums = 2, kWriteG = 4, kWriteDx = 8, kCentered = 16, kBwdVariants = 32 };
 
+// grad_x = k * g + b * (x - mean) + d per channel, padded with zeros to whole blocks.
 struct BwdCoeffs {
   const float *mean, *k, *b, *d;
 };
 
-template <int V, unsigned F>
-DC_INLINE void bwd_share(const BlockedShape& s, const BnBackward::Pass& p, const BwdCoeffs& c, double* partial,
-                         int tid, int nthreads) {
-  constexpr bool mask_g = F & kMask, sums = F & kSums, write_g = F & kWriteG, write_dx = F & kWriteDx,
-                 centered = F & kCentered;
-  if (sums) std::fill(partial, partial + 2 * s.padded(), 0.0);
-  for_each_run(s, tid, nthreads, [&](int64_t cb, int64_t first, int64_t count) {
-    const auto mean = load<V>(c.mean + cb * V), k = load<V>(c.k + cb * V), b = load<V>(c.b + cb * V),
-               d = load<V>(c.d + cb * V);
-    const auto mask = lane_mask<V>(s.c - cb * V);
-    DSum<V> s1, s2;
-    const int64_t base = first * V;
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t o = base + i * V;
-      auto g = load<V>(p.g + o);
-      // As torch's threshold_backward: no gradient where the ReLU's output is <= 0.
-      if (mask_g) g = load<V>(p.y + o) <= lanes::zero<V>() ? lanes::zero<V>() : g;
-      if (write_g) store<V>(p.g_out + o, keep<V>(g, mask));
-      if (!sums && !centered) {
-        if (write_dx) store<V>(p.grad_x + o, keep<V>(k * g, mask));
-        continue;
-      }
-      const auto diff = load<V>(p.x + o) - mean;
-      if (sums) {
-        s1.add(g);
-        s2.add_product(g, diff);
-      }
-      if (write_dx) store<V>(p.grad_x + o, keep<V>(centered ? k * g + (b * diff + d) : k * g, mask));
-    }
-    if (sums) {
-      s1.flush(partial + cb * V);
-      s2.flush(partial + s.padded() + cb * V);
-    }
-  });
-}
+namespace avx512 {
+DC_BEGIN_AVX512
+constexpr int kV = 16;
+#include "conv/lanes.inc"
+#include "conv/blocked_eltwise_loops.inc"
+DC_END_ISA
+}  // namespace avx512
 
-using BwdShareFn = void (*)(const BlockedShape&, const BnBackward::Pass&, const BwdCoeffs&, double*, int, int);
-
-template <unsigned F>
-DC_TARGET_AVX512 void bwd_share16(const BlockedShape& s, const BnBackward::Pass& p, const BwdCoeffs& c,
-                                  double* partial, int tid, int nt) {
-  bwd_share<16, F>(s, p, c, partial, tid, nt);
-}
-template <unsigned F>
-DC_TARGET_AVX2 void bwd_share8(const BlockedShape& s, const BnBackward::Pass& p, const BwdCoeffs& c, double* partial,
-                               int tid, int nt) {
-  bwd_share<8, F>(s, p, c, partial, tid, nt);
-}
-
-template <unsigned F = 0>
-BwdShareFn pick_bwd(int v, unsigned flags) {
-  if constexpr (F < kBwdVariants) {
-    if (flags == F) return v == 16 ? &bwd_share16<F> : &bwd_share8<F>;
-    return pick_bwd<F + 1>(v, flags);
-  } else {
-    return nullptr;
-  }
-}
+namespace avx2 {
+DC_BEGIN_AVX2
+constexpr int kV = 8;
+#include "conv/lanes.inc"
+#include "conv/blocked_eltwise_loops.inc"
+DC_END_ISA
+}  // namespace avx2
 
 std::vector<float> padded_copy(const float* src, int64_t c, int64_t padded, float fill) {
   std::vector<float> out(padded, 0.f);
@@ -168,7 +44,7 @@ std::vector<float> padded_copy(const float* src, int64_t c, int64_t padded, floa
   return out;
 }
 
-// Sum over the threads of lane l of each partial block (s1 at 0, s2 at `padded`).
+// The sum over the threads' partial blocks (each `stride` doubles) of entry l.
 double sum_partials(const double* partials, int nthreads, int64_t stride, int64_t l) {
   double t = 0;
   for (int i = 0; i < nthreads; ++i) t += partials[i * stride + l];
@@ -182,7 +58,7 @@ double sum_partials(const double* partials, int nthreads, int64_t stride, int64_
 int64_t bn_stats_partial_size(const BlockedShape& s) { return 2 * s.padded(); }
 
 void bn_stats_share(const BlockedShape& s, const float* x, double* partial, int tid, int nthreads) {
-  (s.v == 16 ? stats_share16 : stats_share8)(s, x, partial, tid, nthreads);
+  (s.v == 16 ? avx512::stats : avx2::stats)(s, x, partial, tid, nthreads);
 }
 
 void bn_stats_finish(const BlockedShape& s, const float* x, const double* partials, int nthreads, float* mean,
@@ -240,7 +116,7 @@ ChannelAffine scale_shift_affine(int64_t c, int v, const float* scale, const flo
 
 void bn_apply_share(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* residual, bool relu,
                     float* y, int tid, int nthreads) {
-  pick_apply(s.v, residual != nullptr, relu)(s, a, x, residual, y, tid, nthreads);
+  (s.v == 16 ? avx512::apply : avx2::apply)(s, a, x, residual, relu, y, tid, nthreads);
 }
 
 void bn_apply_ref(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* residual, bool relu,
@@ -290,7 +166,7 @@ void BnBackward::run_share(int i, double* partial, int tid, int nthreads) const 
   const unsigned flags = (p.y ? kMask : 0u) | (p.sums ? kSums : 0u) | (p.g_out ? kWriteG : 0u) |
                          (p.grad_x ? kWriteDx : 0u) | (p.grad_x && a_.train ? kCentered : 0u);
   const BwdCoeffs coeffs{mean_.data(), k_.data(), b_.data(), d_.data()};
-  pick_bwd(a_.shape.v, flags)(a_.shape, p, coeffs, partial, tid, nthreads);
+  (a_.shape.v == 16 ? avx512::backward : avx2::backward)(a_.shape, p, coeffs, flags, partial, tid, nthreads);
 }
 
 void BnBackward::finish_pass(int i, const double* partials, int nthreads) {

@@ -1,22 +1,11 @@
 #include "conv/blocked_pool.h"
 
-#include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
-#include "conv/blocked_runs.h"
-#include "conv/lanes.h"
+#include "conv/isa_region.h"
 
 namespace dc {
-
-using lanes::DSum;
-using lanes::keep;
-using lanes::lane_mask;
-using lanes::load;
-using lanes::splat;
-using lanes::store;
-using lanes::Vec;
 
 int64_t PoolDesc::out_size(int64_t size, int64_t k, int64_t s, int64_t pad, int64_t d) const {
   if (k < 1 || s < 1 || d < 1) return 0;
@@ -73,188 +62,21 @@ AvgWindow avg_window(const PoolDesc& d, int64_t oh, int64_t ow) {
   return a;
 }
 
-template <int V>
-DC_INLINE typename Vec<V>::i splat_i(int64_t v) {
-  return typename Vec<V>::i{} + static_cast<int32_t>(v);
-}
+namespace avx512 {
+DC_BEGIN_AVX512
+constexpr int kV = 16;
+#include "conv/lanes.inc"
+#include "conv/blocked_pool_loops.inc"
+DC_END_ISA
+}  // namespace avx512
 
-// As torch: a later value replaces the maximum when it is larger or NaN (so NaN propagates).
-template <int V>
-DC_INLINE typename Vec<V>::i replaces(typename Vec<V>::f v, typename Vec<V>::f m) {
-  return (v > m) | (v != v);
-}
-
-// ---- max ----------------------------------------------------------------------------------
-
-template <int V>
-DC_INLINE void max_fwd(const PoolDesc& d, const float* x, float* y, int tid, int nthreads) {
-  const int64_t P = d.p(), Q = d.q(), H = d.in.h, W = d.in.w, cb = d.in.cb();
-  int64_t r, end;
-  share_of(d.in.n * cb * P, tid, nthreads, &r, &end);
-  for (; r < end; ++r) {
-    const int64_t plane = r / P, oh = r % P;
-    const auto mask = lane_mask<V>(d.in.c - plane % cb * V);
-    const float* xp = x + plane * H * W * V;
-    int64_t i0, i1;
-    tap_range(oh * d.sh - d.ph, d.kh, d.dh, H, &i0, &i1);
-    for (int64_t ow = 0; ow < Q; ++ow) {
-      int64_t j0, j1;
-      tap_range(ow * d.sw - d.pw, d.kw, d.dw, W, &j0, &j1);
-      auto m = splat<V>(-std::numeric_limits<float>::infinity());
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* row = xp + ((oh * d.sh - d.ph + i * d.dh) * W + ow * d.sw - d.pw) * V;
-        for (int64_t j = j0; j < j1; ++j) {
-          const auto v = load<V>(row + j * d.dw * V);
-          m = replaces<V>(v, m) ? v : m;
-        }
-      }
-      store<V>(y + (r * Q + ow) * V, keep<V>(m, mask));
-    }
-  }
-}
-
-// One output pixel's share of the max-pool backward: the argmax of each lane, found again,
-// gets that lane of the output gradient.
-template <int V>
-DC_INLINE void max_bwd_pixel(const PoolDesc& d, const float* xp, typename Vec<V>::f g, int64_t oh, int64_t ow,
-                             float* gxp) {
-  const int64_t W = d.in.w, ih0 = oh * d.sh - d.ph, iw0 = ow * d.sw - d.pw;
-  int64_t i0, i1, j0, j1;
-  tap_range(ih0, d.kh, d.dh, d.in.h, &i0, &i1);
-  tap_range(iw0, d.kw, d.dw, W, &j0, &j1);
-  if (i0 == i1 || j0 == j1) return;
-  auto m = splat<V>(-std::numeric_limits<float>::infinity());
-  auto best = splat_i<V>((ih0 + i0 * d.dh) * W + iw0 + j0 * d.dw);
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t pix = (ih0 + i * d.dh) * W + iw0 + j * d.dw;
-      const auto v = load<V>(xp + pix * V);
-      const auto upd = replaces<V>(v, m);
-      m = upd ? v : m;
-      best = upd ? splat_i<V>(pix) : best;
-    }
-  for (int64_t i = i0; i < i1; ++i)
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t pix = (ih0 + i * d.dh) * W + iw0 + j * d.dw;
-      float* at = gxp + pix * V;
-      store<V>(at, load<V>(at) + (best == splat_i<V>(pix) ? g : lanes::zero<V>()));
-    }
-}
-
-template <int V>
-DC_INLINE void max_bwd(const PoolDesc& d, const float* x, const float* gy, float* gx, int tid, int nthreads) {
-  const int64_t P = d.p(), Q = d.q(), hw = d.in.h * d.in.w, cb = d.in.cb();
-  int64_t plane, end;
-  share_of(d.in.n * cb, tid, nthreads, &plane, &end);
-  for (; plane < end; ++plane) {
-    float* gxp = gx + plane * hw * V;
-    std::fill(gxp, gxp + hw * V, 0.f);
-    const auto mask = lane_mask<V>(d.in.c - plane % cb * V);
-    for (int64_t oh = 0; oh < P; ++oh)
-      for (int64_t ow = 0; ow < Q; ++ow) {
-        const auto g = keep<V>(load<V>(gy + ((plane * P + oh) * Q + ow) * V), mask);
-        max_bwd_pixel<V>(d, x + plane * hw * V, g, oh, ow, gxp);
-      }
-  }
-}
-
-// ---- average ------------------------------------------------------------------------------
-
-template <int V>
-DC_INLINE void avg_fwd(const PoolDesc& d, const AvgPoolOpts& o, const float* x, float* y, int tid, int nthreads) {
-  const int64_t P = d.p(), Q = d.q(), H = d.in.h, W = d.in.w, cb = d.in.cb();
-  int64_t r, end;
-  share_of(d.in.n * cb * P, tid, nthreads, &r, &end);
-  for (; r < end; ++r) {
-    const int64_t plane = r / P, oh = r % P;
-    const auto mask = lane_mask<V>(d.in.c - plane % cb * V);
-    const float* xp = x + plane * H * W * V;
-    for (int64_t ow = 0; ow < Q; ++ow) {
-      const AvgWindow a = avg_window(d, oh, ow);
-      auto sum = lanes::zero<V>();
-      for (int64_t ih = a.h0; ih < a.h1; ++ih)
-        for (int64_t iw = a.w0; iw < a.w1; ++iw) sum += load<V>(xp + (ih * W + iw) * V);
-      const bool empty = a.h0 >= a.h1 || a.w0 >= a.w1;
-      const float div = static_cast<float>(d.avg_divisor(oh, ow, o.count_include_pad, o.divisor_override));
-      store<V>(y + (r * Q + ow) * V, empty ? lanes::zero<V>() : keep<V>(sum / div, mask));
-    }
-  }
-}
-
-template <int V>
-DC_INLINE void avg_bwd(const PoolDesc& d, const AvgPoolOpts& o, const float* gy, float* gx, int tid, int nthreads) {
-  const int64_t P = d.p(), Q = d.q(), W = d.in.w, hw = d.in.h * d.in.w, cb = d.in.cb();
-  int64_t plane, end;
-  share_of(d.in.n * cb, tid, nthreads, &plane, &end);
-  for (; plane < end; ++plane) {
-    float* gxp = gx + plane * hw * V;
-    std::fill(gxp, gxp + hw * V, 0.f);
-    const auto mask = lane_mask<V>(d.in.c - plane % cb * V);
-    for (int64_t oh = 0; oh < P; ++oh)
-      for (int64_t ow = 0; ow < Q; ++ow) {
-        const AvgWindow a = avg_window(d, oh, ow);
-        if (a.h0 >= a.h1 || a.w0 >= a.w1) continue;
-        const float div = static_cast<float>(d.avg_divisor(oh, ow, o.count_include_pad, o.divisor_override));
-        const auto g = keep<V>(load<V>(gy + ((plane * P + oh) * Q + ow) * V) / div, mask);
-        for (int64_t ih = a.h0; ih < a.h1; ++ih)
-          for (int64_t iw = a.w0; iw < a.w1; ++iw) {
-            float* at = gxp + (ih * W + iw) * V;
-            store<V>(at, load<V>(at) + g);
-          }
-      }
-  }
-}
-
-// ---- global average -----------------------------------------------------------------------
-
-template <int V>
-DC_INLINE void gap_fwd(const BlockedShape& s, const float* x, float* y, int tid, int nthreads) {
-  const int64_t hw = s.plane(), cb = s.cb();
-  int64_t plane, end;
-  share_of(s.n * cb, tid, nthreads, &plane, &end);
-  for (; plane < end; ++plane) {
-    DSum<V> sum;
-    const float* xp = x + plane * hw * V;
-    for (int64_t p = 0; p < hw; ++p) sum.add(load<V>(xp + p * V));
-    double lane[V] = {};
-    sum.flush(lane);
-    const int64_t n = plane / cb, c0 = plane % cb * V, valid = std::min<int64_t>(V, s.c - c0);
-    for (int64_t l = 0; l < valid; ++l) y[n * s.c + c0 + l] = static_cast<float>(lane[l] / static_cast<double>(hw));
-  }
-}
-
-template <int V>
-DC_INLINE void gap_bwd(const BlockedShape& s, const float* gy, float* gx, int tid, int nthreads) {
-  const int64_t hw = s.plane(), cb = s.cb();
-  for_each_run(s, tid, nthreads, [&](int64_t b, int64_t first, int64_t count) {
-    const int64_t n = first / hw / cb, c0 = b * V, valid = std::min<int64_t>(V, s.c - c0);
-    // Only the real channels of grad_y exist: the row has C floats, not Cb * V.
-    float lane[V] = {};
-    for (int64_t l = 0; l < valid; ++l) lane[l] = gy[n * s.c + c0 + l] / static_cast<float>(hw);
-    const auto g = load<V>(lane);
-    for (int64_t i = 0; i < count; ++i) store<V>(gx + (first + i) * V, g);
-  });
-}
-
-// The entry points, one per ISA: V = 16 is AVX-512's zmm, V = 8 AVX2's ymm.
-#define DC_POOL_ENTRY(name, impl, params, args)                  \
-  DC_TARGET_AVX512 void name##16 params { impl<16> args; }       \
-  DC_TARGET_AVX2 void name##8 params { impl<8> args; }
-
-DC_POOL_ENTRY(max_fwd_isa, max_fwd, (const PoolDesc& d, const float* x, float* y, int t, int nt), (d, x, y, t, nt))
-DC_POOL_ENTRY(max_bwd_isa, max_bwd, (const PoolDesc& d, const float* x, const float* gy, float* gx, int t, int nt),
-              (d, x, gy, gx, t, nt))
-DC_POOL_ENTRY(avg_fwd_isa, avg_fwd,
-              (const PoolDesc& d, const AvgPoolOpts& o, const float* x, float* y, int t, int nt),
-              (d, o, x, y, t, nt))
-DC_POOL_ENTRY(avg_bwd_isa, avg_bwd,
-              (const PoolDesc& d, const AvgPoolOpts& o, const float* gy, float* gx, int t, int nt),
-              (d, o, gy, gx, t, nt))
-DC_POOL_ENTRY(gap_fwd_isa, gap_fwd, (const BlockedShape& s, const float* x, float* y, int t, int nt),
-              (s, x, y, t, nt))
-DC_POOL_ENTRY(gap_bwd_isa, gap_bwd, (const BlockedShape& s, const float* gy, float* gx, int t, int nt),
-              (s, gy, gx, t, nt))
-#undef DC_POOL_ENTRY
+namespace avx2 {
+DC_BEGIN_AVX2
+constexpr int kV = 8;
+#include "conv/lanes.inc"
+#include "conv/blocked_pool_loops.inc"
+DC_END_ISA
+}  // namespace avx2
 
 }  // namespace
 
@@ -265,18 +87,18 @@ int64_t PoolDesc::avg_divisor(int64_t oh, int64_t ow, bool count_include_pad, in
 }
 
 void max_pool_fwd_share(const PoolDesc& d, const float* x, float* y, int tid, int nthreads) {
-  (d.in.v == 16 ? max_fwd_isa16 : max_fwd_isa8)(d, x, y, tid, nthreads);
+  (d.in.v == 16 ? avx512::max_fwd : avx2::max_fwd)(d, x, y, tid, nthreads);
 }
 void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* grad_y, float* grad_x, int tid,
                         int nthreads) {
-  (d.in.v == 16 ? max_bwd_isa16 : max_bwd_isa8)(d, x, grad_y, grad_x, tid, nthreads);
+  (d.in.v == 16 ? avx512::max_bwd : avx2::max_bwd)(d, x, grad_y, grad_x, tid, nthreads);
 }
 void avg_pool_fwd_share(const PoolDesc& d, const AvgPoolOpts& o, const float* x, float* y, int tid, int nthreads) {
-  (d.in.v == 16 ? avg_fwd_isa16 : avg_fwd_isa8)(d, o, x, y, tid, nthreads);
+  (d.in.v == 16 ? avx512::avg_fwd : avx2::avg_fwd)(d, o, x, y, tid, nthreads);
 }
 void avg_pool_bwd_share(const PoolDesc& d, const AvgPoolOpts& o, const float* grad_y, float* grad_x, int tid,
                         int nthreads) {
-  (d.in.v == 16 ? avg_bwd_isa16 : avg_bwd_isa8)(d, o, grad_y, grad_x, tid, nthreads);
+  (d.in.v == 16 ? avx512::avg_bwd : avx2::avg_bwd)(d, o, grad_y, grad_x, tid, nthreads);
 }
 void global_avg_pool_fwd_share(const BlockedShape& s, const float* x, float* y, int tid, int nthreads) {
   if (s.plane() == 0) {
@@ -285,10 +107,10 @@ void global_avg_pool_fwd_share(const BlockedShape& s, const float* x, float* y, 
     std::fill(y + b, y + e, std::numeric_limits<float>::quiet_NaN());
     return;
   }
-  (s.v == 16 ? gap_fwd_isa16 : gap_fwd_isa8)(s, x, y, tid, nthreads);
+  (s.v == 16 ? avx512::gap_fwd : avx2::gap_fwd)(s, x, y, tid, nthreads);
 }
 void global_avg_pool_bwd_share(const BlockedShape& s, const float* grad_y, float* grad_x, int tid, int nthreads) {
-  (s.v == 16 ? gap_bwd_isa16 : gap_bwd_isa8)(s, grad_y, grad_x, tid, nthreads);
+  (s.v == 16 ? avx512::gap_bwd : avx2::gap_bwd)(s, grad_y, grad_x, tid, nthreads);
 }
 
 // ---- scalar twins -------------------------------------------------------------------------
