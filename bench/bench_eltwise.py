@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import torch_directconv as tdc
 from torch_directconv import blocked_ops as bo
+from torch_directconv._autograd import call_op
 
 ops = torch.ops.directconv
 
@@ -118,7 +119,10 @@ def bn_cases(shape: Shape, n: int) -> list[Case]:
     mask = [True, True, True, shape.residual and shape.relu]
 
     def ours_bwd():
-        return ops.bn_backward_blocked(gyb, yb if shape.relu else None, xb, mean, var, w, 1e-5, True, c, mask)
+        # As autograd calls it: below the autograd key.
+        return call_op(
+            ops.bn_backward_blocked.default, gyb, yb if shape.relu else None, xb, mean, var, w, 1e-5, True, c, mask
+        )
 
     xl, wl, bl = x_cl.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     rl = r_cl.clone().requires_grad_() if r_cl is not None else None
@@ -156,6 +160,7 @@ def maxpool_cases(n: int) -> list[Case]:
     size_in, size_out = 4 * xb.numel(), 4 * xb.numel() // 4
     gyb = tdc.to_blocked(torch.randn(n, 64, 56, 56, generator=g))
     gy_cl = tdc.from_blocked(gyb, 64).contiguous(memory_format=torch.channels_last)
+    yb = bo.max_pool2d(xb, 64, 3, 2, 1)
     xl = x_cl.clone().requires_grad_()
     with torch.enable_grad():
         yt = F.max_pool2d(xl, 3, 2, 1)
@@ -174,7 +179,9 @@ def maxpool_cases(n: int) -> list[Case]:
             return torch.autograd.grad(yt, xl, gy_cl, retain_graph=True)
 
     bwd.fns = {
-        "ours": lambda: ops.max_pool2d_blocked_backward(gyb, xb, [3, 3], [2, 2], [1, 1], [1, 1], False, 64),
+        "ours": lambda: call_op(
+            ops.max_pool2d_blocked_backward.default, gyb, xb, yb, [3, 3], [2, 2], [1, 1], [1, 1], False, 64
+        ),
         "torch": torch_max_bwd,
         "copy": copy,
     }
@@ -201,7 +208,7 @@ def gap_cases(n: int) -> list[Case]:
                "copy": lambda: gap_dst.copy_(x_cl)}
     bwd = Case("gap", "bwd", 4 * xb.numel(), 4 * xb.numel(), 1)
     bwd.fns = {
-        "ours": lambda: ops.global_avg_pool_blocked_backward(gy, list(xb.shape), 2048),
+        "ours": lambda: call_op(ops.global_avg_pool_blocked_backward.default, gy, list(xb.shape), 2048),
         "torch": torch_gap_bwd,
         "copy": lambda: gap_dst.copy_(x_cl),
     }

@@ -64,7 +64,7 @@ def _max_pool_fake(xb, kernel_size, stride, padding, dilation, ceil_mode, channe
 
 
 @torch.library.register_fake("directconv::max_pool2d_blocked_backward")
-def _max_pool_backward_fake(grad_output, xb, kernel_size, stride, padding, dilation, ceil_mode, channels):
+def _max_pool_backward_fake(grad_output, xb, yb, kernel_size, stride, padding, dilation, ceil_mode, channels):
     return xb.new_empty(xb.shape)
 
 
@@ -164,13 +164,15 @@ def _backward_bn_stats(ctx, grad_mean, grad_var):
 
 
 def _setup_max_pool(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
+    # The output too: the backward finds each window's argmax as the first tap equal to it (in
+    # a CNN the next layer keeps the output anyway, so this costs no memory there).
+    ctx.save_for_backward(inputs[0], output)
     ctx.args = inputs[1:]
 
 
 def _backward_max_pool(ctx, grad):
-    (xb,) = ctx.saved_tensors
-    return (call_op(ops.max_pool2d_blocked_backward.default, grad, xb, *ctx.args),) + (None,) * 6
+    xb, yb = ctx.saved_tensors
+    return (call_op(ops.max_pool2d_blocked_backward.default, grad, xb, yb, *ctx.args),) + (None,) * 6
 
 
 def _setup_avg_pool(ctx, inputs, output) -> None:

@@ -89,9 +89,9 @@ int64_t PoolDesc::avg_divisor(int64_t oh, int64_t ow, bool count_include_pad, in
 void max_pool_fwd_share(const PoolDesc& d, const float* x, float* y, int tid, int nthreads) {
   (d.in.v == 16 ? avx512::max_fwd : avx2::max_fwd)(d, x, y, tid, nthreads);
 }
-void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* grad_y, float* grad_x, int tid,
-                        int nthreads) {
-  (d.in.v == 16 ? avx512::max_bwd : avx2::max_bwd)(d, x, grad_y, grad_x, tid, nthreads);
+void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* y, const float* grad_y, float* grad_x,
+                        int tid, int nthreads) {
+  (d.in.v == 16 ? avx512::max_bwd : avx2::max_bwd)(d, x, y, grad_y, grad_x, tid, nthreads);
 }
 void avg_pool_fwd_share(const PoolDesc& d, const AvgPoolOpts& o, const float* x, float* y, int tid, int nthreads) {
   (d.in.v == 16 ? avx512::avg_fwd : avx2::avg_fwd)(d, o, x, y, tid, nthreads);

@@ -34,10 +34,12 @@ struct PoolDesc {
 
 // As F.max_pool2d: the first maximum of each window in row-major order, NaN propagating.
 void max_pool_fwd_share(const PoolDesc& d, const float* x, float* y, int tid, int nthreads);
-// The input gradient (d.in) of max_pool2d from the input itself: each window's argmax is
-// found again, in the forward's order, and receives the output's gradient. Threads take
+// The input gradient (d.in) of max_pool2d from the input x and the forward's output y (no
+// indices are kept): each window's argmax, the first tap equal to y, gets the output's
+// gradient; a plane whose y holds a NaN searches as the forward does instead. Threads take
 // whole (image, channel block) planes, as overlapping windows add into shared pixels.
-void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* grad_y, float* grad_x, int tid, int nthreads);
+void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* y, const float* grad_y, float* grad_x,
+                        int tid, int nthreads);
 
 // Average pooling options: divisor_override 0 means none.
 struct AvgPoolOpts {

@@ -212,18 +212,22 @@ Tensor max_pool2d_blocked(const Tensor& xb, at::IntArrayRef kernel_size, at::Int
   return y;
 }
 
-Tensor max_pool2d_blocked_backward(const Tensor& grad_output, const Tensor& xb, at::IntArrayRef kernel_size,
-                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   bool ceil_mode, int64_t channels) {
+// yb is the forward's output (of this xb and geometry): the backward finds each window's
+// argmax as the first tap equal to it, so no indices are kept.
+Tensor max_pool2d_blocked_backward(const Tensor& grad_output, const Tensor& xb, const Tensor& yb,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, bool ceil_mode, int64_t channels) {
   const char* op = "max_pool2d_blocked_backward";
   const dc::PoolDesc d =
       pool_desc(op, blocked_shape(op, "xb", xb, channels), kernel_size, stride, padding, dilation, ceil_mode);
   Tensor expect = blocked_like(xb, d.out());
   check_like(op, "grad_output", grad_output, expect, "the output");
-  Tensor x = xb.contiguous(), gy = grad_output.contiguous(), gx = blocked_like(xb, d.in);
-  const float *xp = x.data_ptr<float>(), *gyp = gy.data_ptr<float>();
+  check_like(op, "yb", yb, expect, "the output");
+  Tensor x = xb.contiguous(), y = yb.contiguous(), gy = grad_output.contiguous(), gx = blocked_like(xb, d.in);
+  const float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>(), *gyp = gy.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
-  run_shares(threads_for(2 * x.numel()), [&](int tid, int n) { dc::max_pool_bwd_share(d, xp, gyp, gxp, tid, n); });
+  run_shares(threads_for(2 * x.numel()),
+             [&](int tid, int n) { dc::max_pool_bwd_share(d, xp, yp, gyp, gxp, tid, n); });
   return gx;
 }
 
@@ -304,7 +308,7 @@ TORCH_LIBRARY_FRAGMENT(directconv, m) {
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def("max_pool2d_blocked(Tensor xb, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
         "bool ceil_mode, int channels) -> Tensor");
-  m.def("max_pool2d_blocked_backward(Tensor grad_output, Tensor xb, int[2] kernel_size, int[2] stride, "
+  m.def("max_pool2d_blocked_backward(Tensor grad_output, Tensor xb, Tensor yb, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, bool ceil_mode, int channels) -> Tensor");
   m.def("avg_pool2d_blocked(Tensor xb, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
         "bool count_include_pad, int? divisor_override, int channels) -> Tensor");
