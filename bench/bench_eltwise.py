@@ -170,8 +170,11 @@ def maxpool_cases(n: int) -> list[Case]:
         return copy_dst.copy_(x_cl)
 
     fwd = Case("maxpool", "fwd", size_in + size_out, size_in, 1)
-    fwd.fns = {"ours": lambda: bo.max_pool2d(xb, 64, 3, 2, 1), "torch": lambda: F.max_pool2d(x_cl, 3, 2, 1),
-               "copy": copy}
+    fwd.fns = {
+        "ours": lambda: bo.max_pool2d(xb, 64, 3, 2, 1),
+        "torch": lambda: F.max_pool2d(x_cl, 3, 2, 1),
+        "copy": copy,
+    }
     bwd = Case("maxpool", "bwd", 2 * size_in + size_out, size_in, 1)
 
     def torch_max_bwd():
@@ -204,8 +207,11 @@ def gap_cases(n: int) -> list[Case]:
             return torch.autograd.grad(yt, xl, gy, retain_graph=True)
 
     fwd = Case("gap", "fwd", 4 * xb.numel(), 4 * xb.numel(), 1)
-    fwd.fns = {"ours": lambda: bo.global_avg_pool(xb, 2048), "torch": lambda: x_cl.mean((2, 3)),
-               "copy": lambda: gap_dst.copy_(x_cl)}
+    fwd.fns = {
+        "ours": lambda: bo.global_avg_pool(xb, 2048),
+        "torch": lambda: x_cl.mean((2, 3)),
+        "copy": lambda: gap_dst.copy_(x_cl),
+    }
     bwd = Case("gap", "bwd", 4 * xb.numel(), 4 * xb.numel(), 1)
     bwd.fns = {
         "ours": lambda: call_op(ops.global_avg_pool_blocked_backward.default, gy, list(xb.shape), 2048),
@@ -255,8 +261,10 @@ def network(cases: list[Case]) -> str:
         sel = [c for c in cases if c.op in ops_]
         ours = sum(c.count * c.times["ours"] for c in sel)
         theirs = sum(c.count * c.times["torch"] for c in sel)
-        out.append(f"all 53 BNs, {' + '.join(ops_)}: ours {ours * 1e3:.2f} ms, torch {theirs * 1e3:.2f} ms, "
-                   f"speedup {theirs / ours:.2f}x")
+        out.append(
+            f"all 53 BNs, {' + '.join(ops_)}: ours {ours * 1e3:.2f} ms, torch {theirs * 1e3:.2f} ms, "
+            f"speedup {theirs / ours:.2f}x"
+        )
     return "\n".join(out)
 
 
@@ -273,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_eltwise: the JIT is not active here; nothing to benchmark", file=sys.stderr)
         return 2
     samples, min_time, warmup = (3, 0.01, 1) if args.quick else (5, 0.05, 2)
-    print(f"torch {torch.__version__}, ISA {tdc.isa()} (V={tdc.vector_width()}); median of {samples} samples "
-          f">= {min_time}s, round-robin")
+    print(
+        f"torch {torch.__version__}, ISA {tdc.isa()} (V={tdc.vector_width()}); median of {samples} samples "
+        f">= {min_time}s, round-robin"
+    )
     with torch.no_grad():
         for threads in args.threads:
             torch.set_num_threads(threads)

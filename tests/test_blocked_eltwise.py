@@ -552,7 +552,9 @@ def child_guard_sweep(seed: int) -> None:
             for side in ("before", "after"):
                 guarded = [guarded_copy(a, side) if isinstance(a, torch.Tensor) else a for a in args]
                 got = op(*guarded)
-                for a, e in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+                got_all = got if isinstance(got, tuple) else (got,)
+                want_all = want if isinstance(want, tuple) else (want,)
+                for a, e in zip(got_all, want_all, strict=True):
                     assert torch.equal(a, e), f"{op} {side} n{n}c{c}h{h}w{w}"
                 calls += 1
     print(f"guard-page sweep: {calls} guarded calls", flush=True)
@@ -578,6 +580,4 @@ def test_no_reads_outside_the_tensors(isa_cap: str) -> None:
 
 def test_under_avx2_cap() -> None:
     """This file's comparisons again with the AVX2 kernels (V = 8)."""
-    run_pytest_under_isa(
-        "avx2", "tests/test_blocked_eltwise.py", "not under_avx2_cap and not no_reads and not compile"
-    )
+    run_pytest_under_isa("avx2", "tests/test_blocked_eltwise.py", "not under_avx2_cap and not no_reads and not compile")

@@ -143,7 +143,9 @@ def avg_pool2d(
     k = _pair(op, "kernel_size", kernel_size)
     s = k if stride is None or stride == [] else _pair(op, "stride", stride)
     p = _pair(op, "padding", padding)
-    return call_op(ops.avg_pool2d_blocked.default, xb, k, s, p, ceil_mode, count_include_pad, divisor_override, channels)
+    return call_op(
+        ops.avg_pool2d_blocked.default, xb, k, s, p, ceil_mode, count_include_pad, divisor_override, channels
+    )
 
 
 def global_avg_pool(xb: torch.Tensor, channels: int) -> torch.Tensor:

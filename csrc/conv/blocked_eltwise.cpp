@@ -25,16 +25,20 @@ struct BwdCoeffs {
 namespace avx512 {
 DC_BEGIN_AVX512
 constexpr int kV = 16;
+// clang-format off: lanes.inc defines what the loops use
 #include "conv/lanes.inc"
 #include "conv/blocked_eltwise_loops.inc"
+// clang-format on
 DC_END_ISA
 }  // namespace avx512
 
 namespace avx2 {
 DC_BEGIN_AVX2
 constexpr int kV = 8;
+// clang-format off: lanes.inc defines what the loops use
 #include "conv/lanes.inc"
 #include "conv/blocked_eltwise_loops.inc"
+// clang-format on
 DC_END_ISA
 }  // namespace avx2
 
@@ -104,7 +108,8 @@ float inv_std(float var, double eps) { return static_cast<float>(1.0 / std::sqrt
 ChannelAffine bn_affine(int64_t c, int v, const float* mean, const float* var, double eps, const float* weight,
                         const float* bias) {
   const int64_t padded = (c + v - 1) / v * v;
-  ChannelAffine a{padded_copy(mean, c, padded, 0.f), std::vector<float>(padded, 0.f), padded_copy(bias, c, padded, 0.f)};
+  ChannelAffine a{padded_copy(mean, c, padded, 0.f), std::vector<float>(padded, 0.f),
+                  padded_copy(bias, c, padded, 0.f)};
   for (int64_t i = 0; i < c; ++i) a.scale[i] = (weight ? weight[i] : 1.f) * inv_std(var[i], eps);
   return a;
 }

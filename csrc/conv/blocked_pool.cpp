@@ -25,8 +25,7 @@ std::string PoolDesc::validate() const {
   if (ph > kh / 2 || pw > kw / 2)
     return "expected 'padding' at most half of 'kernel_size' " + pair(kh, kw) + ", got " + pair(ph, pw);
   if (p() < 1 || q() < 1)
-    return "the input of " + pair(in.h, in.w) + " pixels gives an output of " + pair(p(), q()) +
-           ", which is too small";
+    return "the input of " + pair(in.h, in.w) + " pixels gives an output of " + pair(p(), q()) + ", which is too small";
   // max_pool_bwd names a window's argmax by its pixel within the plane, in 32 bits.
   if (in.h * in.w > std::numeric_limits<int32_t>::max())
     return "expected fewer than 2^31 pixels per plane, got " + pair(in.h, in.w);
@@ -65,16 +64,20 @@ AvgWindow avg_window(const PoolDesc& d, int64_t oh, int64_t ow) {
 namespace avx512 {
 DC_BEGIN_AVX512
 constexpr int kV = 16;
+// clang-format off: lanes.inc defines what the loops use
 #include "conv/lanes.inc"
 #include "conv/blocked_pool_loops.inc"
+// clang-format on
 DC_END_ISA
 }  // namespace avx512
 
 namespace avx2 {
 DC_BEGIN_AVX2
 constexpr int kV = 8;
+// clang-format off: lanes.inc defines what the loops use
 #include "conv/lanes.inc"
 #include "conv/blocked_pool_loops.inc"
+// clang-format on
 DC_END_ISA
 }  // namespace avx2
 
@@ -89,8 +92,8 @@ int64_t PoolDesc::avg_divisor(int64_t oh, int64_t ow, bool count_include_pad, in
 void max_pool_fwd_share(const PoolDesc& d, const float* x, float* y, int tid, int nthreads) {
   (d.in.v == 16 ? avx512::max_fwd : avx2::max_fwd)(d, x, y, tid, nthreads);
 }
-void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* y, const float* grad_y, float* grad_x,
-                        int tid, int nthreads) {
+void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* y, const float* grad_y, float* grad_x, int tid,
+                        int nthreads) {
   (d.in.v == 16 ? avx512::max_bwd : avx2::max_bwd)(d, x, y, grad_y, grad_x, tid, nthreads);
 }
 void avg_pool_fwd_share(const PoolDesc& d, const AvgPoolOpts& o, const float* x, float* y, int tid, int nthreads) {

@@ -38,8 +38,8 @@ void max_pool_fwd_share(const PoolDesc& d, const float* x, float* y, int tid, in
 // indices are kept): each window's argmax, the first tap equal to y, gets the output's
 // gradient; a plane whose y holds a NaN searches as the forward does instead. Threads take
 // whole (image, channel block) planes, as overlapping windows add into shared pixels.
-void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* y, const float* grad_y, float* grad_x,
-                        int tid, int nthreads);
+void max_pool_bwd_share(const PoolDesc& d, const float* x, const float* y, const float* grad_y, float* grad_x, int tid,
+                        int nthreads);
 
 // Average pooling options: divisor_override 0 means none.
 struct AvgPoolOpts {

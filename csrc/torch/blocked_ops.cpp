@@ -39,16 +39,16 @@ dc::BlockedShape blocked_shape(const char* op, const char* name, const Tensor& t
   TORCH_CHECK(t.dim() == 5 && t.size(4) == v, op, ": expected a blocked '", name, "' (N, C/", v, ", H, W, ", v,
               "), got shape ", t.sizes());
   const int64_t cb = t.size(1);
-  TORCH_CHECK(cb == 0 ? channels == 0 : channels > (cb - 1) * v && channels <= cb * v, op, ": 'channels' (",
-              channels, ") does not fit the ", cb, " channel blocks of ", v, " of '", name, "' (expected ",
+  TORCH_CHECK(cb == 0 ? channels == 0 : channels > (cb - 1) * v && channels <= cb * v, op, ": 'channels' (", channels,
+              ") does not fit the ", cb, " channel blocks of ", v, " of '", name, "' (expected ",
               cb == 0 ? 0 : (cb - 1) * v + 1, " to ", cb * v, ")");
   return {t.size(0), channels, t.size(2), t.size(3), v};
 }
 
 void check_like(const char* op, const char* name, const Tensor& t, const Tensor& like, const char* like_name) {
   check_float_cpu(op, name, t);
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected '", name, "' of the shape of '", like_name, "' ",
-              like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected '", name, "' of the shape of '", like_name, "' ", like.sizes(),
+              ", got ", t.sizes());
 }
 
 // A per-channel vector (C,), contiguous on return; null pointer when absent.
@@ -56,8 +56,8 @@ const float* channel_vector(const char* op, const char* name, const c10::optiona
                             Tensor* keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
   check_float_cpu(op, name, *t);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, op, ": expected '", name, "' of shape (", channels,
-              "), got ", t->sizes());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, op, ": expected '", name, "' of shape (", channels, "), got ",
+              t->sizes());
   *keep = t->contiguous();
   return keep->data_ptr<float>();
 }
@@ -99,7 +99,9 @@ dc::PoolDesc pool_desc(const char* op, const dc::BlockedShape& in, at::IntArrayR
   return d;
 }
 
-Tensor blocked_like(const Tensor& t, const dc::BlockedShape& s) { return at::empty({s.n, s.cb(), s.h, s.w, s.v}, t.options()); }
+Tensor blocked_like(const Tensor& t, const dc::BlockedShape& s) {
+  return at::empty({s.n, s.cb(), s.h, s.w, s.v}, t.options());
+}
 
 }  // namespace
 
@@ -226,8 +228,7 @@ Tensor max_pool2d_blocked_backward(const Tensor& grad_output, const Tensor& xb, 
   Tensor x = xb.contiguous(), y = yb.contiguous(), gy = grad_output.contiguous(), gx = blocked_like(xb, d.in);
   const float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>(), *gyp = gy.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
-  run_shares(threads_for(2 * x.numel()),
-             [&](int tid, int n) { dc::max_pool_bwd_share(d, xp, yp, gyp, gxp, tid, n); });
+  run_shares(threads_for(2 * x.numel()), [&](int tid, int n) { dc::max_pool_bwd_share(d, xp, yp, gyp, gxp, tid, n); });
   return gx;
 }
 
@@ -244,8 +245,8 @@ Tensor avg_pool2d_blocked(const Tensor& xb, at::IntArrayRef kernel_size, at::Int
                           at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
                           c10::optional<int64_t> divisor_override, int64_t channels) {
   const char* op = "avg_pool2d_blocked";
-  const dc::PoolDesc d = pool_desc(op, blocked_shape(op, "xb", xb, channels), kernel_size, stride, padding, {1, 1},
-                                   ceil_mode);
+  const dc::PoolDesc d =
+      pool_desc(op, blocked_shape(op, "xb", xb, channels), kernel_size, stride, padding, {1, 1}, ceil_mode);
   const dc::AvgPoolOpts o = avg_opts(op, count_include_pad, divisor_override);
   Tensor x = xb.contiguous(), y = blocked_like(xb, d.out());
   const float* xp = x.data_ptr<float>();
@@ -256,8 +257,7 @@ Tensor avg_pool2d_blocked(const Tensor& xb, at::IntArrayRef kernel_size, at::Int
 
 Tensor avg_pool2d_blocked_backward(const Tensor& grad_output, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
-                                   bool count_include_pad, c10::optional<int64_t> divisor_override,
-                                   int64_t channels) {
+                                   bool count_include_pad, c10::optional<int64_t> divisor_override, int64_t channels) {
   const char* op = "avg_pool2d_blocked_backward";
   Tensor gx = at::empty(input_size, grad_output.options());
   const dc::PoolDesc d =
@@ -301,19 +301,25 @@ Tensor global_avg_pool_blocked_backward(const Tensor& grad_output, at::IntArrayR
 TORCH_LIBRARY_FRAGMENT(directconv, m) {
   m.def("bn_stats_blocked(Tensor xb, int channels) -> (Tensor mean, Tensor var)");
   m.def("bn_apply_blocked(Tensor xb, Tensor scale, Tensor shift, Tensor? residual, bool relu, int channels) -> Tensor");
-  m.def("batch_norm_blocked(Tensor xb, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
-        "float eps, bool relu, bool train, int channels) -> Tensor");
-  m.def("bn_backward_blocked(Tensor grad_y, Tensor? yb, Tensor xb, Tensor mean, Tensor var, Tensor? weight, "
-        "float eps, bool train, int channels, bool[4] output_mask) "
-        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
-  m.def("max_pool2d_blocked(Tensor xb, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-        "bool ceil_mode, int channels) -> Tensor");
-  m.def("max_pool2d_blocked_backward(Tensor grad_output, Tensor xb, Tensor yb, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, int[2] dilation, bool ceil_mode, int channels) -> Tensor");
-  m.def("avg_pool2d_blocked(Tensor xb, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
-        "bool count_include_pad, int? divisor_override, int channels) -> Tensor");
-  m.def("avg_pool2d_blocked_backward(Tensor grad_output, SymInt[5] input_size, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, bool ceil_mode, bool count_include_pad, int? divisor_override, int channels) -> Tensor");
+  m.def(
+      "batch_norm_blocked(Tensor xb, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "float eps, bool relu, bool train, int channels) -> Tensor");
+  m.def(
+      "bn_backward_blocked(Tensor grad_y, Tensor? yb, Tensor xb, Tensor mean, Tensor var, Tensor? weight, "
+      "float eps, bool train, int channels, bool[4] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  m.def(
+      "max_pool2d_blocked(Tensor xb, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode, int channels) -> Tensor");
+  m.def(
+      "max_pool2d_blocked_backward(Tensor grad_output, Tensor xb, Tensor yb, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool ceil_mode, int channels) -> Tensor");
+  m.def(
+      "avg_pool2d_blocked(Tensor xb, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+      "bool count_include_pad, int? divisor_override, int channels) -> Tensor");
+  m.def(
+      "avg_pool2d_blocked_backward(Tensor grad_output, SymInt[5] input_size, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, bool ceil_mode, bool count_include_pad, int? divisor_override, int channels) -> Tensor");
   m.def("global_avg_pool_blocked(Tensor xb, int channels) -> Tensor");
   m.def("global_avg_pool_blocked_backward(Tensor grad_output, SymInt[5] input_size, int channels) -> Tensor");
 }

@@ -34,8 +34,8 @@ std::vector<float> random_blocked(const BlockedShape& s, float offset = 0.f) {
 }
 
 std::string str(const BlockedShape& s) {
-  return "n" + std::to_string(s.n) + "c" + std::to_string(s.c) + "h" + std::to_string(s.h) + "w" +
-         std::to_string(s.w) + "v" + std::to_string(s.v);
+  return "n" + std::to_string(s.n) + "c" + std::to_string(s.c) + "h" + std::to_string(s.h) + "w" + std::to_string(s.w) +
+         "v" + std::to_string(s.v);
 }
 
 // max_rel_err, where equal values (the -inf of a max-pool window with no tap inside the
@@ -166,8 +166,8 @@ PoolDesc random_pool(int v, bool dilated) {
 
 std::string str(const PoolDesc& d) {
   char b[160];
-  std::snprintf(b, sizeof b, " k%ldx%ld s%ldx%ld p%ldx%ld d%ldx%ld%s", long(d.kh), long(d.kw), long(d.sh),
-                long(d.sw), long(d.ph), long(d.pw), long(d.dh), long(d.dw), d.ceil_mode ? " ceil" : "");
+  std::snprintf(b, sizeof b, " k%ldx%ld s%ldx%ld p%ldx%ld d%ldx%ld%s", long(d.kh), long(d.kw), long(d.sh), long(d.sw),
+                long(d.ph), long(d.pw), long(d.dh), long(d.dw), d.ceil_mode ? " ceil" : "");
   return str(d.in) + b;
 }
 
