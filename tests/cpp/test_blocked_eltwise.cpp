@@ -38,6 +38,26 @@ std::string str(const BlockedShape& s) {
          "v" + std::to_string(s.v);
 }
 
+// An output buffer of n floats (-7 to start with) between two fences of sentinels, so that
+// a write past either end shows.
+class Fenced {
+ public:
+  explicit Fenced(size_t n) : buf_(n + 2 * kFence, kSentinel), n_(n) { std::fill(data(), data() + n, -7.f); }
+  float* data() { return buf_.data() + kFence; }
+  std::vector<float> get() const { return {buf_.begin() + kFence, buf_.begin() + kFence + n_}; }
+  bool intact() const {
+    for (size_t i = 0; i < kFence; ++i)
+      if (buf_[i] != kSentinel || buf_[kFence + n_ + i] != kSentinel) return false;
+    return true;
+  }
+
+ private:
+  static constexpr size_t kFence = 64;
+  static constexpr float kSentinel = 12345.f;
+  std::vector<float> buf_;
+  size_t n_;
+};
+
 // max_rel_err, where equal values (the -inf of a max-pool window with no tap inside the
 // input, or NaN and NaN) count as no error.
 double pool_err(const std::vector<float>& a, const std::vector<float>& b) {
@@ -86,12 +106,14 @@ void apply_vs_twin(int v) {
     const ChannelAffine a = trial % 2 ? bn_affine(s.c, v, mean.data(), var.data(), 1e-5, w.data(), b.data())
                                       : scale_shift_affine(s.c, v, w.data(), b.data());
     const bool relu = uni(0, 1), res = uni(0, 1);
-    std::vector<float> y(x.size(), -7.f), ref(x.size());
+    Fenced out(x.size());
+    std::vector<float> ref(x.size());
     const int nt = uni(1, 3);
-    for (int t = 0; t < nt; ++t) bn_apply_share(s, a, x.data(), res ? r.data() : nullptr, relu, y.data(), t, nt);
+    for (int t = 0; t < nt; ++t) bn_apply_share(s, a, x.data(), res ? r.data() : nullptr, relu, out.data(), t, nt);
     bn_apply_ref(s, a, x.data(), res ? r.data() : nullptr, relu, ref.data());
+    const std::vector<float> y = out.get();
     CHECK(max_rel_err(y, ref) < 1e-6, "%s relu=%d res=%d: %g", str(s).c_str(), relu, res, max_rel_err(y, ref));
-    CHECK(padding_is_zero(s, y), "%s: padded lanes of y", str(s).c_str());
+    CHECK(padding_is_zero(s, y) && out.intact(), "%s: padded lanes of y, or a write outside it", str(s).c_str());
   }
 }
 
@@ -115,7 +137,7 @@ void backward_vs_twin(int v) {
     a.weight = uni(0, 1) ? w.data() : nullptr;
     a.train = uni(0, 1);
     const size_t size = x.size();
-    std::vector<float> gx(size, -7.f), gr(size, -7.f), gw(s.c, -7.f), gb(s.c, -7.f);
+    Fenced fgx(size), fgr(size), fgw(s.c), fgb(s.c);
     std::vector<float> gx_ref(size), gr_ref(size), gw_ref(s.c), gb_ref(s.c);
     const bool want_x = uni(0, 3) > 0, want_r = uni(0, 1), want_w = uni(0, 1), want_b = uni(0, 1);
     BnBackwardArgs ref = a;
@@ -124,10 +146,10 @@ void backward_vs_twin(int v) {
     ref.grad_weight = gw_ref.data();
     ref.grad_bias = gb_ref.data();
     bn_backward_ref(ref);
-    a.grad_x = want_x ? gx.data() : nullptr;
-    a.grad_residual = want_r ? gr.data() : nullptr;
-    a.grad_weight = want_w ? gw.data() : nullptr;
-    a.grad_bias = want_b ? gb.data() : nullptr;
+    a.grad_x = want_x ? fgx.data() : nullptr;
+    a.grad_residual = want_r ? fgr.data() : nullptr;
+    a.grad_weight = want_w ? fgw.data() : nullptr;
+    a.grad_bias = want_b ? fgb.data() : nullptr;
     BnBackward bwd(a);
     const int nt = uni(1, 3);
     std::vector<double> partials(nt * bwd.partial_size());
@@ -136,6 +158,9 @@ void backward_vs_twin(int v) {
       bwd.finish_pass(pass, partials.data(), nt);
     }
     const std::string name = str(s) + (a.train ? " train" : " eval") + (a.y ? " relu" : "");
+    const std::vector<float> gx = fgx.get(), gr = fgr.get(), gw = fgw.get(), gb = fgb.get();
+    CHECK(fgx.intact() && fgr.intact() && fgw.intact() && fgb.intact(), "%s: a write outside the outputs",
+          name.c_str());
     if (want_x) {
       CHECK(max_rel_err(gx, gx_ref) < 2e-5, "%s grad_x: %g", name.c_str(), max_rel_err(gx, gx_ref));
       CHECK(padding_is_zero(s, gx), "%s: padded lanes of grad_x", name.c_str());
@@ -179,7 +204,9 @@ void pool_vs_twin(int v) {
     const BlockedShape o = d.out();
     std::vector<float> x = random_blocked(d.in);
     const std::vector<float> gy = random_blocked(o);
-    std::vector<float> y(o.pixels() * v, -7.f), y_ref(y.size()), gx(x.size(), -7.f), gx_ref(x.size());
+    Fenced fy(o.pixels() * v), fgx(x.size());
+    std::vector<float> y_ref(o.pixels() * v), gx_ref(x.size());
+    float *y = fy.data(), *gx = fgx.data();
     AvgPoolOpts op;
     op.count_include_pad = uni(0, 1);
     op.divisor_override = uni(0, 2) == 0 ? uni(1, 5) : 0;
@@ -191,14 +218,14 @@ void pool_vs_twin(int v) {
     }
     for (int t = 0; t < nt; ++t) {
       if (is_max) {
-        max_pool_fwd_share(d, x.data(), y.data(), t, nt);
+        max_pool_fwd_share(d, x.data(), y, t, nt);
       } else {
-        avg_pool_fwd_share(d, op, x.data(), y.data(), t, nt);
-        avg_pool_bwd_share(d, op, gy.data(), gx.data(), t, nt);
+        avg_pool_fwd_share(d, op, x.data(), y, t, nt);
+        avg_pool_bwd_share(d, op, gy.data(), gx, t, nt);
       }
     }
     if (is_max)
-      for (int t = 0; t < nt; ++t) max_pool_bwd_share(d, x.data(), y.data(), gy.data(), gx.data(), t, nt);
+      for (int t = 0; t < nt; ++t) max_pool_bwd_share(d, x.data(), y, gy.data(), gx, t, nt);
     if (is_max) {
       max_pool_fwd_ref(d, x.data(), y_ref.data());
       max_pool_bwd_ref(d, x.data(), gy.data(), gx_ref.data());
@@ -207,9 +234,10 @@ void pool_vs_twin(int v) {
       avg_pool_bwd_ref(d, op, gy.data(), gx_ref.data());
     }
     const std::string name = (is_max ? "max " : "avg ") + str(d);
-    CHECK(pool_err(y, y_ref) < 1e-6, "%s fwd: %g", name.c_str(), pool_err(y, y_ref));
-    CHECK(pool_err(gx, gx_ref) < 1e-6, "%s bwd: %g", name.c_str(), pool_err(gx, gx_ref));
-    CHECK(padding_is_zero(o, y) && padding_is_zero(d.in, gx), "%s: padded lanes", name.c_str());
+    CHECK(fy.intact() && fgx.intact(), "%s: a write outside the outputs", name.c_str());
+    CHECK(pool_err(fy.get(), y_ref) < 1e-6, "%s fwd: %g", name.c_str(), pool_err(fy.get(), y_ref));
+    CHECK(pool_err(fgx.get(), gx_ref) < 1e-6, "%s bwd: %g", name.c_str(), pool_err(fgx.get(), gx_ref));
+    CHECK(padding_is_zero(o, fy.get()) && padding_is_zero(d.in, fgx.get()), "%s: padded lanes", name.c_str());
   }
 }
 
@@ -217,13 +245,16 @@ void global_pool_vs_twin(int v) {
   for (int trial = 0; trial < 30; ++trial) {
     const BlockedShape s = random_shape(v);
     const std::vector<float> x = random_blocked(s);
-    std::vector<float> y(s.n * s.c, -7.f), y_ref(y.size()), gy(y.size()), gx(x.size(), -7.f);
+    Fenced fy(s.n * s.c), fgx(x.size());
+    std::vector<float> y_ref(s.n * s.c), gy(s.n * s.c);
     fill(gy);
     const int nt = uni(1, 3);
     for (int t = 0; t < nt; ++t) {
-      global_avg_pool_fwd_share(s, x.data(), y.data(), t, nt);
-      global_avg_pool_bwd_share(s, gy.data(), gx.data(), t, nt);
+      global_avg_pool_fwd_share(s, x.data(), fy.data(), t, nt);
+      global_avg_pool_bwd_share(s, gy.data(), fgx.data(), t, nt);
     }
+    CHECK(fy.intact() && fgx.intact(), "%s: a write outside the outputs", str(s).c_str());
+    const std::vector<float> y = fy.get(), gx = fgx.get();
     global_avg_pool_fwd_ref(s, x.data(), y_ref.data());
     CHECK(max_rel_err(y, y_ref) < 1e-6, "%s fwd: %g", str(s).c_str(), max_rel_err(y, y_ref));
     bool ok = padding_is_zero(s, gx);
