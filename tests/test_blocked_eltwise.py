@@ -76,9 +76,13 @@ def test_bn_stats_matches_var_mean(shape) -> None:
     assert mean.shape == var.shape == (shape[1],) and mean.dtype == torch.float32
 
 
-def test_bn_stats_large_mean() -> None:
-    """Mean 1000, std 1, 56x56x32 images: fp32 E[x^2] - E[x]^2 loses the variance; ours keeps it."""
+@pytest.mark.parametrize("first", ["sample", "zero"])
+def test_bn_stats_large_mean(first: str) -> None:
+    """Mean 1000, std 1, 56x56x32 images: fp32 E[x^2] - E[x]^2 loses the variance; ours keeps it,
+    also when the first pixel (each channel's shift) is far from the mean."""
     x = torch.randn(4, 32, 56, 56) + 1000
+    if first == "zero":
+        x[0, :, 0, 0] = 0
     mean, var = bo.bn_stats(tdc.to_blocked(x), 32)
     ref_var, ref_mean = torch.var_mean(x.double(), (0, 2, 3), unbiased=False)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-6, atol=0)

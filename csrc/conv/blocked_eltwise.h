@@ -32,9 +32,10 @@ int eltwise_threads(int64_t floats, int max_threads);
 // ---- statistics -----------------------------------------------------------------------
 
 // Per-channel mean and biased variance over (N, H, W). Each thread sums x - shift and its
-// square in double, shift being the channel's value at the first pixel of the first image:
-// neither the cancellation of E[x^2] - E[x]^2 on a large mean nor a long fp32 sum loses
-// digits, and as the shift is common to every thread their sums simply add up.
+// square in double (differences and squares exact), shift being the channel's value at the
+// first pixel of the first image: neither the cancellation of E[x^2] - E[x]^2 on a large mean
+// nor a long fp32 sum loses digits, and as the shift is common to every thread their sums
+// simply add up.
 int64_t bn_stats_partial_size(const BlockedShape& s);  // doubles per thread
 void bn_stats_share(const BlockedShape& s, const float* x, double* partial, int tid, int nthreads);
 // mean and var get s.c floats each; NaN when there is no value to average (N * H * W = 0).
