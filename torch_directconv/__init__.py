@@ -7,7 +7,7 @@
 See README.md for the blocked API, the environment variables and the benchmark.
 """
 
-from . import _autograd, _fake  # noqa: F401  (register autograd and the fake kernels)
+from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
 from ._backend import isa, jit_stats, vector_width
 from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
 from .functional import conv2d
@@ -15,6 +15,7 @@ from .modules import DirectConv2d, convert
 
 __all__ = [
     "DirectConv2d",
+    "blocked_ops",
     "conv2d",
     "conv2d_blocked",
     "convert",

@@ -1,0 +1,125 @@
+// Batch norm on blocked activations (N, ceil(C/V), H, W, V), contiguous, with C real
+// channels: the batch statistics, the fused apply (scale and shift, residual add, ReLU) and
+// the fused backward. Every loop streams its tensors once per pass, one vector of V channel
+// lanes per pixel, and runs one thread's share of the pixels (tid of nthreads). Outputs
+// keep the padded lanes (channels C and up) exactly zero whatever the inputs hold there.
+// Each has a scalar twin (*_ref) for the tests.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace dc {
+
+// A blocked activation of c real channels in blocks of v (16 or 8) lanes.
+struct BlockedShape {
+  int64_t n = 0, c = 0, h = 0, w = 0;
+  int v = 16;
+
+  int64_t cb() const { return (c + v - 1) / v; }
+  int64_t padded() const { return cb() * v; }
+  // Pixels of one (image, channel block) plane, and of the whole tensor.
+  int64_t plane() const { return h * w; }
+  int64_t pixels() const { return n * cb() * h * w; }
+  // The values each channel's statistics run over: N * H * W.
+  int64_t per_channel() const { return n * h * w; }
+};
+
+// Threads worth waking for a loop that streams `floats` floats (1 to max_threads): a share
+// much below a quarter of a megabyte is over before a pool thread is awake.
+int eltwise_threads(int64_t floats, int max_threads);
+
+// ---- statistics -----------------------------------------------------------------------
+
+// Per-channel mean and biased variance over (N, H, W). Each thread sums x - shift and its
+// square in double (differences and squares exact), shift being the channel's value at the
+// first pixel of the first image: neither the cancellation of E[x^2] - E[x]^2 on a large mean
+// nor a long fp32 sum loses digits, and as the shift is common to every thread their sums
+// simply add up.
+int64_t bn_stats_partial_size(const BlockedShape& s);  // doubles per thread
+void bn_stats_share(const BlockedShape& s, const float* x, double* partial, int tid, int nthreads);
+// mean and var get s.c floats each; NaN when there is no value to average (N * H * W = 0).
+void bn_stats_finish(const BlockedShape& s, const float* x, const double* partials, int nthreads, float* mean,
+                     float* var);
+void bn_stats_ref(const BlockedShape& s, const float* x, float* mean, float* var);
+
+// ---- apply ----------------------------------------------------------------------------
+
+// The per-channel map y = (x - center) * scale + shift, each padded to whole blocks with zeros.
+// The subtraction comes first so that a large mean cancels exactly, before any rounding.
+struct ChannelAffine {
+  std::vector<float> center, scale, shift;
+};
+// A batch norm's: center = mean, scale = weight / sqrt(var + eps), shift = bias (weight and
+// bias may be null: one and zero).
+ChannelAffine bn_affine(int64_t c, int v, const float* mean, const float* var, double eps, const float* weight,
+                        const float* bias);
+// A folded scale and shift: center = 0.
+ChannelAffine scale_shift_affine(int64_t c, int v, const float* scale, const float* shift);
+// 1 / sqrt(var + eps) in double, rounded to float (as torch's batch norm).
+float inv_std(float var, double eps);
+
+// y = affine(x) (+ residual when not null), then ReLU when asked.
+void bn_apply_share(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* residual, bool relu,
+                    float* y, int tid, int nthreads);
+void bn_apply_ref(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* residual, bool relu,
+                  float* y);
+
+// ---- backward -------------------------------------------------------------------------
+
+// The backward of y = relu?((x - mean) * invstd * weight + bias + residual), where
+// invstd = 1 / sqrt(var + eps). With g = grad_y, masked by y > 0 when the forward had a
+// ReLU, and xhat = (x - mean) * invstd (sums over N, H, W):
+//   grad_bias = sum g,  grad_weight = sum g * xhat,  grad_residual = g,
+//   grad_x = weight * invstd * (g - grad_bias / M - xhat * grad_weight / M)  (train: the
+//            statistics are the batch's own, M = N * H * W values each)
+//   grad_x = weight * invstd * g  (eval: the statistics are constants).
+struct BnBackwardArgs {
+  BlockedShape shape;
+  const float* grad_y = nullptr;
+  const float* y = nullptr;  // the forward's output when it ended in a ReLU, else null
+  const float* x = nullptr;
+  const float* mean = nullptr;  // c floats
+  const float* var = nullptr;   // c floats
+  double eps = 0;
+  const float* weight = nullptr;  // c floats, or null for ones
+  bool train = true;
+  // The outputs, null when not wanted: blocked like x, and c floats for the parameters.
+  float* grad_x = nullptr;
+  float* grad_residual = nullptr;
+  float* grad_weight = nullptr;
+  float* grad_bias = nullptr;
+};
+
+// At most two passes. Train with grad_x: pass 0 sums (writing grad_residual), pass 1 writes
+// grad_x (reading g back from grad_residual when that was written). Otherwise one pass
+// does everything. Use: for each pass, run_share on every thread, then finish_pass.
+class BnBackward {
+ public:
+  explicit BnBackward(const BnBackwardArgs& a);
+  int passes() const { return passes_; }
+  int64_t partial_size() const { return 2 * a_.shape.padded(); }  // doubles per thread
+  void run_share(int pass, double* partial, int tid, int nthreads) const;
+  void finish_pass(int pass, const double* partials, int nthreads);
+
+  // One pass's work, in the form the vector loops take (public for them).
+  struct Pass {
+    const float* g;  // grad_y, or g itself when mask is false
+    const float* y;  // ReLU mask source, or null
+    const float* x;  // when diff is needed (sums, or grad_x in train)
+    float* g_out;
+    float* grad_x;
+    bool sums;
+  };
+
+ private:
+  Pass pass(int i) const;
+  BnBackwardArgs a_;
+  int passes_ = 1;
+  bool sums_ = false;
+  // grad_x = k * g + b * (x - mean) + d per channel, padded with zeros.
+  std::vector<float> mean_, invstd_, k_, b_, d_;
+};
+void bn_backward_ref(const BnBackwardArgs& a);
+
+}  // namespace dc
