@@ -12,15 +12,18 @@ from ._backend import isa, jit_stats, vector_width
 from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
 from .functional import conv2d
 from .modules import DirectConv2d, convert
+from .optimize import OptimizedModule, optimize
 
 __all__ = [
     "DirectConv2d",
+    "OptimizedModule",
     "conv2d",
     "conv2d_blocked",
     "convert",
     "from_blocked",
     "isa",
     "jit_stats",
+    "optimize",
     "to_blocked",
     "to_blocked_weight",
     "vector_width",

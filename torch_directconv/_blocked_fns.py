@@ -1,0 +1,176 @@
+"""The element-wise work of a blocked model (batch norm, residual add, ReLU, pooling), on
+activations in the blocked layout (N, ceil(C/V), H, W, V) whose padded lanes are zero.
+
+These are the functions optimize()'s graphs call. They are written in plain torch ops on the
+5-D tensors (differentiable through torch's autograd, except bn_train_blocked, whose backward
+is bn_backward_blocked): correct, not fast. Fused C++ ops with the same signatures replace
+them here, and only here.
+
+Every function keeps the invariant that the padded lanes of its blocked outputs are zero:
+per-channel vectors (scale, shift) are zero-padded to whole blocks before they touch a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _lanes(v: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector (C,) zero-padded to (1, Cb, 1, 1, V), to broadcast against xb."""
+    cb, vlen = xb.shape[1], xb.shape[4]
+    return F.pad(v, (0, cb * vlen - v.shape[0])).view(1, cb, 1, 1, vlen)
+
+
+def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(Cb, V) per-lane values -> (channels,), dropping the padded lanes."""
+    return t.reshape(-1)[:channels]
+
+
+def bn_stats_blocked(xb: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel over N, H and W, each of shape (channels,).
+
+    torch.var_mean reduces in one pass with Welford's update, which stays accurate for maps
+    whose mean is large against their spread (E[x^2] - E[x]^2 in fp32 does not).
+    """
+    var, mean = torch.var_mean(xb, dim=(0, 2, 3), correction=0)
+    return _per_channel(mean, channels), _per_channel(var, channels)
+
+
+def bn_apply_blocked(
+    xb: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    channels: int,
+) -> torch.Tensor:
+    """relu?(xb * scale + shift + residual?) with per-channel scale and shift of shape (channels,).
+
+    The padded lanes get scale 0 and shift 0, so they stay zero (a batch norm's shift would
+    otherwise leak into them).
+    """
+    if scale.shape[0] != channels or shift.shape[0] != channels:
+        raise RuntimeError(
+            f"bn_apply_blocked: expected scale and shift of shape ({channels},), got {tuple(scale.shape)} and "
+            f"{tuple(shift.shape)}"
+        )
+    y = torch.addcmul(_lanes(shift, xb), xb, _lanes(scale, xb))
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def bn_backward_blocked(
+    grad_yb: torch.Tensor,
+    xb: torch.Tensor,
+    yb: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    channels: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of y = relu?(batch_norm(x) + residual?) in training, in two passes.
+
+    yb is the forward's output when it had a ReLU (its zeros mask the gradient), else None.
+    Returns (grad_x, grad_weight, grad_bias, grad_z), where grad_z is the gradient after the
+    ReLU's mask: the residual's gradient. Pass 1 reduces sum(g) and sum(g * xhat) per channel;
+    pass 2 writes grad_x.
+    """
+    g = grad_yb if yb is None else grad_yb.masked_fill(yb <= 0, 0)
+    m = xb.numel() // (xb.shape[1] * xb.shape[4])
+    xhat = (xb - _lanes(mean, xb)) * _lanes(invstd, xb)
+    sum_g = _per_channel(g.sum((0, 2, 3)), channels)
+    sum_gx = _per_channel((g * xhat).sum((0, 2, 3)), channels)
+    scale = invstd if weight is None else invstd * weight
+    grad_x = (g - _lanes(sum_g / m, xb) - xhat * _lanes(sum_gx / m, xb)) * _lanes(scale, xb)
+    return grad_x, sum_gx, sum_g, g
+
+
+class _BnTrain(torch.autograd.Function):
+    """Batch norm with batch statistics, then the residual add and the ReLU: one pass each way
+    for the output (after the statistics), two for the gradients."""
+
+    @staticmethod
+    def forward(ctx, xb, weight, bias, residual, relu, channels, eps):
+        mean, var = bn_stats_blocked(xb, channels)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        yb = bn_apply_blocked(xb, scale, shift, residual, relu, channels)
+        ctx.save_for_backward(xb, yb if relu else None, mean, invstd, weight)
+        ctx.channels = channels
+        ctx.mark_non_differentiable(mean, var)
+        return yb, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_yb, _grad_mean, _grad_var):
+        xb, yb, mean, invstd, weight = ctx.saved_tensors
+        grad_x, grad_w, grad_b, grad_z = bn_backward_blocked(
+            grad_yb.contiguous(), xb, yb, mean, invstd, weight, ctx.channels
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_x if needs[0] else None,
+            grad_w if needs[1] else None,
+            grad_b if needs[2] else None,
+            grad_z if needs[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def bn_train_blocked(
+    xb: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    relu: bool,
+    channels: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(relu?(batch_norm(xb) + residual?), batch mean, biased batch variance), batch norm with
+    the batch's statistics; differentiable in xb, weight, bias and residual."""
+    return _BnTrain.apply(xb, weight, bias, residual, relu, channels, eps)
+
+
+def _pool3d_args(kernel_size, stride, padding, dilation=None) -> tuple:
+    """Pooling of (N, Cb, H, W, V) as a 3-D pooling of depth H, height W and width V, with a
+    window of one lane: each lane (channel) is pooled on its own."""
+
+    def pair(v) -> tuple:
+        return (v[0], v[-1]) if isinstance(v, (tuple, list)) else (v, v)
+
+    k = pair(kernel_size) + (1,)
+    # As F.max_pool2d: no stride (None or an empty list) means the kernel size.
+    s = (pair(stride) if stride else k[:2]) + (1,)
+    p = pair(padding) + (0,)
+    return (k, s, p) if dilation is None else (k, s, p, pair(dilation) + (1,))
+
+
+def max_pool2d_blocked(xb: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """F.max_pool2d of the channels of xb, blocked in and out (padded lanes: max of zeros)."""
+    k, s, p, d = _pool3d_args(kernel_size, stride, padding, dilation)
+    return F.max_pool3d(xb, k, s, p, d, ceil_mode=ceil_mode).contiguous()
+
+
+def avg_pool2d_blocked(
+    xb: torch.Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+):
+    """F.avg_pool2d of the channels of xb, blocked in and out (padded lanes: mean of zeros)."""
+    k, s, p = _pool3d_args(kernel_size, stride, padding)
+    return F.avg_pool3d(xb, k, s, p, ceil_mode, count_include_pad, divisor_override).contiguous()
+
+
+def global_avg_pool_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
+    """The mean over H and W of each channel: (N, Cb, H, W, V) -> (N, channels)."""
+    pooled = xb.mean((2, 3)).reshape(xb.shape[0], -1)
+    return pooled if pooled.shape[1] == channels else pooled[:, :channels].contiguous()
