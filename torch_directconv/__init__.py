@@ -10,6 +10,7 @@ See README.md for the blocked API, the environment variables and the benchmark.
 from . import _autograd, _fake  # noqa: F401  (register autograd and the fake kernels)
 from ._backend import isa, jit_stats, vector_width
 from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
+from .explain import explain
 from .functional import conv2d
 from .modules import DirectConv2d, convert
 from .optimize import OptimizedModule, optimize
@@ -20,6 +21,7 @@ __all__ = [
     "conv2d",
     "conv2d_blocked",
     "convert",
+    "explain",
     "from_blocked",
     "isa",
     "jit_stats",

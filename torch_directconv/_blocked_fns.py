@@ -174,3 +174,8 @@ def global_avg_pool_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
     """The mean over H and W of each channel: (N, Cb, H, W, V) -> (N, channels)."""
     pooled = xb.mean((2, 3)).reshape(xb.shape[0], -1)
     return pooled if pooled.shape[1] == channels else pooled[:, :channels].contiguous()
+
+
+def spatial_mean_blocked(xb: torch.Tensor) -> torch.Tensor:
+    """The mean over H and W, kept blocked: (N, Cb, H, W, V) -> (N, Cb, 1, 1, V)."""
+    return xb.mean((2, 3), keepdim=True)

@@ -323,7 +323,7 @@ class Plan:
     why: dict  # node -> why it runs NCHW
 
 
-def _functionalize(graph: fx.Graph, ops: dict) -> set:
+def _functionalize(graph: fx.Graph, ops: dict, root: nn.Module) -> set:
     """Makes in-place ops out of place where no result can change; returns the nodes whose
     values must stay NCHW because an in-place op that stays may write them."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -340,6 +340,7 @@ def _functionalize(graph: fx.Graph, ops: dict) -> set:
             for u in others:
                 if order[u] > order[m]:
                     u.replace_input_with(a, m)
+                    ops[u] = classify(u, root)
             op.mutates = None
             continue
         if op.kind != OTHER:
@@ -433,9 +434,26 @@ def _single_blocked_user(n: fx.Node, plan_blocked: set, absorbed: set) -> fx.Nod
     return None
 
 
+def _chain(n: fx.Node, ops: dict, blocked: set, absorbed: set) -> list:
+    """The longest chain conv -> batch norm -> add -> ReLU that starts at n (each part optional,
+    each part the only reader of the one before; an add of alpha 1 that reads that part once)."""
+    chain = [n]
+    for kind in (BN, ADD, RELU):
+        if ops[chain[-1]].kind in (kind, RELU) or (kind == BN and ops[n].kind != CONV):
+            continue
+        u = _single_blocked_user(chain[-1], blocked, absorbed)
+        if u is None or ops[u].kind != kind:
+            continue
+        if kind == ADD and (ops[u].args["alpha"] != 1 or ops[u].inputs.count(chain[-1]) != 1):
+            continue
+        chain.append(u)
+    return chain
+
+
 def _fuse(graph: fx.Graph, ops: dict, blocked: set) -> tuple[dict, set]:
-    """Chains conv -> batch norm -> add -> ReLU among blocked nodes, each part optional (an add
-    only with a ReLU after it), no in-place op that stays in between."""
+    """Units among the blocked nodes: every convolution and batch norm, with the longest chain
+    after it; and add -> ReLU. No in-place op that stays may run within a unit: the chain is cut
+    before it."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     barriers = [order[n] for n in graph.nodes if ops[n].mutates is not None]
     units: dict = {}
@@ -443,35 +461,22 @@ def _fuse(graph: fx.Graph, ops: dict, blocked: set) -> tuple[dict, set]:
     for n in graph.nodes:
         if n not in blocked or n in absorbed or n in units or ops[n].kind not in (CONV, BN, ADD):
             continue
-        conv = n if ops[n].kind == CONV else None
-        bn = n if ops[n].kind == BN else None
-        add = n if ops[n].kind == ADD and ops[n].args["alpha"] == 1 else None
-        if ops[n].kind == ADD and add is None:
+        if ops[n].kind == ADD and ops[n].args["alpha"] != 1:
             continue
-        cur = n
-        if conv is not None:
-            u = _single_blocked_user(cur, blocked, absorbed)
-            if u is not None and ops[u].kind == BN:
-                bn = cur = u
-        if add is None:
-            u = _single_blocked_user(cur, blocked, absorbed)
-            if u is not None and ops[u].kind == ADD and ops[u].args["alpha"] == 1 and ops[u].inputs.count(cur) == 1:
-                add = cur = u
-        relu = _single_blocked_user(cur, blocked, absorbed)
-        relu = relu if relu is not None and ops[relu].kind == RELU else None
-        if conv is None and bn is None and relu is None:
-            continue
-        last = relu or cur
-        if any(order[n] < b < order[last] for b in barriers):
-            continue
-        units[last] = (conv, bn, add, relu)
-        absorbed |= {p for p in (conv, bn, add, relu) if p is not None and p is not last}
+        chain = _chain(n, ops, blocked, absorbed)
+        cut = next((i for i, p in enumerate(chain) if any(order[n] < b < order[p] for b in barriers)), len(chain))
+        chain = chain[:cut]
+        parts = {ops[p].kind: p for p in chain}
+        if ops[n].kind == ADD and RELU not in parts:
+            continue  # a lone add stays the torch op
+        units[chain[-1]] = (parts.get(CONV), parts.get(BN), parts.get(ADD), parts.get(RELU))
+        absorbed.update(chain[:-1])
     return units, absorbed
 
 
 def plan(graph: fx.Graph, root: nn.Module) -> Plan:
     ops = {n: classify(n, root) for n in graph.nodes}
-    pinned = _functionalize(graph, ops)
+    pinned = _functionalize(graph, ops, root)
     ch, required = _infer_channels(graph, ops)
     why: dict = {}
     cand: set = set()
@@ -523,6 +528,10 @@ class _Emitter:
         node.meta["dc"] = {"kind": kind}
         return node
 
+    def _hold_blocked(self, n: fx.Node, node: fx.Node) -> None:
+        node.meta.setdefault("dc", {"kind": "blocked"})["channels"] = self.p.channels[n]
+        self.blocked[n] = node
+
     def _describe(self, n: fx.Node) -> str:
         return f"'{self.p.ops[n].name}'" if n.op != "placeholder" else f"the model's input '{n.target}'"
 
@@ -547,6 +556,7 @@ class _Emitter:
             consumer = f"layer '{name}'" + (f" (for '{origin}')" if origin != name else "")
             step = _steps.Enter(self._describe(v), channels, consumer)
             self.entries[v] = self._step(step, (self.as_nchw(v, reader),), "enter", v.name)
+            self.entries[v].meta["dc"]["channels"] = channels
         return self.entries[v]
 
     def emit(self) -> fx.Graph:
@@ -587,41 +597,44 @@ class _Emitter:
             relu is not None,
         )
         args = (self.as_blocked(x, first),) + ((self.as_blocked(residual, add),) if residual is not None else ())
-        self.blocked[last] = self._step(step, args, "unit", last.name)
+        self._hold_blocked(last, self._step(step, args, "unit", last.name))
 
     def _emit_blocked(self, n: fx.Node) -> None:
+        """A blocked op outside the units (every convolution and batch norm is in one)."""
         op = self.p.ops[n]
         xs = tuple(self.as_blocked(v, n) for v in op.inputs)
-        ch = self.p.channels.get(n)
         if op.kind == IDENTITY:
             self.blocked[n] = xs[0]
-        elif op.kind == RELU:
-            self.blocked[n] = self.new.call_function(torch.relu, xs)
-            self.blocked[n].meta["dc"] = {"kind": "blocked", "layers": [op.name], "what": "ReLU, blocked"}
-        elif op.kind in (ADD, EW2):
+            return
+        if op.kind == GAP:
+            # (N, C, 1, 1) stays blocked for a blocked reader (a squeeze-excitation's convolution);
+            # else the pooling is the exit.
+            stays = op.args["keepdim"] and any(u in self.p.blocked for u in n.users)
+            step = _steps.GlobalAvgPool(op.name, self.p.channels[op.inputs[0]], op.args["keepdim"], stays)
+            if stays:
+                self._hold_blocked(n, self._step(step, xs, "blocked", n.name))
+            else:
+                self.nchw[n] = self._step(step, xs, "exit", n.name)
+            return
+        if op.kind in (RELU, ADD, EW2):
+            # The same torch op, out of place, on the blocked tensors.
             a = op.args
-            node = (
-                self.new.call_method(a["method"], xs, a["kwargs"])
-                if "method" in a
-                else self.new.call_function(a["fn"], xs, a["kwargs"])
-            )
+            if op.kind == RELU:
+                node = self.new.call_function(torch.relu, xs)
+            elif "method" in a:
+                node = self.new.call_method(a["method"], xs, a["kwargs"])
+            else:
+                node = self.new.call_function(a["fn"], xs, a["kwargs"])
             node.meta["dc"] = {"kind": "blocked", "layers": [op.name], "what": f"{op.kind}, blocked"}
-            self.blocked[n] = node
-        elif op.kind == ACT:
-            fn = op.args["fn"]
-            step = _steps.Act(op.name, fn, op.args.get("kwargs", {}), op.module)
-            self.blocked[n] = self._step(step, xs, "blocked", n.name)
-        elif op.kind in (MAXPOOL, AVGPOOL):
-            step = _steps.Pool(op.name, "max" if op.kind == MAXPOOL else "average", op.args)
-            self.blocked[n] = self._step(step, xs, "blocked", n.name)
-        elif op.kind == DROPOUT:
-            step = _steps.Dropout(op.name, ch, op.module, op.args.get("p", 0.5))
-            self.blocked[n] = self._step(step, xs, "blocked", n.name)
-        elif op.kind == GAP:
-            step = _steps.GlobalAvgPool(op.name, self.p.channels[op.inputs[0]], op.args["keepdim"])
-            self.nchw[n] = self._step(step, xs, "exit", n.name)
-        else:  # a lone convolution or batch norm (units hold the others)
-            raise AssertionError(f"unexpected blocked op {op.kind}")
+        else:
+            if op.kind == ACT:
+                step = _steps.Act(op.name, op.args["fn"], op.args.get("kwargs", {}), op.module)
+            elif op.kind == DROPOUT:
+                step = _steps.Dropout(op.name, self.p.channels[n], op.module, op.args.get("p", 0.5))
+            else:
+                step = _steps.Pool(op.name, "max" if op.kind == MAXPOOL else "average", op.args)
+            node = self._step(step, xs, "blocked", n.name)
+        self._hold_blocked(n, node)
 
     def _emit_nchw(self, n: fx.Node) -> None:
         op = self.p.ops[n]

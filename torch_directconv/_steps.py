@@ -247,14 +247,18 @@ class Pool(Step):
 
 
 class GlobalAvgPool(Step):
-    """The mean over H and W, blocked in and NCHW out: (N, C, 1, 1) with keepdim, else (N, C)."""
+    """The mean over H and W: NCHW out ((N, C, 1, 1) with keepdim, else (N, C)), or with
+    blocked_out, blocked out (N, Cb, 1, 1, V)."""
 
-    def __init__(self, name: str, channels: int, keepdim: bool) -> None:
-        super().__init__([name], "global average pool, blocked in, NCHW out")
+    def __init__(self, name: str, channels: int, keepdim: bool, blocked_out: bool = False) -> None:
+        super().__init__([name], "global average pool, blocked" + ("" if blocked_out else " in, NCHW out"))
         self.channels = channels
         self.keepdim = keepdim
+        self.blocked_out = blocked_out
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        if self.blocked_out:
+            return bf.spatial_mean_blocked(xb)
         out = bf.global_avg_pool_blocked(xb, self.channels)
         return out.view(out.shape[0], out.shape[1], 1, 1) if self.keepdim else out
 

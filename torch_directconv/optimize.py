@@ -79,14 +79,16 @@ def blocked_path_reason(args: tuple, kwargs: dict) -> str | None:
 
 
 def _trace_both_modes(model: nn.Module) -> dict[bool, fx.Graph]:
-    mode = model.training
-    graphs = {}
+    """The model's graph in its current mode, with every module's own flag as it is (a model in
+    training with frozen batch norms), and in the other mode, after model.train(other)."""
+    flags = [(m, m.training) for m in model.modules()]
+    graphs = {model.training: _graph.trace(model)}
     try:
-        for training in (True, False):
-            model.train(training)
-            graphs[training] = _graph.trace(model)
+        model.train(not model.training)
+        graphs[model.training] = _graph.trace(model)
     finally:
-        model.train(mode)
+        for m, training in flags:
+            m.training = training
     return graphs
 
 
