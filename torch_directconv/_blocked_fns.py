@@ -55,10 +55,12 @@ def bn_apply_blocked(
             f"bn_apply_blocked: expected scale and shift of shape ({channels},), got {tuple(scale.shape)} and "
             f"{tuple(shift.shape)}"
         )
+    # In place after the first op: fresh outputs of each op would cost more than the arithmetic.
     y = torch.addcmul(_lanes(shift, xb), xb, _lanes(scale, xb))
     if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
+        # A residual that broadcasts y to a larger shape cannot be added in place.
+        y = y.add_(residual) if residual.shape == y.shape else y + residual
+    return y.relu_() if relu else y
 
 
 def bn_backward_blocked(
@@ -136,24 +138,22 @@ def bn_train_blocked(
     return _BnTrain.apply(xb, weight, bias, residual, relu, channels, eps)
 
 
-def _pool3d_args(kernel_size, stride, padding, dilation=None) -> tuple:
-    """Pooling of (N, Cb, H, W, V) as a 3-D pooling of depth H, height W and width V, with a
-    window of one lane: each lane (channel) is pooled on its own."""
+def _as_channels_last(xb: torch.Tensor) -> torch.Tensor:
+    """(N, Cb, H, W, V) viewed, with no copy, as the channels_last tensor (N * Cb, V, H, W): each
+    channel block an image, so torch's channels_last kernels pool every lane on its own."""
+    n, cb, h, w, v = xb.shape
+    return xb.reshape(n * cb, h, w, v).permute(0, 3, 1, 2)
 
-    def pair(v) -> tuple:
-        return (v[0], v[-1]) if isinstance(v, (tuple, list)) else (v, v)
 
-    k = pair(kernel_size) + (1,)
-    # As F.max_pool2d: no stride (None or an empty list) means the kernel size.
-    s = (pair(stride) if stride else k[:2]) + (1,)
-    p = pair(padding) + (0,)
-    return (k, s, p) if dilation is None else (k, s, p, pair(dilation) + (1,))
+def _from_channels_last(y: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    n, cb = xb.shape[:2]
+    return y.permute(0, 2, 3, 1).reshape(n, cb, y.shape[2], y.shape[3], xb.shape[4])
 
 
 def max_pool2d_blocked(xb: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """F.max_pool2d of the channels of xb, blocked in and out (padded lanes: max of zeros)."""
-    k, s, p, d = _pool3d_args(kernel_size, stride, padding, dilation)
-    return F.max_pool3d(xb, k, s, p, d, ceil_mode=ceil_mode).contiguous()
+    y = F.max_pool2d(_as_channels_last(xb), kernel_size, stride, padding, dilation, ceil_mode)
+    return _from_channels_last(y, xb)
 
 
 def avg_pool2d_blocked(
@@ -166,8 +166,10 @@ def avg_pool2d_blocked(
     divisor_override=None,
 ):
     """F.avg_pool2d of the channels of xb, blocked in and out (padded lanes: mean of zeros)."""
-    k, s, p = _pool3d_args(kernel_size, stride, padding)
-    return F.avg_pool3d(xb, k, s, p, ceil_mode, count_include_pad, divisor_override).contiguous()
+    y = F.avg_pool2d(
+        _as_channels_last(xb), kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+    )
+    return _from_channels_last(y, xb)
 
 
 def global_avg_pool_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
