@@ -30,10 +30,11 @@ def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
 def bn_stats_blocked(xb: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) per channel over N, H and W, each of shape (channels,).
 
-    torch.var_mean reduces in one pass with Welford's update, which stays accurate for maps
-    whose mean is large against their spread (E[x^2] - E[x]^2 in fp32 does not).
+    Two passes: the mean, then the mean of the squared deviations from it, which stays accurate
+    for maps whose mean is large against their spread (E[x^2] - E[x]^2 in fp32 does not).
     """
-    var, mean = torch.var_mean(xb, dim=(0, 2, 3), correction=0)
+    mean = xb.mean((0, 2, 3), keepdim=True)
+    var = (xb - mean).square_().mean((0, 2, 3))
     return _per_channel(mean, channels), _per_channel(var, channels)
 
 
@@ -79,13 +80,16 @@ def bn_backward_blocked(
     ReLU's mask: the residual's gradient. Pass 1 reduces sum(g) and sum(g * xhat) per channel;
     pass 2 writes grad_x.
     """
-    g = grad_yb if yb is None else grad_yb.masked_fill(yb <= 0, 0)
+    # The ReLU's backward as torch's own: no gradient where the output is <= 0.
+    g = grad_yb if yb is None else torch.ops.aten.threshold_backward(grad_yb, yb, 0)
     m = xb.numel() // (xb.shape[1] * xb.shape[4])
-    xhat = (xb - _lanes(mean, xb)) * _lanes(invstd, xb)
+    xhat = torch.addcmul(_lanes(-mean * invstd, xb), xb, _lanes(invstd, xb))
     sum_g = _per_channel(g.sum((0, 2, 3)), channels)
     sum_gx = _per_channel((g * xhat).sum((0, 2, 3)), channels)
     scale = invstd if weight is None else invstd * weight
-    grad_x = (g - _lanes(sum_g / m, xb) - xhat * _lanes(sum_gx / m, xb)) * _lanes(scale, xb)
+    # grad_x = scale * (g - sum_g / m - xhat * sum_gx / m), in place after the first product.
+    grad_x = (g * _lanes(scale, xb)).sub_(_lanes(scale * sum_g / m, xb))
+    grad_x.addcmul_(xhat, _lanes(scale * sum_gx / m, xb), value=-1)
     return grad_x, sum_gx, sum_g, g
 
 
