@@ -509,6 +509,27 @@ def test_inplace_relu_of_a_value_read_later() -> None:
         assert torch.equal(x1, x2)  # the caller's tensor is written as in eager
 
 
+def test_hooks_converted_and_copied_models() -> None:
+    """A convolution with a hook runs as itself (the hook fires); a convert()ed model optimizes
+    too; a deep copy of an optimized model is a model of its own."""
+    model = _init_bn(ResNet18ish()).eval()
+    calls = []
+    model.layer1[0].conv2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        calls.clear()
+        opt = tdc.optimize(model)
+        _close(opt(x), expected, 1e-4, "with a hook")
+        assert calls == [torch.Size((2, 16, 8, 8))]
+        _close(tdc.optimize(tdc.convert(model, cache_weights=True))(x), expected, 1e-4, "converted")
+        twin = copy.deepcopy(opt)
+        with torch.no_grad():
+            twin.fc.bias.add_(1.0)
+        _close(opt(x), expected, 1e-4, "the original after changing its copy")
+        _close(twin(x), expected + 1, 1e-4, "the copy")
+
+
 def test_untraceable_model_falls_back_to_convert() -> None:
     model = Untraceable()
     with pytest.warns(UserWarning, match="torch.fx cannot trace Untraceable .*falling back to convert"):

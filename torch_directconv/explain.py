@@ -92,7 +92,7 @@ def _row(gm: fx.GraphModule, n: fx.Node, run: _TimedRun) -> tuple[str, str, str]
     layers = " + ".join(meta.get("layers", [n.name]))
     if kind == "blocked":
         return "BLOCKED", layers, meta.get("what", "")
-    return "NCHW", layers, f"{n.op} {getattr(n.target, '__name__', n.target)}: {meta.get('why', '')}"
+    return "NCHW", layers, meta.get("why", "")
 
 
 def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str:
@@ -136,6 +136,10 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
         f"{torch.get_num_threads()} thread(s), ISA {_backend.isa()}: forward {1e3 * total:.2f} ms "
         f"(sum of the steps' medians over {runs} run(s))"
     )
+    lines.append(
+        "BLOCKED: runs in the blocked layout; ENTER / EXIT: a layout conversion (to / from blocked); "
+        "NCHW: runs as in the original model, with why"
+    )
     lines.append(f"{'#':>4} {'layout':<8} {'ms':>7} {'%':>5}  layers: what")
     shares: dict = defaultdict(float)
     exits = []
@@ -149,7 +153,8 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     entries = sum(1 for n in nodes if n.meta.get("dc", {}).get("kind") == "enter")
     lines.append("")
     lines.append(
-        f"{len(set(p.regions.values()))} blocked region(s), {entries} entr(y/ies) and {len(exits)} exit(s); "
+        f"{len(set(p.regions.values()))} blocked region(s), {entries} conversion(s) to blocked and {len(exits)} "
+        "from blocked; "
         "share of the time: "
         + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
     )
