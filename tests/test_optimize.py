@@ -466,7 +466,10 @@ def test_unsupported_ops_exit_with_reasons() -> None:
     reasons = " ".join(s.what for s in exits)
     assert "torch.sigmoid has no blocked implementation" in reasons
     assert "operator.mul of a tensor and a non-tensor" in reasons  # Custom's x * 0.5
-    assert "groups=16" in reasons  # the depthwise conv's input
+    # x * sigmoid(x) reads x's exit and sigmoid's output, and feeds the depthwise conv: it runs
+    # NCHW, with no conversion (blocked, it would take an entry and an exit).
+    entries = [s.layers[0] for s in _steps_of(opt) if isinstance(s, _steps.Enter)]
+    assert "'sigmoid'" not in entries and "'mul'" not in " ".join(s.layers[0] for s in exits)
     drop_in = [s for s in _steps_of(opt) if isinstance(s, _steps.DropInConv)]
     assert [s.layers for s in drop_in] == [["dw"], ["grouped"]]
     # The reflect- and circular-padded convolutions run blocked.
@@ -612,7 +615,7 @@ def test_explain_shows_regions_exits_and_kernels(capsys) -> None:
     assert "torch.sigmoid has no blocked implementation" in text
     assert "kernels: mb2ic3ih10oc16oh10kh3sh1ph1" in text
     assert "BN folded" in text
-    assert "share of the time" in text
+    assert "layout conversions" in text and "outside the blocked regions: #" in text
     fallback = tdc.explain(Untraceable(), torch.randn(1, 3, 4, 4))
     assert "falls back to convert()" in fallback
 

@@ -427,6 +427,33 @@ def _regions(graph: fx.Graph, ops: dict, blocked: set) -> dict:
     return {n: roots.setdefault(find(n), len(roots)) for n in graph.nodes if n in blocked}
 
 
+def _demote_cheap(graph: fx.Graph, ops: dict, blocked: set) -> set:
+    """The element-wise ops (ReLU, activations, +, -, *) that cost fewer layout conversions run
+    NCHW than blocked: an op between NCHW values (x * torch.sigmoid(x) beside an exit of x) takes
+    no conversion NCHW, and would take an entry and an exit blocked."""
+    demoted: set = set()
+
+    def nchw_readers(v: fx.Node) -> bool:
+        return any(u not in blocked or u in demoted for u in v.users)
+
+    def blocked_readers(v: fx.Node) -> bool:
+        return any(u in blocked and u not in demoted for u in v.users)
+
+    for n in graph.nodes:
+        if n not in blocked or ops[n].kind not in (RELU, ACT, ADD, EW2):
+            continue
+        operands = set(ops[n].inputs)
+        as_blocked = sum(v not in blocked or v in demoted for v in operands) + nchw_readers(n)
+        # Run NCHW: an exit for each blocked operand no other op reads NCHW, an entry for blocked readers.
+        as_nchw = sum(
+            v in blocked and v not in demoted and not any(u is not n and u not in blocked for u in v.users)
+            for v in operands
+        ) + blocked_readers(n)
+        if as_nchw < as_blocked:
+            demoted.add(n)
+    return demoted
+
+
 def _single_blocked_user(n: fx.Node, plan_blocked: set, absorbed: set) -> fx.Node | None:
     users = list(n.users)
     if len(users) == 1 and users[0] in plan_blocked and users[0] not in absorbed:
@@ -493,6 +520,10 @@ def plan(graph: fx.Graph, root: nn.Module) -> Plan:
     blocked = {n for n in cand if regions[n] in useful}
     for n in cand - blocked:
         why[n] = "its region has no convolution or batch norm (converting would cost more than it saves)"
+    demoted = _demote_cheap(graph, ops, blocked)
+    blocked -= demoted
+    for n in demoted:
+        why[n] = "it reads and feeds NCHW values: blocked, it would cost more layout conversions"
     units, absorbed = _fuse(graph, ops, blocked)
     numbers: dict = {}
     regions = {n: numbers.setdefault(regions[n], len(numbers)) for n in graph.nodes if n in blocked}
@@ -581,11 +612,8 @@ class _Emitter:
         residual = None
         if add is not None:
             a, b = self.p.ops[add].inputs
-            chained = conv or bn
-            if chained is None:
-                residual = b
-            else:
-                residual = b if a is (bn or conv) else a
+            main = bn or conv  # the chain's value that the add reads; None when the unit starts at the add
+            residual = b if main is None or a is main else a
         ops = self.p.ops
         names = [ops[p].name for p in (conv, bn, add, relu) if p is not None]
         step = _steps.Unit(
@@ -649,10 +677,11 @@ class _Emitter:
             return
         args = fx.node.map_arg(n.args, lambda v: self.as_nchw(v, n))
         kwargs = fx.node.map_arg(n.kwargs, lambda v: self.as_nchw(v, n))
-        if op.kind == DROPIN:
+        if op.kind in (DROPIN, CONV):
+            # A grouped convolution, or one kept NCHW (an in-place op may write its output).
             step = _steps.DropInConv(op.name, op.module)
             self.nchw[n] = self._step(step, args, "nchw", n.name)
-            self.nchw[n].meta["dc"]["why"] = op.reason
+            self.nchw[n].meta["dc"]["why"] = op.reason or self.p.why.get(n, "")
             return
         if n.op == "placeholder":
             node = self.new.node_copy(n)

@@ -316,11 +316,12 @@ class BlockedShape(Step):
 
 
 class DropInConv(Step):
-    """A convolution the blocked kernels do not take (groups > 1), on NCHW tensors through the
-    drop-in path (torch_directconv.conv2d: depthwise kernels, or torch's convolution)."""
+    """A convolution outside the blocked regions (groups > 1, or an output kept NCHW), on NCHW
+    tensors through the drop-in path (torch_directconv.conv2d: the JIT kernels, depthwise ones
+    too, or torch's convolution where they do not apply)."""
 
     def __init__(self, name: str, conv: nn.Conv2d) -> None:
-        super().__init__([name], f"groups={conv.groups}, drop-in conv2d (NCHW)")
+        super().__init__([name], "drop-in conv2d, NCHW")
         self._conv = (conv,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -142,26 +142,37 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     )
     lines.append(f"{'#':>4} {'layout':<8} {'ms':>7} {'%':>5}  layers: what")
     shares: dict = defaultdict(float)
-    exits = []
+    exits, outside = [], []
     for i, n in enumerate(nodes):
         layout, layers, what = _row(gm, n, run)
-        shares[layout] += med[n]
+        step = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if layout in ("ENTER", "EXIT"):
+            category = "layout conversions"
+        elif layout == "NCHW":
+            category = "ops outside the blocked regions"
+            outside.append(f"#{i} {layers} {100 * med[n] / total:.1f}%")
+        elif isinstance(step, _steps.Unit) and step._parts[0] is not None:
+            category = "convolutions (with what is fused into them)"
+        else:
+            category = "other blocked ops"
+        shares[category] += med[n]
         if layout == "EXIT":
-            exits.append(f"  {layers}: {what}")
+            exits.append(f"  #{i} {layers}: {what}")
         lines.append(f"{i:>4} {layout:<8} {1e3 * med[n]:7.3f} {100 * med[n] / total:5.1f}  {layers}: {what}")
     p = opt._engine.plans[opt.training]
     entries = sum(1 for n in nodes if n.meta.get("dc", {}).get("kind") == "enter")
     lines.append("")
+    regions = len(set(p.regions.values()))
+    lines.append(f"{regions} blocked region(s); {entries} conversion(s) to blocked, {len(exits)} from blocked")
     lines.append(
-        f"{len(set(p.regions.values()))} blocked region(s), {entries} conversion(s) to blocked and {len(exits)} "
-        "from blocked; "
-        "share of the time: "
-        + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+        "time: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
     )
-    lines.append("exits (each converts a value once, whatever the number of readers):")
+    lines.append("exits (each converts a value once, whatever the number of its readers):")
     lines.extend(exits or ["  none"])
-    slow = sorted(nodes, key=lambda n: -med[n])[:5]
-    lines.append("slowest steps: " + ", ".join(f"#{nodes.index(n)} {100 * med[n] / total:.1f}%" for n in slow))
+    lines.append("outside the blocked regions: " + (", ".join(outside) or "nothing"))
+    slow = sorted(range(len(nodes)), key=lambda i: -med[nodes[i]])[:5]
+    names = {i: _row(gm, nodes[i], run)[1] for i in slow}
+    lines.append("slowest steps: " + ", ".join(f"#{i} {names[i]} {100 * med[nodes[i]] / total:.1f}%" for i in slow))
     return _emit(lines, file)
 
 
