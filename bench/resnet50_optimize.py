@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import load_jit
+from harness import QUICK, load_jit, measure_peak
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = ("torch_nchw", "torch_cl", "compile", "convert", "optimize", "bf16")
@@ -217,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for threads, n in args.configs:
             torch.set_num_threads(threads)
+            # A shared machine: with a core taken by another process, a multi-threaded step waits
+            # at every barrier, and its time means little. The FMA loop shows how many CPUs we get.
+            _, busy = measure_peak(tdc, threads, QUICK)
+            if busy < 0.75 * threads:
+                print(
+                    f"!! {mode} {threads}T N={n}: an FMA loop kept only {busy:.2f} of {threads} CPUs busy: other "
+                    "processes hold the cores, and these times are not a measurement",
+                    file=sys.stderr,
+                )
             torch.manual_seed(0)
             base = resnet50().train(mode == "training")
             randomize_batchnorm(base, torch.Generator().manual_seed(1))
@@ -233,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     "diff": diffs,
                     "compile_s": compile_s,
                     "fallbacks": fallbacks,
+                    "cpus_busy_before": busy,
                 }
             )
             print(f"  done {mode} {threads}T N={n} ({time.time() - start:.0f} s)", file=sys.stderr)
