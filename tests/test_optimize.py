@@ -565,6 +565,23 @@ def test_bad_input_names_the_layer() -> None:
         pooled(torch.randn(1, 6, 4, 4))
 
 
+def test_input_layouts_empty_batch_and_single_values() -> None:
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for what, inp in (
+            ("channels_last", x[:, :, :32, :32].contiguous(memory_format=torch.channels_last)),
+            ("strided", x[:, :, ::2, ::2]),
+            ("empty batch", x[:0, :, :32, :32]),
+        ):
+            _close(opt(inp), model(inp), 1e-4, what)
+    # Training batch norm needs more than one value per channel, as torch's does.
+    small = tdc.optimize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match="1: Expected more than 1 value per channel when training"):
+        small(torch.randn(1, 3, 3, 3))
+
+
 def test_threads_share_one_model() -> None:
     opt = tdc.optimize(_init_bn(ResNet18ish())).eval()
     inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]

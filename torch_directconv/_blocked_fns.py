@@ -178,7 +178,7 @@ def avg_pool2d_blocked(
 
 def global_avg_pool_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
     """The mean over H and W of each channel: (N, Cb, H, W, V) -> (N, channels)."""
-    pooled = xb.mean((2, 3)).reshape(xb.shape[0], -1)
+    pooled = xb.mean((2, 3)).reshape(xb.shape[0], xb.shape[1] * xb.shape[4])
     return pooled if pooled.shape[1] == channels else pooled[:, :channels].contiguous()
 
 
