@@ -9,6 +9,7 @@ reference's largest magnitude (as helpers.assert_grad_close does).
 from __future__ import annotations
 
 import copy
+import io
 import os
 import sys
 import threading
@@ -409,6 +410,22 @@ def test_eval_follows_weight_updates() -> None:
     check("after changing a BN's eps")
 
 
+def test_inference_mode_then_input_gradients() -> None:
+    """Weights folded under inference_mode are inference tensors: they are not reused where
+    autograd must save them (an input gradient through frozen weights)."""
+    model = _init_bn(ResNet18ish()).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        _close(opt(x), ref(x.double()), 1e-4, "inference_mode output")
+    xg = x.clone().requires_grad_()
+    opt(xg).sum().backward()
+    xr = x.double().requires_grad_()
+    ref(xr).sum().backward()
+    _close(xg.grad, xr.grad, 1e-4, "input gradient")
+
+
 def test_dropout_draws_the_same_mask() -> None:
     """In training, blocked dropout draws torch's mask for the NCHW tensor: the same output."""
     model = nn.Sequential(nn.Conv2d(3, 20, 3), nn.BatchNorm2d(20), nn.ReLU(), nn.Dropout(0.3), nn.Conv2d(20, 5, 1))
@@ -514,7 +531,7 @@ def test_inplace_relu_of_a_value_read_later() -> None:
 
 def test_hooks_converted_and_copied_models() -> None:
     """A convolution with a hook runs as itself (the hook fires); a convert()ed model optimizes
-    too; a deep copy of an optimized model is a model of its own."""
+    too; an optimized model pickles, and a deep copy of it is a model of its own."""
     model = _init_bn(ResNet18ish()).eval()
     calls = []
     model.layer1[0].conv2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
@@ -526,6 +543,8 @@ def test_hooks_converted_and_copied_models() -> None:
         _close(opt(x), expected, 1e-4, "with a hook")
         assert calls == [torch.Size((2, 16, 8, 8))]
         _close(tdc.optimize(tdc.convert(model, cache_weights=True))(x), expected, 1e-4, "converted")
+        buffer = io.BytesIO()
+        torch.save(tdc.optimize(_init_bn(OddChannels())), buffer)  # pickles (activation steps too)
         twin = copy.deepcopy(opt)
         with torch.no_grad():
             twin.fc.bias.add_(1.0)

@@ -124,16 +124,54 @@ def _fn_name(f) -> str:
     return prefix + getattr(f, "__name__", repr(f))
 
 
+# Activation modules that map 0 to 0, each as an out-of-place function of (module, x): named
+# functions, so that an optimized model pickles.
+def _relu6(m, x):
+    return F.hardtanh(x, 0.0, 6.0)
+
+
+def _leaky_relu(m, x):
+    return F.leaky_relu(x, m.negative_slope)
+
+
+def _hardtanh(m, x):
+    return F.hardtanh(x, m.min_val, m.max_val)
+
+
+def _silu(m, x):
+    return F.silu(x)
+
+
+def _gelu(m, x):
+    return F.gelu(x, approximate=m.approximate)
+
+
+def _tanh(m, x):
+    return torch.tanh(x)
+
+
+def _elu(m, x):
+    return F.elu(x, m.alpha)
+
+
+def _hardswish(m, x):
+    return F.hardswish(x)
+
+
+def _mish(m, x):
+    return F.mish(x)
+
+
 _MODULE_ACTS = {
-    nn.ReLU6: lambda m, x: F.hardtanh(x, 0.0, 6.0),
-    nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
-    nn.Hardtanh: lambda m, x: F.hardtanh(x, m.min_val, m.max_val),
-    nn.SiLU: lambda m, x: F.silu(x),
-    nn.GELU: lambda m, x: F.gelu(x, approximate=m.approximate),
-    nn.Tanh: lambda m, x: torch.tanh(x),
-    nn.ELU: lambda m, x: F.elu(x, m.alpha),
-    nn.Hardswish: lambda m, x: F.hardswish(x),
-    nn.Mish: lambda m, x: F.mish(x),
+    nn.ReLU6: _relu6,
+    nn.LeakyReLU: _leaky_relu,
+    nn.Hardtanh: _hardtanh,
+    nn.SiLU: _silu,
+    nn.GELU: _gelu,
+    nn.Tanh: _tanh,
+    nn.ELU: _elu,
+    nn.Hardswish: _hardswish,
+    nn.Mish: _mish,
 }
 # Functional activations that map 0 to 0: parameter names after the input, and their defaults.
 _FUNCTION_ACTS = {
@@ -685,6 +723,9 @@ class _Emitter:
             return
         if n.op == "placeholder":
             node = self.new.node_copy(n)
+            # An annotation read under `from __future__ import annotations` is a string, which
+            # the graph module's pickling cannot import: the type adds nothing here.
+            node.type = None
         elif n.op == "get_attr":
             # Looked up at each call, so a buffer that .to() or a user replaces is followed.
             owner, _, attr = n.target.rpartition(".")

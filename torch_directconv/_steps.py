@@ -173,6 +173,8 @@ class Unit(Step):
     def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
         if not _cacheable(owned, tensors):
             return compute()
+        # Made in inference mode, the results are inference tensors: reused only there.
+        extra = (*extra, torch.is_inference_mode_enabled())
         entry = self._cache  # one read: other threads may replace it meanwhile
         if entry is not None and entry[0].matches(tensors, extra):
             return entry[1]
