@@ -26,12 +26,13 @@ import contextlib
 import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from harness import QUICK, load_jit, measure_peak
+from harness import load_jit
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = ("torch_nchw", "torch_cl", "compile", "convert", "optimize", "bf16")
@@ -76,18 +77,27 @@ def _median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def _time_interleaved(fns: dict, warmup: int, iters: int) -> dict:
-    """name -> median ms, the variants run round-robin so that a disturbance hits all alike."""
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _time_interleaved(fns: dict, warmup: int, iters: int) -> tuple[dict, float]:
+    """(name -> median ms, CPUs busy while timing): the variants run round-robin so that a
+    disturbance hits all alike; the CPU time this process got over the wall time shows whether
+    other processes held the cores meanwhile."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict = {k: [] for k in fns}
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     for _ in range(iters):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: _median_ms(v) for k, v in times.items()}
+    busy = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
+    return {k: _median_ms(v) for k, v in times.items()}, busy
 
 
 def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
@@ -121,8 +131,8 @@ def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warm
         ref = call("torch_nchw")
         scale = ref.abs().max().item()
         diffs = {k: (call(k).float() - ref).abs().max().item() / scale for k in variants}
-        med = _time_interleaved({k: lambda k=k: call(k) for k in variants}, warmup, iters)
-    return med, diffs, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0
+        med, busy = _time_interleaved({k: lambda k=k: call(k) for k in variants}, warmup, iters)
+    return med, busy, diffs, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0
 
 
 def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
@@ -165,7 +175,8 @@ def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmu
     ref = grads["torch_nchw"]
     diffs = {k: ((g - ref).norm() / ref.norm()).item() for k, g in grads.items()}
     del grads, ref
-    return _time_interleaved(steps, warmup, iters), diffs, compile_s, 0
+    med, busy = _time_interleaved(steps, warmup, iters)
+    return med, busy, diffs, compile_s, 0
 
 
 def format_table(mode: str, rows: list[dict], variants: list[str]) -> str:
@@ -178,12 +189,14 @@ def format_table(mode: str, rows: list[dict], variants: list[str]) -> str:
     unit = "forward" if mode == "inference" else "training step"
     lines = [
         f"ResNet-50 {mode}: ms per {unit} (median) and x = torch NCHW's time / the variant's (above 1: faster);",
-        f"optimize's img/s and its speed-up over the fastest torch fp32 variant; diff = {diff}",
+        f"optimize's img/s and its speed-up over the fastest torch fp32 variant; diff = {diff};",
+        "CPUs busy = this process's CPU time / wall time while timing (under the thread count: other processes "
+        "held the cores)",
     ]
     head = f"{'config':<9}" + "".join(f"{LABELS[v]:>16}" for v in variants)
     if "optimize" in variants:
         head += f"{'optimize img/s':>16}  optimize vs best torch fp32"
-    head += f"{'compile s':>11}"
+    head += f"{'compile s':>11}{'CPUs busy':>11}"
     lines += [head, "-" * len(head)]
     for r in rows:
         line = f"{r['config']:<9}" + "".join(f"{r['ms'][v]:>9.1f} {r['x'][v]:5.2f}x" for v in variants)
@@ -192,6 +205,7 @@ def format_table(mode: str, rows: list[dict], variants: list[str]) -> str:
             vs = f"{r['ms'][best] / r['ms']['optimize']:.2f}x ({LABELS[best]})"
             line += f"{r['img_per_s']['optimize']:>16.1f}  {vs:<27}"
         line += f"{r['compile_s']:>11.1f}" if r["compile_s"] is not None else f"{'-':>11}"
+        line += f"{r['cpus_busy']:>11.2f}"
         lines.append(line)
         lines.append(f"{'  diff':<9}" + "".join(f"{r['diff'][v]:>16.1e}" for v in variants))
     return "\n".join(lines)
@@ -217,20 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for threads, n in args.configs:
             torch.set_num_threads(threads)
-            # A shared machine: with a core taken by another process, a multi-threaded step waits
-            # at every barrier, and its time means little. The FMA loop shows how many CPUs we get.
-            _, busy = measure_peak(tdc, threads, QUICK)
-            if busy < 0.75 * threads:
-                print(
-                    f"!! {mode} {threads}T N={n}: an FMA loop kept only {busy:.2f} of {threads} CPUs busy: other "
-                    "processes hold the cores, and these times are not a measurement",
-                    file=sys.stderr,
-                )
             torch.manual_seed(0)
             base = resnet50().train(mode == "training")
             randomize_batchnorm(base, torch.Generator().manual_seed(1))
             run = run_inference if mode == "inference" else run_training
-            med, diffs, compile_s, fallbacks = run(torch, tdc, base, args.variants, n, args.size, warmup, iters[mode])
+            med, busy, diffs, compile_s, fallbacks = run(
+                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode]
+            )
+            if busy < 0.75 * threads:
+                # With a core taken by another process, a multi-threaded op waits at every barrier.
+                print(
+                    f"!! {mode} {threads}T N={n}: this process kept only {busy:.2f} of {threads} CPUs busy while "
+                    "timing: other processes hold the cores, and these times are not a measurement",
+                    file=sys.stderr,
+                )
             rows.append(
                 {
                     "config": f"{threads}T N={n}",
@@ -242,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     "diff": diffs,
                     "compile_s": compile_s,
                     "fallbacks": fallbacks,
-                    "cpus_busy_before": busy,
+                    "cpus_busy": busy,
                 }
             )
             print(f"  done {mode} {threads}T N={n} ({time.time() - start:.0f} s)", file=sys.stderr)
