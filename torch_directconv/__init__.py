@@ -10,18 +10,23 @@ See README.md for the blocked API, the environment variables and the benchmark.
 from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
 from ._backend import isa, jit_stats, vector_width
 from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
+from .explain import explain
 from .functional import conv2d
 from .modules import DirectConv2d, convert
+from .optimize import OptimizedModule, optimize
 
 __all__ = [
     "DirectConv2d",
+    "OptimizedModule",
     "blocked_ops",
     "conv2d",
     "conv2d_blocked",
     "convert",
+    "explain",
     "from_blocked",
     "isa",
     "jit_stats",
+    "optimize",
     "to_blocked",
     "to_blocked_weight",
     "vector_width",

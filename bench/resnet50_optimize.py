@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Whole ResNet-50 v1.5, fp32, 224x224: torch_directconv.optimize(model) against PyTorch and convert().
+
+Random, seeded weights. Two configurations by default: 1 thread with N = 1 and 2 threads with
+N = 4. Two modes:
+  inference   eval mode, no_grad, one forward;
+  training    train mode, one step: forward, cross-entropy, backward, SGD (momentum 0.9,
+              weight decay 1e-4).
+Every variant is timed in the same run, interleaved iteration by iteration (median after warm-up):
+  torch NCHW      the plain model, NCHW;
+  torch CL        the plain model and input in channels_last;
+  torch.compile   torch.compile(model) (Inductor; inference with torch._inductor.config.freezing);
+  convert         torch_directconv.convert(model) (inference: cache_weights=True), NCHW in and out;
+  optimize        torch_directconv.optimize(model): blocked end to end, BN/add/ReLU fused;
+  bf16 autocast   the plain model, channels_last, under torch.autocast("cpu", torch.bfloat16): a
+                  reference from another precision, not a competitor.
+Checks: inference outputs against torch NCHW (max |diff| / max |out|); training, the first step's
+gradients of every fp32 variant against torch NCHW's (relative norm over all of them). Compile
+time is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from harness import load_jit
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+VARIANTS = ("torch_nchw", "torch_cl", "compile", "convert", "optimize", "bf16")
+LABELS = {
+    "torch_nchw": "torch NCHW",
+    "torch_cl": "torch CL",
+    "compile": "torch.compile",
+    "convert": "convert",
+    "optimize": "optimize",
+    "bf16": "bf16 autocast",
+}
+FP32 = ("torch_nchw", "torch_cl", "compile", "convert", "optimize")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--configs", default="1x1,2x4", help="threads x N, comma-separated (default: 1x1,2x4: 1T N=1 and 2T N=4)"
+    )
+    ap.add_argument("--modes", nargs="+", choices=("inference", "training"), default=["inference", "training"])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--size", type=int, default=224, help="image height and width (default 224)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run, not a measurement")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default: inference 10, training 5)")
+    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    try:
+        args.configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    except ValueError:
+        ap.error(f"--configs: expected THREADSxN pairs such as 1x1,2x4, got {args.configs!r}")
+    if any(len(c) != 2 or min(c) < 1 for c in args.configs):
+        ap.error(f"--configs: expected positive THREADSxN pairs, got {args.configs}")
+    if args.iters is not None and args.iters < 1:
+        ap.error(f"--iters: expected >= 1, got {args.iters}")
+    if "torch_nchw" not in args.variants:
+        args.variants.insert(0, "torch_nchw")  # every ratio and check is against it
+    return args
+
+
+def _median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _time_interleaved(fns: dict, warmup: int, iters: int) -> tuple[dict, float]:
+    """(name -> median ms, CPUs busy while timing): the variants run round-robin so that a
+    disturbance hits all alike; the CPU time this process got over the wall time shows whether
+    other processes held the cores meanwhile."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {k: [] for k in fns}
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    busy = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
+    return {k: _median_ms(v) for k, v in times.items()}, busy
+
+
+def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    model_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    models = {
+        "torch_nchw": (base, x),
+        "torch_cl": (model_cl, x_cl),
+        "convert": (tdc.convert(base, cache_weights=True), x),
+        "optimize": (tdc.optimize(base), x),
+        "bf16": (model_cl, x_cl),
+    }
+    compile_s = None
+    if "compile" in variants:
+        compiled = torch.compile(copy.deepcopy(base), dynamic=False)
+        t0 = time.perf_counter()
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            compiled(x)
+        compile_s = time.perf_counter() - t0
+        models["compile"] = (compiled, x)
+
+    def call(name):
+        model, inp = models[name]
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
+        with amp:
+            return model(inp)
+
+    fallbacks0 = tdc.jit_stats()["fallbacks"]
+    with torch.no_grad():
+        ref = call("torch_nchw")
+        scale = ref.abs().max().item()
+        diffs = {k: (call(k).float() - ref).abs().max().item() / scale for k in variants}
+        med, busy = _time_interleaved({k: lambda k=k: call(k) for k in variants}, warmup, iters)
+    return med, busy, diffs, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0
+
+
+def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 3, size, size, generator=gen)
+    target = torch.randint(0, 1000, (n,), generator=gen)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    makers = {
+        "torch_nchw": lambda: copy.deepcopy(base),
+        "torch_cl": lambda: copy.deepcopy(base).to(memory_format=torch.channels_last),
+        "compile": lambda: copy.deepcopy(base),
+        "convert": lambda: tdc.convert(base),
+        "optimize": lambda: tdc.optimize(base),
+        "bf16": lambda: copy.deepcopy(base).to(memory_format=torch.channels_last),
+    }
+    steps, grads, compile_s = {}, {}, None
+    for name in variants:
+        model = makers[name]()
+        fwd = torch.compile(model, dynamic=False) if name == "compile" else model
+        inp = x_cl if name in ("torch_cl", "bf16") else x
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if name == "bf16" else contextlib.nullcontext
+
+        def step(fwd=fwd, opt=opt, inp=inp, amp=amp, model=model, keep=False):
+            opt.zero_grad(set_to_none=True)
+            with amp():
+                loss = F.cross_entropy(fwd(inp), target)
+            loss.backward()
+            kept = torch.cat([p.grad.flatten() for p in model.parameters()]) if keep else None
+            opt.step()
+            return kept
+
+        # The first step (from the same weights for all): gradients to check; compilation happens here.
+        t0 = time.perf_counter()
+        grads[name] = step(keep=True)
+        if name == "compile":
+            compile_s = time.perf_counter() - t0
+        steps[name] = step
+    ref = grads["torch_nchw"]
+    diffs = {k: ((g - ref).norm() / ref.norm()).item() for k, g in grads.items()}
+    del grads, ref
+    med, busy = _time_interleaved(steps, warmup, iters)
+    return med, busy, diffs, compile_s, 0
+
+
+def format_table(mode: str, rows: list[dict], variants: list[str]) -> str:
+    torch_fp32 = [v for v in ("torch_nchw", "torch_cl", "compile") if v in variants]
+    diff = (
+        "max |out - torch NCHW out| / max |torch NCHW out|"
+        if mode == "inference"
+        else "the first step's gradients, |g - g_torch NCHW| / |g_torch NCHW|"
+    )
+    unit = "forward" if mode == "inference" else "training step"
+    lines = [
+        f"ResNet-50 {mode}: ms per {unit} (median) and x = torch NCHW's time / the variant's (above 1: faster);",
+        f"optimize's img/s and its speed-up over the fastest torch fp32 variant; diff = {diff};",
+        "CPUs busy = this process's CPU time / wall time while timing (under the thread count: other processes "
+        "held the cores)",
+    ]
+    head = f"{'config':<9}" + "".join(f"{LABELS[v]:>16}" for v in variants)
+    if "optimize" in variants:
+        head += f"{'optimize img/s':>16}  optimize vs best torch fp32"
+    head += f"{'compile s':>11}{'CPUs busy':>11}"
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['config']:<9}" + "".join(f"{r['ms'][v]:>9.1f} {r['x'][v]:5.2f}x" for v in variants)
+        if "optimize" in variants:
+            best = min(torch_fp32, key=lambda v: r["ms"][v])
+            vs = f"{r['ms'][best] / r['ms']['optimize']:.2f}x ({LABELS[best]})"
+            line += f"{r['img_per_s']['optimize']:>16.1f}  {vs:<27}"
+        line += f"{r['compile_s']:>11.1f}" if r["compile_s"] is not None else f"{'-':>11}"
+        line += f"{r['cpus_busy']:>11.2f}"
+        lines.append(line)
+        lines.append(f"{'  diff':<9}" + "".join(f"{r['diff'][v]:>16.1e}" for v in variants))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch, tdc, isa = load_jit(args, "resnet50_optimize")
+    from resnet50 import randomize_batchnorm, resnet50
+
+    warmup = 1 if args.quick else 2
+    iters = {"inference": args.iters or (3 if args.quick else 10), "training": args.iters or (2 if args.quick else 5)}
+    start = time.time()
+    print(
+        f"ResNet-50 v1.5, {args.size}x{args.size}, fp32, random weights; torch {torch.__version__}, ISA {isa}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of "
+        f"{iters['inference']} (inference) / {iters['training']} (training) interleaved iterations after "
+        f"{warmup} warm-up(s){' (--quick)' if args.quick else ''}"
+    )
+    results: dict = {}
+    status = 0
+    for mode in args.modes:
+        rows = []
+        for threads, n in args.configs:
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            base = resnet50().train(mode == "training")
+            randomize_batchnorm(base, torch.Generator().manual_seed(1))
+            run = run_inference if mode == "inference" else run_training
+            med, busy, diffs, compile_s, fallbacks = run(
+                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode]
+            )
+            if busy < 0.75 * threads:
+                # With a core taken by another process, a multi-threaded op waits at every barrier.
+                print(
+                    f"!! {mode} {threads}T N={n}: this process kept only {busy:.2f} of {threads} CPUs busy while "
+                    "timing: other processes hold the cores, and these times are not a measurement",
+                    file=sys.stderr,
+                )
+            rows.append(
+                {
+                    "config": f"{threads}T N={n}",
+                    "threads": threads,
+                    "N": n,
+                    "ms": med,
+                    "x": {k: med["torch_nchw"] / v for k, v in med.items()},
+                    "img_per_s": {k: 1e3 * n / v for k, v in med.items()},
+                    "diff": diffs,
+                    "compile_s": compile_s,
+                    "fallbacks": fallbacks,
+                    "cpus_busy": busy,
+                }
+            )
+            print(f"  done {mode} {threads}T N={n} ({time.time() - start:.0f} s)", file=sys.stderr)
+            del base
+        print("\n" + format_table(mode, rows, args.variants))
+        # fp32 variants must agree with torch to fp32 noise (bf16 is reported, not checked).
+        limit = 1e-3 if mode == "inference" else 1e-2
+        for r in rows:
+            bad = {k: v for k, v in r["diff"].items() if k in FP32 and v > limit}
+            if bad or r["fallbacks"]:
+                status = 1
+                print(f"!! {mode} {r['config']}: differs from torch NCHW {bad} or fell back to torch", file=sys.stderr)
+        results[mode] = rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "resnet50_optimize.json"
+    meta = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+        "wall_s": time.time() - start,
+        "torch": torch.__version__,
+        "isa": isa,
+        "iters": iters,
+        "warmup": warmup,
+        "size": args.size,
+        "quick": args.quick,
+        "loadavg_end": os.getloadavg(),
+    }
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"\nwrote {path}; wall time {time.time() - start:.0f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,708 @@
+"""optimize(): the graph engine against the original model, in eval and in train mode.
+
+The references are the same models in float64 (a copy, .double()): outputs, the input
+gradient, every parameter gradient, the running statistics and num_batches_tracked. Deep
+fp32 models accumulate rounding, so each comparison allows a relative error scaled by the
+reference's largest magnitude (as helpers.assert_grad_close does).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import torch_directconv as tdc
+from helpers import REPO, requires_jit
+from torch_directconv import _blocked_fns, _graph, _steps
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from resnet50 import randomize_batchnorm, resnet50  # noqa: E402
+
+pytestmark = requires_jit
+
+
+# ---------------------------------------------------------------------------------------------
+# Models of several families
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block, written as torchvision writes it (+=, the shortcut after bn2)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18ish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, 2), BasicBlock(32, 32))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(32, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class PreActBlock(nn.Module):
+    """BN -> ReLU -> conv, twice, and a plain add (no ReLU after it)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(torch.relu(self.bn1(x)))
+        out = self.conv2(self.bn2(out).relu())
+        return torch.add(out, x)
+
+
+class PreActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.blocks = nn.Sequential(PreActBlock(24), PreActBlock(24))
+        self.bn = nn.BatchNorm2d(24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.blocks(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class NoBN(nn.Module):
+    """Convolutions with bias, ReLU in every spelling, residual adds in every spelling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.c4 = nn.Conv2d(16, 16, 3, padding="same", dilation=2)
+        self.relu = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c1(x))
+        y = self.relu(self.c2(x))
+        y = torch.relu(y + x)
+        z = self.c3(y)
+        z.add_(y)
+        z = z.relu_()
+        w = self.c4(z)
+        w = w.add(z)
+        w = torch.relu_(w)
+        return torch.flatten(self.pool(w), 1)
+
+
+class OddChannels(nn.Module):
+    """3 -> 13 -> 30 channels: every fused op meets padded lanes; BN variants and pooling options."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 13, 3, padding=1, bias=True)
+        self.b1 = nn.BatchNorm2d(13, momentum=None)
+        self.c2 = nn.Conv2d(13, 30, 5, stride=2, padding=2, bias=False)
+        self.b2 = nn.BatchNorm2d(30, affine=False)
+        self.c3 = nn.Conv2d(30, 30, (1, 3), padding=(0, 1), bias=False)
+        self.b3 = nn.BatchNorm2d(30, momentum=0.3, eps=1e-3)
+        self.short = nn.Conv2d(13, 30, 1, stride=2)
+        self.b4 = nn.BatchNorm2d(30, track_running_stats=False)
+        self.mp = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.ap = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.act = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(30, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        y = F.relu(self.b2(self.c2(x)))
+        y = self.b3(self.c3(y))
+        y = F.relu(y + self.b4(self.short(x)))
+        y = self.act(self.ap(self.mp(y)))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+class Custom(nn.Module):
+    """A user module fx traces through: element-wise ops with scalars (which do not map 0 to 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5 + 1
+
+
+class Unsupported(nn.Module):
+    """Unsupported ops in the middle of blocked regions: each needs a correct exit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.reflect = nn.Conv2d(32, 20, 3, padding=1, padding_mode="reflect")
+        self.b2 = nn.BatchNorm2d(20)
+        self.custom = Custom()
+        self.se1 = nn.Conv2d(20, 8, 1)
+        self.se2 = nn.Conv2d(8, 20, 1)
+        self.c3 = nn.Conv2d(20, 20, 3, padding=1, padding_mode="circular", bias=False)
+        self.b3 = nn.BatchNorm2d(20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        g = torch.sigmoid(x) * x
+        y = torch.cat([self.dw(g), self.grouped(x)], dim=1)
+        y = F.relu(self.b2(self.reflect(y)))
+        s = torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        y = y * s
+        z = self.custom(y)
+        return F.relu(self.b3(self.c3(z)) + y)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def _init_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random BN parameters and running statistics, so eval-mode BN is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                if m.track_running_stats:
+                    m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model
+
+
+def _resnet50() -> nn.Module:
+    model = resnet50(num_classes=10)
+    randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    return model
+
+
+# (factory, input shape, relative tolerance)
+MODELS = {
+    "resnet50": (_resnet50, (2, 3, 64, 64), 3e-4),
+    "resnet18ish": (lambda: _init_bn(ResNet18ish()), (2, 3, 32, 32), 1e-4),
+    "preact": (lambda: _init_bn(PreActNet()), (2, 3, 12, 12), 1e-4),
+    "nobn": (NoBN, (2, 3, 12, 12), 1e-4),
+    "odd": (lambda: _init_bn(OddChannels()), (3, 3, 15, 13), 1e-4),
+    "unsupported": (lambda: _init_bn(Unsupported()), (2, 3, 10, 10), 1e-4),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float = 0.0) -> None:
+    """actual (fp32) against the float64 reference: tol relative, plus tol of the largest magnitude
+    (or of `floor`, when that is larger)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol, atol=tol * scale + 1e-12, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _check_state(opt: nn.Module, ref: nn.Module, tol: float) -> None:
+    for (name, b), (ref_name, rb) in zip(opt.named_buffers(), ref.named_buffers(), strict=True):
+        assert name == ref_name
+        if b.dtype == torch.int64:
+            assert torch.equal(b, rb), f"{name}: {b} != {rb}"
+        else:
+            _close(b, rb, tol, name)
+
+
+def _run(model: nn.Module, x: torch.Tensor, seed: int = 5) -> tuple:
+    """(output, input gradient, parameter gradients) of one forward and backward."""
+    x = x.clone().requires_grad_()
+    out = model(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (out * weights.to(out.dtype)).sum().backward()
+    return out.detach(), x.grad, [p.grad for p in model.parameters()]
+
+
+def _compare_runs(run: tuple, ref_run: tuple, names: list[str], tol: float) -> None:
+    out, gx, grads = run
+    ref_out, ref_gx, ref_grads = ref_run
+    _close(out, ref_out, tol, "output")
+    _close(gx, ref_gx, tol, "input gradient")
+    # A gradient that is zero in exact arithmetic (a bias before a batch norm) is rounding of the
+    # size of the other gradients' terms: 1% of the largest gradient is the floor of the scale.
+    floor = 0.01 * max(g.abs().max().item() for g in ref_grads if g is not None)
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
+        assert (g is None) == (rg is None), name
+        if g is not None:
+            _close(g, rg, tol, f"gradient of {name}", floor)
+
+
+def _compare(opt: nn.Module, ref: nn.Module, x: torch.Tensor, tol: float) -> None:
+    names = [n for n, _ in opt.named_parameters()]
+    _compare_runs(_run(opt, x), _run(ref, x.double()), names, tol)
+    _check_state(opt, ref, tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the original model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_matches_float64(name: str) -> None:
+    factory, shape, tol = MODELS[name]
+    model = factory().eval()
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        _close(opt(x), ref(x.double()), tol, "no_grad output")  # the cached folded weights
+    _compare(opt, ref, x, tol)  # gradients through the folding (computed per call)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_train_matches_float64(name: str) -> None:
+    factory, shape, tol = MODELS[name]
+    model = factory().train()
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    _compare(opt, ref, torch.randn(shape), tol)
+
+
+def test_train_twice_cumulative_momentum() -> None:
+    """momentum=None is a cumulative average over the batches: two steps, then eval."""
+    model = _init_bn(OddChannels()).train()
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    for _ in range(2):
+        x = torch.randn(3, 3, 15, 13)
+        _close(opt(x).detach(), ref(x.double()).detach(), 1e-4, "train output")
+    assert int(opt.b1.num_batches_tracked) == 2
+    _check_state(opt, ref, 1e-4)
+    opt.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 15, 13)
+    with torch.no_grad():
+        _close(opt(x), ref(x.double()), 1e-4, "eval output after training")
+
+
+def test_frozen_batch_norm_in_train_mode() -> None:
+    """A model in train mode with its batch norms in eval (fine-tuning): per-module flags count."""
+    model = _init_bn(ResNet18ish()).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    _compare(opt, ref, torch.randn(2, 3, 32, 32), 1e-4)
+
+
+def test_batch_norm_numerics_large_mean() -> None:
+    """Batch statistics of a map whose mean is large against its spread (E[x^2] - E[x]^2 fails there)."""
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(300.0)
+    # Its gradient is zero in exact arithmetic, and fp32 rounding of a sum of 4096 terms of
+    # the conv output's size otherwise.
+    model[0].bias.requires_grad_(False)
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    # 3e-4: the fp32 convolution's own rounding at 300 (torch's too); E[x^2] - E[x]^2 in fp32
+    # would be off by several percent.
+    _compare(opt, ref, torch.randn(4, 4, 32, 32), 3e-4)
+
+
+def test_state_dict_and_parameters_are_the_models() -> None:
+    model = _init_bn(ResNet18ish())
+    opt = tdc.optimize(model)
+    assert list(opt.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in opt.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in opt.named_buffers()] == [n for n, _ in model.named_buffers()]
+    # A copy by default; inplace=True shares the very tensors.
+    assert all(p is not q for p, q in zip(opt.parameters(), model.parameters(), strict=True))
+    shared = tdc.optimize(model, inplace=True)
+    assert all(p is q for p, q in zip(shared.parameters(), model.parameters(), strict=True))
+    assert not opt.eval().training and not any(m.training for m in opt.modules())
+    assert opt.train().training and all(m.training for m in opt.modules())
+
+
+def test_state_dict_round_trips() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    a = _init_bn(ResNet18ish(), seed=1).eval()
+    b = _init_bn(ResNet18ish(), seed=2).eval()
+    opt = tdc.optimize(b)
+    with torch.no_grad():
+        opt(x)  # fills the folded-weight cache with b's weights
+        opt.load_state_dict(a.state_dict())  # original -> optimized
+        _close(opt(x), a(x), 1e-4, "after loading the original's state_dict")
+        fresh = _init_bn(ResNet18ish(), seed=3).eval()
+        fresh.load_state_dict(opt.state_dict())  # optimized -> original
+        _close(fresh(x), a(x), 1e-5, "the original after loading the optimized state_dict")
+
+
+def test_eval_follows_weight_updates() -> None:
+    """The folded-weight cache follows optimizer steps, in-place buffer changes and .data swaps."""
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model, inplace=True)
+    x = torch.randn(2, 3, 32, 32)
+
+    def check(what: str) -> None:
+        with torch.no_grad():
+            _close(opt(x), model.double()(x.double()), 1e-4, what)
+            model.float()
+
+    check("first call")
+    sgd = torch.optim.SGD(opt.parameters(), lr=0.1)
+    out, _, _ = _run(opt, x)
+    sgd.step()
+    check("after an optimizer step")
+    with torch.no_grad():
+        opt.layer1[0].bn1.running_var.mul_(3.0)
+        opt.layer2[0].bn2.running_mean.add_(0.5)
+    check("after an in-place change of BN buffers")
+    opt.layer1[1].conv2.weight.data = opt.layer1[1].conv2.weight.data * 2
+    check("after replacing a weight's .data")
+    opt.layer2[1].bn1.eps = 0.5
+    check("after changing a BN's eps")
+
+
+def test_inference_mode_then_input_gradients() -> None:
+    """Weights folded under inference_mode are inference tensors: they are not reused where
+    autograd must save them (an input gradient through frozen weights)."""
+    model = _init_bn(ResNet18ish()).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        _close(opt(x), ref(x.double()), 1e-4, "inference_mode output")
+    xg = x.clone().requires_grad_()
+    opt(xg).sum().backward()
+    xr = x.double().requires_grad_()
+    ref(xr).sum().backward()
+    _close(xg.grad, xr.grad, 1e-4, "input gradient")
+
+
+def test_dropout_draws_the_same_mask() -> None:
+    """In training, blocked dropout draws torch's mask for the NCHW tensor: the same output."""
+    model = nn.Sequential(nn.Conv2d(3, 20, 3), nn.BatchNorm2d(20), nn.ReLU(), nn.Dropout(0.3), nn.Conv2d(20, 5, 1))
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 9, 9)
+    torch.manual_seed(11)
+    expected = model(x)
+    torch.manual_seed(11)
+    _close(opt(x), expected.detach(), 1e-5, "dropout output")
+
+
+def test_padded_lanes_stay_zero() -> None:
+    """Every blocked value of the odd-channel model, in eval and train, has zero padded lanes."""
+    checked = []
+
+    class Check(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            c = n.meta.get("dc", {}).get("channels")
+            if c is not None:
+                lanes = out.permute(0, 2, 3, 1, 4).reshape(-1, out.shape[1] * out.shape[4])[:, c:]
+                assert lanes.numel() and not lanes.abs().max(), n.name
+                checked.append(n.name)
+            return out
+
+    for mode in (False, True):
+        opt = tdc.optimize(_init_bn(OddChannels())).train(mode)
+        Check(opt._engine.graphs[mode]).run(torch.randn(3, 3, 15, 13))
+    assert len(checked) >= 16
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph: regions, exits, fusion, in-place ops
+
+
+def _steps_of(opt: nn.Module, training: bool = False) -> list:
+    gm = opt._engine.graphs[training]
+    return [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("dc")]
+
+
+def test_resnet50_is_one_region() -> None:
+    opt = tdc.optimize(_resnet50())
+    steps = _steps_of(opt)
+    assert sum(isinstance(s, _steps.Enter) for s in steps) == 1
+    assert sum(isinstance(s, (_steps.Exit, _steps.GlobalAvgPool)) for s in steps) == 1
+    units = [s for s in steps if isinstance(s, _steps.Unit)]
+    assert len(units) == 53 and all(u._parts[0] is not None and u._parts[1] is not None for u in units)
+    assert sum(u.residual for u in units) == 16 and sum(u.relu for u in units) == 49
+    assert len(set(opt._engine.plans[False].regions.values())) == 1
+
+
+def test_unsupported_ops_exit_with_reasons() -> None:
+    opt = tdc.optimize(_init_bn(Unsupported()))
+    exits = [s for s in _steps_of(opt) if isinstance(s, _steps.Exit)]
+    reasons = " ".join(s.what for s in exits)
+    assert "torch.sigmoid has no blocked implementation" in reasons
+    assert "operator.mul of a tensor and a non-tensor" in reasons  # Custom's x * 0.5
+    # x * sigmoid(x) reads x's exit and sigmoid's output, and feeds the depthwise conv: it runs
+    # NCHW, with no conversion (blocked, it would take an entry and an exit).
+    entries = [s.layers[0] for s in _steps_of(opt) if isinstance(s, _steps.Enter)]
+    assert "'sigmoid'" not in entries and "'mul'" not in " ".join(s.layers[0] for s in exits)
+    drop_in = [s for s in _steps_of(opt) if isinstance(s, _steps.DropInConv)]
+    assert [s.layers for s in drop_in] == [["dw"], ["grouped"]]
+    # The reflect- and circular-padded convolutions run blocked.
+    units = [s for s in _steps_of(opt) if isinstance(s, _steps.Unit)]
+    assert {"reflect", "c3"} <= {s.layers[0] for s in units}
+
+
+def test_inplace_relu_of_a_value_read_later() -> None:
+    """x.relu_() changes x for every later reader, as in eager; an in-place op on the input too."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            a = self.c1(x)
+            b = self.c2(a)  # reads a before the in-place ReLU
+            a.relu_()
+            v = a[:, :4]  # a view (NCHW), then an in-place op on it, which writes a
+            v.mul_(2)
+            return self.c2(a) + b
+
+    class OnInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            x.relu_()
+            return self.c(x)
+
+    for model in (M(), OnInput()):
+        opt = tdc.optimize(model)
+        x = torch.randn(2, 3, 8, 8)
+        x1, x2 = x.clone(), x.clone()
+        with torch.no_grad():
+            _close(opt(x1), model(x2), 1e-5, type(model).__name__)
+        assert torch.equal(x1, x2)  # the caller's tensor is written as in eager
+
+
+def test_hooks_converted_and_copied_models() -> None:
+    """A convolution with a hook runs as itself (the hook fires); a convert()ed model optimizes
+    too; an optimized model pickles, and a deep copy of it is a model of its own."""
+    model = _init_bn(ResNet18ish()).eval()
+    calls = []
+    model.layer1[0].conv2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        calls.clear()
+        opt = tdc.optimize(model)
+        _close(opt(x), expected, 1e-4, "with a hook")
+        assert calls == [torch.Size((2, 16, 8, 8))]
+        _close(tdc.optimize(tdc.convert(model, cache_weights=True))(x), expected, 1e-4, "converted")
+        buffer = io.BytesIO()
+        torch.save(tdc.optimize(_init_bn(OddChannels())), buffer)  # pickles (activation steps too)
+        twin = copy.deepcopy(opt)
+        with torch.no_grad():
+            twin.fc.bias.add_(1.0)
+        _close(opt(x), expected, 1e-4, "the original after changing its copy")
+        _close(twin(x), expected + 1, 1e-4, "the copy")
+
+
+def test_untraceable_model_falls_back_to_convert() -> None:
+    model = Untraceable()
+    with pytest.warns(UserWarning, match="torch.fx cannot trace Untraceable .*falling back to convert"):
+        opt = tdc.optimize(model)
+    assert isinstance(opt.conv, tdc.DirectConv2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        _close(opt(x), model(x), 1e-5, "fallback output")
+
+
+def test_non_float32_input_runs_the_original_model() -> None:
+    model = _init_bn(ResNet18ish()).eval().double()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(opt(x), model(x))
+
+
+def test_bad_input_names_the_layer() -> None:
+    opt = tdc.optimize(_init_bn(ResNet18ish()))
+    with pytest.raises(RuntimeError, match=r"layer 'conv1' expected an input with 3 channels, got 4"):
+        opt(torch.randn(2, 4, 32, 32))
+    with pytest.raises(
+        RuntimeError, match=r"layer 'conv1' expected a 4-D \(N, C, H, W\) input, got shape \(3, 32, 32\)"
+    ):
+        opt(torch.randn(3, 32, 32))
+    # Through a channel-preserving op the message names the layer that needs the channels.
+    pooled = tdc.optimize(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(5, 8, 1)))
+    with pytest.raises(RuntimeError, match=r"layer '0' \(for '1'\) expected an input with 5 channels, got 6"):
+        pooled(torch.randn(1, 6, 4, 4))
+
+
+def test_input_layouts_empty_batch_and_single_values() -> None:
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for what, inp in (
+            ("channels_last", x[:, :, :32, :32].contiguous(memory_format=torch.channels_last)),
+            ("strided", x[:, :, ::2, ::2]),
+            ("empty batch", x[:0, :, :32, :32]),
+        ):
+            _close(opt(inp), model(inp), 1e-4, what)
+    # Training batch norm needs more than one value per channel, as torch's does.
+    small = tdc.optimize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match="1: Expected more than 1 value per channel when training"):
+        small(torch.randn(1, 3, 3, 3))
+
+
+def test_threads_share_one_model() -> None:
+    opt = tdc.optimize(_init_bn(ResNet18ish())).eval()
+    inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        expected = [opt(x) for x in inputs]
+    results: dict = {}
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = opt(inputs[i % 4])
+                    assert torch.equal(results[i], expected[i % 4])
+        except Exception as e:  # reported below, with the thread's index
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_torch_compile_fullgraph() -> None:
+    """Eager against torch.compile(fullgraph=True), forward and backward, train then eval."""
+    model = _init_bn(PreActNet()).train()
+    eager = tdc.optimize(model)
+    compiled_model = tdc.optimize(model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(2, 3, 12, 12)
+    names = [n for n, _ in eager.named_parameters()]
+    # Inductor fuses and reorders the element-wise work: fp32 rounding differs.
+    _compare_runs(_run(compiled, x), _run(eager, x), names, 1e-4)
+    _check_state(compiled_model, eager, 1e-5)
+    eager.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        _close(compiled(x), eager(x), 1e-4, "compiled eval output")
+
+
+def test_explain_shows_regions_exits_and_kernels(capsys) -> None:
+    model = _init_bn(Unsupported()).eval()
+    text = tdc.explain(model, torch.randn(2, 3, 10, 10), runs=1)
+    assert capsys.readouterr().out.strip() == text.strip()
+    assert "BLOCKED" in text and "ENTER" in text and "EXIT" in text and "NCHW" in text
+    assert "torch.sigmoid has no blocked implementation" in text
+    assert "kernels: mb2ic3ih10oc16oh10kh3sh1ph1" in text
+    assert "BN folded" in text
+    assert "layout conversions" in text and "outside the blocked regions: #" in text
+    fallback = tdc.explain(Untraceable(), torch.randn(1, 3, 4, 4))
+    assert "falls back to convert()" in fallback
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocked element-wise functions
+
+
+def test_blocked_fns_against_torch() -> None:
+    x = torch.randn(3, 21, 7, 6)
+    xb = tdc.to_blocked(x)
+    mean, var = _blocked_fns.bn_stats_blocked(xb, 21)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))
+    scale, shift = torch.randn(21), torch.randn(21)
+    r = torch.randn(3, 21, 7, 6)
+    yb = _blocked_fns.bn_apply_blocked(xb, scale, shift, tdc.to_blocked(r), True, 21)
+    torch.testing.assert_close(
+        tdc.from_blocked(yb, 21), torch.relu(x * scale[:, None, None] + shift[:, None, None] + r)
+    )
+    assert not yb[:, -1, :, :, 21 - 16 :].abs().max()
+    pooled = _blocked_fns.max_pool2d_blocked(xb, 3, 2, 1, 1, True)
+    torch.testing.assert_close(tdc.from_blocked(pooled, 21), F.max_pool2d(x, 3, 2, 1, 1, True))
+    pooled = _blocked_fns.avg_pool2d_blocked(xb, (2, 3), (1, 2), (1, 1), False, False, None)
+    torch.testing.assert_close(tdc.from_blocked(pooled, 21), F.avg_pool2d(x, (2, 3), (1, 2), (1, 1), False, False))
+    torch.testing.assert_close(_blocked_fns.global_avg_pool_blocked(xb, 21), x.mean((2, 3)))
+
+
+def test_bn_train_blocked_backward() -> None:
+    """The two-pass backward of BN + add + ReLU against torch's autograd."""
+    x = torch.randn(2, 20, 5, 5, dtype=torch.float64)
+    r = torch.randn(2, 20, 5, 5, dtype=torch.float64)
+    w, b = torch.rand(20, dtype=torch.float64) + 0.5, torch.randn(20, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    refs = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    g = torch.randn(2, 20, 5, 5, dtype=torch.float64)
+    # Double-precision blocked tensors by hand (the conversions are float32 ops).
+    blk = lambda t: F.pad(t, (0, 0, 0, 0, 0, 12)).view(2, 2, 16, 5, 5).permute(0, 1, 3, 4, 2)  # noqa: E731
+    yb, _, _ = _blocked_fns.bn_train_blocked(blk(leaves[0]), leaves[1], leaves[2], blk(leaves[3]), True, 20, 1e-5)
+    yb.backward(blk(g))
+    ref = torch.relu(F.batch_norm(refs[0], None, None, refs[1], refs[2], True, 0.0, 1e-5) + refs[3])
+    ref.backward(g)
+    torch.testing.assert_close(yb.permute(0, 1, 4, 2, 3).reshape(2, 32, 5, 5)[:, :20], ref)
+    for leaf, rf in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(leaf.grad, rf.grad)
+
+
+def test_warns_nothing_for_supported_models() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = tdc.optimize(_init_bn(ResNet18ish()))
+        with torch.no_grad():
+            opt(torch.randn(1, 3, 32, 32))
+    assert _graph.trace(ResNet18ish()) is not None

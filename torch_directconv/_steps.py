@@ -1,0 +1,335 @@
+"""The steps an optimized graph runs: layout conversions, the fused convolution / batch-norm /
+add / ReLU unit, and the other ops of a blocked region.
+
+Each step is a small nn.Module of the hidden graph module that optimize() builds. A step holds
+the user's modules it runs in a tuple, not as registered children, so the optimized model's
+parameters, buffers and state_dict keys stay exactly the user's, and every call reads the
+modules' current parameters and flags (train/eval, momentum, eps, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _backend
+from . import _blocked_fns as bf
+from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
+from .functional import conv2d
+
+
+class Step(nn.Module):
+    """A node of an optimized graph; `layers` are the user's layers it runs (for messages and
+    explain()), `what` says how it runs them."""
+
+    def __init__(self, layers: list[str], what: str) -> None:
+        super().__init__()
+        self.layers = layers
+        self.what = what
+
+    def extra_repr(self) -> str:
+        return f"{' + '.join(self.layers)}: {self.what}"
+
+
+class Enter(Step):
+    """NCHW -> blocked at a region's entry; checks the rank and channel count first, so that a
+    bad input is reported with the layer that needs it."""
+
+    def __init__(self, value: str, channels: int, consumer: str) -> None:
+        super().__init__([value], f"to_blocked ({channels} channels) for {consumer}")
+        self.channels = channels
+        self.consumer = consumer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise RuntimeError(f"optimize: {self.consumer} expected a 4-D (N, C, H, W) input, got {got}")
+        if x.shape[1] != self.channels:
+            raise RuntimeError(
+                f"optimize: {self.consumer} expected an input with {self.channels} channels, got {x.shape[1]} "
+                f"(shape {tuple(x.shape)})"
+            )
+        return to_blocked(x)
+
+
+class Exit(Step):
+    """Blocked -> NCHW at a region's exit (once per value, whatever the number of readers)."""
+
+    def __init__(self, value: str, channels: int, why: str) -> None:
+        super().__init__([value], f"from_blocked ({channels} channels): {why}")
+        self.channels = channels
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        return from_blocked(xb, self.channels)
+
+
+class _TensorsKey:
+    """The exact tensors a cached result was computed from, and their versions.
+
+    Holding the tensors (and aliases of them: same storage, no copy) keeps their storage
+    alive, so a new tensor can never be given an old one's address; the alias also catches
+    `param.data = new`, which keeps the Parameter and its version counter."""
+
+    def __init__(self, tensors: tuple, extra: tuple) -> None:
+        self.tensors = tensors
+        self.aliases = tuple(t.detach() if t is not None else None for t in tensors)
+        self.versions = tuple(t._version if t is not None else None for t in tensors)
+        self.extra = extra
+
+    def matches(self, tensors: tuple, extra: tuple) -> bool:
+        if extra != self.extra:
+            return False
+        for t, ref, alias, version in zip(tensors, self.tensors, self.aliases, self.versions, strict=True):
+            if t is not ref or (t is not None and (t._version != version or not t.is_set_to(alias))):
+                return False
+        return True
+
+
+def _cacheable(owned: bool, tensors: tuple) -> bool:
+    """Whether a result computed from `tensors` may be kept across calls: they are the modules'
+    own parameters and buffers (not computed in forward, as a parametrization's), no gradient
+    must reach them, and no graph is being recorded (torch.compile must see the computation)."""
+    if not owned or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    live = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in live):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in live))
+
+
+def _own(module: nn.Module, names: tuple[str, ...]) -> tuple[tuple, bool]:
+    """(the module's tensors called `names`, whether each is its own Parameter or buffer or None)."""
+    tensors = tuple(getattr(module, n) for n in names)
+    owned = all(
+        t is None or module._parameters.get(n) is t or module._buffers.get(n) is t
+        for n, t in zip(names, tensors, strict=True)
+    )
+    return tensors, owned
+
+
+def _eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a batch norm with its running statistics, as torch computes them."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
+    # As F.batch_norm in training: one value per channel has no variance.
+    if xb.shape[0] * xb.shape[2] * xb.shape[3] == 1:
+        size = torch.Size((xb.shape[0], channels, xb.shape[2], xb.shape[3]))
+        raise ValueError(f"{bn_name}: Expected more than 1 value per channel when training, got input size {size}")
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """running_mean, running_var and num_batches_tracked, updated as nn.BatchNorm2d does in training."""
+    with torch.no_grad():
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                # The cumulative average; a tensor, not float(), so that no value leaves the graph.
+                factor = 1.0 / bn.num_batches_tracked
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.copy_(factor * mean + (1 - factor) * bn.running_mean)
+        bn.running_var.copy_(factor * unbiased + (1 - factor) * bn.running_var)
+
+
+class Unit(Step):
+    """conv? -> batch norm? -> + residual? -> ReLU?, blocked in and out.
+
+    Eval: the batch norm is folded into the convolution's weights and bias, and the ReLU runs in
+    the convolution's epilogue; a residual add and the ReLU then take one element-wise pass.
+    Training: the batch norm uses the batch statistics (and updates the running ones as torch
+    does), and one pass applies it with the add and the ReLU.
+    Folded and packed weights are cached while no gradient must reach them, keyed on the
+    exact tensors they come from and their versions, so they follow every change torch records.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d | None,
+        bn: nn.BatchNorm2d | None,
+        names: list[str],
+        channels: int,
+        residual: bool,
+        relu: bool,
+    ) -> None:
+        parts = [p for p, on in (("conv", conv), ("batch norm", bn), ("+ residual", residual), ("ReLU", relu)) if on]
+        super().__init__(names, " -> ".join(parts))
+        self._parts = (conv, bn)
+        self.conv_name = names[0] if conv is not None else None
+        self.bn_name = names[1 if conv is not None else 0] if bn is not None else None
+        self.channels = channels
+        self.residual = residual
+        self.relu = relu
+        self._cache: tuple[_TensorsKey, tuple] | None = None
+
+    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
+        if not _cacheable(owned, tensors):
+            return compute()
+        # Made in inference mode, the results are inference tensors: reused only there.
+        extra = (*extra, torch.is_inference_mode_enabled())
+        entry = self._cache  # one read: other threads may replace it meanwhile
+        if entry is not None and entry[0].matches(tensors, extra):
+            return entry[1]
+        self._cache = None  # drop the old result before the new one is made
+        with torch.no_grad():
+            result = compute()
+        self._cache = (_TensorsKey(tensors, extra), result)
+        return result
+
+    def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
+        """(blocked weight, bias) of the convolution, with bn folded in when it is given."""
+        conv_t, conv_owned = _own(conv, ("weight", "bias"))
+        if bn is None:
+            return self._cached(
+                conv_t, conv_owned, (_backend.isa(),), lambda: (to_blocked_weight(conv_t[0]), conv_t[1])
+            )
+        bn_t, bn_owned = _own(bn, ("weight", "bias", "running_mean", "running_var"))
+
+        def fold() -> tuple:
+            scale, shift = _eval_affine(bn)
+            w = conv_t[0] * scale.view(-1, 1, 1, 1)
+            b = shift if conv_t[1] is None else shift + conv_t[1] * scale
+            return to_blocked_weight(w), b
+
+        return self._cached(conv_t + bn_t, conv_owned and bn_owned, (_backend.isa(), bn.eps), fold)
+
+    def _conv(self, conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, bias, relu: bool) -> torch.Tensor:
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            # The other modes pad H and W of the blocked tensor (the lanes get no padding).
+            xb = F.pad(xb, (0, 0, *conv._reversed_padding_repeated_twice), mode=conv.padding_mode)
+            padding = 0
+        return conv2d_blocked(
+            xb, wb, bias, conv.stride, padding, conv.dilation, relu=relu, in_channels=conv.in_channels
+        )
+
+    def forward(self, xb: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        conv, bn = self._parts
+        c = self.channels
+        batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
+        if conv is not None:
+            fold = bn is not None and not batch_stats
+            wb, bias = self._weights(conv, bn if fold else None)
+            epilogue_relu = self.relu and residual is None and (bn is None or fold)
+            xb = self._conv(conv, xb, wb, bias, epilogue_relu)
+            if bn is None or fold:
+                if residual is None:
+                    return xb
+                return bf.bn_apply_blocked(xb, xb.new_ones(c), xb.new_zeros(c), residual, self.relu, c)
+        if bn is None:
+            return bf.bn_apply_blocked(xb, xb.new_ones(c), xb.new_zeros(c), residual, self.relu, c)
+        if not batch_stats:
+            scale, shift = _eval_affine(bn)
+            return bf.bn_apply_blocked(xb, scale, shift, residual, self.relu, c)
+        _check_batch(self.bn_name, xb, c)
+        yb, mean, var = bf.bn_train_blocked(xb, bn.weight, bn.bias, residual, self.relu, c, bn.eps)
+        if bn.training and bn.track_running_stats:
+            _update_running_stats(bn, mean, var, xb.shape[0] * xb.shape[2] * xb.shape[3])
+        return yb
+
+
+class Pool(Step):
+    """Max or average pooling of a blocked tensor (the arguments as F.max_pool2d / F.avg_pool2d take them)."""
+
+    def __init__(self, name: str, kind: str, args: dict) -> None:
+        super().__init__([name], f"{kind} pooling")
+        self._fn = bf.max_pool2d_blocked if kind == "max" else bf.avg_pool2d_blocked
+        self.args = args
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        return self._fn(xb, **self.args)
+
+
+class GlobalAvgPool(Step):
+    """The mean over H and W: NCHW out ((N, C, 1, 1) with keepdim, else (N, C)), or with
+    blocked_out, blocked out (N, Cb, 1, 1, V)."""
+
+    def __init__(self, name: str, channels: int, keepdim: bool, blocked_out: bool = False) -> None:
+        super().__init__([name], "global average pool, blocked" + ("" if blocked_out else " in, NCHW out"))
+        self.channels = channels
+        self.keepdim = keepdim
+        self.blocked_out = blocked_out
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        if self.blocked_out:
+            return bf.spatial_mean_blocked(xb)
+        out = bf.global_avg_pool_blocked(xb, self.channels)
+        return out.view(out.shape[0], out.shape[1], 1, 1) if self.keepdim else out
+
+
+class Act(Step):
+    """An element-wise activation that maps 0 to 0 (so the padded lanes stay zero), out of place."""
+
+    def __init__(self, name: str, fn, kwargs: dict, module: nn.Module | None = None) -> None:
+        super().__init__([name], "element-wise, blocked")
+        self._fn = fn
+        self._module = (module,)
+        self.kwargs = kwargs
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        module = self._module[0]
+        return self._fn(xb, **self.kwargs) if module is None else self._fn(module, xb)
+
+
+class Dropout(Step):
+    """Dropout of a blocked tensor with the mask torch would draw for the NCHW tensor (the same
+    random numbers in the same order), so the result equals the original model's."""
+
+    def __init__(self, name: str, channels: int, module: nn.Module | None, p: float) -> None:
+        super().__init__([name], "dropout, blocked (mask drawn in NCHW order)")
+        self.channels = channels
+        self._module = (module,)
+        self.p = p
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        module = self._module[0]
+        p, training = (self.p, True) if module is None else (module.p, module.training)
+        if not training or p == 0:
+            return xb
+        if p == 1:
+            return xb * 0
+        n, _, h, w, _ = xb.shape
+        mask = torch.empty((n, self.channels, h, w), dtype=xb.dtype).bernoulli_(1 - p).div_(1 - p)
+        return xb * to_blocked(mask)
+
+
+class BlockedShape(Step):
+    """x.size(), x.size(d), x.shape, x.dim() of a value held blocked, without converting it."""
+
+    def __init__(self, name: str, channels: int, query: str) -> None:
+        super().__init__([name], f"{query} of a blocked value (no conversion)")
+        self.channels = channels
+        self.query = query
+
+    def forward(self, xb: torch.Tensor, dim: int | None = None):
+        if self.query == "dim":
+            return 4
+        n, _, h, w, _ = xb.shape
+        size = torch.Size((n, self.channels, h, w))
+        return size if dim is None else size[dim]
+
+
+class DropInConv(Step):
+    """A convolution outside the blocked regions (groups > 1, or an output kept NCHW), on NCHW
+    tensors through the drop-in path (torch_directconv.conv2d: the JIT kernels, depthwise ones
+    too, or torch's convolution where they do not apply)."""
+
+    def __init__(self, name: str, conv: nn.Conv2d) -> None:
+        super().__init__([name], "drop-in conv2d, NCHW")
+        self._conv = (conv,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self._conv[0]
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        return conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)

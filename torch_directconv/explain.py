@@ -1,0 +1,188 @@
+"""explain(model, example_input): what an optimized model runs, layer by layer, and where its time goes."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch import fx, nn
+
+from . import _backend, _steps
+from .functional import _pair, conv_padding
+from .optimize import OptimizedModule, _build, blocked_path_reason
+
+
+class _TimedRun(fx.Interpreter):
+    """Runs the graph node by node, timing each with perf_counter and noting each step's input shape."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.times: dict = defaultdict(list)
+        self.input_shapes: dict = {}
+
+    def run_node(self, n: fx.Node):
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        self.times[n].append(time.perf_counter() - t0)
+        return out
+
+    def call_module(self, target, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            self.input_shapes[target] = tuple(args[0].shape)
+        return super().call_module(target, args, kwargs)
+
+
+def _problem(conv: nn.Conv2d, xb_shape: tuple) -> str:
+    """The benchdnn-style problem string of a blocked convolution's call, as its kernels see it."""
+    n, _, h, w, _ = xb_shape
+    stride, dilation = _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
+    if conv.padding_mode != "zeros":
+        left, right, top, bottom = conv._reversed_padding_repeated_twice
+        h, w, pad = h + top + bottom, w + left + right, (0, 0, 0, 0)
+    else:
+        pad = conv_padding(conv.padding, conv.kernel_size, stride, dilation)
+    r, s = conv.kernel_size
+    return (
+        f"mb{n}ic{conv.in_channels}ih{h}iw{w}oc{conv.out_channels}kh{r}kw{s}sh{stride[0]}sw{stride[1]}"
+        f"ph{pad[0]}pb{pad[1]}pw{pad[2]}pr{pad[3]}dh{dilation[0] - 1}dw{dilation[1] - 1}"
+    )
+
+
+def _unit_what(step: _steps.Unit) -> str:
+    """How a unit runs in its modules' current modes."""
+    conv, bn = step._parts
+    if bn is not None and (bn.training or bn.running_mean is None):
+        stats = "batch statistics, then one pass: BN"
+        tail = (" + residual" if step.residual else "") + (" + ReLU" if step.relu else "")
+        return ("conv, " if conv is not None else "") + stats + tail
+    parts = []
+    if conv is not None:
+        parts.append("conv" + (" with BN folded into its weights and bias" if bn is not None else ""))
+        if step.residual:
+            parts.append("one pass: + residual" + (" + ReLU" if step.relu else ""))
+        elif step.relu:
+            parts[-1] += ", ReLU in its epilogue"
+    else:
+        parts.append("one pass: " + ("BN" if bn is not None else "") + (" + residual" if step.residual else ""))
+        parts[-1] += " + ReLU" if step.relu else ""
+    return "; ".join(parts)
+
+
+def _row(gm: fx.GraphModule, n: fx.Node, run: _TimedRun) -> tuple[str, str, str]:
+    """(layout, layers, what) of one node of the optimized graph."""
+    meta = n.meta.get("dc", {})
+    kind = meta.get("kind", "nchw")
+    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _steps.Step):
+        step = gm.get_submodule(n.target)
+        layers = " + ".join(step.layers)
+        if isinstance(step, _steps.Unit):
+            what = _unit_what(step)
+            conv = step._parts[0]
+            if conv is not None and n.target in run.input_shapes:
+                problem = _problem(conv, run.input_shapes[n.target])
+                what += f"\n{'':>28}kernels: {_backend._C.fwd_plan(problem, torch.get_num_threads())}"
+            return "BLOCKED", layers, what
+        label = {"enter": "ENTER", "exit": "EXIT", "meta": "blocked", "nchw": "NCHW"}.get(kind, "BLOCKED")
+        what = step.what + (f" ({meta['why']})" if meta.get("why") else "")
+        return label, layers, what
+    layers = " + ".join(meta.get("layers", [n.name]))
+    if kind == "blocked":
+        return "BLOCKED", layers, meta.get("what", "")
+    return "NCHW", layers, meta.get("why", "")
+
+
+def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str:
+    """Prints, and returns, what optimize(model) runs for example_input, layer by layer: what runs
+    blocked and what is fused, where the layout conversions are and why each exit exists, the
+    convolutions' problems and kernel plans, and each step's share of the forward time (the
+    median of `runs` timed runs after a warm-up, in the model's current train/eval mode).
+
+    model may be an optimize()d module or any model (optimized here, on a copy). Batch-norm
+    statistics updated by the runs are restored afterwards.
+    """
+    file = file if file is not None else sys.stdout
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    lines: list[str] = []
+    opt = model if isinstance(model, OptimizedModule) else _build(_copy(model))
+    if isinstance(opt, str):
+        lines.append(f"{type(model).__name__}: not optimized, optimize() falls back to convert(): {opt}")
+        return _emit(lines, file)
+    reason = blocked_path_reason(inputs, {})
+    if reason is not None:
+        lines.append(f"{type(model).__name__}: this input runs the original model, not the blocked graph: {reason}")
+        return _emit(lines, file)
+    gm = opt._engine.graphs[opt.training]
+    run = _TimedRun(gm)
+    saved = [(b, b.detach().clone()) for b in opt.buffers()]
+    grad = contextlib.nullcontext() if opt.training else torch.no_grad()
+    try:
+        with grad:
+            for _ in range(1 + runs):
+                run.run(*inputs)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    med = {n: statistics.median(run.times[n][1:]) for n in nodes}
+    total = sum(med.values()) or 1.0
+    mode = "train" if opt.training else "eval"
+    lines.append(
+        f"{type(opt._engine.root).__name__}, {mode} mode, input {', '.join(str(tuple(x.shape)) for x in inputs)}, "
+        f"{torch.get_num_threads()} thread(s), ISA {_backend.isa()}: forward {1e3 * total:.2f} ms "
+        f"(sum of the steps' medians over {runs} run(s))"
+    )
+    lines.append(
+        "BLOCKED: runs in the blocked layout; ENTER / EXIT: a layout conversion (to / from blocked); "
+        "NCHW: runs as in the original model, with why"
+    )
+    lines.append(f"{'#':>4} {'layout':<8} {'ms':>7} {'%':>5}  layers: what")
+    shares: dict = defaultdict(float)
+    exits, outside = [], []
+    for i, n in enumerate(nodes):
+        layout, layers, what = _row(gm, n, run)
+        step = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if layout in ("ENTER", "EXIT"):
+            category = "layout conversions"
+        elif layout == "NCHW":
+            category = "ops outside the blocked regions"
+            outside.append(f"#{i} {layers} {100 * med[n] / total:.1f}%")
+        elif isinstance(step, _steps.Unit) and step._parts[0] is not None:
+            category = "convolutions (with what is fused into them)"
+        else:
+            category = "other blocked ops"
+        shares[category] += med[n]
+        if layout == "EXIT":
+            exits.append(f"  #{i} {layers}: {what}")
+        lines.append(f"{i:>4} {layout:<8} {1e3 * med[n]:7.3f} {100 * med[n] / total:5.1f}  {layers}: {what}")
+    p = opt._engine.plans[opt.training]
+    entries = sum(1 for n in nodes if n.meta.get("dc", {}).get("kind") == "enter")
+    lines.append("")
+    regions = len(set(p.regions.values()))
+    lines.append(f"{regions} blocked region(s); {entries} conversion(s) to blocked, {len(exits)} from blocked")
+    lines.append(
+        "time: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+    )
+    lines.append("exits (each converts a value once, whatever the number of its readers):")
+    lines.extend(exits or ["  none"])
+    lines.append("outside the blocked regions: " + (", ".join(outside) or "nothing"))
+    slow = sorted(range(len(nodes)), key=lambda i: -med[nodes[i]])[:5]
+    names = {i: _row(gm, nodes[i], run)[1] for i in slow}
+    lines.append("slowest steps: " + ", ".join(f"#{i} {names[i]} {100 * med[nodes[i]] / total:.1f}%" for i in slow))
+    return _emit(lines, file)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    from .modules import _deepcopy
+
+    return _deepcopy(model)
+
+
+def _emit(lines: list[str], file) -> str:
+    text = "\n".join(lines)
+    print(text, file=file)
+    return text
