@@ -27,7 +27,11 @@ from torch_directconv import _blocked_fns, _graph, _steps
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from resnet50 import randomize_batchnorm, resnet50  # noqa: E402
 
-pytestmark = requires_jit
+pytestmark = [
+    requires_jit,
+    # The grouped convolution of Unsupported runs on torch's convolution, which the drop-in path says.
+    pytest.mark.filterwarnings("ignore:torch_directconv. grouped convolutions:RuntimeWarning"),
+]
 
 
 # ---------------------------------------------------------------------------------------------
