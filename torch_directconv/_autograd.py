@@ -121,8 +121,8 @@ def _backward_to_blocked_weight(ctx, grad):
 
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
-        "torch_directconv: double backward (a gradient of a gradient) through conv2d is not supported; "
-        "use torch.nn.functional.conv2d for higher-order gradients"
+        "torch_directconv: double backward (a gradient of a gradient) through its convolution, batch-norm and "
+        "pooling ops is not supported; use torch's own for higher-order gradients"
     )
 
 

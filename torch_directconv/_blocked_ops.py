@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend  # noqa: F401  (loads the ops)
-from ._autograd import _register, call_op
+from ._autograd import _keep_nothing, _no_double_backward, _register, call_op
 
 ops = torch.ops.directconv
 
@@ -193,15 +193,6 @@ def _backward_global_avg_pool(ctx, grad):
     return call_op(ops.global_avg_pool_blocked_backward.default, grad, ctx.input_size, ctx.channels), None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "torch_directconv: double backward (a gradient of a gradient) through the blocked batch norm and "
-        "pooling ops is not supported"
-    )
-
-
-def _keep_nothing(ctx, inputs, output) -> None:
-    pass
 
 
 _register("bn_stats_blocked", _backward_bn_stats, _setup_bn_stats)
