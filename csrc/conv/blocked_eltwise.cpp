@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "conv/isa_region.h"
+#include "jit/isa.h"
 
 namespace dc {
 
@@ -49,7 +50,7 @@ std::vector<float> padded_copy(const float* src, int64_t c, int64_t padded, floa
 }
 
 // The sum over the threads' partial blocks (each `stride` doubles) of entry l.
-double sum_partials(const double* partials, int nthreads, int64_t stride, int64_t l) {
+inline double sum_partials(const double* partials, int nthreads, int64_t stride, int64_t l) {
   double t = 0;
   for (int i = 0; i < nthreads; ++i) t += partials[i * stride + l];
   return t;
@@ -68,18 +69,21 @@ void bn_stats_share(const BlockedShape& s, const float* x, double* partial, int 
 void bn_stats_finish(const BlockedShape& s, const float* x, const double* partials, int nthreads, float* mean,
                      float* var) {
   const int64_t m = s.per_channel(), stride = bn_stats_partial_size(s);
-  for (int64_t c = 0; c < s.c; ++c) {
-    if (m == 0) {
-      mean[c] = var[c] = std::numeric_limits<float>::quiet_NaN();
-      continue;
+  if (m == 0) {
+    std::fill(mean, mean + s.c, std::numeric_limits<float>::quiet_NaN());
+    std::fill(var, var + s.c, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const double inv_m = 1.0 / static_cast<double>(m);
+  // By block and lane: the shifts lie one plane apart, and no channel needs a division.
+  for (int64_t cb = 0, c = 0; cb < s.cb(); ++cb) {
+    const float* shift = x + cb * s.plane() * s.v;
+    for (int l = 0; l < s.v && c < s.c; ++l, ++c) {
+      const double mu = sum_partials(partials, nthreads, stride, c) * inv_m;
+      const double sq = sum_partials(partials, nthreads, stride, s.padded() + c) * inv_m;
+      mean[c] = static_cast<float>(shift[l] + mu);
+      var[c] = static_cast<float>(std::max(0.0, sq - mu * mu));
     }
-    const int64_t cb = c / s.v, l = c % s.v;
-    const double shift = x[cb * s.plane() * s.v + l];
-    const double s1 = sum_partials(partials, nthreads, stride, c);
-    const double s2 = sum_partials(partials, nthreads, stride, s.padded() + c);
-    const double mu = s1 / m;
-    mean[c] = static_cast<float>(shift + mu);
-    var[c] = static_cast<float>(std::max(0.0, s2 / m - mu * mu));
   }
 }
 
@@ -103,14 +107,25 @@ void bn_stats_ref(const BlockedShape& s, const float* x, float* mean, float* var
 
 // ---- apply ----------------------------------------------------------------------------------
 
-float inv_std(float var, double eps) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(var) + eps)); }
+void inv_std(const float* var, double eps, int64_t c, float* out) {
+  switch (detected_isa()) {
+    case Isa::avx512:
+      return avx512::inv_std(var, eps, c, out);
+    case Isa::avx2:
+      return avx2::inv_std(var, eps, c, out);
+    default:
+      for (int64_t i = 0; i < c; ++i) out[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[i]) + eps));
+  }
+}
 
 ChannelAffine bn_affine(int64_t c, int v, const float* mean, const float* var, double eps, const float* weight,
                         const float* bias) {
   const int64_t padded = (c + v - 1) / v * v;
   ChannelAffine a{padded_copy(mean, c, padded, 0.f), std::vector<float>(padded, 0.f),
                   padded_copy(bias, c, padded, 0.f)};
-  for (int64_t i = 0; i < c; ++i) a.scale[i] = (weight ? weight[i] : 1.f) * inv_std(var[i], eps);
+  inv_std(var, eps, c, a.scale.data());
+  if (weight)
+    for (int64_t i = 0; i < c; ++i) a.scale[i] *= weight[i];
   return a;
 }
 
@@ -148,10 +163,8 @@ BnBackward::BnBackward(const BnBackwardArgs& a) : a_(a) {
   mean_ = padded_copy(a.mean, c, padded, 0.f);
   invstd_.assign(padded, 0.f);
   k_.assign(padded, 0.f);
-  for (int64_t i = 0; i < c; ++i) {
-    invstd_[i] = inv_std(a.var[i], a.eps);
-    k_[i] = (a.weight ? a.weight[i] : 1.f) * invstd_[i];
-  }
+  inv_std(a.var, a.eps, c, invstd_.data());
+  for (int64_t i = 0; i < c; ++i) k_[i] = (a.weight ? a.weight[i] : 1.f) * invstd_[i];
   // Until the sums are known (train), grad_x = k * g alone.
   b_.assign(padded, 0.f);
   d_.assign(padded, 0.f);
@@ -177,16 +190,16 @@ void BnBackward::run_share(int i, double* partial, int tid, int nthreads) const 
 void BnBackward::finish_pass(int i, const double* partials, int nthreads) {
   if (i != 0 || !sums_) return;
   const int64_t stride = partial_size(), padded = a_.shape.padded();
-  const double m = static_cast<double>(a_.shape.per_channel());
+  const int64_t m = a_.shape.per_channel();
+  const double inv_m = m > 0 ? 1.0 / static_cast<double>(m) : 0.0;
   for (int64_t c = 0; c < a_.shape.c; ++c) {
     const double s1 = sum_partials(partials, nthreads, stride, c);
-    const double s2 = sum_partials(partials, nthreads, stride, padded + c);
-    const double gw = invstd_[c] * s2;  // sum of g * xhat
+    const double gw = invstd_[c] * sum_partials(partials, nthreads, stride, padded + c);  // sum of g * xhat
     if (a_.grad_bias) a_.grad_bias[c] = static_cast<float>(s1);
     if (a_.grad_weight) a_.grad_weight[c] = static_cast<float>(gw);
-    if (a_.train && m > 0) {
-      b_[c] = static_cast<float>(-static_cast<double>(k_[c]) * invstd_[c] * gw / m);
-      d_[c] = static_cast<float>(-static_cast<double>(k_[c]) * s1 / m);
+    if (a_.train) {
+      b_[c] = static_cast<float>(-static_cast<double>(k_[c]) * invstd_[c] * gw * inv_m);
+      d_[c] = static_cast<float>(-static_cast<double>(k_[c]) * s1 * inv_m);
     }
   }
 }

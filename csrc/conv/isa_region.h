@@ -11,7 +11,10 @@
 // Include this header first: the .inc files include nothing, as they are pasted inside a namespace.
 #pragma once
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
