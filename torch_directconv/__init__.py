@@ -14,6 +14,7 @@ from .explain import explain
 from .functional import conv2d
 from .modules import DirectConv2d, convert
 from .optimize import OptimizedModule, optimize
+from .profiling import op_times
 
 __all__ = [
     "DirectConv2d",
@@ -26,6 +27,7 @@ __all__ = [
     "from_blocked",
     "isa",
     "jit_stats",
+    "op_times",
     "optimize",
     "to_blocked",
     "to_blocked_weight",

@@ -20,6 +20,7 @@
 #include "jit/isa.h"
 #include "jit/kernel_cache.h"
 #include "jit/peak_kernel.h"
+#include "op_timers.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -1183,4 +1184,5 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("problem"), pybind11::arg("threads") = 1,
       "The weight-update plan of a benchdnn problem string: its tile, rows per block and minibatch parts.");
+  dc_torch::register_op_timers(m);
 }
