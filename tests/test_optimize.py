@@ -445,24 +445,43 @@ def test_dropout_draws_the_same_mask() -> None:
     _close(opt(x), expected.detach(), 1e-5, "dropout output")
 
 
-def test_padded_lanes_stay_zero() -> None:
-    """Every blocked value of the odd-channel model, in eval and train, has zero padded lanes."""
-    checked = []
+def _padded_lanes(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """The lanes of a blocked tensor past its `channels` real channels."""
+    return t.permute(0, 2, 3, 1, 4).reshape(-1, t.shape[1] * t.shape[4])[:, channels:]
+
+
+@pytest.mark.parametrize("name", ["odd", "preact", "unsupported"])
+def test_padded_lanes_stay_zero(name: str) -> None:
+    """Every blocked value, and the gradient reaching it, has zero padded lanes, in eval and in
+    train: 13, 30, 24, 20 and 8 channels through the fused batch norm (its shift too, unfolded in
+    the pre-activation blocks), add + ReLU, pooling and global pooling."""
+    factory, shape, _ = MODELS[name]
+    checked, grads = [], []
+
+    def check_grad(n, c):
+        def hook(g):
+            assert not _padded_lanes(g, c).abs().max(), f"gradient of {n}"
+            grads.append(n)
+
+        return hook
 
     class Check(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             c = n.meta.get("dc", {}).get("channels")
-            if c is not None:
-                lanes = out.permute(0, 2, 3, 1, 4).reshape(-1, out.shape[1] * out.shape[4])[:, c:]
+            if c is not None and c % out.shape[4]:
+                lanes = _padded_lanes(out, c)
                 assert lanes.numel() and not lanes.abs().max(), n.name
                 checked.append(n.name)
+                if out.requires_grad:
+                    out.register_hook(check_grad(n.name, c))
             return out
 
     for mode in (False, True):
-        opt = tdc.optimize(_init_bn(OddChannels())).train(mode)
-        Check(opt._engine.graphs[mode]).run(torch.randn(3, 3, 15, 13))
-    assert len(checked) >= 16
+        opt = tdc.optimize(factory()).train(mode)
+        x = torch.randn(shape, requires_grad=True)
+        Check(opt._engine.graphs[mode]).run(x).sum().backward()
+    assert len(checked) >= 8 and len(grads) == len(checked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,20 +628,29 @@ def test_input_layouts_empty_batch_and_single_values() -> None:
         small(torch.randn(1, 3, 3, 3))
 
 
-def test_threads_share_one_model() -> None:
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "input-gradient"])
+def test_threads_share_one_model(grad: bool) -> None:
+    """One optimized model called from several threads at once gives each its own result: in
+    no_grad (the folded weights cached and shared) and with an input gradient (folded per call)."""
     opt = tdc.optimize(_init_bn(ResNet18ish())).eval()
     inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    with torch.no_grad():
-        expected = [opt(x) for x in inputs]
-    results: dict = {}
+
+    def call(x: torch.Tensor) -> tuple:
+        if not grad:
+            with torch.no_grad():
+                return (opt(x),)
+        x = x.clone().requires_grad_()
+        out = opt(x)
+        return out.detach(), torch.autograd.grad(out.square().sum(), x)[0]
+
+    expected = [call(x) for x in inputs]
     errors: list = []
 
     def work(i: int) -> None:
         try:
-            with torch.no_grad():
-                for _ in range(3):
-                    results[i] = opt(inputs[i % 4])
-                    assert torch.equal(results[i], expected[i % 4])
+            for _ in range(3):
+                got = call(inputs[i % 4])
+                assert all(torch.equal(g, e) for g, e in zip(got, expected[i % 4], strict=True))
         except Exception as e:  # reported below, with the thread's index
             errors.append((i, e))
 
@@ -635,12 +663,14 @@ def test_threads_share_one_model() -> None:
 
 
 def test_torch_compile_fullgraph() -> None:
-    """Eager against torch.compile(fullgraph=True), forward and backward, train then eval."""
-    model = _init_bn(PreActNet()).train()
+    """Eager against torch.compile(fullgraph=True), forward and backward, train then eval: the
+    odd-channel model has every fused op (batch norm with each option, add + ReLU, both pools,
+    global pooling)."""
+    model = _init_bn(OddChannels()).train()
     eager = tdc.optimize(model)
     compiled_model = tdc.optimize(model)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(2, 3, 12, 12)
+    x = torch.randn(3, 3, 15, 13)
     names = [n for n, _ in eager.named_parameters()]
     # Inductor fuses and reorders the element-wise work: fp32 rounding differs.
     _compare_runs(_run(compiled, x), _run(eager, x), names, 1e-4)
