@@ -17,6 +17,9 @@ Every variant is timed in the same run, interleaved iteration by iteration (medi
 Checks: inference outputs against torch NCHW (max |diff| / max |out|); training, the first step's
 gradients of every fp32 variant against torch NCHW's (relative norm over all of them). Compile
 time is reported apart.
+Peak memory (training): the maximum RSS of a process that builds one model and runs training
+steps, for torch eager (NCHW, channels_last) and optimize(), each in a fresh child process of its
+own, so that no variant's peak hides in another's (--no-memory skips it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +49,9 @@ LABELS = {
     "bf16": "bf16 autocast",
 }
 FP32 = ("torch_nchw", "torch_cl", "compile", "convert", "optimize")
+# The peak memory of a training step: torch eager against optimize().
+MEMORY_VARIANTS = ("torch_nchw", "torch_cl", "optimize")
+MEMORY_STEPS = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default: inference 10, training 5)")
     ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    ap.add_argument("--no-memory", action="store_true", help="skip the training step's peak memory (child processes)")
+    ap.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         args.configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
@@ -179,6 +188,83 @@ def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmu
     return med, busy, diffs, compile_s, 0
 
 
+def _max_rss_mb() -> float:
+    """This process's maximum RSS (MiB): VmHWM, the peak of its own address space. Not getrusage's
+    ru_maxrss, which a child process inherits from its parent across fork and exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (the peak memory needs Linux)")
+
+
+def memory_child(args: argparse.Namespace) -> int:
+    """In a fresh process: one model of the variant, MEMORY_STEPS training steps; prints the
+    maximum RSS (MiB) before the first step and after the last, as JSON."""
+    torch, tdc, _ = load_jit(args, "resnet50_optimize")
+    from resnet50 import randomize_batchnorm, resnet50
+
+    F = torch.nn.functional
+    (threads, n), size = args.configs[0], args.size
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = resnet50().train()
+    randomize_batchnorm(model, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 3, size, size, generator=gen)
+    target = torch.randint(0, 1000, (n,), generator=gen)
+    if args.memory_child == "torch_cl":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif args.memory_child == "optimize":
+        model = tdc.optimize(model, inplace=True)  # no copy: the same parameters as the eager model's
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    before = _max_rss_mb()
+    for _ in range(MEMORY_STEPS):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        opt.step()
+    print(json.dumps({"before_mb": before, "peak_mb": _max_rss_mb()}))
+    return 0
+
+
+def run_memory(args: argparse.Namespace, variants: list[str], threads: int, n: int) -> dict:
+    """variant -> {"before_mb", "peak_mb"} of a training step, each from its own child process."""
+    script = Path(__file__).resolve()
+    out = {}
+    for v in variants:
+        cmd = [sys.executable, str(script), "--memory-child", v, "--configs", f"{threads}x{n}", "--size", str(args.size)]
+        if args.isa_cap:
+            cmd += ["--isa-cap", args.isa_cap]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the peak-memory child for {v} ({threads}T N={n}) failed:\n{done.stderr}")
+        out[v] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def format_memory(rows: list[dict], variants: list[str]) -> str:
+    lines = [
+        f"ResNet-50 training step, peak memory: maximum RSS (MiB) of a fresh process after {MEMORY_STEPS} steps "
+        "(in brackets: before the first step, with the model built); x = the variant's peak / torch NCHW's and "
+        "/ torch CL's (at most 1.1x is the target)",
+    ]
+    head = f"{'config':<9}" + "".join(f"{LABELS[v]:>22}" for v in variants)
+    head += f"{'optimize vs NCHW':>18}{'optimize vs CL':>16}" if "optimize" in variants else ""
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        mem = r["memory"]
+        line = f"{r['config']:<9}" + "".join(
+            f"{mem[v]['peak_mb']:>12.0f} ({mem[v]['before_mb']:>6.0f})" for v in variants
+        )
+        if "optimize" in variants:
+            peak = mem["optimize"]["peak_mb"]
+            line += f"{peak / mem['torch_nchw']['peak_mb']:>17.2f}x"
+            line += f"{peak / mem['torch_cl']['peak_mb']:>15.2f}x" if "torch_cl" in mem else f"{'-':>16}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def format_table(mode: str, rows: list[dict], variants: list[str]) -> str:
     torch_fp32 = [v for v in ("torch_nchw", "torch_cl", "compile") if v in variants]
     diff = (
@@ -213,6 +299,8 @@ def format_table(mode: str, rows: list[dict], variants: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(args)
     torch, tdc, isa = load_jit(args, "resnet50_optimize")
     from resnet50 import randomize_batchnorm, resnet50
 
@@ -259,9 +347,14 @@ def main(argv: list[str] | None = None) -> int:
                     "cpus_busy": busy,
                 }
             )
-            print(f"  done {mode} {threads}T N={n} ({time.time() - start:.0f} s)", file=sys.stderr)
             del base
+            memory_variants = [v for v in MEMORY_VARIANTS if v in args.variants]
+            if mode == "training" and not args.no_memory:
+                rows[-1]["memory"] = run_memory(args, memory_variants, threads, n)
+            print(f"  done {mode} {threads}T N={n} ({time.time() - start:.0f} s)", file=sys.stderr)
         print("\n" + format_table(mode, rows, args.variants))
+        if mode == "training" and not args.no_memory:
+            print("\n" + format_memory(rows, memory_variants))
         # fp32 variants must agree with torch to fp32 noise (bf16 is reported, not checked).
         limit = 1e-3 if mode == "inference" else 1e-2
         for r in rows:

@@ -698,7 +698,7 @@ class _Emitter:
             elif op.kind == DROPOUT:
                 step = _steps.Dropout(op.name, self.p.channels[n], op.module, op.args.get("p", 0.5))
             else:
-                step = _steps.Pool(op.name, "max" if op.kind == MAXPOOL else "average", op.args)
+                step = _steps.Pool(op.name, "max" if op.kind == MAXPOOL else "average", self.p.channels[n], op.args)
             node = self._step(step, xs, "blocked", n.name)
         self._hold_blocked(n, node)
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend
-from . import _blocked_fns as bf
+from . import _backend, blocked_ops
 from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
 from .functional import conv2d
 
@@ -126,27 +125,15 @@ def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{bn_name}: Expected more than 1 value per channel when training, got input size {size}")
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """running_mean, running_var and num_batches_tracked, updated as nn.BatchNorm2d does in training."""
-    with torch.no_grad():
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                # The cumulative average; a tensor, not float(), so that no value leaves the graph.
-                factor = 1.0 / bn.num_batches_tracked
-        unbiased = var * (count / (count - 1))
-        bn.running_mean.copy_(factor * mean + (1 - factor) * bn.running_mean)
-        bn.running_var.copy_(factor * unbiased + (1 - factor) * bn.running_var)
-
-
 class Unit(Step):
     """conv? -> batch norm? -> + residual? -> ReLU?, blocked in and out.
 
     Eval: the batch norm is folded into the convolution's weights and bias, and the ReLU runs in
-    the convolution's epilogue; a residual add and the ReLU then take one element-wise pass.
-    Training: the batch norm uses the batch statistics (and updates the running ones as torch
-    does), and one pass applies it with the add and the ReLU.
+    the convolution's epilogue; a residual add and the ReLU then take one fused pass (bn_apply).
+    Training: the batch norm uses the batch statistics (one pass; the running ones are updated
+    as torch does), and one fused pass applies it with the add and the ReLU (batch_norm_blocked,
+    whose backward takes at most two passes). A batch norm without a convolution before it runs
+    as that fused pass in eval too.
     Folded and packed weights are cached while no gradient must reach them, keyed on the
     exact tensors they come from and their versions, so they follow every change torch records.
     """
@@ -169,6 +156,8 @@ class Unit(Step):
         self.residual = residual
         self.relu = relu
         self._cache: tuple[_TensorsKey, tuple] | None = None
+        # The scale and shift of a lone add -> ReLU pass: bn_apply with the identity's affine.
+        self._identity = (torch.ones(channels), torch.zeros(channels)) if residual else None
 
     def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
         if not _cacheable(owned, tensors):
@@ -211,9 +200,32 @@ class Unit(Step):
             xb, wb, bias, conv.stride, padding, conv.dilation, relu=relu, in_channels=conv.in_channels
         )
 
+    def _add_relu(self, yb: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """relu?(yb + residual), in one fused pass."""
+        if residual.shape != yb.shape:
+            # A residual that broadcasts ((N, C, 1, 1) against a map) is torch's add.
+            out = yb + residual
+            return torch.relu(out) if self.relu else out
+        scale, shift = self._identity
+        return blocked_ops.bn_apply(yb, self.channels, scale, shift, residual, self.relu)
+
+    def _batch_norm(self, bn: nn.BatchNorm2d, xb: torch.Tensor, batch_stats: bool, residual, relu: bool):
+        """relu?(bn(xb) + residual?) in one fused pass (after the statistics' pass in training)."""
+        c, w, b = self.channels, bn.weight, bn.bias
+        if not batch_stats:
+            return blocked_ops.batch_norm(
+                xb, c, bn.running_mean, bn.running_var, w, b, False, 0.0, bn.eps, residual=residual, relu=relu
+            )
+        _check_batch(self.bn_name, xb, c)
+        # As nn.BatchNorm2d: the running statistics (and the counter) move only in training.
+        track = bn.training and bn.track_running_stats
+        mean, var, count = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if track else (None, None, None)
+        return blocked_ops.batch_norm(
+            xb, c, mean, var, w, b, True, bn.momentum, bn.eps, residual=residual, relu=relu, num_batches_tracked=count
+        )
+
     def forward(self, xb: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self._parts
-        c = self.channels
         batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
         if conv is not None:
             fold = bn is not None and not batch_stats
@@ -221,31 +233,25 @@ class Unit(Step):
             epilogue_relu = self.relu and residual is None and (bn is None or fold)
             xb = self._conv(conv, xb, wb, bias, epilogue_relu)
             if bn is None or fold:
-                if residual is None:
-                    return xb
-                return bf.bn_apply_blocked(xb, xb.new_ones(c), xb.new_zeros(c), residual, self.relu, c)
+                return xb if residual is None else self._add_relu(xb, residual)
         if bn is None:
-            return bf.bn_apply_blocked(xb, xb.new_ones(c), xb.new_zeros(c), residual, self.relu, c)
-        if not batch_stats:
-            scale, shift = _eval_affine(bn)
-            return bf.bn_apply_blocked(xb, scale, shift, residual, self.relu, c)
-        _check_batch(self.bn_name, xb, c)
-        yb, mean, var = bf.bn_train_blocked(xb, bn.weight, bn.bias, residual, self.relu, c, bn.eps)
-        if bn.training and bn.track_running_stats:
-            _update_running_stats(bn, mean, var, xb.shape[0] * xb.shape[2] * xb.shape[3])
-        return yb
+            return self._add_relu(xb, residual)
+        if residual is not None and residual.shape != xb.shape:
+            return self._add_relu(self._batch_norm(bn, xb, batch_stats, None, False), residual)
+        return self._batch_norm(bn, xb, batch_stats, residual, self.relu)
 
 
 class Pool(Step):
     """Max or average pooling of a blocked tensor (the arguments as F.max_pool2d / F.avg_pool2d take them)."""
 
-    def __init__(self, name: str, kind: str, args: dict) -> None:
+    def __init__(self, name: str, kind: str, channels: int, args: dict) -> None:
         super().__init__([name], f"{kind} pooling")
-        self._fn = bf.max_pool2d_blocked if kind == "max" else bf.avg_pool2d_blocked
+        self._fn = blocked_ops.max_pool2d if kind == "max" else blocked_ops.avg_pool2d
+        self.channels = channels
         self.args = args
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        return self._fn(xb, **self.args)
+        return self._fn(xb, self.channels, **self.args)
 
 
 class GlobalAvgPool(Step):
@@ -260,8 +266,9 @@ class GlobalAvgPool(Step):
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
         if self.blocked_out:
-            return bf.spatial_mean_blocked(xb)
-        out = bf.global_avg_pool_blocked(xb, self.channels)
+            # An average pool whose window is the whole map.
+            return blocked_ops.avg_pool2d(xb, self.channels, (xb.shape[2], xb.shape[3]))
+        out = blocked_ops.global_avg_pool(xb, self.channels)
         return out.view(out.shape[0], out.shape[1], 1, 1) if self.keepdim else out
 
 

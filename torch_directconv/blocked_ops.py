@@ -69,18 +69,21 @@ def batch_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     *,
     residual: torch.Tensor | None = None,
     relu: bool = False,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.batch_norm on a blocked tensor, then + residual and ReLU when given, fused.
 
     As F.batch_norm: in training the batch statistics normalise, and running_mean / running_var
     (when given) are updated in place with `momentum`, the variance unbiased; otherwise the
-    running statistics normalise. The forward reads xb twice in training (statistics, then the
-    fused apply) and once in eval; the backward takes at most two passes.
+    running statistics normalise. As nn.BatchNorm2d, a num_batches_tracked counter (when given)
+    counts the training batches, and momentum=None makes the running statistics their cumulative
+    average. The forward reads xb twice in training (statistics, then the fused apply) and once
+    in eval; the backward takes at most two passes.
     """
     _require_jit("batch_norm")
     if training:
@@ -89,7 +92,7 @@ def batch_norm(
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(xb.shape)}")
         # The statistics' own gradient is folded into batch_norm_blocked's backward.
         mean, var = call_op(ops.bn_stats_blocked.default, xb.detach(), channels)
-        _update_running_stats(running_mean, running_var, mean, var, n * h * w, momentum)
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, n * h * w, momentum)
     else:
         if running_mean is None or running_var is None:
             raise RuntimeError("batch_norm: running_mean and running_var must be defined in evaluation mode")
@@ -97,15 +100,34 @@ def batch_norm(
     return call_op(ops.batch_norm_blocked.default, xb, mean, var, weight, bias, residual, eps, relu, training, channels)
 
 
-def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
-    """As torch's batch norm: running = momentum * batch + (1 - momentum) * running, with the
-    unbiased variance var * M / (M - 1). As lerp_ (one op rather than three, to a rounding of torch's
-    formula): these small ops cost more than the blocked loops on ResNet's 7x7 maps."""
+def update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    """The running statistics after a training batch of `count` values per channel with batch
+    `mean` and biased `var`, as nn.BatchNorm2d updates them: num_batches_tracked (when given)
+    counts the batch; running = factor * batch + (1 - factor) * running, the variance unbiased
+    (var * count / (count - 1)), factor = momentum, or with momentum=None 1 / num_batches_tracked
+    (the cumulative average; 0 without a counter, as torch). Absent statistics are skipped.
+
+    As lerp_ (one op rather than three, to a rounding of torch's formula): these small ops cost
+    more than the blocked loops on ResNet's 7x7 maps. The cumulative factor stays a tensor, so
+    no value leaves a torch.compile graph."""
     with torch.no_grad():
+        factor = 0.0 if momentum is None else momentum
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / num_batches_tracked
         if running_mean is not None:
-            running_mean.lerp_(mean, momentum)
+            running_mean.lerp_(mean, factor)
         if running_var is not None:
-            running_var.lerp_(var * (count / (count - 1)), momentum)
+            running_var.lerp_(var * (count / (count - 1)), factor)
 
 
 def max_pool2d(
