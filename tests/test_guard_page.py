@@ -149,6 +149,15 @@ def check_case(p: dict, seed: int) -> int:
             yb = tdc.conv2d_blocked(gxb, gwb, gbb, **args, in_channels=in_channels)
             assert_conv_close(tdc.from_blocked(yb, p["k"]), ref_full, fan, label)
             calls += 1
+        # The fused epilogue reads the residual at the output's offsets, tails and all.
+        label = f"{name} blocked residual {side}"
+        print(label, file=sys.stderr, flush=True)
+        res = torch.randn(ref_full.shape, generator=g)
+        gxb, gwb, gbb = guarded_copy(xb, side), guarded_copy(wb, side), guarded_copy(b_full, side)
+        grb = guarded_copy(tdc.to_blocked(res), side)
+        yb = tdc.conv2d_blocked(gxb, gwb, gbb, **args, relu=True, in_channels=p["c"], residual=grb)
+        assert_conv_close(tdc.from_blocked(yb, p["k"]), torch.relu(ref_full + res), fan, label)
+        calls += 1
     return calls
 
 

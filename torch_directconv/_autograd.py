@@ -67,7 +67,7 @@ def _backward(ctx, grad):
 
 
 def _setup_blocked(ctx, inputs, output) -> None:
-    xb, wb, bias, stride, padding, dilation, relu, in_channels = inputs
+    xb, wb, bias, stride, padding, dilation, relu, in_channels = inputs[:8]
     ctx.save_for_backward(xb, wb, output if relu else None)
     ctx.geometry = (list(stride), list(padding), list(dilation), in_channels)
     ctx.relu = relu
@@ -89,7 +89,11 @@ def _backward_blocked(ctx, grad):
     grad_bias = None
     if ctx.bias_size is not None and ctx.needs_input_grad[2]:
         grad_bias = grad.sum((0, 2, 3)).reshape(-1)[: ctx.bias_size]
-    return grad_xb, grad_wb, grad_bias, None, None, None, None, None
+    # The residual is added before the ReLU: its gradient is the output's, after the mask.
+    # A call may leave the residual out (its default), and then has one gradient fewer.
+    needs = ctx.needs_input_grad
+    grad_residual = grad if len(needs) > 8 and needs[8] else None
+    return (grad_xb, grad_wb, grad_bias, None, None, None, None, None, grad_residual)[: len(needs)]
 
 
 def _setup_to_blocked(ctx, inputs, output) -> None:

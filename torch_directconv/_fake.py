@@ -53,9 +53,16 @@ def _pack_weight(weight, groups):
 
 
 @torch.library.register_fake("directconv::conv2d_blocked")
-def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels):
+def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels, residual=None):
     p, q = _spatial(xb, wb.shape[2], wb.shape[3], stride, padding, dilation)
-    return xb.new_empty((xb.shape[0], wb.shape[0], p, q, xb.shape[4]))
+    shape = (xb.shape[0], wb.shape[0], p, q, xb.shape[4])
+    if residual is not None:
+        torch._check(
+            tuple(residual.shape) == shape,
+            lambda: f"conv2d_blocked: expected a blocked 'residual' of the output's shape {list(shape)}, "
+            f"got {list(residual.shape)}",
+        )
+    return xb.new_empty(shape)
 
 
 @torch.library.register_fake("directconv::to_blocked")

@@ -47,11 +47,14 @@ def conv2d_blocked(
     *,
     relu: bool = False,
     in_channels: int | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Convolution of blocked tensors (groups = 1); returns the blocked output with no conversion.
 
     in_channels, when given, lets the kernels skip the zero padding of the last channel
     block (for example the 3-channel image input); by default every channel is read.
+    residual, a blocked tensor of the output's shape, is added in the kernels' epilogue,
+    after the bias and before the ReLU: relu(conv(xb, wb) + bias + residual).
     """
     _require_jit("conv2d_blocked")
     if wb.dim() != 6:
@@ -71,4 +74,5 @@ def conv2d_blocked(
         list(dilation2),
         relu,
         in_channels,
+        residual,
     )

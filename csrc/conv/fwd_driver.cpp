@@ -1,6 +1,7 @@
 #include "conv/fwd_driver.h"
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "conv/driver_util.h"
 
@@ -33,12 +34,13 @@ std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa 
 void clear_fwd_primitives() { primitives().clear(); }
 
 std::shared_ptr<const FwdPrimitive> get_fwd_nchw_1x1_primitive(const ConvDesc& desc, Isa isa, int threads,
-                                                               bool accumulate) {
+                                                               bool accumulate, bool relu) {
   return primitives().get(
-      "nchw1x1/" + desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads) + (accumulate ? "/acc" : ""),
+      "nchw1x1/" + desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads) + (accumulate ? "/acc" : "") +
+          (relu ? "/relu" : ""),
       [&] {
         auto prim = std::make_shared<FwdPrimitive>();
-        prim->plan = make_fwd_plan_nchw_1x1(desc, isa, threads, accumulate);
+        prim->plan = make_fwd_plan_nchw_1x1(desc, isa, threads, accumulate, relu);
         prim->info = prim->plan.to_string() + " nchw1x1";
         acquire_kernels(*prim);
         return std::shared_ptr<const FwdPrimitive>(prim);
@@ -58,7 +60,7 @@ namespace {
 
 // Calls [begin, end) of one stream.
 void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::vector<FwdCall>& stream, size_t begin,
-               size_t end, const float* src, const float* wei, const float* bias, float* dst, bool relu) {
+               size_t end, const float* src, const float* wei, const float* bias, const float* residual, float* dst) {
   FwdCallArgs a = prim.plan.strides;
   for (size_t i = begin; i < end; ++i) {
     const FwdCall& c = stream[i];
@@ -67,9 +69,10 @@ void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::v
     a.wei = at_offset(wei, c.wei_off);
     a.dst = at_offset(dst, c.dst_off);
     a.bias = bias ? at_offset(bias, c.bias_off) : nullptr;
+    a.residual = residual ? at_offset(residual, c.dst_off) : nullptr;
     a.n_r = c.n_r;
     a.n_cb = c.n_cb;
-    a.flags = (c.flags & kAccumulate) | (relu && (c.flags & kLastChunk) ? kRelu : 0);
+    a.flags = c.flags & kAccumulate;
     kernels.fns[c.kernel](&a);
   }
 }
@@ -77,21 +80,24 @@ void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::v
 }  // namespace
 
 void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
-                 const float* bias, float* dst, bool relu, int tid, FwdWorkQueue* queue) {
-  fwd_execute_prepared(prim, kernels, src, [wei](const FwdCall&) { return wei; }, bias, dst, relu, tid, queue);
+                 const float* bias, const float* residual, float* dst, int tid, FwdWorkQueue* queue) {
+  fwd_execute_prepared(prim, kernels, src, [wei](const FwdCall&) { return wei; }, bias, residual, dst, tid, queue);
 }
 
 void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
-                          const FwdPrepare& prepare, const float* bias, float* dst, bool relu, int tid,
+                          const FwdPrepare& prepare, const float* bias, const float* residual, float* dst, int tid,
                           FwdWorkQueue* queue) {
   const FwdPlan& plan = prim.plan;
+  if ((plan.post.bias && !bias) || (plan.post.add && !residual))
+    throw std::invalid_argument("fwd_execute: the plan's post-ops (" + plan.post.name() +
+                                ") read a bias or a residual that was not given");
   const int threads = static_cast<int>(plan.streams.size());
   if (tid < 0 || tid >= threads) return;
   auto run_unit = [&](int t, int64_t u) {
     const std::vector<int32_t>& starts = plan.unit_starts[t];
     if (starts[u] == starts[u + 1]) return;
     const float* wei = prepare(plan.streams[t][starts[u]]);
-    run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, bias, dst, relu);
+    run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, bias, residual, dst);
   };
   if (!queue) {
     for (int64_t u = 0; u + 1 < static_cast<int64_t>(plan.unit_starts[tid].size()); ++u) run_unit(tid, u);

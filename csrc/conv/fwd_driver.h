@@ -33,7 +33,7 @@ std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa 
 void clear_fwd_primitives();
 // The same for make_fwd_plan_nchw_1x1.
 std::shared_ptr<const FwdPrimitive> get_fwd_nchw_1x1_primitive(const ConvDesc& desc, Isa isa, int threads,
-                                                               bool accumulate);
+                                                               bool accumulate, bool relu);
 
 // Shared by the threads of one run: how many units of each thread's stream are taken.
 class FwdWorkQueue {
@@ -50,16 +50,17 @@ class FwdWorkQueue {
 // Runs thread tid's share. With a queue, a thread that finishes its own stream early takes
 // the remaining units of the others, whole, so a thread slowed down by the machine does
 // not hold the run up; without one, it runs exactly its own stream. Blocked pointers: src (N, Cb, H, W, V), wei (Kb, Cb, R, S, V, V),
-// bias (Kb * V) or null, dst (N, Kb, P, Q, V).
+// bias (Kb * V), residual (laid out as dst), dst (N, Kb, P, Q, V). The bias and the residual
+// are read when the plan's post-ops name them (they must then be given), else ignored.
 void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
-                 const float* bias, float* dst, bool relu, int tid, FwdWorkQueue* queue = nullptr);
+                 const float* bias, const float* residual, float* dst, int tid, FwdWorkQueue* queue = nullptr);
 
 // As fwd_execute, with each work unit's weights prepared just before its calls:
 // prepare(the unit's first call) returns the base that the unit's calls add their weight
 // offsets to (its output-channel group's weights, which are all the unit reads).
 using FwdPrepare = std::function<const float*(const FwdCall& first)>;
 void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
-                          const FwdPrepare& prepare, const float* bias, float* dst, bool relu, int tid,
+                          const FwdPrepare& prepare, const float* bias, const float* residual, float* dst, int tid,
                           FwdWorkQueue* queue = nullptr);
 
 }  // namespace dc

@@ -127,6 +127,7 @@ class StreamBuilder {
       bool first = true;
       auto push = [&](int64_t cb0, int64_t n_cb, int c_valid, bool last) {
         sp.c_valid = c_valid;
+        sp.post = last ? plan_.post : FwdPostOps{};
         call.kernel = kernel_index(sp);
         call.n_cb = static_cast<int32_t>(n_cb);
         call.flags = (first ? 0 : static_cast<int32_t>(kAccumulate)) | (last ? kLastChunk : 0);
@@ -190,7 +191,7 @@ class StreamBuilder {
 std::string FwdPlan::to_string() const {
   std::ostringstream o;
   o << desc.to_string() << " " << isa_name(isa) << " threads=" << threads << " tile=" << tile_oh << "x" << tile_ow
-    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << (images_per_unit > 1 ? " images/unit=" + std::to_string(images_per_unit) : "") << (prefetch ? " prefetch" : "") << " kernels=" << kernels.size();
+    << "x" << n_oc << "oc c_chunk=" << c_chunk << " rows/unit=" << rows_per_group << (images_per_unit > 1 ? " images/unit=" + std::to_string(images_per_unit) : "") << (prefetch ? " prefetch" : "") << (post.any() ? " " + post.name().substr(1) : "") << " kernels=" << kernels.size();
   return o.str();
 }
 
@@ -226,6 +227,7 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   // FMA units: the input streams of the channel blocks outrun the hardware prefetchers)
   // and within 2 % either way on Zen 4: on unless a benchmark turns it off.
   plan.prefetch = options.prefetch != 0;
+  plan.post = options.post;
   const int64_t P = desc.p(), Q = desc.q();
   plan.dst.px = options.dst.px;
   plan.dst.row = options.dst.row ? options.dst.row : Q * options.dst.px * V;
@@ -340,7 +342,7 @@ bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
          static_cast<__int128>(std::max(d.c, d.k)) * d.h * d.w * static_cast<int64_t>(sizeof(float)) <= INT32_MAX;
 }
 
-FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate) {
+FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate, bool relu) {
   if (!nchw_1x1_applies(d, isa))
     throw std::invalid_argument("conv2d: the NCHW 1x1 plan does not apply to " + d.to_string());
   FwdPlan plan;
@@ -359,6 +361,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
   plan.n_oc = n_vec;
   plan.c_chunk = plan.cb;
   plan.rows_per_group = 1;
+  plan.post.relu = relu;
   FwdCallArgs& a = plan.strides;
   a.src_cb_stride = V * 4;       // the next V channels of a weight row
   a.wei_cb_stride = V * pq * 4;  // the next V channel rows of the image
@@ -366,7 +369,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
   a.dst_kb_stride = V * 4;
   a.dst_row_stride = 0;
   std::map<std::string, int> index;
-  auto kernel_index = [&](int rows, int n_oc, int last_lanes) {
+  auto kernel_index = [&](int rows, int n_oc, int last_lanes, bool last_chunk) {
     FwdKernelSpec sp;
     sp.isa = isa;
     sp.s = 1;
@@ -378,6 +381,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
     sp.dst_px_bytes = pq * 4;  // from one output channel's row to the next
     sp.wei_c_stride = pq * 4;
     sp.last_oc_lanes = last_lanes;
+    if (last_chunk) sp.post = plan.post;
     auto it = index.find(sp.name());
     if (it != index.end()) return it->second;
     plan.kernels.push_back(sp);
@@ -407,7 +411,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
           int64_t k0 = k_begin;
           for (int rows : split_even(k_end - k_begin, k_rows)) {
             FwdCall c{};
-            c.kernel = kernel_index(rows, nv, v0 + nv == vecs ? tail_lanes : 0);
+            c.kernel = kernel_index(rows, nv, v0 + nv == vecs ? tail_lanes : 0, cb0 + n_cb == plan.cb);
             c.n_r = 1;
             c.n_cb = static_cast<int32_t>(n_cb);
             c.flags = (accumulate || cb0 > 0 ? static_cast<int32_t>(kAccumulate) : 0) |

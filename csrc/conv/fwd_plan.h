@@ -17,7 +17,7 @@ struct FwdCall {
   int32_t kernel;
   int32_t n_r;
   int32_t n_cb;
-  int32_t flags;  // kAccumulate, and kLastChunk on the call that finishes its tile
+  int32_t flags;  // kAccumulate, and kLastChunk on the call that finishes its tile (its kernel has the post-ops)
   int64_t src_off, wei_off, dst_off, bias_off;
 };
 constexpr int32_t kLastChunk = 1 << 8;
@@ -46,8 +46,10 @@ struct FwdPlanOptions {
   int tile_oh = -1, tile_ow = -1, n_oc = -1;  // the tile, all three or none; -1: the plan decides
   FwdSrcLayout src;
   FwdDstLayout dst;
+  // The epilogue of every tile's last chunk; the residual is laid out as the output (dst).
+  FwdPostOps post;
   std::string key() const {
-    std::string k = "pf" + std::to_string(prefetch) + "_cc" + std::to_string(c_chunk);
+    std::string k = "pf" + std::to_string(prefetch) + "_cc" + std::to_string(c_chunk) + post.name();
     if (tile_ow > 0) k += "_t" + std::to_string(tile_oh) + "x" + std::to_string(tile_ow) + "x" + std::to_string(n_oc);
     if (!dst.dense())
       k += "_dst" + std::to_string(dst.px) + "," + std::to_string(dst.row) + "," + std::to_string(dst.kb) + "," +
@@ -71,6 +73,7 @@ struct FwdPlan {
   bool prefetch = false;        // kernels prefetch the next call's input
   FwdSrcLayout src;             // the input strides, all set (elements)
   FwdDstLayout dst;             // the output strides, all set (elements)
+  FwdPostOps post;              // the epilogue of the calls with kLastChunk
   std::vector<FwdKernelSpec> kernels;
   std::vector<std::vector<FwdCall>> streams;  // one per thread
   // Where each work unit of a thread's stream begins (and, last, where the stream ends):
@@ -92,8 +95,9 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
 // into Y (dst_px_bytes = one output row); on AVX-512 a last, partial vector of pixels is
 // loaded and stored under a mask. No packing and no layout conversion. fwd_execute takes
 // src = the weights (K, C), wei = the input (N, C, P * Q), dst = the output (N, K, P * Q);
-// with `accumulate` every call adds to dst (prefilled with the bias).
+// with `accumulate` every call adds to dst (prefilled with the bias); `relu` is the only
+// post-op it takes (its output rows are channels, not vectors of them).
 bool nchw_1x1_applies(const ConvDesc& desc, Isa isa);
-FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& desc, Isa isa, int threads, bool accumulate);
+FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& desc, Isa isa, int threads, bool accumulate, bool relu);
 
 }  // namespace dc

@@ -20,8 +20,11 @@ void fwd_kernel_ref(const FwdKernelSpec& sp, const FwdCallArgs* a) {
         float* out =
             const_cast<float*>(at(a->dst, row * a->dst_row_stride + oc * a->dst_kb_stride + px * sp.dst_px_step()));
         const int lanes = sp.last_oc_lanes && oc == sp.n_oc - 1 ? sp.last_oc_lanes : V;
+        const float* res =
+            sp.post.add ? at(a->residual, row * a->dst_row_stride + oc * a->dst_kb_stride + px * sp.dst_px_step())
+                        : nullptr;
         for (int k = 0; k < lanes; ++k) {
-          float acc = (a->flags & kAccumulate) ? out[k] : a->bias ? a->bias[oc * V + k] : 0.f;
+          float acc = (a->flags & kAccumulate) ? out[k] : 0.f;
           for (int64_t cb = 0; cb < a->n_cb; ++cb)
             for (int64_t r = 0; r < a->n_r; ++r)
               for (int col = 0; col < sp.s; ++col) {
@@ -32,20 +35,23 @@ void fwd_kernel_ref(const FwdKernelSpec& sp, const FwdCallArgs* a) {
                     at(a->wei, cb * a->wei_cb_stride + oc * a->wei_kb_stride) + ((r * sp.s + col) * V) * V;
                 for (int c = 0; c < sp.c_valid; ++c) acc = std::fma(in[c], at(w, c * sp.wei_c_bytes())[k], acc);
               }
-          if (a->flags & kRelu) acc = std::max(acc, 0.f);
+          if (sp.post.bias) acc += a->bias[oc * V + k];
+          if (sp.post.add) acc += res[k];
+          if (sp.post.relu) acc = std::max(acc, 0.f);
           out[k] = acc;
         }
       }
 }
 
-void conv_fwd_ref_blocked(const ConvDesc& d, int V, const float* src, const float* wei, const float* bias, float* dst,
-                          bool relu) {
+void conv_fwd_ref_blocked(const ConvDesc& d, int V, const FwdPostOps& post, const float* src, const float* wei,
+                          const float* bias, const float* residual, float* dst) {
   const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V), P = d.p(), Q = d.q();
   for (int64_t n = 0; n < d.n; ++n)
     for (int64_t k = 0; k < kb * V; ++k)
       for (int64_t oh = 0; oh < P; ++oh)
         for (int64_t ow = 0; ow < Q; ++ow) {
-          double acc = bias ? bias[k] : 0.0;
+          double acc = post.bias ? bias[k] : 0.0;
+          const int64_t at_out = (((n * kb + k / V) * P + oh) * Q + ow) * V + k % V;
           for (int64_t c = 0; c < d.c; ++c)
             for (int64_t r = 0; r < d.r; ++r)
               for (int64_t s = 0; s < d.s; ++s) {
@@ -55,8 +61,9 @@ void conv_fwd_ref_blocked(const ConvDesc& d, int V, const float* src, const floa
                 double w = wei[((((k / V) * cb + c / V) * d.r + r) * d.s + s) * V * V + (c % V) * V + k % V];
                 acc += x * w;
               }
-          if (relu) acc = std::max(acc, 0.0);
-          dst[(((n * kb + k / V) * P + oh) * Q + ow) * V + k % V] = static_cast<float>(acc);
+          if (post.add) acc += residual[at_out];
+          if (post.relu) acc = std::max(acc, 0.0);
+          dst[at_out] = static_cast<float>(acc);
         }
 }
 

@@ -11,9 +11,10 @@ namespace dc {
 // Does exactly what the generated kernel of `spec` does with `args`.
 void fwd_kernel_ref(const FwdKernelSpec& spec, const FwdCallArgs* args);
 
-// Direct convolution on blocked tensors (layouts as fwd_execute), accumulated in double.
-void conv_fwd_ref_blocked(const ConvDesc& d, int v, const float* src, const float* wei, const float* bias, float* dst,
-                          bool relu);
+// Direct convolution on blocked tensors (layouts as fwd_execute), accumulated in double,
+// with the post-ops `post` (bias and residual are read only when it names them).
+void conv_fwd_ref_blocked(const ConvDesc& d, int v, const FwdPostOps& post, const float* src, const float* wei,
+                          const float* bias, const float* residual, float* dst);
 
 // Does exactly what the generated depthwise kernel of `spec` does with `args`.
 void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);

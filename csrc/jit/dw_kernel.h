@@ -28,9 +28,10 @@ struct DwCallArgs {
   float* dst;            // output block, row oh, column ow0
   const float* bias;     // bias + cb * V, or null
   int64_t n_r;           // kernel rows to reduce (0 leaves the bias)
-  int64_t flags;         // kRelu (fwd_kernel.h)
+  int64_t flags;         // kRelu
   int64_t src_r_stride;  // bytes from one kernel row to the next in the input
 };
+constexpr int64_t kRelu = 2;  // max(0, .) before the store
 
 using DwKernelFn = void (*)(const DwCallArgs*);
 

@@ -6,6 +6,11 @@
 
 namespace dc {
 
+std::string FwdPostOps::name() const {
+  if (!any()) return "";
+  return std::string("_post") + (bias ? "_bias" : "") + (add ? "_add" : "") + (relu ? "_relu" : "");
+}
+
 std::string FwdKernelSpec::name() const {
   std::ostringstream o;
   o << "f32_conv_fwd_" << taps_name() << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c" << c_valid
@@ -14,7 +19,7 @@ std::string FwdKernelSpec::name() const {
   if (wei_c_stride) o << "_wc" << wei_c_stride;
   if (dst_px_bytes) o << "_dpb" << dst_px_bytes;
   if (last_oc_lanes) o << "_m" << last_oc_lanes;
-  o << "__" << isa_name(isa);
+  o << post.name() << "__" << isa_name(isa);
   return o.str();
 }
 
@@ -44,7 +49,9 @@ class FwdKernel : public JitGenerator {
   explicit FwdKernel(const FwdKernelSpec& sp) : JitGenerator(sp.name(), code_size_estimate(sp)), sp_(sp) {
     if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
         sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1 || sp.wei_c_stride < 0 || sp.dst_px_bytes < 0 ||
-        sp.last_oc_lanes < 0 || sp.last_oc_lanes >= sp.v() || (sp.last_oc_lanes && sp.isa != Isa::avx512))
+        sp.last_oc_lanes < 0 || sp.last_oc_lanes >= sp.v() || (sp.last_oc_lanes && sp.isa != Isa::avx512) ||
+        // Whole-vector bias and residual reads would pass the end of a partial last block.
+        (sp.last_oc_lanes && (sp.post.bias || sp.post.add)))
       throw std::invalid_argument("fwd kernel: unsupported tile " + sp.name());
     if (fwd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("fwd kernel: tile needs too many vector registers: " + sp.name());
@@ -53,7 +60,7 @@ class FwdKernel : public JitGenerator {
  private:
   static size_t code_size_estimate(const FwdKernelSpec& sp) {
     size_t per_step = sp.n_oc * 12 + sp.oh * sp.ow * (12 + sp.n_oc * 8) + (sp.prefetch ? 16 : 0);
-    size_t epilogue = sp.oh * sp.ow * sp.n_oc * 48 + sp.oh * sp.n_oc * 64;
+    size_t epilogue = sp.oh * sp.ow * sp.n_oc * (48 + 3 * 16) + sp.oh * sp.n_oc * 2 * 64;
     return 4096 + static_cast<size_t>(sp.s) * sp.c_valid * per_step + epilogue;
   }
 
@@ -98,6 +105,8 @@ class FwdKernel : public JitGenerator {
     load_args();
     init_accumulators();
     loop_cb([&] { loop_r([&] { compute_kernel_row(); }); });
+    add_bias();
+    add_residual();
     apply_relu();
     store_tile();
     postamble();
@@ -156,13 +165,14 @@ class FwdKernel : public JitGenerator {
       for (int px = 0; px < sp_.ow; ++px)
         for (int oc = 0; oc < sp_.n_oc; ++oc) f(row, px, oc);
   }
-  // Visits every output vector of the tile with its address. Outside the loops, so the
-  // loop registers serve as the output-block stride and three times it.
+  // Visits every output vector of the tile with its address in the tensor at `base` (dst,
+  // or the residual, laid out alike). Outside the loops, so the loop registers serve as
+  // the output-block stride and three times it.
   template <typename F>
-  void for_each_out_block(F f) {
+  void for_each_out_block(F f, size_t base = offsetof(FwdCallArgs, dst)) {
     const Reg64& kbs = reg_cnt_r;
     const Reg64& kbs3 = reg_src;
-    mov(reg_out, arg(offsetof(FwdCallArgs, dst)));
+    mov(reg_out, arg(base));
     mov(kbs, arg(offsetof(FwdCallArgs, dst_kb_stride)));
     lea(kbs3, ptr[kbs + kbs * 2]);
     for (int row = 0; row < sp_.oh; ++row) {
@@ -186,21 +196,15 @@ class FwdKernel : public JitGenerator {
     else vxorps(x, x, x);
   }
 
-  // Accumulators start from dst (kAccumulate), from the bias, or from zero.
+  // Accumulators start from dst (kAccumulate) or from zero.
   void init_accumulators() {
-    Label l_zero, l_bias, l_done;
+    Label l_zero, l_done;
     test(arg(offsetof(FwdCallArgs, flags)), kAccumulate);
-    jz(l_bias, T_NEAR);
+    jz(l_zero, T_NEAR);
     for_each_out_block([&](const Xmm& acc, const Address& a, bool m) {
       if (m) vmovups(Zmm(acc.getIdx()) | k1 | T_z, a);
       else vmovups(acc, a);
     });
-    jmp(l_done, T_NEAR);
-    L(l_bias);
-    mov(reg_out, arg(offsetof(FwdCallArgs, bias)));
-    test(reg_out, reg_out);
-    jz(l_zero, T_NEAR);
-    for_each_acc([&](int row, int px, int oc) { vmovups(vmm_acc(row, px, oc), ptr[reg_out + oc * vbytes()]); });
     jmp(l_done, T_NEAR);
     L(l_zero);
     for_each_acc([&](int row, int px, int oc) { zero(vmm_acc(row, px, oc)); });
@@ -267,16 +271,27 @@ class FwdKernel : public JitGenerator {
     }
   }
 
+  // The post-ops (FwdPostOps), in their order; the bias and residual never come with a
+  // masked block (the constructor refuses them).
+  void add_bias() {
+    if (!sp_.post.bias) return;
+    mov(reg_out, arg(offsetof(FwdCallArgs, bias)));
+    for_each_acc([&](int row, int px, int oc) {
+      vaddps(vmm_acc(row, px, oc), vmm_acc(row, px, oc), ptr[reg_out + oc * vbytes()]);
+    });
+  }
+  void add_residual() {
+    if (!sp_.post.add) return;
+    for_each_out_block([&](const Xmm& acc, const Address& a, bool) { vaddps(acc, acc, a); },
+                       offsetof(FwdCallArgs, residual));
+  }
   void apply_relu() {
-    Label l_skip;
-    test(arg(offsetof(FwdCallArgs, flags)), kRelu);
-    jz(l_skip, T_NEAR);
+    if (!sp_.post.relu) return;
     // max(0, x) with x second: maxps returns its second operand when either is NaN, so
     // NaN propagates as torch.relu does.
     Xmm z = vmm_wei(0);
     zero(z);
     for_each_acc([&](int row, int px, int oc) { vmaxps(vmm_acc(row, px, oc), z, vmm_acc(row, px, oc)); });
-    L(l_skip);
   }
 
   void store_tile() {

@@ -17,6 +17,19 @@
 
 namespace dc {
 
+// The epilogue of a tile's last input-channel chunk, applied in this order before the
+// store: + bias (one vector per output block), + residual (a tensor laid out as the output,
+// read at the tile's offsets), max(0, .). Calls on earlier chunks run a kernel without
+// post-ops, so a kernel's name says everything it computes.
+struct FwdPostOps {
+  bool bias = false;
+  bool add = false;
+  bool relu = false;
+  bool any() const { return bias || add || relu; }
+  std::string name() const;  // "" or "_post_bias_add_relu" (the ones present)
+  bool operator==(const FwdPostOps& o) const { return bias == o.bias && add == o.add && relu == o.relu; }
+};
+
 // What the generated code depends on; name() is the cache key.
 struct FwdKernelSpec : RowTaps {
   int oh = 1, ow = 1, n_oc = 1;  // tile: rows x pixels x output-channel blocks
@@ -38,6 +51,7 @@ struct FwdKernelSpec : RowTaps {
   // last vector of pixels); its weight vectors are loaded and its outputs stored under a
   // mask. 0: every lane.
   int last_oc_lanes = 0;
+  FwdPostOps post;
 
   int64_t wei_c_bytes() const { return wei_c_stride ? wei_c_stride : v() * 4; }
   int64_t dst_px_step() const { return dst_px_bytes ? dst_px_bytes : static_cast<int64_t>(dst_px) * v() * 4; }
@@ -49,10 +63,10 @@ struct FwdCallArgs {
   const float* src;        // input block cb0, first valid kernel row, column iw0
   const float* wei;        // weights [kb0][cb0][first valid kernel row][0][0][0]
   float* dst;              // output block kb0, row oh0, column ow0
-  const float* bias;       // bias + kb0 * V, or null
-  int64_t n_r;             // kernel rows to reduce (0 leaves bias or the old values)
+  const float* bias;       // bias + kb0 * V (read when the spec's post-ops add a bias)
+  int64_t n_r;             // kernel rows to reduce (0 leaves zero or the old values)
   int64_t n_cb;            // input-channel blocks to reduce (>= 1)
-  int64_t flags;           // kAccumulate: start from dst; kRelu: max(0, .) before the store
+  int64_t flags;           // kAccumulate: start from dst, else from zero
   int64_t src_r_stride;    // bytes from one kernel row to the next in the input
   int64_t src_row_stride;  // bytes from one tile row to the next in the input
   int64_t src_cb_stride;   // bytes per input-channel block
@@ -61,9 +75,9 @@ struct FwdCallArgs {
   int64_t dst_row_stride;  // bytes per output row
   int64_t dst_kb_stride;   // bytes per output-channel block
   const float* pf_src;     // the next call's src, when the kernel prefetches
+  const float* residual;   // the residual at dst's offsets, same strides (read when post-ops add it)
 };
 constexpr int64_t kAccumulate = 1;
-constexpr int64_t kRelu = 2;
 
 using FwdKernelFn = void (*)(const FwdCallArgs*);
 

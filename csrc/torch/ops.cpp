@@ -177,6 +177,12 @@ dc::FwdPlanOptions& fwd_options() {
   static dc::FwdPlanOptions options;
   return options;
 }
+// Those, with a call's epilogue.
+dc::FwdPlanOptions fwd_options(bool bias, bool residual, bool relu) {
+  dc::FwdPlanOptions options = fwd_options();
+  options.post = {bias, residual, relu};
+  return options;
+}
 
 // Writes blocks [begin, end) of one group's packed weights from dst on, in the order of
 // the layer's weight blocks.
@@ -205,8 +211,8 @@ dc::FwdPrepare pack_per_unit(const dc::FwdPlan& plan, const PackBlockRange& pack
 
 // The forward of every group on blocked tensors. With `pack` (one group, wei null) each
 // work unit packs its own weights (one_unit_per_kgroup must hold).
-void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const float* bias, float* dst,
-             bool relu, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
+void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const float* bias,
+             const float* residual, float* dst, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
              const PackBlockRange& pack = nullptr) {
   if (prim.plan.desc.n == 0) return;
   // The plan's thread count, never a fresh num_threads(): another thread may have changed
@@ -220,14 +226,15 @@ void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, c
     const dc::FwdPrepare prepare = pack_per_unit(prim.plan, pack);
     run_shares(nt, [&](int tid, int) {
       dc::ScratchScope share;  // the pool thread's own packing buffer
-      dc::fwd_execute_prepared(prim, kernels, src, prepare, bias, dst, relu, tid, nt > 1 ? &queues[0] : nullptr);
+      dc::fwd_execute_prepared(prim, kernels, src, prepare, bias, residual, dst, tid, nt > 1 ? &queues[0] : nullptr);
     });
     return;
   }
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
       dc::fwd_execute(prim, kernels, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
-                      dst + g * dst_group, relu, tid, nt > 1 ? &queues[g] : nullptr);
+                      residual ? residual + g * dst_group : nullptr, dst + g * dst_group, tid,
+                      nt > 1 ? &queues[g] : nullptr);
   });
 }
 
@@ -337,7 +344,7 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   if (d.n == 0) return out;
 
   const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options(b.defined(), false, relu));
   const bool per_unit = !packed && one_unit_per_kgroup(prim->plan);
   const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
   const int64_t wei_group = kb * cb * d.r * d.s * V * V;
@@ -357,7 +364,7 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
     }
   });
   run_fwd(*prim, src_blk, packed ? packed : wei_blk, bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr,
-          dst_blk, relu, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
+          nullptr, dst_blk, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
       dc::reorder_from_blocked(dst_blk + g * dst_group, d.n, kg, P, Q, V, y + g * kg * ys[1], ys.data(), tid,
@@ -431,7 +438,7 @@ Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::opt
   Tensor b = padded_bias(bias, k, k, "conv2d");
   Tensor out = at::empty({d.n, k, d.h, d.w}, input.options());
   if (b.defined()) out.copy_(b.view({1, k, 1, 1}).expand_as(out));  // the kernels add to it
-  auto prim = dc::get_fwd_nchw_1x1_primitive(d, isa, num_threads(), b.defined());
+  auto prim = dc::get_fwd_nchw_1x1_primitive(d, isa, num_threads(), b.defined(), relu);
   const int nt = prim->plan.threads;
   const dc::FwdKernels kernels = dc::acquire_kernels(*prim);
   dc::FwdWorkQueue queue(nt);
@@ -439,7 +446,7 @@ Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::opt
   const float* x = input.data_ptr<float>();
   float* y = out.data_ptr<float>();
   run_shares(nt, [&](int tid, int) {
-    dc::fwd_execute(*prim, kernels, w, x, nullptr, y, relu, tid, nt > 1 ? &queue : nullptr);
+    dc::fwd_execute(*prim, kernels, w, x, nullptr, nullptr, y, tid, nt > 1 ? &queue : nullptr);
   });
   return out;
 }
@@ -488,7 +495,7 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
 // Blocked in, blocked out: no layout conversion at all.
 Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                      c10::optional<int64_t> in_channels) {
+                      c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual) {
   dc::ScratchScope call;
   const char* op = "conv2d_blocked";
   check_float_cpu(input, op, "xb");
@@ -517,15 +524,33 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
                 ": expected 'bias' of at most ", kb * V, " values (", kb, " blocks), got shape ", bias->sizes());
     b = padded_bias(bias, bias->size(0), kb * V, op);
   }
-  if (!jit_takes(d))
-    return block(aten_conv2d(unblock(input, c), unblock_weight(weight).narrow(1, 0, c), b, stride, padding, dilation, 1,
-                             relu, at::MemoryFormat::Contiguous),
-                 V);
+  // The residual is added after the bias and before the ReLU, in the epilogue.
+  Tensor res;
+  auto check_residual = [&](at::IntArrayRef out_shape) {
+    TORCH_CHECK(res.sizes() == out_shape, op, ": expected a blocked 'residual' of the output's shape ", out_shape,
+                ", got ", res.sizes());
+  };
+  if (residual.has_value() && residual->defined()) {
+    check_float_cpu(*residual, op, "residual");
+    res = residual->contiguous();
+  }
+  if (!jit_takes(d)) {
+    Tensor y = block(aten_conv2d(unblock(input, c), unblock_weight(weight).narrow(1, 0, c), b, stride, padding,
+                                 dilation, 1, false, at::MemoryFormat::Contiguous),
+                     V);
+    if (res.defined()) {
+      check_residual(y.sizes());
+      y.add_(res);
+    }
+    return relu ? y.relu_() : y;
+  }
   validated(op, d);
+  if (res.defined()) check_residual({d.n, kb, d.p(), d.q(), V});
   Tensor x = input.contiguous(), w = weight.contiguous();
   Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
-  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options()), x.data_ptr<float>(), w.data_ptr<float>(),
-          b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options(b.defined(), res.defined(), relu)),
+          x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+          res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr<float>(), 1, 0, 0, 0, 0);
   return out;
 }
 
@@ -693,7 +718,7 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
           pack_blocks(*j.phase, begin, end, dst);
         };
         const dc::FwdPrepare prepare = pack_per_unit(j.prim->plan, pack_phase);
-        dc::fwd_execute_prepared(*j.prim, j.kernels, dy + j.src_off, prepare, nullptr, dx + j.dst_off, false, tid,
+        dc::fwd_execute_prepared(*j.prim, j.kernels, dy + j.src_off, prepare, nullptr, nullptr, dx + j.dst_off, tid,
                                  nt > 1 ? &queues[i] : nullptr);
       }
     });
@@ -704,7 +729,7 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
       const Job& j = jobs[i];
       for (int64_t g = 0; g < groups; ++g)
         dc::fwd_execute(*j.prim, j.kernels, dy + g * dy_group + j.src_off, wei + j.wei_off + g * j.wei_group, nullptr,
-                        dx + g * dx_group + j.dst_off, false, tid, nt > 1 ? &queues[i * groups + g] : nullptr);
+                        nullptr, dx + g * dx_group + j.dst_off, tid, nt > 1 ? &queues[i * groups + g] : nullptr);
     }
   });
 }
@@ -1111,7 +1136,7 @@ TORCH_LIBRARY(directconv, m) {
         "int[2] dilation, int groups, bool relu, bool channels_last) -> Tensor");
   m.def("pack_weight(Tensor weight, int groups) -> Tensor");
   m.def("conv2d_blocked(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
-        "bool relu, int? in_channels) -> Tensor");
+        "bool relu, int? in_channels, Tensor? residual=None) -> Tensor");
   m.def("conv2d_backward_data(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, int[4] padding, "
         "int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "

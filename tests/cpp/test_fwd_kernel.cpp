@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "check.h"
@@ -44,6 +46,10 @@ void kernel_vs_twin(Isa isa) {
     // output block under a mask (AVX-512), as the NCHW 1x1 plan writes rows of channels.
     if (uni(0, 2) == 0) sp.dst_px_bytes = (sp.dst_px * V + uni(1, V - 1)) * 4;
     if (isa == Isa::avx512 && uni(0, 2) == 0) sp.last_oc_lanes = uni(1, V - 1);
+    // Every combination of the post-ops; the bias and the residual need whole blocks.
+    sp.post.bias = !sp.last_oc_lanes && uni(0, 1);
+    sp.post.add = !sp.last_oc_lanes && uni(0, 1);
+    sp.post.relu = uni(0, 1);
     const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
     if (uni(0, 1)) {
       sp.border = true;
@@ -55,20 +61,22 @@ void kernel_vs_twin(Isa isa) {
     const int H = R + 2;
     const int DW = sp.ow * (sp.dst_px + 1);  // output row
     std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * wei_block),
-        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), ref;
+        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), residual(dst.size()), ref;
     fill(src);
     fill(wei);
     fill(bias);
     fill(dst);
+    fill(residual);
     ref = dst;
     FwdCallArgs a{};
     const int shift = sp.border ? -sp.iw0 : 0;  // keep the tile's first column inside the buffer
     a.src = src.data() + shift * V;
     a.wei = wei.data();
-    a.bias = uni(0, 1) ? bias.data() : nullptr;
+    a.bias = sp.post.bias ? bias.data() : nullptr;
+    a.residual = sp.post.add ? residual.data() : nullptr;
     a.n_r = n_r;
     a.n_cb = n_cb;
-    a.flags = uni(0, 3);
+    a.flags = uni(0, 1) ? kAccumulate : 0;
     a.src_r_stride = W * V * 4;
     a.src_row_stride = W * V * 4;
     a.src_cb_stride = H * W * V * 4;
@@ -96,13 +104,17 @@ void conv_vs_reference(Isa isa) {
     const int V = vlen(isa);
     const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V);
     std::vector<float> src(d.n * cb * d.h * d.w * V), wei(kb * cb * d.r * d.s * V * V), bias(kb * V),
-        out(d.n * kb * d.p() * d.q() * V), ref(out.size());
+        out(d.n * kb * d.p() * d.q() * V), ref(out.size()), residual(out.size());
     fill(src);
     fill(wei);
     fill(bias);
-    const bool relu = uni(0, 1);
-    const float* b = uni(0, 1) ? bias.data() : nullptr;
+    fill(residual);
     FwdPlanOptions options;
+    options.post.bias = uni(0, 1);
+    options.post.add = uni(0, 1);
+    options.post.relu = uni(0, 1);
+    const float* b = options.post.bias ? bias.data() : nullptr;
+    const float* res = options.post.add ? residual.data() : nullptr;
     options.prefetch = uni(-1, 1);
     options.c_chunk = uni(-1, 3);
     if (uni(0, 2) == 0) {  // a forced tile, as a benchmark may ask for
@@ -117,11 +129,17 @@ void conv_vs_reference(Isa isa) {
       // Serially, with a work queue: thread 0 takes every unit, the others find none left.
       FwdWorkQueue queue(threads);
       for (int t = 0; t < threads; ++t)
-        fwd_execute(*prim, kernels, src.data(), wei.data(), b, out.data(), relu, t, trial % 2 ? &queue : nullptr);
-      conv_fwd_ref_blocked(d, V, src.data(), wei.data(), b, ref.data(), relu);
+        fwd_execute(*prim, kernels, src.data(), wei.data(), b, res, out.data(), t, trial % 2 ? &queue : nullptr);
+      conv_fwd_ref_blocked(d, V, options.post, src.data(), wei.data(), b, res, ref.data());
       double e = max_rel_err(out, ref);
-      CHECK(e < 1e-4, "%s %s threads=%d relu=%d: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,
-            relu, e, prim->plan.to_string().c_str());
+      CHECK(e < 1e-4, "%s %s threads=%d%s: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,
+            options.post.name().c_str(), e, prim->plan.to_string().c_str());
+      // Only the calls that finish a tile run the post-ops.
+      for (const auto& stream : prim->plan.streams)
+        for (const FwdCall& c : stream)
+          CHECK(prim->plan.kernels[c.kernel].post == ((c.flags & kLastChunk) ? options.post : FwdPostOps{}),
+                "%s: call with flags %d runs %s", d.to_string().c_str(), c.flags,
+                prim->plan.kernels[c.kernel].name().c_str());
       if (options.tile_ow > 0)
         CHECK(prim->plan.tile_oh == options.tile_oh && prim->plan.tile_ow == options.tile_ow &&
                   prim->plan.n_oc == std::min<int64_t>(options.n_oc, kb),
@@ -163,10 +181,11 @@ void nchw_1x1_vs_reference(Isa isa) {
         }
     for (int threads : {1, 2}) {
       std::vector<float> out = y;
-      auto prim = get_fwd_nchw_1x1_primitive(d, isa, threads, accumulate);
+      auto prim = get_fwd_nchw_1x1_primitive(d, isa, threads, accumulate, relu);
       const FwdKernels kernels = acquire_kernels(*prim);
       FwdWorkQueue queue(threads);
-      for (int t = 0; t < threads; ++t) fwd_execute(*prim, kernels, w.data(), x.data(), nullptr, out.data(), relu, t, &queue);
+      for (int t = 0; t < threads; ++t)
+        fwd_execute(*prim, kernels, w.data(), x.data(), nullptr, nullptr, out.data(), t, &queue);
       const double e = max_rel_err(out, ref);
       CHECK(e < 1e-4, "%s %s nchw1x1 threads=%d acc=%d relu=%d: max rel err %g", d.to_string().c_str(),
             isa_name(isa), threads, accumulate, relu, e);
@@ -176,14 +195,47 @@ void nchw_1x1_vs_reference(Isa isa) {
   CHECK(run > 20, "only %d NCHW 1x1 problems ran", run);
 }
 
+// The post-ops are part of the kernel's name (its cache key), in their order.
+void post_op_names() {
+  FwdKernelSpec sp;
+  const std::string plain = sp.name();
+  CHECK(plain.find("_post") == std::string::npos, "no post-ops, yet named %s", plain.c_str());
+  sp.post = {true, true, true};
+  CHECK(sp.name().find("_post_bias_add_relu__") != std::string::npos, "named %s", sp.name().c_str());
+  sp.post = {false, true, false};
+  CHECK(sp.name().find("_post_add__") != std::string::npos, "named %s", sp.name().c_str());
+  FwdPlanOptions a, b;
+  b.post.relu = true;
+  CHECK(a.key() != b.key(), "plan key %s ignores the post-ops", a.key().c_str());
+}
+
+// A plan whose post-ops read a bias or a residual refuses to run without it.
+void missing_operand_refused(Isa isa) {
+  ConvDesc d = parse_conv_desc("mb1ic16ih4oc16oh4kh1ph0");
+  FwdPlanOptions options;
+  options.post.add = true;
+  auto prim = get_fwd_primitive(d, isa, 1, options);
+  const FwdKernels kernels = acquire_kernels(*prim);
+  std::vector<float> x(16 * 16 * 16), w(16 * 16 * 16), y(16 * 16 * 16);
+  bool refused = false;
+  try {
+    fwd_execute(*prim, kernels, x.data(), w.data(), nullptr, nullptr, y.data(), 0);
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused, "%s: a residual plan ran without a residual", isa_name(isa));
+}
+
 }  // namespace
 
 int main() {
+  post_op_names();
   dc_test::rng().seed(1234);
   dc_test::for_each_isa([](Isa isa) {
     kernel_vs_twin(isa);
     conv_vs_reference(isa);
     nchw_1x1_vs_reference(isa);
+    missing_operand_refused(isa);
   });
   TEST_MAIN_END("test_fwd_kernel");
 }
