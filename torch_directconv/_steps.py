@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _backend, blocked_ops
 from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
-from .functional import conv2d
+from .functional import _pair, conv2d, conv_padding
 
 
 class Step(nn.Module):
@@ -118,6 +118,16 @@ def _eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def _conv_out_shape(conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, padding) -> tuple[int, ...]:
+    """The blocked output shape of conv on xb (padding: as conv2d_blocked gets it)."""
+    stride, dilation = _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
+    top, bottom, left, right = conv_padding(padding, conv.kernel_size, stride, dilation)
+    n, _, h, w, v = xb.shape
+    p = (h + top + bottom - dilation[0] * (conv.kernel_size[0] - 1) - 1) // stride[0] + 1
+    q = (w + left + right - dilation[1] * (conv.kernel_size[1] - 1) - 1) // stride[1] + 1
+    return (n, wb.shape[0], p, q, v)
+
+
 def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
     # As F.batch_norm in training: one value per channel has no variance.
     if xb.shape[0] * xb.shape[2] * xb.shape[3] == 1:
@@ -190,15 +200,30 @@ class Unit(Step):
 
         return self._cached(conv_t + bn_t, conv_owned and bn_owned, (_backend.isa(), bn.eps), fold)
 
-    def _conv(self, conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, bias, relu: bool) -> torch.Tensor:
+    def _conv(self, conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, bias, relu: bool, residual=None):
+        """relu?(conv(xb) + bias + residual?): the residual (when it has the output's shape) and
+        the ReLU in the kernels' epilogue; a residual that broadcasts takes torch's add after."""
         padding = conv.padding
         if conv.padding_mode != "zeros":
             # The other modes pad H and W of the blocked tensor (the lanes get no padding).
             xb = F.pad(xb, (0, 0, *conv._reversed_padding_repeated_twice), mode=conv.padding_mode)
             padding = 0
-        return conv2d_blocked(
-            xb, wb, bias, conv.stride, padding, conv.dilation, relu=relu, in_channels=conv.in_channels
+        fused = residual is not None and tuple(residual.shape) == _conv_out_shape(conv, xb, wb, padding)
+        yb = conv2d_blocked(
+            xb,
+            wb,
+            bias,
+            conv.stride,
+            padding,
+            conv.dilation,
+            relu=relu and (residual is None or fused),
+            in_channels=conv.in_channels,
+            residual=residual if fused else None,
         )
+        if residual is None or fused:
+            return yb
+        out = yb + residual
+        return torch.relu(out) if relu else out
 
     def _add_relu(self, yb: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """relu?(yb + residual), in one fused pass."""
@@ -230,10 +255,10 @@ class Unit(Step):
         if conv is not None:
             fold = bn is not None and not batch_stats
             wb, bias = self._weights(conv, bn if fold else None)
-            epilogue_relu = self.relu and residual is None and (bn is None or fold)
-            xb = self._conv(conv, xb, wb, bias, epilogue_relu)
             if bn is None or fold:
-                return xb if residual is None else self._add_relu(xb, residual)
+                # The residual add and the ReLU in the convolution's epilogue.
+                return self._conv(conv, xb, wb, bias, self.relu, residual)
+            xb = self._conv(conv, xb, wb, bias, False)
         if bn is None:
             return self._add_relu(xb, residual)
         if residual is not None and residual.shape != xb.shape:

@@ -62,10 +62,9 @@ def _unit_what(step: _steps.Unit) -> str:
     parts = []
     if conv is not None:
         parts.append("conv" + (" with BN folded into its weights and bias" if bn is not None else ""))
-        if step.residual:
-            parts.append("one pass: + residual" + (" + ReLU" if step.relu else ""))
-        elif step.relu:
-            parts[-1] += ", ReLU in its epilogue"
+        fused = [p for p, on in (("+ residual", step.residual), ("ReLU", step.relu)) if on]
+        if fused:
+            parts[-1] += ", " + " + ".join(fused) + " in its epilogue"
     else:
         parts.append("one pass: " + ("BN" if bn is not None else "") + (" + residual" if step.residual else ""))
         parts[-1] += " + ReLU" if step.relu else ""
