@@ -725,3 +725,25 @@ def test_warns_nothing_for_supported_models() -> None:
         with torch.no_grad():
             opt(torch.randn(1, 3, 32, 32))
     assert _graph.trace(ResNet18ish()) is not None
+
+
+class BroadcastResidual(nn.Module):
+    """conv -> BN -> + a per-channel (N, C, 1, 1) value -> ReLU: a residual the epilogue cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 20, 3, padding=1)
+        self.conv2 = nn.Conv2d(20, 20, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        return torch.relu(self.bn(self.conv2(y)) + y.mean((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_broadcasting_residual(mode: str) -> None:
+    model = _init_bn(BroadcastResidual()).train(mode == "train")
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    _compare(opt, ref, torch.randn(2, 3, 9, 9), 1e-5)
