@@ -4,7 +4,7 @@
 Random, seeded weights. Two configurations by default: 1 thread with N = 1 and 2 threads with
 N = 4. Two modes:
   inference   eval mode, no_grad, one forward;
-  training    train mode, one step: forward, cross-entropy, backward, SGD (momentum 0.9,
+  training    train mode, one step: forward, cross-entropy, backward, SGD (torch's fused kernel unless --sgd; momentum 0.9,
               weight decay 1e-4).
 Every variant is timed in the same run, interleaved iteration by iteration (median after warm-up):
   torch NCHW      the plain model, NCHW;
@@ -52,6 +52,8 @@ FP32 = ("torch_nchw", "torch_cl", "compile", "convert", "optimize")
 # The peak memory of a training step: torch eager against optimize().
 MEMORY_VARIANTS = ("torch_nchw", "torch_cl", "optimize")
 MEMORY_STEPS = 3
+BREAKDOWN_STEPS = 3  # optimize() steps timed by op_times() after the interleaved timing
+SGD_KINDS = ("fused", "foreach", "loop")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=224, help="image height and width (default 224)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run, not a measurement")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default: inference 10, training 5)")
+    ap.add_argument(
+        "--sgd",
+        choices=SGD_KINDS,
+        default="fused",
+        help="the optimizer's implementation, the same for every variant (default: fused, torch's fastest on the CPU)",
+    )
     ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     ap.add_argument("--no-memory", action="store_true", help="skip the training step's peak memory (child processes)")
@@ -91,6 +99,27 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def make_sgd(torch, params, kind: str):
+    """SGD with momentum 0.9 and weight decay 1e-4, the same for every variant: torch's fused
+    kernel by default (its fastest on the CPU), or its foreach or for-loop forms."""
+    extra = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kind]
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, **extra)
+
+
+def breakdown(tdc, fn, steps: int) -> dict:
+    """The median over `steps` calls of fn of each kind's milliseconds, by the project's own op
+    timers (tdc.op_times), plus "total" (the call's wall time)."""
+    runs = []
+    for _ in range(steps):
+        with tdc.op_times() as t:
+            fn()
+        kinds = {k: 1e3 * v for k, v in t.by_kind().items()}
+        kinds["total"] = 1e3 * t.wall
+        runs.append(kinds)
+    keys = sorted({k for r in runs for k in r})
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
 def _time_interleaved(fns: dict, warmup: int, iters: int) -> tuple[dict, float]:
     """(name -> median ms, CPUs busy while timing): the variants run round-robin so that a
     disturbance hits all alike; the CPU time this process got over the wall time shows whether
@@ -109,7 +138,7 @@ def _time_interleaved(fns: dict, warmup: int, iters: int) -> tuple[dict, float]:
     return {k: _median_ms(v) for k, v in times.items()}, busy
 
 
-def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
+def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int, sgd: str) -> tuple:
     x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
     x_cl = x.contiguous(memory_format=torch.channels_last)
     model_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
@@ -141,10 +170,11 @@ def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warm
         scale = ref.abs().max().item()
         diffs = {k: (call(k).float() - ref).abs().max().item() / scale for k in variants}
         med, busy = _time_interleaved({k: lambda k=k: call(k) for k in variants}, warmup, iters)
-    return med, busy, diffs, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0
+        parts = breakdown(tdc, lambda: call("optimize"), BREAKDOWN_STEPS) if "optimize" in variants else None
+    return med, busy, diffs, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0, parts
 
 
-def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
+def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int, sgd: str) -> tuple:
     F = torch.nn.functional
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, 3, size, size, generator=gen)
@@ -163,7 +193,7 @@ def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmu
         model = makers[name]()
         fwd = torch.compile(model, dynamic=False) if name == "compile" else model
         inp = x_cl if name in ("torch_cl", "bf16") else x
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        opt = make_sgd(torch, model.parameters(), sgd)
         amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if name == "bf16" else contextlib.nullcontext
 
         def step(fwd=fwd, opt=opt, inp=inp, amp=amp, model=model, keep=False):
@@ -185,7 +215,8 @@ def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmu
     diffs = {k: ((g - ref).norm() / ref.norm()).item() for k, g in grads.items()}
     del grads, ref
     med, busy = _time_interleaved(steps, warmup, iters)
-    return med, busy, diffs, compile_s, 0
+    parts = breakdown(tdc, steps["optimize"], BREAKDOWN_STEPS) if "optimize" in steps else None
+    return med, busy, diffs, compile_s, 0, parts
 
 
 def _max_rss_mb() -> float:
@@ -218,7 +249,7 @@ def memory_child(args: argparse.Namespace) -> int:
         x = x.contiguous(memory_format=torch.channels_last)
     elif args.memory_child == "optimize":
         model = tdc.optimize(model, inplace=True)  # no copy: the same parameters as the eager model's
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    opt = make_sgd(torch, model.parameters(), args.sgd)
     before = _max_rss_mb()
     for _ in range(MEMORY_STEPS):
         opt.zero_grad(set_to_none=True)
@@ -234,6 +265,7 @@ def run_memory(args: argparse.Namespace, variants: list[str], threads: int, n: i
     out = {}
     for v in variants:
         cmd = [sys.executable, str(script), "--memory-child", v, "--configs", f"{threads}x{n}", "--size", str(args.size)]
+        cmd += ["--sgd", args.sgd]
         if args.isa_cap:
             cmd += ["--isa-cap", args.isa_cap]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -262,6 +294,38 @@ def format_memory(rows: list[dict], variants: list[str]) -> str:
             line += f"{peak / mem['torch_nchw']['peak_mb']:>17.2f}x"
             line += f"{peak / mem['torch_cl']['peak_mb']:>15.2f}x" if "torch_cl" in mem else f"{'-':>16}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+BREAKDOWN_KINDS = (
+    "conv forward",
+    "conv input gradient",
+    "conv weight gradient",
+    "fused element-wise",
+    "layout conversions",
+    "other directconv ops",
+    "outside our ops",
+)
+
+
+def format_breakdown(mode: str, rows: list[dict]) -> str:
+    unit = "forward" if mode == "inference" else "training step"
+    lines = [
+        f"optimize() {unit}, by kind: ms and share of the {unit}, median of {BREAKDOWN_STEPS} runs timed by "
+        "tdc.op_times() (each op's wall time, kernels with their per-call setup); outside our ops = torch's ops, "
+        "the loss, the optimizer, Python and the autograd engine",
+    ]
+    head = f"{'config':<9}{'total':>9}" + "".join(f"{k:>22}" for k in BREAKDOWN_KINDS) + f"{'conv share':>12}"
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        b = r["breakdown_ms"]
+        if not b:
+            continue
+        total = b["total"]
+        conv = sum(b.get(k, 0.0) for k in BREAKDOWN_KINDS[:3])
+        line = f"{r['config']:<9}{total:>9.1f}"
+        line += "".join(f"{b.get(k, 0.0):>14.1f} {100 * b.get(k, 0.0) / total:5.1f}%" for k in BREAKDOWN_KINDS)
+        lines.append(line + f"{100 * conv / total:>11.1f}%")
     return "\n".join(lines)
 
 
@@ -323,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             base = resnet50().train(mode == "training")
             randomize_batchnorm(base, torch.Generator().manual_seed(1))
             run = run_inference if mode == "inference" else run_training
-            med, busy, diffs, compile_s, fallbacks = run(
-                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode]
+            med, busy, diffs, compile_s, fallbacks, parts = run(
+                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode], args.sgd
             )
             if busy < 0.75 * threads:
                 # With a core taken by another process, a multi-threaded op waits at every barrier.
@@ -345,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compile_s": compile_s,
                     "fallbacks": fallbacks,
                     "cpus_busy": busy,
+                    "breakdown_ms": parts,
                 }
             )
             del base
@@ -353,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows[-1]["memory"] = run_memory(args, memory_variants, threads, n)
             print(f"  done {mode} {threads}T N={n} ({time.time() - start:.0f} s)", file=sys.stderr)
         print("\n" + format_table(mode, rows, args.variants))
+        if any(r["breakdown_ms"] for r in rows):
+            print("\n" + format_breakdown(mode, rows))
         if mode == "training" and not args.no_memory:
             print("\n" + format_memory(rows, memory_variants))
         # fp32 variants must agree with torch to fp32 noise (bf16 is reported, not checked).
@@ -374,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "size": args.size,
         "quick": args.quick,
+        "sgd": args.sgd,
         "loadavg_end": os.getloadavg(),
     }
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
