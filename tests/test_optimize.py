@@ -609,6 +609,13 @@ def test_bad_input_names_the_layer() -> None:
     pooled = tdc.optimize(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(5, 8, 1)))
     with pytest.raises(RuntimeError, match=r"layer '0' \(for '1'\) expected an input with 5 channels, got 6"):
         pooled(torch.randn(1, 6, 4, 4))
+    # A batch norm first, in training: the check comes before any statistics are taken.
+    pre = tdc.optimize(nn.Sequential(nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 1))).train()
+    with pytest.raises(RuntimeError, match=r"layer '0' expected an input with 5 channels, got 3"):
+        pre(torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match=r"layer '0' expected a 4-D .* got shape \(1, 2, 5, 4, 4\)"):
+        pre(torch.randn(1, 2, 5, 4, 4))
+    assert int(pre.get_submodule("0").num_batches_tracked) == 0
 
 
 def test_input_layouts_empty_batch_and_single_values() -> None:
