@@ -160,6 +160,23 @@ class OddChannels(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
+class BroadcastAdd(nn.Module):
+    """Residual adds whose operands differ in H and W ((N, C, 1, 1) against a map), either way round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 12, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(12)
+        self.c3 = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        y = F.relu(self.b2(self.c2(x)) + x.mean((2, 3), keepdim=True))
+        return self.c3(F.relu(y.mean((2, 3), keepdim=True) + y))
+
+
 class Custom(nn.Module):
     """A user module fx traces through: element-wise ops with scalars (which do not map 0 to 0)."""
 
@@ -237,6 +254,7 @@ MODELS = {
     "nobn": (NoBN, (2, 3, 12, 12), 1e-4),
     "odd": (lambda: _init_bn(OddChannels()), (3, 3, 15, 13), 1e-4),
     "unsupported": (lambda: _init_bn(Unsupported()), (2, 3, 10, 10), 1e-4),
+    "broadcast": (lambda: _init_bn(BroadcastAdd()), (2, 3, 9, 7), 1e-4),
 }
 
 
@@ -450,11 +468,11 @@ def _padded_lanes(t: torch.Tensor, channels: int) -> torch.Tensor:
     return t.permute(0, 2, 3, 1, 4).reshape(-1, t.shape[1] * t.shape[4])[:, channels:]
 
 
-@pytest.mark.parametrize("name", ["odd", "preact", "unsupported"])
+@pytest.mark.parametrize("name", ["odd", "preact", "unsupported", "broadcast"])
 def test_padded_lanes_stay_zero(name: str) -> None:
     """Every blocked value, and the gradient reaching it, has zero padded lanes, in eval and in
-    train: 13, 30, 24, 20 and 8 channels through the fused batch norm (its shift too, unfolded in
-    the pre-activation blocks), add + ReLU, pooling and global pooling."""
+    train: 13, 30, 24, 20, 12 and 8 channels through the fused batch norm (its shift too, unfolded
+    in the pre-activation blocks), add + ReLU (broadcast ones too), pooling and global pooling."""
     factory, shape, _ = MODELS[name]
     checked, grads = [], []
 
@@ -609,6 +627,13 @@ def test_bad_input_names_the_layer() -> None:
     pooled = tdc.optimize(nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(5, 8, 1)))
     with pytest.raises(RuntimeError, match=r"layer '0' \(for '1'\) expected an input with 5 channels, got 6"):
         pooled(torch.randn(1, 6, 4, 4))
+    # A batch norm first, in training: the check comes before any statistics are taken.
+    pre = tdc.optimize(nn.Sequential(nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 1))).train()
+    with pytest.raises(RuntimeError, match=r"layer '0' expected an input with 5 channels, got 3"):
+        pre(torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match=r"layer '0' expected a 4-D .* got shape \(1, 2, 5, 4, 4\)"):
+        pre(torch.randn(1, 2, 5, 4, 4))
+    assert int(pre.get_submodule("0").num_batches_tracked) == 0
 
 
 def test_input_layouts_empty_batch_and_single_values() -> None:
