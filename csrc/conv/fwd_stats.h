@@ -14,9 +14,10 @@
 
 namespace dc {
 
-// |mean - shift| beyond this many standard deviations: the fp32 tile sums may have cost
-// the variance more than about 1e-5 of itself (28 fp32 additions, each off by up to 6e-8
-// of E[d^2] = var (1 + k^2)).
+// |mean - shift| beyond this many standard deviations k: the fp32 tile sums may cost the
+// variance more than a few 1e-5 of itself (at most 28 roundings per tile, each up to 6e-8
+// of E[d^2] = var (1 + k^2): 3e-5 at k = 4 in the worst case, far less in practice, as
+// roundings of random sign do not all add up).
 constexpr double kStatsMaxShiftStds = 4.0;
 
 // Per-channel mean and biased variance over (N, P, Q) of the first `channels` channels,
