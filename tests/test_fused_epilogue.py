@@ -207,7 +207,8 @@ def test_aten_fallback_honours_the_residual() -> None:
     want = torch.relu(F.conv2d(x.double(), w.double(), b.double(), stride=stride) + res.double()).float()
     assert_conv_close(tdc.from_blocked(yb, 9), want, 15)
     with pytest.raises(RuntimeError, match="'residual' of the output's shape"):
-        tdc.conv2d_blocked(tdc.to_blocked(x), tdc.to_blocked_weight(w), b, stride, residual=tdc.to_blocked(res)[:, :, :2])
+        short = tdc.to_blocked(res)[:, :, :2]
+        tdc.conv2d_blocked(tdc.to_blocked(x), tdc.to_blocked_weight(w), b, stride, residual=short)
 
 
 def test_opcheck_with_residual() -> None:
@@ -255,3 +256,142 @@ def test_torch_func_grad_of_the_residual() -> None:
 def test_fused_epilogue_under_avx2_cap() -> None:
     """The same tests on the AVX2 kernels, in a child capped with TORCH_DIRECTCONV_ISA=avx2."""
     run_pytest_under_isa("avx2", "tests/test_fused_epilogue.py", "not under_avx2_cap and not compile")
+
+
+# ---- the statistics epilogue (conv2d_blocked_stats) ----------------------------------------
+
+
+def stats_ref(x, w, b, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = F.conv2d(
+        x.double(), w.double(), None if b is None else b.double(), stride=p["stride"], padding=p["padding"]
+    )
+    var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
+    return y, mean, var
+
+
+def assert_stats_close(mean, var, want_mean, want_var, msg: str = "") -> None:
+    """fp32 statistics against float64: the mean to 1e-6 of the spread, the variance to 1e-5 of itself."""
+    std = want_var.sqrt()
+    atol = 1e-6 * float(std.max() + want_mean.abs().max())
+    torch.testing.assert_close(mean.double(), want_mean, rtol=0, atol=atol, msg=lambda m: f"{msg}: mean: {m}")
+    torch.testing.assert_close(var.double(), want_var, rtol=2e-5, atol=1e-7, msg=lambda m: f"{msg}: var: {m}")
+
+
+@pytest.mark.parametrize("p", CASES[:12], ids=case_id)
+def test_conv_stats_match_var_mean(p: dict) -> None:
+    x, w, b, _, fan = make_inputs(p)
+    y, mean, var = stats_ref(x, w, b, p)
+    # A shift near the mean, as a batch norm's running mean would be.
+    shift = (mean + 0.5 * var.sqrt() * torch.randn(p["k"], dtype=torch.float64)).float()
+    before = tdc.jit_stats()["conv_stats_recomputed"]
+    in_channels = p["c"] if p["in_channels"] else None
+    xb, wb = tdc.to_blocked(x), tdc.to_blocked_weight(w)
+    yb, m, v = tdc.conv2d_blocked_stats(
+        xb, wb, b, p["stride"], p["padding"], channels=p["k"], shift=shift, in_channels=in_channels
+    )
+    assert tdc.jit_stats()["conv_stats_recomputed"] == before, "a shift within a std must not need the exact pass"
+    assert_conv_close(tdc.from_blocked(yb, p["k"]), y.float(), fan, case_id(p))
+    assert m.shape == v.shape == (p["k"],)
+    assert_stats_close(m, v, mean, var, case_id(p))
+
+
+@pytest.mark.parametrize("n,hw", [(2, 56), (1, 7)])
+def test_conv_stats_mean_1e3_std_1(n: int, hw: int) -> None:
+    """A map of mean 1e3 and standard deviation about 1: with the shift at 0 the fp32 sums would
+    lose the variance, so the exact pass runs; with the shift at the running mean it is not needed."""
+    g = torch.Generator().manual_seed(3)
+    c, k = 16, 24
+    x = torch.randn(n, c, hw, hw, generator=g)
+    w = torch.randn(k, c, 1, 1, generator=g) / math.sqrt(c)
+    b = torch.full((k,), 1e3)
+    xb, wb = tdc.to_blocked(x), tdc.to_blocked_weight(w)
+    y = F.conv2d(x.double(), w.double(), b.double())
+    var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
+    assert 0.3 < var.min() and var.max() < 3 and (mean - 1e3).abs().max() < 1
+    for shift, exact_pass in ((torch.zeros(k), True), (torch.full((k,), 1e3), False), (None, True)):
+        before = tdc.jit_stats()["conv_stats_recomputed"]
+        yb, m, v = tdc.conv2d_blocked_stats(xb, wb, b, channels=k, shift=shift)
+        assert tdc.jit_stats()["conv_stats_recomputed"] == before + int(exact_pass)
+        assert_stats_close(m, v, mean, var, f"shift={None if shift is None else float(shift[0])}")
+        assert torch.equal(yb, tdc.conv2d_blocked(xb, wb, b))
+
+
+def test_conv_stats_output_is_conv2d_blocked() -> None:
+    """The output is bit for bit conv2d_blocked's; its padded lanes stay zero."""
+    x, w = torch.randn(2, 20, 9, 9), torch.randn(21, 20, 3, 3) / 13
+    b = torch.randn(21)
+    xb, wb = tdc.to_blocked(x), tdc.to_blocked_weight(w)
+    yb, _, _ = tdc.conv2d_blocked_stats(xb, wb, b, 2, 1, channels=21)
+    assert torch.equal(yb, tdc.conv2d_blocked(xb, wb, b, 2, 1))
+    assert not yb[:, -1, :, :, 21 % tdc.vector_width() :].any()
+
+
+def test_conv_stats_errors_name_the_argument() -> None:
+    xb = tdc.to_blocked(torch.randn(1, 8, 5, 5))
+    wb = tdc.to_blocked_weight(torch.randn(20, 8, 3, 3))
+    v = tdc.vector_width()
+    with pytest.raises(RuntimeError, match="'shift' of shape"):
+        ops.conv2d_blocked_stats(xb, wb, None, [1, 1], [0] * 4, [1, 1], None, torch.zeros(3), 20)
+    with pytest.raises(RuntimeError, match="'shift' of dtype float32"):
+        ops.conv2d_blocked_stats(xb, wb, None, [1, 1], [0] * 4, [1, 1], None, torch.zeros(20).double(), 20)
+    with pytest.raises(RuntimeError, match="'channels'"):
+        wide = -(-20 // v) * v + 1
+        ops.conv2d_blocked_stats(xb, wb, None, [1, 1], [0] * 4, [1, 1], None, torch.zeros(wide), wide)
+
+
+def test_conv_stats_aten_fallback() -> None:
+    x, w = torch.randn(2, 5, 6, 3), torch.randn(9, 5, 3, 1)
+    stride = (1, 1 << 22)
+    yb, m, v = tdc.conv2d_blocked_stats(tdc.to_blocked(x), tdc.to_blocked_weight(w), None, stride, channels=9)
+    y = F.conv2d(x.double(), w.double(), stride=stride)
+    var, mean = torch.var_mean(y, (0, 2, 3), correction=0)
+    assert_conv_close(tdc.from_blocked(yb, 9), y.float(), 15)
+    assert_stats_close(m, v, mean, var)
+
+
+def test_conv_stats_backward_and_no_gradient_through_the_stats() -> None:
+    x, w = torch.randn(2, 12, 6, 6), torch.randn(20, 12, 3, 3) / 10
+    b = torch.randn(20)
+    gy = tdc.to_blocked(torch.randn(2, 20, 6, 6))
+    grads = []
+    for stats in (True, False):
+        xb = tdc.to_blocked(x).requires_grad_()
+        wb = tdc.to_blocked_weight(w).requires_grad_()
+        bl = b.clone().requires_grad_()
+        if stats:
+            yb, m, v = tdc.conv2d_blocked_stats(xb, wb, bl, 1, 1, channels=20, in_channels=12)
+            assert not m.requires_grad and not v.requires_grad
+        else:
+            yb = tdc.conv2d_blocked(xb, wb, bl, 1, 1, in_channels=12)
+        grads.append(torch.autograd.grad(yb, [xb, wb, bl], gy))
+    for a, e in zip(*grads):
+        assert torch.equal(a, e)
+
+
+def test_opcheck_conv_stats() -> None:
+    xb = tdc.to_blocked(torch.randn(2, 20, 6, 6)).requires_grad_()
+    wb = tdc.to_blocked_weight(torch.randn(24, 20, 3, 3) / 13).requires_grad_()
+    b = torch.randn(24, requires_grad=True)
+    torch.library.opcheck(
+        ops.conv2d_blocked_stats, (xb, wb, b, [1, 1], [1, 1, 1, 1], [1, 1], 20, torch.zeros(24), 24)
+    )
+
+
+def test_compile_fullgraph_conv_stats(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    xb = tdc.to_blocked(torch.randn(1, 16, 6, 6))
+    wb = tdc.to_blocked_weight(torch.randn(16, 16, 3, 3) / 12).requires_grad_()
+    shift = torch.zeros(16)
+
+    def f(xb, wb):
+        yb, m, v = tdc.conv2d_blocked_stats(xb, wb, None, 1, 1, channels=16, shift=shift)
+        return ((yb - 1) ** 2).sum(), m, v
+
+    loss, m, v = torch.compile(f, fullgraph=True)(xb, wb)
+    (g,) = torch.autograd.grad(loss, [wb])
+    loss_e, m_e, v_e = f(xb, wb)
+    (g_e,) = torch.autograd.grad(loss_e, [wb])
+    torch._dynamo.reset()
+    torch.testing.assert_close(g, g_e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m, m_e) and torch.equal(v, v_e)

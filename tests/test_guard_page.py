@@ -158,6 +158,16 @@ def check_case(p: dict, seed: int) -> int:
         yb = tdc.conv2d_blocked(gxb, gwb, gbb, **args, relu=True, in_channels=p["c"], residual=grb)
         assert_conv_close(tdc.from_blocked(yb, p["k"]), torch.relu(ref_full + res), fan, label)
         calls += 1
+        # The statistics epilogue reads a shift per output channel.
+        label = f"{name} blocked stats {side}"
+        print(label, file=sys.stderr, flush=True)
+        gshift = guarded_copy(ref_full.mean((0, 2, 3)), side)
+        yb, mean, var = tdc.conv2d_blocked_stats(gxb, gwb, gbb, **args, channels=p["k"], shift=gshift)
+        assert_conv_close(tdc.from_blocked(yb, p["k"]), ref_full, fan, label)
+        want_var, want_mean = torch.var_mean(ref_full.double(), (0, 2, 3), correction=0)
+        torch.testing.assert_close(mean.double(), want_mean, rtol=1e-4, atol=1e-4, msg=label)
+        torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=1e-4, msg=label)
+        calls += 1
     return calls
 
 

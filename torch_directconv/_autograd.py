@@ -96,6 +96,22 @@ def _backward_blocked(ctx, grad):
     return (grad_xb, grad_wb, grad_bias, None, None, None, None, None, grad_residual)[: len(needs)]
 
 
+def _setup_blocked_stats(ctx, inputs, output) -> None:
+    xb, wb, bias, stride, padding, dilation, in_channels, shift, channels = inputs
+    ctx.save_for_backward(xb, wb, None)
+    ctx.geometry = (list(stride), list(padding), list(dilation), in_channels)
+    ctx.relu = False
+    ctx.bias_size = bias.shape[0] if bias is not None else None
+    # The statistics carry no gradient: a training batch norm's backward (bn_backward_blocked
+    # with train=True) already differentiates through its batch statistics.
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_blocked_stats(ctx, grad, grad_mean, grad_var):
+    grad_xb, grad_wb, grad_bias = _backward_blocked(ctx, grad)[:3]
+    return grad_xb, grad_wb, grad_bias, None, None, None, None, None, None
+
+
 def _setup_to_blocked(ctx, inputs, output) -> None:
     ctx.channels = inputs[0].shape[1]
 
@@ -160,6 +176,7 @@ def _register(name: str, backward, setup_context) -> None:
 
 _register("conv2d", _backward, _setup_context)
 _register("conv2d_blocked", _backward_blocked, _setup_blocked)
+_register("conv2d_blocked_stats", _backward_blocked_stats, _setup_blocked_stats)
 _register("to_blocked", _backward_to_blocked, _setup_to_blocked)
 _register("from_blocked", _backward_from_blocked, _setup_from_blocked)
 _register("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)

@@ -65,6 +65,12 @@ def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels, 
     return xb.new_empty(shape)
 
 
+@torch.library.register_fake("directconv::conv2d_blocked_stats")
+def _conv2d_blocked_stats(xb, wb, bias, stride, padding, dilation, in_channels, shift, channels):
+    out = _conv2d_blocked(xb, wb, bias, stride, padding, dilation, False, in_channels)
+    return out, shift.new_empty((channels,)), shift.new_empty((channels,))
+
+
 @torch.library.register_fake("directconv::to_blocked")
 def _to_blocked(x, vlen):
     n, c, h, w = x.shape

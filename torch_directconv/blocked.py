@@ -76,3 +76,48 @@ def conv2d_blocked(
         in_channels,
         residual,
     )
+
+
+def conv2d_blocked_stats(
+    xb: torch.Tensor,
+    wb: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOr2 = 1,
+    padding: str | IntOr2 = 0,
+    dilation: IntOr2 = 1,
+    *,
+    channels: int,
+    shift: torch.Tensor | None = None,
+    in_channels: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """conv2d_blocked with the batch statistics of its first `channels` output channels:
+    (yb, mean, biased variance over N, H, W), the statistics from the kernels' epilogue.
+
+    shift (channels,) should lie near each channel's mean (a batch norm's running mean does):
+    the epilogue sums y - shift in fp32 over a few pixels, and where a mean is more than a few
+    standard deviations from its shift the statistics are recomputed exactly in one more pass
+    (jit_stats()['conv_stats_recomputed'] counts those). By default the shift is 0. mean and
+    var carry no gradient (a batch norm's training backward differentiates through them).
+    """
+    _require_jit("conv2d_blocked_stats")
+    if wb.dim() != 6:
+        raise RuntimeError(
+            f"conv2d_blocked_stats: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}"
+        )
+    stride2 = _pair(stride, "stride")
+    dilation2 = _pair(dilation, "dilation")
+    pad4 = conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)
+    if shift is None:
+        shift = xb.new_zeros(channels)
+    return call_op(
+        torch.ops.directconv.conv2d_blocked_stats.default,
+        xb,
+        wb,
+        bias,
+        list(stride2),
+        list(pad4),
+        list(dilation2),
+        in_channels,
+        shift,
+        channels,
+    )

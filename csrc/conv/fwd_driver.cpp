@@ -60,7 +60,7 @@ namespace {
 
 // Calls [begin, end) of one stream.
 void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::vector<FwdCall>& stream, size_t begin,
-               size_t end, const float* src, const float* wei, const float* bias, const float* residual, float* dst) {
+               size_t end, const float* src, const float* wei, const FwdPostArgs& post, float* dst) {
   FwdCallArgs a = prim.plan.strides;
   for (size_t i = begin; i < end; ++i) {
     const FwdCall& c = stream[i];
@@ -68,8 +68,10 @@ void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::v
     a.pf_src = at_offset(src, stream[i + 1 < end ? i + 1 : i].src_off);
     a.wei = at_offset(wei, c.wei_off);
     a.dst = at_offset(dst, c.dst_off);
-    a.bias = bias ? at_offset(bias, c.bias_off) : nullptr;
-    a.residual = residual ? at_offset(residual, c.dst_off) : nullptr;
+    a.bias = post.bias ? at_offset(post.bias, c.bias_off) : nullptr;
+    a.residual = post.residual ? at_offset(post.residual, c.dst_off) : nullptr;
+    a.stats_shift = post.stats_shift ? at_offset(post.stats_shift, c.bias_off) : nullptr;
+    a.stats = post.stats ? post.stats + c.stats_off : nullptr;
     a.n_r = c.n_r;
     a.n_cb = c.n_cb;
     a.flags = c.flags & kAccumulate;
@@ -80,24 +82,25 @@ void run_calls(const FwdPrimitive& prim, const FwdKernels& kernels, const std::v
 }  // namespace
 
 void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
-                 const float* bias, const float* residual, float* dst, int tid, FwdWorkQueue* queue) {
-  fwd_execute_prepared(prim, kernels, src, [wei](const FwdCall&) { return wei; }, bias, residual, dst, tid, queue);
+                 const FwdPostArgs& post, float* dst, int tid, FwdWorkQueue* queue) {
+  fwd_execute_prepared(prim, kernels, src, [wei](const FwdCall&) { return wei; }, post, dst, tid, queue);
 }
 
 void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
-                          const FwdPrepare& prepare, const float* bias, const float* residual, float* dst, int tid,
+                          const FwdPrepare& prepare, const FwdPostArgs& post, float* dst, int tid,
                           FwdWorkQueue* queue) {
   const FwdPlan& plan = prim.plan;
-  if ((plan.post.bias && !bias) || (plan.post.add && !residual))
+  if ((plan.post.bias && !post.bias) || (plan.post.add && !post.residual) ||
+      (plan.post.stats && (!post.stats_shift || !post.stats)))
     throw std::invalid_argument("fwd_execute: the plan's post-ops (" + plan.post.name() +
-                                ") read a bias or a residual that was not given");
+                                ") need an operand that was not given");
   const int threads = static_cast<int>(plan.streams.size());
   if (tid < 0 || tid >= threads) return;
   auto run_unit = [&](int t, int64_t u) {
     const std::vector<int32_t>& starts = plan.unit_starts[t];
     if (starts[u] == starts[u + 1]) return;
     const float* wei = prepare(plan.streams[t][starts[u]]);
-    run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, bias, residual, dst);
+    run_calls(prim, kernels, plan.streams[t], starts[u], starts[u + 1], src, wei, post, dst);
   };
   if (!queue) {
     for (int64_t u = 0; u + 1 < static_cast<int64_t>(plan.unit_starts[tid].size()); ++u) run_unit(tid, u);

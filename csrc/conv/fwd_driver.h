@@ -47,20 +47,28 @@ class FwdWorkQueue {
   std::unique_ptr<std::atomic<int64_t>[]> next_;
 };
 
+// The operands of the plan's post-ops (FwdPostOps): each is read or written only when the
+// post-ops name it, and must then be given.
+struct FwdPostArgs {
+  const float* bias = nullptr;         // (Kb * V)
+  const float* residual = nullptr;     // laid out as dst
+  const float* stats_shift = nullptr;  // (Kb * V)
+  float* stats = nullptr;              // the tile sums, plan.stats_floats (conv/fwd_stats.h)
+};
+
 // Runs thread tid's share. With a queue, a thread that finishes its own stream early takes
 // the remaining units of the others, whole, so a thread slowed down by the machine does
 // not hold the run up; without one, it runs exactly its own stream. Blocked pointers: src (N, Cb, H, W, V), wei (Kb, Cb, R, S, V, V),
-// bias (Kb * V), residual (laid out as dst), dst (N, Kb, P, Q, V). The bias and the residual
-// are read when the plan's post-ops name them (they must then be given), else ignored.
+// dst (N, Kb, P, Q, V).
 void fwd_execute(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src, const float* wei,
-                 const float* bias, const float* residual, float* dst, int tid, FwdWorkQueue* queue = nullptr);
+                 const FwdPostArgs& post, float* dst, int tid, FwdWorkQueue* queue = nullptr);
 
 // As fwd_execute, with each work unit's weights prepared just before its calls:
 // prepare(the unit's first call) returns the base that the unit's calls add their weight
 // offsets to (its output-channel group's weights, which are all the unit reads).
 using FwdPrepare = std::function<const float*(const FwdCall& first)>;
 void fwd_execute_prepared(const FwdPrimitive& prim, const FwdKernels& kernels, const float* src,
-                          const FwdPrepare& prepare, const float* bias, const float* residual, float* dst, int tid,
+                          const FwdPrepare& prepare, const FwdPostArgs& post, float* dst, int tid,
                           FwdWorkQueue* queue = nullptr);
 
 }  // namespace dc

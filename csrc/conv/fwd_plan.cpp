@@ -128,6 +128,11 @@ class StreamBuilder {
       auto push = [&](int64_t cb0, int64_t n_cb, int c_valid, bool last) {
         sp.c_valid = c_valid;
         sp.post = last ? plan_.post : FwdPostOps{};
+        if (last && plan_.post.stats) {
+          call.stats_off = plan_.stats_floats;
+          plan_.stats_tiles.push_back({plan_.stats_floats, kb0, n_oc, rows * w});
+          plan_.stats_floats += 2 * static_cast<int64_t>(n_oc) * V_;
+        }
         call.kernel = kernel_index(sp);
         call.n_cb = static_cast<int32_t>(n_cb);
         call.flags = (first ? 0 : static_cast<int32_t>(kAccumulate)) | (last ? kLastChunk : 0);

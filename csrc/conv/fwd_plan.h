@@ -19,8 +19,16 @@ struct FwdCall {
   int32_t n_cb;
   int32_t flags;  // kAccumulate, and kLastChunk on the call that finishes its tile (its kernel has the post-ops)
   int64_t src_off, wei_off, dst_off, bias_off;
+  int64_t stats_off;  // with the stats post-op, where the tile's sums go (floats into the tile-sums buffer)
 };
 constexpr int32_t kLastChunk = 1 << 8;
+
+// One tile's slot of the stats post-op: 2 * n_oc * V floats at `off` (FwdCallArgs::stats),
+// for output blocks [kb0, kb0 + n_oc), summed over `pixels` output pixels.
+struct FwdStatsTile {
+  int64_t off, kb0;
+  int32_t n_oc, pixels;
+};
 
 // Where the output goes, in elements: by default the dense blocked (N, Kb, P, Q, V).
 // A strided view (pixel step px vectors, and row, block and image strides) lets each
@@ -74,6 +82,8 @@ struct FwdPlan {
   FwdSrcLayout src;             // the input strides, all set (elements)
   FwdDstLayout dst;             // the output strides, all set (elements)
   FwdPostOps post;              // the epilogue of the calls with kLastChunk
+  std::vector<FwdStatsTile> stats_tiles;  // with the stats post-op, every tile's slot
+  int64_t stats_floats = 0;               // the size of the tile-sums buffer
   std::vector<FwdKernelSpec> kernels;
   std::vector<std::vector<FwdCall>> streams;  // one per thread
   // Where each work unit of a thread's stream begins (and, last, where the stream ends):

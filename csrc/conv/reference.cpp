@@ -41,6 +41,26 @@ void fwd_kernel_ref(const FwdKernelSpec& sp, const FwdCallArgs* a) {
           out[k] = acc;
         }
       }
+  if (!sp.post.stats) return;
+  // The sums of what was stored, in the kernel's order (tile rows, then pixels).
+  for (int oc = 0; oc < sp.n_oc; ++oc)
+    for (int k = 0; k < V; ++k) {
+      float sum = 0.f, squares = 0.f;
+      for (int row = 0; row < sp.oh; ++row)
+        for (int px = 0; px < sp.ow; ++px) {
+          const float y = at(a->dst, row * a->dst_row_stride + oc * a->dst_kb_stride + px * sp.dst_px_step())[k];
+          const float d = y - a->stats_shift[oc * V + k];
+          if (row == 0 && px == 0) {
+            sum = d;
+            squares = d * d;
+          } else {
+            squares = std::fma(d, d, squares);
+            sum += d;
+          }
+        }
+      a->stats[2 * oc * V + k] = sum;
+      a->stats[(2 * oc + 1) * V + k] = squares;
+    }
 }
 
 void conv_fwd_ref_blocked(const ConvDesc& d, int V, const FwdPostOps& post, const float* src, const float* wei,

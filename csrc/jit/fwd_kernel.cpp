@@ -8,7 +8,8 @@ namespace dc {
 
 std::string FwdPostOps::name() const {
   if (!any()) return "";
-  return std::string("_post") + (bias ? "_bias" : "") + (add ? "_add" : "") + (relu ? "_relu" : "");
+  return std::string("_post") + (bias ? "_bias" : "") + (add ? "_add" : "") + (relu ? "_relu" : "") +
+         (stats ? "_stats" : "");
 }
 
 std::string FwdKernelSpec::name() const {
@@ -50,8 +51,8 @@ class FwdKernel : public JitGenerator {
     if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
         sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1 || sp.wei_c_stride < 0 || sp.dst_px_bytes < 0 ||
         sp.last_oc_lanes < 0 || sp.last_oc_lanes >= sp.v() || (sp.last_oc_lanes && sp.isa != Isa::avx512) ||
-        // Whole-vector bias and residual reads would pass the end of a partial last block.
-        (sp.last_oc_lanes && (sp.post.bias || sp.post.add)))
+        // Whole-vector bias, residual and shift reads would pass the end of a partial last block.
+        (sp.last_oc_lanes && (sp.post.bias || sp.post.add || sp.post.stats)))
       throw std::invalid_argument("fwd kernel: unsupported tile " + sp.name());
     if (fwd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("fwd kernel: tile needs too many vector registers: " + sp.name());
@@ -60,7 +61,7 @@ class FwdKernel : public JitGenerator {
  private:
   static size_t code_size_estimate(const FwdKernelSpec& sp) {
     size_t per_step = sp.n_oc * 12 + sp.oh * sp.ow * (12 + sp.n_oc * 8) + (sp.prefetch ? 16 : 0);
-    size_t epilogue = sp.oh * sp.ow * sp.n_oc * (48 + 3 * 16) + sp.oh * sp.n_oc * 2 * 64;
+    size_t epilogue = sp.oh * sp.ow * sp.n_oc * (48 + 6 * 16) + sp.oh * sp.n_oc * 2 * 64 + sp.n_oc * 64;
     return 4096 + static_cast<size_t>(sp.s) * sp.c_valid * per_step + epilogue;
   }
 
@@ -109,6 +110,7 @@ class FwdKernel : public JitGenerator {
     add_residual();
     apply_relu();
     store_tile();
+    tile_stats();
     postamble();
   }
 
@@ -292,6 +294,29 @@ class FwdKernel : public JitGenerator {
     Xmm z = vmm_wei(0);
     zero(z);
     for_each_acc([&](int row, int px, int oc) { vmaxps(vmm_acc(row, px, oc), z, vmm_acc(row, px, oc)); });
+  }
+
+  // After the store the accumulators are free: each output block's are shifted in place,
+  // the first one collects the sum and the weight register the sum of squares.
+  void tile_stats() {
+    if (!sp_.post.stats) return;
+    for (int oc = 0; oc < sp_.n_oc; ++oc) {
+      const Xmm shift = vmm_wei(0), sum = vmm_acc(0, 0, oc), squares = vmm_wei(0);
+      mov(reg_out, arg(offsetof(FwdCallArgs, stats_shift)));
+      vmovups(shift, ptr[reg_out + oc * vbytes()]);
+      for (int row = 0; row < sp_.oh; ++row)
+        for (int px = 0; px < sp_.ow; ++px) vsubps(vmm_acc(row, px, oc), vmm_acc(row, px, oc), shift);
+      vmulps(squares, sum, sum);
+      for (int row = 0; row < sp_.oh; ++row)
+        for (int px = 0; px < sp_.ow; ++px) {
+          if (row == 0 && px == 0) continue;
+          vfmadd231ps(squares, vmm_acc(row, px, oc), vmm_acc(row, px, oc));
+          vaddps(sum, sum, vmm_acc(row, px, oc));
+        }
+      mov(reg_out, arg(offsetof(FwdCallArgs, stats)));
+      vmovups(ptr[reg_out + 2 * oc * vbytes()], sum);
+      vmovups(ptr[reg_out + (2 * oc + 1) * vbytes()], squares);
+    }
   }
 
   void store_tile() {

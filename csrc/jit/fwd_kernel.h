@@ -17,17 +17,22 @@
 
 namespace dc {
 
-// The epilogue of a tile's last input-channel chunk, applied in this order before the
-// store: + bias (one vector per output block), + residual (a tensor laid out as the output,
-// read at the tile's offsets), max(0, .). Calls on earlier chunks run a kernel without
-// post-ops, so a kernel's name says everything it computes.
+// The epilogue of a tile's last input-channel chunk, applied in this order: + bias (one
+// vector per output block), + residual (a tensor laid out as the output, read at the
+// tile's offsets), max(0, .), the store; then the statistics of what was stored: per
+// output channel, the tile's sums of (y - shift) and (y - shift)^2 in fp32 over its few
+// pixels, for batch norm (conv/fwd_stats.h merges them). Calls on earlier chunks run a
+// kernel without post-ops, so a kernel's name says everything it computes.
 struct FwdPostOps {
   bool bias = false;
   bool add = false;
   bool relu = false;
-  bool any() const { return bias || add || relu; }
-  std::string name() const;  // "" or "_post_bias_add_relu" (the ones present)
-  bool operator==(const FwdPostOps& o) const { return bias == o.bias && add == o.add && relu == o.relu; }
+  bool stats = false;
+  bool any() const { return bias || add || relu || stats; }
+  std::string name() const;  // "" or "_post_bias_add_relu_stats" (the ones present)
+  bool operator==(const FwdPostOps& o) const {
+    return bias == o.bias && add == o.add && relu == o.relu && stats == o.stats;
+  }
 };
 
 // What the generated code depends on; name() is the cache key.
@@ -76,6 +81,8 @@ struct FwdCallArgs {
   int64_t dst_kb_stride;   // bytes per output-channel block
   const float* pf_src;     // the next call's src, when the kernel prefetches
   const float* residual;   // the residual at dst's offsets, same strides (read when post-ops add it)
+  const float* stats_shift;  // shift + kb0 * V (read by the stats post-op)
+  float* stats;              // the tile's sums: per output block, V sums of y - shift, then V of its square
 };
 constexpr int64_t kAccumulate = 1;
 

@@ -14,6 +14,7 @@
 #include "conv/bwd_data.h"
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
+#include "conv/fwd_stats.h"
 #include "conv/reorder.h"
 #include "conv/scratch.h"
 #include "conv/upd_conv.h"
@@ -211,8 +212,8 @@ dc::FwdPrepare pack_per_unit(const dc::FwdPlan& plan, const PackBlockRange& pack
 
 // The forward of every group on blocked tensors. With `pack` (one group, wei null) each
 // work unit packs its own weights (one_unit_per_kgroup must hold).
-void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const float* bias,
-             const float* residual, float* dst, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
+void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const dc::FwdPostArgs& post,
+             float* dst, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
              const PackBlockRange& pack = nullptr) {
   if (prim.plan.desc.n == 0) return;
   // The plan's thread count, never a fresh num_threads(): another thread may have changed
@@ -226,15 +227,16 @@ void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, c
     const dc::FwdPrepare prepare = pack_per_unit(prim.plan, pack);
     run_shares(nt, [&](int tid, int) {
       dc::ScratchScope share;  // the pool thread's own packing buffer
-      dc::fwd_execute_prepared(prim, kernels, src, prepare, bias, residual, dst, tid, nt > 1 ? &queues[0] : nullptr);
+      dc::fwd_execute_prepared(prim, kernels, src, prepare, post, dst, tid, nt > 1 ? &queues[0] : nullptr);
     });
     return;
   }
   run_shares(nt, [&](int tid, int) {
     for (int64_t g = 0; g < groups; ++g)
-      dc::fwd_execute(prim, kernels, src + g * src_group, wei + g * wei_group, bias ? bias + g * bias_group : nullptr,
-                      residual ? residual + g * dst_group : nullptr, dst + g * dst_group, tid,
-                      nt > 1 ? &queues[g] : nullptr);
+      dc::fwd_execute(prim, kernels, src + g * src_group, wei + g * wei_group,
+                      {post.bias ? post.bias + g * bias_group : nullptr,
+                       post.residual ? post.residual + g * dst_group : nullptr, post.stats_shift, post.stats},
+                      dst + g * dst_group, tid, nt > 1 ? &queues[g] : nullptr);
   });
 }
 
@@ -363,8 +365,8 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
       pack(begin, end, wei_blk + begin * d.r * d.s * V * V);
     }
   });
-  run_fwd(*prim, src_blk, packed ? packed : wei_blk, bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr,
-          nullptr, dst_blk, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
+  run_fwd(*prim, src_blk, packed ? packed : wei_blk, {bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr},
+          dst_blk, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
       dc::reorder_from_blocked(dst_blk + g * dst_group, d.n, kg, P, Q, V, y + g * kg * ys[1], ys.data(), tid,
@@ -446,7 +448,7 @@ Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::opt
   const float* x = input.data_ptr<float>();
   float* y = out.data_ptr<float>();
   run_shares(nt, [&](int tid, int) {
-    dc::fwd_execute(*prim, kernels, w, x, nullptr, nullptr, y, tid, nt > 1 ? &queue : nullptr);
+    dc::fwd_execute(*prim, kernels, w, x, {}, y, tid, nt > 1 ? &queue : nullptr);
   });
   return out;
 }
@@ -492,12 +494,19 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
                            });
 }
 
-// Blocked in, blocked out: no layout conversion at all.
-Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                      c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual) {
-  dc::ScratchScope call;
-  const char* op = "conv2d_blocked";
+namespace {
+
+// The checked operands of a blocked convolution: its geometry (validated only when the
+// kernels take it) and its bias padded to whole blocks.
+struct BlockedConv {
+  ConvDesc d;
+  Tensor bias;
+  int64_t c, kb;
+  int V;
+};
+BlockedConv check_blocked_conv(const char* op, const Tensor& input, const Tensor& weight,
+                               const c10::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, c10::optional<int64_t> in_channels) {
   check_float_cpu(input, op, "xb");
   check_float_cpu(weight, op, "wb");
   const int V = dc::vlen(jit_isa());
@@ -515,15 +524,38 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
                 ") does not fit ", cb, " channel blocks of ", V);
     c = *in_channels;
   }
-  const ConvDesc d = fill_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2),
-                               weight.size(3), stride, padding, dilation);
-  Tensor b;
+  BlockedConv bc{fill_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2),
+                           weight.size(3), stride, padding, dilation),
+                 Tensor(), c, kb, V};
   if (bias.has_value() && bias->defined()) {
     check_float_cpu(*bias, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) <= kb * V && bias->size(0) > (kb - 1) * V, op,
                 ": expected 'bias' of at most ", kb * V, " values (", kb, " blocks), got shape ", bias->sizes());
-    b = padded_bias(bias, bias->size(0), kb * V, op);
+    bc.bias = padded_bias(bias, bias->size(0), kb * V, op);
   }
+  return bc;
+}
+
+// Torch's convolution for the blocked geometries the kernels do not take, blocked again.
+Tensor aten_conv2d_blocked(const BlockedConv& bc, const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return block(aten_conv2d(unblock(input, bc.c), unblock_weight(weight).narrow(1, 0, bc.c), bc.bias, stride, padding,
+                           dilation, 1, false, at::MemoryFormat::Contiguous),
+               bc.V);
+}
+
+std::atomic<int64_t> conv_stats_recomputed{0};
+
+}  // namespace
+
+// Blocked in, blocked out: no layout conversion at all.
+Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                      c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual) {
+  dc::ScratchScope call;
+  const char* op = "conv2d_blocked";
+  const BlockedConv bc = check_blocked_conv(op, input, weight, bias, stride, padding, dilation, in_channels);
+  const ConvDesc& d = bc.d;
   // The residual is added after the bias and before the ReLU, in the epilogue.
   Tensor res;
   auto check_residual = [&](at::IntArrayRef out_shape) {
@@ -535,9 +567,7 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
     res = residual->contiguous();
   }
   if (!jit_takes(d)) {
-    Tensor y = block(aten_conv2d(unblock(input, c), unblock_weight(weight).narrow(1, 0, c), b, stride, padding,
-                                 dilation, 1, false, at::MemoryFormat::Contiguous),
-                     V);
+    Tensor y = aten_conv2d_blocked(bc, input, weight, stride, padding, dilation);
     if (res.defined()) {
       check_residual(y.sizes());
       y.add_(res);
@@ -545,13 +575,61 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
     return relu ? y.relu_() : y;
   }
   validated(op, d);
-  if (res.defined()) check_residual({d.n, kb, d.p(), d.q(), V});
+  if (res.defined()) check_residual({d.n, bc.kb, d.p(), d.q(), bc.V});
   Tensor x = input.contiguous(), w = weight.contiguous();
-  Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
-  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options(b.defined(), res.defined(), relu)),
-          x.data_ptr<float>(), w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
-          res.defined() ? res.data_ptr<float>() : nullptr, out.data_ptr<float>(), 1, 0, 0, 0, 0);
+  Tensor out = at::empty({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
+  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options(bc.bias.defined(), res.defined(), relu)),
+          x.data_ptr<float>(), w.data_ptr<float>(),
+          {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, res.defined() ? res.data_ptr<float>() : nullptr},
+          out.data_ptr<float>(), 1, 0, 0, 0, 0);
   return out;
+}
+
+// The same (no ReLU, no residual) with the per-channel batch statistics of the output, biased
+// variance, from the kernels' epilogue (conv/fwd_stats.h); where a mean lies too far from its
+// `shift` for the fp32 tile sums, they are recomputed exactly by bn_stats_blocked.
+std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, const Tensor& weight,
+                                                        const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        c10::optional<int64_t> in_channels, const Tensor& shift,
+                                                        int64_t channels) {
+  dc::ScratchScope call;
+  const char* op = "conv2d_blocked_stats";
+  const BlockedConv bc = check_blocked_conv(op, input, weight, bias, stride, padding, dilation, in_channels);
+  const ConvDesc& d = bc.d;
+  TORCH_CHECK(channels > (bc.kb - 1) * bc.V && channels <= bc.kb * bc.V, op, ": 'channels' (", channels,
+              ") does not fit ", bc.kb, " output blocks of ", bc.V);
+  check_float_cpu(shift, op, "shift");
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == channels, op, ": expected 'shift' of shape (", channels, "), got ",
+              shift.sizes());
+  static const auto bn_stats = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("directconv::bn_stats_blocked", "")
+                                   .typed<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>();
+  if (!jit_takes(d)) {
+    Tensor y = aten_conv2d_blocked(bc, input, weight, stride, padding, dilation);
+    auto [mean, var] = bn_stats.call(y, channels);
+    return {y, mean, var};
+  }
+  validated(op, d);
+  Tensor x = input.contiguous(), w = weight.contiguous();
+  Tensor out = at::empty({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
+  Tensor mean = at::empty({channels}, input.options()), var = at::empty({channels}, input.options());
+  if (d.n == 0) return {out, mean.fill_(NAN), var.fill_(NAN)};
+  dc::FwdPlanOptions options = fwd_options(bc.bias.defined(), false, false);
+  options.post.stats = true;
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), num_threads(), options);
+  Tensor shift_blk = padded_bias(shift, channels, bc.kb * bc.V, op);
+  Tensor tile_sums = at::empty({prim->plan.stats_floats}, input.options());
+  float* sums = tile_sums.data_ptr<float>();
+  run_fwd(*prim, x.data_ptr<float>(), w.data_ptr<float>(),
+          {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, nullptr, shift_blk.data_ptr<float>(), sums},
+          out.data_ptr<float>(), 1, 0, 0, 0, 0);
+  if (!dc::fwd_stats_finish(prim->plan, sums, shift_blk.data_ptr<float>(), channels, mean.data_ptr<float>(),
+                            var.data_ptr<float>())) {
+    ++conv_stats_recomputed;
+    std::tie(mean, var) = bn_stats.call(out, channels);
+  }
+  return {out, mean, var};
 }
 
 Tensor to_blocked(const Tensor& x, int64_t vlen) {
@@ -718,7 +796,7 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
           pack_blocks(*j.phase, begin, end, dst);
         };
         const dc::FwdPrepare prepare = pack_per_unit(j.prim->plan, pack_phase);
-        dc::fwd_execute_prepared(*j.prim, j.kernels, dy + j.src_off, prepare, nullptr, nullptr, dx + j.dst_off, tid,
+        dc::fwd_execute_prepared(*j.prim, j.kernels, dy + j.src_off, prepare, {}, dx + j.dst_off, tid,
                                  nt > 1 ? &queues[i] : nullptr);
       }
     });
@@ -728,8 +806,8 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
     for (size_t i = 0; i < jobs.size(); ++i) {
       const Job& j = jobs[i];
       for (int64_t g = 0; g < groups; ++g)
-        dc::fwd_execute(*j.prim, j.kernels, dy + g * dy_group + j.src_off, wei + j.wei_off + g * j.wei_group, nullptr,
-                        nullptr, dx + g * dx_group + j.dst_off, tid, nt > 1 ? &queues[i * groups + g] : nullptr);
+        dc::fwd_execute(*j.prim, j.kernels, dy + g * dy_group + j.src_off, wei + j.wei_off + g * j.wei_group, {},
+                        dx + g * dx_group + j.dst_off, tid, nt > 1 ? &queues[i * groups + g] : nullptr);
     }
   });
 }
@@ -1117,6 +1195,7 @@ pybind11::dict jit_stats() {
   d["evicted"] = s.evicted;
   d["generate_ms"] = s.generate_ms;
   d["aten_fallbacks"] = aten_fallbacks.load();
+  d["conv_stats_recomputed"] = conv_stats_recomputed.load();
   d["scratch_kept_bytes"] = dc::scratch_kept_bytes();
   d["scratch_cap_bytes"] = dc::scratch_cap_bytes();
   return d;
@@ -1137,6 +1216,8 @@ TORCH_LIBRARY(directconv, m) {
   m.def("pack_weight(Tensor weight, int groups) -> Tensor");
   m.def("conv2d_blocked(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
         "bool relu, int? in_channels, Tensor? residual=None) -> Tensor");
+  m.def("conv2d_blocked_stats(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+        "int? in_channels, Tensor shift, int channels) -> (Tensor out, Tensor mean, Tensor var)");
   m.def("conv2d_backward_data(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, int[4] padding, "
         "int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
@@ -1155,6 +1236,7 @@ TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("conv2d_packed", &dc_torch::conv2d_packed);
   m.impl("pack_weight", &dc_torch::pack_weight);
   m.impl("conv2d_blocked", &dc_torch::conv2d_blocked);
+  m.impl("conv2d_blocked_stats", &dc_torch::conv2d_blocked_stats);
   m.impl("conv2d_backward_data", &dc_torch::conv2d_backward_data);
   m.impl("conv2d_backward_weight", &dc_torch::conv2d_backward_weight);
   m.impl("conv2d_blocked_backward_data", &dc_torch::conv2d_blocked_backward_data);

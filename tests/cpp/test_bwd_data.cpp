@@ -75,7 +75,7 @@ void phases_vs_reference(Isa isa) {
       auto prim = get_fwd_primitive(ph.sub, isa, 1, options);
       const FwdKernels kernels = acquire_kernels(*prim);
       if (trial % 2) {
-        fwd_execute(*prim, kernels, dy.data() + src_off, wt.data(), nullptr, nullptr, dx.data() + dst_off, 0);
+        fwd_execute(*prim, kernels, dy.data() + src_off, wt.data(), {}, dx.data() + dst_off, 0);
         continue;
       }
       // Each work unit packs its own output-channel group's weights just before its calls.
@@ -90,7 +90,7 @@ void phases_vs_reference(Isa isa) {
                                              unit_wei.data());
         return reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(unit_wei.data()) - kb0 * per_kb * 4);
       };
-      fwd_execute_prepared(*prim, kernels, dy.data() + src_off, prepare, nullptr, nullptr, dx.data() + dst_off, 0);
+      fwd_execute_prepared(*prim, kernels, dy.data() + src_off, prepare, {}, dx.data() + dst_off, 0);
     }
     // Channels past d.c of the last block are garbage-free only where the reference is defined.
     for (size_t i = 0; i < dx.size(); ++i)

@@ -1,5 +1,6 @@
 // JIT kernels against their scalar twins, and whole forward passes against a direct
 // reference, over random awkward shapes: tails, padding, strides, dilation.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -9,6 +10,7 @@
 
 #include "check.h"
 #include "conv/fwd_driver.h"
+#include "conv/fwd_stats.h"
 #include "conv/reference.h"
 #include "jit/isa.h"
 
@@ -18,6 +20,77 @@ using dc_test::max_rel_err;
 using dc_test::uni;
 
 namespace {
+
+// Mean and biased variance of channel c of a blocked (N, Kb, P, Q, V) output, in double.
+void channel_stats(const FwdPlan& plan, const std::vector<float>& out, int64_t c, double* mean, double* var) {
+  const int V = plan.v();
+  const int64_t pixels = plan.desc.p() * plan.desc.q(), n = plan.desc.n;
+  double m = 0, m2 = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t p = 0; p < pixels; ++p) m += out[((i * plan.kb + c / V) * pixels + p) * V + c % V];
+  m /= n * pixels;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t p = 0; p < pixels; ++p) {
+      const double dv = out[((i * plan.kb + c / V) * pixels + p) * V + c % V] - m;
+      m2 += dv * dv;
+    }
+  *mean = m;
+  *var = m2 / (n * pixels);
+}
+
+// The stats post-op's merged mean and variance against the reference output's, in double;
+// the merge must find them sound where every shift is well within kStatsMaxShiftStds
+// standard deviations of its mean, and must not where one is well beyond.
+double stats_err(const FwdPlan& plan, const std::vector<float>& sums, const std::vector<float>& shift,
+                 const std::vector<float>& out) {
+  const int64_t k = plan.desc.k;
+  std::vector<float> mean(k), var(k);
+  const bool sound = fwd_stats_finish(plan, sums.data(), shift.data(), k, mean.data(), var.data());
+  bool all_near = true, one_far = false;
+  double e = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    double m, v;
+    channel_stats(plan, out, c, &m, &v);
+    const double dist = std::fabs(m - shift[c]) / std::sqrt(v);
+    all_near = all_near && dist < 0.9 * kStatsMaxShiftStds;
+    one_far = one_far || dist > 1.1 * kStatsMaxShiftStds;
+    if (dist < kStatsMaxShiftStds)
+      e = std::max({e, std::fabs(mean[c] - m) / (1 + std::sqrt(v)), std::fabs(var[c] - v) / (1e-3 + v)});
+  }
+  if ((all_near && !sound) || (one_far && sound)) return INFINITY;
+  return e;
+}
+
+// A map of mean 1e3 and standard deviation about 1: with the shift at 0 the tile sums cancel
+// and the merge must say so; with the shift at the mean it is exact to fp32.
+void stats_far_from_shift(Isa isa) {
+  const int V = vlen(isa);
+  ConvDesc d = parse_conv_desc("mb2ic16ih12iw12oc20oh12ow12kh1kw1ph0pw0");
+  const int64_t kb = div_up(d.k, V), cb = div_up(d.c, V);
+  std::vector<float> src(d.n * cb * d.h * d.w * V), wei(kb * cb * V * V), bias(kb * V, 1e3f), out(d.n * kb * 144 * V);
+  fill(src);
+  fill(wei);
+  for (float& w : wei) w *= 0.4f;
+  FwdPlanOptions options;
+  options.post.bias = options.post.stats = true;
+  auto prim = get_fwd_primitive(d, isa, 1, options);
+  const FwdKernels kernels = acquire_kernels(*prim);
+  for (float at : {0.f, 1e3f}) {
+    std::vector<float> shift(kb * V, at), sums(prim->plan.stats_floats), mean(d.k), var(d.k);
+    fwd_execute(*prim, kernels, src.data(), wei.data(), {bias.data(), nullptr, shift.data(), sums.data()}, out.data(),
+                0);
+    const bool sound = fwd_stats_finish(prim->plan, sums.data(), shift.data(), d.k, mean.data(), var.data());
+    CHECK(sound == (at != 0.f), "%s shift %g: sound=%d", isa_name(isa), at, sound);
+    if (!sound) continue;
+    for (int64_t c = 0; c < d.k; ++c) {
+      double m, v;
+      channel_stats(prim->plan, out, c, &m, &v);
+      CHECK(v > 0.1 && std::fabs(mean[c] - m) < 1e-6 * m && std::fabs(var[c] - v) < 1e-5 * v,
+            "%s channel %lld: mean %g var %g, want %g %g", isa_name(isa), static_cast<long long>(c), mean[c], var[c],
+            m, v);
+    }
+  }
+}
 
 // One kernel call on a standalone tile, JIT vs scalar twin.
 void kernel_vs_twin(Isa isa) {
@@ -50,6 +123,7 @@ void kernel_vs_twin(Isa isa) {
     sp.post.bias = !sp.last_oc_lanes && uni(0, 1);
     sp.post.add = !sp.last_oc_lanes && uni(0, 1);
     sp.post.relu = uni(0, 1);
+    sp.post.stats = !sp.last_oc_lanes && uni(0, 1);
     const int row_px = (sp.ow - 1) * sp.stride_w + (sp.s - 1) * sp.dil_w + 1;
     if (uni(0, 1)) {
       sp.border = true;
@@ -61,7 +135,9 @@ void kernel_vs_twin(Isa isa) {
     const int H = R + 2;
     const int DW = sp.ow * (sp.dst_px + 1);  // output row
     std::vector<float> src(static_cast<size_t>(n_cb) * H * W * V), wei(static_cast<size_t>(sp.n_oc) * n_cb * R * sp.s * wei_block),
-        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), residual(dst.size()), ref;
+        bias(sp.n_oc * V), dst(static_cast<size_t>(sp.n_oc) * 2 * DW * V), residual(dst.size()), ref,
+        stats_shift(sp.n_oc * V), stats(2 * sp.n_oc * V, NAN), stats_ref(stats.size(), NAN);
+    fill(stats_shift);
     fill(src);
     fill(wei);
     fill(bias);
@@ -74,6 +150,7 @@ void kernel_vs_twin(Isa isa) {
     a.wei = wei.data();
     a.bias = sp.post.bias ? bias.data() : nullptr;
     a.residual = sp.post.add ? residual.data() : nullptr;
+    a.stats_shift = sp.post.stats ? stats_shift.data() : nullptr;
     a.n_r = n_r;
     a.n_cb = n_cb;
     a.flags = uni(0, 1) ? kAccumulate : 0;
@@ -87,10 +164,12 @@ void kernel_vs_twin(Isa isa) {
     a.pf_src = src.data();
     auto k = make_fwd_kernel(sp)->build();
     a.dst = dst.data();
+    a.stats = sp.post.stats ? stats.data() : nullptr;
     k->entry<FwdKernelFn>()(&a);
     a.dst = ref.data();
+    a.stats = sp.post.stats ? stats_ref.data() : nullptr;
     fwd_kernel_ref(sp, &a);
-    double e = max_rel_err(dst, ref);
+    double e = sp.post.stats ? std::max(max_rel_err(dst, ref), max_rel_err(stats, stats_ref)) : max_rel_err(dst, ref);
     CHECK(e < 1e-5, "%s n_cb=%d n_r=%d flags=%lld: max rel err %g", sp.name().c_str(), n_cb, n_r,
           static_cast<long long>(a.flags), e);
   }
@@ -113,8 +192,11 @@ void conv_vs_reference(Isa isa) {
     options.post.bias = uni(0, 1);
     options.post.add = uni(0, 1);
     options.post.relu = uni(0, 1);
+    options.post.stats = uni(0, 1);
     const float* b = options.post.bias ? bias.data() : nullptr;
     const float* res = options.post.add ? residual.data() : nullptr;
+    std::vector<float> shift(kb * V);
+    fill(shift);
     options.prefetch = uni(-1, 1);
     options.c_chunk = uni(-1, 3);
     if (uni(0, 2) == 0) {  // a forced tile, as a benchmark may ask for
@@ -128,10 +210,19 @@ void conv_vs_reference(Isa isa) {
       const FwdKernels kernels = acquire_kernels(*prim);
       // Serially, with a work queue: thread 0 takes every unit, the others find none left.
       FwdWorkQueue queue(threads);
+      // NaN where the tiles' sums go, and a sentinel beyond them that no tile may touch.
+      std::vector<float> sums(prim->plan.stats_floats + 64, NAN);
+      std::fill(sums.end() - 64, sums.end(), 7.f);
+      FwdPostArgs post{b, res, shift.data(), sums.data()};
       for (int t = 0; t < threads; ++t)
-        fwd_execute(*prim, kernels, src.data(), wei.data(), b, res, out.data(), t, trial % 2 ? &queue : nullptr);
+        fwd_execute(*prim, kernels, src.data(), wei.data(), post, out.data(), t, trial % 2 ? &queue : nullptr);
       conv_fwd_ref_blocked(d, V, options.post, src.data(), wei.data(), b, res, ref.data());
       double e = max_rel_err(out, ref);
+      if (options.post.stats) {
+        e = std::max(e, stats_err(prim->plan, sums, shift, ref));
+        CHECK(std::all_of(sums.end() - 64, sums.end(), [](float f) { return f == 7.f; }),
+              "%s: a tile wrote past the tile sums", d.to_string().c_str());
+      }
       CHECK(e < 1e-4, "%s %s threads=%d%s: max rel err %g (%s)", d.to_string().c_str(), isa_name(isa), threads,
             options.post.name().c_str(), e, prim->plan.to_string().c_str());
       // Only the calls that finish a tile run the post-ops.
@@ -184,8 +275,7 @@ void nchw_1x1_vs_reference(Isa isa) {
       auto prim = get_fwd_nchw_1x1_primitive(d, isa, threads, accumulate, relu);
       const FwdKernels kernels = acquire_kernels(*prim);
       FwdWorkQueue queue(threads);
-      for (int t = 0; t < threads; ++t)
-        fwd_execute(*prim, kernels, w.data(), x.data(), nullptr, nullptr, out.data(), t, &queue);
+      for (int t = 0; t < threads; ++t) fwd_execute(*prim, kernels, w.data(), x.data(), {}, out.data(), t, &queue);
       const double e = max_rel_err(out, ref);
       CHECK(e < 1e-4, "%s %s nchw1x1 threads=%d acc=%d relu=%d: max rel err %g", d.to_string().c_str(),
             isa_name(isa), threads, accumulate, relu, e);
@@ -200,8 +290,8 @@ void post_op_names() {
   FwdKernelSpec sp;
   const std::string plain = sp.name();
   CHECK(plain.find("_post") == std::string::npos, "no post-ops, yet named %s", plain.c_str());
-  sp.post = {true, true, true};
-  CHECK(sp.name().find("_post_bias_add_relu__") != std::string::npos, "named %s", sp.name().c_str());
+  sp.post = {true, true, true, true};
+  CHECK(sp.name().find("_post_bias_add_relu_stats__") != std::string::npos, "named %s", sp.name().c_str());
   sp.post = {false, true, false};
   CHECK(sp.name().find("_post_add__") != std::string::npos, "named %s", sp.name().c_str());
   FwdPlanOptions a, b;
@@ -219,7 +309,7 @@ void missing_operand_refused(Isa isa) {
   std::vector<float> x(16 * 16 * 16), w(16 * 16 * 16), y(16 * 16 * 16);
   bool refused = false;
   try {
-    fwd_execute(*prim, kernels, x.data(), w.data(), nullptr, nullptr, y.data(), 0);
+    fwd_execute(*prim, kernels, x.data(), w.data(), {}, y.data(), 0);
   } catch (const std::invalid_argument&) {
     refused = true;
   }
@@ -236,6 +326,7 @@ int main() {
     conv_vs_reference(isa);
     nchw_1x1_vs_reference(isa);
     missing_operand_refused(isa);
+    stats_far_from_shift(isa);
   });
   TEST_MAIN_END("test_fwd_kernel");
 }
