@@ -36,15 +36,18 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"Couldn't find any class folder in {self.root}.")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
+        empty = []
         for c in self.classes:
             found = []
             for dirpath, _, files in sorted(os.walk(os.path.join(self.root, c), followlinks=True)):
                 found += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
-            if not found:
-                raise FileNotFoundError(
-                    f"Found no valid file for the classes {c}. Supported extensions are: {', '.join(IMG_EXTENSIONS)}"
-                )
+            empty += [] if found else [c]
             self.samples += [(p, self.class_to_idx[c]) for p in found]
+        if empty:
+            raise FileNotFoundError(
+                f"Found no valid file for the classes {', '.join(empty)}. Supported extensions are: "
+                f"{', '.join(IMG_EXTENSIONS)}"
+            )
         self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:
@@ -134,16 +137,20 @@ class Resize:
 
 
 class CenterCrop:
-    """The central (h, w) window; where the image is smaller, the window's outside is zero."""
+    """The central (h, w) window. Where the image is smaller, zeros pad it, the odd one after it."""
 
     def __init__(self, size: int | Sequence[int]) -> None:
         self.size = _size2(size)
 
+    @staticmethod
+    def _start(have: int, want: int) -> int:
+        return -((want - have) // 2) if want > have else int(round((have - want) / 2.0))
+
     def __call__(self, img: Image.Image) -> Image.Image:
         w, h = img.size
         ch, cw = self.size
-        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-        return img.crop((left, top, left + cw, top + ch))
+        top, left = self._start(h, ch), self._start(w, cw)
+        return img.crop((left, top, left + cw, top + ch))  # Pillow fills outside the image with zeros
 
 
 class ToTensor:

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", nargs="?", default=None, help="ImageFolder root: DATA/train, DATA/val")
     p.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", choices=sorted(models.ARCHS),
                    help=f"model architecture: {' | '.join(sorted(models.ARCHS))} (default: resnet18)")
-    p.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="data loading workers per process (default: 4)")
+    p.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                   help="data loading workers per process (default: 4, or fewer: the cores given to each local process)")
     p.add_argument("--epochs", type=int, default=90, metavar="N", help="total epochs (default: 90)")
     p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
                    help="global batch over all processes (default: 256)")
@@ -110,8 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cores_per_process = max(1, available_cores() // local_world_size())
     if args.threads is None:
-        args.threads = max(1, available_cores() // local_world_size())
+        args.threads = cores_per_process
+    if args.workers is None:
+        args.workers = min(4, cores_per_process)
     checks = [
         (args.batch_size >= 1, f"-b/--batch-size must be at least 1, got {args.batch_size}"),
         (args.batch_size % world == 0,
@@ -184,7 +188,7 @@ class AllReduceTimer:
         self.world = world
         self.spans: list[tuple[float, float]] = []
 
-    def hook(self, _state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def hook(self, _state, bucket):  # unannotated: DDP rejects the string annotations of this module
         start = time.perf_counter()
         buf = bucket.buffer().div_(self.world)
         fut = dist.all_reduce(buf, async_op=True).get_future()
@@ -223,12 +227,16 @@ def make_datasets(args: argparse.Namespace):
             data.SyntheticImages(n_train, args.image_size, 1000, args.seed),
             data.SyntheticImages(n_val, args.image_size, 1000, args.seed + 1),
         )
+    def folder(split: str, transform):
+        try:
+            return data.image_folder(os.path.join(args.data, split), transform)
+        except FileNotFoundError as e:  # an empty class folder, or no class folder at all
+            raise UsageError(f"DATA/{split} ({os.path.join(args.data, split)!r}): {e}") from None
+
     train_set = None
     if not args.evaluate:
-        train_set = data.image_folder(
-            os.path.join(args.data, "train"), data.train_transform(args.image_size, tuple(args.scale), args.hflip)
-        )
-    val_set = data.image_folder(os.path.join(args.data, "val"), data.val_transform(args.image_size, args.crop_pct))
+        train_set = folder("train", data.train_transform(args.image_size, tuple(args.scale), args.hflip))
+    val_set = folder("val", data.val_transform(args.image_size, args.crop_pct))
     if train_set is not None and train_set.classes != val_set.classes:
         raise UsageError(
             f"DATA/train and DATA/val must hold the same class folders: train has {len(train_set.classes)}, "
@@ -506,14 +514,14 @@ def main(argv: list[str] | None = None, on_step: OnStep | None = None) -> dict:
             raise
         # Another process that died or hangs shows here as a failed or timed-out collective; a
         # clean shutdown would wait on the process group, so the process exits at once.
-        kind = "a collective failed or timed out" if isinstance(e, dist.DistError) else "the run failed"
+        kind = "a collective failed or timed out" if _is_collective_error(e) else "the run failed"
         print(
             f"train.py: rank {ctx.rank} of {ctx.world}: {kind} ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
             f"another process has probably exited or hung (--dist-timeout {args.dist_timeout:g} s)",
             file=sys.stderr,
             flush=True,
         )
-        if not isinstance(e, dist.DistError):
+        if not _is_collective_error(e):
             traceback.print_exc()
         _exit_now(1, ctx)
     summary["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -523,6 +531,15 @@ def main(argv: list[str] | None = None, on_step: OnStep | None = None) -> dict:
     if ctx.world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def _is_collective_error(e: BaseException) -> bool:
+    """An error of torch.distributed or of gloo: raised in a collective (DDP's all-reduce in the
+    backward raises gloo's own RuntimeError) or by the process group."""
+    if isinstance(e, dist.DistError) or "gloo" in str(e):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return any(f"{os.sep}torch{os.sep}distributed{os.sep}" in f.filename for f in frames)
 
 
 def _exit_now(code: int, ctx: Context) -> None:
