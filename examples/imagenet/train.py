@@ -534,12 +534,12 @@ def main(argv: list[str] | None = None, on_step: OnStep | None = None) -> dict:
 
 
 def _is_collective_error(e: BaseException) -> bool:
-    """An error of torch.distributed or of gloo: raised in a collective (DDP's all-reduce in the
-    backward raises gloo's own RuntimeError) or by the process group."""
+    """An error of torch.distributed or of gloo, raised in a collective: DDP's broadcasts and
+    all-reduces raise gloo's own RuntimeError (from DDP's code, or from the backward)."""
     if isinstance(e, dist.DistError) or "gloo" in str(e):
         return True
-    frames = traceback.extract_tb(e.__traceback__)
-    return any(f"{os.sep}torch{os.sep}distributed{os.sep}" in f.filename for f in frames)
+    places = (os.path.join("torch", "distributed", ""), os.path.join("torch", "nn", "parallel", ""))
+    return any(p in f.filename for f in traceback.extract_tb(e.__traceback__) for p in places)
 
 
 def _exit_now(code: int, ctx: Context) -> None:
