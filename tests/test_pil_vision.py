@@ -81,8 +81,10 @@ def test_to_tensor_and_normalize_exact():
     assert torch.equal(y, expected)
 
 
-@pytest.mark.parametrize(("w", "h", "size", "out_wh"), [(37, 23, 16, (25, 16)), (23, 37, 16, (16, 25)),
-                                                        (8, 8, 24, (24, 24)), (40, 30, (12, 20), (20, 12))])
+@pytest.mark.parametrize(
+    ("w", "h", "size", "out_wh"),
+    [(37, 23, 16, (25, 16)), (23, 37, 16, (16, 25)), (8, 8, 24, (24, 24)), (40, 30, (12, 20), (20, 12))],
+)
 def test_resize_matches_bilinear_reference(w, h, size, out_wh):
     a = fixed_image(w, h)
     out = pv.Resize(size)(Image.fromarray(a))

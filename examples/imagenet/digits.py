@@ -28,7 +28,7 @@ def write_digits(root: str | Path) -> Path:
         return root
     digits = load_digits()
     seen = dict.fromkeys(range(10), 0)
-    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         label = int(label)
         split = "val" if seen[label] % VAL_EVERY == VAL_EVERY - 1 else "train"
         seen[label] += 1

@@ -143,7 +143,9 @@ class ResNet(nn.Module):
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, norm_layer)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width, norm_layer=norm_layer))
+            layers.append(
+                block(self.inplanes, planes, groups=self.groups, base_width=self.base_width, norm_layer=norm_layer)
+            )
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,52 +58,131 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("data", metavar="DATA", nargs="?", default=None, help="ImageFolder root: DATA/train, DATA/val")
-    p.add_argument("-a", "--arch", metavar="ARCH", default="resnet18", choices=sorted(models.ARCHS),
-                   help=f"model architecture: {' | '.join(sorted(models.ARCHS))} (default: resnet18)")
-    p.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                   help="data loading workers per process (default: 4, or fewer: the cores given to each local process)")
+    p.add_argument(
+        "-a",
+        "--arch",
+        metavar="ARCH",
+        default="resnet18",
+        choices=sorted(models.ARCHS),
+        help=f"model architecture: {' | '.join(sorted(models.ARCHS))} (default: resnet18)",
+    )
+    p.add_argument(
+        "-j",
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data loading workers per process (default: 4, or fewer: the cores given to each local process)",
+    )
     p.add_argument("--epochs", type=int, default=90, metavar="N", help="total epochs (default: 90)")
-    p.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
-                   help="global batch over all processes (default: 256)")
-    p.add_argument("--lr", "--learning-rate", type=float, default=0.1, metavar="LR", dest="lr",
-                   help="initial learning rate for the global batch (default: 0.1)")
+    p.add_argument(
+        "-b", "--batch-size", type=int, default=256, metavar="N", help="global batch over all processes (default: 256)"
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        type=float,
+        default=0.1,
+        metavar="LR",
+        dest="lr",
+        help="initial learning rate for the global batch (default: 0.1)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, metavar="W", dest="weight_decay",
-                   help="weight decay (default: 1e-4)")
+    p.add_argument(
+        "--wd",
+        "--weight-decay",
+        type=float,
+        default=1e-4,
+        metavar="W",
+        dest="weight_decay",
+        help="weight decay (default: 1e-4)",
+    )
     p.add_argument("-p", "--print-freq", type=int, default=10, metavar="N", help="print every N steps (default: 10)")
     p.add_argument("--resume", default="", metavar="PATH", help="a checkpoint.pth.tar to continue from")
-    p.add_argument("--weights", default="", metavar="PATH",
-                   help="a state_dict to start from (a torchvision checkpoint, or the state_dict of ours)")
+    p.add_argument(
+        "--weights",
+        default="",
+        metavar="PATH",
+        help="a state_dict to start from (a torchvision checkpoint, or the state_dict of ours)",
+    )
     p.add_argument("-e", "--evaluate", action="store_true", help="evaluate on the validation set only")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the order and the augmentation")
     p.add_argument("--dummy", action="store_true", help="synthetic data instead of DATA (1000 classes)")
-    p.add_argument("--dummy-images", type=int, nargs=2, default=(1_281_167, 50_000), metavar=("TRAIN", "VAL"),
-                   help="how many synthetic images (default: ImageNet's 1281167 50000)")
+    p.add_argument(
+        "--dummy-images",
+        type=int,
+        nargs=2,
+        default=(1_281_167, 50_000),
+        metavar=("TRAIN", "VAL"),
+        help="how many synthetic images (default: ImageNet's 1281167 50000)",
+    )
     p.add_argument("--dist-backend", default="gloo", help="torch.distributed backend (default: gloo)")
-    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="a collective that waits longer for another process fails, and the run exits (default: 300)")
-    p.add_argument("--output-dir", default=".", metavar="DIR", help="checkpoints, log.txt and summary.json (default: .)")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a collective that waits longer for another process fails, and the run exits (default: 300)",
+    )
+    p.add_argument(
+        "--output-dir", default=".", metavar="DIR", help="checkpoints, log.txt and summary.json (default: .)"
+    )
     g = p.add_argument_group("torch_directconv")
-    g.add_argument("--impl", choices=IMPLS, default="optimize",
-                   help="optimize: tdc.optimize(model), blocked end to end; convert: tdc.convert(model); "
-                        "torch: plain PyTorch (default: optimize)")
+    g.add_argument(
+        "--impl",
+        choices=IMPLS,
+        default="optimize",
+        help="optimize: tdc.optimize(model), blocked end to end; convert: tdc.convert(model); "
+        "torch: plain PyTorch (default: optimize)",
+    )
     g.add_argument("--channels-last", action="store_true", help="with --impl torch: model and images in channels_last")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads per process (default: the available cores divided among the local processes)")
-    g.add_argument("--image-size", type=int, default=224, metavar="PX", help="training and validation crop (default: 224)")
-    g.add_argument("--crop-pct", type=float, default=0.875, metavar="F",
-                   help="validation: resize the shorter side to image-size / F, then center-crop (default: 0.875)")
-    g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="random-resized-crop area range, as a fraction of the image (default: 0.08 1.0)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads per process (default: the available cores divided among the local processes)",
+    )
+    g.add_argument(
+        "--image-size", type=int, default=224, metavar="PX", help="training and validation crop (default: 224)"
+    )
+    g.add_argument(
+        "--crop-pct",
+        type=float,
+        default=0.875,
+        metavar="F",
+        help="validation: resize the shorter side to image-size / F, then center-crop (default: 0.875)",
+    )
+    g.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.08, 1.0),
+        metavar=("MIN", "MAX"),
+        help="random-resized-crop area range, as a fraction of the image (default: 0.08 1.0)",
+    )
     g.add_argument("--hflip", type=float, default=0.5, metavar="P", help="horizontal flip probability (default: 0.5)")
-    g.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
-                   help="step: x lr-gamma every lr-step-size epochs; cosine: down to 0 at the last step (default: step)")
-    g.add_argument("--lr-step-size", type=int, default=30, metavar="N", help="step schedule period in epochs (default: 30)")
+    g.add_argument(
+        "--lr-schedule",
+        choices=("step", "cosine"),
+        default="step",
+        help="step: x lr-gamma every lr-step-size epochs; cosine: down to 0 at the last step (default: step)",
+    )
+    g.add_argument(
+        "--lr-step-size", type=int, default=30, metavar="N", help="step schedule period in epochs (default: 30)"
+    )
     g.add_argument("--lr-gamma", type=float, default=0.1, metavar="G", help="step schedule factor (default: 0.1)")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
-                   help="linear warm-up from lr/steps to lr over E epochs, step by step (default: 0)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="cross-entropy label smoothing (default: 0)")
+    g.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="linear warm-up from lr/steps to lr over E epochs, step by step (default: 0)",
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, default=0.0, metavar="S", help="cross-entropy label smoothing (default: 0)"
+    )
     return p
 
 
@@ -118,8 +197,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.workers = min(4, cores_per_process)
     checks = [
         (args.batch_size >= 1, f"-b/--batch-size must be at least 1, got {args.batch_size}"),
-        (args.batch_size % world == 0,
-         f"-b/--batch-size {args.batch_size} is the global batch: it must be a multiple of the {world} processes"),
+        (
+            args.batch_size % world == 0,
+            f"-b/--batch-size {args.batch_size} is the global batch: it must be a multiple of the {world} processes",
+        ),
         (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
         (args.workers >= 0, f"-j/--workers must be 0 or more, got {args.workers}"),
         (args.lr >= 0, f"--lr must be 0 or more, got {args.lr}"),
@@ -133,16 +214,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         (0 <= args.hflip <= 1, f"--hflip must be in [0, 1], got {args.hflip}"),
         (args.lr_step_size >= 1, f"--lr-step-size must be at least 1, got {args.lr_step_size}"),
         (args.lr_gamma > 0, f"--lr-gamma must be positive, got {args.lr_gamma}"),
-        (0 <= args.warmup_epochs <= args.epochs,
-         f"--warmup-epochs must be in [0, --epochs = {args.epochs}], got {args.warmup_epochs}"),
+        (
+            0 <= args.warmup_epochs <= args.epochs,
+            f"--warmup-epochs must be in [0, --epochs = {args.epochs}], got {args.warmup_epochs}",
+        ),
         (0 <= args.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {args.label_smoothing}"),
         (args.dist_timeout > 0, f"--dist-timeout must be positive, got {args.dist_timeout}"),
         (min(args.dummy_images) >= 1, f"--dummy-images must be at least 1 each, got {list(args.dummy_images)}"),
-        (not args.channels_last or args.impl == "torch",
-         f"--channels-last is for --impl torch (--impl {args.impl} chooses its own layout)"),
+        (
+            not args.channels_last or args.impl == "torch",
+            f"--channels-last is for --impl torch (--impl {args.impl} chooses its own layout)",
+        ),
         (not args.resume or os.path.isfile(args.resume), f"--resume: no file {args.resume!r}"),
         (not args.weights or os.path.isfile(args.weights), f"--weights: no file {args.weights!r}"),
-        (not (args.resume and args.weights), "--resume and --weights exclude each other (a checkpoint holds the weights)"),
+        (
+            not (args.resume and args.weights),
+            "--resume and --weights exclude each other (a checkpoint holds the weights)",
+        ),
         (args.dummy or args.data is not None, "DATA is required (an ImageFolder root), unless --dummy"),
     ]
     for ok, message in checks:
@@ -227,6 +315,7 @@ def make_datasets(args: argparse.Namespace):
             data.SyntheticImages(n_train, args.image_size, 1000, args.seed),
             data.SyntheticImages(n_val, args.image_size, 1000, args.seed + 1),
         )
+
     def folder(split: str, transform):
         try:
             return data.image_folder(os.path.join(args.data, split), transform)
@@ -288,9 +377,15 @@ def reduce_sums(values: list[float], ctx: Context) -> list[float]:
 def train_one_epoch(net, loader, criterion, optimizer, scheduler, epoch, args, ctx, timer, on_step, model) -> dict:
     net.train()
     batch_time, data_time = meters.AverageMeter("Time", ":6.3f"), meters.AverageMeter("Data", ":6.3f")
-    losses, top1, top5 = meters.AverageMeter("Loss", ":.4e"), meters.AverageMeter("Acc@1", ":6.2f"), meters.AverageMeter("Acc@5", ":6.2f")
+    losses, top1, top5 = (
+        meters.AverageMeter("Loss", ":.4e"),
+        meters.AverageMeter("Acc@1", ":6.2f"),
+        meters.AverageMeter("Acc@5", ":6.2f"),
+    )
     speed = meters.AverageMeter("img/s", ":7.1f")
-    progress = meters.ProgressMeter(len(loader), [batch_time, data_time, speed, losses, top1, top5], f"Epoch: [{epoch}]")
+    progress = meters.ProgressMeter(
+        len(loader), [batch_time, data_time, speed, losses, top1, top5], f"Epoch: [{epoch}]"
+    )
     sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct@1, correct@5, n (this process)
     step_times, allreduce_times = [], []
     start = end = time.perf_counter()
@@ -409,9 +504,17 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
     train_set, val_set = make_datasets(args)
     local_batch = args.batch_size // ctx.world
     if train_set is not None and len(train_set) < args.batch_size:
-        raise UsageError(f"the training set has {len(train_set)} images, fewer than one global batch (-b {args.batch_size})")
+        raise UsageError(
+            f"the training set has {len(train_set)} images, fewer than one global batch (-b {args.batch_size})"
+        )
     train_loader, val_loader = data.loaders(
-        train_set if train_set is not None else val_set, val_set, local_batch, args.workers, ctx.rank, ctx.world, args.seed
+        train_set if train_set is not None else val_set,
+        val_set,
+        local_batch,
+        args.workers,
+        ctx.rank,
+        ctx.world,
+        args.seed,
     )
     num_classes = len(val_set.classes)
 
@@ -419,7 +522,10 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
     model = models.create(args.arch, num_classes)
     ckpt = load_checkpoint(args.resume, args.arch) if args.resume else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise UsageError(f"--resume: {args.resume!r} does not fit the model: {e}") from None
     elif args.weights:
         load_weights(model, args.weights)
     inner = apply_impl(model, args)
@@ -465,6 +571,11 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
         record = train_one_epoch(
             net, train_loader, criterion, optimizer, scheduler, epoch, args, ctx, timer, on_step, model
         )
+        if ctx.world > 1:
+            # Each process updated its batch norms' running statistics with its own share of the
+            # last batch: all validate, and rank 0 saves, the model of rank 0.
+            for b in model.buffers():
+                dist.broadcast(b, 0)
         record.update(validate(inner, val_loader, criterion, args, ctx))
         is_best = record["val_acc1"] > best_acc1
         best_acc1 = max(best_acc1, record["val_acc1"])
@@ -481,7 +592,11 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
             }
             save_checkpoint(state, is_best, ctx)
             write_summary(summary, ctx)
-        extra = f", all-reduce {record['allreduce_ms_median_step']:.1f} ms/step" if "allreduce_ms_median_step" in record else ""
+        extra = (
+            f", all-reduce {record['allreduce_ms_median_step']:.1f} ms/step"
+            if "allreduce_ms_median_step" in record
+            else ""
+        )
         ctx.log(
             f"=> epoch {epoch}: {record['img_per_s']:.1f} img/s ({record['img_per_s_median_step']:.1f} at the median "
             f"step{extra}), train loss {record['train_loss']:.4f}, val Acc@1 {record['val_acc1']:.3f}"
@@ -525,6 +640,7 @@ def main(argv: list[str] | None = None, on_step: OnStep | None = None) -> dict:
             traceback.print_exc()
         _exit_now(1, ctx)
     summary["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    summary["machine"]["load_average_end"] = list(os.getloadavg())
     if ctx.main:
         write_summary(summary, ctx)
         ctx.log(f"=> summary: {ctx.out / 'summary.json'}")
