@@ -258,7 +258,7 @@ class Context:
     def open_log(self) -> None:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(self.out / "log.txt", "a")  # noqa: SIM115 (kept open for the run)
+            self.log_file = open(self.out / "log.txt", "a")  # kept open for the run
 
     def log(self, line: str) -> None:
         if self.main:
