@@ -389,6 +389,7 @@ def train_one_epoch(net, loader, criterion, optimizer, scheduler, epoch, args, c
     sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct@1, correct@5, n (this process)
     step_times, allreduce_times = [], []
     start = end = time.perf_counter()
+    cpu_start = time.process_time()
     for i, (images, target) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
         if args.channels_last:
@@ -418,6 +419,7 @@ def train_one_epoch(net, loader, criterion, optimizer, scheduler, epoch, args, c
         if i % args.print_freq == 0 or i == len(loader) - 1:
             ctx.log(progress.line(i))
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     loss_sum, c1, c5, count = reduce_sums(sums, ctx)
     images_seen = int(count)
     result = {
@@ -428,6 +430,9 @@ def train_one_epoch(net, loader, criterion, optimizer, scheduler, epoch, args, c
         "img_per_s": images_seen / elapsed,
         "img_per_s_median_step": args.batch_size / statistics.median(step_times),
         "data_seconds": data_time.sum,
+        # The CPU time of this process's threads (rank 0's) over the wall time it had them for:
+        # well under 1 when other work took the cores.
+        "cpu_share": cpu / (elapsed * args.threads),
         "train_loss": loss_sum / count,
         "train_acc1": 100.0 * c1 / count,
         "train_acc5": 100.0 * c5 / count,
@@ -599,7 +604,8 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
         )
         ctx.log(
             f"=> epoch {epoch}: {record['img_per_s']:.1f} img/s ({record['img_per_s_median_step']:.1f} at the median "
-            f"step{extra}), train loss {record['train_loss']:.4f}, val Acc@1 {record['val_acc1']:.3f}"
+            f"step{extra}; CPU share {record['cpu_share']:.2f}), train loss {record['train_loss']:.4f}, "
+            f"val Acc@1 {record['val_acc1']:.3f}"
         )
     return summary
 
