@@ -1,9 +1,10 @@
-# Quick start: `make demo` (set up, build, run the benchmark) and `make test` (set up, build, run the tests).
+# Quick start: `make demo` (set up, build, train the digits ResNet with optimize() and with PyTorch) and
+# `make test` (set up, build, run the tests). `make bench` runs the full per-layer benchmarks.
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-PY_DEPS := torch==$(TORCH_VERSION) ninja pytest hypothesis numpy tqdm matplotlib scikit-learn setuptools wheel
+PY_DEPS := torch==$(TORCH_VERSION) ninja pytest hypothesis numpy tqdm matplotlib scikit-learn pillow setuptools wheel
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup xbyak build test test-slow cpp-test demo bench clean
@@ -40,13 +41,16 @@ test: setup cpp-test
 test-slow: setup cpp-test
 	$(VPY) -m pytest -q -m slow tests
 
+# The training script on real images, twice: 171 s measured at 1 thread on a shared 2-core machine.
 demo: setup
+	$(VPY) examples/digits_demo.py
+
+# The full per-layer and whole-network benchmarks: about 12 minutes on 2 cores.
+bench: setup
 	$(VPY) bench/bench_fwd.py
 	$(VPY) bench/bench_bwd.py
 	$(VPY) bench/resnet50_inference.py
 	$(VPY) bench/resnet50_training.py --batch latency
-
-bench: demo
 
 clean:
 	rm -rf build torch_directconv/*.so
