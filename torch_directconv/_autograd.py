@@ -3,7 +3,7 @@
 The backward ops are torch.library custom ops (directconv::conv2d_backward_data and
 conv2d_backward_weight, and their blocked twins), so torch.compile and torch.export see the
 whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight)
-are differentiable too, so a model whose activations stay blocked trains end to end.
+are differentiable too (to_blocked_weight's backward is from_blocked_weight), so a model whose activations stay blocked trains end to end.
 Double backward through a convolution is not supported and says so.
 
 Every op also has an autograd.Function with the same setup_context and backward, which
@@ -113,10 +113,16 @@ def _setup_to_blocked_weight(ctx, inputs, output) -> None:
 
 
 def _backward_to_blocked_weight(ctx, grad):
-    kb, cb, r, s, v, _ = grad.shape
     k, c = ctx.kc
-    # (K/V, C/V, R, S, V(c), V(k)) -> (K, C, R, S), dropping the padding.
-    return grad.permute(0, 5, 1, 4, 2, 3).reshape(kb * v, cb * v, r, s)[:k, :c], None
+    return call_op(torch.ops.directconv.from_blocked_weight.default, grad, k, c), None
+
+
+def _setup_from_blocked_weight(ctx, inputs, output) -> None:
+    ctx.vlen = inputs[0].shape[4]
+
+
+def _backward_from_blocked_weight(ctx, grad):
+    return call_op(torch.ops.directconv.to_blocked_weight.default, grad, ctx.vlen), None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -159,6 +165,7 @@ _register("conv2d_blocked", _backward_blocked, _setup_blocked)
 _register("to_blocked", _backward_to_blocked, _setup_to_blocked)
 _register("from_blocked", _backward_from_blocked, _setup_from_blocked)
 _register("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)
+_register("from_blocked_weight", _backward_from_blocked_weight, _setup_from_blocked_weight)
 for _name in (
     "conv2d_backward_data",
     "conv2d_backward_weight",

@@ -75,6 +75,11 @@ def _to_blocked_weight(w, vlen):
     return w.new_empty((-(-k // vlen), -(-c // vlen), r, s, vlen, vlen))
 
 
+@torch.library.register_fake("directconv::from_blocked_weight")
+def _from_blocked_weight(wb, k, c):
+    return wb.new_empty((k, c, wb.shape[2], wb.shape[3]))
+
+
 @torch.library.register_fake("directconv::conv2d_backward_data")
 def _conv2d_backward_data(grad_output, weight, input_size, stride, padding, dilation, groups):
     # As the real op: channels_last when grad_output or the weight is.

@@ -37,6 +37,12 @@ def to_blocked_weight(w: torch.Tensor) -> torch.Tensor:
     return call_op(torch.ops.directconv.to_blocked_weight.default, w, _backend.vector_width())
 
 
+def from_blocked_weight(wb: torch.Tensor, out_channels: int, in_channels: int) -> torch.Tensor:
+    """(ceil(K/V), ceil(C/V), R, S, V, V) -> (out_channels, in_channels, R, S): to_blocked_weight's inverse."""
+    _require_jit("from_blocked_weight")
+    return call_op(torch.ops.directconv.from_blocked_weight.default, wb, out_channels, in_channels)
+
+
 def conv2d_blocked(
     xb: torch.Tensor,
     wb: torch.Tensor,

@@ -576,6 +576,28 @@ Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
   return out;
 }
 
+// (K/V, C/V, R, S, V(c), V(k)) -> (K, C, R, S), dropping the padding: the inverse of
+// to_blocked_weight, and its backward.
+Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c) {
+  const char* op = "from_blocked_weight";
+  check_float_cpu(wb, op, "wb");
+  TORCH_CHECK(wb.dim() == 6 && wb.size(4) == wb.size(5) && (wb.size(4) == 8 || wb.size(4) == 16), op,
+              ": expected a blocked 'wb' (K/V, C/V, R, S, V, V) with V 8 or 16, got shape ", wb.sizes());
+  const int64_t v = wb.size(4);
+  TORCH_CHECK(k > (wb.size(0) - 1) * v && k <= wb.size(0) * v, op, ": 'k' (", k, ") does not fit ", wb.size(0),
+              " blocks of ", v);
+  TORCH_CHECK(c > (wb.size(1) - 1) * v && c <= wb.size(1) * v, op, ": 'c' (", c, ") does not fit ", wb.size(1),
+              " blocks of ", v);
+  Tensor src = wb.contiguous();
+  Tensor out = at::empty({k, c, wb.size(2), wb.size(3)}, wb.options());
+  auto st = strides4(out);
+  run_shares(num_threads(), [&](int tid, int nt) {
+    dc::reorder_weight_from_blocked(src.data_ptr<float>(), k, c, wb.size(2), wb.size(3), static_cast<int>(v),
+                                    out.data_ptr<float>(), st.data(), tid, nt);
+  });
+  return out;
+}
+
 // --- backward passes --------------------------------------------------------------------
 // For now these run on ATen's convolution_backward: exact, and the autograd wiring,
 // fake kernels and torch.compile support are in place for the JIT kernels of issue 3.
@@ -1122,6 +1144,7 @@ TORCH_LIBRARY(directconv, m) {
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
   m.def("to_blocked_weight(Tensor w, int vlen) -> Tensor");
+  m.def("from_blocked_weight(Tensor wb, int k, int c) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(directconv, CPU, m) {
@@ -1136,6 +1159,7 @@ TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("to_blocked", &dc_torch::to_blocked);
   m.impl("from_blocked", &dc_torch::from_blocked);
   m.impl("to_blocked_weight", &dc_torch::to_blocked_weight);
+  m.impl("from_blocked_weight", &dc_torch::from_blocked_weight);
 }
 
 PYBIND11_MODULE(_C, m) {
