@@ -9,6 +9,12 @@ Each pass reads and writes the weight once, so its bound is 2 x its bytes over t
 bandwidth, measured here with a large torch copy at each thread count ("bound"), and, as the
 cache-resident reference for these few-MB tensors, a plain copy of a tensor of the weight's size
 ("memcpy"). The variants run interleaved, call by call; medians.
+
+With --ops, the training step's three convolution ops per layer (N images, default 1), the two
+designs against each other: the weight blocked beforehand ("pass": to_blocked_weight + the op,
+and the op + from_blocked_weight for the weight gradient) and the weight handed over as
+(K, C, R, S) ("in op": packed within the forward and the input gradient, by each work unit where
+the plan allows, and the weight gradient written as (K, C, R, S) from the kernels' blocks).
 """
 
 from __future__ import annotations
@@ -60,18 +66,89 @@ def permute_unpack(gb: torch.Tensor, k: int, c: int) -> torch.Tensor:
     return gb.permute(0, 5, 1, 4, 2, 3).reshape(kb * v, cb * v, r, s)[:k, :c]
 
 
+def layer_ops(p, v: int, n: int, reps: int) -> dict:
+    """The six timings of ops_table for one layer (seconds)."""
+    ops = torch.ops.directconv
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, p.ic, p.ih, p.iw, generator=g)
+    w = torch.randn(p.oc, p.ic, p.kh, p.kw, generator=g)
+    xb = ops.to_blocked(x, v)
+    geo = ([p.sh, p.sw], [p.ph, p.ph, p.pw, p.pw], [1, 1])
+    wb = ops.to_blocked_weight(w, v)
+    gy = torch.randn(ops.conv2d_blocked(xb, wb, None, *geo, False, p.ic).shape, generator=g)
+    with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+        return interleaved(
+            {
+                "fwd pass": lambda: ops.conv2d_blocked(xb, ops.to_blocked_weight(w, v), None, *geo, False, p.ic),
+                "fwd in op": lambda: ops.conv2d_blocked(xb, w, None, *geo, False, p.ic),
+                "bwd-d pass": lambda: ops.conv2d_blocked_backward_data(gy, wb, list(xb.shape), *geo, p.ic),
+                "bwd-d in op": lambda: ops.conv2d_blocked_backward_data(gy, w, list(xb.shape), *geo, p.ic),
+                "bwd-w pass": lambda: ops.from_blocked_weight(
+                    ops.conv2d_blocked_backward_weight(gy, xb, list(wb.shape), *geo, p.ic), p.oc, p.ic
+                ),
+                "bwd-w in op": lambda: ops.conv2d_blocked_backward_weight(gy, xb, list(w.shape), *geo, p.ic),
+            },
+            reps,
+        )
+
+
+def ops_table(layers, v: int, n: int, reps: int) -> None:
+    keys = ("fwd pass", "fwd in op", "bwd-d pass", "bwd-d in op", "bwd-w pass", "bwd-w in op")
+    print(f"{'layer':<13}" + "".join(f"{key:>12}" for key in keys) + f"{'pass/in op':>12}")
+    total = {"pass": 0.0, "in op": 0.0}
+    for layer in layers:
+        t = layer_ops(layer.conv, v, n, reps)
+        step = {d: sum(val for key, val in t.items() if key.endswith(d)) for d in total}
+        for d in total:
+            total[d] += layer.count * step[d]
+        row = "".join(f"{1e3 * t[key]:>12.3f}" for key in keys)
+        print(f"{layer.name:<13}{row}{step['pass'] / step['in op']:>12.3f}")
+    print(
+        f"ResNet-50 (53 convs, ms): pass {1e3 * total['pass']:.1f}, in op {1e3 * total['in op']:.1f}, "
+        f"pass / in op {total['pass'] / total['in op']:.3f}"
+    )
+
+
+def layer_passes(p, v: int, reps: int) -> tuple[dict, int]:
+    """(the pass timings of one layer's weight in seconds, the blocked weight's elements)."""
+    ops = torch.ops.directconv
+    k, c = p.oc, p.ic
+    w = torch.randn(k, c, p.kh, p.kw)
+    with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+        wb = ops.to_blocked_weight(w, v)
+        flat = torch.empty(wb.numel())
+        flat_dst = torch.empty_like(flat)
+        t = interleaved(
+            {
+                "memcpy": lambda: flat_dst.copy_(flat),
+                "pack": lambda: ops.to_blocked_weight(w, v),
+                "unpack": lambda: ops.from_blocked_weight(wb, k, c),
+                "permute": lambda: permute_unpack(wb, k, c),
+            },
+            reps,
+        )
+    return t, wb.numel()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default 1,2)")
     ap.add_argument("--layers", default=None, help="layer ids or names, comma-separated (default: all)")
     ap.add_argument("--reps", type=int, default=51, help="calls per variant (default 51)")
+    ap.add_argument("--ops", action="store_true", help="the training ops per layer, pass against in op (ms)")
+    ap.add_argument("--n", type=int, default=1, help="images for --ops (default 1)")
     args = ap.parse_args()
-    ops = torch.ops.directconv
     v = tdc.vector_width()
     layers = select_layers(args.layers)
     print(f"ISA {tdc.isa()}, V = {v}; times in us (median of {args.reps}); x = time / bound")
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
+        if args.ops:
+            cpu0, wall0 = _cpu(), time.perf_counter()
+            print(f"\n{threads} thread(s), N = {args.n}: ms per call (median of {args.reps})")
+            ops_table(layers, v, args.n, args.reps)
+            print(f"CPUs busy {(_cpu() - cpu0) / (time.perf_counter() - wall0):.2f}")
+            continue
         bw = copy_bandwidth()
         print(f"\n{threads} thread(s): large-copy bandwidth {bw / 1e9:.1f} GB/s (read + write)")
         head = f"{'layer':<13}{'K,C,R,S':>18}{'KB':>8}{'bound':>8}{'memcpy':>8}{'pack':>8}{'unpack':>8}{'permute':>9}"
@@ -80,28 +157,13 @@ def main() -> None:
         cpu0, wall0 = _cpu(), time.perf_counter()
         for layer in layers:
             p = layer.conv
-            k, c, r, s = p.oc, p.ic, p.kh, p.kw
-            w = torch.randn(k, c, r, s)
-            with torch._C._AutoDispatchBelowAutograd():
-                wb = ops.to_blocked_weight(w, v)
-            flat = torch.empty(wb.numel())
-            flat_dst = torch.empty_like(flat)
-            with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
-                t = interleaved(
-                    {
-                        "memcpy": lambda: flat_dst.copy_(flat),
-                        "pack": lambda: ops.to_blocked_weight(w, v),
-                        "unpack": lambda: ops.from_blocked_weight(wb, k, c),
-                        "permute": lambda: permute_unpack(wb, k, c),
-                    },
-                    args.reps,
-                )
-            t["bound"] = 2 * wb.numel() * 4 / bw
+            t, numel = layer_passes(p, v, args.reps)
+            t["bound"] = 2 * numel * 4 / bw
             for key in totals:
                 totals[key] += layer.count * t[key]
             us = {key: 1e6 * val for key, val in t.items()}
             print(
-                f"{layer.name:<13}{f'{k},{c},{r},{s}':>18}{wb.numel() * 4 // 1024:>8}{us['bound']:>8.1f}"
+                f"{layer.name:<13}{f'{p.oc},{p.ic},{p.kh},{p.kw}':>18}{numel * 4 // 1024:>8}{us['bound']:>8.1f}"
                 f"{us['memcpy']:>8.1f}{us['pack']:>8.1f}{us['unpack']:>8.1f}{us['permute']:>9.1f}"
                 f"{t['pack'] / t['bound']:>8.2f}{t['unpack'] / t['bound']:>9.2f}{t['permute'] / t['bound']:>10.2f}"
             )

@@ -2,8 +2,9 @@
 
 The backward ops are torch.library custom ops (directconv::conv2d_backward_data and
 conv2d_backward_weight, and their blocked twins), so torch.compile and torch.export see the
-whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight)
-are differentiable too (to_blocked_weight's backward is from_blocked_weight), so a model whose activations stay blocked trains end to end.
+whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight,
+from_blocked_weight) are differentiable too, so a model whose activations stay blocked trains
+end to end.
 Double backward through a convolution is not supported and says so.
 
 Every op also has an autograd.Function with the same setup_context and backward, which

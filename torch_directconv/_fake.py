@@ -55,7 +55,8 @@ def _pack_weight(weight, groups):
 @torch.library.register_fake("directconv::conv2d_blocked")
 def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels):
     p, q = _spatial(xb, wb.shape[2], wb.shape[3], stride, padding, dilation)
-    return xb.new_empty((xb.shape[0], wb.shape[0], p, q, xb.shape[4]))
+    kb = wb.shape[0] if wb.dim() == 6 else -(-wb.shape[0] // xb.shape[4])
+    return xb.new_empty((xb.shape[0], kb, p, q, xb.shape[4]))
 
 
 @torch.library.register_fake("directconv::to_blocked")

@@ -171,8 +171,12 @@ class Unit(Step):
         self._cache: tuple[_TensorsKey, tuple] | None = None
 
     def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
+        """compute(pack): packed once (pack = to_blocked_weight) and kept while it may be; else
+        computed at each call with the weight left (K, C, R, S) (pack = the identity), which
+        conv2d_blocked packs within its call and whose gradient it returns as (K, C, R, S): a
+        training step then has no packing pass, nor an unpacking one."""
         if not _cacheable(owned, tensors):
-            return compute()
+            return compute(lambda w: w)
         # Made in inference mode, the results are inference tensors: reused only there.
         extra = (*extra, torch.is_inference_mode_enabled())
         entry = self._cache  # one read: other threads may replace it meanwhile
@@ -180,24 +184,23 @@ class Unit(Step):
             return entry[1]
         self._cache = None  # drop the old result before the new one is made
         with torch.no_grad():
-            result = compute()
+            result = compute(to_blocked_weight)
         self._cache = (_TensorsKey(tensors, extra), result)
         return result
 
     def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
-        """(blocked weight, bias) of the convolution, with bn folded in when it is given."""
+        """(weight, bias) of the convolution, with bn folded in when it is given; the weight
+        blocked when it is cached, else (K, C, R, S)."""
         conv_t, conv_owned = _own(conv, ("weight", "bias"))
         if bn is None:
-            return self._cached(
-                conv_t, conv_owned, (_backend.isa(),), lambda: (to_blocked_weight(conv_t[0]), conv_t[1])
-            )
+            return self._cached(conv_t, conv_owned, (_backend.isa(),), lambda pack: (pack(conv_t[0]), conv_t[1]))
         bn_t, bn_owned = _own(bn, ("weight", "bias", "running_mean", "running_var"))
 
-        def fold() -> tuple:
+        def fold(pack) -> tuple:
             scale, shift = _eval_affine(bn)
             w = conv_t[0] * scale.view(-1, 1, 1, 1)
             b = shift if conv_t[1] is None else shift + conv_t[1] * scale
-            return to_blocked_weight(w), b
+            return pack(w), b
 
         return self._cached(conv_t + bn_t, conv_owned and bn_owned, (_backend.isa(), bn.eps), fold)
 

@@ -56,13 +56,17 @@ def conv2d_blocked(
 ) -> torch.Tensor:
     """Convolution of blocked tensors (groups = 1); returns the blocked output with no conversion.
 
-    in_channels, when given, lets the kernels skip the zero padding of the last channel
-    block (for example the 3-channel image input); by default every channel is read.
+    wb is blocked (to_blocked_weight) or, as a module holds it, (K, C, R, S): the op then packs
+    it within the call, and its gradient comes back as (K, C, R, S), so a training step has no
+    separate packing or unpacking pass. in_channels, when given, lets the kernels skip the zero
+    padding of the last channel block (for example the 3-channel image input); by default every
+    channel is read (those of a (K, C, R, S) weight, C).
     """
     _require_jit("conv2d_blocked")
-    if wb.dim() != 6:
+    if wb.dim() not in (4, 6):
         raise RuntimeError(
-            f"conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}"
+            "conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V) or a (K, C, R, S) one, "
+            f"got shape {tuple(wb.shape)}"
         )
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")

@@ -484,6 +484,40 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
                            });
 }
 
+namespace {
+
+// The weight of a blocked op: blocked (Kb, Cb, R, S, V, V), or (K, C, R, S) as a module holds
+// it, which the op packs within its call (no packing pass before it, no blocked weight
+// gradient to unpack after it). Checks it against the input's cb channel blocks and returns
+// (kb, the input channels read: in_channels, else those of a 4-D weight, else cb * V).
+std::pair<int64_t, int64_t> blocked_weight_geometry(const char* op, const char* arg, at::IntArrayRef w, int64_t cb,
+                                                    c10::optional<int64_t> in_channels, int64_t V) {
+  if (w.size() == 4) {
+    TORCH_CHECK(w[0] >= 1 && w[1] > (cb - 1) * V && w[1] <= cb * V, op, ": a (K, C, R, S) '", arg, "' of shape ", w,
+                " does not fit ", cb, " input channel blocks of ", V);
+    TORCH_CHECK(!in_channels.has_value() || *in_channels == w[1], op, ": 'in_channels' (", in_channels.value_or(0),
+                ") differs from the ", w[1], " input channels of the (K, C, R, S) '", arg, "'");
+    return {dc::div_up(w[0], V), w[1]};
+  }
+  TORCH_CHECK(w.size() == 6 && w[4] == V && w[5] == V, op, ": expected a blocked '", arg, "' (K/", V, ", C/", V, ", R, S, ",
+              V, ", ", V, ") or a (K, C, R, S) one, got ", w);
+  TORCH_CHECK(w[1] == cb, op, ": 'xb' has ", cb, " channel blocks, but '", arg, "' has ", w[1]);
+  int64_t c = cb * V;
+  if (in_channels.has_value()) {
+    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
+                ") does not fit ", cb, " channel blocks of ", V);
+    c = *in_channels;
+  }
+  return {w[0], c};
+}
+
+// A (K, C, R, S) weight with its output channels zero-padded to kb * V, for torch's convolution.
+Tensor padded_out_channels(const Tensor& w, int64_t kb, int64_t V) {
+  return at::constant_pad_nd(w, {0, 0, 0, 0, 0, 0, 0, kb * V - w.size(0)});
+}
+
+}  // namespace
+
 // Blocked in, blocked out: no layout conversion at all.
 Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
@@ -495,18 +529,10 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
   const int V = dc::vlen(jit_isa());
   TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'xb' (N, C/", V, ", H, W, ", V,
               "), got shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 6 && weight.size(4) == V && weight.size(5) == V, op,
-              ": expected a blocked 'wb' (K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
-              weight.sizes());
-  TORCH_CHECK(input.size(1) == weight.size(1), op, ": 'xb' has ", input.size(1), " channel blocks, but 'wb' has ",
-              weight.size(1));
-  const int64_t cb = input.size(1), kb = weight.size(0);
-  int64_t c = cb * V;
-  if (in_channels.has_value()) {
-    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
-                ") does not fit ", cb, " channel blocks of ", V);
-    c = *in_channels;
-  }
+  const int64_t cb = input.size(1);
+  const std::pair<int64_t, int64_t> geometry = blocked_weight_geometry(op, "wb", weight.sizes(), cb, in_channels, V);
+  const int64_t kb = geometry.first, c = geometry.second;
+  const bool kcrs = weight.dim() == 4;
   const ConvDesc d = fill_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2),
                                weight.size(3), stride, padding, dilation);
   Tensor b;
@@ -517,14 +543,38 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
     b = padded_bias(bias, bias->size(0), kb * V, op);
   }
   if (!jit_takes(d))
-    return block(aten_conv2d(unblock(input, c), unblock_weight(weight).narrow(1, 0, c), b, stride, padding, dilation, 1,
-                             relu, at::MemoryFormat::Contiguous),
+    return block(aten_conv2d(unblock(input, c),
+                             kcrs ? padded_out_channels(weight, kb, V) : unblock_weight(weight).narrow(1, 0, c), b,
+                             stride, padding, dilation, 1, relu, at::MemoryFormat::Contiguous),
                  V);
   validated(op, d);
-  Tensor x = input.contiguous(), w = weight.contiguous();
+  Tensor x = input.contiguous();
   Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
-  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options()), x.data_ptr<float>(), w.data_ptr<float>(),
-          b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (!kcrs) {
+    Tensor w = weight.contiguous();
+    run_fwd(*prim, x.data_ptr<float>(), w.data_ptr<float>(), bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+    return out;
+  }
+  const float* w = weight.data_ptr<float>();
+  auto ws = strides4(weight);
+  const int64_t k = weight.size(0);
+  const PackBlockRange pack = [&](int64_t begin, int64_t end, float* dst) {
+    dc::reorder_weight_to_blocked_blocks(w, ws.data(), k, c, d.r, d.s, V, begin, end, dst);
+  };
+  // Each work unit packs its own output channels' weights where the plan allows, else one
+  // pass packs them all into scratch (kept between calls, so no fresh pages to fault in).
+  if (one_unit_per_kgroup(prim->plan)) {
+    run_fwd(*prim, x.data_ptr<float>(), nullptr, bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0, pack);
+    return out;
+  }
+  float* wei = scratch(dc::kScratchWei, kb * cb * d.r * d.s * V * V);
+  run_shares(num_threads(), [&](int tid, int n_threads) {
+    const int64_t blocks = kb * cb, begin = blocks * tid / n_threads, end = blocks * (tid + 1) / n_threads;
+    pack(begin, end, wei + begin * d.r * d.s * V * V);
+  });
+  run_fwd(*prim, x.data_ptr<float>(), wei, bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
   return out;
 }
 
@@ -979,18 +1029,11 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
 
 namespace {
 
-// The geometry of a blocked convolution (conv2d_blocked): input (N, Cb, H, W, V) of
-// in_channels (default Cb * V) channels, output (N, Kb, P, Q, V).
+// The geometry of a blocked convolution (conv2d_blocked): input (N, Cb, H, W, V) of c
+// channels (blocked_weight_geometry), output (N, Kb, P, Q, V).
 ConvDesc blocked_desc(const char* op, at::IntArrayRef x_size, int64_t kb, int64_t r, int64_t s,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                      c10::optional<int64_t> in_channels, int64_t V) {
-  const int64_t cb = x_size[1];
-  int64_t c = cb * V;
-  if (in_channels.has_value()) {
-    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
-                ") does not fit ", cb, " channel blocks of ", V);
-    c = *in_channels;
-  }
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t c,
+                      int64_t V) {
   return fill_desc(op, x_size[0], c, x_size[2], x_size[3], kb * V, r, s, stride, padding, dilation);
 }
 
@@ -1004,7 +1047,8 @@ void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc&
 
 }  // namespace
 
-// The input gradient of conv2d_blocked, blocked like its input (input_size: N, Cb, H, W, V).
+// The input gradient of conv2d_blocked, blocked like its input (input_size: N, Cb, H, W, V),
+// with its weight blocked or (K, C, R, S) as conv2d_blocked takes it.
 // Channels past in_channels get a zero gradient, as the forward does not read them.
 Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -1015,42 +1059,52 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   check_float_cpu(weight, op, "wb");
   TORCH_CHECK(input_size.size() == 5 && input_size[4] == V, op, ": expected a blocked 'input_size' (N, C/", V,
               ", H, W, ", V, "), got ", input_size);
-  TORCH_CHECK(weight.dim() == 6 && weight.size(1) == input_size[1] && weight.size(4) == V && weight.size(5) == V, op,
-              ": expected a blocked 'wb' (K/", V, ", ", input_size[1], ", R, S, ", V, ", ", V, "), got shape ",
-              weight.sizes());
-  const int64_t kb = weight.size(0), cb = input_size[1];
-  ConvDesc d = blocked_desc(op, input_size, kb, weight.size(2), weight.size(3), stride, padding, dilation,
-                            in_channels, V);
+  const int64_t cb = input_size[1];
+  const std::pair<int64_t, int64_t> geometry = blocked_weight_geometry(op, "wb", weight.sizes(), cb, in_channels, V);
+  const int64_t kb = geometry.first, c = geometry.second;
+  const bool kcrs = weight.dim() == 4;
+  ConvDesc d = blocked_desc(op, input_size, kb, weight.size(2), weight.size(3), stride, padding, dilation, c, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
     Tensor input = at::empty({d.n, d.c, d.h, d.w}, grad_output.options());
-    return block(std::get<0>(aten_backward(unblock(grad_output, kb * V), input,
-                                           unblock_weight(weight).narrow(1, 0, d.c), stride, padding, dilation, 1,
-                                           true, false)),
+    Tensor w = kcrs ? padded_out_channels(weight, kb, V) : unblock_weight(weight).narrow(1, 0, d.c);
+    return block(std::get<0>(aten_backward(unblock(grad_output, kb * V), input, w, stride, padding, dilation, 1, true,
+                                           false)),
                  V);
   }
   validated(op, d);
-  Tensor gy = grad_output.contiguous(), w = weight.contiguous();
+  Tensor gy = grad_output.contiguous(), w = kcrs ? weight : weight.contiguous();
   Tensor out = at::empty(input_size, gy.options());
   const float* wp = w.data_ptr<float>();
+  auto ws = strides4(w);
+  const int64_t k = w.size(0);
   // One group always fits its blocks, so every geometry has its phases.
   run_bwd_data(
       d, dc::bwd_data_phases(d), gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
       [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
-        dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
-                                          ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
+        if (kcrs)
+          dc::reorder_weight_to_blocked_bwd(wp, ws.data(), k, c, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                            ph.taps_s.data(), ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
+        else
+          dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                            ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
       },
       [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {
-        dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
-                                                 ph.sub.s, static_cast<int>(V), begin, end, dst);
+        if (kcrs)
+          dc::reorder_weight_to_blocked_bwd_blocks(wp, ws.data(), k, c, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                                   ph.taps_s.data(), ph.sub.s, static_cast<int>(V), begin, end, dst);
+        else
+          dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                                   ph.sub.s, static_cast<int>(V), begin, end, dst);
       });
   if (d.c < cb * V && d.n > 0) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
   return out;
 }
 
-// The weight gradient of conv2d_blocked, blocked like its weight (weight_size: Kb, Cb, R, S, V, V).
-// Input channels past in_channels get a zero gradient.
+// The weight gradient of conv2d_blocked: blocked when weight_size is (Kb, Cb, R, S, V, V),
+// (K, C, R, S) when it is that, written straight from the kernels' blocks (no blocked
+// gradient to unpack). Input channels past in_channels get a zero gradient.
 Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       c10::optional<int64_t> in_channels) {
@@ -1060,24 +1114,34 @@ Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& i
   check_float_cpu(input, op, "xb");
   TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'xb' (N, C/", V, ", H, W, ", V,
               "), got shape ", input.sizes());
-  TORCH_CHECK(weight_size.size() == 6 && weight_size[1] == input.size(1) && weight_size[4] == V && weight_size[5] == V,
-              op, ": expected a blocked 'weight_size' (K/", V, ", ", input.size(1), ", R, S, ", V, ", ", V, "), got ",
-              weight_size);
-  const int64_t kb = weight_size[0], cb = input.size(1);
-  ConvDesc d = blocked_desc(op, input.sizes(), kb, weight_size[2], weight_size[3], stride, padding, dilation,
-                            in_channels, V);
+  TORCH_CHECK(weight_size.size() == 4 || weight_size.size() == 6, op,
+              ": expected a 'weight_size' of 6 values (blocked) or 4 (K, C, R, S), got ", weight_size);
+  const int64_t cb = input.size(1);
+  const std::pair<int64_t, int64_t> geometry = blocked_weight_geometry(op, "weight_size", weight_size, cb, in_channels, V);
+  const int64_t kb = geometry.first, c = geometry.second;
+  const bool kcrs = weight_size.size() == 4;
+  ConvDesc d = blocked_desc(op, input.sizes(), kb, weight_size[2], weight_size[3], stride, padding, dilation, c, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
     Tensor weight = at::empty({kb * V, d.c, d.r, d.s}, grad_output.options());
-    return block_weight(std::get<1>(aten_backward(unblock(grad_output, kb * V), unblock(input, d.c), weight, stride,
-                                                  padding, dilation, 1, false, true)),
-                        V);
+    Tensor gw = std::get<1>(aten_backward(unblock(grad_output, kb * V), unblock(input, d.c), weight, stride, padding,
+                                          dilation, 1, false, true));
+    return kcrs ? gw.narrow(0, 0, weight_size[0]).contiguous() : block_weight(gw, V);
   }
   validated(op, d);
   Tensor out = at::empty(weight_size, input.options());
   if (d.n == 0) return out.zero_();
   Tensor x = input.contiguous(), gy = grad_output.contiguous();
+  if (kcrs) {
+    const float* dw = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0).first;
+    auto ws = strides4(out);
+    run_shares(num_threads(), [&](int tid, int n_threads) {
+      dc::reorder_weight_from_blocked(dw, weight_size[0], c, d.r, d.s, static_cast<int>(V), out.data_ptr<float>(),
+                                      ws.data(), tid, n_threads);
+    });
+    return out;
+  }
   const float* dw = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0, out.data_ptr<float>()).first;
   if (dw != out.data_ptr<float>()) std::memcpy(out.data_ptr<float>(), dw, sizeof(float) * out.numel());
   if (d.c < cb * V) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
@@ -1139,7 +1203,7 @@ TORCH_LIBRARY(directconv, m) {
         "int[4] padding, int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_blocked_backward_data(Tensor grad_output, Tensor wb, SymInt[5] input_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
-  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, SymInt[6] weight_size, int[2] stride, "
+  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, SymInt[] weight_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
