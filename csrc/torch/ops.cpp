@@ -204,14 +204,15 @@ dc::FwdPrepare pack_per_unit(const dc::FwdPlan& plan, const PackBlockRange& pack
 
 // The forward of every group on blocked tensors. With `pack` (one group, wei null) each
 // work unit packs its own weights (one_unit_per_kgroup must hold).
-void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const float* bias, float* dst,
+void run_fwd(const dc::FwdHandle& handle, const float* src, const float* wei, const float* bias, float* dst,
              bool relu, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
              const PackBlockRange& pack = nullptr) {
+  const dc::FwdPrimitive& prim = *handle.prim;
+  const dc::FwdKernels& kernels = handle.kernels;
   if (prim.plan.desc.n == 0) return;
   // The plan's thread count, never a fresh num_threads(): another thread may have changed
   // torch's since the plan was made, and a stream left unrun is output left unwritten.
   const int nt = prim.plan.threads;
-  const dc::FwdKernels kernels = dc::acquire_kernels(prim);
   std::vector<dc::FwdWorkQueue> queues;
   queues.reserve(groups);
   for (int64_t g = 0; g < groups; ++g) queues.emplace_back(nt);
@@ -328,7 +329,9 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   const int64_t cg = d.c, kg = d.k, cb = dc::div_up(cg, V), kb = dc::div_up(kg, V), P = d.p(), Q = d.q();
   Tensor b = padded_bias(bias, out_channels, out_channels, op);
   Tensor bias_blk;
-  if (b.defined()) {
+  if (b.defined() && groups == 1 && kg == kb * V) {
+    bias_blk = b;  // whole blocks already (padded_bias made it contiguous)
+  } else if (b.defined()) {
     bias_blk = at::zeros({groups, kb * V}, b.options());
     bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
   }
@@ -336,7 +339,8 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   if (d.n == 0) return out;
 
   const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
+  auto handle = dc::get_fwd_handle(d, jit_isa(), nt, fwd_options());
+  const dc::FwdPrimitive* prim = handle->prim.get();
   const bool per_unit = !packed && one_unit_per_kgroup(prim->plan);
   const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
   const int64_t wei_group = kb * cb * d.r * d.s * V * V;
@@ -355,7 +359,7 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
       pack(begin, end, wei_blk + begin * d.r * d.s * V * V);
     }
   });
-  run_fwd(*prim, src_blk, packed ? packed : wei_blk, bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr,
+  run_fwd(*handle, src_blk, packed ? packed : wei_blk, bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr,
           dst_blk, relu, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
@@ -550,11 +554,12 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
   validated(op, d);
   Tensor x = input.contiguous();
   Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options());
+  auto handle = dc::get_fwd_handle(d, jit_isa(), num_threads(), fwd_options());
+  const dc::FwdPrimitive* prim = handle->prim.get();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   if (!kcrs) {
     Tensor w = weight.contiguous();
-    run_fwd(*prim, x.data_ptr<float>(), w.data_ptr<float>(), bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+    run_fwd(*handle, x.data_ptr<float>(), w.data_ptr<float>(), bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
     return out;
   }
   const float* w = weight.data_ptr<float>();
@@ -566,7 +571,7 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
   // Each work unit packs its own output channels' weights where the plan allows, else one
   // pass packs them all into scratch (kept between calls, so no fresh pages to fault in).
   if (one_unit_per_kgroup(prim->plan)) {
-    run_fwd(*prim, x.data_ptr<float>(), nullptr, bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0, pack);
+    run_fwd(*handle, x.data_ptr<float>(), nullptr, bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0, pack);
     return out;
   }
   float* wei = scratch(dc::kScratchWei, kb * cb * d.r * d.s * V * V);
@@ -574,7 +579,7 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
     const int64_t blocks = kb * cb, begin = blocks * tid / n_threads, end = blocks * (tid + 1) / n_threads;
     pack(begin, end, wei + begin * d.r * d.s * V * V);
   });
-  run_fwd(*prim, x.data_ptr<float>(), wei, bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+  run_fwd(*handle, x.data_ptr<float>(), wei, bp, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
   return out;
 }
 
@@ -727,8 +732,9 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
     j.phase = &ph;
     dc::FwdPlanOptions options = fwd_options();
     dc::bwd_data_phase_layout(d, ph, static_cast<int>(V), &options, &j.src_off, &j.dst_off);
-    j.prim = dc::get_fwd_primitive(ph.sub, isa, nt, options);
-    j.kernels = dc::acquire_kernels(*j.prim);
+    const auto handle = dc::get_fwd_handle(ph.sub, isa, nt, options);
+    j.prim = handle->prim;
+    j.kernels = handle->kernels;
     j.wei_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
     j.wei_off = wei_total;
     wei_total += groups * j.wei_group;
