@@ -105,6 +105,29 @@ def test_to_blocked_weight(k: int, c: int, r: int, s: int, isa: str) -> None:
         assert torch.equal(wb, ref_to_blocked_weight(w, v)), name
 
 
+def ref_from_blocked_weight(wb: torch.Tensor, k: int, c: int) -> torch.Tensor:
+    """The inverse of ref_to_blocked_weight: a 6-D permute, then the padding dropped."""
+    kb, cb, r, s, v, _ = wb.shape
+    return wb.permute(0, 5, 1, 4, 2, 3).reshape(kb * v, cb * v, r, s)[:k, :c]
+
+
+@pytest.mark.parametrize(
+    "k,c,r,s",
+    [(1, 1, 1, 1), (16, 16, 3, 3), (17, 3, 7, 7), (33, 20, 1, 1), (8, 40, 5, 2), (64, 48, 3, 3), (40, 24, 1, 7)],
+)
+def test_from_blocked_weight(k: int, c: int, r: int, s: int, isa: str) -> None:
+    v = tdc.vector_width()
+    w = torch.randn(k, c, r, s, generator=torch.Generator().manual_seed(k * c + r))
+    # Junk in the padded lanes must not reach the result.
+    wb = ref_to_blocked_weight(w, v) + torch.where(ref_to_blocked_weight(torch.ones_like(w), v) == 0, 7.0, 0.0)
+    for name, view in {"contiguous": wb, "strided": torch.stack([wb, wb], dim=-1)[..., 1]}.items():
+        got = tdc.from_blocked_weight(view, k, c)
+        assert got.shape == (k, c, r, s) and got.is_contiguous(), name
+        assert torch.equal(got, ref_from_blocked_weight(wb, k, c)), name
+        assert torch.equal(got, w), name
+    assert torch.equal(tdc.from_blocked_weight(tdc.to_blocked_weight(w), k, c), w)
+
+
 def blocked_case(rng: random.Random) -> dict:
     r, s = rng.choice([(1, 1), (3, 3), (5, 5), (1, 7), (7, 1), (3, 2), (11, 11)])
     stride = (rng.randint(1, 3), rng.randint(1, 3))
@@ -229,6 +252,11 @@ def bad_blocked_calls(v: int) -> list[tuple[str, object, str]]:
         ("to_blocked_3d", lambda: tdc.to_blocked(x[0]), "'x'"),
         ("to_blocked_weight_3d", lambda: tdc.to_blocked_weight(torch.randn(8, 8, 3)), "'w'"),
         ("to_blocked_float64", lambda: tdc.to_blocked(x.double()), "'x'"),
+        ("from_blocked_weight_5d", lambda: tdc.from_blocked_weight(wb[0], 8, 8), "'wb'"),
+        ("from_blocked_weight_v_mixed", lambda: tdc.from_blocked_weight(torch.randn(1, 1, 3, 3, v, 4), 8, 8), "'wb'"),
+        ("from_blocked_weight_k", lambda: tdc.from_blocked_weight(wb, v + 1, 8), "'k'"),
+        ("from_blocked_weight_c_0", lambda: tdc.from_blocked_weight(wb, 8, 0), "'c'"),
+        ("from_blocked_weight_float64", lambda: tdc.from_blocked_weight(wb.double(), 8, 8), "'wb'"),
     ]
 
 

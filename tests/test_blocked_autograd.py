@@ -49,7 +49,8 @@ def _random_case(rng: random.Random) -> dict:
 CASES = [_random_case(random.Random(7000 + i)) for i in range(150)]
 
 
-def _check_blocked_training(case: dict, seed: int) -> None:
+def _check_blocked_training(case: dict, seed: int, kcrs: bool = False) -> None:
+    """With kcrs, the weight goes into conv2d_blocked as (K, C, R, S), packed within the ops."""
     g = torch.Generator().manual_seed(seed)
     n, c, k = case["n"], case["c"], case["k"]
     x = torch.randn(n, c, case["h"], case["w"], generator=g)
@@ -63,7 +64,12 @@ def _check_blocked_training(case: dict, seed: int) -> None:
     if b is not None:  # the blocked bias covers whole blocks
         bias = torch.cat([leaves[2], leaves[2].new_zeros(-(-k // v) * v - k)])
     yb = tdc.conv2d_blocked(
-        tdc.to_blocked(leaves[0]), tdc.to_blocked_weight(leaves[1]), bias, *geometry, relu=case["relu"], in_channels=c
+        tdc.to_blocked(leaves[0]),
+        leaves[1] if kcrs else tdc.to_blocked_weight(leaves[1]),
+        bias,
+        *geometry,
+        relu=case["relu"],
+        in_channels=c,
     )
     out = tdc.from_blocked(yb, k)
     ref = F.conv2d(refs[0], refs[1], refs[2] if b is not None else None, *geometry)
@@ -78,16 +84,17 @@ def _check_blocked_training(case: dict, seed: int) -> None:
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * scale, msg=f"grad of {name} in {case}")
 
 
+@pytest.mark.parametrize("kcrs", [False, True], ids=["blocked_weight", "kcrs_weight"])
 @pytest.mark.parametrize("i", range(len(CASES)))
-def test_blocked_training_matches_torch(i: int) -> None:
-    _check_blocked_training(CASES[i], seed=i)
+def test_blocked_training_matches_torch(i: int, kcrs: bool) -> None:
+    _check_blocked_training(CASES[i], seed=i, kcrs=kcrs)
 
 
 @pytest.mark.skipif(not cpu_has("avx2"), reason=f"this CPU lacks AVX2 (detected {_C.detected_isa()})")
 def test_blocked_training_under_avx2_cap() -> None:
     """The same cases in a child capped to AVX2 (8-wide blocks)."""
     run_pytest_under_isa(
-        "avx2", "tests/test_blocked_autograd.py", "test_blocked_training_matches_torch", expect_passed=len(CASES)
+        "avx2", "tests/test_blocked_autograd.py", "test_blocked_training_matches_torch", expect_passed=2 * len(CASES)
     )
 
 
@@ -127,6 +134,30 @@ def test_padded_channels_get_zero_gradients(stride: int, padding: int) -> None:
     torch.testing.assert_close(gw, tdc.to_blocked_weight(ref_w), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("k,c,r", [(20, 12, 3), (17, 3, 7), (33, 40, 1)])
+def test_weight_layout_round_trip_gradients(k: int, c: int, r: int) -> None:
+    """to_blocked_weight and from_blocked_weight are each other's backward: the gradient of a
+    KCRS weight through the blocked layout is the upstream gradient unblocked, and that of a
+    blocked weight through KCRS is zero in the padded lanes."""
+    v = tdc.vector_width()
+    g = torch.Generator().manual_seed(k + c + r)
+    w = torch.randn(k, c, r, r, generator=g, requires_grad=True)
+    wb = tdc.to_blocked_weight(w)
+    gb = torch.randn(wb.shape, generator=g)
+    (gw,) = torch.autograd.grad(wb, w, gb)
+    ref = gb.permute(0, 5, 1, 4, 2, 3).reshape(wb.shape[0] * v, wb.shape[1] * v, r, r)[:k, :c]
+    assert torch.equal(gw, ref)
+    leaf = wb.detach().requires_grad_()
+    back = tdc.from_blocked_weight(leaf, k, c)
+    assert torch.equal(back, w.detach())
+    gk = torch.randn(back.shape, generator=g)
+    (gl,) = torch.autograd.grad(back, leaf, gk)
+    assert torch.equal(gl, tdc.to_blocked_weight(gk))
+    # Both ways at once, as a training step of a blocked model runs them.
+    (g2,) = torch.autograd.grad(tdc.from_blocked_weight(tdc.to_blocked_weight(w), k, c), w, gk)
+    assert torch.equal(g2, gk)
+
+
 def test_blocked_backward_ops_reject_bad_shapes() -> None:
     x, w, g = _blocked_problem(2)
     xb, wb = tdc.to_blocked(x), tdc.to_blocked_weight(w)
@@ -140,6 +171,16 @@ def test_blocked_backward_ops_reject_bad_shapes() -> None:
         ops.conv2d_blocked_backward_weight(yb, xb, list(wb.shape[:5]), *args, None)
     with pytest.raises(RuntimeError, match="in_channels"):
         ops.conv2d_blocked_backward_weight(yb, xb, list(wb.shape), *args, 1000)
+    # A (K, C, R, S) weight whose channels do not fit the input's blocks, or differ from in_channels.
+    v = tdc.vector_width()
+    with pytest.raises(RuntimeError, match="'wb'.*does not fit"):
+        ops.conv2d_blocked(xb, torch.randn(24, xb.shape[1] * v + 1, 3, 3), None, *args, False, None)
+    with pytest.raises(RuntimeError, match="'in_channels'.*differs"):
+        ops.conv2d_blocked_backward_data(yb, w, list(xb.shape), *args, w.shape[1] - 1)
+    with pytest.raises(RuntimeError, match="'weight_size'.*does not fit"):
+        ops.conv2d_blocked_backward_weight(yb, xb, [24, xb.shape[1] * v + 1, 3, 3], *args, None)
+    with pytest.raises(RuntimeError, match="weight_size"):
+        ops.conv2d_blocked_backward_weight(yb, xb, [24, 20, 3], *args, None)
 
 
 @pytest.mark.parametrize(
@@ -178,6 +219,16 @@ def test_opcheck_blocked_ops() -> None:
     torch.library.opcheck(ops.to_blocked, (xr, tdc.vector_width()))
     torch.library.opcheck(ops.to_blocked_weight, (torch.randn(24, 20, 3, 3, requires_grad=True), tdc.vector_width()))
     torch.library.opcheck(ops.from_blocked, (tdc.to_blocked(xr.detach()).requires_grad_(), 20))
+    wbr = tdc.to_blocked_weight(torch.randn(24, 20, 3, 3)).requires_grad_()
+    torch.library.opcheck(ops.from_blocked_weight, (wbr, 24, 20))
+    # The weight as (K, C, R, S): packed within the ops, its gradient (K, C, R, S).
+    x, w, g = _blocked_problem(5, c=20, k=24)
+    xb, wr = tdc.to_blocked(x).requires_grad_(), w.clone().requires_grad_()
+    args = ([2, 2], [1, 1, 1, 1], [1, 1])
+    gy = torch.randn(ops.conv2d_blocked(xb, wr, None, *args, True, 20).shape, generator=g)
+    torch.library.opcheck(ops.conv2d_blocked, (xb, wr, None, *args, True, 20))
+    torch.library.opcheck(ops.conv2d_blocked_backward_data, (gy, w, list(xb.shape), *args, 20))
+    torch.library.opcheck(ops.conv2d_blocked_backward_weight, (gy, xb.detach(), list(w.shape), *args, 20))
 
 
 class BlockedNet(torch.nn.Module):

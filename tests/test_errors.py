@@ -123,7 +123,7 @@ def test_module_raises_like_conv2d(name: str) -> None:
     [
         ("xb_4d", lambda xb, wb, v: (xb[0], wb, {}), r"'input'|'xb'"),
         ("xb_wrong_v", lambda xb, wb, v: (xb[..., : v // 2], wb, {}), r"'input'|'xb'"),
-        ("wb_4d", lambda xb, wb, v: (xb, wb[0, 0], {}), r"'weight'|'wb'"),
+        ("wb_5d", lambda xb, wb, v: (xb, wb[0], {}), r"'weight'|'wb'"),
         ("wb_channel_blocks", lambda xb, wb, v: (xb, wb.repeat(1, 2, 1, 1, 1, 1), {}), r"channel blocks"),
         ("bias_too_long", lambda xb, wb, v: (xb, wb, {"bias": torch.zeros(2 * v)}), r"'bias'"),
         ("negative_padding", lambda xb, wb, v: (xb, wb, {"padding": -1}), r"'padding'"),

@@ -141,6 +141,7 @@ def check_case(p: dict, seed: int) -> int:
         print(label, file=sys.stderr, flush=True)
         assert torch.equal(tdc.to_blocked(guarded_copy(x, side)), xb), label
         assert torch.equal(tdc.to_blocked_weight(guarded_copy(w, side)), wb), label
+        assert torch.equal(tdc.from_blocked_weight(guarded_copy(wb, side), p["k"], p["c"]), w), label
         assert torch.equal(tdc.from_blocked(guarded_copy(xb, side), p["c"]), x), label
         for in_channels in (None, p["c"]):
             label = f"{name} blocked {side} in_channels={in_channels}"

@@ -119,6 +119,8 @@ def check_case(p: dict, seed: int) -> int:
             got_w = ops.conv2d_backward_weight(g_gy, g_x, list(w.shape), *geometry)
             assert_grad_close(got_w, want_w, f"{label}: backward_weight")
             calls += 2
+        if p["groups"] == 1:
+            calls += check_blocked_kcrs(p, x, w, gy, want_x, want_w, side)
         if t == b and left == right:
             # Autograd hands the guarded grad_output and the saved guarded input and weight to the ops.
             label = f"{name} {side} autograd"
@@ -131,6 +133,28 @@ def check_case(p: dict, seed: int) -> int:
             assert_grad_close(got_w, want_w, f"{label}: grad of weight")
             calls += 1
     return calls
+
+
+def check_blocked_kcrs(p: dict, x, w, gy, want_x, want_w, side: str) -> int:
+    """The blocked ops with the weight (K, C, R, S), guarded in both formats: the forward packs
+    it within the call, the input gradient reads it, the weight gradient writes one."""
+    import torch_directconv as tdc
+
+    ops = torch.ops.directconv
+    xb, gyb = tdc.to_blocked(x), tdc.to_blocked(gy)
+    args = (list(p["stride"]), list(p["pad"]), list(p["dil"]))
+    want_y = ops.conv2d_blocked(xb, tdc.to_blocked_weight(w), None, *args, False, p["c"])
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        label = f"{case_name(p)} {side} {fmt} blocked, (K, C, R, S) weight"
+        print(label, file=sys.stderr, flush=True)
+        g_w = guarded_copy(w.contiguous(memory_format=fmt), side)
+        g_xb, g_gyb = guarded_copy(xb, side), guarded_copy(gyb, side)
+        assert torch.equal(ops.conv2d_blocked(g_xb, g_w, None, *args, False, p["c"]), want_y), label
+        got_x = ops.conv2d_blocked_backward_data(g_gyb, g_w, list(xb.shape), *args, p["c"])
+        assert_grad_close(tdc.from_blocked(got_x, p["c"]), want_x, f"{label}: backward_data")
+        got_w = ops.conv2d_blocked_backward_weight(g_gyb, g_xb, list(w.shape), *args, p["c"])
+        assert_grad_close(got_w, want_w, f"{label}: backward_weight")
+    return 6
 
 
 def child_sweep(isa: str, count: int, seed: int) -> None:

@@ -450,3 +450,54 @@ def test_cached_weights_are_packed_once(monkeypatch: pytest.MonkeyPatch) -> None
         m.weight.mul_(2)
         assert_conv_close(m(x), F.conv2d(x, m.weight, m.bias, padding=1), 72)
         assert len(calls) == 2
+
+
+@requires_jit
+def test_a_repeated_call_skips_no_check_that_matters() -> None:
+    """The checks of a call are skipped when its signature (shapes, dtypes, devices, settings,
+    ISA) is that of the last call that passed them; any change runs them again."""
+    torch.manual_seed(16)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    m = DirectConv2d.from_conv2d(copy.deepcopy(conv))
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        assert_conv_close(m(x), conv(x), 72)
+        assert m._call_cache is not None
+        for bad, words in [(torch.randn(2, 9, 7, 7), "channels"), (torch.randn(7, 7), "3D|4D|3-D|4-D")]:
+            with pytest.raises(RuntimeError, match=words):
+                m(bad)
+        with pytest.raises(RuntimeError, match="type"):  # as nn.Conv2d: input and weight dtypes differ
+            m(x.double())
+        for shape in [(1, 8, 5, 9), (8, 4, 4), (3, 8, 7, 7)]:
+            xs = torch.randn(shape)
+            assert_conv_close(m(xs), conv(xs), 72)
+        xs = torch.randn(3, 8, 7, 7)
+        m.stride = (2, 2)  # a setting changed after a call
+        conv.stride = (2, 2)
+        assert_conv_close(m(xs), conv(xs), 72)
+        m.weight = nn.Parameter(torch.randn(12, 8, 1, 1))  # a weight of another shape
+        with pytest.raises(RuntimeError, match="channels|weight|kernel|size"):
+            m(torch.randn(3, 4, 7, 7))
+
+
+@requires_jit
+def test_eager_autograd_matches_the_registered_one() -> None:
+    """call_op's eager autograd.Function and the op's registered autograd give the same
+    gradients, for every input or for the input alone."""
+    torch.manual_seed(17)
+    x = torch.randn(2, 6, 9, 9, requires_grad=True)
+    w = torch.randn(10, 6, 3, 3, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    args = ([2, 1], [1, 1, 0, 2], [1, 1], 1, True)
+    op = torch.ops.directconv.conv2d.default
+    y_eager = tdc._autograd.call_op(op, x, w, b, *args)
+    assert type(y_eager.grad_fn).__name__.startswith("conv2d_eager_function")
+    y_registered = op(x, w, b, *args)
+    assert torch.equal(y_eager, y_registered)
+    g = torch.randn_like(y_eager)
+    got = torch.autograd.grad(y_eager, (x, w, b), g)
+    want = torch.autograd.grad(y_registered, (x, w, b), g)
+    for a, e in zip(got, want, strict=True):
+        assert torch.equal(a, e)
+    (gx,) = torch.autograd.grad(tdc._autograd.call_op(op, x, w.detach(), b.detach(), *args), x, g)
+    assert torch.equal(gx, want[0])

@@ -57,6 +57,7 @@ def op_samples() -> list:
         ("to_blocked", ops.to_blocked.default, (x, v)),
         ("from_blocked", ops.from_blocked.default, (xb, 12)),
         ("to_blocked_weight", ops.to_blocked_weight.default, (w, v)),
+        ("from_blocked_weight", ops.from_blocked_weight.default, (wb, 20, 12)),
     ]
 
 

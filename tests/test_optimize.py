@@ -352,6 +352,38 @@ def test_train_twice_cumulative_momentum() -> None:
         _close(opt(x), ref(x.double()), 1e-4, "eval output after training")
 
 
+class _DirectconvOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the directconv ops dispatched meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "directconv":
+            self.names.append(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_has_no_weight_layout_pass() -> None:
+    """In training the convolutions take their (K, C, R, S) weights and pack them within the
+    call, and their weight gradients come back as (K, C, R, S): no packing pass before them
+    and no unpacking pass after them. In eval the packed weights are made once and kept."""
+    model = _init_bn(ResNet18ish()).train()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with _DirectconvOps() as seen:
+        opt(x).sum().backward()
+    assert "conv2d_blocked_backward_weight" in seen.names and "conv2d_blocked" in seen.names
+    assert not {"to_blocked_weight", "from_blocked_weight"} & set(seen.names), sorted(set(seen.names))
+    opt.eval()
+    with torch.no_grad():
+        opt(x)
+        with _DirectconvOps() as seen:
+            opt(x)
+    assert "conv2d_blocked" in seen.names and "to_blocked_weight" not in seen.names, sorted(set(seen.names))
+
+
 def test_frozen_batch_norm_in_train_mode() -> None:
     """A model in train mode with its batch norms in eval (fine-tuning): per-module flags count."""
     model = _init_bn(ResNet18ish()).train()

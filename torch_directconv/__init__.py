@@ -9,7 +9,14 @@ See README.md for the blocked API, the environment variables and the benchmark.
 
 from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
 from ._backend import isa, jit_stats, vector_width
-from .blocked import conv2d_blocked, conv2d_blocked_stats, from_blocked, to_blocked, to_blocked_weight
+from .blocked import (
+    conv2d_blocked,
+    conv2d_blocked_stats,
+    from_blocked,
+    from_blocked_weight,
+    to_blocked,
+    to_blocked_weight,
+)
 from .explain import explain
 from .functional import conv2d
 from .modules import DirectConv2d, convert
@@ -26,6 +33,7 @@ __all__ = [
     "convert",
     "explain",
     "from_blocked",
+    "from_blocked_weight",
     "isa",
     "jit_stats",
     "op_times",

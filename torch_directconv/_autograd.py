@@ -2,8 +2,9 @@
 
 The backward ops are torch.library custom ops (directconv::conv2d_backward_data and
 conv2d_backward_weight, and their blocked twins), so torch.compile and torch.export see the
-whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight)
-are differentiable too, so a model whose activations stay blocked trains end to end.
+whole training graph. The layout conversions (to_blocked, from_blocked, to_blocked_weight,
+from_blocked_weight) are differentiable too, so a model whose activations stay blocked trains
+end to end.
 Double backward through a convolution is not supported and says so.
 
 Every op also has an autograd.Function with the same setup_context and backward, which
@@ -22,15 +23,19 @@ from . import _backend  # noqa: F401  (loads the ops)
 def call_op(op: torch._ops.OpOverload, *args):
     """A directconv op with autograd. When no gradient can flow, the call goes straight below
     autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
-    cost of several microseconds a call. Under torch.func transforms it always goes through
-    the op's autograd.Function: which tensors carry gradients (or tangents, which no
-    requires_grad shows) is for the transforms to say, level by level."""
+    cost of several microseconds a call. When one can, in eager mode, it goes through the op's
+    eager autograd.Function: the same setup_context and backward as the op's registered
+    autograd, whose kernel costs about 30 us a call more (it rebuilds an autograd.Function
+    call, with its argument binding, every time). Under torch.func transforms it always goes
+    through the op's transform-ready autograd.Function: which tensors carry gradients (or
+    tangents, which no requires_grad shows) is for the transforms to say, level by level. A
+    graph being recorded (torch.compile, torch.jit.trace) sees the op itself."""
     if torch.compiler.is_compiling():
         return op(*args)
     if torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[op].apply(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return op(*args)
+        return op(*args) if torch._C._get_tracing_state() else _EAGER[op].apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
@@ -133,10 +138,16 @@ def _setup_to_blocked_weight(ctx, inputs, output) -> None:
 
 
 def _backward_to_blocked_weight(ctx, grad):
-    kb, cb, r, s, v, _ = grad.shape
     k, c = ctx.kc
-    # (K/V, C/V, R, S, V(c), V(k)) -> (K, C, R, S), dropping the padding.
-    return grad.permute(0, 5, 1, 4, 2, 3).reshape(kb * v, cb * v, r, s)[:k, :c], None
+    return call_op(torch.ops.directconv.from_blocked_weight.default, grad, k, c), None
+
+
+def _setup_from_blocked_weight(ctx, inputs, output) -> None:
+    ctx.vlen = inputs[0].shape[4]
+
+
+def _backward_from_blocked_weight(ctx, grad):
+    return call_op(torch.ops.directconv.to_blocked_weight.default, grad, ctx.vlen), None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -151,12 +162,27 @@ def _keep_nothing(ctx, inputs, output) -> None:
 
 
 _FUNCTIONS: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
+_EAGER: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
 
 
 def _register(name: str, backward, setup_context) -> None:
-    """register_autograd for directconv::name, and the op's autograd.Function for torch.func."""
+    """register_autograd for directconv::name, the op's autograd.Function for torch.func, and
+    its eager one for call_op (the old-style forward(ctx, ...), whose apply binds no arguments,
+    running the op below autograd)."""
     torch.library.register_autograd(f"directconv::{name}", backward, setup_context=setup_context)
     op = getattr(torch.ops.directconv, name).default
+
+    def eager_forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    _EAGER[op] = type(
+        f"{name}_eager_function",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
+    )
 
     def forward(*args):
         return op(*args)
@@ -180,6 +206,7 @@ _register("conv2d_blocked_stats", _backward_blocked_stats, _setup_blocked_stats)
 _register("to_blocked", _backward_to_blocked, _setup_to_blocked)
 _register("from_blocked", _backward_from_blocked, _setup_from_blocked)
 _register("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)
+_register("from_blocked_weight", _backward_from_blocked_weight, _setup_from_blocked_weight)
 for _name in (
     "conv2d_backward_data",
     "conv2d_backward_weight",

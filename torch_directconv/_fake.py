@@ -55,7 +55,8 @@ def _pack_weight(weight, groups):
 @torch.library.register_fake("directconv::conv2d_blocked")
 def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels, residual=None):
     p, q = _spatial(xb, wb.shape[2], wb.shape[3], stride, padding, dilation)
-    shape = (xb.shape[0], wb.shape[0], p, q, xb.shape[4])
+    kb = wb.shape[0] if wb.dim() == 6 else -(-wb.shape[0] // xb.shape[4])
+    shape = (xb.shape[0], kb, p, q, xb.shape[4])
     if residual is not None:
         torch._check(
             tuple(residual.shape) == shape,
@@ -86,6 +87,11 @@ def _from_blocked(xb, channels):
 def _to_blocked_weight(w, vlen):
     k, c, r, s = w.shape
     return w.new_empty((-(-k // vlen), -(-c // vlen), r, s, vlen, vlen))
+
+
+@torch.library.register_fake("directconv::from_blocked_weight")
+def _from_blocked_weight(wb, k, c):
+    return wb.new_empty((k, c, wb.shape[2], wb.shape[3]))
 
 
 @torch.library.register_fake("directconv::conv2d_backward_data")

@@ -118,14 +118,14 @@ def _eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _conv_out_shape(conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, padding) -> tuple[int, ...]:
+def _conv_out_shape(conv: nn.Conv2d, xb: torch.Tensor, padding) -> tuple[int, ...]:
     """The blocked output shape of conv on xb (padding: as conv2d_blocked gets it)."""
     stride, dilation = _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
     top, bottom, left, right = conv_padding(padding, conv.kernel_size, stride, dilation)
     n, _, h, w, v = xb.shape
     p = (h + top + bottom - dilation[0] * (conv.kernel_size[0] - 1) - 1) // stride[0] + 1
     q = (w + left + right - dilation[1] * (conv.kernel_size[1] - 1) - 1) // stride[1] + 1
-    return (n, wb.shape[0], p, q, v)
+    return (n, -(-conv.out_channels // v), p, q, v)
 
 
 def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
@@ -170,8 +170,12 @@ class Unit(Step):
         self._identity = (torch.ones(channels), torch.zeros(channels)) if residual else None
 
     def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
+        """compute(pack): packed once (pack = to_blocked_weight) and kept while it may be; else
+        computed at each call with the weight left (K, C, R, S) (pack = the identity), which
+        conv2d_blocked packs within its call and whose gradient it returns as (K, C, R, S): a
+        training step then has no packing pass, nor an unpacking one."""
         if not _cacheable(owned, tensors):
-            return compute()
+            return compute(lambda w: w)
         # Made in inference mode, the results are inference tensors: reused only there.
         extra = (*extra, torch.is_inference_mode_enabled())
         entry = self._cache  # one read: other threads may replace it meanwhile
@@ -179,24 +183,23 @@ class Unit(Step):
             return entry[1]
         self._cache = None  # drop the old result before the new one is made
         with torch.no_grad():
-            result = compute()
+            result = compute(to_blocked_weight)
         self._cache = (_TensorsKey(tensors, extra), result)
         return result
 
     def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
-        """(blocked weight, bias) of the convolution, with bn folded in when it is given."""
+        """(weight, bias) of the convolution, with bn folded in when it is given; the weight
+        blocked when it is cached, else (K, C, R, S)."""
         conv_t, conv_owned = _own(conv, ("weight", "bias"))
         if bn is None:
-            return self._cached(
-                conv_t, conv_owned, (_backend.isa(),), lambda: (to_blocked_weight(conv_t[0]), conv_t[1])
-            )
+            return self._cached(conv_t, conv_owned, (_backend.isa(),), lambda pack: (pack(conv_t[0]), conv_t[1]))
         bn_t, bn_owned = _own(bn, ("weight", "bias", "running_mean", "running_var"))
 
-        def fold() -> tuple:
+        def fold(pack) -> tuple:
             scale, shift = _eval_affine(bn)
             w = conv_t[0] * scale.view(-1, 1, 1, 1)
             b = shift if conv_t[1] is None else shift + conv_t[1] * scale
-            return to_blocked_weight(w), b
+            return pack(w), b
 
         return self._cached(conv_t + bn_t, conv_owned and bn_owned, (_backend.isa(), bn.eps), fold)
 
@@ -208,7 +211,7 @@ class Unit(Step):
             # The other modes pad H and W of the blocked tensor (the lanes get no padding).
             xb = F.pad(xb, (0, 0, *conv._reversed_padding_repeated_twice), mode=conv.padding_mode)
             padding = 0
-        fused = residual is not None and tuple(residual.shape) == _conv_out_shape(conv, xb, wb, padding)
+        fused = residual is not None and tuple(residual.shape) == _conv_out_shape(conv, xb, padding)
         yb = conv2d_blocked(
             xb,
             wb,

@@ -37,6 +37,12 @@ def to_blocked_weight(w: torch.Tensor) -> torch.Tensor:
     return call_op(torch.ops.directconv.to_blocked_weight.default, w, _backend.vector_width())
 
 
+def from_blocked_weight(wb: torch.Tensor, out_channels: int, in_channels: int) -> torch.Tensor:
+    """(ceil(K/V), ceil(C/V), R, S, V, V) -> (out_channels, in_channels, R, S): to_blocked_weight's inverse."""
+    _require_jit("from_blocked_weight")
+    return call_op(torch.ops.directconv.from_blocked_weight.default, wb, out_channels, in_channels)
+
+
 def conv2d_blocked(
     xb: torch.Tensor,
     wb: torch.Tensor,
@@ -51,15 +57,19 @@ def conv2d_blocked(
 ) -> torch.Tensor:
     """Convolution of blocked tensors (groups = 1); returns the blocked output with no conversion.
 
-    in_channels, when given, lets the kernels skip the zero padding of the last channel
-    block (for example the 3-channel image input); by default every channel is read.
-    residual, a blocked tensor of the output's shape, is added in the kernels' epilogue,
-    after the bias and before the ReLU: relu(conv(xb, wb) + bias + residual).
+    wb is blocked (to_blocked_weight) or, as a module holds it, (K, C, R, S): the op then packs
+    it within the call, and its gradient comes back as (K, C, R, S), so a training step has no
+    separate packing or unpacking pass. in_channels, when given, lets the kernels skip the zero
+    padding of the last channel block (for example the 3-channel image input); by default every
+    channel is read (those of a (K, C, R, S) weight, C). residual, a blocked tensor of the
+    output's shape, is added in the kernels' epilogue, after the bias and before the ReLU:
+    relu(conv(xb, wb) + bias + residual).
     """
     _require_jit("conv2d_blocked")
-    if wb.dim() != 6:
+    if wb.dim() not in (4, 6):
         raise RuntimeError(
-            f"conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}"
+            "conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V) or a (K, C, R, S) one, "
+            f"got shape {tuple(wb.shape)}"
         )
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")
@@ -100,9 +110,10 @@ def conv2d_blocked_stats(
     var carry no gradient (a batch norm's training backward differentiates through them).
     """
     _require_jit("conv2d_blocked_stats")
-    if wb.dim() != 6:
+    if wb.dim() not in (4, 6):
         raise RuntimeError(
-            f"conv2d_blocked_stats: expected a blocked 'wb' (K/V, C/V, R, S, V, V), got shape {tuple(wb.shape)}"
+            "conv2d_blocked_stats: expected a blocked 'wb' (K/V, C/V, R, S, V, V) or a (K, C, R, S) one, "
+            f"got shape {tuple(wb.shape)}"
         )
     stride2 = _pair(stride, "stride")
     dilation2 = _pair(dilation, "dilation")

@@ -41,6 +41,9 @@ class DirectConv2d(nn.Conv2d):
     def _reset_caches(self) -> None:
         self.refresh_packed_weight()
         self._geometry_cache: tuple | None = None
+        # (signature, the op's geometry arguments) of the last call that passed every check and
+        # went to the op with the weight as it is (see _signature).
+        self._call_cache: tuple | None = None
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, cache_weights: bool = False) -> DirectConv2d:
@@ -140,7 +143,34 @@ class DirectConv2d(nn.Conv2d):
             self._geometry_cache = (key, geometry)
         return geometry
 
+    def _signature(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        """What the checks, the fallback choice and the geometry of a call depend on: the
+        tensors' shapes, dtypes and devices, the module's settings and the active ISA. A call
+        whose signature is that of the last checked one runs with no check repeated."""
+        return (
+            input.shape,
+            input.dtype,
+            input.device,
+            weight.shape,
+            weight.dtype,
+            weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.cache_weights,
+            _backend.isa(),
+        )
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # A graph being recorded never reads the cache (torch.compile would guard on it).
+        entry = None if torch.compiler.is_compiling() or torch._C._get_tracing_state() else self._call_cache
+        if entry is not None and type(input) is torch.Tensor and entry[0] == self._signature(input, weight, bias):
+            x = input.unsqueeze(0) if input.dim() == 3 else input
+            out = call_op(torch.ops.directconv.conv2d.default, x, weight, bias, *entry[1])
+            return out.squeeze(0) if input.dim() == 3 else out
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding: tuple | str = (0, 0)
@@ -184,22 +214,23 @@ class DirectConv2d(nn.Conv2d):
                 channels_last=_backend.is_channels_last(weight),
             )
         else:
-            out = call_op(
-                torch.ops.directconv.conv2d.default,
-                x,
-                weight,
-                bias,
-                list(stride),
-                list(pad4),
-                list(dilation),
-                self.groups,
-                False,
-            )
+            args = (list(stride), list(pad4), list(dilation), self.groups, False)
+            out = call_op(torch.ops.directconv.conv2d.default, x, weight, bias, *args)
+            # Only a call that takes this branch whatever the grad mode (weights not cached), on
+            # plain tensors, outside a graph being recorded, is remembered.
+            if (
+                not self.cache_weights
+                and self.padding_mode == "zeros"
+                and type(input) is torch.Tensor
+                and not torch.compiler.is_compiling()
+                and not torch._C._get_tracing_state()
+            ):
+                self._call_cache = (self._signature(input, weight, bias), args)
         return out.squeeze(0) if unbatched else out
 
     def __getstate__(self):
         state = dict(super().__getstate__())
-        for key in ("_packed", "_packed_alias", "_packed_param", "_packed_key"):
+        for key in ("_packed", "_packed_alias", "_packed_param", "_packed_key", "_call_cache"):
             state[key] = None
         return state
 

@@ -31,7 +31,70 @@ std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa 
   return primitives().get(desc.to_string() + "/" + isa_name(isa) + "/" + std::to_string(threads) + "/" + options.key(),
                           [&] { return build(desc, isa, threads, options); });
 }
-void clear_fwd_primitives() { primitives().clear(); }
+
+namespace {
+
+// Bumped by clear_fwd_primitives: a thread's handles made before are dropped at its next call.
+std::atomic<uint64_t> g_handle_generation{0};
+
+bool same_desc(const ConvDesc& a, const ConvDesc& b) {
+  return a.n == b.n && a.c == b.c && a.h == b.h && a.w == b.w && a.k == b.k && a.r == b.r && a.s == b.s &&
+         a.stride_h == b.stride_h && a.stride_w == b.stride_w && a.pad_t == b.pad_t && a.pad_b == b.pad_b &&
+         a.pad_l == b.pad_l && a.pad_r == b.pad_r && a.dil_h == b.dil_h && a.dil_w == b.dil_w;
+}
+
+bool same_options(const FwdPlanOptions& a, const FwdPlanOptions& b) {
+  return a.prefetch == b.prefetch && a.c_chunk == b.c_chunk && a.tile_oh == b.tile_oh && a.tile_ow == b.tile_ow &&
+         a.n_oc == b.n_oc && a.src.row == b.src.row && a.src.cb == b.src.cb && a.src.img == b.src.img &&
+         a.dst.px == b.dst.px && a.dst.row == b.dst.row && a.dst.kb == b.dst.kb && a.dst.img == b.dst.img &&
+         a.post == b.post;
+}
+
+struct HandleSlot {
+  ConvDesc desc;
+  Isa isa = Isa::none;
+  int threads = 0;
+  FwdPlanOptions options;
+  std::shared_ptr<const FwdHandle> handle;
+};
+
+struct ThreadHandles {
+  uint64_t generation = 0;
+  int next = 0;  // the slot to replace next (round robin: a miss costs a plan lookup anyway)
+  HandleSlot slots[kThreadHandles];
+};
+
+}  // namespace
+
+std::shared_ptr<const FwdHandle> get_fwd_handle(const ConvDesc& desc, Isa isa, int threads,
+                                                const FwdPlanOptions& options) {
+  thread_local ThreadHandles mine;
+  const uint64_t generation = g_handle_generation.load(std::memory_order_acquire);
+  if (mine.generation != generation) {
+    for (HandleSlot& slot : mine.slots) slot.handle.reset();
+    mine.generation = generation;
+  }
+  for (const HandleSlot& slot : mine.slots)
+    if (slot.handle && slot.isa == isa && slot.threads == threads && same_desc(slot.desc, desc) &&
+        same_options(slot.options, options))
+      return slot.handle;
+  auto handle = std::make_shared<FwdHandle>();
+  handle->prim = get_fwd_primitive(desc, isa, threads, options);
+  handle->kernels = acquire_kernels(*handle->prim);
+  HandleSlot& slot = mine.slots[mine.next];
+  mine.next = (mine.next + 1) % kThreadHandles;
+  slot.desc = desc;
+  slot.isa = isa;
+  slot.threads = threads;
+  slot.options = options;
+  slot.handle = handle;
+  return handle;
+}
+
+void clear_fwd_primitives() {
+  primitives().clear();
+  g_handle_generation.fetch_add(1, std::memory_order_acq_rel);
+}
 
 std::shared_ptr<const FwdPrimitive> get_fwd_nchw_1x1_primitive(const ConvDesc& desc, Isa isa, int threads,
                                                                bool accumulate, bool relu) {

@@ -30,7 +30,22 @@ FwdKernels acquire_kernels(const FwdPrimitive& prim);
 // Cached by (problem, ISA, threads); the primitive cache keeps the 256 most recently used.
 std::shared_ptr<const FwdPrimitive> get_fwd_primitive(const ConvDesc& desc, Isa isa, int threads,
                                                       const FwdPlanOptions& options = {});
+// Forgets every primitive and handle (the handles at their threads' next call).
 void clear_fwd_primitives();
+
+// What a call of one convolution needs, made once per (problem, ISA, threads, options) and
+// calling thread: its primitive (plan, streams, scratch sizes) and its kernels. A call finds
+// it by comparing integers, with no string built and no lock taken; it holds its kernels, so
+// evicting them from the kernel cache never invalidates a handle in use. Each thread keeps
+// its kThreadHandles most recently made, and the code they hold (a few pages each) on top of
+// the kernel cache's cap.
+struct FwdHandle {
+  std::shared_ptr<const FwdPrimitive> prim;
+  FwdKernels kernels;
+};
+constexpr int kThreadHandles = 32;
+std::shared_ptr<const FwdHandle> get_fwd_handle(const ConvDesc& desc, Isa isa, int threads,
+                                                const FwdPlanOptions& options = {});
 // The same for make_fwd_plan_nchw_1x1.
 std::shared_ptr<const FwdPrimitive> get_fwd_nchw_1x1_primitive(const ConvDesc& desc, Isa isa, int threads,
                                                                bool accumulate, bool relu);

@@ -212,14 +212,15 @@ dc::FwdPrepare pack_per_unit(const dc::FwdPlan& plan, const PackBlockRange& pack
 
 // The forward of every group on blocked tensors. With `pack` (one group, wei null) each
 // work unit packs its own weights (one_unit_per_kgroup must hold).
-void run_fwd(const dc::FwdPrimitive& prim, const float* src, const float* wei, const dc::FwdPostArgs& post,
+void run_fwd(const dc::FwdHandle& handle, const float* src, const float* wei, const dc::FwdPostArgs& post,
              float* dst, int64_t groups, int64_t src_group, int64_t wei_group, int64_t bias_group, int64_t dst_group,
              const PackBlockRange& pack = nullptr) {
+  const dc::FwdPrimitive& prim = *handle.prim;
+  const dc::FwdKernels& kernels = handle.kernels;
   if (prim.plan.desc.n == 0) return;
   // The plan's thread count, never a fresh num_threads(): another thread may have changed
   // torch's since the plan was made, and a stream left unrun is output left unwritten.
   const int nt = prim.plan.threads;
-  const dc::FwdKernels kernels = dc::acquire_kernels(prim);
   std::vector<dc::FwdWorkQueue> queues;
   queues.reserve(groups);
   for (int64_t g = 0; g < groups; ++g) queues.emplace_back(nt);
@@ -338,7 +339,9 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   const int64_t cg = d.c, kg = d.k, cb = dc::div_up(cg, V), kb = dc::div_up(kg, V), P = d.p(), Q = d.q();
   Tensor b = padded_bias(bias, out_channels, out_channels, op);
   Tensor bias_blk;
-  if (b.defined()) {
+  if (b.defined() && groups == 1 && kg == kb * V) {
+    bias_blk = b;  // whole blocks already (padded_bias made it contiguous)
+  } else if (b.defined()) {
     bias_blk = at::zeros({groups, kb * V}, b.options());
     bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
   }
@@ -346,7 +349,8 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   if (d.n == 0) return out;
 
   const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options(b.defined(), false, relu));
+  auto handle = dc::get_fwd_handle(d, jit_isa(), nt, fwd_options(b.defined(), false, relu));
+  const dc::FwdPrimitive* prim = handle->prim.get();
   const bool per_unit = !packed && one_unit_per_kgroup(prim->plan);
   const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
   const int64_t wei_group = kb * cb * d.r * d.s * V * V;
@@ -365,7 +369,7 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
       pack(begin, end, wei_blk + begin * d.r * d.s * V * V);
     }
   });
-  run_fwd(*prim, src_blk, packed ? packed : wei_blk, {bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr},
+  run_fwd(*handle, src_blk, packed ? packed : wei_blk, {bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr},
           dst_blk, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)
@@ -496,13 +500,44 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
 
 namespace {
 
+// The weight of a blocked op: blocked (Kb, Cb, R, S, V, V), or (K, C, R, S) as a module holds
+// it, which the op packs within its call (no packing pass before it, no blocked weight
+// gradient to unpack after it). Checks it against the input's cb channel blocks and returns
+// (kb, the input channels read: in_channels, else those of a 4-D weight, else cb * V).
+std::pair<int64_t, int64_t> blocked_weight_geometry(const char* op, const char* arg, at::IntArrayRef w, int64_t cb,
+                                                    c10::optional<int64_t> in_channels, int64_t V) {
+  if (w.size() == 4) {
+    TORCH_CHECK(w[0] >= 1 && w[1] > (cb - 1) * V && w[1] <= cb * V, op, ": a (K, C, R, S) '", arg, "' of shape ", w,
+                " does not fit ", cb, " input channel blocks of ", V);
+    TORCH_CHECK(!in_channels.has_value() || *in_channels == w[1], op, ": 'in_channels' (", in_channels.value_or(0),
+                ") differs from the ", w[1], " input channels of the (K, C, R, S) '", arg, "'");
+    return {dc::div_up(w[0], V), w[1]};
+  }
+  TORCH_CHECK(w.size() == 6 && w[4] == V && w[5] == V, op, ": expected a blocked '", arg, "' (K/", V, ", C/", V, ", R, S, ",
+              V, ", ", V, ") or a (K, C, R, S) one, got ", w);
+  TORCH_CHECK(w[1] == cb, op, ": 'xb' has ", cb, " channel blocks, but '", arg, "' has ", w[1]);
+  int64_t c = cb * V;
+  if (in_channels.has_value()) {
+    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
+                ") does not fit ", cb, " channel blocks of ", V);
+    c = *in_channels;
+  }
+  return {w[0], c};
+}
+
+// A (K, C, R, S) weight with its output channels zero-padded to kb * V, for torch's convolution.
+Tensor padded_out_channels(const Tensor& w, int64_t kb, int64_t V) {
+  return at::constant_pad_nd(w, {0, 0, 0, 0, 0, 0, 0, kb * V - w.size(0)});
+}
+
 // The checked operands of a blocked convolution: its geometry (validated only when the
-// kernels take it) and its bias padded to whole blocks.
+// kernels take it), its bias padded to whole blocks, and whether its weight is (K, C, R, S).
 struct BlockedConv {
   ConvDesc d;
   Tensor bias;
-  int64_t c, kb;
+  int64_t c, cb, kb;
   int V;
+  bool kcrs;
 };
 BlockedConv check_blocked_conv(const char* op, const Tensor& input, const Tensor& weight,
                                const c10::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -512,21 +547,11 @@ BlockedConv check_blocked_conv(const char* op, const Tensor& input, const Tensor
   const int V = dc::vlen(jit_isa());
   TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'xb' (N, C/", V, ", H, W, ", V,
               "), got shape ", input.sizes());
-  TORCH_CHECK(weight.dim() == 6 && weight.size(4) == V && weight.size(5) == V, op,
-              ": expected a blocked 'wb' (K/", V, ", C/", V, ", R, S, ", V, ", ", V, "), got shape ",
-              weight.sizes());
-  TORCH_CHECK(input.size(1) == weight.size(1), op, ": 'xb' has ", input.size(1), " channel blocks, but 'wb' has ",
-              weight.size(1));
-  const int64_t cb = input.size(1), kb = weight.size(0);
-  int64_t c = cb * V;
-  if (in_channels.has_value()) {
-    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
-                ") does not fit ", cb, " channel blocks of ", V);
-    c = *in_channels;
-  }
+  const int64_t cb = input.size(1);
+  const auto [kb, c] = blocked_weight_geometry(op, "wb", weight.sizes(), cb, in_channels, V);
   BlockedConv bc{fill_desc(op, input.size(0), c, input.size(2), input.size(3), kb * V, weight.size(2),
                            weight.size(3), stride, padding, dilation),
-                 Tensor(), c, kb, V};
+                 Tensor(), c, cb, kb, V, weight.dim() == 4};
   if (bias.has_value() && bias->defined()) {
     check_float_cpu(*bias, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) <= kb * V && bias->size(0) > (kb - 1) * V, op,
@@ -539,9 +564,41 @@ BlockedConv check_blocked_conv(const char* op, const Tensor& input, const Tensor
 // Torch's convolution for the blocked geometries the kernels do not take, blocked again.
 Tensor aten_conv2d_blocked(const BlockedConv& bc, const Tensor& input, const Tensor& weight, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation) {
-  return block(aten_conv2d(unblock(input, bc.c), unblock_weight(weight).narrow(1, 0, bc.c), bc.bias, stride, padding,
-                           dilation, 1, false, at::MemoryFormat::Contiguous),
+  const Tensor w = bc.kcrs ? padded_out_channels(weight, bc.kb, bc.V) : unblock_weight(weight).narrow(1, 0, bc.c);
+  return block(aten_conv2d(unblock(input, bc.c), w, bc.bias, stride, padding, dilation, 1, false,
+                           at::MemoryFormat::Contiguous),
                bc.V);
+}
+
+// The forward of a checked blocked convolution into out: a blocked weight as it is; a
+// (K, C, R, S) one packed within the call, by each work unit for its own output channels
+// where the plan allows, else in one pass into scratch (kept between calls, so no fresh pages
+// to fault in).
+void run_blocked_fwd(const BlockedConv& bc, const dc::FwdHandle& handle, const Tensor& x, const Tensor& weight,
+                     const dc::FwdPostArgs& post, float* out) {
+  const ConvDesc& d = bc.d;
+  const int64_t V = bc.V;
+  if (!bc.kcrs) {
+    const Tensor w = weight.contiguous();
+    run_fwd(handle, x.data_ptr<float>(), w.data_ptr<float>(), post, out, 1, 0, 0, 0, 0);
+    return;
+  }
+  const float* w = weight.data_ptr<float>();
+  const auto ws = strides4(weight);
+  const int64_t k = weight.size(0);
+  const PackBlockRange pack = [&](int64_t begin, int64_t end, float* dst) {
+    dc::reorder_weight_to_blocked_blocks(w, ws.data(), k, bc.c, d.r, d.s, V, begin, end, dst);
+  };
+  if (one_unit_per_kgroup(handle.prim->plan)) {
+    run_fwd(handle, x.data_ptr<float>(), nullptr, post, out, 1, 0, 0, 0, 0, pack);
+    return;
+  }
+  float* wei = scratch(dc::kScratchWei, bc.kb * bc.cb * d.r * d.s * V * V);
+  run_shares(num_threads(), [&](int tid, int n_threads) {
+    const int64_t blocks = bc.kb * bc.cb, begin = blocks * tid / n_threads, end = blocks * (tid + 1) / n_threads;
+    pack(begin, end, wei + begin * d.r * d.s * V * V);
+  });
+  run_fwd(handle, x.data_ptr<float>(), wei, post, out, 1, 0, 0, 0, 0);
 }
 
 std::atomic<int64_t> conv_stats_recomputed{0};
@@ -576,12 +633,12 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
   }
   validated(op, d);
   if (res.defined()) check_residual({d.n, bc.kb, d.p(), d.q(), bc.V});
-  Tensor x = input.contiguous(), w = weight.contiguous();
+  Tensor x = input.contiguous();
   Tensor out = at::empty({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
-  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options(bc.bias.defined(), res.defined(), relu)),
-          x.data_ptr<float>(), w.data_ptr<float>(),
-          {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, res.defined() ? res.data_ptr<float>() : nullptr},
-          out.data_ptr<float>(), 1, 0, 0, 0, 0);
+  auto handle = dc::get_fwd_handle(d, jit_isa(), num_threads(), fwd_options(bc.bias.defined(), res.defined(), relu));
+  run_blocked_fwd(bc, *handle, x, weight,
+                  {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, res.defined() ? res.data_ptr<float>() : nullptr},
+                  out.data_ptr<float>());
   return out;
 }
 
@@ -611,19 +668,20 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, con
     return {y, mean, var};
   }
   validated(op, d);
-  Tensor x = input.contiguous(), w = weight.contiguous();
+  Tensor x = input.contiguous();
   Tensor out = at::empty({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
   Tensor mean = at::empty({channels}, input.options()), var = at::empty({channels}, input.options());
   if (d.n == 0) return {out, mean.fill_(NAN), var.fill_(NAN)};
   dc::FwdPlanOptions options = fwd_options(bc.bias.defined(), false, false);
   options.post.stats = true;
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), num_threads(), options);
+  auto handle = dc::get_fwd_handle(d, jit_isa(), num_threads(), options);
+  const dc::FwdPrimitive* prim = handle->prim.get();
   Tensor shift_blk = padded_bias(shift, channels, bc.kb * bc.V, op);
   Tensor tile_sums = at::empty({prim->plan.stats_floats}, input.options());
   float* sums = tile_sums.data_ptr<float>();
-  run_fwd(*prim, x.data_ptr<float>(), w.data_ptr<float>(),
-          {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, nullptr, shift_blk.data_ptr<float>(), sums},
-          out.data_ptr<float>(), 1, 0, 0, 0, 0);
+  run_blocked_fwd(bc, *handle, x, weight,
+                  {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, nullptr, shift_blk.data_ptr<float>(), sums},
+                  out.data_ptr<float>());
   if (!dc::fwd_stats_finish(prim->plan, sums, shift_blk.data_ptr<float>(), channels, mean.data_ptr<float>(),
                             var.data_ptr<float>())) {
     ++conv_stats_recomputed;
@@ -676,6 +734,28 @@ Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
   run_shares(num_threads(), [&](int tid, int nt) {
     dc::reorder_weight_to_blocked(w.data_ptr<float>(), st.data(), k, c, r, s, static_cast<int>(vlen),
                                   out.data_ptr<float>(), tid, nt);
+  });
+  return out;
+}
+
+// (K/V, C/V, R, S, V(c), V(k)) -> (K, C, R, S), dropping the padding: the inverse of
+// to_blocked_weight, and its backward.
+Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c) {
+  const char* op = "from_blocked_weight";
+  check_float_cpu(wb, op, "wb");
+  TORCH_CHECK(wb.dim() == 6 && wb.size(4) == wb.size(5) && (wb.size(4) == 8 || wb.size(4) == 16), op,
+              ": expected a blocked 'wb' (K/V, C/V, R, S, V, V) with V 8 or 16, got shape ", wb.sizes());
+  const int64_t v = wb.size(4);
+  TORCH_CHECK(k > (wb.size(0) - 1) * v && k <= wb.size(0) * v, op, ": 'k' (", k, ") does not fit ", wb.size(0),
+              " blocks of ", v);
+  TORCH_CHECK(c > (wb.size(1) - 1) * v && c <= wb.size(1) * v, op, ": 'c' (", c, ") does not fit ", wb.size(1),
+              " blocks of ", v);
+  Tensor src = wb.contiguous();
+  Tensor out = at::empty({k, c, wb.size(2), wb.size(3)}, wb.options());
+  auto st = strides4(out);
+  run_shares(num_threads(), [&](int tid, int nt) {
+    dc::reorder_weight_from_blocked(src.data_ptr<float>(), k, c, wb.size(2), wb.size(3), static_cast<int>(v),
+                                    out.data_ptr<float>(), st.data(), tid, nt);
   });
   return out;
 }
@@ -759,8 +839,9 @@ void run_bwd_data(const ConvDesc& d, const std::vector<dc::BwdDataPhase>& phases
     j.phase = &ph;
     dc::FwdPlanOptions options = fwd_options();
     dc::bwd_data_phase_layout(d, ph, static_cast<int>(V), &options, &j.src_off, &j.dst_off);
-    j.prim = dc::get_fwd_primitive(ph.sub, isa, nt, options);
-    j.kernels = dc::acquire_kernels(*j.prim);
+    const auto handle = dc::get_fwd_handle(ph.sub, isa, nt, options);
+    j.prim = handle->prim;
+    j.kernels = handle->kernels;
     j.wei_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
     j.wei_off = wei_total;
     wei_total += groups * j.wei_group;
@@ -1061,18 +1142,11 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
 
 namespace {
 
-// The geometry of a blocked convolution (conv2d_blocked): input (N, Cb, H, W, V) of
-// in_channels (default Cb * V) channels, output (N, Kb, P, Q, V).
+// The geometry of a blocked convolution (conv2d_blocked): input (N, Cb, H, W, V) of c
+// channels (blocked_weight_geometry), output (N, Kb, P, Q, V).
 ConvDesc blocked_desc(const char* op, at::IntArrayRef x_size, int64_t kb, int64_t r, int64_t s,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                      c10::optional<int64_t> in_channels, int64_t V) {
-  const int64_t cb = x_size[1];
-  int64_t c = cb * V;
-  if (in_channels.has_value()) {
-    TORCH_CHECK(*in_channels > (cb - 1) * V && *in_channels <= cb * V, op, ": 'in_channels' (", *in_channels,
-                ") does not fit ", cb, " channel blocks of ", V);
-    c = *in_channels;
-  }
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t c,
+                      int64_t V) {
   return fill_desc(op, x_size[0], c, x_size[2], x_size[3], kb * V, r, s, stride, padding, dilation);
 }
 
@@ -1086,7 +1160,8 @@ void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc&
 
 }  // namespace
 
-// The input gradient of conv2d_blocked, blocked like its input (input_size: N, Cb, H, W, V).
+// The input gradient of conv2d_blocked, blocked like its input (input_size: N, Cb, H, W, V),
+// with its weight blocked or (K, C, R, S) as conv2d_blocked takes it.
 // Channels past in_channels get a zero gradient, as the forward does not read them.
 Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -1097,42 +1172,52 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   check_float_cpu(weight, op, "wb");
   TORCH_CHECK(input_size.size() == 5 && input_size[4] == V, op, ": expected a blocked 'input_size' (N, C/", V,
               ", H, W, ", V, "), got ", input_size);
-  TORCH_CHECK(weight.dim() == 6 && weight.size(1) == input_size[1] && weight.size(4) == V && weight.size(5) == V, op,
-              ": expected a blocked 'wb' (K/", V, ", ", input_size[1], ", R, S, ", V, ", ", V, "), got shape ",
-              weight.sizes());
-  const int64_t kb = weight.size(0), cb = input_size[1];
-  ConvDesc d = blocked_desc(op, input_size, kb, weight.size(2), weight.size(3), stride, padding, dilation,
-                            in_channels, V);
+  const int64_t cb = input_size[1];
+  const std::pair<int64_t, int64_t> geometry = blocked_weight_geometry(op, "wb", weight.sizes(), cb, in_channels, V);
+  const int64_t kb = geometry.first, c = geometry.second;
+  const bool kcrs = weight.dim() == 4;
+  ConvDesc d = blocked_desc(op, input_size, kb, weight.size(2), weight.size(3), stride, padding, dilation, c, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
     Tensor input = at::empty({d.n, d.c, d.h, d.w}, grad_output.options());
-    return block(std::get<0>(aten_backward(unblock(grad_output, kb * V), input,
-                                           unblock_weight(weight).narrow(1, 0, d.c), stride, padding, dilation, 1,
-                                           true, false)),
+    Tensor w = kcrs ? padded_out_channels(weight, kb, V) : unblock_weight(weight).narrow(1, 0, d.c);
+    return block(std::get<0>(aten_backward(unblock(grad_output, kb * V), input, w, stride, padding, dilation, 1, true,
+                                           false)),
                  V);
   }
   validated(op, d);
-  Tensor gy = grad_output.contiguous(), w = weight.contiguous();
+  Tensor gy = grad_output.contiguous(), w = kcrs ? weight : weight.contiguous();
   Tensor out = at::empty(input_size, gy.options());
   const float* wp = w.data_ptr<float>();
+  auto ws = strides4(w);
+  const int64_t k = w.size(0);
   // One group always fits its blocks, so every geometry has its phases.
   run_bwd_data(
       d, dc::bwd_data_phases(d), gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
       [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
-        dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
-                                          ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
+        if (kcrs)
+          dc::reorder_weight_to_blocked_bwd(wp, ws.data(), k, c, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                            ph.taps_s.data(), ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
+        else
+          dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                            ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
       },
       [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {
-        dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
-                                                 ph.sub.s, static_cast<int>(V), begin, end, dst);
+        if (kcrs)
+          dc::reorder_weight_to_blocked_bwd_blocks(wp, ws.data(), k, c, d.r, d.s, ph.taps_r.data(), ph.sub.r,
+                                                   ph.taps_s.data(), ph.sub.s, static_cast<int>(V), begin, end, dst);
+        else
+          dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
+                                                   ph.sub.s, static_cast<int>(V), begin, end, dst);
       });
   if (d.c < cb * V && d.n > 0) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
   return out;
 }
 
-// The weight gradient of conv2d_blocked, blocked like its weight (weight_size: Kb, Cb, R, S, V, V).
-// Input channels past in_channels get a zero gradient.
+// The weight gradient of conv2d_blocked: blocked when weight_size is (Kb, Cb, R, S, V, V),
+// (K, C, R, S) when it is that, written straight from the kernels' blocks (no blocked
+// gradient to unpack). Input channels past in_channels get a zero gradient.
 Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       c10::optional<int64_t> in_channels) {
@@ -1142,24 +1227,34 @@ Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& i
   check_float_cpu(input, op, "xb");
   TORCH_CHECK(input.dim() == 5 && input.size(4) == V, op, ": expected a blocked 'xb' (N, C/", V, ", H, W, ", V,
               "), got shape ", input.sizes());
-  TORCH_CHECK(weight_size.size() == 6 && weight_size[1] == input.size(1) && weight_size[4] == V && weight_size[5] == V,
-              op, ": expected a blocked 'weight_size' (K/", V, ", ", input.size(1), ", R, S, ", V, ", ", V, "), got ",
-              weight_size);
-  const int64_t kb = weight_size[0], cb = input.size(1);
-  ConvDesc d = blocked_desc(op, input.sizes(), kb, weight_size[2], weight_size[3], stride, padding, dilation,
-                            in_channels, V);
+  TORCH_CHECK(weight_size.size() == 4 || weight_size.size() == 6, op,
+              ": expected a 'weight_size' of 6 values (blocked) or 4 (K, C, R, S), got ", weight_size);
+  const int64_t cb = input.size(1);
+  const std::pair<int64_t, int64_t> geometry = blocked_weight_geometry(op, "weight_size", weight_size, cb, in_channels, V);
+  const int64_t kb = geometry.first, c = geometry.second;
+  const bool kcrs = weight_size.size() == 4;
+  ConvDesc d = blocked_desc(op, input.sizes(), kb, weight_size[2], weight_size[3], stride, padding, dilation, c, V);
   check_blocked_grad_output(op, grad_output, d, kb, V);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
     Tensor weight = at::empty({kb * V, d.c, d.r, d.s}, grad_output.options());
-    return block_weight(std::get<1>(aten_backward(unblock(grad_output, kb * V), unblock(input, d.c), weight, stride,
-                                                  padding, dilation, 1, false, true)),
-                        V);
+    Tensor gw = std::get<1>(aten_backward(unblock(grad_output, kb * V), unblock(input, d.c), weight, stride, padding,
+                                          dilation, 1, false, true));
+    return kcrs ? gw.narrow(0, 0, weight_size[0]).contiguous() : block_weight(gw, V);
   }
   validated(op, d);
   Tensor out = at::empty(weight_size, input.options());
   if (d.n == 0) return out.zero_();
   Tensor x = input.contiguous(), gy = grad_output.contiguous();
+  if (kcrs) {
+    const float* dw = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0).first;
+    auto ws = strides4(out);
+    run_shares(num_threads(), [&](int tid, int n_threads) {
+      dc::reorder_weight_from_blocked(dw, weight_size[0], c, d.r, d.s, static_cast<int>(V), out.data_ptr<float>(),
+                                      ws.data(), tid, n_threads);
+    });
+    return out;
+  }
   const float* dw = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0, out.data_ptr<float>()).first;
   if (dw != out.data_ptr<float>()) std::memcpy(out.data_ptr<float>(), dw, sizeof(float) * out.numel());
   if (d.c < cb * V) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
@@ -1224,11 +1319,12 @@ TORCH_LIBRARY(directconv, m) {
         "int[4] padding, int[2] dilation, int groups) -> Tensor");
   m.def("conv2d_blocked_backward_data(Tensor grad_output, Tensor wb, SymInt[5] input_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
-  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, SymInt[6] weight_size, int[2] stride, "
+  m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, SymInt[] weight_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
   m.def("to_blocked_weight(Tensor w, int vlen) -> Tensor");
+  m.def("from_blocked_weight(Tensor wb, int k, int c) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(directconv, CPU, m) {
@@ -1244,6 +1340,7 @@ TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("to_blocked", &dc_torch::to_blocked);
   m.impl("from_blocked", &dc_torch::from_blocked);
   m.impl("to_blocked_weight", &dc_torch::to_blocked_weight);
+  m.impl("from_blocked_weight", &dc_torch::from_blocked_weight);
 }
 
 PYBIND11_MODULE(_C, m) {
