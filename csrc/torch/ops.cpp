@@ -618,8 +618,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, con
   options.post.stats = true;
   auto prim = dc::get_fwd_primitive(d, jit_isa(), num_threads(), options);
   Tensor shift_blk = padded_bias(shift, channels, bc.kb * bc.V, op);
-  Tensor tile_sums = at::empty({prim->plan.stats_floats}, input.options());
-  float* sums = tile_sums.data_ptr<float>();
+  // The tiles' sums, in the calling thread's scratch (this op converts no layout, so the
+  // slot is free): no fresh pages at every call.
+  float* sums = scratch(dc::kScratchDst, prim->plan.stats_floats);
   run_fwd(*prim, x.data_ptr<float>(), w.data_ptr<float>(),
           {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, nullptr, shift_blk.data_ptr<float>(), sums},
           out.data_ptr<float>(), 1, 0, 0, 0, 0);
