@@ -677,8 +677,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, con
   auto handle = dc::get_fwd_handle(d, jit_isa(), num_threads(), options);
   const dc::FwdPrimitive* prim = handle->prim.get();
   Tensor shift_blk = padded_bias(shift, channels, bc.kb * bc.V, op);
-  Tensor tile_sums = at::empty({prim->plan.stats_floats}, input.options());
-  float* sums = tile_sums.data_ptr<float>();
+  // The tiles' sums, in the calling thread's scratch (this op converts no layout, and packs a
+  // (K, C, R, S) weight into another slot): no fresh pages at every call.
+  float* sums = scratch(dc::kScratchDst, prim->plan.stats_floats);
   run_blocked_fwd(bc, *handle, x, weight,
                   {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, nullptr, shift_blk.data_ptr<float>(), sums},
                   out.data_ptr<float>());
