@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend, blocked_ops
-from .blocked import conv2d_blocked, from_blocked, to_blocked, to_blocked_weight
+from .blocked import conv2d_blocked, conv2d_blocked_stats, from_blocked, to_blocked, to_blocked_weight
 from .functional import _pair, conv2d, conv_padding
 
 
@@ -203,14 +203,18 @@ class Unit(Step):
 
         return self._cached(conv_t + bn_t, conv_owned and bn_owned, (_backend.isa(), bn.eps), fold)
 
+    @staticmethod
+    def _padded(conv: nn.Conv2d, xb: torch.Tensor) -> tuple:
+        """(input, padding) as conv2d_blocked takes them: the padding modes other than zeros pad
+        H and W of the blocked tensor (the lanes get no padding)."""
+        if conv.padding_mode == "zeros":
+            return xb, conv.padding
+        return F.pad(xb, (0, 0, *conv._reversed_padding_repeated_twice), mode=conv.padding_mode), 0
+
     def _conv(self, conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, bias, relu: bool, residual=None):
         """relu?(conv(xb) + bias + residual?): the residual (when it has the output's shape) and
         the ReLU in the kernels' epilogue; a residual that broadcasts takes torch's add after."""
-        padding = conv.padding
-        if conv.padding_mode != "zeros":
-            # The other modes pad H and W of the blocked tensor (the lanes get no padding).
-            xb = F.pad(xb, (0, 0, *conv._reversed_padding_repeated_twice), mode=conv.padding_mode)
-            padding = 0
+        xb, padding = self._padded(conv, xb)
         fused = residual is not None and tuple(residual.shape) == _conv_out_shape(conv, xb, padding)
         yb = conv2d_blocked(
             xb,
@@ -237,8 +241,28 @@ class Unit(Step):
         scale, shift = self._identity
         return blocked_ops.bn_apply(yb, self.channels, scale, shift, residual, self.relu)
 
-    def _batch_norm(self, bn: nn.BatchNorm2d, xb: torch.Tensor, batch_stats: bool, residual, relu: bool):
-        """relu?(bn(xb) + residual?) in one fused pass (after the statistics' pass in training)."""
+    def _conv_batch_stats(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, xb: torch.Tensor, wb, bias) -> tuple:
+        """(conv(xb) + bias, its batch mean, its biased batch variance), the statistics summed in
+        the convolution's epilogue relative to the running mean (exact either way: the op
+        recomputes them where a mean lies far from it)."""
+        xb, padding = self._padded(conv, xb)
+        track = bn.training and bn.track_running_stats and bn.running_mean is not None
+        yb, mean, var = conv2d_blocked_stats(
+            xb,
+            wb,
+            bias,
+            conv.stride,
+            padding,
+            conv.dilation,
+            channels=self.channels,
+            shift=bn.running_mean.detach() if track else None,
+            in_channels=conv.in_channels,
+        )
+        return yb, (mean, var)
+
+    def _batch_norm(self, bn: nn.BatchNorm2d, xb: torch.Tensor, batch_stats: bool, residual, relu: bool, stats=None):
+        """relu?(bn(xb) + residual?) in one fused pass (after the statistics' pass in training,
+        unless `stats` gives them)."""
         c, w, b = self.channels, bn.weight, bn.bias
         if not batch_stats:
             return blocked_ops.batch_norm(
@@ -249,7 +273,19 @@ class Unit(Step):
         track = bn.training and bn.track_running_stats
         mean, var, count = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if track else (None, None, None)
         return blocked_ops.batch_norm(
-            xb, c, mean, var, w, b, True, bn.momentum, bn.eps, residual=residual, relu=relu, num_batches_tracked=count
+            xb,
+            c,
+            mean,
+            var,
+            w,
+            b,
+            True,
+            bn.momentum,
+            bn.eps,
+            residual=residual,
+            relu=relu,
+            num_batches_tracked=count,
+            stats=stats,
         )
 
     def forward(self, xb: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,12 +297,15 @@ class Unit(Step):
             if bn is None or fold:
                 # The residual add and the ReLU in the convolution's epilogue.
                 return self._conv(conv, xb, wb, bias, self.relu, residual)
-            xb = self._conv(conv, xb, wb, bias, False)
+            # Batch statistics: from the convolution's epilogue, then one pass applies the batch norm.
+            xb, stats = self._conv_batch_stats(conv, bn, xb, wb, bias)
+        else:
+            stats = None
         if bn is None:
             return self._add_relu(xb, residual)
         if residual is not None and residual.shape != xb.shape:
-            return self._add_relu(self._batch_norm(bn, xb, batch_stats, None, False), residual)
-        return self._batch_norm(bn, xb, batch_stats, residual, self.relu)
+            return self._add_relu(self._batch_norm(bn, xb, batch_stats, None, False, stats), residual)
+        return self._batch_norm(bn, xb, batch_stats, residual, self.relu, stats)
 
 
 class Pool(Step):

@@ -75,6 +75,7 @@ def batch_norm(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     num_batches_tracked: torch.Tensor | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """F.batch_norm on a blocked tensor, then + residual and ReLU when given, fused.
 
@@ -83,7 +84,9 @@ def batch_norm(
     running statistics normalise. As nn.BatchNorm2d, a num_batches_tracked counter (when given)
     counts the training batches, and momentum=None makes the running statistics their cumulative
     average. The forward reads xb twice in training (statistics, then the fused apply) and once
-    in eval; the backward takes at most two passes.
+    in eval; the backward takes at most two passes. In training, `stats` may give xb's batch
+    (mean, biased variance) when they are known already (conv2d_blocked_stats computes them in
+    the convolution's epilogue): xb is then read once.
     """
     _require_jit("batch_norm")
     if training:
@@ -91,7 +94,10 @@ def batch_norm(
         if n * h * w == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(xb.shape)}")
         # The statistics' own gradient is folded into batch_norm_blocked's backward.
-        mean, var = call_op(ops.bn_stats_blocked.default, xb.detach(), channels)
+        if stats is None:
+            mean, var = call_op(ops.bn_stats_blocked.default, xb.detach(), channels)
+        else:
+            mean, var = stats
         update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, n * h * w, momentum)
     else:
         if running_mean is None or running_var is None:

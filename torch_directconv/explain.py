@@ -56,9 +56,9 @@ def _unit_what(step: _steps.Unit) -> str:
     """How a unit runs in its modules' current modes."""
     conv, bn = step._parts
     if bn is not None and (bn.training or bn.running_mean is None):
-        stats = "batch statistics, then one pass: BN"
+        stats = "conv with the batch statistics in its epilogue" if conv is not None else "batch statistics"
         tail = (" + residual" if step.residual else "") + (" + ReLU" if step.relu else "")
-        return ("conv, " if conv is not None else "") + stats + tail
+        return stats + ", then one pass: BN" + tail
     parts = []
     if conv is not None:
         parts.append("conv" + (" with BN folded into its weights and bias" if bn is not None else ""))
