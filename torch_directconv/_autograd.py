@@ -6,10 +6,16 @@ whole training graph. The layout conversions (to_blocked, from_blocked, to_block
 are differentiable too, so a model whose activations stay blocked trains end to end.
 Double backward through a convolution is not supported and says so.
 
+The two convolutions, conv2d and conv2d_blocked, have C++ autograd kernels
+(csrc/torch/autograd.cpp): a C++ node asks the engine which gradients the running backward
+will use, so autograd.grad(y, [x]) runs no weight gradient. A Python autograd kernel cannot
+know that (ctx.needs_input_grad says only which inputs require grad). The other ops'
+autograd is registered here with register_autograd.
+
 Every op also has an autograd.Function with the same setup_context and backward, which
 call_op uses under torch.func transforms (grad, vjp, vmap): the autograd that
-register_autograd makes has no setup_context, and the transforms refuse a Function without
-one (pytorch/pytorch#168393).
+register_autograd makes has no setup_context, the transforms refuse a Function without
+one (pytorch/pytorch#168393), and they refuse a C++ autograd Function.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from . import _backend  # noqa: F401  (loads the ops)
 
 def call_op(op: torch._ops.OpOverload, *args):
     """A directconv op with autograd. When no gradient can flow, the call goes straight below
-    autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
-    cost of several microseconds a call. Under torch.func transforms it always goes through
+    autograd, as the op's own autograd kernel would pass it on, minus that kernel's cost (for
+    the ops whose autograd is registered in Python, several microseconds a call). Under torch.func transforms it always goes through
     the op's autograd.Function: which tensors carry gradients (or tangents, which no
     requires_grad shows) is for the transforms to say, level by level."""
     if torch.compiler.is_compiling():
@@ -136,6 +142,11 @@ _FUNCTIONS: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
 def _register(name: str, backward, setup_context) -> None:
     """register_autograd for directconv::name, and the op's autograd.Function for torch.func."""
     torch.library.register_autograd(f"directconv::{name}", backward, setup_context=setup_context)
+    _function(name, backward, setup_context)
+
+
+def _function(name: str, backward, setup_context) -> None:
+    """The autograd.Function of directconv::name, which call_op uses under torch.func transforms."""
     op = getattr(torch.ops.directconv, name).default
 
     def forward(*args):
@@ -154,8 +165,9 @@ def _register(name: str, backward, setup_context) -> None:
     )
 
 
-_register("conv2d", _backward, _setup_context)
-_register("conv2d_blocked", _backward_blocked, _setup_blocked)
+# Their autograd kernels are in C++ (csrc/torch/autograd.cpp), with the same backward.
+_function("conv2d", _backward, _setup_context)
+_function("conv2d_blocked", _backward_blocked, _setup_blocked)
 _register("to_blocked", _backward_to_blocked, _setup_to_blocked)
 _register("from_blocked", _backward_from_blocked, _setup_from_blocked)
 _register("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)
