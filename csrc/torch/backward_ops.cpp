@@ -3,9 +3,10 @@
 
 #include "common.h"
 #include "conv/bwd_data.h"
+#include "conv/drivers.h"
+#include "conv/paths.h"
 #include "conv/reorder.h"
 #include "conv/scratch.h"
-#include "drivers.h"
 #include "jit/isa.h"
 #include "ops.h"
 #include "threading.h"
@@ -48,14 +49,9 @@ ConvDesc backward_desc(const char* op, const Tensor& grad_output, at::IntArrayRe
   return d;
 }
 
-// Whether the grouped problem of kg x cg channels per group fills at least half of its blocks.
-bool groups_fit_blocks(int64_t groups, int64_t kg, int64_t cg, int64_t V) {
-  return groups == 1 || dc::div_up(kg, V) * V * dc::div_up(cg, V) * V <= 2 * kg * cg;
-}
-
 // The phases of the JIT input gradient; empty when it does not take the problem.
 std::vector<dc::BwdDataPhase> jit_bwd_data_phases(const ConvDesc& d, int64_t groups) {
-  if (dc::active_isa() == dc::Isa::none || !groups_fit_blocks(groups, d.k, d.c, dc::vlen(dc::active_isa())))
+  if (dc::active_isa() == dc::Isa::none || !dc::groups_fit_blocks(groups, d.k, d.c, dc::vlen(dc::active_isa())))
     return {};
   return dc::bwd_data_phases(d);
 }
@@ -108,7 +104,7 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
     for (int64_t g = 0; g < groups; ++g)
       dc::reorder_to_blocked(gy + g * kg * gs[1], gs.data(), d.n, kg, P, Q, V, dy_blk + g * dy_group, tid, n_threads);
   });
-  run_bwd_data(
+  dc::run_bwd_data(
       d, phases, dy_blk, dx_blk, groups, dy_group, dx_group,
       [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
         const int64_t per_group = cb * kb * ph.sub.r * ph.sub.s * V * V;
@@ -117,6 +113,7 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
                                             ph.sub.r, ph.taps_s.data(), ph.sub.s, V, dst + g * per_group, tid,
                                             n_threads);
       },
+      jit_isa(), num_threads(), fwd_options(), torch_shares(),
       [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {  // one group
         dc::reorder_weight_to_blocked_bwd_blocks(w, ws.data(), kg, cg, d.r, d.s, ph.taps_r.data(), ph.sub.r,
                                                  ph.taps_s.data(), ph.sub.s, V, begin, end, dst);
@@ -136,7 +133,7 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   const dc::Isa isa = dc::active_isa();
   if (isa == dc::Isa::none) return Tensor();
   const int64_t k = weight_size[0], cg = weight_size[1], kg = k / groups, V = dc::vlen(isa);
-  if (!groups_fit_blocks(groups, kg, cg, V)) return Tensor();
+  if (!dc::groups_fit_blocks(groups, kg, cg, V)) return Tensor();
   ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight_size[2], weight_size[3],
                          stride, padding, dilation);
   Tensor out = at::empty(weight_size, grad_output.options());
@@ -157,7 +154,8 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
                              dy_blk + g * dy_group, tid, n_threads);
     }
   });
-  auto [dw, group_stride] = run_upd(d, groups, x_blk, x_group, dy_blk, dy_group);
+  auto [dw, group_stride] =
+      dc::run_upd(d, groups, x_blk, x_group, dy_blk, dy_group, jit_isa(), num_threads(), torch_shares());
   float* o = out.data_ptr<float>();
   run_shares(nt, [&](int tid, int n_threads) {
     for (int64_t g = 0; g < groups; ++g)

@@ -6,10 +6,10 @@
 
 #include "common.h"
 #include "conv/bwd_data.h"
+#include "conv/drivers.h"
 #include "conv/fwd_driver.h"
 #include "conv/reorder.h"
 #include "conv/scratch.h"
-#include "drivers.h"
 #include "jit/isa.h"
 #include "ops.h"
 #include "threading.h"
@@ -55,8 +55,9 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
   validated(op, d);
   Tensor x = input.contiguous(), w = weight.contiguous();
   Tensor out = at::empty({d.n, kb, d.p(), d.q(), V}, input.options());
-  run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options()), x.data_ptr<float>(), w.data_ptr<float>(),
-          b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), relu, 1, 0, 0, 0, 0);
+  dc::run_fwd(*dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options()), x.data_ptr<float>(),
+              w.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), relu, 1, 0, 0, 0,
+              0, torch_shares());
   return out;
 }
 
@@ -118,12 +119,13 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   Tensor out = at::empty(input_size, gy.options());
   const float* wp = w.data_ptr<float>();
   // One group always fits its blocks, so every geometry has its phases.
-  run_bwd_data(
+  dc::run_bwd_data(
       d, dc::bwd_data_phases(d), gy.data_ptr<float>(), out.data_ptr<float>(), 1, 0, 0,
       [&](const dc::BwdDataPhase& ph, float* dst, int tid, int n_threads) {
         dc::reorder_blocked_weight_to_bwd(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
                                           ph.sub.s, static_cast<int>(V), dst, tid, n_threads);
       },
+      jit_isa(), num_threads(), fwd_options(), torch_shares(),
       [&](const dc::BwdDataPhase& ph, int64_t begin, int64_t end, float* dst) {
         dc::reorder_blocked_weight_to_bwd_blocks(wp, kb, cb, d.r, d.s, ph.taps_r.data(), ph.sub.r, ph.taps_s.data(),
                                                  ph.sub.s, static_cast<int>(V), begin, end, dst);
@@ -161,7 +163,9 @@ Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& i
   Tensor out = at::empty(weight_size, input.options());
   if (d.n == 0) return out.zero_();
   Tensor x = input.contiguous(), gy = grad_output.contiguous();
-  const float* dw = run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0, out.data_ptr<float>()).first;
+  const float* dw = dc::run_upd(d, 1, x.data_ptr<float>(), 0, gy.data_ptr<float>(), 0, jit_isa(), num_threads(),
+                                torch_shares(), out.data_ptr<float>())
+                        .first;
   if (dw != out.data_ptr<float>()) std::memcpy(out.data_ptr<float>(), dw, sizeof(float) * out.numel());
   if (d.c < cb * V) out.select(1, cb - 1).narrow(3, d.c - (cb - 1) * V, cb * V - d.c).zero_();
   return out;

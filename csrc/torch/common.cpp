@@ -4,14 +4,15 @@
 
 #include <algorithm>
 
+#include "conv/paths.h"
 #include "jit/isa.h"
 
 namespace dc_torch {
 
-dc::Isa jit_isa() {
+dc::Isa jit_isa(const char* op) {
   dc::Isa isa = dc::active_isa();
-  TORCH_CHECK(isa != dc::Isa::none,
-              "torch_directconv: no JIT ISA is active (the CPU lacks AVX2, or TORCH_DIRECTCONV_ISA=none); "
+  TORCH_CHECK(isa != dc::Isa::none, op,
+              ": no JIT ISA is active (the CPU lacks AVX2, or TORCH_DIRECTCONV_ISA=none); "
               "the Python API falls back to torch's convolution");
   return isa;
 }
@@ -184,7 +185,7 @@ at::MemoryFormat output_format(const Tensor& input, bool weight_channels_last) {
 }
 
 bool is_depthwise(const Tensor& weight, int64_t groups) {
-  return groups > 1 && weight.size(1) == 1 && weight.size(0) == groups;
+  return dc::is_depthwise(groups, weight.size(0), weight.size(1));
 }
 
 }  // namespace dc_torch

@@ -20,8 +20,8 @@ namespace dc_torch {
 using at::Tensor;
 using dc::ConvDesc;
 
-// The active JIT ISA; an error when there is none.
-dc::Isa jit_isa();
+// The active JIT ISA; an error naming op when there is none.
+dc::Isa jit_isa(const char* op = "torch_directconv");
 
 void check_float_cpu(const Tensor& t, const char* op, const char* name);
 

@@ -3,11 +3,12 @@
 #include <ATen/ATen.h>
 
 #include "common.h"
+#include "conv/drivers.h"
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
+#include "conv/paths.h"
 #include "conv/reorder.h"
 #include "conv/scratch.h"
-#include "drivers.h"
 #include "jit/isa.h"
 #include "ops.h"
 #include "threading.h"
@@ -82,17 +83,15 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
 
 namespace {
 
-// NCHW (any strides) in, NCHW out (channels_last when asked), through the blocked kernels:
-// the input converted to blocks, the kernels run, the output converted back. The weights
-// are `packed` (every group, as pack_weight gives them), or, when that is null, packed at
-// this call by `pack` (one group): by each work unit just before its calls when the plan
-// allows (one_unit_per_kgroup), else beside the input's conversion.
+// NCHW (any strides) in, NCHW out (channels_last when asked), through the blocked kernels
+// (dc::fwd_nchw_via_blocks). The weights are `packed` (every group, as pack_weight gives
+// them), or, when that is null, packed at this call by `pack` (one group).
 Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups, int64_t out_channels,
                          const c10::optional<Tensor>& bias, bool relu, bool channels_last, const float* packed,
-                         const PackBlockRange& pack) {
+                         const dc::PackBlockRange& pack) {
   const char* op = "conv2d";
   const int V = dc::vlen(jit_isa());
-  const int64_t cg = d.c, kg = d.k, cb = dc::div_up(cg, V), kb = dc::div_up(kg, V), P = d.p(), Q = d.q();
+  const int64_t kg = d.k, kb = dc::div_up(kg, V), P = d.p(), Q = d.q();
   Tensor b = padded_bias(bias, out_channels, out_channels, op);
   Tensor bias_blk;
   if (b.defined()) {
@@ -101,34 +100,11 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   }
   Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(output_format(input, channels_last)));
   if (d.n == 0) return out;
-
-  const int nt = num_threads();
-  auto prim = dc::get_fwd_primitive(d, jit_isa(), nt, fwd_options());
-  const bool per_unit = !packed && one_unit_per_kgroup(prim->plan);
-  const int64_t src_group = d.n * cb * d.h * d.w * V, dst_group = d.n * kb * P * Q * V;
-  const int64_t wei_group = kb * cb * d.r * d.s * V * V;
-  float* src_blk = scratch(dc::kScratchSrc, groups * src_group);
-  float* dst_blk = scratch(dc::kScratchDst, groups * dst_group);
-  float* wei_blk = packed || per_unit ? nullptr : scratch(dc::kScratchWei, wei_group);
-  const float* x = input.data_ptr<float>();
-  float* y = out.data_ptr<float>();
+  auto prim = dc::get_fwd_primitive(d, jit_isa(), num_threads(), fwd_options());
   auto xs = strides4(input), ys = strides4(out);
-  run_shares(nt, [&](int tid, int n_threads) {
-    for (int64_t g = 0; g < groups; ++g)
-      dc::reorder_to_blocked(x + g * cg * xs[1], xs.data(), d.n, cg, d.h, d.w, V, src_blk + g * src_group, tid,
-                             n_threads);
-    if (wei_blk) {
-      const int64_t blocks = kb * cb, begin = blocks * tid / n_threads, end = blocks * (tid + 1) / n_threads;
-      pack(begin, end, wei_blk + begin * d.r * d.s * V * V);
-    }
-  });
-  run_fwd(*prim, src_blk, packed ? packed : wei_blk, bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr,
-          dst_blk, relu, groups, src_group, wei_group, kb * V, dst_group, per_unit ? pack : nullptr);
-  run_shares(nt, [&](int tid, int n_threads) {
-    for (int64_t g = 0; g < groups; ++g)
-      dc::reorder_from_blocked(dst_blk + g * dst_group, d.n, kg, P, Q, V, y + g * kg * ys[1], ys.data(), tid,
-                               n_threads);
-  });
+  dc::fwd_nchw_via_blocks(*prim, groups, input.data_ptr<float>(), xs.data(), packed, pack,
+                          bias_blk.defined() ? bias_blk.data_ptr<float>() : nullptr, relu, out.data_ptr<float>(),
+                          ys.data(), torch_shares());
   return out;
 }
 
@@ -175,12 +151,6 @@ Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optio
   return conv2d_via_blocks(input, d, groups, out_channels, bias, relu, channels_last, weight.data_ptr<float>(),
                            nullptr);
 }
-
-namespace {
-
-constexpr int64_t kNchwGemmMinPixels = 28 * 28;
-
-}  // namespace
 
 // 1x1, stride 1, no padding, NCHW in and out: the GEMM plan (make_fwd_plan_nchw_1x1) reads
 // the weights and the input as they are and writes the output in place, with no packing
@@ -234,7 +204,7 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
                        output_format(input, weight_channels_last));
   // The NCHW 1x1 GEMM on images of 28x28 and more; on smaller ones it has too few pixels
   // per output channel, and the blocked kernels with their conversions measured faster.
-  if (groups == 1 && input.size(2) * input.size(3) >= kNchwGemmMinPixels)
+  if (groups == 1 && input.size(2) * input.size(3) >= dc::kNchwGemmMinPixels)
     if (Tensor y = conv2d_nchw_1x1(input, weight, bias, stride, padding, dilation, relu); y.defined()) return y;
   if (groups > 1)
     return conv2d_packed(input, pack_weight(weight, groups), bias, weight.size(0), stride, padding, dilation, groups,

@@ -10,6 +10,7 @@
 #include "common.h"
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
+#include "conv/paths.h"
 #include "conv/scratch.h"
 #include "conv/upd_conv.h"
 #include "jit/isa.h"
@@ -95,6 +96,34 @@ PYBIND11_MODULE(_C, m) {
       "For benchmarks: force software prefetch on (1) or off (0), and the input-channel blocks per kernel call; "
       "-1 lets the plan decide.");
   m.def("fwd_plan", &dc_torch::fwd_plan, pybind11::arg("problem"), pybind11::arg("threads") = 1);
+  m.def(
+      "jit_covers_groups",
+      [](int64_t groups, int64_t k, int64_t cg) {
+        return dc::jit_covers_groups(groups, k, cg, dc::vlen(dc_torch::jit_isa()));
+      },
+      pybind11::arg("groups"), pybind11::arg("out_channels"), pybind11::arg("in_channels_per_group"),
+      "Whether the JIT kernels cover a convolution of these groups (conv/paths.h): one group, depthwise, or groups "
+      "that waste at most half of their channel blocks.");
+  m.def("is_depthwise", &dc::is_depthwise, pybind11::arg("groups"), pybind11::arg("out_channels"),
+        pybind11::arg("in_channels_per_group"),
+        "Whether these groups are depthwise (one input and one output channel each), which the depthwise kernels "
+        "and their packed weight layout take (conv/paths.h).");
+  m.def(
+      "nchw_gemm_min_pixels", [] { return dc::kNchwGemmMinPixels; },
+      "The smallest image (H * W) that the NCHW 1x1 GEMM takes.");
+  m.def(
+      "nchw_gemm_applies",
+      [](int64_t c, int64_t h, int64_t w, int64_t k) {
+        dc::ConvDesc d;
+        d.c = c;
+        d.h = h;
+        d.w = w;
+        d.k = k;
+        return dc::nchw_gemm_preferred(d, dc::active_isa());
+      },
+      pybind11::arg("in_channels"), pybind11::arg("height"), pybind11::arg("width"), pybind11::arg("out_channels"),
+      "Whether a 1x1, stride-1, unpadded, one-group convolution on contiguous NCHW tensors takes the NCHW 1x1 GEMM "
+      "(conv/paths.h), per image.");
   m.def(
       "upd_plan",
       [](const std::string& problem, int64_t threads) {
