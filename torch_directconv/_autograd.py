@@ -7,10 +7,16 @@ from_blocked_weight) are differentiable too, so a model whose activations stay b
 end to end.
 Double backward through a convolution is not supported and says so.
 
+The two convolutions, conv2d and conv2d_blocked, have C++ autograd kernels
+(csrc/torch/autograd.cpp): a C++ node asks the engine which gradients the running backward
+will use, so autograd.grad(y, [x]) runs no weight gradient. A Python autograd kernel cannot
+know that (ctx.needs_input_grad says only which inputs require grad). The other ops'
+autograd is registered here with register_autograd.
+
 Every op also has an autograd.Function with the same setup_context and backward, which
 call_op uses under torch.func transforms (grad, vjp, vmap): the autograd that
-register_autograd makes has no setup_context, and the transforms refuse a Function without
-one (pytorch/pytorch#168393).
+register_autograd makes has no setup_context, the transforms refuse a Function without
+one (pytorch/pytorch#168393), and they refuse a C++ autograd Function.
 """
 
 from __future__ import annotations
@@ -22,20 +28,22 @@ from . import _backend  # noqa: F401  (loads the ops)
 
 def call_op(op: torch._ops.OpOverload, *args):
     """A directconv op with autograd. When no gradient can flow, the call goes straight below
-    autograd, as the op's own (Python) autograd kernel would pass it on, minus that kernel's
-    cost of several microseconds a call. When one can, in eager mode, it goes through the op's
-    eager autograd.Function: the same setup_context and backward as the op's registered
-    autograd, whose kernel costs about 30 us a call more (it rebuilds an autograd.Function
-    call, with its argument binding, every time). Under torch.func transforms it always goes
-    through the op's transform-ready autograd.Function: which tensors carry gradients (or
-    tangents, which no requires_grad shows) is for the transforms to say, level by level. A
-    graph being recorded (torch.compile, torch.jit.trace) sees the op itself."""
+    autograd, as the op's own autograd kernel would pass it on, minus that kernel's cost. When
+    one can, in eager mode: the ops with a C++ autograd kernel (conv2d, conv2d_blocked) are
+    called as they are, and the others go through their eager autograd.Function, the same
+    setup_context and backward as their registered (Python) autograd, whose kernel costs about
+    30 us a call more (it rebuilds an autograd.Function call, with its argument binding, every
+    time). Under torch.func transforms it always goes through the op's transform-ready
+    autograd.Function: which tensors carry gradients (or tangents, which no requires_grad
+    shows) is for the transforms to say, level by level. A graph being recorded
+    (torch.compile, torch.jit.trace) sees the op itself."""
     if torch.compiler.is_compiling():
         return op(*args)
     if torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[op].apply(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return op(*args) if torch._C._get_tracing_state() else _EAGER[op].apply(*args)
+        eager = _EAGER.get(op)
+        return op(*args) if eager is None or torch._C._get_tracing_state() else eager.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
@@ -170,6 +178,12 @@ def _register(name: str, backward, setup_context) -> None:
     its eager one for call_op (the old-style forward(ctx, ...), whose apply binds no arguments,
     running the op below autograd)."""
     torch.library.register_autograd(f"directconv::{name}", backward, setup_context=setup_context)
+    _function(name, backward, setup_context)
+
+
+def _function(name: str, backward, setup_context, eager: bool = True) -> None:
+    """The autograd.Function of directconv::name, which call_op uses under torch.func transforms,
+    and (eager) the one call_op uses in eager mode instead of a Python autograd kernel."""
     op = getattr(torch.ops.directconv, name).default
 
     def eager_forward(ctx, *args):
@@ -178,11 +192,12 @@ def _register(name: str, backward, setup_context) -> None:
         setup_context(ctx, args, output)
         return output
 
-    _EAGER[op] = type(
-        f"{name}_eager_function",
-        (torch.autograd.Function,),
-        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
-    )
+    if eager:
+        _EAGER[op] = type(
+            f"{name}_eager_function",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
+        )
 
     def forward(*args):
         return op(*args)
@@ -200,8 +215,9 @@ def _register(name: str, backward, setup_context) -> None:
     )
 
 
-_register("conv2d", _backward, _setup_context)
-_register("conv2d_blocked", _backward_blocked, _setup_blocked)
+# Their autograd kernels are in C++ (csrc/torch/autograd.cpp), with the same backward.
+_function("conv2d", _backward, _setup_context, eager=False)
+_function("conv2d_blocked", _backward_blocked, _setup_blocked, eager=False)
 _register("conv2d_blocked_stats", _backward_blocked_stats, _setup_blocked_stats)
 _register("to_blocked", _backward_to_blocked, _setup_to_blocked)
 _register("from_blocked", _backward_from_blocked, _setup_from_blocked)

@@ -51,6 +51,12 @@ def isa() -> str:
 
 
 @_constant_under_compile
+def jit_covers_groups(groups: int, out_channels: int, in_channels_per_group: int) -> bool:
+    """Whether the JIT kernels cover these groups (the C++ rule, conv/paths.h)."""
+    return _C.jit_covers_groups(groups, out_channels, in_channels_per_group)
+
+
+@_constant_under_compile
 def vector_width() -> int:
     """Channels per block of the blocked layouts: 16 for AVX-512, 8 for AVX2."""
     return {"avx512": 16, "avx2": 8}.get(isa(), 0)

@@ -47,7 +47,7 @@ def _conv2d_packed(input, weight, bias, out_channels, stride, padding, dilation,
 def _pack_weight(weight, groups):
     v = _backend.vector_width()
     k, c, r, s = weight.shape
-    if groups > 1 and c == 1 and k == groups:
+    if _backend._C.is_depthwise(groups, k, c):
         return weight.new_empty((-(-k // v), r, s, v))
     return weight.new_empty((groups, -(-(k // groups) // v), -(-c // v), r, s, v, v))
 

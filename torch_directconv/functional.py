@@ -133,12 +133,9 @@ def fallback_reason(
     if input.shape[-3] == 0:
         # torch gives an output with no channels here, whatever the weight and bias.
         return "'input' has no channels"
-    if groups > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups):
-        # Each group is padded to whole channel blocks; past a 2x waste torch is faster.
-        v = _backend.vector_width()
+    if groups > 1 and not _backend.jit_covers_groups(groups, weight.shape[0], weight.shape[1]):
         kg, cg = weight.shape[0] // groups, weight.shape[1]
-        if -(-kg // v) * v * -(-cg // v) * v > 2 * kg * cg:
-            return f"grouped convolutions with {cg} input and {kg} output channels per group are not covered by the JIT"
+        return f"grouped convolutions with {cg} input and {kg} output channels per group are not covered by the JIT"
     return None
 
 

@@ -16,6 +16,9 @@ from . import _backend
 from ._autograd import call_op
 from .functional import _check, _pair, conv2d_packed, conv_padding, fallback_reason, pack_weight
 
+# The smallest image the NCHW 1x1 GEMM takes (C++'s, read once).
+_NCHW_GEMM_MIN_PIXELS = _backend._C.nchw_gemm_min_pixels() if _backend._C is not None else 2**63
+
 
 class DirectConv2d(nn.Conv2d):
     """nn.Conv2d whose forward runs on JIT-generated direct-convolution kernels.
@@ -111,20 +114,18 @@ class DirectConv2d(nn.Conv2d):
 
     def _nchw_gemm(self, x: torch.Tensor, weight: torch.Tensor, stride: tuple, pad4: tuple) -> bool:
         """Whether the op takes its NCHW 1x1 GEMM (no packing, no layout conversion), and it
-        beats the cached packing: images of 28x28 and more (on smaller ones the GEMM has too
-        few pixels per output channel)."""
+        beats the cached packing: the C++ rule (conv/paths.h), asked only for images large
+        enough for it."""
         if self.kernel_size != (1, 1) or self.groups != 1 or stride != (1, 1) or any(pad4):
             return False
-        if x.shape[2] * x.shape[3] < 784:
+        if x.shape[2] * x.shape[3] < _NCHW_GEMM_MIN_PIXELS:
             return False
-        v = _backend.vector_width()
         return (
             x.is_contiguous()
             and weight.is_contiguous()
             and not _backend.is_channels_last(x)
             and not _backend.is_channels_last(weight)
-            and x.shape[1] % v == 0
-            and (v == 16 or (x.shape[2] * x.shape[3]) % v == 0)
+            and _backend._C.nchw_gemm_applies(x.shape[1], x.shape[2], x.shape[3], weight.shape[0])
         )
 
     def _geometry(self) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:

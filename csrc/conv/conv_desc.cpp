@@ -11,9 +11,10 @@ namespace dc {
 
 std::string ConvDesc::to_string() const {
   std::ostringstream o;
-  o << "mb" << n << "ic" << c << "ih" << h;
+  if (groups != 1) o << "g" << groups;
+  o << "mb" << n << "ic" << c * groups << "ih" << h;
   if (w != h) o << "iw" << w;
-  o << "oc" << k << "oh" << p();
+  o << "oc" << k * groups << "oh" << p();
   if (q() != p()) o << "ow" << q();
   o << "kh" << r;
   if (s != r) o << "kw" << s;
@@ -33,7 +34,8 @@ std::string ConvDesc::to_string() const {
 
 std::string ConvDesc::validate() const {
   std::ostringstream o;
-  if (n < 0) o << "batch size must be >= 0, got " << n;
+  if (groups < 1) o << "groups must be >= 1, got " << groups;
+  else if (n < 0) o << "batch size must be >= 0, got " << n;
   else if (c < 1 || k < 1) o << "channels must be >= 1, got ic" << c << " oc" << k;
   else if (h < 1 || w < 1) o << "input spatial size must be >= 1, got " << h << "x" << w;
   else if (r < 1 || s < 1) o << "kernel size must be >= 1, got " << r << "x" << s;
@@ -56,7 +58,7 @@ bool jit_fits(const ConvDesc& d, int64_t V) {
       d.stride_w < 1 || d.dil_h < 1 || d.dil_w < 1 || d.pad_t < 0 || d.pad_b < 0 || d.pad_l < 0 || d.pad_r < 0)
     return false;
   const wide hp = wide(d.h) + d.pad_t + d.pad_b, wp = wide(d.w) + d.pad_l + d.pad_r;
-  const wide vec_bytes = wide(V) * static_cast<wide>(sizeof(float));
+  const wide vec_bytes = wide(V) * d.elem_bytes();
   // A row of a tile spans at most kMaxTilePixels strides. A dilated kernel larger than the
   // padded input is left to validate(), which says so.
   constexpr wide kMaxTilePixels = 64;
@@ -111,6 +113,13 @@ ConvDesc parse_conv_desc(const std::string& str) {
   d.pad_r = get("pr", d.pad_l);
   d.dil_h = get("dh", 0) + 1;
   d.dil_w = get("dw", d.dil_h - 1) + 1;
+  // benchdnn's ic and oc count every group's channels.
+  d.groups = get("g", 1);
+  if (d.groups < 1 || d.c % d.groups || d.k % d.groups)
+    throw std::invalid_argument("conv problem string: g" + std::to_string(d.groups) + " does not divide ic" +
+                                std::to_string(d.c) + " and oc" + std::to_string(d.k) + " in '" + str + "'");
+  d.c /= d.groups;
+  d.k /= d.groups;
   return d;
 }
 

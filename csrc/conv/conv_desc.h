@@ -1,9 +1,11 @@
-// The convolution exactly as the user asked for it: one group, fp32, blocked layouts.
+// The convolution exactly as the user asked for it, in blocked layouts.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "jit/dtype.h"
 
 namespace dc {
 
@@ -13,6 +15,12 @@ struct ConvDesc {
   int64_t stride_h = 1, stride_w = 1;
   int64_t pad_t = 0, pad_b = 0, pad_l = 0, pad_r = 0;
   int64_t dil_h = 1, dil_w = 1;
+  // Groups of c input and k output channels each, side by side (c and k count one group's
+  // channels; benchdnn's g). A plan, a kernel and a driver's offsets are one group's.
+  int64_t groups = 1;
+  DataType dt = DataType::f32;  // the element type of every tensor
+
+  int64_t elem_bytes() const { return dc::elem_bytes(dt); }
 
   // Output size; 0 when the dilated kernel does not fit the padded input. In 128-bit
   // arithmetic, as paddings and dilations may come near 2^63 (saturates at INT64_MAX).

@@ -30,7 +30,7 @@ DwPlan make_dw_plan(const ConvDesc& desc, Isa isa, int threads) {
   const int64_t P = desc.p(), Q = desc.q();
   plan.cb = div_up(desc.c, V);
   plan.tile_ow = std::min<int>(dw_max_ow(isa), static_cast<int>(Q));
-  plan.src_r_stride = desc.dil_h * desc.w * V * 4;
+  plan.src_r_stride = desc.dil_h * desc.w * V * desc.elem_bytes();
 
   std::map<std::string, int> index;
   auto kernel_index = [&](const DwKernelSpec& sp) {
@@ -51,6 +51,7 @@ DwPlan make_dw_plan(const ConvDesc& desc, Isa isa, int threads) {
       int64_t ow0 = 0;
       for (int w : split_even(Q, plan.tile_ow)) {
         DwKernelSpec sp;
+        sp.dt = desc.dt;
         sp.isa = isa;
         sp.s = static_cast<int>(desc.s);
         sp.stride_w = static_cast<int>(desc.stride_w);

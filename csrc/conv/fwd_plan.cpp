@@ -26,7 +26,7 @@ double step_cycles(int accs, int loads, double load_rate) {
 // fit in half of a 32 KiB L1 (they are read by every tile of the unit, from L1); at least
 // one block.
 int64_t default_c_chunk(const ConvDesc& d, Isa isa, int n_oc) {
-  const int64_t V = vlen(isa), chunk_bytes = n_oc * d.r * d.s * V * V * 4;
+  const int64_t V = vlen(isa), chunk_bytes = n_oc * d.r * d.s * V * V * d.elem_bytes();
   return std::min<int64_t>(std::max<int64_t>(1, (16 << 10) / chunk_bytes), std::max<int64_t>(1, d.c / V));
 }
 
@@ -60,6 +60,7 @@ Tile choose_tile(const ConvDesc& d, Isa isa) {
       for (int ow = 1; ow <= std::min<int64_t>(q, 28); ++ow) {
         FwdKernelSpec sp;
         sp.isa = isa;
+        sp.dt = d.dt;
         sp.oh = oh;
         sp.ow = ow;
         sp.n_oc = n_oc;
@@ -103,6 +104,7 @@ class StreamBuilder {
     for (int w : split_even(d_.q(), plan_.tile_ow)) {
       FwdKernelSpec sp;
       sp.isa = plan_.isa;
+      sp.dt = d_.dt;
       sp.s = static_cast<int>(d_.s);
       sp.stride_w = static_cast<int>(d_.stride_w);
       sp.dil_w = static_cast<int>(d_.dil_w);
@@ -215,6 +217,7 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   if (options.tile_ow > 0) {
     FwdKernelSpec sp;
     sp.isa = isa;
+    sp.dt = desc.dt;
     sp.oh = options.tile_oh;
     sp.ow = options.tile_ow;
     sp.n_oc = options.n_oc;
@@ -253,10 +256,10 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   // the largest slab under a quarter of a 1 MiB L2. Then there must be enough units for
   // every thread.
   auto slab_bytes = [&](int64_t rows) {
-    return ((rows - 1) * desc.stride_h + (desc.r - 1) * desc.dil_h + 1) * desc.w * plan.cb * V * 4;
+    return ((rows - 1) * desc.stride_h + (desc.r - 1) * desc.dil_h + 1) * desc.w * plan.cb * V * desc.elem_bytes();
   };
   const double half_l2 = l2_bytes() / 2.0;
-  const double w_bytes = static_cast<double>(plan.kb) * plan.cb * desc.r * desc.s * V * V * 4;
+  const double w_bytes = static_cast<double>(plan.kb) * plan.cb * desc.r * desc.s * V * V * desc.elem_bytes();
   auto far_bytes = [&](int64_t rows) {
     const double groups = static_cast<double>(div_up(P, rows)), slab = static_cast<double>(slab_bytes(rows));
     return groups * (w_bytes + slab > half_l2 ? w_bytes : 0) + groups * slab * (slab > half_l2 ? kgroups : 1);
@@ -264,7 +267,7 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   // Weights larger than half of L2 and than every image's input together (the deep
   // layers) are read once for all the images: a unit then takes every image of its rows
   // and output-channel group, else one image.
-  const double image_bytes = static_cast<double>(desc.h) * desc.w * plan.cb * V * 4;
+  const double image_bytes = static_cast<double>(desc.h) * desc.w * plan.cb * V * desc.elem_bytes();
   plan.images_per_unit = desc.n > 1 && w_bytes > half_l2 && w_bytes > desc.n * image_bytes ? desc.n : 1;
   const bool all_images = plan.images_per_unit > 1;
   int64_t rows = P;
@@ -296,13 +299,14 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
   if (plan.tile_oh == 2 && plan.rows_per_group % 2 && plan.rows_per_group < P) ++plan.rows_per_group;
 
   FwdCallArgs& a = plan.strides;
-  a.src_r_stride = desc.dil_h * plan.src.row * 4;
-  a.src_row_stride = desc.stride_h * plan.src.row * 4;
-  a.src_cb_stride = plan.src.cb * 4;
-  a.wei_cb_stride = desc.r * desc.s * V * V * 4;
+  const int64_t es = desc.elem_bytes();
+  a.src_r_stride = desc.dil_h * plan.src.row * es;
+  a.src_row_stride = desc.stride_h * plan.src.row * es;
+  a.src_cb_stride = plan.src.cb * es;
+  a.wei_cb_stride = desc.r * desc.s * V * V * es;
   a.wei_kb_stride = plan.cb * a.wei_cb_stride;
-  a.dst_row_stride = plan.dst.row * 4;
-  a.dst_kb_stride = plan.dst.kb * 4;
+  a.dst_row_stride = plan.dst.row * es;
+  a.dst_kb_stride = plan.dst.kb * es;
 
   // Units in the order n, row group, output-channel group (each unit's images one after
   // the other). Each thread takes a contiguous run of about equal estimated work, so it
@@ -344,7 +348,7 @@ bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
          d.pad_b == 0 && d.pad_l == 0 && d.pad_r == 0 && d.c % V == 0 &&
          ((d.h * d.w) % V == 0 || isa == Isa::avx512) && d.n >= 1 &&
          // The kernels step over channels and pixels of an NCHW image with 32-bit offsets.
-         static_cast<__int128>(std::max(d.c, d.k)) * d.h * d.w * static_cast<int64_t>(sizeof(float)) <= INT32_MAX;
+         static_cast<__int128>(std::max(d.c, d.k)) * d.h * d.w * d.elem_bytes() <= INT32_MAX;
 }
 
 FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool accumulate, bool relu) {
@@ -368,23 +372,25 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
   plan.rows_per_group = 1;
   plan.post.relu = relu;
   FwdCallArgs& a = plan.strides;
-  a.src_cb_stride = V * 4;       // the next V channels of a weight row
-  a.wei_cb_stride = V * pq * 4;  // the next V channel rows of the image
-  a.wei_kb_stride = V * 4;       // the next vector of pixels
-  a.dst_kb_stride = V * 4;
+  const int64_t es = d.elem_bytes();
+  a.src_cb_stride = V * es;       // the next V channels of a weight row
+  a.wei_cb_stride = V * pq * es;  // the next V channel rows of the image
+  a.wei_kb_stride = V * es;       // the next vector of pixels
+  a.dst_kb_stride = V * es;
   a.dst_row_stride = 0;
   std::map<std::string, int> index;
   auto kernel_index = [&](int rows, int n_oc, int last_lanes, bool last_chunk) {
     FwdKernelSpec sp;
     sp.isa = isa;
+    sp.dt = d.dt;
     sp.s = 1;
     sp.stride_w = static_cast<int>(d.c / V);  // a "pixel" of the broadcast side is a weight row
     sp.oh = 1;
     sp.ow = rows;
     sp.n_oc = n_oc;
     sp.c_valid = V;
-    sp.dst_px_bytes = pq * 4;  // from one output channel's row to the next
-    sp.wei_c_stride = pq * 4;
+    sp.dst_px_bytes = pq * es;  // from one output channel's row to the next
+    sp.wei_c_stride = pq * es;
     sp.last_oc_lanes = last_lanes;
     if (last_chunk) sp.post = plan.post;
     auto it = index.find(sp.name());
@@ -397,7 +403,7 @@ FwdPlan make_fwd_plan_nchw_1x1(const ConvDesc& d, Isa isa, int threads, bool acc
   // chunk stays in L1 while the part's weights stream past it. The output channels are
   // split only when the images' pixels alone give too few units for the threads (a 7x7
   // image is a single group of pixel vectors).
-  plan.c_chunk = std::max<int64_t>(1, std::min<int64_t>(plan.cb, (32 << 10) / (n_vec * V * V * 4)));
+  plan.c_chunk = std::max<int64_t>(1, std::min<int64_t>(plan.cb, (32 << 10) / (n_vec * V * V * es)));
   const int64_t pixel_units = d.n * div_up(vecs, n_vec), want = 8 * static_cast<int64_t>(plan.threads);
   const int64_t k_parts = plan.threads > 1 && pixel_units < want
                               ? std::min(div_up(want, pixel_units), div_up(d.k, k_rows))

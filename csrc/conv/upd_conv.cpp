@@ -59,6 +59,7 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
     for (int n_c = 1; n_c <= V; ++n_c) {
       UpdKernelSpec sp;
       sp.isa = isa;
+      sp.dt = d.dt;
       sp.n_c = n_c;
       sp.n_kb = n_kb;
       if (upd_vector_registers(sp) > isa_vector_registers(isa)) continue;
@@ -78,7 +79,7 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   // A unit's input-channel blocks: as many as keep its dW tiles (n_kb x cb_group blocks of
   // every tap) within 512 KiB of L2, so that each row block of the output gradient, read
   // once, serves all of them.
-  plan.cb_group = std::min<int64_t>(plan.cb, std::max<int64_t>(1, (512 << 10) / (plan.n_kb * d.r * d.s * V * V * 4)));
+  plan.cb_group = std::min<int64_t>(plan.cb, std::max<int64_t>(1, (512 << 10) / (plan.n_kb * d.r * d.s * V * V * d.elem_bytes())));
   // With more threads than images, smaller groups where they balance the units much
   // better (each group reads the output gradient again, from L2 when it fits); with enough
   // images, splitting the minibatch (below) measured better.
@@ -102,13 +103,13 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   auto block_bytes = [&](int64_t rows) {
     const int64_t in_rows = std::min((rows - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1, rows * d.r);
     const int64_t in_cols = std::min(d.w, Q * d.s);
-    return d.n * (plan.n_kb * rows * Q + in_rows * in_cols) * V * 4;  // a call takes every image
+    return d.n * (plan.n_kb * rows * Q + in_rows * in_cols) * V * d.elem_bytes();  // a call takes every image
   };
   int64_t rows = P;
   while (rows > 1 && block_bytes(rows) > l2_bytes() / 8) rows = div_up(rows, 2);
   // A call's rows of output gradient are read again by the call of each input-channel
   // tile: they should stay in a 32 KiB L1 (while a call keeps at least 28 pixels).
-  while (rows > 1 && d.n * plan.n_kb * rows * Q * V * 4 > (32 << 10) && d.n * div_up(rows, 2) * Q >= 28)
+  while (rows > 1 && d.n * plan.n_kb * rows * Q * V * d.elem_bytes() > (32 << 10) && d.n * div_up(rows, 2) * Q >= 28)
     rows = div_up(rows, 2);
   plan.rows_per_block = rows;
 
@@ -131,7 +132,7 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
     if (p > split) break;
     const double items = static_cast<double>(div_up(p * units, plan.threads));
     const double share = static_cast<double>(div_up(split, p)) / static_cast<double>(split);
-    const double per_elem = dw_elems * p * 4 > l2_bytes() ? 2.0 : 0.25;
+    const double per_elem = dw_elems * p * d.elem_bytes() > l2_bytes() ? 2.0 : 0.25;
     const double time = items * per_unit * share + (p > 1 ? per_elem * dw_elems * p / plan.threads : 0.0);
     if (time < best_time * 0.98) {
       best_time = time;
@@ -144,18 +145,20 @@ UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   const int64_t row_blocks = div_up(P, rows);
 
   UpdCallArgs& a = plan.strides;
-  a.x_img_stride = plan.cb * d.h * d.w * V * 4;
-  a.dy_img_stride = plan.kb * P * Q * V * 4;
-  a.x_row_stride = d.stride_h * d.w * V * 4;
-  a.x_px_stride = d.stride_w * V * 4;
-  a.dy_row_stride = Q * V * 4;
-  a.dy_kb_stride = P * Q * V * 4;
-  a.dw_kb_stride = plan.cb * d.r * d.s * V * V * 4;
+  const int64_t es = d.elem_bytes();
+  a.x_img_stride = plan.cb * d.h * d.w * V * es;
+  a.dy_img_stride = plan.kb * P * Q * V * es;
+  a.x_row_stride = d.stride_h * d.w * V * es;
+  a.x_px_stride = d.stride_w * V * es;
+  a.dy_row_stride = Q * V * es;
+  a.dy_kb_stride = P * Q * V * es;
+  a.dw_kb_stride = plan.cb * d.r * d.s * V * V * es;
 
   std::map<std::string, int> index;
   auto kernel_index = [&](int n_c, int n_kb) {
     UpdKernelSpec sp;
     sp.isa = isa;
+    sp.dt = d.dt;
     sp.n_c = n_c;
     sp.n_kb = n_kb;
     auto it = index.find(sp.name());

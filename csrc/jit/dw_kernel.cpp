@@ -9,7 +9,7 @@
 namespace dc {
 
 std::string DwKernelSpec::name() const {
-  return "f32_dwconv_fwd_" + taps_name() + "_ow" + std::to_string(ow) + border_name() + "__" + isa_name(isa);
+  return std::string(dtype_name(dt)) + "_dwconv_fwd_" + taps_name() + "_ow" + std::to_string(ow) + border_name() + "__" + isa_name(isa);
 }
 
 int dw_max_ow(Isa isa) { return isa_vector_registers(isa) - 2; }
@@ -32,7 +32,7 @@ class DwKernel : public JitGenerator {
   const Reg64 reg_cnt_r = rcx;
   const Reg64 reg_ptr = r8;  // bias or output, outside the loop
 
-  int vbytes() const { return sp_.v() * 4; }
+  int vbytes() const { return sp_.v() * sp_.es(); }
   Xmm vreg(int idx) const {
     if (sp_.isa == Isa::avx512) return Zmm(idx);
     return Ymm(idx);

@@ -14,7 +14,7 @@ std::string FwdPostOps::name() const {
 
 std::string FwdKernelSpec::name() const {
   std::ostringstream o;
-  o << "f32_conv_fwd_" << taps_name() << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c" << c_valid
+  o << dtype_name(dt) << "_conv_fwd_" << taps_name() << "_oh" << oh << "ow" << ow << "oc" << n_oc << "_c" << c_valid
      << border_name() << (prefetch ? "_pf" : "");
   if (dst_px != 1) o << "_dpx" << dst_px;
   if (wei_c_stride) o << "_wc" << wei_c_stride;
@@ -80,7 +80,7 @@ class FwdKernel : public JitGenerator {
   const Reg64 reg_pf_delta = r13;  // next call's src minus this call's (callee-saved)
 
   int V() const { return sp_.v(); }
-  int vbytes() const { return V() * 4; }
+  int vbytes() const { return V() * sp_.es(); }
   Xmm vreg(int idx) const {
     if (sp_.isa == Isa::avx512) return Zmm(idx);
     return Ymm(idx);
@@ -260,7 +260,7 @@ class FwdKernel : public JitGenerator {
         for (int row = 0; row < sp_.oh; ++row)
           for (int px = 0; px < sp_.ow; ++px) {
             if (!sp_.tap_valid(px, col)) continue;
-            int64_t sdisp = (static_cast<int64_t>(px * sp_.stride_w + col * sp_.dil_w) * V() + c) * 4;
+            int64_t sdisp = (static_cast<int64_t>(px * sp_.stride_w + col * sp_.dil_w) * V() + c) * sp_.es();
             if (uses_embedded_broadcast(sp_)) {
               vfmadd231ps(vmm_acc(row, px, 0), vmm_wei(0), ptr_b[src_row(row) + sdisp]);
               continue;

@@ -46,7 +46,7 @@ struct FwdKernelSpec : RowTaps {
   // output is a strided view (the phases of a strided layer's input gradient).
   int dst_px = 1;
   // Bytes from the weight vector of one input channel to the next within a block: 0 for
-  // the packed V x V blocks (V * 4). The NCHW 1x1 plan reads the input rows themselves as
+  // the packed V x V blocks (V elements). The NCHW 1x1 plan reads the input rows themselves as
   // its "weights", one channel's row of pixels after the other (conv/fwd_plan.h).
   int64_t wei_c_stride = 0;
   // Bytes from one output pixel to the next when it is not a whole number of vectors (the
@@ -58,8 +58,8 @@ struct FwdKernelSpec : RowTaps {
   int last_oc_lanes = 0;
   FwdPostOps post;
 
-  int64_t wei_c_bytes() const { return wei_c_stride ? wei_c_stride : v() * 4; }
-  int64_t dst_px_step() const { return dst_px_bytes ? dst_px_bytes : static_cast<int64_t>(dst_px) * v() * 4; }
+  int64_t wei_c_bytes() const { return wei_c_stride ? wei_c_stride : v() * es(); }
+  int64_t dst_px_step() const { return dst_px_bytes ? dst_px_bytes : static_cast<int64_t>(dst_px) * v() * es(); }
   std::string name() const;
 };
 

@@ -4,12 +4,14 @@
 
 #include <string>
 
+#include "jit/dtype.h"
 #include "jit/isa.h"
 
 namespace dc {
 
 struct RowTaps {
   Isa isa = Isa::avx512;
+  DataType dt = DataType::f32;
   int s = 1;  // kernel columns
   int stride_w = 1, dil_w = 1;
   // Border tiles skip the taps that fall on padding: iw0 is the tile's first input column
@@ -18,6 +20,7 @@ struct RowTaps {
   int iw0 = 0, w = 0;
 
   int v() const { return vlen(isa); }
+  int es() const { return elem_bytes(dt); }  // bytes per element
   bool tap_valid(int pixel, int col) const {
     const int iw = iw0 + pixel * stride_w + col * dil_w;
     return !border || (iw >= 0 && iw < w);

@@ -8,7 +8,7 @@
 namespace dc {
 
 std::string UpdKernelSpec::name() const {
-  return "f32_conv_upd_c" + std::to_string(n_c) + "kb" + std::to_string(n_kb) + "__" + isa_name(isa);
+  return std::string(dtype_name(dt)) + "_conv_upd_c" + std::to_string(n_c) + "kb" + std::to_string(n_kb) + "__" + isa_name(isa);
 }
 
 int upd_vector_registers(const UpdKernelSpec& sp) { return sp.n_c * sp.n_kb + sp.n_kb + 1; }
@@ -40,7 +40,7 @@ class UpdKernel : public JitGenerator {
   const Reg64 reg_dy_img = r13;  // (callee-saved)
   const Reg64 reg_cnt_img = r14; // (callee-saved)
 
-  int vbytes() const { return sp_.v() * 4; }
+  int vbytes() const { return sp_.v() * sp_.es(); }
   Xmm vreg(int idx) const {
     if (sp_.isa == Isa::avx512) return Zmm(idx);
     return Ymm(idx);
@@ -121,7 +121,7 @@ class UpdKernel : public JitGenerator {
     L(l_px);
     for (int kb = 0; kb < sp_.n_kb; ++kb) vmovups(vmm_dy(kb), block(reg_dy, reg_dy_kbs, kb, 0));
     for (int c = 0; c < sp_.n_c; ++c) {
-      vbroadcastss(vmm_bcast(), ptr[reg_x + c * 4]);
+      vbroadcastss(vmm_bcast(), ptr[reg_x + c * sp_.es()]);
       for (int kb = 0; kb < sp_.n_kb; ++kb) vfmadd231ps(vmm_acc(c, kb), vmm_dy(kb), vmm_bcast());
     }
     add(reg_x, arg(offsetof(UpdCallArgs, x_px_stride)));

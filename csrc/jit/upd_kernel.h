@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "jit/dtype.h"
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
 
@@ -18,10 +19,12 @@ namespace dc {
 
 struct UpdKernelSpec {
   Isa isa = Isa::avx512;
+  DataType dt = DataType::f32;
   int n_c = 8;   // input channels of the tile
   int n_kb = 3;  // output-channel blocks of the tile
 
   int v() const { return vlen(isa); }
+  int es() const { return elem_bytes(dt); }  // bytes per element
   std::string name() const;
 };
 
@@ -35,7 +38,7 @@ struct UpdCallArgs {
   int64_t x_img_stride;   // bytes from one image to the next in the input
   int64_t dy_img_stride;  // bytes from one image to the next in the output gradient
   int64_t x_row_stride;   // bytes from one pixel row to the next in the input
-  int64_t x_px_stride;    // bytes from one pixel to the next in the input (stride * V * 4)
+  int64_t x_px_stride;    // bytes from one pixel to the next in the input (stride * V elements)
   int64_t dy_row_stride;  // bytes from one row to the next in the output gradient
   int64_t dy_kb_stride;   // bytes per output-channel block of the output gradient
   int64_t dw_kb_stride;   // bytes per output-channel block of dW

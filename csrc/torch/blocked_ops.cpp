@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
 #include "conv/blocked_eltwise.h"
 #include "conv/blocked_pool.h"
 #include "jit/isa.h"
@@ -20,22 +21,12 @@ using at::Tensor;
 
 namespace {
 
-int blocked_vlen(const char* op) {
-  const dc::Isa isa = dc::active_isa();
-  TORCH_CHECK(isa != dc::Isa::none, op, ": the blocked layout needs the JIT, but no JIT ISA is active (the CPU lacks ",
-              "AVX2, or TORCH_DIRECTCONV_ISA=none)");
-  return dc::vlen(isa);
-}
-
-void check_float_cpu(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected '", name, "' on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected '", name, "' of dtype float32, got ", t.scalar_type());
-}
+int blocked_vlen(const char* op) { return dc::vlen(jit_isa(op)); }
 
 // A blocked activation of `channels` real channels, as its shape.
 dc::BlockedShape blocked_shape(const char* op, const char* name, const Tensor& t, int64_t channels) {
   const int v = blocked_vlen(op);
-  check_float_cpu(op, name, t);
+  check_float_cpu(t, op, name);
   TORCH_CHECK(t.dim() == 5 && t.size(4) == v, op, ": expected a blocked '", name, "' (N, C/", v, ", H, W, ", v,
               "), got shape ", t.sizes());
   const int64_t cb = t.size(1);
@@ -46,7 +37,7 @@ dc::BlockedShape blocked_shape(const char* op, const char* name, const Tensor& t
 }
 
 void check_like(const char* op, const char* name, const Tensor& t, const Tensor& like, const char* like_name) {
-  check_float_cpu(op, name, t);
+  check_float_cpu(t, op, name);
   TORCH_CHECK(t.sizes() == like.sizes(), op, ": expected '", name, "' of the shape of '", like_name, "' ", like.sizes(),
               ", got ", t.sizes());
 }
@@ -55,7 +46,7 @@ void check_like(const char* op, const char* name, const Tensor& t, const Tensor&
 const float* channel_vector(const char* op, const char* name, const c10::optional<Tensor>& t, int64_t channels,
                             Tensor* keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
-  check_float_cpu(op, name, *t);
+  check_float_cpu(*t, op, name);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == channels, op, ": expected '", name, "' of shape (", channels, "), got ",
               t->sizes());
   *keep = t->contiguous();
@@ -286,7 +277,7 @@ Tensor global_avg_pool_blocked_backward(const Tensor& grad_output, at::IntArrayR
   const char* op = "global_avg_pool_blocked_backward";
   Tensor gx = at::empty(input_size, grad_output.options());
   const dc::BlockedShape s = blocked_shape(op, "input_size", gx, channels);
-  check_float_cpu(op, "grad_output", grad_output);
+  check_float_cpu(grad_output, op, "grad_output");
   TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == s.n && grad_output.size(1) == channels, op,
               ": expected 'grad_output' of shape (", s.n, ", ", channels, "), got ", grad_output.sizes());
   Tensor gy = grad_output.contiguous();

@@ -3,6 +3,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "conv/parallel.h"
+
 namespace dc_torch {
 
 inline int num_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
@@ -16,6 +18,12 @@ void run_shares(int nthreads, const F& fn) {
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) fn(static_cast<int>(t), nthreads);
   });
+}
+
+// run_shares as the torch-free drivers take it (conv/parallel.h).
+inline const dc::RunShares& torch_shares() {
+  static const dc::RunShares run = [](int nthreads, const dc::ShareFn& fn) { run_shares(nthreads, fn); };
+  return run;
 }
 
 }  // namespace dc_torch

@@ -18,28 +18,6 @@ using dc_test::uni;
 
 namespace {
 
-// dx = the gradient of the forward convolution d with respect to its input, in double.
-// Blocked layouts: dy (N, Kb, P, Q, V), w (Kb, Cb, R, S, V(c), V(k)), dx (N, Cb, H, W, V).
-void bwd_data_ref(const ConvDesc& d, int V, const float* dy, const float* w, float* dx) {
-  const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V), P = d.p(), Q = d.q();
-  std::vector<double> acc(static_cast<size_t>(d.n * cb * d.h * d.w * V), 0.0);
-  for (int64_t n = 0; n < d.n; ++n)
-    for (int64_t k = 0; k < d.k; ++k)
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t q = 0; q < Q; ++q) {
-          const double g = dy[(((n * kb + k / V) * P + p) * Q + q) * V + k % V];
-          for (int64_t r = 0; r < d.r; ++r)
-            for (int64_t s = 0; s < d.s; ++s) {
-              const int64_t h = p * d.stride_h - d.pad_t + r * d.dil_h, x = q * d.stride_w - d.pad_l + s * d.dil_w;
-              if (h < 0 || h >= d.h || x < 0 || x >= d.w) continue;
-              for (int64_t c = 0; c < d.c; ++c)
-                acc[(((n * cb + c / V) * d.h + h) * d.w + x) * V + c % V] +=
-                    g * w[((((k / V) * cb + c / V) * d.r + r) * d.s + s) * V * V + (c % V) * V + k % V];
-            }
-        }
-  for (size_t i = 0; i < acc.size(); ++i) dx[i] = static_cast<float>(acc[i]);
-}
-
 void phases_vs_reference(Isa isa) {
   int run = 0;
   for (int trial = 0; trial < 120; ++trial) {
@@ -54,7 +32,7 @@ void phases_vs_reference(Isa isa) {
     fill(dy);
     fill(w);
     // Padded output channels of dy and padded weights must not leak into real channels.
-    bwd_data_ref(d, V, dy.data(), w.data(), ref.data());
+    dc_test::bwd_data_ref(d, V, dy.data(), w.data(), ref.data());
     const std::vector<BwdDataPhase> phases = bwd_data_phases(d);
     CHECK(!phases.empty(), "%s: no phases", d.to_string().c_str());
     for (const BwdDataPhase& ph : phases) {

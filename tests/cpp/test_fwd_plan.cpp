@@ -62,6 +62,19 @@ int main() {
   // Problem strings round-trip.
   ConvDesc d = parse_conv_desc("mb3ic17ih9iw11oc33kh3kw5sh2sw1ph2pw1");
   CHECK(parse_conv_desc(d.to_string()).to_string() == d.to_string(), "%s", d.to_string().c_str());
+  // Groups as benchdnn counts them: ic and oc over every group, c and k one group's.
+  ConvDesc g = parse_conv_desc("g4mb2ic64ih14oc32kh3ph1");
+  CHECK(g.groups == 4 && g.c == 16 && g.k == 8, "g4: groups %lld c %lld k %lld", static_cast<long long>(g.groups),
+        static_cast<long long>(g.c), static_cast<long long>(g.k));
+  CHECK(g.to_string() == "g4mb2ic64ih14oc32oh14kh3sh1ph1", "%s", g.to_string().c_str());
+  g.groups = 0;
+  CHECK(!g.validate().empty(), "groups 0 passed validate()");
+  // The element type sets the byte strides and the kernels' names.
+  const ConvDesc f = parse_conv_desc("mb1ic64ih56oc64kh3ph1");
+  CHECK(f.dt == DataType::f32 && f.elem_bytes() == 4, "default element type");
+  const FwdPlan fp = make_fwd_plan(f, Isa::avx512, 1);
+  CHECK(fp.strides.src_cb_stride == fp.src.cb * f.elem_bytes() && fp.kernels[0].name().rfind("f32_conv_fwd_", 0) == 0,
+        "strides or name of %s", fp.kernels[0].name().c_str());
   CHECK(d.q() == (11 + 2 - 5) / 1 + 1, "q=%lld", static_cast<long long>(d.q()));
   CHECK(!parse_conv_desc("mb1ic3ih2oc4kh5").validate().empty(), "a kernel larger than the input must be rejected");
   TEST_MAIN_END("test_fwd_plan");

@@ -1,0 +1,33 @@
+// Which path a convolution takes: the choices that the torch layer and the Python API both
+// make, kept here once (Python asks through torch_directconv._C).
+#pragma once
+
+#include <cstdint>
+
+#include "conv/conv_desc.h"
+#include "jit/isa.h"
+
+namespace dc {
+
+// Depthwise: one input and one output channel per group (cg == 1, k == groups), which the
+// depthwise kernels take.
+inline bool is_depthwise(int64_t groups, int64_t k, int64_t cg) { return groups > 1 && cg == 1 && k == groups; }
+
+// Whether the blocked kernels take groups of kg x cg channels: each group is padded to whole
+// channel blocks of V, and past a 2x waste torch's convolution is faster.
+bool groups_fit_blocks(int64_t groups, int64_t kg, int64_t cg, int64_t V);
+
+// Whether the JIT covers a convolution of `groups` groups of cg input channels, k output
+// channels in all: one group, depthwise, or groups that fit their blocks.
+bool jit_covers_groups(int64_t groups, int64_t k, int64_t cg, int64_t V);
+
+// The NCHW 1x1 GEMM (make_fwd_plan_nchw_1x1) runs on images of at least this many pixels;
+// on smaller ones it has too few pixels per output channel, and the blocked kernels with
+// their layout conversions measured faster.
+constexpr int64_t kNchwGemmMinPixels = 28 * 28;
+
+// Whether a one-group convolution on NCHW tensors (input and weight contiguous, output
+// NCHW) takes the NCHW 1x1 GEMM rather than the blocked kernels.
+bool nchw_gemm_preferred(const ConvDesc& d, Isa isa);
+
+}  // namespace dc

@@ -1,0 +1,139 @@
+// The pybind11 utilities of torch_directconv._C: ISA, caches, plans, the FMA peak. Never on
+// the compute path, which is in torch.ops.directconv.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "conv/dw_conv.h"
+#include "conv/fwd_driver.h"
+#include "conv/paths.h"
+#include "conv/scratch.h"
+#include "conv/upd_conv.h"
+#include "jit/isa.h"
+#include "jit/kernel_cache.h"
+#include "jit/peak_kernel.h"
+#include "op_timers.h"
+#include "ops.h"
+#include "threading.h"
+
+namespace dc_torch {
+
+double fma_peak_gflops(int64_t threads, double seconds) {
+  dc::Isa isa = jit_isa();
+  auto k = dc::get_kernel(dc::make_peak_kernel(isa)->name(), [&] { return dc::make_peak_kernel(isa); }, "fma peak");
+  auto fn = k->entry<dc::PeakKernelFn>();
+  const int nt = static_cast<int>(std::max<int64_t>(1, threads));
+  int64_t iters = 1 << 16;
+  // Grow the loop until one run lasts long enough to time.
+  for (;;) {
+    auto t0 = std::chrono::steady_clock::now();
+    run_shares(nt, [&](int, int) { fn(iters); });
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt >= seconds) return static_cast<double>(iters) * dc::fma_peak_flops_per_iter(isa) * nt / dt * 1e-9;
+    iters *= 2;
+  }
+}
+
+pybind11::dict jit_stats() {
+  auto s = dc::kernel_cache_stats();
+  pybind11::dict d;
+  d["kernels"] = s.generated;
+  d["cache_hits"] = s.hits;
+  d["cache_entries"] = s.entries;
+  d["cache_bytes"] = s.bytes;
+  d["cache_cap_bytes"] = s.cap_bytes;
+  d["evicted"] = s.evicted;
+  d["generate_ms"] = s.generate_ms;
+  d["aten_fallbacks"] = aten_fallbacks.load();
+  d["conv_stats_recomputed"] = conv_stats_recomputed.load();
+  d["scratch_kept_bytes"] = dc::scratch_kept_bytes();
+  d["scratch_cap_bytes"] = dc::scratch_cap_bytes();
+  return d;
+}
+
+std::string fwd_plan(const std::string& problem, int64_t threads) {
+  return dc::get_fwd_primitive(dc::parse_conv_desc(problem), jit_isa(), static_cast<int>(threads), fwd_options())
+      ->plan.to_string();
+}
+
+}  // namespace dc_torch
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_directconv utilities; the compute path is in torch.ops.directconv";
+  m.def("isa", [] { return std::string(dc::isa_name(dc::active_isa())); });
+  m.def("detected_isa", [] { return std::string(dc::isa_name(dc::detected_isa())); });
+  m.def("set_isa_cap", [](const std::string& name) {
+    try {
+      dc::set_isa_cap(dc::parse_isa(name));
+    } catch (const std::invalid_argument& e) {
+      throw pybind11::value_error(e.what());
+    }
+    dc::clear_fwd_primitives();
+    dc::clear_dw_primitives();
+    dc::clear_upd_primitives();
+  });
+  m.def("jit_stats", &dc_torch::jit_stats);
+  m.def("set_cache_mb", [](double mb) { dc::set_kernel_cache_cap_bytes(static_cast<int64_t>(mb * 1024 * 1024)); });
+  m.def(
+      "set_scratch_mb", [](double mb) { dc::set_scratch_cap_bytes(static_cast<int64_t>(std::max(0.0, mb) * 1024 * 1024)); },
+      "The cap of the scratch kept between calls over all threads (TORCH_DIRECTCONV_SCRATCH_MB); buffers past it "
+      "are returned to the OS at the end of their call.");
+  m.def("clear_cache", [] {
+    dc::clear_fwd_primitives();
+    dc::clear_dw_primitives();
+    dc::clear_upd_primitives();
+    dc::clear_kernel_cache();
+  });
+  m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);
+  m.def(
+      "set_fwd_options",
+      [](int prefetch, int c_chunk) {
+        dc_torch::fwd_options().prefetch = prefetch;
+        dc_torch::fwd_options().c_chunk = c_chunk;
+      },
+      pybind11::arg("prefetch") = -1, pybind11::arg("c_chunk") = -1,
+      "For benchmarks: force software prefetch on (1) or off (0), and the input-channel blocks per kernel call; "
+      "-1 lets the plan decide.");
+  m.def("fwd_plan", &dc_torch::fwd_plan, pybind11::arg("problem"), pybind11::arg("threads") = 1);
+  m.def(
+      "jit_covers_groups",
+      [](int64_t groups, int64_t k, int64_t cg) {
+        return dc::jit_covers_groups(groups, k, cg, dc::vlen(dc_torch::jit_isa()));
+      },
+      pybind11::arg("groups"), pybind11::arg("out_channels"), pybind11::arg("in_channels_per_group"),
+      "Whether the JIT kernels cover a convolution of these groups (conv/paths.h): one group, depthwise, or groups "
+      "that waste at most half of their channel blocks.");
+  m.def("is_depthwise", &dc::is_depthwise, pybind11::arg("groups"), pybind11::arg("out_channels"),
+        pybind11::arg("in_channels_per_group"),
+        "Whether these groups are depthwise (one input and one output channel each), which the depthwise kernels "
+        "and their packed weight layout take (conv/paths.h).");
+  m.def(
+      "nchw_gemm_min_pixels", [] { return dc::kNchwGemmMinPixels; },
+      "The smallest image (H * W) that the NCHW 1x1 GEMM takes.");
+  m.def(
+      "nchw_gemm_applies",
+      [](int64_t c, int64_t h, int64_t w, int64_t k) {
+        dc::ConvDesc d;
+        d.c = c;
+        d.h = h;
+        d.w = w;
+        d.k = k;
+        return dc::nchw_gemm_preferred(d, dc::active_isa());
+      },
+      pybind11::arg("in_channels"), pybind11::arg("height"), pybind11::arg("width"), pybind11::arg("out_channels"),
+      "Whether a 1x1, stride-1, unpadded, one-group convolution on contiguous NCHW tensors takes the NCHW 1x1 GEMM "
+      "(conv/paths.h), per image.");
+  m.def(
+      "upd_plan",
+      [](const std::string& problem, int64_t threads) {
+        return dc::get_upd_primitive(dc::parse_conv_desc(problem), dc_torch::jit_isa(), static_cast<int>(threads))
+            ->plan.to_string();
+      },
+      pybind11::arg("problem"), pybind11::arg("threads") = 1,
+      "The weight-update plan of a benchdnn problem string: its tile, rows per block and minibatch parts.");
+  dc_torch::register_op_timers(m);
+}

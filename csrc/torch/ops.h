@@ -1,0 +1,55 @@
+// The convolution ops' CPU kernels, registered in library.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <tuple>
+
+namespace dc_torch {
+
+using at::Tensor;
+
+// conv_ops.cpp: the drop-in and packed NCHW convolutions.
+Tensor pack_weight(const Tensor& weight, int64_t groups);
+Tensor conv2d_packed(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, int64_t out_channels,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     bool relu, bool channels_last);
+Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
+// The NCHW 1x1 GEMM; an undefined Tensor when it does not apply.
+Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu);
+
+// blocked_conv.cpp: the blocked convolution and its gradients.
+Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                      c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual);
+std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, const Tensor& weight,
+                                                        const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        c10::optional<int64_t> in_channels, const Tensor& shift,
+                                                        int64_t channels);
+// conv2d_blocked_stats's exact recomputes (jit_stats).
+extern std::atomic<int64_t> conv_stats_recomputed;
+Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    c10::optional<int64_t> in_channels);
+Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      c10::optional<int64_t> in_channels);
+
+// backward_ops.cpp: the gradients of the drop-in convolution.
+Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups);
+
+// layout_ops.cpp.
+Tensor to_blocked(const Tensor& x, int64_t vlen);
+Tensor from_blocked(const Tensor& xb, int64_t channels);
+Tensor to_blocked_weight(const Tensor& w, int64_t vlen);
+Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c);
+
+}  // namespace dc_torch
