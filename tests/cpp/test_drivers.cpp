@@ -87,13 +87,15 @@ void fwd_nchw_vs_reference(Isa isa) {
       for (int64_t k = 0; k < K; ++k) bias_blk[(k / d.k) * kb * V + k % d.k] = bias[k];
     }
     const int threads = uni(1, 3);
-    auto prim = get_fwd_primitive(d, isa, threads);
+    FwdPlanOptions options;
+    options.post = {with_bias, false, relu};
+    auto handle = get_fwd_handle(d, isa, threads, options);
     const PackBlockRange pack = [&](int64_t begin, int64_t end, float* dst) {
       reorder_weight_to_blocked_blocks(w.data(), ws, d.k, d.c, d.r, d.s, V, begin, end, dst);
     };
     ScratchScope call;
-    fwd_nchw_via_blocks(*prim, groups, x.data(), xs, prepacked ? packed.data() : nullptr,
-                        prepacked ? nullptr : pack, with_bias ? bias_blk.data() : nullptr, relu, y.data(), ys,
+    fwd_nchw_via_blocks(*handle, groups, x.data(), xs, prepacked ? packed.data() : nullptr,
+                        prepacked ? nullptr : pack, with_bias ? bias_blk.data() : nullptr, y.data(), ys,
                         trial % 2 ? threaded : serial);
     const double e = max_rel_err(y, ref);
     CHECK(e < 1e-4, "%s g%lld %s: max rel err %g", d.to_string().c_str(), static_cast<long long>(groups),

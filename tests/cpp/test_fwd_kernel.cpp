@@ -318,6 +318,36 @@ void missing_operand_refused(Isa isa) {
 
 }  // namespace
 
+// The handles: one per (problem, ISA, threads, options) on a thread, found again by its
+// integers; a new one after clear_fwd_primitives; and a handle keeps its kernels runnable
+// when the kernel cache drops them.
+void handles(Isa isa) {
+  const int V = vlen(isa);
+  ConvDesc d;
+  d.n = 1, d.c = V, d.h = 4, d.w = 5, d.k = V, d.r = 3, d.s = 3, d.pad_t = d.pad_b = d.pad_l = d.pad_r = 1;
+  auto h1 = get_fwd_handle(d, isa, 1);
+  CHECK(get_fwd_handle(d, isa, 1) == h1, "the same problem did not find its handle");
+  CHECK(get_fwd_handle(d, isa, 2) != h1, "another thread count took the same handle");
+  ConvDesc wider = d;
+  wider.w = 6;
+  CHECK(get_fwd_handle(wider, isa, 1) != h1 && get_fwd_handle(wider, isa, 1)->prim->plan.desc.w == 6,
+        "another width took the same handle");
+  FwdPlanOptions options;
+  options.prefetch = 1;
+  CHECK(get_fwd_handle(d, isa, 1, options) != h1, "other options took the same handle");
+  clear_fwd_primitives();
+  clear_kernel_cache();
+  auto h2 = get_fwd_handle(d, isa, 1);
+  CHECK(h2 != h1, "clear_fwd_primitives left the handle in place");
+  // h1's kernels were dropped by the cache but are held by h1: it still computes the convolution.
+  std::vector<float> src(d.n * d.h * d.w * V), wei(d.r * d.s * V * V), out(d.n * d.h * d.w * V), ref(out.size());
+  fill(src);
+  fill(wei);
+  fwd_execute(*h1->prim, h1->kernels, src.data(), wei.data(), {}, out.data(), 0);
+  conv_fwd_ref_blocked(d, V, FwdPostOps{}, src.data(), wei.data(), nullptr, nullptr, ref.data());
+  CHECK(max_rel_err(out, ref) < 1e-4, "a handle's kernels stopped working when the cache dropped them");
+}
+
 int main() {
   post_op_names();
   dc_test::rng().seed(1234);
@@ -327,6 +357,7 @@ int main() {
     nchw_1x1_vs_reference(isa);
     missing_operand_refused(isa);
     stats_far_from_shift(isa);
+    handles(isa);
   });
   TEST_MAIN_END("test_fwd_kernel");
 }
