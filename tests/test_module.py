@@ -482,22 +482,28 @@ def test_a_repeated_call_skips_no_check_that_matters() -> None:
 
 @requires_jit
 def test_eager_autograd_matches_the_registered_one() -> None:
-    """call_op's eager autograd.Function and the op's registered autograd give the same
-    gradients, for every input or for the input alone."""
+    """call_op's eager autograd.Function (for the ops whose autograd is registered in Python)
+    and the op's registered autograd give the same gradients, for every input or for the
+    input alone; the convolutions, whose autograd kernels are C++, are called as they are."""
     torch.manual_seed(17)
-    x = torch.randn(2, 6, 9, 9, requires_grad=True)
+    v = tdc.vector_width()
+    xb = tdc.to_blocked(torch.randn(2, 6, 9, 9)).requires_grad_()
     w = torch.randn(10, 6, 3, 3, requires_grad=True)
     b = torch.randn(10, requires_grad=True)
-    args = ([2, 1], [1, 1, 0, 2], [1, 1], 1, True)
-    op = torch.ops.directconv.conv2d.default
-    y_eager = tdc._autograd.call_op(op, x, w, b, *args)
-    assert type(y_eager.grad_fn).__name__.startswith("conv2d_eager_function")
-    y_registered = op(x, w, b, *args)
+    args = ([2, 1], [1, 1, 0, 2], [1, 1], 6, torch.zeros(10), 10)
+    op = torch.ops.directconv.conv2d_blocked_stats.default
+    y_eager = tdc._autograd.call_op(op, xb, w, b, *args)[0]
+    assert type(y_eager.grad_fn).__name__.startswith("conv2d_blocked_stats_eager_function")
+    y_registered = op(xb, w, b, *args)[0]
     assert torch.equal(y_eager, y_registered)
     g = torch.randn_like(y_eager)
-    got = torch.autograd.grad(y_eager, (x, w, b), g)
-    want = torch.autograd.grad(y_registered, (x, w, b), g)
+    got = torch.autograd.grad(y_eager, (xb, w, b), g)
+    want = torch.autograd.grad(y_registered, (xb, w, b), g)
     for a, e in zip(got, want, strict=True):
         assert torch.equal(a, e)
-    (gx,) = torch.autograd.grad(tdc._autograd.call_op(op, x, w.detach(), b.detach(), *args), x, g)
+    (gx,) = torch.autograd.grad(tdc._autograd.call_op(op, xb, w.detach(), b.detach(), *args)[0], xb, g)
     assert torch.equal(gx, want[0])
+    x = torch.randn(1, v, 4, 4, requires_grad=True)
+    conv = tdc._autograd.call_op(torch.ops.directconv.conv2d.default, x, w[:, :1].expand(10, v, 3, 3).contiguous(),
+                                 None, [1, 1], [0, 0, 0, 0], [1, 1], 1, False)
+    assert type(conv.grad_fn).__name__ == "CppFunction"
