@@ -7,6 +7,7 @@ loopback interface only. Every run is seeded, with one thread per process.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -489,3 +490,39 @@ def test_compile(tmp_path, one_thread):
         s = train.main(small + ["--impl", impl, "--output-dir", str(tmp_path / impl)])
         losses[impl] = s["epochs"][0]["train_loss"]
     assert losses["optimize"] == pytest.approx(losses["torch"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_command_line(tmp_path):
+    """The README's command: torchrun --nproc_per_node=2 train.py ..., one thread per process by default."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(EXAMPLES / "train.py"),
+        "--dummy",
+        "--dummy-images",
+        "32",
+        "8",
+        "--image-size",
+        "16",
+        "-b",
+        "8",
+        "-a",
+        "resnet10_tiny",
+        "--epochs",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["machine"]["processes"] == 2 and summary["machine"]["threads_per_process"] == 1
+    assert [e["steps"] for e in summary["epochs"]] == [4, 4]
+    assert done.stdout.count(" * Acc@1 ") == 2  # rank 0 alone prints
