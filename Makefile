@@ -41,9 +41,11 @@ test: setup cpp-test
 test-slow: setup cpp-test
 	$(VPY) -m pytest -q -m slow tests
 
-# The training script on real images, twice: 48 s at 2 threads on an idle 2-core machine.
+# The training script on real images, twice (48 s at 2 threads on an idle 2-core machine), then
+# the whole ResNet-50 against PyTorch, inference and a training step (about 3 minutes).
 demo: setup
 	$(VPY) examples/digits_demo.py
+	$(VPY) bench/resnet50_optimize.py --iters 5
 
 # The full per-layer and whole-network benchmarks: about 12 minutes on 2 cores.
 bench: setup
@@ -51,6 +53,7 @@ bench: setup
 	$(VPY) bench/bench_bwd.py
 	$(VPY) bench/resnet50_inference.py
 	$(VPY) bench/resnet50_training.py --batch latency
+	$(VPY) bench/resnet50_optimize.py
 
 clean:
 	rm -rf build torch_directconv/*.so
