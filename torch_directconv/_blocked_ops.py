@@ -193,8 +193,6 @@ def _backward_global_avg_pool(ctx, grad):
     return call_op(ops.global_avg_pool_blocked_backward.default, grad, ctx.input_size, ctx.channels), None
 
 
-
-
 _register("bn_stats_blocked", _backward_bn_stats, _setup_bn_stats)
 _register("bn_apply_blocked", _backward_bn_apply, _setup_bn_apply)
 _register("batch_norm_blocked", _backward_batch_norm, _setup_batch_norm)

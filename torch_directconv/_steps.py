@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend, blocked_ops
+from ._fake import _spatial
 from .blocked import conv2d_blocked, conv2d_blocked_stats, from_blocked, to_blocked, to_blocked_weight
 from .functional import _pair, conv2d, conv_padding
 
@@ -121,10 +122,9 @@ def _eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def _conv_out_shape(conv: nn.Conv2d, xb: torch.Tensor, padding) -> tuple[int, ...]:
     """The blocked output shape of conv on xb (padding: as conv2d_blocked gets it)."""
     stride, dilation = _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
-    top, bottom, left, right = conv_padding(padding, conv.kernel_size, stride, dilation)
-    n, _, h, w, v = xb.shape
-    p = (h + top + bottom - dilation[0] * (conv.kernel_size[0] - 1) - 1) // stride[0] + 1
-    q = (w + left + right - dilation[1] * (conv.kernel_size[1] - 1) - 1) // stride[1] + 1
+    pad4 = conv_padding(padding, conv.kernel_size, stride, dilation)
+    p, q = _spatial(xb, *conv.kernel_size, stride, pad4, dilation)
+    n, _, _, _, v = xb.shape
     return (n, -(-conv.out_channels // v), p, q, v)
 
 

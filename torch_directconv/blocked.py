@@ -43,6 +43,19 @@ def from_blocked_weight(wb: torch.Tensor, out_channels: int, in_channels: int) -
     return call_op(torch.ops.directconv.from_blocked_weight.default, wb, out_channels, in_channels)
 
 
+def _blocked_geometry(op: str, wb: torch.Tensor, stride, padding, dilation) -> tuple[list, list, list]:
+    """(stride, padding (top, bottom, left, right), dilation) as the blocked convolution ops take
+    them, after checking that the JIT is there and that wb is blocked or (K, C, R, S)."""
+    _require_jit(op)
+    if wb.dim() not in (4, 6):
+        raise RuntimeError(
+            f"{op}: expected a blocked 'wb' (K/V, C/V, R, S, V, V) or a (K, C, R, S) one, got shape {tuple(wb.shape)}"
+        )
+    stride2 = _pair(stride, "stride")
+    dilation2 = _pair(dilation, "dilation")
+    return list(stride2), list(conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)), list(dilation2)
+
+
 def conv2d_blocked(
     xb: torch.Tensor,
     wb: torch.Tensor,
@@ -65,23 +78,15 @@ def conv2d_blocked(
     output's shape, is added in the kernels' epilogue, after the bias and before the ReLU:
     relu(conv(xb, wb) + bias + residual).
     """
-    _require_jit("conv2d_blocked")
-    if wb.dim() not in (4, 6):
-        raise RuntimeError(
-            "conv2d_blocked: expected a blocked 'wb' (K/V, C/V, R, S, V, V) or a (K, C, R, S) one, "
-            f"got shape {tuple(wb.shape)}"
-        )
-    stride2 = _pair(stride, "stride")
-    dilation2 = _pair(dilation, "dilation")
-    pad4 = conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)
+    stride2, pad4, dilation2 = _blocked_geometry("conv2d_blocked", wb, stride, padding, dilation)
     return call_op(
         torch.ops.directconv.conv2d_blocked.default,
         xb,
         wb,
         bias,
-        list(stride2),
-        list(pad4),
-        list(dilation2),
+        stride2,
+        pad4,
+        dilation2,
         relu,
         in_channels,
         residual,
@@ -109,15 +114,7 @@ def conv2d_blocked_stats(
     (jit_stats()['conv_stats_recomputed'] counts those). By default the shift is 0. mean and
     var carry no gradient (a batch norm's training backward differentiates through them).
     """
-    _require_jit("conv2d_blocked_stats")
-    if wb.dim() not in (4, 6):
-        raise RuntimeError(
-            "conv2d_blocked_stats: expected a blocked 'wb' (K/V, C/V, R, S, V, V) or a (K, C, R, S) one, "
-            f"got shape {tuple(wb.shape)}"
-        )
-    stride2 = _pair(stride, "stride")
-    dilation2 = _pair(dilation, "dilation")
-    pad4 = conv_padding(padding, (wb.shape[2], wb.shape[3]), stride2, dilation2)
+    stride2, pad4, dilation2 = _blocked_geometry("conv2d_blocked_stats", wb, stride, padding, dilation)
     if shift is None:
         shift = xb.new_zeros(channels)
     return call_op(
@@ -125,9 +122,9 @@ def conv2d_blocked_stats(
         xb,
         wb,
         bias,
-        list(stride2),
-        list(pad4),
-        list(dilation2),
+        stride2,
+        pad4,
+        dilation2,
         in_channels,
         shift,
         channels,

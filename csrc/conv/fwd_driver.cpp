@@ -40,14 +40,8 @@ std::atomic<uint64_t> g_handle_generation{0};
 bool same_desc(const ConvDesc& a, const ConvDesc& b) {
   return a.n == b.n && a.c == b.c && a.h == b.h && a.w == b.w && a.k == b.k && a.r == b.r && a.s == b.s &&
          a.stride_h == b.stride_h && a.stride_w == b.stride_w && a.pad_t == b.pad_t && a.pad_b == b.pad_b &&
-         a.pad_l == b.pad_l && a.pad_r == b.pad_r && a.dil_h == b.dil_h && a.dil_w == b.dil_w;
-}
-
-bool same_options(const FwdPlanOptions& a, const FwdPlanOptions& b) {
-  return a.prefetch == b.prefetch && a.c_chunk == b.c_chunk && a.tile_oh == b.tile_oh && a.tile_ow == b.tile_ow &&
-         a.n_oc == b.n_oc && a.src.row == b.src.row && a.src.cb == b.src.cb && a.src.img == b.src.img &&
-         a.dst.px == b.dst.px && a.dst.row == b.dst.row && a.dst.kb == b.dst.kb && a.dst.img == b.dst.img &&
-         a.post == b.post;
+         a.pad_l == b.pad_l && a.pad_r == b.pad_r && a.dil_h == b.dil_h && a.dil_w == b.dil_w &&
+         a.groups == b.groups && a.dt == b.dt;
 }
 
 struct HandleSlot {
@@ -76,7 +70,7 @@ std::shared_ptr<const FwdHandle> get_fwd_handle(const ConvDesc& desc, Isa isa, i
   }
   for (const HandleSlot& slot : mine.slots)
     if (slot.handle && slot.isa == isa && slot.threads == threads && same_desc(slot.desc, desc) &&
-        same_options(slot.options, options))
+        slot.options == options)
       return slot.handle;
   auto handle = std::make_shared<FwdHandle>();
   handle->prim = get_fwd_primitive(desc, isa, threads, options);

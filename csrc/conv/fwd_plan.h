@@ -36,6 +36,7 @@ struct FwdStatsTile {
 struct FwdDstLayout {
   int64_t px = 1, row = 0, kb = 0, img = 0;  // 0: the dense stride
   bool dense() const { return px == 1 && row == 0 && kb == 0 && img == 0; }
+  bool operator==(const FwdDstLayout& o) const { return px == o.px && row == o.row && kb == o.kb && img == o.img; }
 };
 
 // Where the input comes from, in elements: by default the dense blocked (N, Cb, H, W, V).
@@ -44,6 +45,7 @@ struct FwdDstLayout {
 struct FwdSrcLayout {
   int64_t row = 0, cb = 0, img = 0;  // 0: the dense stride
   bool dense() const { return row == 0 && cb == 0 && img == 0; }
+  bool operator==(const FwdSrcLayout& o) const { return row == o.row && cb == o.cb && img == o.img; }
 };
 
 // Choices a benchmark may force (prefetch, c_chunk) or a caller needs (src, dst); by
@@ -56,6 +58,11 @@ struct FwdPlanOptions {
   FwdDstLayout dst;
   // The epilogue of every tile's last chunk; the residual is laid out as the output (dst).
   FwdPostOps post;
+  // Every field: what key() names, compared without building it (the handles' lookup).
+  bool operator==(const FwdPlanOptions& o) const {
+    return prefetch == o.prefetch && c_chunk == o.c_chunk && tile_oh == o.tile_oh && tile_ow == o.tile_ow &&
+           n_oc == o.n_oc && src == o.src && dst == o.dst && post == o.post;
+  }
   std::string key() const {
     std::string k = "pf" + std::to_string(prefetch) + "_cc" + std::to_string(c_chunk) + post.name();
     if (tile_ow > 0) k += "_t" + std::to_string(tile_oh) + "x" + std::to_string(tile_ow) + "x" + std::to_string(n_oc);
