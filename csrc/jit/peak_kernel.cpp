@@ -79,7 +79,9 @@ class Bf16DotPeakKernel : public JitGenerator {
 // Tiles 0-3 accumulate (Cij), 4-5 hold A0 and A1, 6-7 B0 and B1; all 16 rows of 64 bytes.
 class Bf16TilePeakKernel : public JitGenerator {
  public:
-  Bf16TilePeakKernel() : JitGenerator("bf16_tile_peak_2x2__amx", 4096) {}
+  explicit Bf16TilePeakKernel(bool from_l1)
+      : JitGenerator(std::string("bf16_tile_peak_2x2_") + (from_l1 ? "l1" : "regs") + "__amx", 4096),
+        from_l1_(from_l1) {}
 
  private:
   const Xbyak::Reg64 reg_iters = rdi;
@@ -90,6 +92,12 @@ class Bf16TilePeakKernel : public JitGenerator {
   static Xbyak::Tmm tmm_acc(int i, int j) { return Xbyak::Tmm(2 * i + j); }
   static Xbyak::Tmm tmm_a(int i) { return Xbyak::Tmm(4 + i); }
   static Xbyak::Tmm tmm_b(int j) { return Xbyak::Tmm(6 + j); }
+  bool from_l1_;
+
+  void load_inputs() {
+    for (int i = 0; i < 2; ++i) tileloadd(tmm_a(i), ptr[reg_in + reg_stride + i * kTileBytes]);
+    for (int j = 0; j < 2; ++j) tileloadd(tmm_b(j), ptr[reg_in + reg_stride + (2 + j) * kTileBytes]);
+  }
 
   void generate() override {
     Xbyak::Label l_cfg, l_loop, l_end;
@@ -97,11 +105,11 @@ class Bf16TilePeakKernel : public JitGenerator {
     mov(reg_stride, 64);
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) tilezero(tmm_acc(i, j));
+    if (!from_l1_) load_inputs();
     test(reg_iters, reg_iters);
     jz(l_end, T_NEAR);
     L(l_loop);
-    for (int i = 0; i < 2; ++i) tileloadd(tmm_a(i), ptr[reg_in + reg_stride + i * kTileBytes]);
-    for (int j = 0; j < 2; ++j) tileloadd(tmm_b(j), ptr[reg_in + reg_stride + (2 + j) * kTileBytes]);
+    if (from_l1_) load_inputs();
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) tdpbf16ps(tmm_acc(i, j), tmm_a(i), tmm_b(j));
     dec(reg_iters);
@@ -153,7 +161,9 @@ void bf16_dot_peak_reference(int64_t iterations, const uint16_t* in, float* out)
     }
 }
 
-std::unique_ptr<JitGenerator> make_bf16_tile_peak_kernel() { return std::make_unique<Bf16TilePeakKernel>(); }
+std::unique_ptr<JitGenerator> make_bf16_tile_peak_kernel(bool from_l1) {
+  return std::make_unique<Bf16TilePeakKernel>(from_l1);
+}
 // Each tdpbf16ps: 16 x 16 outputs x 32 products x (multiply + add).
 int64_t bf16_tile_peak_flops_per_iter() { return 4LL * 16 * 16 * 32 * 2; }
 

@@ -2,7 +2,8 @@
 //   f32 FMA:          vfmadd231ps in independent chains (avx2, avx512);
 //   bf16 dot:         vdpbf16ps in independent chains (avx512_bf16);
 //   bf16 tile (AMX):  tdpbf16ps on four 16x16 fp32 accumulator tiles fed by two A and two B
-//                     tiles loaded from L1 at every step, as a brgemm's inner loop is (amx).
+//                     tiles loaded from L1 at every step, as a brgemm's inner loop is, or
+//                     loaded once and kept in the tile registers (the unit alone) (amx).
 #pragma once
 
 #include <cstdint>
@@ -35,8 +36,9 @@ void bf16_dot_peak_reference(int64_t iterations, const uint16_t* in, float* out)
 // tdpbf16ps: in = A0, A1 (16 rows x 32 bf16, row-major) and B0, B1 (16 rows of 16 pairs of
 // bf16, the pairs along the reduction); out = C00, C01, C10, C11 (16 x 16 floats each),
 // Cij = iterations * Ai Bj. The tile configuration is loaded at the start and released at the end.
+// With from_l1 the four input tiles are loaded again at every iteration.
 constexpr int64_t kTilePeakInElems = 4 * 16 * 32, kTilePeakOutElems = 4 * 16 * 16;
-std::unique_ptr<JitGenerator> make_bf16_tile_peak_kernel();
+std::unique_ptr<JitGenerator> make_bf16_tile_peak_kernel(bool from_l1);
 int64_t bf16_tile_peak_flops_per_iter();
 void bf16_tile_peak_reference(int64_t iterations, const uint16_t* in, float* out);
 

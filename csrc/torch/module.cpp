@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -54,7 +55,7 @@ struct alignas(64) PeakBuffers {
   float out[std::max<int64_t>(dc::kDotPeakOutElems, dc::kTilePeakOutElems)];
 };
 
-double bf16_peak_gflops(const char* what, dc::Isa needs, std::unique_ptr<dc::JitGenerator> (*make)(),
+double bf16_peak_gflops(const char* what, dc::Isa needs, const std::function<std::unique_ptr<dc::JitGenerator>()>& make,
                         int64_t in_elems, int64_t flops_per_iter, int64_t threads, double seconds) {
   const dc::Isa level = dc::active_isa();
   if (level < needs)
@@ -146,13 +147,14 @@ PYBIND11_MODULE(_C, m) {
       "The vdpbf16ps peak (GFLOP/s over all threads); ValueError below the avx512_bf16 level.");
   m.def(
       "amx_peak_gflops",
-      [](int64_t threads, double seconds) {
-        return dc_torch::bf16_peak_gflops("amx peak", dc::Isa::amx, &dc::make_bf16_tile_peak_kernel,
-                                          dc::kTilePeakInElems, dc::bf16_tile_peak_flops_per_iter(), threads,
-                                          seconds);
+      [](int64_t threads, double seconds, bool from_l1) {
+        return dc_torch::bf16_peak_gflops(
+            "amx peak", dc::Isa::amx, [from_l1] { return dc::make_bf16_tile_peak_kernel(from_l1); },
+            dc::kTilePeakInElems, dc::bf16_tile_peak_flops_per_iter(), threads, seconds);
       },
-      pybind11::arg("threads"), pybind11::arg("seconds") = 0.2,
-      "The AMX tdpbf16ps peak (GFLOP/s over all threads); ValueError below the amx level.");
+      pybind11::arg("threads"), pybind11::arg("seconds") = 0.2, pybind11::arg("from_l1") = true,
+      "The AMX tdpbf16ps peak (GFLOP/s over all threads), its input tiles loaded from L1 at every step, or "
+      "with from_l1=False kept in the tile registers; ValueError below the amx level.");
   m.def(
       "set_fwd_options",
       [](int prefetch, int c_chunk) {

@@ -2,6 +2,7 @@
 // ISA of each level, and the peak loops against their scalar twins where the level allows.
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -113,8 +114,8 @@ std::vector<uint16_t> small_bf16_ints(size_t n, unsigned seed) {
   return v;
 }
 
-template <typename Make, typename Ref>
-void check_bf16_peak(const char* what, Isa needs, Make make, Ref ref, size_t in_elems, size_t out_elems) {
+void check_bf16_peak(const char* what, Isa needs, const std::function<std::unique_ptr<JitGenerator>()>& make,
+                     void (*ref)(int64_t, const uint16_t*, float*), size_t in_elems, size_t out_elems) {
   if (detected_isa() < needs) {
     std::printf("skipping %s: the %s level is not available here\n", what, isa_name(needs));
     return;
@@ -139,7 +140,9 @@ int main() {
   test_fp32_code_refuses_bf16_levels();
   check_bf16_peak("bf16 dot peak", Isa::avx512_bf16, make_bf16_dot_peak_kernel, bf16_dot_peak_reference,
                   kDotPeakInElems, kDotPeakOutElems);
-  check_bf16_peak("bf16 tile peak", Isa::amx, make_bf16_tile_peak_kernel, bf16_tile_peak_reference, kTilePeakInElems,
-                  kTilePeakOutElems);
+  for (bool from_l1 : {true, false})
+    check_bf16_peak(
+        "bf16 tile peak", Isa::amx, [from_l1] { return make_bf16_tile_peak_kernel(from_l1); },
+        bf16_tile_peak_reference, kTilePeakInElems, kTilePeakOutElems);
   TEST_MAIN_END("test_isa");
 }
