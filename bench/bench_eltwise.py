@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--quick", action="store_true", help="3 samples of 0.01 s: a smoke run")
-    ap.add_argument("--isa-cap", choices=["avx512", "avx2"], default=None)
+    ap.add_argument("--isa-cap", choices=["avx2", "avx512", "avx512_bf16", "amx"], default=None)
     args = ap.parse_args(argv)
     if args.isa_cap:
         tdc._C.set_isa_cap(args.isa_cap)

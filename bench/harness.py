@@ -1,4 +1,4 @@
-"""What the layer benchmarks share: timing settings, the FMA peak, the start of a run and
+"""What the layer benchmarks share: timing settings, the peaks, the start of a run and
 the loop over thread counts and batch sizes (a warm-up and check pass, then timing)."""
 
 from __future__ import annotations
@@ -34,11 +34,30 @@ def config_name(threads: int, n: int) -> str:
     return f"{threads}T N={n}"
 
 
-def measure_peak(tdc, threads: int, timing: Timing) -> tuple[float, float]:
-    """(GFLOP/s, CPUs busy): the best of a few runs, as the peak is a maximum; and how many
-    CPUs' worth of time the process used meanwhile, which shows whether the threads ran in parallel."""
+# The peak loops: name -> (the level they need, the _C function that times them, its options).
+PEAKS = {
+    "fp32 FMA": ("avx2", "fma_peak_gflops", {}),
+    "bf16 vdpbf16ps": ("avx512_bf16", "bf16_dot_peak_gflops", {}),
+    "AMX, tiles from L1": ("amx", "amx_peak_gflops", {"from_l1": True}),
+    "AMX, tiles in regs": ("amx", "amx_peak_gflops", {"from_l1": False}),
+}
+
+
+def available_peaks(tdc) -> list[str]:
+    """The peak loops the active level runs (the levels are C++'s, tdc.isa_levels())."""
+    levels = tdc.isa_levels()
+    active = levels.index(tdc.isa()) if tdc.isa() in levels else 0
+    return [name for name, (needs, _, _) in PEAKS.items() if needs in levels[: active + 1]]
+
+
+def measure_peak(tdc, threads: int, timing: Timing, kind: str = "fp32 FMA") -> tuple[float, float]:
+    """(GFLOP/s, CPUs busy) of one peak loop (a PEAKS name): the best of a few runs, as the
+    peak is a maximum; and how many CPUs' worth of time the process used meanwhile, which
+    shows whether the threads ran in parallel."""
+    _, name, options = PEAKS[kind]
+    fn = getattr(tdc._C, name)
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    peak = max(tdc._C.fma_peak_gflops(threads, timing.peak_seconds) for _ in range(timing.peak_runs))
+    peak = max(fn(threads, timing.peak_seconds, **options) for _ in range(timing.peak_runs))
     r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return peak, cpu / (w1 - w0)

@@ -319,7 +319,7 @@ def add_run_args(ap, isa_help: str = "cap the JIT's ISA") -> None:
         help="latency: N=1; throughput: N=2 x threads (default: both)",
     )
     ap.add_argument("--quick", action="store_true", help="fewer, shorter samples: a smoke run, not a measurement")
-    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help=isa_help)
+    ap.add_argument("--isa-cap", choices=("avx2", "avx512", "avx512_bf16", "amx"), default=None, help=isa_help)
 
 
 def parse_model_run_args(ap, argv: list[str] | None, iters: tuple[int, int], out: Path) -> argparse.Namespace:

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fused",
         help="the optimizer's implementation, the same for every variant (default: fused, torch's fastest on the CPU)",
     )
-    ap.add_argument("--isa-cap", choices=("avx2", "avx512"), default=None, help="cap the JIT's ISA")
+    ap.add_argument("--isa-cap", choices=("avx2", "avx512", "avx512_bf16", "amx"), default=None, help="cap the JIT's ISA")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     ap.add_argument("--no-memory", action="store_true", help="skip the training step's peak memory (child processes)")
     ap.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)

@@ -16,8 +16,10 @@ import torch
 from torch_directconv import _C
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ISA_WIDTH = {"avx512": 16, "avx2": 8}
-_ISA_RANK = {"none": 0, "avx2": 1, "avx512": 2}
+# The fp32 block width expected at each level (the bf16 levels run the avx512 fp32 kernels).
+ISA_WIDTH = {"avx2": 8, "avx512": 16, "avx512_bf16": 16, "amx": 16}
+# The vector ISAs of the fp32 kernels, which name them.
+FP32_ISAS = ("avx512", "avx2")
 ENV_VARS = (
     "TORCH_DIRECTCONV_ISA",
     "TORCH_DIRECTCONV_VERBOSE",
@@ -28,8 +30,8 @@ ENV_VARS = (
 
 
 def cpu_has(isa: str) -> bool:
-    """Whether this CPU can run the JIT's `isa` kernels (the cap can only lower it)."""
-    return _ISA_RANK[_C.detected_isa()] >= _ISA_RANK[isa]
+    """Whether this CPU can run the JIT's `isa` level (the cap can only lower it)."""
+    return isa in _C.isa_levels()
 
 
 def requires_isa(isa: str) -> pytest.MarkDecorator:
@@ -41,8 +43,8 @@ requires_jit = pytest.mark.skipif(
 )
 
 
-# The ISA this process should run: the cap when one is set, else the best one.
-EXPECTED_ISA = os.environ.get("TORCH_DIRECTCONV_ISA") or "avx512"
+# The level this process should run: the cap when one is set, else the best one.
+EXPECTED_ISA = os.environ.get("TORCH_DIRECTCONV_ISA") or _C.detected_isa()
 
 
 def check_expected_isa() -> str:

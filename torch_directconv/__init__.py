@@ -8,7 +8,7 @@ See README.md for the blocked API, the environment variables and the benchmark.
 """
 
 from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
-from ._backend import isa, jit_stats, vector_width
+from ._backend import isa, isa_levels, jit_stats, vector_width
 from .blocked import (
     conv2d_blocked,
     conv2d_blocked_stats,
@@ -35,6 +35,7 @@ __all__ = [
     "from_blocked",
     "from_blocked_weight",
     "isa",
+    "isa_levels",
     "jit_stats",
     "op_times",
     "optimize",

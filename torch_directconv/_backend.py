@@ -44,10 +44,19 @@ def _constant_under_compile(fn):
 
 @_constant_under_compile
 def isa() -> str:
-    """The ISA the JIT targets now: 'avx512', 'avx2' or 'none' (PyTorch's convolution)."""
+    """The active ISA level: 'amx', 'avx512_bf16', 'avx512', 'avx2' or 'none' (PyTorch's
+    convolution). The fp32 kernels run their avx512 code at the two bf16 levels."""
     if _C is None or not _IS_X86:
         return "none"
     return _C.isa()
+
+
+def isa_levels() -> list[str]:
+    """The levels this CPU and OS let this process run, lowest first, from 'none' up: the
+    values TORCH_DIRECTCONV_ISA can usefully take here."""
+    if _C is None or not _IS_X86:
+        return ["none"]
+    return list(_C.isa_levels())
 
 
 @_constant_under_compile
@@ -58,8 +67,11 @@ def jit_covers_groups(groups: int, out_channels: int, in_channels_per_group: int
 
 @_constant_under_compile
 def vector_width() -> int:
-    """Channels per block of the blocked layouts: 16 for AVX-512, 8 for AVX2."""
-    return {"avx512": 16, "avx2": 8}.get(isa(), 0)
+    """Channels per block of the fp32 blocked layouts: 16 from the avx512 level up, 8 for AVX2,
+    0 when the JIT is off."""
+    if _C is None or not _IS_X86:
+        return 0
+    return _C.vector_width()
 
 
 def note_fallback(reason: str) -> None:

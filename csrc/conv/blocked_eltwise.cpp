@@ -108,7 +108,7 @@ void bn_stats_ref(const BlockedShape& s, const float* x, float* mean, float* var
 // ---- apply ----------------------------------------------------------------------------------
 
 void inv_std(const float* var, double eps, int64_t c, float* out) {
-  switch (detected_isa()) {
+  switch (fp32_isa(detected_isa())) {
     case Isa::avx512:
       return avx512::inv_std(var, eps, c, out);
     case Isa::avx2:

@@ -21,6 +21,7 @@ DwPlan make_dw_plan(const ConvDesc& desc, Isa isa, int threads) {
   std::string err = desc.validate();
   if (!err.empty()) throw std::invalid_argument("conv2d: " + err);
   if (desc.k != desc.c) throw std::invalid_argument("depthwise conv2d: needs as many output channels as input channels");
+  check_fp32_isa(isa, "depthwise conv2d");
   if (isa == Isa::none) throw std::invalid_argument("conv2d: no JIT ISA available");
   DwPlan plan;
   plan.desc = desc;

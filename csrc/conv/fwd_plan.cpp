@@ -205,6 +205,7 @@ std::string FwdPlan::to_string() const {
 FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanOptions& options) {
   std::string err = desc.validate();
   if (!err.empty()) throw std::invalid_argument("conv2d: " + err);
+  check_fp32_isa(isa, "conv2d");
   if (isa == Isa::none) throw std::invalid_argument("conv2d: no JIT ISA available");
   FwdPlan plan;
   plan.desc = desc;
@@ -342,6 +343,7 @@ FwdPlan make_fwd_plan(const ConvDesc& desc, Isa isa, int threads, const FwdPlanO
 }
 
 bool nchw_1x1_applies(const ConvDesc& d, Isa isa) {
+  check_fp32_isa(isa, "conv2d NCHW 1x1");
   const int64_t V = vlen(isa);
   // A last, partial vector of pixels needs AVX-512's masks.
   return isa != Isa::none && d.r == 1 && d.s == 1 && d.stride_h == 1 && d.stride_w == 1 && d.pad_t == 0 &&

@@ -43,6 +43,7 @@ std::string UpdPlan::to_string() const {
 UpdPlan make_upd_plan(const ConvDesc& d, Isa isa, int threads) {
   std::string err = d.validate();
   if (!err.empty()) throw std::invalid_argument("conv2d weight gradient: " + err);
+  check_fp32_isa(isa, "conv2d weight gradient");
   if (isa == Isa::none) throw std::invalid_argument("conv2d weight gradient: no JIT ISA available");
   UpdPlan plan;
   plan.desc = d;

@@ -21,6 +21,7 @@ using namespace Xbyak;
 class DwKernel : public JitGenerator {
  public:
   explicit DwKernel(const DwKernelSpec& sp) : JitGenerator(sp.name(), 4096 + sp.s * sp.ow * 16 + sp.ow * 32), sp_(sp) {
+    check_fp32_isa(sp.isa, "dw kernel");
     if (sp.ow < 1 || sp.ow > dw_max_ow(sp.isa) || sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1)
       throw std::invalid_argument("dw kernel: unsupported tile " + sp.name());
   }

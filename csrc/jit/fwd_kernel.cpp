@@ -48,6 +48,7 @@ using namespace Xbyak;
 class FwdKernel : public JitGenerator {
  public:
   explicit FwdKernel(const FwdKernelSpec& sp) : JitGenerator(sp.name(), code_size_estimate(sp)), sp_(sp) {
+    check_fp32_isa(sp.isa, "fwd kernel");
     if (sp.oh < 1 || sp.oh > 2 || sp.n_oc < 1 || sp.n_oc > 4 || sp.ow < 1 || sp.c_valid < 1 || sp.c_valid > sp.v() ||
         sp.s < 1 || sp.stride_w < 1 || sp.dil_w < 1 || sp.dst_px < 1 || sp.wei_c_stride < 0 || sp.dst_px_bytes < 0 ||
         sp.last_oc_lanes < 0 || sp.last_oc_lanes >= sp.v() || (sp.last_oc_lanes && sp.isa != Isa::avx512) ||

@@ -20,6 +20,7 @@ using namespace Xbyak;
 class UpdKernel : public JitGenerator {
  public:
   explicit UpdKernel(const UpdKernelSpec& sp) : JitGenerator(sp.name(), 4096 + sp.n_c * sp.n_kb * 64), sp_(sp) {
+    check_fp32_isa(sp.isa, "upd kernel");
     if (sp.n_c < 1 || sp.n_c > sp.v() || sp.n_kb < 1 || sp.n_kb > 4 ||
         upd_vector_registers(sp) > isa_vector_registers(sp.isa))
       throw std::invalid_argument("upd kernel: unsupported tile " + sp.name());

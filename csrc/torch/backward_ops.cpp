@@ -130,7 +130,7 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
 Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_weight";
-  const dc::Isa isa = dc::active_isa();
+  const dc::Isa isa = dc::fp32_isa(dc::active_isa());
   if (isa == dc::Isa::none) return Tensor();
   const int64_t k = weight_size[0], cg = weight_size[1], kg = k / groups, V = dc::vlen(isa);
   if (!dc::groups_fit_blocks(groups, kg, cg, V)) return Tensor();

@@ -10,7 +10,7 @@
 namespace dc_torch {
 
 dc::Isa jit_isa(const char* op) {
-  dc::Isa isa = dc::active_isa();
+  const dc::Isa isa = dc::fp32_isa(dc::active_isa());
   TORCH_CHECK(isa != dc::Isa::none, op,
               ": no JIT ISA is active (the CPU lacks AVX2, or TORCH_DIRECTCONV_ISA=none); "
               "the Python API falls back to torch's convolution");

@@ -1,11 +1,13 @@
-// The pybind11 utilities of torch_directconv._C: ISA, caches, plans, the FMA peak. Never on
+// The pybind11 utilities of torch_directconv._C: ISA, caches, plans, the peaks. Never on
 // the compute path, which is in torch.ops.directconv.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "conv/dw_conv.h"
@@ -22,20 +24,50 @@
 
 namespace dc_torch {
 
+// GFLOP/s of run(iterations) on each of `threads` threads at once, each iteration
+// `flops_per_iter`; the loop grows until one run lasts `seconds`.
+template <typename Run>
+double time_peak(int64_t threads, double seconds, int64_t flops_per_iter, const Run& run) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, threads));
+  int64_t iters = 1 << 12;
+  for (;;) {
+    auto t0 = std::chrono::steady_clock::now();
+    run_shares(nt, [&](int, int) { run(iters); });
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt >= seconds) return static_cast<double>(iters) * flops_per_iter * nt / dt * 1e-9;
+    iters *= 2;
+  }
+}
+
 double fma_peak_gflops(int64_t threads, double seconds) {
   dc::Isa isa = jit_isa();
   auto k = dc::get_kernel(dc::make_peak_kernel(isa)->name(), [&] { return dc::make_peak_kernel(isa); }, "fma peak");
   auto fn = k->entry<dc::PeakKernelFn>();
-  const int nt = static_cast<int>(std::max<int64_t>(1, threads));
-  int64_t iters = 1 << 16;
-  // Grow the loop until one run lasts long enough to time.
-  for (;;) {
-    auto t0 = std::chrono::steady_clock::now();
-    run_shares(nt, [&](int, int) { fn(iters); });
-    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (dt >= seconds) return static_cast<double>(iters) * dc::fma_peak_flops_per_iter(isa) * nt / dt * 1e-9;
-    iters *= 2;
-  }
+  return time_peak(threads, seconds, dc::fma_peak_flops_per_iter(isa), [&](int64_t iters) { fn(iters); });
+}
+
+// The bf16 peaks run where the active level has their instructions; each thread's operands
+// and accumulators are its own, on its stack (in its L1), 64-byte aligned: a tile row that
+// straddles two cache lines loads at a third of the speed. The operands are bf16 1.0 and
+// 2^-60, so the sums stay finite and normal however long the loop runs.
+struct alignas(64) PeakBuffers {
+  uint16_t in[std::max<int64_t>(dc::kDotPeakInElems, dc::kTilePeakInElems)];
+  float out[std::max<int64_t>(dc::kDotPeakOutElems, dc::kTilePeakOutElems)];
+};
+
+double bf16_peak_gflops(const char* what, dc::Isa needs, const std::function<std::unique_ptr<dc::JitGenerator>()>& make,
+                        int64_t in_elems, int64_t flops_per_iter, int64_t threads, double seconds) {
+  const dc::Isa level = dc::active_isa();
+  if (level < needs)
+    throw pybind11::value_error(std::string(what) + ": needs the " + dc::isa_name(needs) + " level; the active level is " +
+                                dc::isa_name(level));
+  auto k = dc::get_kernel(make()->name(), make, what);
+  auto fn = k->entry<dc::Bf16PeakKernelFn>();
+  return time_peak(threads, seconds, flops_per_iter, [&](int64_t iters) {
+    PeakBuffers buf;
+    for (int64_t i = 0; i < in_elems; ++i) buf.in[i] = i < in_elems / 2 ? 0x3f80 : 0x2180;
+    fn(iters, buf.in, buf.out);
+  });
 }
 
 pybind11::dict jit_stats() {
@@ -66,6 +98,21 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "torch_directconv utilities; the compute path is in torch.ops.directconv";
   m.def("isa", [] { return std::string(dc::isa_name(dc::active_isa())); });
   m.def("detected_isa", [] { return std::string(dc::isa_name(dc::detected_isa())); });
+  m.def(
+      "isa_levels",
+      [] {
+        std::vector<std::string> levels;
+        for (int i = 0; i <= static_cast<int>(dc::detected_isa()); ++i)
+          levels.emplace_back(dc::isa_name(static_cast<dc::Isa>(i)));
+        return levels;
+      },
+      "The levels this CPU and OS let this process run, lowest first ('none' included).");
+  m.def(
+      "fp32_isa", [] { return std::string(dc::isa_name(dc::fp32_isa(dc::active_isa()))); },
+      "The vector ISA of the fp32 kernels at the active level (in their names and plans).");
+  m.def(
+      "vector_width", [] { return dc::active_isa() == dc::Isa::none ? 0 : dc::vlen(dc::active_isa()); },
+      "Floats per channel block of the fp32 layouts at the active level (0 when the JIT is off).");
   m.def("set_isa_cap", [](const std::string& name) {
     try {
       dc::set_isa_cap(dc::parse_isa(name));
@@ -89,6 +136,25 @@ PYBIND11_MODULE(_C, m) {
     dc::clear_kernel_cache();
   });
   m.def("fma_peak_gflops", &dc_torch::fma_peak_gflops, pybind11::arg("threads"), pybind11::arg("seconds") = 0.2);
+  m.def(
+      "bf16_dot_peak_gflops",
+      [](int64_t threads, double seconds) {
+        return dc_torch::bf16_peak_gflops("bf16 dot peak", dc::Isa::avx512_bf16, &dc::make_bf16_dot_peak_kernel,
+                                          dc::kDotPeakInElems, dc::bf16_dot_peak_flops_per_iter(), threads,
+                                          seconds);
+      },
+      pybind11::arg("threads"), pybind11::arg("seconds") = 0.2,
+      "The vdpbf16ps peak (GFLOP/s over all threads); ValueError below the avx512_bf16 level.");
+  m.def(
+      "amx_peak_gflops",
+      [](int64_t threads, double seconds, bool from_l1) {
+        return dc_torch::bf16_peak_gflops(
+            "amx peak", dc::Isa::amx, [from_l1] { return dc::make_bf16_tile_peak_kernel(from_l1); },
+            dc::kTilePeakInElems, dc::bf16_tile_peak_flops_per_iter(), threads, seconds);
+      },
+      pybind11::arg("threads"), pybind11::arg("seconds") = 0.2, pybind11::arg("from_l1") = true,
+      "The AMX tdpbf16ps peak (GFLOP/s over all threads), its input tiles loaded from L1 at every step, or "
+      "with from_l1=False kept in the tile registers; ValueError below the amx level.");
   m.def(
       "set_fwd_options",
       [](int prefetch, int c_chunk) {
@@ -122,7 +188,7 @@ PYBIND11_MODULE(_C, m) {
         d.h = h;
         d.w = w;
         d.k = k;
-        return dc::nchw_gemm_preferred(d, dc::active_isa());
+        return dc::nchw_gemm_preferred(d, dc::fp32_isa(dc::active_isa()));
       },
       pybind11::arg("in_channels"), pybind11::arg("height"), pybind11::arg("width"), pybind11::arg("out_channels"),
       "Whether a 1x1, stride-1, unpadded, one-group convolution on contiguous NCHW tensors takes the NCHW 1x1 GEMM "

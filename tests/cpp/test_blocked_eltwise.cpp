@@ -292,7 +292,7 @@ int main() {
   dc_test::rng().seed(20261201);
   pool_rules();
   for (int v : {16, 8}) {
-    if (v == 16 && detected_isa() != Isa::avx512) {
+    if (v == 16 && fp32_isa(detected_isa()) != Isa::avx512) {
       std::printf("skipping V=16: this CPU lacks AVX-512\n");
       continue;
     }

@@ -23,7 +23,7 @@ namespace {
 
 FwdKernelSpec spec(int s, int ow) {
   FwdKernelSpec sp;
-  sp.isa = detected_isa();
+  sp.isa = fp32_isa(detected_isa());
   sp.s = s;
   sp.ow = ow;
   sp.n_oc = 2;
