@@ -5,8 +5,11 @@ A 1x16x4x4 input through a 16->16 1x1 convolution (--shape to change it), at one
 row is one way in, from the whole module down to the op alone, so the differences between rows
 are the cost of each layer of the call: nn.Conv2d as the reference, DirectConv2d, the functional
 conv2d, call_op, the op below autograd (the dispatcher and the C++ op), and the Python checks
-on their own. Inference (no_grad) and with a gradient recorded. Rows run interleaved, call by
-call, in batches of --inner calls; medians of --reps batches, in microseconds per call.
+on their own. Inside an optimized model: optimize() of the convolution alone (a region of one
+layer, which runs NCHW in and out), and per convolution of optimize() of a chain of 8 (one
+blocked region, its entry and exit shared), beside the same chain in torch. Inference
+(no_grad) and with a gradient recorded. Rows run interleaved, call by call, in batches of
+--inner calls; medians of --reps batches, in microseconds per call.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ def interleaved(fns: dict, reps: int, inner: int) -> dict:
     return {k: (1e6 * statistics.median(w), 1e6 * statistics.median(c)) for k, (w, c) in times.items()}
 
 
-def rows(x: torch.Tensor, torch_conv: torch.nn.Conv2d, ours: tdc.DirectConv2d) -> dict:
+CHAIN = 8  # convolutions in the optimized chain whose per-convolution cost is a row
+
+
+def rows(x: torch.Tensor, torch_conv: torch.nn.Conv2d, ours: tdc.DirectConv2d, models: dict) -> dict:
     w, b = ours.weight, ours.bias
     op = torch.ops.directconv.conv2d.default
     geo = ([1, 1], [0, 0, 0, 0], [1, 1])
@@ -56,6 +62,9 @@ def rows(x: torch.Tensor, torch_conv: torch.nn.Conv2d, ours: tdc.DirectConv2d) -
 
     return {
         "nn.Conv2d": lambda: torch_conv(x),
+        "optimize(conv)": lambda: models["lone"](x),
+        f"optimize(chain)/{CHAIN}": lambda: models["chain"](x),
+        f"nn chain/{CHAIN}": lambda: models["torch_chain"](x),
         "F.conv2d": lambda: F.conv2d(x, w, b),
         "DirectConv2d": lambda: ours(x),
         "tdc.conv2d": lambda: tdc.conv2d(x, w, b),
@@ -82,13 +91,25 @@ def main() -> None:
     torch_conv = torch.nn.Conv2d(c, k, 1)
     ours = tdc.DirectConv2d.from_conv2d(torch_conv)
     x = torch.randn(n, c, h, w)
+    # Inside an optimized model: the convolution alone (a region of one layer, which runs NCHW
+    # in and out), and a chain of CHAIN of them (one blocked region: per convolution, a step).
+    chain = torch.nn.Sequential(torch_conv, *(torch.nn.Conv2d(k, k, 1) for _ in range(CHAIN - 1))) if c == k else None
+    models = {
+        "lone": tdc.optimize(torch.nn.Sequential(torch_conv)).eval(),
+        "chain": tdc.optimize(chain).eval() if chain is not None else None,
+        "torch_chain": chain,
+    }
     print(f"{n}x{c}x{h}x{w} -> {k}, 1x1, {args.threads} thread(s), ISA {tdc.isa()}; us per call (median)")
     for mode in ("inference (no_grad)", "with grad (input requires grad)"):
         xin = x if mode.startswith("inference") else x.clone().requires_grad_()
         ctx = torch.no_grad() if mode.startswith("inference") else torch.enable_grad()
         cpu0, wall0 = _cpu(), time.perf_counter()
         with ctx:
-            t = interleaved(rows(xin, torch_conv, ours), args.reps, args.inner)
+            fns = rows(xin, torch_conv, ours, models)
+            if chain is None:  # a chain needs as many output channels as input ones
+                fns = {k: f for k, f in fns.items() if "chain" not in k}
+            t = interleaved(fns, args.reps, args.inner)
+            t = {k: (v[0] / CHAIN, v[1] / CHAIN) if "chain" in k else v for k, v in t.items()}
         busy = (_cpu() - cpu0) / (time.perf_counter() - wall0)
         print(f"\n{mode}  (CPUs busy {busy:.2f})")
         ref_wall, ref_cpu = t["nn.Conv2d"]

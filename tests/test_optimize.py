@@ -468,6 +468,8 @@ def test_eval_follows_weight_updates() -> None:
     check("after replacing a weight's .data")
     opt.layer2[1].bn1.eps = 0.5
     check("after changing a BN's eps")
+    opt.layer1[0].conv2.padding, opt.layer1[0].conv2.dilation = (2, 2), (2, 2)
+    check("after changing a convolution's padding and dilation")
 
 
 def test_inference_mode_then_input_gradients() -> None:
@@ -806,3 +808,54 @@ def test_broadcasting_residual(mode: str) -> None:
     ref = copy.deepcopy(model).double()
     opt = tdc.optimize(model)
     _compare(opt, ref, torch.randn(2, 3, 9, 9), 1e-5)
+
+
+class LoneConvs(nn.Module):
+    """Convolutions each alone between ops that run NCHW (sigmoid does not keep zero at zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)  # a small weight: packed within each call
+        self.b = nn.Conv2d(16, 64, 3, padding=1, bias=False)  # packed once in eval, kept while it may be
+        self.c = nn.Conv2d(64, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.sigmoid(self.a(x))
+        x = torch.sigmoid(F.relu(self.b(x)))
+        return torch.sigmoid(self.c(x))
+
+
+def test_lone_convolutions_run_nchw() -> None:
+    """A region of one convolution (and the ReLU only it feeds) runs NCHW in and out, as
+    DirectConv2d does: no entry or exit, the ReLU in its epilogue, the same results, and the
+    packed weight follows every change of the weight."""
+    model = LoneConvs()
+    opt = tdc.optimize(model, inplace=True)
+    for training in (False, True):
+        steps = _steps_of(opt, training)
+        assert not any(isinstance(s, (_steps.Enter, _steps.Exit, _steps.Unit)) for s in steps), steps
+        convs = [s for s in steps if isinstance(s, _steps.DropInConv)]
+        assert [s.relu for s in convs] == [False, True, False]
+        assert opt._engine.plans[training].lone
+    x = torch.randn(2, 3, 9, 11)
+    ref = copy.deepcopy(model).double()
+    _compare(opt.eval(), ref.eval(), x, 1e-5)
+    _compare(opt.train(), ref.train(), x, 1e-5)
+    opt.eval()
+
+    def check(what: str) -> None:
+        with torch.no_grad():
+            _close(opt(x), model.double()(x.double()), 1e-5, what)
+            model.float()
+
+    check("first call")
+    check("second call (the kept packing)")
+    with torch.no_grad():
+        opt.b.weight.mul_(-2.0)
+    check("after an in-place change of the weight")
+    opt.b.weight.data = torch.randn_like(opt.b.weight)
+    check("after replacing the weight's .data")
+    opt.b.weight = nn.Parameter(torch.randn_like(opt.b.weight))
+    check("after replacing the parameter")
+    opt.b.padding = (0, 0)
+    check("after changing the padding")

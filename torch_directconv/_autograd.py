@@ -27,8 +27,9 @@ from . import _backend  # noqa: F401  (loads the ops)
 
 
 def call_op(op: torch._ops.OpOverload, *args):
-    """A directconv op with autograd. When no gradient can flow, the call goes straight below
-    autograd, as the op's own autograd kernel would pass it on, minus that kernel's cost. When
+    """A directconv op with autograd. When no gradient can flow, an op with a C++ autograd
+    kernel is called as it is (that kernel passes the call on), and the others go straight
+    below autograd, as their Python autograd kernel would pass it on, minus its cost. When
     one can, in eager mode: the ops with a C++ autograd kernel (conv2d, conv2d_blocked) are
     called as they are, and the others go through their eager autograd.Function, the same
     setup_context and backward as their registered (Python) autograd, whose kernel costs about
@@ -41,9 +42,11 @@ def call_op(op: torch._ops.OpOverload, *args):
         return op(*args)
     if torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[op].apply(*args)
+    eager = _EAGER.get(op)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        eager = _EAGER.get(op)
         return op(*args) if eager is None or torch._C._get_tracing_state() else eager.apply(*args)
+    if eager is None:
+        return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 

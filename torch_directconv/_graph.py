@@ -357,8 +357,9 @@ class Plan:
     blocked: set  # nodes that run blocked
     regions: dict  # blocked node -> its region's number
     units: dict  # last node of a fused chain -> (conv, bn, add, relu) nodes (None where absent)
-    absorbed: set  # nodes that run inside a unit emitted at a later node
+    absorbed: set  # nodes that run inside a unit emitted at a later node, or a lone convolution's ReLU
     why: dict  # node -> why it runs NCHW
+    lone: dict = field(default_factory=dict)  # a lone convolution (run NCHW) -> the ReLU it fuses, or None
 
 
 def _functionalize(graph: fx.Graph, ops: dict, root: nn.Module) -> set:
@@ -539,6 +540,26 @@ def _fuse(graph: fx.Graph, ops: dict, blocked: set) -> tuple[dict, set]:
     return units, absorbed
 
 
+def _lone_convs(graph: fx.Graph, ops: dict, blocked: set, regions: dict) -> dict:
+    """The regions that hold one convolution and nothing else but a ReLU that only it feeds:
+    conv -> that ReLU, or None."""
+    members: dict = {}
+    for n in graph.nodes:
+        if n in blocked:
+            members.setdefault(regions[n], []).append(n)
+    lone = {}
+    for nodes in members.values():
+        convs = [n for n in nodes if ops[n].kind == CONV]
+        if len(convs) != 1:
+            continue
+        conv, rest = convs[0], [n for n in nodes if n is not convs[0]]
+        if not rest:
+            lone[conv] = None
+        elif len(rest) == 1 and ops[rest[0]].kind == RELU and list(conv.users) == rest and tuple(ops[rest[0]].inputs) == (conv,):
+            lone[conv] = rest[0]
+    return lone
+
+
 def plan(graph: fx.Graph, root: nn.Module) -> Plan:
     ops = {n: classify(n, root) for n in graph.nodes}
     pinned = _functionalize(graph, ops, root)
@@ -562,10 +583,18 @@ def plan(graph: fx.Graph, root: nn.Module) -> Plan:
     blocked -= demoted
     for n in demoted:
         why[n] = "it reads and feeds NCHW values: blocked, it would cost more layout conversions"
+    lone = _lone_convs(graph, ops, blocked, regions)
+    for conv, relu in lone.items():
+        blocked -= {conv, relu}
+        why[conv] = (
+            "the only layer of its region: it runs NCHW in and out as DirectConv2d does (blocked, it would take "
+            "an entry and an exit for one op)"
+        )
     units, absorbed = _fuse(graph, ops, blocked)
+    absorbed |= {relu for relu in lone.values() if relu is not None}
     numbers: dict = {}
     regions = {n: numbers.setdefault(regions[n], len(numbers)) for n in graph.nodes if n in blocked}
-    return Plan(ops, ch, required, blocked, regions, units, absorbed, why)
+    return Plan(ops, ch, required, blocked, regions, units, absorbed, why, lone)
 
 
 class _Emitter:
@@ -716,10 +745,14 @@ class _Emitter:
         args = fx.node.map_arg(n.args, lambda v: self.as_nchw(v, n))
         kwargs = fx.node.map_arg(n.kwargs, lambda v: self.as_nchw(v, n))
         if op.kind in (DROPIN, CONV):
-            # A grouped convolution, or one kept NCHW (an in-place op may write its output).
-            step = _steps.DropInConv(op.name, op.module)
+            # A grouped convolution, one kept NCHW (an in-place op may write its output), or a
+            # lone one, with the ReLU it fuses.
+            relu = self.p.lone.get(n)
+            step = _steps.DropInConv(op.name, op.module, self.p.ops[relu].name if relu is not None else None)
             self.nchw[n] = self._step(step, args, "nchw", n.name)
             self.nchw[n].meta["dc"]["why"] = op.reason or self.p.why.get(n, "")
+            if relu is not None:
+                self.nchw[relu] = self.nchw[n]
             return
         if n.op == "placeholder":
             node = self.new.node_copy(n)

@@ -15,8 +15,16 @@ from torch import nn
 
 from . import _backend, blocked_ops
 from ._fake import _spatial
-from .blocked import conv2d_blocked, conv2d_blocked_stats, from_blocked, to_blocked, to_blocked_weight
-from .functional import _pair, conv2d, conv_padding
+from .blocked import conv2d_blocked_stats, from_blocked, to_blocked, to_blocked_weight
+from ._autograd import call_op
+from .functional import _check, _pair, conv2d, conv2d_packed, conv_padding, fallback_reason, pack_weight
+
+
+_CONV2D_BLOCKED = torch.ops.directconv.conv2d_blocked.default
+_CONV2D = torch.ops.directconv.conv2d.default
+# Weights of at least this many elements are packed once and kept while they may be; a smaller
+# one costs less to pack within the call than the cache's checks (DropInConv).
+_PACK_CACHE_MIN = 4096
 
 
 class Step(nn.Module):
@@ -78,10 +86,12 @@ class _TensorsKey:
         self.extra = extra
 
     def matches(self, tensors: tuple, extra: tuple) -> bool:
-        if extra != self.extra:
+        if extra != self.extra or len(tensors) != len(self.tensors):
             return False
-        for t, ref, alias, version in zip(tensors, self.tensors, self.aliases, self.versions, strict=True):
-            if t is not ref or (t is not None and (t._version != version or not t.is_set_to(alias))):
+        for i, t in enumerate(tensors):
+            if t is not self.tensors[i]:
+                return False
+            if t is not None and (t._version != self.versions[i] or not t.is_set_to(self.aliases[i])):
                 return False
         return True
 
@@ -92,20 +102,29 @@ def _cacheable(owned: bool, tensors: tuple) -> bool:
     must reach them, and no graph is being recorded (torch.compile must see the computation)."""
     if not owned or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    live = [t for t in tensors if t is not None]
-    if any(t.is_inference() for t in live):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in live))
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (t.is_inference() or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _own(module: nn.Module, names: tuple[str, ...]) -> tuple[tuple, bool]:
     """(the module's tensors called `names`, whether each is its own Parameter or buffer or None)."""
-    tensors = tuple(getattr(module, n) for n in names)
-    owned = all(
-        t is None or module._parameters.get(n) is t or module._buffers.get(n) is t
-        for n, t in zip(names, tensors, strict=True)
-    )
-    return tensors, owned
+    # The modules' own dicts first (what getattr finds for a registered name, without
+    # nn.Module.__getattr__'s cost); anything else (a parametrization's property) by getattr.
+    params, buffers = module._parameters, module._buffers
+    tensors, owned = [], True
+    for n in names:
+        if n in params:
+            t = params[n]
+        elif n in buffers:
+            t = buffers[n]
+        else:
+            t = getattr(module, n)
+            owned = owned and t is None
+        tensors.append(t)
+    return tuple(tensors), owned
 
 
 def _eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +154,52 @@ def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{bn_name}: Expected more than 1 value per channel when training, got input size {size}")
 
 
-class Unit(Step):
+class _ConvStep(Step):
+    """A step that runs a convolution: its weights (folded, packed) and its geometry kept
+    between calls while they may be."""
+
+    def __init__(self, layers: list[str], what: str) -> None:
+        super().__init__(layers, what)
+        self._cache: tuple[_TensorsKey, tuple] | None = None
+        self._geo: tuple | None = None
+
+    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
+        """compute(pack): packed once (pack = to_blocked_weight) and kept while it may be; else
+        computed at each call with the weight left (K, C, R, S) (pack = the identity), which
+        conv2d_blocked packs within its call and whose gradient it returns as (K, C, R, S): a
+        training step then has no packing pass, nor an unpacking one."""
+        if not _cacheable(owned, tensors):
+            return compute(lambda w: w)
+        # Made in inference mode, the results are inference tensors: reused only there.
+        extra = (*extra, torch.is_inference_mode_enabled())
+        entry = self._cache  # one read: other threads may replace it meanwhile
+        if entry is not None and entry[0].matches(tensors, extra):
+            return entry[1]
+        self._cache = None  # drop the old result before the new one is made
+        with torch.no_grad():
+            result = compute(to_blocked_weight)
+        self._cache = (_TensorsKey(tensors, extra), result)
+        return result
+
+    def _geometry(self, conv: nn.Conv2d, padding) -> tuple[list, list, list]:
+        """(stride, padding (top, bottom, left, right), dilation) as conv2d_blocked's op takes
+        them, worked out again only when the module's attributes are other objects."""
+        geo = self._geo
+        if (
+            geo is None
+            or geo[0] is not conv.stride
+            or geo[1] is not padding
+            or geo[2] is not conv.dilation
+            or geo[3] is not conv.kernel_size
+        ):
+            stride, dilation = _pair(conv.stride, "stride"), _pair(conv.dilation, "dilation")
+            pad4 = conv_padding(padding, conv.kernel_size, stride, dilation)
+            geo = (conv.stride, padding, conv.dilation, conv.kernel_size, (list(stride), list(pad4), list(dilation)))
+            self._geo = geo
+        return geo[4]
+
+
+class Unit(_ConvStep):
     """conv? -> batch norm? -> + residual? -> ReLU?, blocked in and out.
 
     Eval: the batch norm is folded into the convolution's weights and bias, and the ReLU runs in
@@ -165,27 +229,8 @@ class Unit(Step):
         self.channels = channels
         self.residual = residual
         self.relu = relu
-        self._cache: tuple[_TensorsKey, tuple] | None = None
         # The scale and shift of a lone add -> ReLU pass: bn_apply with the identity's affine.
         self._identity = (torch.ones(channels), torch.zeros(channels)) if residual else None
-
-    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
-        """compute(pack): packed once (pack = to_blocked_weight) and kept while it may be; else
-        computed at each call with the weight left (K, C, R, S) (pack = the identity), which
-        conv2d_blocked packs within its call and whose gradient it returns as (K, C, R, S): a
-        training step then has no packing pass, nor an unpacking one."""
-        if not _cacheable(owned, tensors):
-            return compute(lambda w: w)
-        # Made in inference mode, the results are inference tensors: reused only there.
-        extra = (*extra, torch.is_inference_mode_enabled())
-        entry = self._cache  # one read: other threads may replace it meanwhile
-        if entry is not None and entry[0].matches(tensors, extra):
-            return entry[1]
-        self._cache = None  # drop the old result before the new one is made
-        with torch.no_grad():
-            result = compute(to_blocked_weight)
-        self._cache = (_TensorsKey(tensors, extra), result)
-        return result
 
     def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
         """(weight, bias) of the convolution, with bn folded in when it is given; the weight
@@ -216,16 +261,17 @@ class Unit(Step):
         the ReLU in the kernels' epilogue; a residual that broadcasts takes torch's add after."""
         xb, padding = self._padded(conv, xb)
         fused = residual is not None and tuple(residual.shape) == _conv_out_shape(conv, xb, padding)
-        yb = conv2d_blocked(
+        # The op itself: the engine has checked the JIT and the weights' shape (conv2d_blocked's
+        # own checks), and the geometry is kept between calls.
+        yb = call_op(
+            _CONV2D_BLOCKED,
             xb,
             wb,
             bias,
-            conv.stride,
-            padding,
-            conv.dilation,
-            relu=relu and (residual is None or fused),
-            in_channels=conv.in_channels,
-            residual=residual if fused else None,
+            *self._geometry(conv, padding),
+            relu and (residual is None or fused),
+            conv.in_channels,
+            residual if fused else None,
         )
         if residual is None or fused:
             return yb
@@ -391,14 +437,19 @@ class BlockedShape(Step):
         return size if dim is None else size[dim]
 
 
-class DropInConv(Step):
-    """A convolution outside the blocked regions (groups > 1, or an output kept NCHW), on NCHW
-    tensors through the drop-in path (torch_directconv.conv2d: the JIT kernels, depthwise ones
-    too, or torch's convolution where they do not apply)."""
+class DropInConv(_ConvStep):
+    """A convolution outside the blocked regions (groups > 1, an output kept NCHW, or a
+    region of one convolution, whose entry and exit would cost more than blocking saves), on
+    NCHW tensors through the drop-in path (the JIT kernels, depthwise ones too, or torch's
+    convolution where they do not apply), with a ReLU that only it feeds in its epilogue. As
+    DirectConv2d with cache_weights: the packed weight is kept while no gradient must reach it."""
 
-    def __init__(self, name: str, conv: nn.Conv2d) -> None:
-        super().__init__([name], "drop-in conv2d, NCHW")
+    def __init__(self, name: str, conv: nn.Conv2d, relu_name: str | None = None) -> None:
+        names = [name] + ([relu_name] if relu_name else [])
+        super().__init__(names, "drop-in conv2d, NCHW" + (", ReLU in its epilogue" if relu_name else ""))
         self._conv = (conv,)
+        self.relu = relu_name is not None
+        self._checked: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self._conv[0]
@@ -406,4 +457,17 @@ class DropInConv(Step):
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = 0
-        return conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        (w, b), owned = _own(conv, ("weight", "bias"))
+        # What the JIT's choice and the checks depend on; a call like the last checked one skips them.
+        sig = (type(x), x.shape, x.dtype, x.device, w.shape, w.dtype, b is None or (b.shape, b.dtype), _backend.isa())
+        if sig != self._checked:
+            if type(x) is not torch.Tensor or x.dim() != 4 or fallback_reason(x, w, b, conv.groups) is not None:
+                return conv2d(x, w, b, conv.stride, padding, conv.dilation, conv.groups, relu=self.relu)
+            _check(x, w, b, conv.groups)
+            self._checked = sig
+        stride, pad4, dilation = self._geometry(conv, padding)
+        if w.numel() >= _PACK_CACHE_MIN and _cacheable(owned, (w, b)):
+            (packed,) = self._cached((w,), owned, (_backend.isa(), conv.groups), lambda _: (pack_weight(w, conv.groups),))
+            return conv2d_packed(x, packed, b, w.shape[0], stride, pad4, dilation, conv.groups, self.relu)
+        # The op packs the weight within its call (and gives its gradient).
+        return call_op(_CONV2D, x, w, b, stride, pad4, dilation, conv.groups, self.relu)

@@ -49,7 +49,9 @@ class OptimizedModule(nn.Module):
         engine = self._engine
         if blocked_path_reason(args, kwargs) is not None:
             return engine.root(*args, **kwargs)
-        return engine.graphs[self.training](*args, **kwargs)
+        # The graph module's forward itself: it is internal (no hooks of the user's are on it),
+        # and its __call__ would only add a traceback wrapper.
+        return engine.graphs[self.training].forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
         p = self._engine.plans[self.training]
@@ -68,7 +70,9 @@ def blocked_path_reason(args: tuple, kwargs: dict) -> str | None:
         return reason
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is enabled"
-    for t in tree_leaves((args, kwargs)):
+    # The usual call, tensors as positional arguments, without flattening a tree.
+    leaves = args if not kwargs and all(type(a) is torch.Tensor for a in args) else tree_leaves((args, kwargs))
+    for t in leaves:
         if (
             isinstance(t, torch.Tensor)
             and t.is_floating_point()
