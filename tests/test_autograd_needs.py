@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_directconv as tdc
+from torch_directconv import blocked_ops
 from helpers import requires_jit
 
 pytestmark = requires_jit
@@ -142,3 +143,154 @@ def test_a_layer_between_two_others_gets_only_what_flows_through_it() -> None:
     yr = F.conv2d(F.relu(F.conv2d(xr, w1.detach(), padding=1)), w2.detach(), padding=1)
     (ref,) = torch.autograd.grad(yr.sum(), [xr])
     torch.testing.assert_close(gx, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocked model's other ops: C++ autograd kernels too
+
+
+class ArgLog(TorchDispatchMode):
+    """The directconv ops that run under it, with their arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "directconv":
+            self.calls.append((func._opname, args))
+        return func(*args, **(kwargs or {}))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def masks(self) -> list[list[bool]]:
+        """The output masks bn_backward_blocked ran with."""
+        return [list(args[9]) for name, args in self.calls if name == "bn_backward_blocked"]
+
+
+def _bn_inputs(relu: bool):
+    """batch_norm_blocked's arguments on 20 channels in train mode, with a residual, all of
+    xb, weight, bias and the residual requiring grad."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 20, 5, 6, generator=g)
+    xb = tdc.to_blocked(x).requires_grad_()
+    rb = tdc.to_blocked(torch.randn(2, 20, 5, 6, generator=g)).requires_grad_()
+    weight = (torch.rand(20, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(20, generator=g).requires_grad_()
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    return {"xb": xb, "mean": mean, "var": var, "weight": weight, "bias": bias, "residual": rb, "relu": relu}
+
+
+def _bn_call(a: dict, op=ops.batch_norm_blocked.default):
+    return op(a["xb"], a["mean"], a["var"], a["weight"], a["bias"], a["residual"], 1e-5, a["relu"], True, 20)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("asked", ["xb", "weight", "bias", "residual", "weight+bias", "xb+residual"])
+def test_batch_norm_backward_computes_only_the_asked_gradients(relu: bool, asked: str) -> None:
+    """The C++ kernel passes the engine's needs to bn_backward_blocked as its output mask; a
+    residual alone, without a ReLU, needs no backward op at all (its gradient is the output's)."""
+    a = _bn_inputs(relu)
+    y = _bn_call(a)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    names = asked.split("+")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    with ArgLog() as log:
+        got = torch.autograd.grad(y, [a[n] for n in names], g)
+    want = [n in names for n in ("xb", "weight", "bias")] + ["residual" in names and relu]
+    assert log.masks() == ([want] if any(want) else []), log.calls
+    ref = torch.autograd.grad(_bn_call(a, _FUNCTIONS_OP(ops.batch_norm_blocked.default)), [a[n] for n in names], g)
+    for n, x, r in zip(names, got, ref, strict=True):
+        torch.testing.assert_close(x, r, rtol=0, atol=0, msg=n)
+
+
+def _FUNCTIONS_OP(op):
+    """The op's Python autograd.Function (the reference backward), as a callable."""
+    return tdc._autograd._FUNCTIONS[op].apply
+
+
+def test_conv_stats_backward_computes_only_the_asked_gradients() -> None:
+    g = torch.Generator().manual_seed(6)
+    xb = tdc.to_blocked(torch.randn(2, 20, 9, 9, generator=g)).requires_grad_()
+    w = (torch.randn(24, 20, 3, 3, generator=g) * 0.1).requires_grad_()
+    b = torch.randn(24, generator=g).requires_grad_()
+    args = ([2, 2], [1, 1, 1, 1], [1, 1], 20, torch.zeros(24), 24)
+    op = ops.conv2d_blocked_stats.default
+    y, mean, var = op(xb, w, b, *args)
+    assert type(y.grad_fn).__name__ == "CppFunction" and not mean.requires_grad and not var.requires_grad
+    gy = torch.randn(y.shape, generator=g)
+    ref = torch.autograd.grad(_FUNCTIONS_OP(op)(xb, w, b, *args)[0], (xb, w, b), gy)
+    for asked, data, weight in (("x", True, False), ("w", False, True), ("b", False, False), ("xwb", True, True)):
+        with OpLog() as log:
+            got = torch.autograd.grad(op(xb, w, b, *args)[0], [t for n, t in zip("xwb", (xb, w, b)) if n in asked], gy)
+        assert ("conv2d_blocked_backward_data" in log.names) == data, log.names
+        assert ("conv2d_blocked_backward_weight" in log.names) == weight, log.names
+        want = [r for n, r in zip("xwb", ref) if n in asked]
+        for gt, r in zip(got, want, strict=True):
+            torch.testing.assert_close(gt, r, rtol=0, atol=0)
+
+
+def _cases():
+    """(op, its arguments, the indices of the tensor arguments to differentiate) for every op of
+    the blocked model with a C++ autograd kernel but the convolutions (above)."""
+    g = torch.Generator().manual_seed(7)
+    v = tdc.vector_width()
+    xb = tdc.to_blocked(torch.randn(2, 20, 7, 6, generator=g))
+    scale, shift = torch.rand(20, generator=g) + 0.5, torch.randn(20, generator=g)
+    rb = tdc.to_blocked(torch.randn(2, 20, 7, 6, generator=g))
+    return {
+        "to_blocked": (ops.to_blocked.default, (torch.randn(2, 20, 4, 3, generator=g), v), (0,)),
+        "from_blocked": (ops.from_blocked.default, (xb, 20), (0,)),
+        "to_blocked_weight": (ops.to_blocked_weight.default, (torch.randn(24, 20, 3, 3, generator=g), v), (0,)),
+        "from_blocked_weight": (
+            ops.from_blocked_weight.default,
+            (tdc.to_blocked_weight(torch.randn(24, 20, 3, 3, generator=g)), 24, 20),
+            (0,),
+        ),
+        "bn_apply": (ops.bn_apply_blocked.default, (xb, scale, shift, rb, True, 20), (0, 1, 2, 3)),
+        "bn_apply_no_relu": (ops.bn_apply_blocked.default, (xb, scale, shift, rb, False, 20), (0, 1, 2, 3)),
+        "bn_stats": (ops.bn_stats_blocked.default, (xb, 20), (0,)),
+        "batch_norm_eval": (
+            ops.batch_norm_blocked.default,
+            (xb, shift, scale, scale, shift, None, 1e-5, True, False, 20),
+            (0, 3, 4),
+        ),
+        "max_pool": (ops.max_pool2d_blocked.default, (xb, [3, 3], [2, 2], [1, 1], [1, 1], True, 20), (0,)),
+        "avg_pool": (ops.avg_pool2d_blocked.default, (xb, [3, 2], [2, 1], [1, 0], False, False, None, 20), (0,)),
+        "global_avg_pool": (ops.global_avg_pool_blocked.default, (xb, 20), (0,)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_cpp_autograd_kernels_match_the_python_functions(case: str) -> None:
+    """Each op's C++ autograd kernel records a C++ node, and its gradients are exactly those of
+    the op's Python autograd.Function (the backward torch.func uses), for every input at once
+    and for each alone."""
+    op, args, diff = _cases()[case]
+    args = list(args)
+    for i in diff:
+        args[i] = args[i].clone().requires_grad_()
+    outs = op(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert type(outs[0].grad_fn).__name__ == "CppFunction", outs[0].grad_fn
+    ref = _FUNCTIONS_OP(op)(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(o.shape, generator=g) for o in outs]
+    for asked in [diff, *[(i,) for i in diff]] if len(diff) > 1 else [diff]:
+        got = torch.autograd.grad(outs, [args[i] for i in asked], grads, retain_graph=True)
+        want = torch.autograd.grad(ref, [args[i] for i in asked], grads, retain_graph=True)
+        for i, a, e in zip(asked, got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"gradient of argument {i}")
+
+
+def test_a_double_backward_through_a_pool_is_refused() -> None:
+    """A backward recorded with create_graph calls the backward ops through their autograd,
+    so a second backward meets its error rather than a wrong (missing) gradient."""
+    xb = tdc.to_blocked(torch.randn(1, 20, 6, 6)).requires_grad_()
+    y = blocked_ops.max_pool2d(xb, 20, 3, stride=2, padding=1)
+    (gx,) = torch.autograd.grad(y.sum(), [xb], create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()

@@ -561,6 +561,18 @@ def child_guard_sweep(seed: int) -> None:
                 for a, e in zip(got_all, want_all, strict=True):
                     assert torch.equal(a, e), f"{op} {side} n{n}c{c}h{h}w{w}"
                 calls += 1
+    # The running statistics' update, in place: read and written only within its tensors.
+    for c in (3, 17, 40):
+        stats = [torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5]
+        batch = [torch.randn(c, generator=g), torch.rand(c, generator=g)]
+        want = [t.clone() for t in stats]
+        ops.bn_update_running_stats(*want, None, *batch, 9, 0.1)
+        for side in ("before", "after"):
+            running = [guarded_copy(t, side) for t in stats]
+            ops.bn_update_running_stats(*running, None, *(guarded_copy(t, side) for t in batch), 9, 0.1)
+            for a, e in zip(running, want, strict=True):
+                assert torch.equal(a, e), f"bn_update_running_stats {side} c{c}"
+            calls += 1
     print(f"guard-page sweep: {calls} guarded calls", flush=True)
 
 

@@ -779,6 +779,50 @@ def test_update_running_stats_is_batch_norms(kwargs: dict) -> None:
     _check_state(bn, ref, 1e-5)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("counter", [True, False])
+def test_update_running_stats_in_place(momentum: float | None, counter: bool) -> None:
+    """One in-place op: the factor rule (momentum None without a counter leaves the statistics
+    as they are, as torch), torch's formula in double, and the version counters moved as an
+    in-place torch op moves them."""
+    g = torch.Generator().manual_seed(9)
+    rm, rv = torch.randn(21, generator=g), torch.rand(21, generator=g) + 0.5
+    mean, var = torch.randn(21, generator=g), torch.rand(21, generator=g)
+    nbt = torch.tensor(4) if counter else None
+    exp_m, exp_v = rm.double(), rv.double()
+    factor = momentum if momentum is not None else (1 / 5 if counter else 0.0)
+    exp_m = factor * mean.double() + (1 - factor) * exp_m
+    exp_v = factor * var.double() * 40 / 39 + (1 - factor) * exp_v
+    versions = [t._version for t in (rm, rv, nbt) if t is not None]
+    blocked_ops.update_running_stats(rm, rv, nbt, mean, var, 40, momentum)
+    torch.testing.assert_close(rm, exp_m.float(), rtol=0, atol=0)
+    torch.testing.assert_close(rv, exp_v.float(), rtol=0, atol=0)
+    assert nbt is None or int(nbt) == 5
+    assert all(t._version > v for t, v in zip([t for t in (rm, rv, nbt) if t is not None], versions, strict=True))
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        blocked_ops.update_running_stats(rm, rv, torch.tensor(1.0), mean, var, 40, momentum)
+    with pytest.raises(RuntimeError, match="running_var"):
+        blocked_ops.update_running_stats(rm, rv[:20], None, mean, var, 40, momentum)
+
+
+def test_eval_after_training_follows_the_running_statistics() -> None:
+    """eval (its folded weights cached), a training step (the running statistics move in place),
+    eval again: the second eval folds the new statistics."""
+    model = _init_bn(OddChannels())
+    ref = copy.deepcopy(model).double()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 15, 13)
+    with torch.no_grad():
+        _close(opt.eval()(x), ref.eval()(x.double()), 1e-4, "first eval")
+    # With gradients, as a training step: the weights are not cached then, so the eval entry stays.
+    xt = torch.randn(3, 3, 15, 13) * 2 + 1
+    opt.train()(xt)
+    ref.train()(xt.double())
+    _check_state(opt, ref, 1e-4)
+    with torch.no_grad():
+        _close(opt.eval()(x), ref.eval()(x.double()), 1e-4, "eval after the training step")
+
+
 def test_warns_nothing_for_supported_models() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -7,16 +7,17 @@ from_blocked_weight) are differentiable too, so a model whose activations stay b
 end to end.
 Double backward through a convolution is not supported and says so.
 
-The two convolutions, conv2d and conv2d_blocked, have C++ autograd kernels
-(csrc/torch/autograd.cpp): a C++ node asks the engine which gradients the running backward
-will use, so autograd.grad(y, [x]) runs no weight gradient. A Python autograd kernel cannot
-know that (ctx.needs_input_grad says only which inputs require grad). The other ops'
-autograd is registered here with register_autograd.
+Every forward op (the convolutions, the layout conversions, and the batch-norm and pooling
+ops of _blocked_ops.py) has a C++ autograd kernel (csrc/torch/autograd.cpp,
+autograd_blocked.cpp): a C++ node asks the engine which gradients the running backward will
+use, so autograd.grad(y, [x]) runs no weight gradient, and an eager call costs no Python
+autograd.Function. A Python autograd kernel could not know that (ctx.needs_input_grad says
+only which inputs require grad). The backward ops' autograd, registered here with
+register_autograd, refuses a double backward.
 
-Every op also has an autograd.Function with the same setup_context and backward, which
-call_op uses under torch.func transforms (grad, vjp, vmap): the autograd that
-register_autograd makes has no setup_context, the transforms refuse a Function without
-one (pytorch/pytorch#168393), and they refuse a C++ autograd Function.
+Every op also has an autograd.Function with the same backward math, which call_op uses under
+torch.func transforms (grad, vjp, vmap): the transforms refuse a C++ autograd Function, and
+one made by register_autograd has no setup_context, which they need (pytorch/pytorch#168393).
 """
 
 from __future__ import annotations
@@ -28,13 +29,10 @@ from . import _backend  # noqa: F401  (loads the ops)
 
 def call_op(op: torch._ops.OpOverload, *args):
     """A directconv op with autograd. When no gradient can flow, an op with a C++ autograd
-    kernel is called as it is (that kernel passes the call on), and the others go straight
-    below autograd, as their Python autograd kernel would pass it on, minus its cost. When
-    one can, in eager mode: the ops with a C++ autograd kernel (conv2d, conv2d_blocked) are
-    called as they are, and the others go through their eager autograd.Function, the same
-    setup_context and backward as their registered (Python) autograd, whose kernel costs about
-    30 us a call more (it rebuilds an autograd.Function call, with its argument binding, every
-    time). Under torch.func transforms it always goes through the op's transform-ready
+    kernel is called as it is (that kernel passes the call on, for less than stepping below
+    autograd costs here), and a backward op, whose autograd is Python, goes straight below it,
+    minus that kernel's cost. When one can, in eager mode, the op's autograd kernel records the
+    node. Under torch.func transforms it always goes through the op's transform-ready
     autograd.Function: which tensors carry gradients (or tangents, which no requires_grad
     shows) is for the transforms to say, level by level. A graph being recorded
     (torch.compile, torch.jit.trace) sees the op itself."""
@@ -42,10 +40,7 @@ def call_op(op: torch._ops.OpOverload, *args):
         return op(*args)
     if torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[op].apply(*args)
-    eager = _EAGER.get(op)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return op(*args) if eager is None or torch._C._get_tracing_state() else eager.apply(*args)
-    if eager is None:
+    if op not in _PY_AUTOGRAD or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -173,34 +168,21 @@ def _keep_nothing(ctx, inputs, output) -> None:
 
 
 _FUNCTIONS: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
-_EAGER: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}
+_PY_AUTOGRAD: set[torch._ops.OpOverload] = set()  # the ops whose autograd kernel is Python (_register)
 
 
 def _register(name: str, backward, setup_context) -> None:
-    """register_autograd for directconv::name, the op's autograd.Function for torch.func, and
-    its eager one for call_op (the old-style forward(ctx, ...), whose apply binds no arguments,
-    running the op below autograd)."""
+    """register_autograd for directconv::name (a backward op, whose autograd is Python), and
+    its autograd.Function for torch.func."""
     torch.library.register_autograd(f"directconv::{name}", backward, setup_context=setup_context)
+    _PY_AUTOGRAD.add(getattr(torch.ops.directconv, name).default)
     _function(name, backward, setup_context)
 
 
-def _function(name: str, backward, setup_context, eager: bool = True) -> None:
-    """The autograd.Function of directconv::name, which call_op uses under torch.func transforms,
-    and (eager) the one call_op uses in eager mode instead of a Python autograd kernel."""
+def _function(name: str, backward, setup_context) -> None:
+    """The autograd.Function of directconv::name, which call_op uses under torch.func transforms
+    (an op with a C++ autograd kernel: the same backward math)."""
     op = getattr(torch.ops.directconv, name).default
-
-    def eager_forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op(*args)
-        setup_context(ctx, args, output)
-        return output
-
-    if eager:
-        _EAGER[op] = type(
-            f"{name}_eager_function",
-            (torch.autograd.Function,),
-            {"forward": staticmethod(eager_forward), "backward": staticmethod(backward)},
-        )
 
     def forward(*args):
         return op(*args)
@@ -218,14 +200,14 @@ def _function(name: str, backward, setup_context, eager: bool = True) -> None:
     )
 
 
-# Their autograd kernels are in C++ (csrc/torch/autograd.cpp), with the same backward.
-_function("conv2d", _backward, _setup_context, eager=False)
-_function("conv2d_blocked", _backward_blocked, _setup_blocked, eager=False)
-_register("conv2d_blocked_stats", _backward_blocked_stats, _setup_blocked_stats)
-_register("to_blocked", _backward_to_blocked, _setup_to_blocked)
-_register("from_blocked", _backward_from_blocked, _setup_from_blocked)
-_register("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)
-_register("from_blocked_weight", _backward_from_blocked_weight, _setup_from_blocked_weight)
+# Their autograd kernels are in C++ (csrc/torch/autograd.cpp, autograd_blocked.cpp).
+_function("conv2d", _backward, _setup_context)
+_function("conv2d_blocked", _backward_blocked, _setup_blocked)
+_function("conv2d_blocked_stats", _backward_blocked_stats, _setup_blocked_stats)
+_function("to_blocked", _backward_to_blocked, _setup_to_blocked)
+_function("from_blocked", _backward_from_blocked, _setup_from_blocked)
+_function("to_blocked_weight", _backward_to_blocked_weight, _setup_to_blocked_weight)
+_function("from_blocked_weight", _backward_from_blocked_weight, _setup_from_blocked_weight)
 for _name in (
     "conv2d_backward_data",
     "conv2d_backward_weight",

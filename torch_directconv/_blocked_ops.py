@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend  # noqa: F401  (loads the ops)
-from ._autograd import _keep_nothing, _no_double_backward, _register, call_op
+from ._autograd import _function, _keep_nothing, _no_double_backward, _register, call_op
 
 ops = torch.ops.directconv
 
@@ -39,6 +39,11 @@ def _pooled(xb: torch.Tensor, kernel, stride, padding, dilation, ceil_mode) -> t
 @torch.library.register_fake("directconv::bn_stats_blocked")
 def _bn_stats_fake(xb, channels):
     return xb.new_empty((channels,)), xb.new_empty((channels,))
+
+
+@torch.library.register_fake("directconv::bn_update_running_stats")
+def _bn_update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None
 
 
 @torch.library.register_fake("directconv::bn_apply_blocked")
@@ -193,12 +198,13 @@ def _backward_global_avg_pool(ctx, grad):
     return call_op(ops.global_avg_pool_blocked_backward.default, grad, ctx.input_size, ctx.channels), None
 
 
-_register("bn_stats_blocked", _backward_bn_stats, _setup_bn_stats)
-_register("bn_apply_blocked", _backward_bn_apply, _setup_bn_apply)
-_register("batch_norm_blocked", _backward_batch_norm, _setup_batch_norm)
-_register("max_pool2d_blocked", _backward_max_pool, _setup_max_pool)
-_register("avg_pool2d_blocked", _backward_avg_pool, _setup_avg_pool)
-_register("global_avg_pool_blocked", _backward_global_avg_pool, _setup_global_avg_pool)
+# Their autograd kernels are in C++ (csrc/torch/autograd_blocked.cpp), with the same backward.
+_function("bn_stats_blocked", _backward_bn_stats, _setup_bn_stats)
+_function("bn_apply_blocked", _backward_bn_apply, _setup_bn_apply)
+_function("batch_norm_blocked", _backward_batch_norm, _setup_batch_norm)
+_function("max_pool2d_blocked", _backward_max_pool, _setup_max_pool)
+_function("avg_pool2d_blocked", _backward_avg_pool, _setup_avg_pool)
+_function("global_avg_pool_blocked", _backward_global_avg_pool, _setup_global_avg_pool)
 for _name in (
     "bn_backward_blocked",
     "max_pool2d_blocked_backward",

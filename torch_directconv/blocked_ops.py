@@ -121,19 +121,10 @@ def update_running_stats(
     (var * count / (count - 1)), factor = momentum, or with momentum=None 1 / num_batches_tracked
     (the cumulative average; 0 without a counter, as torch). Absent statistics are skipped.
 
-    As lerp_ (one op rather than three, to a rounding of torch's formula): these small ops cost
-    more than the blocked loops on ResNet's 7x7 maps. The cumulative factor stays a tensor, so
-    no value leaves a torch.compile graph."""
-    with torch.no_grad():
-        factor = 0.0 if momentum is None else momentum
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / num_batches_tracked
-        if running_mean is not None:
-            running_mean.lerp_(mean, factor)
-        if running_var is not None:
-            running_var.lerp_(var * (count / (count - 1)), factor)
+    One op (directconv::bn_update_running_stats, in place; the rule is C++'s,
+    dc::update_running_stats): a chain of small torch ops costs more than the blocked loops on
+    ResNet's 7x7 maps. Inside a torch.compile graph it is functionalized like any in-place op."""
+    ops.bn_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
 
 def max_pool2d(

@@ -107,6 +107,24 @@ void bn_stats_ref(const BlockedShape& s, const float* x, float* mean, float* var
 
 // ---- apply ----------------------------------------------------------------------------------
 
+double running_stats_factor(bool has_momentum, double momentum, int64_t* batches) {
+  if (batches != nullptr) *batches += 1;
+  if (has_momentum) return momentum;
+  return batches != nullptr ? 1.0 / static_cast<double>(*batches) : 0.0;
+}
+
+void update_running_stats(int64_t c, const float* mean, const float* var, int64_t count, double factor,
+                          float* running_mean, float* running_var) {
+  const double keep = 1.0 - factor;
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  for (int64_t i = 0; i < c; ++i) {
+    if (running_mean != nullptr)
+      running_mean[i] = static_cast<float>(factor * mean[i] + keep * running_mean[i]);
+    if (running_var != nullptr)
+      running_var[i] = static_cast<float>(factor * (var[i] * unbias) + keep * running_var[i]);
+  }
+}
+
 void inv_std(const float* var, double eps, int64_t c, float* out) {
   switch (fp32_isa(detected_isa())) {
     case Isa::avx512:

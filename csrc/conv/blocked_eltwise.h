@@ -43,6 +43,18 @@ void bn_stats_finish(const BlockedShape& s, const float* x, const double* partia
                      float* var);
 void bn_stats_ref(const BlockedShape& s, const float* x, float* mean, float* var);
 
+// ---- running statistics ---------------------------------------------------------------
+
+// nn.BatchNorm2d's update after a training batch: batches (num_batches_tracked, when not
+// null) counts it; factor = momentum, or without one (the cumulative average)
+// 1 / batches (0 without a counter, as torch). Returns the factor.
+double running_stats_factor(bool has_momentum, double momentum, int64_t* batches);
+// running = factor * batch + (1 - factor) * running over c channels, in double as torch's batch
+// norm, the variance unbiased (var * count / (count - 1), count values per channel). Either
+// running statistic may be null (not tracked).
+void update_running_stats(int64_t c, const float* mean, const float* var, int64_t count, double factor,
+                          float* running_mean, float* running_var);
+
 // ---- apply ----------------------------------------------------------------------------
 
 // The per-channel map y = (x - center) * scale + shift, each padded to whole blocks with zeros.

@@ -1,4 +1,4 @@
-// The Autograd kernels of conv2d and conv2d_blocked. A C++ autograd node can ask the engine
+// The Autograd kernels of conv2d, conv2d_blocked and conv2d_blocked_stats. A C++ autograd node can ask the engine
 // which of its inputs' gradients the running backward will use (needs_input_grad answers
 // from the graph task), so autograd.grad(y, [x]) runs no weight gradient and a frozen or
 // leaf-without-grad input gets no input gradient, as torch's convolution does with its output
@@ -14,7 +14,10 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
+
+#include "autograd_util.h"
 
 namespace dc_torch {
 
@@ -26,34 +29,6 @@ using torch::autograd::variable_list;
 
 // The tensor arguments every convolution op starts with.
 enum ConvTensorArg : int64_t { kInput, kWeight, kBias, kResidual };
-
-bool requires_grad(const Tensor& t) { return t.requires_grad(); }
-bool requires_grad(const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); }
-
-// Whether any tensor argument will need a gradient: only then is a node recorded; otherwise
-// the call goes straight below autograd (also what lets the ops run inside the forward of a
-// Python autograd.Function under torch.func transforms).
-template <typename... T>
-bool records_graph(const T&... tensors) {
-  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
-}
-
-// The node's edges are its present tensor arguments, in order: an absent optional tensor
-// has none. edges[i] is the edge of the op's i-th tensor argument, -1 when it is absent.
-template <size_t N>
-std::vector<int64_t> edge_indices(const std::array<bool, N>& present) {
-  std::vector<int64_t> edges(N, -1);
-  int64_t next = 0;
-  for (size_t i = 0; i < N; ++i)
-    if (present[i]) edges[i] = next++;
-  return edges;
-}
-
-// Whether the running backward uses the gradient of the op's tensor argument `arg`.
-bool wanted(AutogradContext* ctx, int64_t arg) {
-  const int64_t edge = ctx->saved_data["edges"].toIntList().get(arg);
-  return edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge));
-}
 
 std::vector<int64_t> to_vector(at::IntArrayRef v) { return v.vec(); }
 
@@ -75,8 +50,9 @@ ConvGrads conv_grads(AutogradContext* ctx, const Tensor& grad_output, const Data
   const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector(),
                              padding = ctx->saved_data["padding"].toIntVector(),
                              dilation = ctx->saved_data["dilation"].toIntVector();
-  if (wanted(ctx, kInput)) g.input = data_op.call(g.output, w, x.sym_sizes(), stride, padding, dilation, last);
-  if (wanted(ctx, kWeight)) g.weight = weight_op.call(g.output, x, w.sym_sizes(), stride, padding, dilation, last);
+  if (wanted(ctx, kInput)) g.input = call_backward(data_op, g.output, w, x.sym_sizes(), stride, padding, dilation, last);
+  if (wanted(ctx, kWeight))
+    g.weight = call_backward(weight_op, g.output, x, w.sym_sizes(), stride, padding, dilation, last);
   return g;
 }
 
@@ -209,6 +185,68 @@ Tensor conv2d_blocked_autograd(const Tensor& xb, const Tensor& wb, const std::op
   return BlockedFunction::apply(xb, wb, bias, stride, padding, dilation, relu, in_channels, residual);
 }
 
+// --- conv2d_blocked_stats(xb, wb, bias?, stride, padding, dilation, in_channels?, shift, channels)
+// -> (yb, mean, var). The statistics carry no gradient: a training batch norm's backward
+// (bn_backward_blocked with train=True) already differentiates through its batch statistics.
+
+using StatsFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                   at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                                   std::optional<int64_t>, const Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<StatsFn>& stats_op() {
+  static const auto op = find_op<StatsFn>("directconv::conv2d_blocked_stats");
+  return op;
+}
+
+class StatsFunction : public torch::autograd::Function<StatsFunction> {
+ public:
+  static constexpr size_t kArgs = 9;
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& xb, const Tensor& wb,
+                               const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, std::optional<int64_t> in_channels, const Tensor& shift,
+                               int64_t channels) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, mean, var] = stats_op().call(xb, wb, bias, stride, padding, dilation, in_channels, shift, channels);
+    const bool has_bias = present(bias);
+    ctx->saved_data["edges"] = edge_indices<4>({true, true, has_bias, true});
+    ctx->saved_data["in_channels"] = in_channels;
+    ctx->saved_data["bias_size"] = has_bias ? bias->size(0) : int64_t{0};
+    save_geometry(ctx, stride, padding, dilation, false);
+    save_tensors(ctx, xb, wb, out, false);
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    return {out, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto data_op = find_op<BlockedGradFn>("directconv::conv2d_blocked_backward_data");
+    static const auto weight_op = find_op<BlockedGradFn>("directconv::conv2d_blocked_backward_weight");
+    variable_list out(kArgs);
+    if (!grads[0].defined()) return out;  // only the statistics were used: nothing flows back
+    const ConvGrads g = conv_grads(ctx, grads[0], data_op, weight_op, ctx->saved_data["in_channels"].toOptional<int64_t>());
+    out[0] = g.input;
+    out[1] = g.weight;
+    if (wanted(ctx, kBias))
+      out[2] = g.output.sum({0, 2, 3}).reshape({-1}).narrow(0, 0, ctx->saved_data["bias_size"].toInt());
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats_autograd(const Tensor& xb, const Tensor& wb,
+                                                                 const std::optional<Tensor>& bias,
+                                                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                                                 at::IntArrayRef dilation,
+                                                                 std::optional<int64_t> in_channels,
+                                                                 const Tensor& shift, int64_t channels) {
+  if (!records_graph(xb, wb, bias, shift)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return stats_op().call(xb, wb, bias, stride, padding, dilation, in_channels, shift, channels);
+  }
+  const variable_list r = StatsFunction::apply(xb, wb, bias, stride, padding, dilation, in_channels, shift, channels);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 
 }  // namespace dc_torch
@@ -216,4 +254,5 @@ Tensor conv2d_blocked_autograd(const Tensor& xb, const Tensor& wb, const std::op
 TORCH_LIBRARY_IMPL(directconv, Autograd, m) {
   m.impl("conv2d", &dc_torch::conv2d_autograd);
   m.impl("conv2d_blocked", &dc_torch::conv2d_blocked_autograd);
+  m.impl("conv2d_blocked_stats", &dc_torch::conv2d_blocked_stats_autograd);
 }

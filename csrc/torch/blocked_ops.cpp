@@ -152,6 +152,40 @@ Tensor batch_norm_blocked(const Tensor& xb, const Tensor& mean, const Tensor& va
   return run_apply(op, xb, s, dc::bn_affine(channels, s.v, mp, vp, eps, wp, bp), residual, relu);
 }
 
+// In place: the running statistics and the batch counter, as nn.BatchNorm2d updates them after a
+// training batch of `count` values per channel with batch mean and biased variance (the rule:
+// dc::running_stats_factor, dc::update_running_stats). One call, not a chain of small ops.
+void bn_update_running_stats(const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                             const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean, const Tensor& var,
+                             int64_t count, c10::optional<double> momentum) {
+  const char* op = "bn_update_running_stats";
+  check_float_cpu(mean, op, "mean");
+  TORCH_CHECK(mean.dim() == 1, op, ": expected a 1-D 'mean' (C,), got shape ", mean.sizes());
+  const int64_t c = mean.size(0);
+  Tensor m, v, dummy;
+  const float* mp = channel_vector(op, "mean", mean, c, &m);
+  const float* vp = channel_vector(op, "var", var, c, &v);
+  // The running statistics are written where they are: they must be contiguous already.
+  auto running = [&](const c10::optional<Tensor>& t, const char* name) -> float* {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    channel_vector(op, name, t, c, &dummy);
+    TORCH_CHECK(t->is_contiguous(), op, ": expected a contiguous '", name, "'");
+    return t->data_ptr<float>();
+  };
+  float* rm = running(running_mean, "running_mean");
+  float* rv = running(running_var, "running_var");
+  int64_t* batches = nullptr;
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    const Tensor& t = *num_batches_tracked;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() == 1, op,
+                ": expected 'num_batches_tracked' to be a CPU int64 tensor of one element, got ", t.scalar_type(),
+                " of shape ", t.sizes());
+    batches = t.data_ptr<int64_t>();
+  }
+  const double factor = dc::running_stats_factor(momentum.has_value(), momentum.value_or(0.0), batches);
+  dc::update_running_stats(c, mp, vp, count, factor, rm, rv);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_blocked(const Tensor& grad_y, const c10::optional<Tensor>& yb,
                                                                const Tensor& xb, const Tensor& mean, const Tensor& var,
                                                                const c10::optional<Tensor>& weight, double eps,
@@ -291,6 +325,9 @@ Tensor global_avg_pool_blocked_backward(const Tensor& grad_output, at::IntArrayR
 
 TORCH_LIBRARY_FRAGMENT(directconv, m) {
   m.def("bn_stats_blocked(Tensor xb, int channels) -> (Tensor mean, Tensor var)");
+  m.def(
+      "bn_update_running_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "Tensor mean, Tensor var, int count, float? momentum) -> ()");
   m.def("bn_apply_blocked(Tensor xb, Tensor scale, Tensor shift, Tensor? residual, bool relu, int channels) -> Tensor");
   m.def(
       "batch_norm_blocked(Tensor xb, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual, "
@@ -317,6 +354,7 @@ TORCH_LIBRARY_FRAGMENT(directconv, m) {
 
 TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("bn_stats_blocked", &dc_torch::bn_stats_blocked);
+  m.impl("bn_update_running_stats", &dc_torch::bn_update_running_stats);
   m.impl("bn_apply_blocked", &dc_torch::bn_apply_blocked);
   m.impl("batch_norm_blocked", &dc_torch::batch_norm_blocked);
   m.impl("bn_backward_blocked", &dc_torch::bn_backward_blocked);
