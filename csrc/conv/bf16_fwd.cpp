@@ -96,6 +96,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     sp.n_a = n_a;
     sp.n_b = n_b;
     sp.post = post;
+    sp.gaps = p.flat && q_virtual != Q;
     for (size_t i = 0; i < p.kernels.size(); ++i)
       if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
     p.kernels.push_back(sp);

@@ -191,7 +191,7 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
     const uint8_t* res = static_cast<const uint8_t*>(a->res[t]);
     int64_t q = a->q[t];
     for (int i = 0; i < sp.m; ++i, q = q + 1 == a->q_virtual ? 0 : q + 1) {
-      if (i < a->skip[t] || q >= a->q_valid) continue;
+      if (i < a->skip[t] || (sp.gaps && q >= a->q_valid)) continue;
       for (int lane = 0; lane < kAmxBlock; ++lane) {
         float y = 0;
         if (lane < sp.n_b * 16) {

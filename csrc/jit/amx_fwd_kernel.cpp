@@ -11,7 +11,7 @@ namespace dc {
 
 std::string AmxFwdKernelSpec::name() const {
   std::ostringstream o;
-  o << "bf16_conv_fwd_kw" << s << "d" << dil_w << "_m" << m << "a" << n_a << "b" << n_b << "_o" << dtype_name(out_dt)
+  o << "bf16_conv_fwd_kw" << s << "d" << dil_w << "_m" << m << "a" << n_a << "b" << n_b << (gaps ? "_gaps" : "") << "_o" << dtype_name(out_dt)
     << post.name() << "__amx";
   return o.str();
 }
@@ -64,7 +64,7 @@ class AmxFwdKernel : public JitGenerator {
   }
 
  private:
-  static size_t code_size(const AmxFwdKernelSpec& sp) { return 4096 + static_cast<size_t>(sp.s) * 160; }
+  static size_t code_size(const AmxFwdKernelSpec& sp) { return 4096 + static_cast<size_t>(sp.s) * 160 + sp.n_a * sp.m * 256; }
 
   // Registers, named by role. rdi carries the argument struct (System V ABI).
   const Reg64 reg_args = rdi;
@@ -83,6 +83,8 @@ class AmxFwdKernel : public JitGenerator {
   const Reg64 reg_res = rdx;     // its residual
   const Reg64 reg_c = r8;        // its fp32 sums in the C scratch
   const Reg64 reg_q = r9;        // its (virtual) output column
+  const Reg64 reg_skip = r9;     // the unrolled epilogue's rows not stored
+  const Reg64 reg_skip_bytes = rax;
   const Reg64 reg_row = r10;     // its row in the tile
   const Reg64 reg_bias = r11;
 
@@ -103,7 +105,10 @@ class AmxFwdKernel : public JitGenerator {
       for (int b = 0; b < sp_.n_b; ++b) tilezero(tmm_c(a, b));
     loop_cb([&] { loop_r([&] { compute_kernel_row(); }); });
     store_c_tiles();
-    for (int a = 0; a < sp_.n_a; ++a) store_rows(a);
+    for (int a = 0; a < sp_.n_a; ++a) {
+      if (sp_.gaps) store_rows_checked(a);
+      else store_rows_unrolled(a);
+    }
     postamble();
   }
 
@@ -160,14 +165,17 @@ class AmxFwdKernel : public JitGenerator {
     jnz(l_r, T_NEAR);
   }
 
-  // Every kernel column of one kernel row: two B tiles, then each A tile and its products.
+  // Every kernel column of one kernel row. Each load goes as late as possible after the
+  // last product that read its tile: A0, B0, C00, B1, C01, A1, C10, C11.
   void compute_kernel_row() {
     for (int col = 0; col < sp_.s; ++col) {
       const int wdisp = col * kTapBytes;
       const int sdisp = col * sp_.dil_w * kRowBytes;
-      for (int b = 0; b < sp_.n_b; ++b) tileloadd(tmm_b(b), ptr[reg_wei + reg_row64 + wdisp + b * kTileBytes]);
       tileloadd(tmm_a(0), ptr[reg_src0 + reg_px + sdisp]);
-      for (int b = 0; b < sp_.n_b; ++b) tdpbf16ps(tmm_c(0, b), tmm_a(0), tmm_b(b));
+      for (int b = 0; b < sp_.n_b; ++b) {
+        tileloadd(tmm_b(b), ptr[reg_wei + reg_row64 + wdisp + b * kTileBytes]);
+        tdpbf16ps(tmm_c(0, b), tmm_a(0), tmm_b(b));
+      }
       if (sp_.n_a == 2) {
         tileloadd(tmm_a(1), ptr[reg_src1 + reg_px + sdisp]);
         for (int b = 0; b < sp_.n_b; ++b) tdpbf16ps(tmm_c(1, b), tmm_a(1), tmm_b(b));
@@ -180,23 +188,27 @@ class AmxFwdKernel : public JitGenerator {
       for (int b = 0; b < sp_.n_b; ++b) tilestored(ptr[rsp + reg_row64 + (a * 2 + b) * kTileBytes], tmm_c(a, b));
   }
 
-  // Tile a's rows, each stored unless it is one of the first `skip` or its column is
-  // virtual; the destination advances by the rows stored.
-  void store_rows(int a) {
-    Label l_row, l_next, l_same_row;
+  void load_epilogue_args(int a) {
     mov(reg_dst, arg(offsetof(AmxFwdCallArgs, dst) + 8 * a));
     if (sp_.post.add) mov(reg_res, arg(offsetof(AmxFwdCallArgs, res) + 8 * a));
     if (sp_.post.bias) mov(reg_bias, arg(offsetof(AmxFwdCallArgs, bias)));
-    mov(reg_q, arg(offsetof(AmxFwdCallArgs, q) + 8 * a));
     lea(reg_c, ptr[rsp + a * 2 * kTileBytes]);
-    xor_(reg_row, reg_row);
     vpxord(zmm_zero, zmm_zero, zmm_zero);
+  }
+
+  // Tile a's rows, each stored unless it is one of the first `skip` or its column is
+  // virtual; the destination advances by the rows stored.
+  void store_rows_checked(int a) {
+    Label l_row, l_next, l_same_row;
+    load_epilogue_args(a);
+    mov(reg_q, arg(offsetof(AmxFwdCallArgs, q) + 8 * a));
+    xor_(reg_row, reg_row);
     L(l_row);
     cmp(reg_row, arg(offsetof(AmxFwdCallArgs, skip) + 8 * a));
     jl(l_next, T_NEAR);
     cmp(reg_q, arg(offsetof(AmxFwdCallArgs, q_valid)));
     jge(l_next, T_NEAR);
-    store_row();
+    store_row(0);
     add(reg_dst, kAmxBlock * out_bytes());
     if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
     L(l_next);
@@ -211,35 +223,53 @@ class AmxFwdKernel : public JitGenerator {
     jl(l_row, T_NEAR);
   }
 
+  // Rows skip .. m - 1, stored one after the other: dst and res are moved back by `skip`
+  // rows (never read or written there), so each row has a fixed displacement.
+  void store_rows_unrolled(int a) {
+    load_epilogue_args(a);
+    mov(reg_skip, arg(offsetof(AmxFwdCallArgs, skip) + 8 * a));
+    imul(reg_skip_bytes, reg_skip, kAmxBlock * out_bytes());
+    sub(reg_dst, reg_skip_bytes);
+    if (sp_.post.add) sub(reg_res, reg_skip_bytes);
+    for (int row = 0; row < sp_.m; ++row) {
+      Label l_skipped;
+      cmp(reg_skip, row);
+      jg(l_skipped, T_NEAR);
+      store_row(row);
+      L(l_skipped);
+    }
+  }
+
   // One pixel's 32 output channels: the post-ops, in their order, and the store.
-  void store_row() {
+  void store_row(int row) {
     const bool bf16 = sp_.out_dt == DataType::bf16;
     const int half_bytes = 16 * out_bytes();
+    const int c_disp = row * kRowBytes, out_disp = row * kAmxBlock * out_bytes();
     for (int b = 0; b < 2; ++b) {
       if (b >= sp_.n_b) {
-        if (bf16) vmovups(ptr[reg_dst + b * half_bytes], Ymm(zmm_zero.getIdx()));
-        else vmovups(ptr[reg_dst + b * half_bytes], zmm_zero);
+        if (bf16) vmovups(ptr[reg_dst + out_disp + b * half_bytes], Ymm(zmm_zero.getIdx()));
+        else vmovups(ptr[reg_dst + out_disp + b * half_bytes], zmm_zero);
         continue;
       }
       const Zmm acc = zmm_out(b);
-      vmovups(acc, ptr[reg_c + b * kTileBytes]);
+      vmovups(acc, ptr[reg_c + c_disp + b * kTileBytes]);
       if (sp_.post.bias) vaddps(acc, acc, ptr[reg_bias + b * 64]);
       if (sp_.post.add) {
         if (bf16) {
-          vpmovzxwd(zmm_tmp, ptr[reg_res + b * half_bytes]);
+          vpmovzxwd(zmm_tmp, ptr[reg_res + out_disp + b * half_bytes]);
           vpslld(zmm_tmp, zmm_tmp, 16);
           vaddps(acc, acc, zmm_tmp);
         } else {
-          vaddps(acc, acc, ptr[reg_res + b * half_bytes]);
+          vaddps(acc, acc, ptr[reg_res + out_disp + b * half_bytes]);
         }
       }
       // max(0, x) with x second, so NaN propagates as torch.relu does.
       if (sp_.post.relu) vmaxps(acc, zmm_zero, acc);
       if (bf16) {
         vcvtneps2bf16(Ymm(acc.getIdx()), acc);
-        vmovups(ptr[reg_dst + b * half_bytes], Ymm(acc.getIdx()));
+        vmovups(ptr[reg_dst + out_disp + b * half_bytes], Ymm(acc.getIdx()));
       } else {
-        vmovups(ptr[reg_dst + b * half_bytes], acc);
+        vmovups(ptr[reg_dst + out_disp + b * half_bytes], acc);
       }
     }
   }

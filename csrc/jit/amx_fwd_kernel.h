@@ -49,7 +49,10 @@ struct AmxFwdKernelSpec {
   int n_a = 2;                       // A tiles: 1 or 2
   int n_b = 2;                       // B tiles: 2 (32 output channels) or 1 (16)
   FwdPostOps post;                   // bias, add, relu (stats are not taken)
-  // e.g. bf16_conv_fwd_kw3d1_m16a2b2_obf16_post_bias_relu__amx
+  // Rows may fall on virtual columns (stride 1 on a padded map): the epilogue checks each
+  // row's column. Without, every row from `skip` on is stored, in order, unrolled.
+  bool gaps = true;
+  // e.g. bf16_conv_fwd_kw3d1_m16a2b2_gaps_obf16_post_bias_relu__amx
   std::string name() const;
 };
 
