@@ -14,10 +14,10 @@ namespace {
 constexpr int64_t kPixelBytes = kAmxBlock * 2;  // one activation row: 32 bf16
 constexpr int64_t kTapBytes = 2048;             // a tap's two B tiles
 
-// One run of pixels: where it is read, where its first stored pixel goes, how many of its
-// first rows repeat the run before, and the (virtual) column of its first row.
+// One run of pixels: where it is read, where its first stored pixel goes, and which of
+// its rows are stored (not a virtual column, not a repeat of the run before).
 struct Run {
-  int64_t src_px, dst_px, skip, q;
+  int64_t src_px, dst_px, rows;
 };
 
 // Runs of m over [0, total), the last ending on total: (start, rows at the start that
@@ -75,16 +75,20 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     const int64_t total = (P - 1) * q_virtual + Q;
     p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, total));
     for (auto [start, skip] : run_starts(total, p.m)) {
-      int64_t v = start + skip;
-      while (v < start + p.m && v % q_virtual >= Q) ++v;
-      if (v == start + p.m) continue;  // nothing of it is stored
-      runs.push_back({start, (v / q_virtual) * Q + v % q_virtual, skip, start % q_virtual});
+      int64_t rows = 0, first = -1;
+      for (int64_t v = start + skip; v < start + p.m; ++v)
+        if (v % q_virtual < Q) {
+          rows |= int64_t{1} << (v - start);
+          if (first < 0) first = v;
+        }
+      if (rows) runs.push_back({start, (first / q_virtual) * Q + first % q_virtual, rows});
     }
   } else {
     p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, Q));
     for (int64_t oh = 0; oh < P; ++oh)
       for (auto [start, skip] : run_starts(Q, p.m))
-        runs.push_back({oh * d.stride_h * p.wp + start * d.stride_w, oh * Q + start + skip, skip, start});
+        runs.push_back({oh * d.stride_h * p.wp + start * d.stride_w, oh * Q + start + skip,
+                        ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
   }
 
   auto kernel_index = [&](int n_a, int n_b) {
@@ -96,7 +100,6 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     sp.n_a = n_a;
     sp.n_b = n_b;
     sp.post = post;
-    sp.gaps = p.flat && q_virtual != Q;
     for (size_t i = 0; i < p.kernels.size(); ++i)
       if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
     p.kernels.push_back(sp);
@@ -117,8 +120,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
           const Run& r = runs[i + j];
           c.src_off[j] = n * img_bytes + r.src_px * kPixelBytes;
           c.dst_off[j] = ((n * p.kb + kbi) * P * Q + r.dst_px) * out_px_bytes;
-          c.skip[j] = r.skip;
-          c.q[j] = r.q;
+          c.rows[j] = r.rows;
         }
         c.wei_off = kbi * p.cb * d.r * d.s * kTapBytes;
         c.bias_off = kbi * kAmxBlock * static_cast<int64_t>(sizeof(float));
@@ -136,8 +138,6 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   a.src_px_stride = (p.flat ? 1 : d.stride_w) * kPixelBytes;
   a.src_r_stride = d.dil_h * p.wp * kPixelBytes;
   a.src_cb_stride = p.hp * p.wp * kPixelBytes;
-  a.q_valid = Q;
-  a.q_virtual = q_virtual;
   p.scratch_bytes = p.padded_copy ? d.n * img_bytes : 0;
   return p;
 }
@@ -221,8 +221,7 @@ void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, con
         a.src[j] = reinterpret_cast<const uint16_t*>(in + c.src_off[j]);
         a.dst[j] = out + c.dst_off[j];
         a.res[j] = res ? res + c.dst_off[j] : nullptr;
-        a.skip[j] = c.skip[j];
-        a.q[j] = c.q[j];
+        a.rows[j] = c.rows[j];
       }
       a.wei = reinterpret_cast<const uint16_t*>(w + c.wei_off);
       a.bias = bias ? reinterpret_cast<const float*>(bias + c.bias_off) : nullptr;

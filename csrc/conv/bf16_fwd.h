@@ -29,7 +29,7 @@ namespace dc {
 struct Bf16FwdCall {
   int32_t kernel;
   int32_t n_a;  // runs: 1 or 2
-  int64_t src_off[2], dst_off[2], skip[2], q[2];
+  int64_t src_off[2], dst_off[2], rows[2];  // rows: AmxFwdCallArgs::rows
   int64_t wei_off, bias_off;
 };
 

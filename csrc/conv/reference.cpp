@@ -189,9 +189,8 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
         }
     uint8_t* dst = static_cast<uint8_t*>(a->dst[t]);
     const uint8_t* res = static_cast<const uint8_t*>(a->res[t]);
-    int64_t q = a->q[t];
-    for (int i = 0; i < sp.m; ++i, q = q + 1 == a->q_virtual ? 0 : q + 1) {
-      if (i < a->skip[t] || (sp.gaps && q >= a->q_valid)) continue;
+    for (int i = 0; i < sp.m; ++i) {
+      if (!((a->rows[t] >> i) & 1)) continue;
       for (int lane = 0; lane < kAmxBlock; ++lane) {
         float y = 0;
         if (lane < sp.n_b * 16) {

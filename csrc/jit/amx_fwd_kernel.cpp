@@ -11,7 +11,7 @@ namespace dc {
 
 std::string AmxFwdKernelSpec::name() const {
   std::ostringstream o;
-  o << "bf16_conv_fwd_kw" << s << "d" << dil_w << "_m" << m << "a" << n_a << "b" << n_b << (gaps ? "_gaps" : "") << "_o" << dtype_name(out_dt)
+  o << "bf16_conv_fwd_kw" << s << "d" << dil_w << "_m" << m << "a" << n_a << "b" << n_b << "_o" << dtype_name(out_dt)
     << post.name() << "__amx";
   return o.str();
 }
@@ -82,10 +82,7 @@ class AmxFwdKernel : public JitGenerator {
   const Reg64 reg_dst = rsi;     // the next row to store
   const Reg64 reg_res = rdx;     // its residual
   const Reg64 reg_c = r8;        // its fp32 sums in the C scratch
-  const Reg64 reg_q = r9;        // its (virtual) output column
-  const Reg64 reg_skip = r9;     // the unrolled epilogue's rows not stored
-  const Reg64 reg_skip_bytes = rax;
-  const Reg64 reg_row = r10;     // its row in the tile
+  const Reg64 reg_rows = r9;     // the mask of rows stored
   const Reg64 reg_bias = r11;
 
   const Tmm tmm_c(int a, int b) const { return Tmm(a * 2 + b); }
@@ -105,10 +102,7 @@ class AmxFwdKernel : public JitGenerator {
       for (int b = 0; b < sp_.n_b; ++b) tilezero(tmm_c(a, b));
     loop_cb([&] { loop_r([&] { compute_kernel_row(); }); });
     store_c_tiles();
-    for (int a = 0; a < sp_.n_a; ++a) {
-      if (sp_.gaps) store_rows_checked(a);
-      else store_rows_unrolled(a);
-    }
+    for (int a = 0; a < sp_.n_a; ++a) store_rows(a);
     postamble();
   }
 
@@ -142,6 +136,7 @@ class AmxFwdKernel : public JitGenerator {
   void loop_cb(F body) {
     Label l_cb;
     mov(reg_cnt_cb, arg(offsetof(AmxFwdCallArgs, n_cb)));
+    align(64);
     L(l_cb);
     body();
     add(reg_src_cb0, arg(offsetof(AmxFwdCallArgs, src_cb_stride)));
@@ -156,6 +151,7 @@ class AmxFwdKernel : public JitGenerator {
     mov(reg_src0, reg_src_cb0);
     if (sp_.n_a == 2) mov(reg_src1, reg_src_cb1);
     mov(reg_cnt_r, arg(offsetof(AmxFwdCallArgs, n_r)));
+    align(64);
     L(l_r);
     body();
     add(reg_wei, static_cast<uint32_t>(sp_.s * kTapBytes));
@@ -196,47 +192,19 @@ class AmxFwdKernel : public JitGenerator {
     vpxord(zmm_zero, zmm_zero, zmm_zero);
   }
 
-  // Tile a's rows, each stored unless it is one of the first `skip` or its column is
-  // virtual; the destination advances by the rows stored.
-  void store_rows_checked(int a) {
-    Label l_row, l_next, l_same_row;
+  // Tile a's rows, each stored where its bit of the mask is set, the destination moving
+  // on by the rows stored.
+  void store_rows(int a) {
     load_epilogue_args(a);
-    mov(reg_q, arg(offsetof(AmxFwdCallArgs, q) + 8 * a));
-    xor_(reg_row, reg_row);
-    L(l_row);
-    cmp(reg_row, arg(offsetof(AmxFwdCallArgs, skip) + 8 * a));
-    jl(l_next, T_NEAR);
-    cmp(reg_q, arg(offsetof(AmxFwdCallArgs, q_valid)));
-    jge(l_next, T_NEAR);
-    store_row(0);
-    add(reg_dst, kAmxBlock * out_bytes());
-    if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
-    L(l_next);
-    add(reg_c, kRowBytes);
-    inc(reg_q);
-    cmp(reg_q, arg(offsetof(AmxFwdCallArgs, q_virtual)));
-    jne(l_same_row, T_NEAR);
-    xor_(reg_q, reg_q);
-    L(l_same_row);
-    inc(reg_row);
-    cmp(reg_row, sp_.m);
-    jl(l_row, T_NEAR);
-  }
-
-  // Rows skip .. m - 1, stored one after the other: dst and res are moved back by `skip`
-  // rows (never read or written there), so each row has a fixed displacement.
-  void store_rows_unrolled(int a) {
-    load_epilogue_args(a);
-    mov(reg_skip, arg(offsetof(AmxFwdCallArgs, skip) + 8 * a));
-    imul(reg_skip_bytes, reg_skip, kAmxBlock * out_bytes());
-    sub(reg_dst, reg_skip_bytes);
-    if (sp_.post.add) sub(reg_res, reg_skip_bytes);
+    mov(reg_rows, arg(offsetof(AmxFwdCallArgs, rows) + 8 * a));
     for (int row = 0; row < sp_.m; ++row) {
-      Label l_skipped;
-      cmp(reg_skip, row);
-      jg(l_skipped, T_NEAR);
+      Label l_not_stored;
+      bt(reg_rows, row);
+      jnc(l_not_stored, T_NEAR);
       store_row(row);
-      L(l_skipped);
+      add(reg_dst, kAmxBlock * out_bytes());
+      if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
+      L(l_not_stored);
     }
   }
 
@@ -244,11 +212,11 @@ class AmxFwdKernel : public JitGenerator {
   void store_row(int row) {
     const bool bf16 = sp_.out_dt == DataType::bf16;
     const int half_bytes = 16 * out_bytes();
-    const int c_disp = row * kRowBytes, out_disp = row * kAmxBlock * out_bytes();
+    const int c_disp = row * kRowBytes;
     for (int b = 0; b < 2; ++b) {
       if (b >= sp_.n_b) {
-        if (bf16) vmovups(ptr[reg_dst + out_disp + b * half_bytes], Ymm(zmm_zero.getIdx()));
-        else vmovups(ptr[reg_dst + out_disp + b * half_bytes], zmm_zero);
+        if (bf16) vmovups(ptr[reg_dst + b * half_bytes], Ymm(zmm_zero.getIdx()));
+        else vmovups(ptr[reg_dst + b * half_bytes], zmm_zero);
         continue;
       }
       const Zmm acc = zmm_out(b);
@@ -256,20 +224,20 @@ class AmxFwdKernel : public JitGenerator {
       if (sp_.post.bias) vaddps(acc, acc, ptr[reg_bias + b * 64]);
       if (sp_.post.add) {
         if (bf16) {
-          vpmovzxwd(zmm_tmp, ptr[reg_res + out_disp + b * half_bytes]);
+          vpmovzxwd(zmm_tmp, ptr[reg_res + b * half_bytes]);
           vpslld(zmm_tmp, zmm_tmp, 16);
           vaddps(acc, acc, zmm_tmp);
         } else {
-          vaddps(acc, acc, ptr[reg_res + out_disp + b * half_bytes]);
+          vaddps(acc, acc, ptr[reg_res + b * half_bytes]);
         }
       }
       // max(0, x) with x second, so NaN propagates as torch.relu does.
       if (sp_.post.relu) vmaxps(acc, zmm_zero, acc);
       if (bf16) {
         vcvtneps2bf16(Ymm(acc.getIdx()), acc);
-        vmovups(ptr[reg_dst + out_disp + b * half_bytes], Ymm(acc.getIdx()));
+        vmovups(ptr[reg_dst + b * half_bytes], Ymm(acc.getIdx()));
       } else {
-        vmovups(ptr[reg_dst + out_disp + b * half_bytes], acc);
+        vmovups(ptr[reg_dst + b * half_bytes], acc);
       }
     }
   }

@@ -21,7 +21,8 @@
 // on through the padded row's end into the next row ("virtual" columns q in [Q, Wv) whose
 // results are dropped), which keeps tiles full on narrow maps; at other strides a tile
 // stays within one output row. A row's last tile may overlap the one before (it ends
-// exactly on the last pixel): `skip` rows at its start are not stored again.
+// exactly on the last pixel). Which rows a call stores is a bit mask, so the epilogue is
+// unrolled with one test per row.
 //
 // Epilogue, per stored row and in this order: + bias, + residual (laid out and typed as
 // the output), max(0, .), then the store, rounded to nearest even for bf16. With one B
@@ -49,15 +50,12 @@ struct AmxFwdKernelSpec {
   int n_a = 2;                       // A tiles: 1 or 2
   int n_b = 2;                       // B tiles: 2 (32 output channels) or 1 (16)
   FwdPostOps post;                   // bias, add, relu (stats are not taken)
-  // Rows may fall on virtual columns (stride 1 on a padded map): the epilogue checks each
-  // row's column. Without, every row from `skip` on is stored, in order, unrolled.
-  bool gaps = true;
-  // e.g. bf16_conv_fwd_kw3d1_m16a2b2_gaps_obf16_post_bias_relu__amx
+  // e.g. bf16_conv_fwd_kw3d1_m16a2b2_obf16_post_bias_relu__amx
   std::string name() const;
 };
 
 // The kernel's one argument; offsets are read through offsetof. Tile j (0, 1) has its own
-// source, destination, residual and columns.
+// source, destination, residual and stored rows.
 struct AmxFwdCallArgs {
   const uint16_t* src[2];  // first pixel of A tile j, input block 0, tap (0, 0)
   const uint16_t* wei;     // weights [kb][0][0][0]: the call reads its taps in order, 2 KiB each
@@ -69,10 +67,9 @@ struct AmxFwdCallArgs {
   int64_t src_px_stride;   // bytes from one A-tile row (pixel) to the next
   int64_t src_r_stride;    // bytes from one kernel row to the next in the input
   int64_t src_cb_stride;   // bytes per input block
-  int64_t skip[2];         // rows at tile j's start that are not stored
-  int64_t q[2];            // the (virtual) output column of tile j's first row
-  int64_t q_valid;         // Q: rows at columns >= Q are dropped
-  int64_t q_virtual;       // Wv: columns per (virtual) output row
+  // Bit i: tile j's row i is stored, at the next pixel of dst[j] (and read at the next
+  // of res[j]); the others are virtual columns or repeat the run before.
+  int64_t rows[2];
 };
 
 using AmxFwdKernelFn = void (*)(const AmxFwdCallArgs*);
