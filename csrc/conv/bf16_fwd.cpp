@@ -36,7 +36,7 @@ std::vector<std::pair<int64_t, int64_t>> run_starts(int64_t total, int m) {
 std::string Bf16FwdPlan::to_string() const {
   std::ostringstream o;
   o << "bf16 amx fwd " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt) << post.name()
-    << " m=" << m << (flat ? " flat" : " rows") << (padded_copy ? " padded_copy" : "") << " kernels=";
+    << " m=" << m << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded ? " padded" : input == Bf16FwdInput::folded ? " folded" : "") << " kernels=";
   for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
   return o.str();
 }
@@ -60,12 +60,16 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   p.threads = threads;
   p.out_dt = out_dt;
   p.post = post;
-  p.cb = div_up(d.c, kAmxBlock);
-  p.kb = div_up(d.k, kAmxBlock);
-  p.padded_copy = d.pad_t || d.pad_b || d.pad_l || d.pad_r;
-  p.hp = d.h + d.pad_t + d.pad_b;
-  p.wp = d.w + d.pad_l + d.pad_r;
-  p.flat = d.stride_h == 1 && d.stride_w == 1;
+  p.inner = bf16_fwd_inner_desc(d);
+  p.input = bf16_fwd_folds_columns(d)               ? Bf16FwdInput::folded
+            : d.pad_t || d.pad_b || d.pad_l || d.pad_r ? Bf16FwdInput::padded
+                                                       : Bf16FwdInput::direct;
+  const ConvDesc& in = p.inner;
+  p.cb = div_up(in.c, kAmxBlock);
+  p.kb = div_up(in.k, kAmxBlock);
+  p.hp = in.h + in.pad_t + in.pad_b;
+  p.wp = in.w + in.pad_l + in.pad_r;
+  p.flat = in.stride_h == 1 && in.stride_w == 1;
   const int64_t q_virtual = p.flat ? p.wp : Q;
 
   // The runs of one image. At stride 1 a run's rows are the virtual pixels v of the
@@ -87,15 +91,15 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, Q));
     for (int64_t oh = 0; oh < P; ++oh)
       for (auto [start, skip] : run_starts(Q, p.m))
-        runs.push_back({oh * d.stride_h * p.wp + start * d.stride_w, oh * Q + start + skip,
+        runs.push_back({oh * in.stride_h * p.wp + start * in.stride_w, oh * Q + start + skip,
                         ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
   }
 
   auto kernel_index = [&](int n_a, int n_b) {
     AmxFwdKernelSpec sp;
     sp.out_dt = out_dt;
-    sp.s = static_cast<int>(d.s);
-    sp.dil_w = static_cast<int>(d.dil_w);
+    sp.s = static_cast<int>(in.s);
+    sp.dil_w = static_cast<int>(in.dil_w);
     sp.m = p.m;
     sp.n_a = n_a;
     sp.n_b = n_b;
@@ -122,7 +126,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
           c.dst_off[j] = ((n * p.kb + kbi) * P * Q + r.dst_px) * out_px_bytes;
           c.rows[j] = r.rows;
         }
-        c.wei_off = kbi * p.cb * d.r * d.s * kTapBytes;
+        c.wei_off = kbi * p.cb * in.r * in.s * kTapBytes;
         c.bias_off = kbi * kAmxBlock * static_cast<int64_t>(sizeof(float));
         calls.push_back(c);
       }
@@ -134,11 +138,11 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
 
   AmxFwdCallArgs& a = p.strides;
   a.n_cb = p.cb;
-  a.n_r = d.r;
-  a.src_px_stride = (p.flat ? 1 : d.stride_w) * kPixelBytes;
-  a.src_r_stride = d.dil_h * p.wp * kPixelBytes;
+  a.n_r = in.r;
+  a.src_px_stride = (p.flat ? 1 : in.stride_w) * kPixelBytes;
+  a.src_r_stride = in.dil_h * p.wp * kPixelBytes;
   a.src_cb_stride = p.hp * p.wp * kPixelBytes;
-  p.scratch_bytes = p.padded_copy ? d.n * img_bytes : 0;
+  p.scratch_bytes = p.input == Bf16FwdInput::direct ? 0 : d.n * img_bytes;
   return p;
 }
 
@@ -158,24 +162,44 @@ std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPla
   return prim;
 }
 
+bool bf16_fwd_folds_columns(const ConvDesc& d) { return d.s > 1 && d.c * d.s <= kAmxBlock; }
+
+ConvDesc bf16_fwd_inner_desc(const ConvDesc& d) {
+  if (!bf16_fwd_folds_columns(d)) return d;
+  ConvDesc in = d;
+  in.c = d.c * d.s;
+  in.h = d.h + d.pad_t + d.pad_b;
+  in.w = d.q();
+  in.s = 1;
+  in.stride_w = 1;
+  in.dil_w = 1;
+  in.pad_t = in.pad_b = in.pad_l = in.pad_r = 0;
+  return in;
+}
+
 int64_t bf16_fwd_weight_elems(const ConvDesc& d) {
-  return div_up(d.k, kAmxBlock) * div_up(d.c, kAmxBlock) * d.r * d.s * 1024;
+  const ConvDesc in = bf16_fwd_inner_desc(d);
+  return div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock) * in.r * in.s * 1024;
 }
 
 void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed) {
-  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock);
+  const ConvDesc in = bf16_fwd_inner_desc(d);
+  const bool folded = bf16_fwd_folds_columns(d);
+  const int64_t cb = div_up(in.c, kAmxBlock), kb = div_up(in.k, kAmxBlock);
   for (int64_t kbi = 0; kbi < kb; ++kbi)
     for (int64_t cbi = 0; cbi < cb; ++cbi)
-      for (int64_t r = 0; r < d.r; ++r)
-        for (int64_t s = 0; s < d.s; ++s) {
-          uint16_t* tap = packed + (((kbi * cb + cbi) * d.r + r) * d.s + s) * 1024;
+      for (int64_t r = 0; r < in.r; ++r)
+        for (int64_t s = 0; s < in.s; ++s) {
+          uint16_t* tap = packed + (((kbi * cb + cbi) * in.r + r) * in.s + s) * 1024;
           for (int half = 0; half < 2; ++half)
             for (int pair = 0; pair < 16; ++pair)
               for (int n = 0; n < 16; ++n)
                 for (int e = 0; e < 2; ++e) {
                   const int64_t k = kbi * kAmxBlock + half * 16 + n, c = cbi * kAmxBlock + pair * 2 + e;
+                  // Folded: inner channel c is kernel column c / C, channel c % C.
+                  const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
                   tap[half * 512 + pair * 32 + n * 2 + e] =
-                      k < d.k && c < d.c ? bf16_from_float(w[((k * d.c + c) * d.r + r) * d.s + s]) : 0;
+                      k < in.k && c < in.c ? bf16_from_float(w[((k * d.c + src_c) * d.r + r) * d.s + src_s]) : 0;
                 }
         }
 }
@@ -200,14 +224,48 @@ void copy_padded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int t
   }
 }
 
+// Thread tid's share of the column-folded copy: whole (image, padded row) rows. Pixel q of
+// a row holds, for each kernel column s, the C channels that the layer's tap s reads for
+// output column q (zeros where that falls on padding).
+void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
+  const ConvDesc& d = p.desc;
+  const int64_t rows = d.n * p.hp, begin = rows * tid / nthreads, end = rows * (tid + 1) / nthreads;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / p.hp, ih = row % p.hp - d.pad_t;
+    uint16_t* out = static_cast<uint16_t*>(scratch) + row * p.wp * kAmxBlock;
+    std::memset(out, 0, p.wp * kPixelBytes);
+    if (ih < 0 || ih >= d.h) continue;
+    const uint16_t* in = src + (n * d.h + ih) * d.w * kAmxBlock;
+    // Tap by tap, over the output columns whose tap falls inside the row. Up to 4 channels
+    // (conv1's 3): one 8-byte move a pixel, its lanes past C (zeros in the input) then
+    // overwritten by the next tap's, or left zero, within the pixel.
+    const bool narrow = d.c <= 4 && d.s * d.c + 4 - d.c <= kAmxBlock;
+    for (int64_t s = 0; s < d.s; ++s) {
+      const int64_t off = s * d.dil_w - d.pad_l;  // iw = q * stride_w + off
+      const int64_t q_lo = off >= 0 ? 0 : div_up(-off, d.stride_w);
+      const int64_t q_hi = std::min<int64_t>(p.wp, d.w - off <= 0 ? 0 : div_up(d.w - off, d.stride_w));
+      if (q_lo >= q_hi) continue;
+      uint16_t* o = out + s * d.c;
+      const uint16_t* i = in + (q_lo * d.stride_w + off) * kAmxBlock;  // column q_lo's tap
+      const int64_t step = d.stride_w * kAmxBlock;
+      if (narrow)  // a constant size, so the move is one load and one store
+        for (int64_t q = q_lo; q < q_hi; ++q, i += step) std::memcpy(o + q * kAmxBlock, i, 8);
+      else
+        for (int64_t q = q_lo; q < q_hi; ++q, i += step) std::memcpy(o + q * kAmxBlock, i, d.c * 2);
+    }
+  }
+}
+
 template <typename CallFn>
 void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, const Bf16FwdPostArgs& post, void* dst,
              void* scratch, const RunShares& run, const CallFn& call) {
   if (p.post.bias && !post.bias) throw std::invalid_argument("bf16_fwd_run: the plan adds a bias: give one");
   if (p.post.add && !post.residual) throw std::invalid_argument("bf16_fwd_run: the plan adds a residual: give one");
-  if (p.padded_copy && !scratch) throw std::invalid_argument("bf16_fwd_run: the plan pads: give its scratch");
-  if (p.padded_copy) run(p.threads, [&](int tid, int nt) { copy_padded(p, src, scratch, tid, nt); });
-  const uint8_t* in = reinterpret_cast<const uint8_t*>(p.padded_copy ? scratch : src);
+  if (p.input != Bf16FwdInput::direct && !scratch)
+    throw std::invalid_argument("bf16_fwd_run: the plan copies its input: give its scratch");
+  if (p.input == Bf16FwdInput::padded) run(p.threads, [&](int tid, int nt) { copy_padded(p, src, scratch, tid, nt); });
+  if (p.input == Bf16FwdInput::folded) run(p.threads, [&](int tid, int nt) { copy_folded(p, src, scratch, tid, nt); });
+  const uint8_t* in = reinterpret_cast<const uint8_t*>(p.input == Bf16FwdInput::direct ? src : scratch);
   const uint8_t* w = reinterpret_cast<const uint8_t*>(wei);
   const uint8_t* res = static_cast<const uint8_t*>(post.residual);
   const uint8_t* bias = reinterpret_cast<const uint8_t*>(post.bias);

@@ -8,8 +8,8 @@
 // its last pixel, overlapping the one before. Two runs make a call, and a thread's stream
 // takes calls in (image, output block, pixels) order, so a block's weights stay in cache
 // while its pixels pass. Where the layer pads, the driver first copies the input into a
-// zero-bordered scratch (N, Cb, H + pt + pb, W + pl + pr, 32), each thread its share of
-// planes, so that every tap is a plain load.
+// zero-bordered scratch, each thread its share, so that every tap is a plain load
+// (Bf16FwdInput).
 #pragma once
 
 #include <cstdint>
@@ -33,17 +33,28 @@ struct Bf16FwdCall {
   int64_t wei_off, bias_off;
 };
 
+// What the kernels read: the input itself; a zero-bordered copy (N, Cb, H + pt + pb,
+// W + pl + pr, 32) where the layer pads; or, where a few channels meet a wide kernel
+// (C * S <= 32, conv1's 3 x 7), a copy with the kernel columns folded into the channels,
+// (N, 1, H + pt + pb, Q, 32), on which the layer is an R x 1 convolution of stride
+// (stride_h, 1) and a seventh of conv1's products.
+enum class Bf16FwdInput { direct, padded, folded };
+bool bf16_fwd_folds_columns(const ConvDesc& d);
+// The convolution the kernels compute: d itself, or the folded one.
+ConvDesc bf16_fwd_inner_desc(const ConvDesc& d);
+
 struct Bf16FwdPlan {
-  ConvDesc desc;  // dt = bf16
+  ConvDesc desc;   // dt = bf16
+  ConvDesc inner;  // what the kernels compute (bf16_fwd_inner_desc)
+  Bf16FwdInput input = Bf16FwdInput::direct;
   int threads = 1;
   DataType out_dt = DataType::bf16;
   FwdPostOps post;
   int64_t cb = 0, kb = 0;        // blocks of 32 input and output channels
-  int64_t hp = 0, wp = 0;        // the input the kernels read: the padded copy's size, or the input's
-  bool padded_copy = false;      // the driver copies the input into a zero-bordered scratch
+  int64_t hp = 0, wp = 0;        // the plane the kernels read: the copy's, or the input's
   bool flat = false;             // stride 1: runs cross (virtual) row ends
   int m = 16;                    // pixels per run, every run of the plan
-  int64_t scratch_bytes = 0;     // the padded copy (0 without one)
+  int64_t scratch_bytes = 0;     // the copy (0 for a direct input)
   std::vector<AmxFwdKernelSpec> kernels;
   std::vector<std::vector<Bf16FwdCall>> streams;  // one per thread
   AmxFwdCallArgs strides{};                       // the per-plan constants of every call
@@ -64,10 +75,10 @@ struct Bf16FwdPrimitive {
 };
 std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
 
-// Elements of the packed weights: ceil(K/32) * ceil(C/32) * R * S * 1024.
+// Elements of the packed weights: ceil(K/32) * ceil(C/32) * R * S * 1024 of the inner desc.
 int64_t bf16_fwd_weight_elems(const ConvDesc& d);
-// (K, C, R, S) fp32 weights to the packed bf16 layout, rounded to nearest even, padded
-// entries zero.
+// (K, C, R, S) fp32 weights to the packed bf16 layout (of the inner desc: folded, inner
+// channel s * C + c is (c, s)), rounded to nearest even, padded entries zero.
 void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed);
 
 // The operands of the plan's post-ops, read only when it names them.
