@@ -36,7 +36,10 @@ std::vector<std::pair<int64_t, int64_t>> run_starts(int64_t total, int m) {
 std::string Bf16FwdPlan::to_string() const {
   std::ostringstream o;
   o << "bf16 amx fwd " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt) << post.name()
-    << " m=" << m << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded ? " padded" : input == Bf16FwdInput::folded ? " folded" : "") << " kernels=";
+    << " m=" << m << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded       ? " padded"
+        : input == Bf16FwdInput::folded     ? " folded"
+        : input == Bf16FwdInput::subsampled ? " subsampled"
+                                            : "") << " kernels=";
   for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
   return o.str();
 }
@@ -61,7 +64,8 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   p.out_dt = out_dt;
   p.post = post;
   p.inner = bf16_fwd_inner_desc(d);
-  p.input = bf16_fwd_folds_columns(d)               ? Bf16FwdInput::folded
+  p.input = bf16_fwd_subsamples(d)                  ? Bf16FwdInput::subsampled
+            : bf16_fwd_folds_columns(d)                ? Bf16FwdInput::folded
             : d.pad_t || d.pad_b || d.pad_l || d.pad_r ? Bf16FwdInput::padded
                                                        : Bf16FwdInput::direct;
   const ConvDesc& in = p.inner;
@@ -163,8 +167,19 @@ std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPla
 }
 
 bool bf16_fwd_folds_columns(const ConvDesc& d) { return d.s > 1 && d.c * d.s <= kAmxBlock; }
+bool bf16_fwd_subsamples(const ConvDesc& d) {
+  return d.r == 1 && d.s == 1 && (d.stride_h > 1 || d.stride_w > 1) && !d.pad_t && !d.pad_b && !d.pad_l && !d.pad_r;
+}
 
 ConvDesc bf16_fwd_inner_desc(const ConvDesc& d) {
+  if (bf16_fwd_subsamples(d)) {
+    ConvDesc in = d;
+    in.h = d.p();
+    in.w = d.q();
+    in.stride_h = in.stride_w = 1;
+    in.dil_h = in.dil_w = 1;
+    return in;
+  }
   if (!bf16_fwd_folds_columns(d)) return d;
   ConvDesc in = d;
   in.c = d.c * d.s;
@@ -256,6 +271,19 @@ void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int t
   }
 }
 
+// Thread tid's share of the subsampled copy: whole (image, block, output row) rows, each
+// pixel the input pixel its 1 x 1 tap reads.
+void copy_subsampled(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
+  const ConvDesc& d = p.desc;
+  const int64_t rows = d.n * p.cb * p.hp, begin = rows * tid / nthreads, end = rows * (tid + 1) / nthreads;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t plane = row / p.hp, oh = row % p.hp;
+    const uint16_t* in = src + (plane * d.h + oh * d.stride_h) * d.w * kAmxBlock;
+    uint16_t* out = static_cast<uint16_t*>(scratch) + row * p.wp * kAmxBlock;
+    for (int64_t q = 0; q < p.wp; ++q) std::memcpy(out + q * kAmxBlock, in + q * d.stride_w * kAmxBlock, kPixelBytes);
+  }
+}
+
 template <typename CallFn>
 void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, const Bf16FwdPostArgs& post, void* dst,
              void* scratch, const RunShares& run, const CallFn& call) {
@@ -265,6 +293,8 @@ void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, con
     throw std::invalid_argument("bf16_fwd_run: the plan copies its input: give its scratch");
   if (p.input == Bf16FwdInput::padded) run(p.threads, [&](int tid, int nt) { copy_padded(p, src, scratch, tid, nt); });
   if (p.input == Bf16FwdInput::folded) run(p.threads, [&](int tid, int nt) { copy_folded(p, src, scratch, tid, nt); });
+  if (p.input == Bf16FwdInput::subsampled)
+    run(p.threads, [&](int tid, int nt) { copy_subsampled(p, src, scratch, tid, nt); });
   const uint8_t* in = reinterpret_cast<const uint8_t*>(p.input == Bf16FwdInput::direct ? src : scratch);
   const uint8_t* w = reinterpret_cast<const uint8_t*>(wei);
   const uint8_t* res = static_cast<const uint8_t*>(post.residual);

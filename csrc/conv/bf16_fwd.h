@@ -37,9 +37,12 @@ struct Bf16FwdCall {
 // W + pl + pr, 32) where the layer pads; or, where a few channels meet a wide kernel
 // (C * S <= 32, conv1's 3 x 7), a copy with the kernel columns folded into the channels,
 // (N, 1, H + pt + pb, Q, 32), on which the layer is an R x 1 convolution of stride
-// (stride_h, 1) and a seventh of conv1's products.
-enum class Bf16FwdInput { direct, padded, folded };
+// (stride_h, 1) and a seventh of conv1's products; or, for an unpadded strided 1 x 1 (the
+// projections), the pixels it reads, (N, Cb, P, Q, 32), on which it is a stride-1 1 x 1
+// whose runs are full.
+enum class Bf16FwdInput { direct, padded, folded, subsampled };
 bool bf16_fwd_folds_columns(const ConvDesc& d);
+bool bf16_fwd_subsamples(const ConvDesc& d);
 // The convolution the kernels compute: d itself, or the folded one.
 ConvDesc bf16_fwd_inner_desc(const ConvDesc& d);
 
