@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"torch {torch.__version__}, 1 thread, N={args.n}, {args.rounds} rounds of >= {args.min_time}s samples")
     print(f"load average at start: {os.getloadavg()}")
-    header = f"| layer | problem | ours GFLOP/s | % AMX peak | torch CL GFLOP/s | % AMX peak | ours / torch |"
+    header = "| layer | problem | ours GFLOP/s | % AMX peak | torch CL GFLOP/s | % AMX peak | ours / torch |"
     print(header)
     print("|---|---|---:|---:|---:|---:|---:|")
     ratios, weighted_ours, weighted_torch, pcts = [], 0.0, 0.0, []
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"AMX peak (own loop, median of the layers' medians): {statistics.median(peaks_all):.0f} GFLOP/s")
     print(f"network-weighted (time x count over the layers): ours / torch = {weighted_torch / weighted_ours:.2f}x")
-    print(f"median per-layer ratio {statistics.median(ratios):.2f}x, median % of AMX peak {statistics.median(pcts):.1f}%")
+    print(f"median per-layer ratio {statistics.median(ratios):.2f}x,", end=" ")
+    print(f"median % of AMX peak {statistics.median(pcts):.1f}%")
     print(f"CPU time / wall time over the run: {cpu / (w1 - w0):.2f} (1.0: one core, all ours)")
     print(f"load average at end: {os.getloadavg()}")
 

@@ -184,7 +184,8 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
               for (int n = 0; n < 16; ++n)
                 for (int pair = 0; pair < 16; ++pair)
                   for (int e = 0; e < 2; ++e)
-                    acc[i][b * 16 + n] += bf16_operand(x[2 * pair + e]) * bf16_operand(w[b * 512 + pair * 32 + n * 2 + e]);
+                    acc[i][b * 16 + n] +=
+                        bf16_operand(x[2 * pair + e]) * bf16_operand(w[b * 512 + pair * 32 + n * 2 + e]);
           }
         }
     uint8_t* dst = static_cast<uint8_t*>(a->dst[t]);

@@ -64,7 +64,9 @@ class AmxFwdKernel : public JitGenerator {
   }
 
  private:
-  static size_t code_size(const AmxFwdKernelSpec& sp) { return 4096 + static_cast<size_t>(sp.s) * 160 + sp.n_a * sp.m * 256; }
+  static size_t code_size(const AmxFwdKernelSpec& sp) {
+    return 4096 + static_cast<size_t>(sp.s) * 160 + static_cast<size_t>(sp.n_a) * sp.m * 256;
+  }
 
   // Registers, named by role. rdi carries the argument struct (System V ABI).
   const Reg64 reg_args = rdi;
