@@ -5,8 +5,9 @@ bf16 convolution in channels_last (oneDNN on AMX here), and against the core's A
 The project's side runs in the C++ helper bench_bf16_fwd_amx (built by CMake into
 build/core; the bf16 kernels are not wired into the torch ops yet), which answers one
 timing command at a time, so the two sides and the peak loop take turns in every round.
-Each cell is the median over the rounds of per-round medians. GFLOP/s are nominal
-(2*N*K*C*R*S*P*Q).
+Each cell is the median over the rounds of per-round medians of single calls (the peak:
+of chunks of 4,000 products), so a call that the machine's other work preempts does not
+count. GFLOP/s are nominal (2*N*K*C*R*S*P*Q).
 
     python bench/bench_bf16_fwd.py [--layers L03,L17] [--rounds 5] [--min-time 0.05] [--n 1]
 """
