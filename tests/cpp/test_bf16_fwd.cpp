@@ -216,6 +216,25 @@ void resnet_kinds() {
   }
 }
 
+// Each input the kernels may read (Bf16FwdInput) with tails, strides and dilation that
+// random padded shapes rarely give.
+void input_kinds() {
+  const char* shapes[] = {
+      "mb2ic40ih9iw11oc50kh1sh2sw3ph0",  // subsampled, uneven strides
+      "mb2ic33ih5iw13oc17kh2kw3ph0",     // direct, flat, 2 x 3
+      "mb1ic20ih12oc24kh3dh1ph0",        // direct, flat, dilation 2
+      "mb1ic5ih9oc20kh3sh2ph0",          // folded (5 x 3 channels), unpadded
+      "mb2ic7ih10iw9oc40kh3kw4sh1sw2ph2pw1dw1",  // folded, stride (1, 2), dilation (1, 2)
+      "mb1ic70ih3iw40oc33kh3sh1sw2ph1",  // padded, rows of 20 (two runs, the last overlapping)
+  };
+  int i = 0;
+  for (const char* s : shapes) {
+    run_case(make_case(s, i % 2 ? DataType::f32 : DataType::bf16, i % 2 == 0, i % 3 == 0, i % 3 != 2), 1 + i % 2,
+             i % 2 == 1);
+    ++i;
+  }
+}
+
 void random_shapes() {
   for (int i = 0; i < 40; ++i) {
     Case t{dc_test::random_desc(2, 80, 20, 20), uni(0, 1) ? DataType::bf16 : DataType::f32, {}};
@@ -267,6 +286,7 @@ int main() {
   dc_test::rng().seed(10);
   bad_plans();
   resnet_kinds();
+  input_kinds();
   random_shapes();
   TEST_MAIN_END("test_bf16_fwd");
 }
