@@ -16,8 +16,9 @@
 // kernel columns unrolled), so C never leaves the tiles before the epilogue.
 //
 // Pixels: the A tile's rows are pixels `src_px_stride` bytes apart. The driver feeds the
-// kernel an input whose padding is real zeros (a padded copy where the layer pads), so
-// every tap of every row is a load at a fixed displacement. At stride 1 a tile's rows run
+// kernel an input whose padding is real zeros (a copy where the layer pads; where it folds
+// conv1's kernel columns into channels or subsamples a strided 1x1, the copy is of that:
+// conv/bf16_fwd.h), so every tap of every row is a load at a fixed displacement. At stride 1 a tile's rows run
 // on through the padded row's end into the next row ("virtual" columns q in [Q, Wv) whose
 // results are dropped), which keeps tiles full on narrow maps; at other strides a tile
 // stays within one output row. A row's last tile may overlap the one before (it ends
