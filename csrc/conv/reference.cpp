@@ -162,4 +162,53 @@ void conv_upd_ref_blocked(const ConvDesc& d, int V, const float* x, const float*
         }
 }
 
+namespace {
+float bf16_operand(uint16_t b) { return (b & 0x7f80u) == 0 ? 0.f : float_from_bf16(b); }
+}  // namespace
+
+void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
+  constexpr int kTapBytes = 2048, kRowBytes = 64;
+  const int out_es = elem_bytes(sp.out_dt);
+  for (int t = 0; t < sp.n_a; ++t) {
+    float acc[kAmxMaxRows][kAmxBlock] = {};
+    const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
+    for (int64_t cb = 0; cb < a->n_cb; ++cb)
+      for (int64_t r = 0; r < a->n_r; ++r)
+        for (int col = 0; col < sp.s; ++col, wei += kTapBytes) {
+          const uint8_t* tap = reinterpret_cast<const uint8_t*>(a->src[t]) + cb * a->src_cb_stride +
+                               r * a->src_r_stride + static_cast<int64_t>(col) * sp.dil_w * kRowBytes;
+          const uint16_t* w = reinterpret_cast<const uint16_t*>(wei);
+          for (int i = 0; i < sp.m; ++i) {
+            const uint16_t* x = reinterpret_cast<const uint16_t*>(tap + i * a->src_px_stride);
+            for (int b = 0; b < sp.n_b; ++b)
+              for (int n = 0; n < 16; ++n)
+                for (int pair = 0; pair < 16; ++pair)
+                  for (int e = 0; e < 2; ++e)
+                    acc[i][b * 16 + n] +=
+                        bf16_operand(x[2 * pair + e]) * bf16_operand(w[b * 512 + pair * 32 + n * 2 + e]);
+          }
+        }
+    uint8_t* dst = static_cast<uint8_t*>(a->dst[t]);
+    const uint8_t* res = static_cast<const uint8_t*>(a->res[t]);
+    for (int i = 0; i < sp.m; ++i) {
+      if (!((a->rows[t] >> i) & 1)) continue;
+      for (int lane = 0; lane < kAmxBlock; ++lane) {
+        float y = 0;
+        if (lane < sp.n_b * 16) {
+          y = acc[i][lane];
+          if (sp.post.bias) y += a->bias[lane];
+          if (sp.post.add)
+            y += sp.out_dt == DataType::bf16 ? float_from_bf16(reinterpret_cast<const uint16_t*>(res)[lane])
+                                             : reinterpret_cast<const float*>(res)[lane];
+          if (sp.post.relu) y = 0.f > y ? 0.f : y;  // as vmaxps(0, y): NaN and -0 pass
+        }
+        if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
+        else reinterpret_cast<float*>(dst)[lane] = y;
+      }
+      dst += kAmxBlock * out_es;
+      if (sp.post.add) res += kAmxBlock * out_es;
+    }
+  }
+}
+
 }  // namespace dc

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "conv/conv_desc.h"
+#include "jit/amx_fwd_kernel.h"
 #include "jit/dw_kernel.h"
 #include "jit/fwd_kernel.h"
 #include "jit/upd_kernel.h"
@@ -15,6 +16,12 @@ void fwd_kernel_ref(const FwdKernelSpec& spec, const FwdCallArgs* args);
 // with the post-ops `post` (bias and residual are read only when it names them).
 void conv_fwd_ref_blocked(const ConvDesc& d, int v, const FwdPostOps& post, const float* src, const float* wei,
                           const float* bias, const float* residual, float* dst);
+
+// Does what the generated AMX kernel of `spec` does with `args`: the same bf16 inputs
+// (denormals read as zero, as tdpbf16ps does), sums in fp32 over input blocks, kernel
+// rows, columns and channel pairs in that order, the same epilogue and rounding. The
+// tiles' own order of summation may differ, so results agree to fp32 rounding.
+void amx_fwd_kernel_ref(const AmxFwdKernelSpec& spec, const AmxFwdCallArgs* args);
 
 // Does exactly what the generated depthwise kernel of `spec` does with `args`.
 void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);

@@ -1,0 +1,173 @@
+// The timing side of bench/bench_bf16_fwd.py: reads commands from stdin, one a line, and
+// answers each with one number, so the script can interleave it with torch's convolution.
+//   peak <seconds>                 GFLOP/s of this core's tdpbf16ps loop (its own, 4 chains),
+//                                  the median of chunks of 4,000 products
+//   conv <problem> <min_seconds>   seconds per call of the bf16 forward (1 thread, bf16 out,
+//                                  no post-ops), the median of calls timed for min_seconds
+// A problem is planned and its kernels generated at its first command.
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "conv/bf16_fwd.h"
+#include "jit/jit_kernel.h"
+
+using namespace dc;
+
+namespace {
+
+// tmm0-3 accumulate the products of tmm4-5 (A) and tmm6-7 (B), as the convolution's 2 x 2
+// tiles do, all 16 rows of 64 bytes; rdi iterations of 4 products, no loads.
+class PeakLoop : public JitGenerator {
+ public:
+  PeakLoop() : JitGenerator("bench_amx_bf16_peak_4chains", 4096) {}
+
+ private:
+  void generate() override {
+    using namespace Xbyak;
+    Label l;
+    sub(rsp, 64);
+    for (int i = 0; i < 8; ++i) mov(qword[rsp + i * 8], 0);
+    mov(byte[rsp], 1);
+    for (int t = 0; t < 8; ++t) {
+      mov(word[rsp + 16 + 2 * t], 64);
+      mov(byte[rsp + 48 + t], 16);
+    }
+    ldtilecfg(ptr[rsp]);
+    add(rsp, 64);
+    for (int t = 0; t < 8; ++t) tilezero(Tmm(t));
+    L(l);
+    for (int t = 0; t < 4; ++t) tdpbf16ps(Tmm(t), Tmm(4 + t % 2), Tmm(6 + t / 2));
+    dec(rdi);
+    jnz(l);
+    tilerelease();
+    ret();
+  }
+};
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// 64-byte aligned, as torch's tensors are: a tile row that straddled two cache lines
+// would cost two.
+template <typename T>
+struct Aligned {
+  T* p = nullptr;
+  size_t n = 0;
+  void resize(size_t count) {
+    std::free(p);
+    n = count;
+    p = static_cast<T*>(std::aligned_alloc(64, (count * sizeof(T) + 63) / 64 * 64));
+  }
+  ~Aligned() { std::free(p); }
+  T* data() { return p; }
+  size_t size() const { return n; }
+  T& operator[](size_t i) { return p[i]; }
+};
+
+struct Problem {
+  std::shared_ptr<const Bf16FwdPrimitive> prim;
+  Aligned<uint16_t> src, wei;
+  Aligned<uint8_t> dst, scratch;
+};
+
+void fill_problem(const std::string& text, Problem* out) {
+  Problem& p = *out;
+  ConvDesc d = parse_conv_desc(text);
+  d.dt = DataType::bf16;
+  p.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, 1, DataType::bf16));
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock);
+  p.src.resize(d.n * cb * d.h * d.w * kAmxBlock);
+  for (size_t i = 0; i < p.src.size(); ++i)
+    p.src[i] = static_cast<int64_t>(i % kAmxBlock + (i / (d.h * d.w * kAmxBlock) % cb) * kAmxBlock) < d.c
+                   ? bf16_from_float(u(rng))
+                   : 0;
+  std::vector<float> w(d.k * d.c * d.r * d.s);
+  for (float& x : w) x = u(rng);
+  p.wei.resize(bf16_fwd_weight_elems(d));
+  pack_bf16_fwd_weights(d, w.data(), p.wei.data());
+  p.dst.resize(d.n * kb * d.p() * d.q() * kAmxBlock * 2);
+  p.scratch.resize(p.prim->plan.scratch_bytes + 64);
+}
+
+}  // namespace
+
+int main() {
+  if (!amx_bf16_supported() || syscall(SYS_arch_prctl, 0x1023, 18) != 0) {
+    std::printf("error: no AMX bf16 here (or the OS refused tile data)\n");
+    return 1;
+  }
+  const RunShares serial = [](int n, const ShareFn& fn) {
+    for (int t = 0; t < n; ++t) fn(t, n);
+  };
+  auto peak_kernel = PeakLoop().build();
+  auto peak = peak_kernel->entry<void (*)(int64_t)>();
+  std::map<std::string, Problem> problems;
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::string cmd;
+    in >> cmd;
+    if (cmd == "peak") {
+      // The median of short chunks, as the convolutions' samples are medians of calls: a
+      // chunk that the machine's other work preempts does not count.
+      double seconds = 0.05;
+      in >> seconds;
+      constexpr int64_t kChunk = 1000;
+      peak(kChunk);
+      std::vector<double> rates;
+      const double t0 = now();
+      do {
+        const double a = now();
+        peak(kChunk);
+        rates.push_back(kChunk * 4 * 16384.0 / (now() - a) / 1e9);
+      } while (now() - t0 < seconds);
+      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+      std::printf("%.1f\n", rates[rates.size() / 2]);
+    } else if (cmd == "conv") {
+      std::string text;
+      double min_seconds = 0.05;
+      in >> text >> min_seconds;
+      auto it = problems.find(text);
+      if (it == problems.end()) it = problems.try_emplace(text).first, fill_problem(text, &it->second);
+      Problem& p = it->second;
+      auto call = [&] {
+        bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), serial);
+      };
+      call();
+      std::vector<double> times;
+      const double t0 = now();
+      do {
+        const double a = now();
+        call();
+        times.push_back(now() - a);
+      } while (now() - t0 < min_seconds || times.size() < 3);
+      std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+      std::printf("%.9f\n", times[times.size() / 2]);
+    } else if (cmd == "plan") {
+      std::string text;
+      in >> text;
+      ConvDesc d = parse_conv_desc(text);
+      d.dt = DataType::bf16;
+      std::printf("%s\n", make_bf16_fwd_plan(d, 1, DataType::bf16).to_string().c_str());
+    } else {
+      std::printf("error: unknown command %s\n", cmd.c_str());
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}

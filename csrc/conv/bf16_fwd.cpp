@@ -1,0 +1,340 @@
+#include "conv/bf16_fwd.h"
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+#include "conv/reference.h"
+
+namespace dc {
+
+namespace {
+
+constexpr int64_t kPixelBytes = kAmxBlock * 2;  // one activation row: 32 bf16
+constexpr int64_t kTapBytes = 2048;             // a tap's two B tiles
+
+// One run of pixels: where it is read, where its first stored pixel goes, and which of
+// its rows are stored (not a virtual column, not a repeat of the run before).
+struct Run {
+  int64_t src_px, dst_px, rows;
+};
+
+// Runs of m over [0, total), the last ending on total: (start, rows at the start that
+// the run before covered).
+std::vector<std::pair<int64_t, int64_t>> run_starts(int64_t total, int m) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t start = 0; start < total; start += m) {
+    const int64_t s = std::min(start, total - m);
+    out.push_back({s, start - s});
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string Bf16FwdPlan::to_string() const {
+  std::ostringstream o;
+  o << "bf16 amx fwd " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt) << post.name()
+    << " m=" << m << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded       ? " padded"
+        : input == Bf16FwdInput::folded     ? " folded"
+        : input == Bf16FwdInput::subsampled ? " subsampled"
+                                            : "") << " kernels=";
+  for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
+  return o.str();
+}
+
+Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, const FwdPostOps& post) {
+  const std::string bad = d.validate();
+  if (!bad.empty()) throw std::invalid_argument("bf16 fwd plan: " + bad);
+  if (d.dt != DataType::bf16) throw std::invalid_argument("bf16 fwd plan: the description's element type must be bf16");
+  if (d.groups != 1) throw std::invalid_argument("bf16 fwd plan: groups must be 1, got " + std::to_string(d.groups));
+  if (out_dt != DataType::f32 && out_dt != DataType::bf16)
+    throw std::invalid_argument("bf16 fwd plan: the output type must be f32 or bf16");
+  if (post.stats) throw std::invalid_argument("bf16 fwd plan: the stats post-op is not supported");
+  if (threads < 1) throw std::invalid_argument("bf16 fwd plan: threads must be >= 1, got " + std::to_string(threads));
+  const int64_t P = d.p(), Q = d.q();
+  if (P < 1 || Q < 1) throw std::invalid_argument("bf16 fwd plan: the kernel does not fit the padded input");
+  if (d.s * d.dil_w > (1 << 20) || d.r > (1 << 20))
+    throw std::invalid_argument("bf16 fwd plan: kernel size times dilation must be at most 2^20");
+
+  Bf16FwdPlan p;
+  p.desc = d;
+  p.threads = threads;
+  p.out_dt = out_dt;
+  p.post = post;
+  p.inner = bf16_fwd_inner_desc(d);
+  p.input = bf16_fwd_subsamples(d)                  ? Bf16FwdInput::subsampled
+            : bf16_fwd_folds_columns(d)                ? Bf16FwdInput::folded
+            : d.pad_t || d.pad_b || d.pad_l || d.pad_r ? Bf16FwdInput::padded
+                                                       : Bf16FwdInput::direct;
+  const ConvDesc& in = p.inner;
+  p.cb = div_up(in.c, kAmxBlock);
+  p.kb = div_up(in.k, kAmxBlock);
+  p.hp = in.h + in.pad_t + in.pad_b;
+  p.wp = in.w + in.pad_l + in.pad_r;
+  p.flat = in.stride_h == 1 && in.stride_w == 1;
+  const int64_t q_virtual = p.flat ? p.wp : Q;
+
+  // The runs of one image. At stride 1 a run's rows are the virtual pixels v of the
+  // padded map (row v / Wv, column v % Wv; columns >= Q are not stored).
+  std::vector<Run> runs;
+  if (p.flat) {
+    const int64_t total = (P - 1) * q_virtual + Q;
+    p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, total));
+    for (auto [start, skip] : run_starts(total, p.m)) {
+      int64_t rows = 0, first = -1;
+      for (int64_t v = start + skip; v < start + p.m; ++v)
+        if (v % q_virtual < Q) {
+          rows |= int64_t{1} << (v - start);
+          if (first < 0) first = v;
+        }
+      if (rows) runs.push_back({start, (first / q_virtual) * Q + first % q_virtual, rows});
+    }
+  } else {
+    p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, Q));
+    for (int64_t oh = 0; oh < P; ++oh)
+      for (auto [start, skip] : run_starts(Q, p.m))
+        runs.push_back({oh * in.stride_h * p.wp + start * in.stride_w, oh * Q + start + skip,
+                        ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
+  }
+
+  auto kernel_index = [&](int n_a, int n_b) {
+    AmxFwdKernelSpec sp;
+    sp.out_dt = out_dt;
+    sp.s = static_cast<int>(in.s);
+    sp.dil_w = static_cast<int>(in.dil_w);
+    sp.m = p.m;
+    sp.n_a = n_a;
+    sp.n_b = n_b;
+    sp.post = post;
+    for (size_t i = 0; i < p.kernels.size(); ++i)
+      if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
+    p.kernels.push_back(sp);
+    return static_cast<int32_t>(p.kernels.size() - 1);
+  };
+
+  const int64_t img_bytes = p.cb * p.hp * p.wp * kPixelBytes;
+  const int64_t out_px_bytes = kAmxBlock * elem_bytes(out_dt);
+  std::vector<Bf16FwdCall> calls;
+  for (int64_t n = 0; n < d.n; ++n)
+    for (int64_t kbi = 0; kbi < p.kb; ++kbi) {
+      const int n_b = d.k - kbi * kAmxBlock <= 16 ? 1 : 2;
+      for (size_t i = 0; i < runs.size(); i += 2) {
+        Bf16FwdCall c{};
+        c.n_a = i + 1 < runs.size() ? 2 : 1;
+        c.kernel = kernel_index(c.n_a, n_b);
+        for (int j = 0; j < c.n_a; ++j) {
+          const Run& r = runs[i + j];
+          c.src_off[j] = n * img_bytes + r.src_px * kPixelBytes;
+          c.dst_off[j] = ((n * p.kb + kbi) * P * Q + r.dst_px) * out_px_bytes;
+          c.rows[j] = r.rows;
+        }
+        c.wei_off = kbi * p.cb * in.r * in.s * kTapBytes;
+        c.bias_off = kbi * kAmxBlock * static_cast<int64_t>(sizeof(float));
+        calls.push_back(c);
+      }
+    }
+  p.streams.resize(threads);
+  const int64_t total = static_cast<int64_t>(calls.size());
+  for (int t = 0; t < threads; ++t)
+    p.streams[t].assign(calls.begin() + total * t / threads, calls.begin() + total * (t + 1) / threads);
+
+  AmxFwdCallArgs& a = p.strides;
+  a.n_cb = p.cb;
+  a.n_r = in.r;
+  a.src_px_stride = (p.flat ? 1 : in.stride_w) * kPixelBytes;
+  a.src_r_stride = in.dil_h * p.wp * kPixelBytes;
+  a.src_cb_stride = p.hp * p.wp * kPixelBytes;
+  p.scratch_bytes = p.input == Bf16FwdInput::direct ? 0 : d.n * img_bytes;
+  return p;
+}
+
+std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan) {
+  auto prim = std::make_shared<Bf16FwdPrimitive>();
+  prim->plan = plan;
+  const std::string info = plan.to_string();
+  for (const AmxFwdKernelSpec& sp : plan.kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_fwd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
+  }
+  prim->held.push_back(get_kernel("amx_tilecfg_m" + std::to_string(plan.m),
+                                  [&] { return make_amx_tile_config_kernel(plan.m); }, info));
+  prim->tile_config = prim->held.back()->entry<AmxTileFn>();
+  prim->held.push_back(get_kernel("amx_tilerelease", [] { return make_amx_tile_release_kernel(); }, info));
+  prim->tile_release = prim->held.back()->entry<AmxTileFn>();
+  return prim;
+}
+
+bool bf16_fwd_folds_columns(const ConvDesc& d) { return d.s > 1 && d.c * d.s <= kAmxBlock; }
+bool bf16_fwd_subsamples(const ConvDesc& d) {
+  return d.r == 1 && d.s == 1 && (d.stride_h > 1 || d.stride_w > 1) && !d.pad_t && !d.pad_b && !d.pad_l && !d.pad_r;
+}
+
+ConvDesc bf16_fwd_inner_desc(const ConvDesc& d) {
+  if (bf16_fwd_subsamples(d)) {
+    ConvDesc in = d;
+    in.h = d.p();
+    in.w = d.q();
+    in.stride_h = in.stride_w = 1;
+    in.dil_h = in.dil_w = 1;
+    return in;
+  }
+  if (!bf16_fwd_folds_columns(d)) return d;
+  ConvDesc in = d;
+  in.c = d.c * d.s;
+  in.h = d.h + d.pad_t + d.pad_b;
+  in.w = d.q();
+  in.s = 1;
+  in.stride_w = 1;
+  in.dil_w = 1;
+  in.pad_t = in.pad_b = in.pad_l = in.pad_r = 0;
+  return in;
+}
+
+int64_t bf16_fwd_weight_elems(const ConvDesc& d) {
+  const ConvDesc in = bf16_fwd_inner_desc(d);
+  return div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock) * in.r * in.s * 1024;
+}
+
+void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed) {
+  const ConvDesc in = bf16_fwd_inner_desc(d);
+  const bool folded = bf16_fwd_folds_columns(d);
+  const int64_t cb = div_up(in.c, kAmxBlock), kb = div_up(in.k, kAmxBlock);
+  for (int64_t kbi = 0; kbi < kb; ++kbi)
+    for (int64_t cbi = 0; cbi < cb; ++cbi)
+      for (int64_t r = 0; r < in.r; ++r)
+        for (int64_t s = 0; s < in.s; ++s) {
+          uint16_t* tap = packed + (((kbi * cb + cbi) * in.r + r) * in.s + s) * 1024;
+          for (int half = 0; half < 2; ++half)
+            for (int pair = 0; pair < 16; ++pair)
+              for (int n = 0; n < 16; ++n)
+                for (int e = 0; e < 2; ++e) {
+                  const int64_t k = kbi * kAmxBlock + half * 16 + n, c = cbi * kAmxBlock + pair * 2 + e;
+                  // Folded: inner channel c is kernel column c / C, channel c % C.
+                  const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
+                  tap[half * 512 + pair * 32 + n * 2 + e] =
+                      k < in.k && c < in.c ? bf16_from_float(w[((k * d.c + src_c) * d.r + r) * d.s + src_s]) : 0;
+                }
+        }
+}
+
+namespace {
+
+// Thread tid's share of the zero-bordered copy: whole (image, block) planes.
+void copy_padded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
+  const ConvDesc& d = p.desc;
+  const int64_t planes = d.n * p.cb, begin = planes * tid / nthreads, end = planes * (tid + 1) / nthreads;
+  for (int64_t pl = begin; pl < end; ++pl) {
+    const uint8_t* in = reinterpret_cast<const uint8_t*>(src) + pl * d.h * d.w * kPixelBytes;
+    uint8_t* out = static_cast<uint8_t*>(scratch) + pl * p.hp * p.wp * kPixelBytes;
+    std::memset(out, 0, d.pad_t * p.wp * kPixelBytes);
+    for (int64_t h = 0; h < d.h; ++h) {
+      uint8_t* row = out + (d.pad_t + h) * p.wp * kPixelBytes;
+      std::memset(row, 0, d.pad_l * kPixelBytes);
+      std::memcpy(row + d.pad_l * kPixelBytes, in + h * d.w * kPixelBytes, d.w * kPixelBytes);
+      std::memset(row + (d.pad_l + d.w) * kPixelBytes, 0, d.pad_r * kPixelBytes);
+    }
+    std::memset(out + (d.pad_t + d.h) * p.wp * kPixelBytes, 0, d.pad_b * p.wp * kPixelBytes);
+  }
+}
+
+// Thread tid's share of the column-folded copy: whole (image, padded row) rows. Pixel q of
+// a row holds, for each kernel column s, the C channels that the layer's tap s reads for
+// output column q (zeros where that falls on padding).
+void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
+  const ConvDesc& d = p.desc;
+  const int64_t rows = d.n * p.hp, begin = rows * tid / nthreads, end = rows * (tid + 1) / nthreads;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / p.hp, ih = row % p.hp - d.pad_t;
+    uint16_t* out = static_cast<uint16_t*>(scratch) + row * p.wp * kAmxBlock;
+    std::memset(out, 0, p.wp * kPixelBytes);
+    if (ih < 0 || ih >= d.h) continue;
+    const uint16_t* in = src + (n * d.h + ih) * d.w * kAmxBlock;
+    // Tap by tap, over the output columns whose tap falls inside the row. Up to 4 channels
+    // (conv1's 3): one 8-byte move a pixel, its lanes past C (zeros in the input) then
+    // overwritten by the next tap's, or left zero, within the pixel.
+    const bool narrow = d.c <= 4 && d.s * d.c + 4 - d.c <= kAmxBlock;
+    for (int64_t s = 0; s < d.s; ++s) {
+      const int64_t off = s * d.dil_w - d.pad_l;  // iw = q * stride_w + off
+      const int64_t q_lo = off >= 0 ? 0 : div_up(-off, d.stride_w);
+      const int64_t q_hi = std::min<int64_t>(p.wp, d.w - off <= 0 ? 0 : div_up(d.w - off, d.stride_w));
+      if (q_lo >= q_hi) continue;
+      uint16_t* o = out + s * d.c;
+      const uint16_t* i = in + (q_lo * d.stride_w + off) * kAmxBlock;  // column q_lo's tap
+      const int64_t step = d.stride_w * kAmxBlock;
+      if (narrow)  // a constant size, so the move is one load and one store
+        for (int64_t q = q_lo; q < q_hi; ++q, i += step) std::memcpy(o + q * kAmxBlock, i, 8);
+      else
+        for (int64_t q = q_lo; q < q_hi; ++q, i += step) std::memcpy(o + q * kAmxBlock, i, d.c * 2);
+    }
+  }
+}
+
+// Thread tid's share of the subsampled copy: whole (image, block, output row) rows, each
+// pixel the input pixel its 1 x 1 tap reads.
+void copy_subsampled(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
+  const ConvDesc& d = p.desc;
+  const int64_t rows = d.n * p.cb * p.hp, begin = rows * tid / nthreads, end = rows * (tid + 1) / nthreads;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t plane = row / p.hp, oh = row % p.hp;
+    const uint16_t* in = src + (plane * d.h + oh * d.stride_h) * d.w * kAmxBlock;
+    uint16_t* out = static_cast<uint16_t*>(scratch) + row * p.wp * kAmxBlock;
+    for (int64_t q = 0; q < p.wp; ++q) std::memcpy(out + q * kAmxBlock, in + q * d.stride_w * kAmxBlock, kPixelBytes);
+  }
+}
+
+template <typename CallFn>
+void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, const Bf16FwdPostArgs& post, void* dst,
+             void* scratch, const RunShares& run, const CallFn& call) {
+  if (p.post.bias && !post.bias) throw std::invalid_argument("bf16_fwd_run: the plan adds a bias: give one");
+  if (p.post.add && !post.residual) throw std::invalid_argument("bf16_fwd_run: the plan adds a residual: give one");
+  if (p.input != Bf16FwdInput::direct && !scratch)
+    throw std::invalid_argument("bf16_fwd_run: the plan copies its input: give its scratch");
+  if (p.input == Bf16FwdInput::padded) run(p.threads, [&](int tid, int nt) { copy_padded(p, src, scratch, tid, nt); });
+  if (p.input == Bf16FwdInput::folded) run(p.threads, [&](int tid, int nt) { copy_folded(p, src, scratch, tid, nt); });
+  if (p.input == Bf16FwdInput::subsampled)
+    run(p.threads, [&](int tid, int nt) { copy_subsampled(p, src, scratch, tid, nt); });
+  const uint8_t* in = reinterpret_cast<const uint8_t*>(p.input == Bf16FwdInput::direct ? src : scratch);
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(wei);
+  const uint8_t* res = static_cast<const uint8_t*>(post.residual);
+  const uint8_t* bias = reinterpret_cast<const uint8_t*>(post.bias);
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  run(p.threads, [&](int tid, int) {
+    if (tid < 0 || tid >= p.threads) return;
+    call(-1, nullptr);  // the stream begins
+    AmxFwdCallArgs a = p.strides;
+    for (const Bf16FwdCall& c : p.streams[tid]) {
+      for (int j = 0; j < c.n_a; ++j) {
+        a.src[j] = reinterpret_cast<const uint16_t*>(in + c.src_off[j]);
+        a.dst[j] = out + c.dst_off[j];
+        a.res[j] = res ? res + c.dst_off[j] : nullptr;
+        a.rows[j] = c.rows[j];
+      }
+      a.wei = reinterpret_cast<const uint16_t*>(w + c.wei_off);
+      a.bias = bias ? reinterpret_cast<const float*>(bias + c.bias_off) : nullptr;
+      call(c.kernel, &a);
+    }
+    call(-2, nullptr);  // the stream ends
+  });
+}
+
+}  // namespace
+
+void bf16_fwd_run(const Bf16FwdPrimitive& prim, const uint16_t* src, const uint16_t* wei, const Bf16FwdPostArgs& post,
+                  void* dst, void* scratch, const RunShares& run) {
+  run_all(prim.plan, src, wei, post, dst, scratch, run, [&](int k, const AmxFwdCallArgs* a) {
+    if (k >= 0) prim.fns[k](a);
+    else if (k == -1) prim.tile_config();
+    else prim.tile_release();
+  });
+}
+
+void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const uint16_t* wei,
+                            const Bf16FwdPostArgs& post, void* dst, void* scratch, const RunShares& run) {
+  run_all(plan, src, wei, post, dst, scratch, run, [&](int k, const AmxFwdCallArgs* a) {
+    if (k >= 0) amx_fwd_kernel_ref(plan.kernels[k], a);
+  });
+}
+
+}  // namespace dc

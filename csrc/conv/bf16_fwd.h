@@ -1,0 +1,103 @@
+// The bf16 forward convolution on AMX: plan, weight packing and driver. Layouts, tiles and
+// the kernel are described in jit/amx_fwd_kernel.h. make_bf16_fwd_plan is a pure function
+// of (ConvDesc, threads, output type, post-ops): no code is generated there.
+//
+// The plan lists a layer's tiles image by image: at stride 1 the (virtual) pixels of the
+// padded map in runs of M = 16 (fewer only on maps smaller than that), at other strides
+// runs of up to 16 pixels of one output row; the last run of a map (a row) ends exactly on
+// its last pixel, overlapping the one before. Two runs make a call, and a thread's stream
+// takes calls in (image, output block, pixels) order, so a block's weights stay in cache
+// while its pixels pass. Where the layer pads, the driver first copies the input into a
+// zero-bordered scratch, each thread its share, so that every tap is a plain load
+// (Bf16FwdInput).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "conv/conv_desc.h"
+#include "conv/parallel.h"
+#include "jit/amx_fwd_kernel.h"
+#include "jit/kernel_cache.h"
+
+namespace dc {
+
+// One recorded kernel call; offsets in bytes. Run j is read from src + src_off[j] (input
+// block 0, tap (0, 0)) and stored from dst + dst_off[j] (also the residual's offset).
+struct Bf16FwdCall {
+  int32_t kernel;
+  int32_t n_a;  // runs: 1 or 2
+  int64_t src_off[2], dst_off[2], rows[2];  // rows: AmxFwdCallArgs::rows
+  int64_t wei_off, bias_off;
+};
+
+// What the kernels read: the input itself; a zero-bordered copy (N, Cb, H + pt + pb,
+// W + pl + pr, 32) where the layer pads; or, where a few channels meet a wide kernel
+// (C * S <= 32, conv1's 3 x 7), a copy with the kernel columns folded into the channels,
+// (N, 1, H + pt + pb, Q, 32), on which the layer is an R x 1 convolution of stride
+// (stride_h, 1) and a seventh of conv1's products; or, for an unpadded strided 1 x 1 (the
+// projections), the pixels it reads, (N, Cb, P, Q, 32), on which it is a stride-1 1 x 1
+// whose runs are full.
+enum class Bf16FwdInput { direct, padded, folded, subsampled };
+bool bf16_fwd_folds_columns(const ConvDesc& d);
+bool bf16_fwd_subsamples(const ConvDesc& d);
+// The convolution the kernels compute: d itself, or the folded one.
+ConvDesc bf16_fwd_inner_desc(const ConvDesc& d);
+
+struct Bf16FwdPlan {
+  ConvDesc desc;   // dt = bf16
+  ConvDesc inner;  // what the kernels compute (bf16_fwd_inner_desc)
+  Bf16FwdInput input = Bf16FwdInput::direct;
+  int threads = 1;
+  DataType out_dt = DataType::bf16;
+  FwdPostOps post;
+  int64_t cb = 0, kb = 0;        // blocks of 32 input and output channels
+  int64_t hp = 0, wp = 0;        // the plane the kernels read: the copy's, or the input's
+  bool flat = false;             // stride 1: runs cross (virtual) row ends
+  int m = 16;                    // pixels per run, every run of the plan
+  int64_t scratch_bytes = 0;     // the copy (0 for a direct input)
+  std::vector<AmxFwdKernelSpec> kernels;
+  std::vector<std::vector<Bf16FwdCall>> streams;  // one per thread
+  AmxFwdCallArgs strides{};                       // the per-plan constants of every call
+
+  std::string to_string() const;
+};
+
+// Throws std::invalid_argument, naming what is wrong, for an invalid description, an
+// element type other than bf16, groups, stats, or an output type other than f32 or bf16.
+Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& desc, int threads, DataType out_dt, const FwdPostOps& post = {});
+
+// The plan and its kernels (from the kernel cache, held for the primitive's life).
+struct Bf16FwdPrimitive {
+  Bf16FwdPlan plan;
+  std::vector<KernelPtr> held;
+  std::vector<AmxFwdKernelFn> fns;
+  AmxTileFn tile_config = nullptr, tile_release = nullptr;
+};
+std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
+
+// Elements of the packed weights: ceil(K/32) * ceil(C/32) * R * S * 1024 of the inner desc.
+int64_t bf16_fwd_weight_elems(const ConvDesc& d);
+// (K, C, R, S) fp32 weights to the packed bf16 layout (of the inner desc: folded, inner
+// channel s * C + c is (c, s)), rounded to nearest even, padded entries zero.
+void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed);
+
+// The operands of the plan's post-ops, read only when it names them.
+struct Bf16FwdPostArgs {
+  const float* bias = nullptr;     // (ceil(K/32) * 32) fp32, padded lanes zero
+  const void* residual = nullptr;  // laid out and typed as dst
+};
+
+// Runs the whole convolution on `run`'s threads (the plan's count): src (N, Cb, H, W, 32)
+// bf16 with zero padded lanes, packed weights, dst (N, Kb, P, Q, 32) of the plan's output
+// type; `scratch` holds plan.scratch_bytes (64-byte aligned) where the plan pads.
+// The calling threads must have been granted AMX tile data (Linux: ARCH_REQ_XCOMP_PERM).
+void bf16_fwd_run(const Bf16FwdPrimitive& prim, const uint16_t* src, const uint16_t* wei, const Bf16FwdPostArgs& post,
+                  void* dst, void* scratch, const RunShares& run);
+// The same on the kernels' scalar twins (amx_fwd_kernel_ref): for the tests.
+void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const uint16_t* wei,
+                            const Bf16FwdPostArgs& post, void* dst, void* scratch, const RunShares& run);
+
+}  // namespace dc

@@ -1,0 +1,293 @@
+#include "jit/amx_fwd_kernel.h"
+
+#include <cpuid.h>
+
+#include <cstddef>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+namespace dc {
+
+std::string AmxFwdKernelSpec::name() const {
+  std::ostringstream o;
+  o << "bf16_conv_fwd_kw" << s << "d" << dil_w << "_m" << m << "a" << n_a << "b" << n_b << "_o" << dtype_name(out_dt)
+    << post.name() << "__amx";
+  return o.str();
+}
+
+bool amx_bf16_supported() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), amx_bf16 = d & (1u << 22), avx512f = b & (1u << 16);
+  if (!tile || !amx_bf16 || !avx512f) return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512_BF16
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;        // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
+  const uint64_t need = (7u << 5) | (3u << 1) | (3ull << 17);  // opmask and zmm, sse/avx, tile cfg and data
+  return (xcr0 & need) == need;
+}
+
+uint16_t bf16_from_float(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);  // zero or denormal
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+float float_from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+namespace {
+
+using namespace Xbyak;
+
+constexpr int kTileBytes = 1024;          // one B tile, one C tile
+constexpr int kTapBytes = 2 * kTileBytes;  // the two B tiles of a tap
+constexpr int kRowBytes = 64;              // one tile row
+
+class AmxFwdKernel : public JitGenerator {
+ public:
+  explicit AmxFwdKernel(const AmxFwdKernelSpec& sp) : JitGenerator(sp.name(), code_size(sp)), sp_(sp) {
+    if (sp.m < 1 || sp.m > kAmxMaxRows || sp.n_a < 1 || sp.n_a > 2 || sp.n_b < 1 || sp.n_b > 2 || sp.s < 1 ||
+        sp.dil_w < 1 || sp.post.stats || (sp.out_dt != DataType::f32 && sp.out_dt != DataType::bf16) ||
+        static_cast<int64_t>(sp.s) * sp.dil_w * kRowBytes > (1ll << 30) ||
+        static_cast<int64_t>(sp.s) * kTapBytes > (1ll << 30))
+      throw std::invalid_argument("amx fwd kernel: unsupported spec " + sp.name());
+  }
+
+ private:
+  static size_t code_size(const AmxFwdKernelSpec& sp) {
+    return 4096 + static_cast<size_t>(sp.s) * 160 + static_cast<size_t>(sp.n_a) * sp.m * 256;
+  }
+
+  // Registers, named by role. rdi carries the argument struct (System V ABI).
+  const Reg64 reg_args = rdi;
+  // The reduction.
+  const Reg64 reg_src_cb0 = r8;  // input block of A tile 0 (1), tap (0, 0)
+  const Reg64 reg_src_cb1 = r9;
+  const Reg64 reg_src0 = rsi;    // kernel row of A tile 0 (1)
+  const Reg64 reg_src1 = rdx;
+  const Reg64 reg_wei = r10;     // the current tap's two B tiles
+  const Reg64 reg_px = r11;      // A-tile row stride (tileloadd's index)
+  const Reg64 reg_row64 = rax;   // B- and C-tile row stride: 64
+  const Reg64 reg_cnt_cb = rbx;  // callee-saved
+  const Reg64 reg_cnt_r = r12;   // callee-saved
+  // The epilogue, once the reduction's registers are dead.
+  const Reg64 reg_dst = rsi;     // the next row to store
+  const Reg64 reg_res = rdx;     // its residual
+  const Reg64 reg_c = r8;        // its fp32 sums in the C scratch
+  const Reg64 reg_rows = r9;     // the mask of rows stored
+  const Reg64 reg_bias = r11;
+
+  const Tmm tmm_c(int a, int b) const { return Tmm(a * 2 + b); }
+  const Tmm tmm_a(int a) const { return Tmm(4 + a); }
+  const Tmm tmm_b(int b) const { return Tmm(6 + b); }
+  const Zmm zmm_out(int b) const { return Zmm(b); }
+  const Zmm zmm_tmp = zmm2;
+  const Zmm zmm_zero = zmm3;
+
+  Address arg(size_t offset) const { return qword[reg_args + static_cast<int64_t>(offset)]; }
+  int out_bytes() const { return elem_bytes(sp_.out_dt); }
+
+  void generate() override {
+    preamble();
+    load_args();
+    for (int a = 0; a < sp_.n_a; ++a)
+      for (int b = 0; b < sp_.n_b; ++b) tilezero(tmm_c(a, b));
+    loop_cb([&] { loop_r([&] { compute_kernel_row(); }); });
+    store_c_tiles();
+    for (int a = 0; a < sp_.n_a; ++a) store_rows(a);
+    postamble();
+  }
+
+  // A 64-byte aligned scratch of the four C tiles on the stack, rbp keeping the frame.
+  void preamble() {
+    push(rbp);
+    push(rbx);
+    push(r12);
+    mov(rbp, rsp);
+    sub(rsp, 4 * kTileBytes);
+    and_(rsp, -64);
+  }
+  void postamble() {
+    mov(rsp, rbp);
+    pop(r12);
+    pop(rbx);
+    pop(rbp);
+    vzeroupper();
+    ret();
+  }
+
+  void load_args() {
+    mov(reg_src_cb0, arg(offsetof(AmxFwdCallArgs, src)));
+    if (sp_.n_a == 2) mov(reg_src_cb1, arg(offsetof(AmxFwdCallArgs, src) + 8));
+    mov(reg_wei, arg(offsetof(AmxFwdCallArgs, wei)));
+    mov(reg_px, arg(offsetof(AmxFwdCallArgs, src_px_stride)));
+    mov(reg_row64, kRowBytes);
+  }
+
+  template <typename F>
+  void loop_cb(F body) {
+    Label l_cb;
+    mov(reg_cnt_cb, arg(offsetof(AmxFwdCallArgs, n_cb)));
+    align(64);
+    L(l_cb);
+    body();
+    add(reg_src_cb0, arg(offsetof(AmxFwdCallArgs, src_cb_stride)));
+    if (sp_.n_a == 2) add(reg_src_cb1, arg(offsetof(AmxFwdCallArgs, src_cb_stride)));
+    dec(reg_cnt_cb);
+    jnz(l_cb, T_NEAR);
+  }
+
+  template <typename F>
+  void loop_r(F body) {
+    Label l_r;
+    mov(reg_src0, reg_src_cb0);
+    if (sp_.n_a == 2) mov(reg_src1, reg_src_cb1);
+    mov(reg_cnt_r, arg(offsetof(AmxFwdCallArgs, n_r)));
+    align(64);
+    L(l_r);
+    body();
+    add(reg_wei, static_cast<uint32_t>(sp_.s * kTapBytes));
+    add(reg_src0, arg(offsetof(AmxFwdCallArgs, src_r_stride)));
+    if (sp_.n_a == 2) add(reg_src1, arg(offsetof(AmxFwdCallArgs, src_r_stride)));
+    dec(reg_cnt_r);
+    jnz(l_r, T_NEAR);
+  }
+
+  // Every kernel column of one kernel row. Each load goes as late as possible after the
+  // last product that read its tile: A0, B0, C00, B1, C01, A1, C10, C11.
+  void compute_kernel_row() {
+    for (int col = 0; col < sp_.s; ++col) {
+      const int wdisp = col * kTapBytes;
+      const int sdisp = col * sp_.dil_w * kRowBytes;
+      tileloadd(tmm_a(0), ptr[reg_src0 + reg_px + sdisp]);
+      for (int b = 0; b < sp_.n_b; ++b) {
+        tileloadd(tmm_b(b), ptr[reg_wei + reg_row64 + wdisp + b * kTileBytes]);
+        tdpbf16ps(tmm_c(0, b), tmm_a(0), tmm_b(b));
+      }
+      if (sp_.n_a == 2) {
+        tileloadd(tmm_a(1), ptr[reg_src1 + reg_px + sdisp]);
+        for (int b = 0; b < sp_.n_b; ++b) tdpbf16ps(tmm_c(1, b), tmm_a(1), tmm_b(b));
+      }
+    }
+  }
+
+  void store_c_tiles() {
+    for (int a = 0; a < sp_.n_a; ++a)
+      for (int b = 0; b < sp_.n_b; ++b) tilestored(ptr[rsp + reg_row64 + (a * 2 + b) * kTileBytes], tmm_c(a, b));
+  }
+
+  void load_epilogue_args(int a) {
+    mov(reg_dst, arg(offsetof(AmxFwdCallArgs, dst) + 8 * a));
+    if (sp_.post.add) mov(reg_res, arg(offsetof(AmxFwdCallArgs, res) + 8 * a));
+    if (sp_.post.bias) mov(reg_bias, arg(offsetof(AmxFwdCallArgs, bias)));
+    lea(reg_c, ptr[rsp + a * 2 * kTileBytes]);
+    vpxord(zmm_zero, zmm_zero, zmm_zero);
+  }
+
+  // Tile a's rows, each stored where its bit of the mask is set, the destination moving
+  // on by the rows stored.
+  void store_rows(int a) {
+    load_epilogue_args(a);
+    mov(reg_rows, arg(offsetof(AmxFwdCallArgs, rows) + 8 * a));
+    for (int row = 0; row < sp_.m; ++row) {
+      Label l_not_stored;
+      bt(reg_rows, row);
+      jnc(l_not_stored, T_NEAR);
+      store_row(row);
+      add(reg_dst, kAmxBlock * out_bytes());
+      if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
+      L(l_not_stored);
+    }
+  }
+
+  // One pixel's 32 output channels: the post-ops, in their order, and the store.
+  void store_row(int row) {
+    const bool bf16 = sp_.out_dt == DataType::bf16;
+    const int half_bytes = 16 * out_bytes();
+    const int c_disp = row * kRowBytes;
+    for (int b = 0; b < 2; ++b) {
+      if (b >= sp_.n_b) {
+        if (bf16) vmovups(ptr[reg_dst + b * half_bytes], Ymm(zmm_zero.getIdx()));
+        else vmovups(ptr[reg_dst + b * half_bytes], zmm_zero);
+        continue;
+      }
+      const Zmm acc = zmm_out(b);
+      vmovups(acc, ptr[reg_c + c_disp + b * kTileBytes]);
+      if (sp_.post.bias) vaddps(acc, acc, ptr[reg_bias + b * 64]);
+      if (sp_.post.add) {
+        if (bf16) {
+          vpmovzxwd(zmm_tmp, ptr[reg_res + b * half_bytes]);
+          vpslld(zmm_tmp, zmm_tmp, 16);
+          vaddps(acc, acc, zmm_tmp);
+        } else {
+          vaddps(acc, acc, ptr[reg_res + b * half_bytes]);
+        }
+      }
+      // max(0, x) with x second, so NaN propagates as torch.relu does.
+      if (sp_.post.relu) vmaxps(acc, zmm_zero, acc);
+      if (bf16) {
+        vcvtneps2bf16(Ymm(acc.getIdx()), acc);
+        vmovups(ptr[reg_dst + b * half_bytes], Ymm(acc.getIdx()));
+      } else {
+        vmovups(ptr[reg_dst + b * half_bytes], acc);
+      }
+    }
+  }
+
+  AmxFwdKernelSpec sp_;
+};
+
+// Palette 1: C tiles tmm0-3 and A tiles tmm4-5 of m rows, B tiles tmm6-7 of 16; every
+// row 64 bytes.
+class AmxTileConfig : public JitGenerator {
+ public:
+  explicit AmxTileConfig(int m) : JitGenerator("amx_tilecfg_m" + std::to_string(m), 4096), m_(m) {
+    if (m < 1 || m > kAmxMaxRows) throw std::invalid_argument("amx tile config: rows must be in [1, 16]");
+  }
+
+ private:
+  void generate() override {
+    sub(rsp, 64);
+    for (int i = 0; i < 8; ++i) mov(qword[rsp + i * 8], 0);
+    mov(byte[rsp], 1);
+    for (int t = 0; t < 8; ++t) {
+      mov(word[rsp + 16 + 2 * t], kRowBytes);
+      mov(byte[rsp + 48 + t], t < 6 ? m_ : 16);
+    }
+    ldtilecfg(ptr[rsp]);
+    add(rsp, 64);
+    ret();
+  }
+  int m_;
+};
+
+class AmxTileRelease : public JitGenerator {
+ public:
+  AmxTileRelease() : JitGenerator("amx_tilerelease", 4096) {}
+
+ private:
+  void generate() override {
+    tilerelease();
+    ret();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<JitGenerator> make_amx_fwd_kernel(const AmxFwdKernelSpec& spec) {
+  return std::make_unique<AmxFwdKernel>(spec);
+}
+std::unique_ptr<JitGenerator> make_amx_tile_config_kernel(int m) { return std::make_unique<AmxTileConfig>(m); }
+std::unique_ptr<JitGenerator> make_amx_tile_release_kernel() { return std::make_unique<AmxTileRelease>(); }
+
+}  // namespace dc
