@@ -5,8 +5,6 @@
 //   conv <problem> <min_seconds>   seconds per call of the bf16 forward (1 thread, bf16 out,
 //                                  no post-ops), the median of calls timed for min_seconds
 // A problem is planned and its kernels generated at its first command.
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,6 +19,7 @@
 #include <vector>
 
 #include "conv/bf16_fwd.h"
+#include "jit/isa.h"
 #include "jit/jit_kernel.h"
 
 using namespace dc;
@@ -107,7 +106,7 @@ void fill_problem(const std::string& text, Problem* out) {
 }  // namespace
 
 int main() {
-  if (!amx_bf16_supported() || syscall(SYS_arch_prctl, 0x1023, 18) != 0) {
+  if (!tiles_usable()) {
     std::printf("error: no AMX bf16 here (or the OS refused tile data)\n");
     return 1;
   }

@@ -1,6 +1,5 @@
 #include "jit/amx_fwd_kernel.h"
 
-#include <cpuid.h>
 
 #include <cstddef>
 #include <cstring>
@@ -14,20 +13,6 @@ std::string AmxFwdKernelSpec::name() const {
   o << "bf16_conv_fwd_kw" << s << "d" << dil_w << "_m" << m << "a" << n_a << "b" << n_b << "_o" << dtype_name(out_dt)
     << post.name() << "__amx";
   return o.str();
-}
-
-bool amx_bf16_supported() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool tile = d & (1u << 24), amx_bf16 = d & (1u << 22), avx512f = b & (1u << 16);
-  if (!tile || !amx_bf16 || !avx512f) return false;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;  // AVX512_BF16
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;        // OSXSAVE
-  unsigned lo, hi;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  const uint64_t xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
-  const uint64_t need = (7u << 5) | (3u << 1) | (3ull << 17);  // opmask and zmm, sse/avx, tile cfg and data
-  return (xcr0 & need) == need;
 }
 
 uint16_t bf16_from_float(float x) {

@@ -83,10 +83,6 @@ using AmxTileFn = void (*)();
 std::unique_ptr<JitGenerator> make_amx_tile_config_kernel(int m);  // amx_tilecfg_m16
 std::unique_ptr<JitGenerator> make_amx_tile_release_kernel();      // amx_tilerelease
 
-// Whether this CPU has AMX tiles and bf16 (CPUID) and the OS enables their state (XCR0).
-// Linux additionally grants tile data per process (ARCH_REQ_XCOMP_PERM).
-bool amx_bf16_supported();
-
 // bf16 <-> fp32 as the kernels round: to nearest even, NaN kept quiet, and (as
 // vcvtneps2bf16) denormal inputs become zeros of their sign.
 uint16_t bf16_from_float(float x);

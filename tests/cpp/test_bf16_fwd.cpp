@@ -3,7 +3,6 @@
 // pages: ResNet-50's kinds of layers and random awkward shapes (channel tails, padding,
 // strides, dilation, tiny maps), both output types, the post-ops, one and two threads.
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -16,6 +15,7 @@
 
 #include "check.h"
 #include "conv/bf16_fwd.h"
+#include "jit/isa.h"
 #include "conv/reference.h"
 
 using namespace dc;
@@ -274,13 +274,9 @@ void bad_plans() {
 }  // namespace
 
 int main() {
-  if (!amx_bf16_supported()) {
-    std::printf("skipping test_bf16_fwd: this CPU has no AMX bf16\n");
-    return 0;
-  }
-  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: the library will ask for it itself.
-  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {
-    std::printf("skipping test_bf16_fwd: the OS refused AMX tile data\n");
+  // The AMX level needs the CPU's tiles and the OS's permission for tile data (asked once).
+  if (!tiles_usable()) {
+    std::printf("skipping test_bf16_fwd: this process cannot use AMX tiles (level %s)\n", isa_name(detected_isa()));
     return 0;
   }
   dc_test::rng().seed(10);
