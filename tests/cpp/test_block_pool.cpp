@@ -99,14 +99,16 @@ void miss_keeps_the_mapped_memory_bounded() {
 }
 
 void threads_share_the_pool() {
+  // Without the pool's lock this crashed or corrupted the pool in most runs.
+  constexpr int kThreads = 8, kCalls = 20000;
   BlockPool pool(4096 * kPage);
   std::atomic<int> bad{0};
   std::vector<std::thread> threads;
   // Each thread frees what another made, as autograd's threads do.
-  std::vector<std::vector<std::pair<void*, int64_t>>> made(4);
-  for (int t = 0; t < 4; ++t)
+  std::vector<std::vector<std::pair<void*, int64_t>>> made(kThreads);
+  for (int t = 0; t < kThreads; ++t)
     threads.emplace_back([&, t] {
-      for (int i = 0; i < 2000; ++i) {
+      for (int i = 0; i < kCalls; ++i) {
         int64_t got = 0;
         const int64_t pages = 1 + (i * 7 + t) % 13;
         auto* p = static_cast<unsigned char*>(pool.allocate(pages * kPage, &got));
@@ -119,14 +121,14 @@ void threads_share_the_pool() {
     });
   for (auto& th : threads) th.join();
   threads.clear();
-  for (int t = 0; t < 4; ++t)
+  for (int t = 0; t < kThreads; ++t)
     threads.emplace_back([&, t] {
-      for (auto& b : made[(t + 1) % 4]) pool.release(b.first, b.second);
+      for (auto& b : made[(t + 1) % kThreads]) pool.release(b.first, b.second);
     });
   for (auto& th : threads) th.join();
   const dc::BlockPoolStats s = pool.stats();
   CHECK(bad == 0, "a block was handed out twice at once");
-  CHECK(s.in_use_bytes == 0 && s.hits + s.misses == 8000, "in use %lld, requests %lld",
+  CHECK(s.in_use_bytes == 0 && s.hits + s.misses == kThreads * kCalls, "in use %lld, requests %lld",
         static_cast<long long>(s.in_use_bytes), static_cast<long long>(s.hits + s.misses));
   CHECK(s.hits > 0, "nothing was reused");
 }
