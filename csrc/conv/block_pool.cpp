@@ -86,7 +86,8 @@ void BlockPool::release(void* ptr, int64_t block_bytes) {
     stats_.in_use_bytes -= block_bytes;
     // Past the cap the freed block itself goes: a step that frees more than the cap then still
     // finds the blocks held before it (dropping the oldest would make every step map them again).
-    if (stats_.held_bytes + block_bytes > stats_.cap_bytes) {
+    // So does a block of more than an eighth of the cap: one huge output is not left resident.
+    if (stats_.held_bytes + block_bytes > stats_.cap_bytes || block_bytes > stats_.cap_bytes / kMaxBlockDiv) {
       returned.push_back({ptr, block_bytes});
       ++stats_.released_blocks;
     } else {

@@ -15,7 +15,8 @@
 //     weight gradients are freed at zero_grad while the forward maps its activations): with
 //     1.5x, ResNet-50 steps map nothing after the first, with 1.25x they still do;
 //   - at most cap_bytes() are kept (TORCH_DIRECTCONV_POOL_MB, default 1024): a block freed
-//     past it goes back to the OS.
+//     past it goes back to the OS, as does one larger than an eighth of the cap (a single huge
+//     output stays resident no longer than it lives).
 // One mutex guards the pool (a ForkSafeMutex: fork() never copies it held); system calls run
 // outside it. The process-wide pool is made at load and never destroyed, so a tensor freed
 // during static destruction, or on any thread, still has a pool to go back to.
@@ -49,6 +50,8 @@ class BlockPool {
   static constexpr int64_t kSlackDiv = 16;
   // A miss keeps the mapped memory within the in-use peak plus 1/kMissHeadroomDiv of it.
   static constexpr int64_t kMissHeadroomDiv = 2;
+  // Blocks of more than 1/kMaxBlockDiv of the cap are never kept.
+  static constexpr int64_t kMaxBlockDiv = 8;
 
   explicit BlockPool(int64_t cap_bytes);
   ~BlockPool();

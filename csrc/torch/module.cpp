@@ -104,7 +104,8 @@ PYBIND11_MODULE(_C, m) {
         "The tensor pool's counters (conv/block_pool.h): bytes and blocks held for reuse, bytes in use, the most "
         "ever mapped, hits, misses, blocks returned to the OS, the cap and the smallest tensor it takes.");
   m.def(
-      "set_pool_mb", [](double mb) { dc::tensor_block_pool().set_cap_bytes(static_cast<int64_t>(std::max(0.0, mb) * 1024 * 1024)); },
+      "set_pool_mb",
+      [](double mb) { dc::tensor_block_pool().set_cap_bytes(static_cast<int64_t>(std::max(0.0, mb) * 1024 * 1024)); },
       "The cap of the tensor pool's held blocks (TORCH_DIRECTCONV_POOL_MB); blocks past it go back to the OS.");
   m.def(
       "empty_pool", [] { dc::tensor_block_pool().empty(); },

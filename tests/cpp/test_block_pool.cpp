@@ -15,7 +15,7 @@ namespace {
 constexpr int64_t kPage = BlockPool::kPage;
 
 void reuse_by_size_lifo() {
-  BlockPool pool(64 * kPage);
+  BlockPool pool(1024 * kPage);
   int64_t a_bytes = 0, b_bytes = 0, c_bytes = 0;
   void* a = pool.allocate(10 * kPage - 100, &a_bytes);
   void* b = pool.allocate(10 * kPage, &b_bytes);
@@ -36,7 +36,7 @@ void reuse_by_size_lifo() {
 }
 
 void slack_is_bounded() {
-  BlockPool pool(1024 * kPage);
+  BlockPool pool(2048 * kPage);
   int64_t bytes = 0, got = 0;
   void* big = pool.allocate(160 * kPage, &bytes);
   pool.release(big, bytes);
@@ -54,20 +54,24 @@ void slack_is_bounded() {
 }
 
 void cap_is_honoured() {
-  BlockPool pool(25 * kPage);
-  std::vector<std::pair<void*, int64_t>> blocks(4);
-  for (auto& b : blocks) b.first = pool.allocate(10 * kPage, &b.second);
+  BlockPool pool(100 * kPage);
+  std::vector<std::pair<void*, int64_t>> blocks(10);
+  for (auto& b : blocks) b.first = pool.allocate(12 * kPage, &b.second);
   for (auto& b : blocks) pool.release(b.first, b.second);
   dc::BlockPoolStats s = pool.stats();
-  CHECK(s.held_bytes == 20 * kPage && s.held_blocks == 2, "at most the cap is held: %lld",
-        static_cast<long long>(s.held_bytes));
+  CHECK(s.held_bytes == 96 * kPage && s.held_blocks == 8, "at most the cap is held: %lld pages",
+        static_cast<long long>(s.held_bytes / kPage));
   CHECK(s.released_blocks == 2, "the blocks past the cap went back to the OS: %lld",
         static_cast<long long>(s.released_blocks));
+  pool.empty();
   int64_t got = 0;
-  void* huge = pool.allocate(30 * kPage, &got);
-  pool.release(huge, got);
+  void* big = pool.allocate(13 * kPage, &got);
+  pool.release(big, got);
   s = pool.stats();
-  CHECK(s.held_bytes <= 25 * kPage, "a block larger than the cap is not held");
+  CHECK(s.held_bytes == 0, "a block of more than an eighth of the cap is not held");
+  void* fits = pool.allocate(12 * kPage, &got);
+  pool.release(fits, got);
+  CHECK(pool.stats().held_blocks == 1, "a block of an eighth of the cap is held");
   pool.set_cap_bytes(0);
   CHECK(pool.stats().held_bytes == 0, "a cap of zero holds nothing");
 }
