@@ -8,7 +8,7 @@ See README.md for the blocked API, the environment variables and the benchmark.
 """
 
 from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
-from ._backend import isa, isa_levels, jit_stats, vector_width
+from ._backend import empty_cache, isa, isa_levels, jit_stats, pool_stats, vector_width
 from .blocked import (
     conv2d_blocked,
     conv2d_blocked_stats,
@@ -31,6 +31,7 @@ __all__ = [
     "conv2d_blocked",
     "conv2d_blocked_stats",
     "convert",
+    "empty_cache",
     "explain",
     "from_blocked",
     "from_blocked_weight",
@@ -39,6 +40,7 @@ __all__ = [
     "jit_stats",
     "op_times",
     "optimize",
+    "pool_stats",
     "to_blocked",
     "to_blocked_weight",
     "vector_width",

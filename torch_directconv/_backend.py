@@ -127,3 +127,20 @@ def jit_stats() -> dict:
     stats["fallbacks"] = _fallbacks + stats.get("aten_fallbacks", 0)
     stats["isa"] = isa()
     return stats
+
+
+def pool_stats() -> dict:
+    """The tensor pool's counters: the memory the ops' outputs, saved tensors and gradients come from.
+
+    'held_bytes' / 'held_blocks' are kept for reuse, 'in_use_bytes' back live tensors, 'peak_bytes'
+    is the most ever mapped at once; 'hits' are requests served by a held block, 'misses' by fresh
+    pages; 'released_blocks' went back to the OS; 'cap_bytes' bounds what is held
+    (TORCH_DIRECTCONV_POOL_MB) and 'min_bytes' is the smallest tensor the pool takes.
+    """
+    return dict(_C.pool_stats()) if _C is not None else {}
+
+
+def empty_cache() -> None:
+    """Returns every block the tensor pool holds to the OS. Tensors in use keep their memory."""
+    if _C is not None:
+        _C.empty_pool()

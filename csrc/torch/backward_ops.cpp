@@ -9,6 +9,7 @@
 #include "conv/scratch.h"
 #include "jit/isa.h"
 #include "ops.h"
+#include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -89,7 +90,7 @@ Tensor backward_data_jit(const Tensor& grad_output, const Tensor& weight, at::In
     if (!ph.empty() && !jit_takes(ph.sub)) return Tensor();
   const int V = dc::vlen(jit_isa());
   const int64_t cb = dc::div_up(cg, V), kb = dc::div_up(kg, V);
-  Tensor out = at::empty(input_size, grad_output.options().memory_format(output_format(
+  Tensor out = new_tensor(input_size, grad_output.options().memory_format(output_format(
                                          grad_output, weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast)));
   if (d.n == 0) return out;
   const int64_t dy_group = d.n * kb * P * Q * V, dx_group = d.n * cb * d.h * d.w * V;
@@ -136,7 +137,7 @@ Tensor backward_weight_jit(const Tensor& grad_output, const Tensor& input, at::I
   if (!dc::groups_fit_blocks(groups, kg, cg, V)) return Tensor();
   ConvDesc d = make_desc(op, input.size(0), cg, input.size(2), input.size(3), kg, weight_size[2], weight_size[3],
                          stride, padding, dilation);
-  Tensor out = at::empty(weight_size, grad_output.options());
+  Tensor out = new_tensor(weight_size, grad_output.options());
   if (d.n == 0) return out.zero_();
   const int nt = num_threads();
   const int64_t P = d.p(), Q = d.q(), cb = dc::div_up(cg, V), kb = dc::div_up(kg, V);
@@ -183,7 +184,7 @@ Tensor backward_data_any_path(const Tensor& grad_output, const Tensor& weight, a
   if (Tensor gi = backward_data_jit(grad_output, weight, input_size, stride, padding, dilation, groups); gi.defined())
     return gi;
   // Only the input's shape matters for this gradient.
-  Tensor input = at::empty(input_size, grad_output.options());
+  Tensor input = new_tensor(input_size, grad_output.options());
   return std::get<0>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, true, false));
 }
 
@@ -210,11 +211,11 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   // No input or no output channels: an empty or zero gradient (and torch's forward then
   // gives an output of 0 channels, whatever the weight says).
   if (input_size.size() == 4 && (input_size[1] == 0 || weight.size(0) == 0))
-    return at::zeros(input_size, grad_output.options()).contiguous(format);
+    return new_zeros(input_size, grad_output.options()).contiguous(format);
   const ConvDesc d = backward_desc(op, grad_output, input_size, weight.sizes(), stride, padding, dilation, groups);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
-    Tensor input = at::empty(input_size, grad_output.options());
+    Tensor input = new_tensor(input_size, grad_output.options());
     return std::get<0>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, true, false))
         .contiguous(format);
   }
@@ -232,14 +233,14 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
   check_backward_args(op, grad_output, input, stride, padding, dilation, groups);
   check_float_cpu(input, op, "input");
   if (weight_size.size() == 4 && (input.size(1) == 0 || weight_size[0] == 0))
-    return at::zeros(weight_size, grad_output.options());
+    return new_zeros(weight_size, grad_output.options());
   const ConvDesc d = backward_desc(op, grad_output, input.sizes(), weight_size, stride, padding, dilation, groups);
   if (!jit_takes(d))
     ++aten_fallbacks;
   else if (Tensor gw = backward_weight_jit(grad_output, input, weight_size, stride, padding, dilation, groups);
            gw.defined())
     return gw;
-  Tensor weight = at::empty(weight_size, grad_output.options());
+  Tensor weight = new_tensor(weight_size, grad_output.options());
   return std::get<1>(aten_backward(grad_output, input, weight, stride, padding, dilation, groups, false, true))
       .contiguous();
 }

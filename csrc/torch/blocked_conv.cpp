@@ -18,6 +18,7 @@
 #include "conv/scratch.h"
 #include "jit/isa.h"
 #include "ops.h"
+#include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -158,7 +159,7 @@ Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::opti
   validated(op, d);
   if (res.defined()) check_residual({d.n, bc.kb, d.p(), d.q(), bc.V});
   Tensor x = input.contiguous();
-  Tensor out = at::empty({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
+  Tensor out = new_tensor({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
   auto handle = dc::get_fwd_handle(d, jit_isa(), num_threads(), fwd_options(bc.bias.defined(), res.defined(), relu));
   run_blocked_fwd(bc, *handle, x, weight,
                   {bc.bias.defined() ? bc.bias.data_ptr<float>() : nullptr, res.defined() ? res.data_ptr<float>() : nullptr},
@@ -193,8 +194,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, con
   }
   validated(op, d);
   Tensor x = input.contiguous();
-  Tensor out = at::empty({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
-  Tensor mean = at::empty({channels}, input.options()), var = at::empty({channels}, input.options());
+  Tensor out = new_tensor({d.n, bc.kb, d.p(), d.q(), bc.V}, input.options());
+  Tensor mean = new_tensor({channels}, input.options()), var = new_tensor({channels}, input.options());
   if (d.n == 0) return {out, mean.fill_(NAN), var.fill_(NAN)};
   dc::FwdPlanOptions options = fwd_options(bc.bias.defined(), false, false);
   options.post.stats = true;
@@ -256,7 +257,7 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   check_blocked_grad_output(op, grad_output, d, kb, V);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
-    Tensor input = at::empty({d.n, d.c, d.h, d.w}, grad_output.options());
+    Tensor input = new_tensor({d.n, d.c, d.h, d.w}, grad_output.options());
     Tensor w = kcrs ? padded_out_channels(weight, kb, V) : unblock_weight(weight).narrow(1, 0, d.c);
     return block(std::get<0>(aten_backward(unblock(grad_output, kb * V), input, w, stride, padding, dilation, 1, true,
                                            false)),
@@ -264,7 +265,7 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
   }
   validated(op, d);
   Tensor gy = grad_output.contiguous(), w = kcrs ? weight : weight.contiguous();
-  Tensor out = at::empty(input_size, gy.options());
+  Tensor out = new_tensor(input_size, gy.options());
   const float* wp = w.data_ptr<float>();
   auto ws = strides4(w);
   const int64_t k = w.size(0);
@@ -314,13 +315,13 @@ Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& i
   check_blocked_grad_output(op, grad_output, d, kb, V);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
-    Tensor weight = at::empty({kb * V, d.c, d.r, d.s}, grad_output.options());
+    Tensor weight = new_tensor({kb * V, d.c, d.r, d.s}, grad_output.options());
     Tensor gw = std::get<1>(aten_backward(unblock(grad_output, kb * V), unblock(input, d.c), weight, stride, padding,
                                           dilation, 1, false, true));
     return kcrs ? gw.narrow(0, 0, weight_size[0]).contiguous() : block_weight(gw, V);
   }
   validated(op, d);
-  Tensor out = at::empty(weight_size, input.options());
+  Tensor out = new_tensor(weight_size, input.options());
   if (d.n == 0) return out.zero_();
   Tensor x = input.contiguous(), gy = grad_output.contiguous();
   if (kcrs) {

@@ -13,6 +13,7 @@
 #include "conv/blocked_eltwise.h"
 #include "conv/blocked_pool.h"
 #include "jit/isa.h"
+#include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -91,7 +92,7 @@ dc::PoolDesc pool_desc(const char* op, const dc::BlockedShape& in, at::IntArrayR
 }
 
 Tensor blocked_like(const Tensor& t, const dc::BlockedShape& s) {
-  return at::empty({s.n, s.cb(), s.h, s.w, s.v}, t.options());
+  return new_tensor({s.n, s.cb(), s.h, s.w, s.v}, t.options());
 }
 
 }  // namespace
@@ -102,7 +103,7 @@ std::tuple<Tensor, Tensor> bn_stats_blocked(const Tensor& xb, int64_t channels) 
   const char* op = "bn_stats_blocked";
   const dc::BlockedShape s = blocked_shape(op, "xb", xb, channels);
   Tensor x = xb.contiguous();
-  Tensor mean = at::empty({channels}, xb.options()), var = at::empty({channels}, xb.options());
+  Tensor mean = new_tensor({channels}, xb.options()), var = new_tensor({channels}, xb.options());
   const int nt = threads_for(x.numel());
   const int64_t size = dc::bn_stats_partial_size(s);
   std::vector<double> partials(nt * size);
@@ -205,10 +206,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_backward_blocked(const Tensor& gra
   a.eps = eps;
   a.train = train;
   // Gradients not asked for are empty (0,) tensors, never computed.
-  const Tensor none = at::empty({0}, xb.options());
+  const Tensor none = new_tensor({0}, xb.options());
   Tensor gx = output_mask[0] ? blocked_like(xb, a.shape) : none;
-  Tensor gw = output_mask[1] ? at::empty({channels}, xb.options()) : none;
-  Tensor gb = output_mask[2] ? at::empty({channels}, xb.options()) : none;
+  Tensor gw = output_mask[1] ? new_tensor({channels}, xb.options()) : none;
+  Tensor gb = output_mask[2] ? new_tensor({channels}, xb.options()) : none;
   Tensor gr = output_mask[3] ? blocked_like(xb, a.shape) : none;
   a.grad_x = output_mask[0] ? gx.data_ptr<float>() : nullptr;
   a.grad_weight = output_mask[1] ? gw.data_ptr<float>() : nullptr;
@@ -284,7 +285,7 @@ Tensor avg_pool2d_blocked_backward(const Tensor& grad_output, at::IntArrayRef in
                                    at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                                    bool count_include_pad, c10::optional<int64_t> divisor_override, int64_t channels) {
   const char* op = "avg_pool2d_blocked_backward";
-  Tensor gx = at::empty(input_size, grad_output.options());
+  Tensor gx = new_tensor(input_size, grad_output.options());
   const dc::PoolDesc d =
       pool_desc(op, blocked_shape(op, "input_size", gx, channels), kernel_size, stride, padding, {1, 1}, ceil_mode);
   const dc::AvgPoolOpts o = avg_opts(op, count_include_pad, divisor_override);
@@ -300,7 +301,7 @@ Tensor avg_pool2d_blocked_backward(const Tensor& grad_output, at::IntArrayRef in
 Tensor global_avg_pool_blocked(const Tensor& xb, int64_t channels) {
   const char* op = "global_avg_pool_blocked";
   const dc::BlockedShape s = blocked_shape(op, "xb", xb, channels);
-  Tensor x = xb.contiguous(), y = at::empty({s.n, channels}, xb.options());
+  Tensor x = xb.contiguous(), y = new_tensor({s.n, channels}, xb.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   run_shares(threads_for(x.numel()), [&](int tid, int n) { dc::global_avg_pool_fwd_share(s, xp, yp, tid, n); });
@@ -309,7 +310,7 @@ Tensor global_avg_pool_blocked(const Tensor& xb, int64_t channels) {
 
 Tensor global_avg_pool_blocked_backward(const Tensor& grad_output, at::IntArrayRef input_size, int64_t channels) {
   const char* op = "global_avg_pool_blocked_backward";
-  Tensor gx = at::empty(input_size, grad_output.options());
+  Tensor gx = new_tensor(input_size, grad_output.options());
   const dc::BlockedShape s = blocked_shape(op, "input_size", gx, channels);
   check_float_cpu(grad_output, op, "grad_output");
   TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == s.n && grad_output.size(1) == channels, op,

@@ -6,6 +6,7 @@
 
 #include "conv/paths.h"
 #include "jit/isa.h"
+#include "tensor_pool.h"
 
 namespace dc_torch {
 
@@ -128,6 +129,13 @@ Tensor unpack_weight(const Tensor& packed, int64_t kg, int64_t cg) {
 
 // The blocked layouts and back, for the blocked ops' geometries that torch's convolution
 // takes: (N, Cb, H, W, V) <-> (N, C, H, W), and (Kb, Cb, R, S, V(c), V(k)) <-> (K, C, R, S).
+namespace {
+
+// A contiguous copy of a view, in a tensor of the pool.
+Tensor copy_to_new(const Tensor& view) { return new_tensor(view.sizes(), view.options()).copy_(view); }
+
+}  // namespace
+
 Tensor unblock(const Tensor& xb, int64_t channels) {
   return xb.permute({0, 1, 4, 2, 3}).reshape({xb.size(0), xb.size(1) * xb.size(4), xb.size(2), xb.size(3)})
       .narrow(1, 0, channels);
@@ -135,10 +143,9 @@ Tensor unblock(const Tensor& xb, int64_t channels) {
 
 Tensor block(const Tensor& x, int64_t V) {
   const int64_t cb = dc::div_up(x.size(1), V);
-  return at::constant_pad_nd(x, {0, 0, 0, 0, 0, cb * V - x.size(1)})
-      .view({x.size(0), cb, V, x.size(2), x.size(3)})
-      .permute({0, 1, 3, 4, 2})
-      .contiguous();
+  return copy_to_new(at::constant_pad_nd(x, {0, 0, 0, 0, 0, cb * V - x.size(1)})
+                         .view({x.size(0), cb, V, x.size(2), x.size(3)})
+                         .permute({0, 1, 3, 4, 2}));
 }
 
 Tensor unblock_weight(const Tensor& wb) {
@@ -148,10 +155,9 @@ Tensor unblock_weight(const Tensor& wb) {
 
 Tensor block_weight(const Tensor& w, int64_t V) {
   const int64_t kb = dc::div_up(w.size(0), V), cb = dc::div_up(w.size(1), V);
-  return at::constant_pad_nd(w, {0, 0, 0, 0, 0, cb * V - w.size(1), 0, kb * V - w.size(0)})
-      .view({kb, V, cb, V, w.size(2), w.size(3)})
-      .permute({0, 2, 4, 5, 3, 1})
-      .contiguous();
+  return copy_to_new(at::constant_pad_nd(w, {0, 0, 0, 0, 0, cb * V - w.size(1), 0, kb * V - w.size(0)})
+                         .view({kb, V, cb, V, w.size(2), w.size(3)})
+                         .permute({0, 2, 4, 5, 3, 1}));
 }
 
 // Bias padded with zeros to kb * V, as the kernels read whole blocks.
@@ -161,7 +167,7 @@ Tensor padded_bias(const c10::optional<Tensor>& bias, int64_t k, int64_t padded,
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == k, op, ": expected 'bias' of shape (", k, "), got ",
               bias->sizes());
   if (padded == k && bias->is_contiguous()) return *bias;
-  Tensor b = at::zeros({padded}, bias->options());
+  Tensor b = new_zeros({padded}, bias->options());
   b.narrow(0, 0, k).copy_(*bias);
   return b;
 }

@@ -11,6 +11,7 @@
 #include "conv/scratch.h"
 #include "jit/isa.h"
 #include "ops.h"
+#include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -26,7 +27,7 @@ Tensor pack_weight(const Tensor& weight, int64_t groups) {
   const int V = dc::vlen(jit_isa());
   if (is_depthwise(weight, groups)) {
     const int64_t c = weight.size(0), r = weight.size(2), s = weight.size(3);
-    Tensor out = at::empty({dc::div_up(c, V), r, s, V}, weight.options());
+    Tensor out = new_tensor({dc::div_up(c, V), r, s, V}, weight.options());
     auto st = strides4(weight);
     run_shares(num_threads(), [&](int tid, int nt) {
       dc::reorder_dw_weight_to_blocked(weight.data_ptr<float>(), st.data(), c, r, s, V, out.data_ptr<float>(), tid, nt);
@@ -35,7 +36,7 @@ Tensor pack_weight(const Tensor& weight, int64_t groups) {
   }
   const int64_t kg = weight.size(0) / groups, c = weight.size(1), r = weight.size(2), s = weight.size(3);
   const int64_t kb = dc::div_up(kg, V), cb = dc::div_up(c, V);
-  Tensor out = at::empty({groups, kb, cb, r, s, V, V}, weight.options());
+  Tensor out = new_tensor({groups, kb, cb, r, s, V, V}, weight.options());
   auto st = strides4(weight);
   const float* src = weight.data_ptr<float>();
   float* dst = out.data_ptr<float>();
@@ -62,7 +63,7 @@ Tensor depthwise_packed(const Tensor& input, const Tensor& weight, const c10::op
                          padding, dilation);
   const int64_t cb = weight.size(0), P = d.p(), Q = d.q();
   Tensor b = padded_bias(bias, c, cb * V, op);
-  Tensor out = at::empty({d.n, c, P, Q}, input.options().memory_format(output_format(input, channels_last)));
+  Tensor out = new_tensor({d.n, c, P, Q}, input.options().memory_format(output_format(input, channels_last)));
   if (d.n == 0) return out;
   float* src_blk = scratch(dc::kScratchSrc, d.n * cb * d.h * d.w * V);
   float* dst_blk = scratch(dc::kScratchDst, d.n * cb * P * Q * V);
@@ -97,10 +98,10 @@ Tensor conv2d_via_blocks(const Tensor& input, const ConvDesc& d, int64_t groups,
   if (b.defined() && groups == 1 && kg == kb * V) {
     bias_blk = b;  // whole blocks already (padded_bias made it contiguous)
   } else if (b.defined()) {
-    bias_blk = at::zeros({groups, kb * V}, b.options());
+    bias_blk = new_zeros({groups, kb * V}, b.options());
     bias_blk.narrow(1, 0, kg).copy_(b.view({groups, kg}));
   }
-  Tensor out = at::empty({d.n, out_channels, P, Q}, input.options().memory_format(output_format(input, channels_last)));
+  Tensor out = new_tensor({d.n, out_channels, P, Q}, input.options().memory_format(output_format(input, channels_last)));
   if (d.n == 0) return out;
   auto handle = dc::get_fwd_handle(d, jit_isa(), num_threads(), fwd_options(b.defined(), false, relu));
   auto xs = strides4(input), ys = strides4(out);
@@ -169,7 +170,7 @@ Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::opt
                          padding, dilation);
   if (!dc::nchw_1x1_applies(d, isa)) return Tensor();
   Tensor b = padded_bias(bias, k, k, "conv2d");
-  Tensor out = at::empty({d.n, k, d.h, d.w}, input.options());
+  Tensor out = new_tensor({d.n, k, d.h, d.w}, input.options());
   if (b.defined()) out.copy_(b.view({1, k, 1, 1}).expand_as(out));  // the kernels add to it
   auto prim = dc::get_fwd_nchw_1x1_primitive(d, isa, num_threads(), b.defined(), relu);
   const int nt = prim->plan.threads;

@@ -4,6 +4,7 @@
 #include "common.h"
 #include "conv/reorder.h"
 #include "ops.h"
+#include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -14,7 +15,7 @@ Tensor to_blocked(const Tensor& x, int64_t vlen) {
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D 'x' (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16, got ", vlen);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  Tensor out = at::empty({n, dc::div_up(c, vlen), h, w, vlen}, x.options());
+  Tensor out = new_tensor({n, dc::div_up(c, vlen), h, w, vlen}, x.options());
   auto st = strides4(x);
   run_shares(num_threads(), [&](int tid, int nt) {
     dc::reorder_to_blocked(x.data_ptr<float>(), st.data(), n, c, h, w, static_cast<int>(vlen), out.data_ptr<float>(),
@@ -32,7 +33,7 @@ Tensor from_blocked(const Tensor& xb, int64_t channels) {
   TORCH_CHECK(channels > (xb.size(1) - 1) * v && channels <= xb.size(1) * v, op, ": 'channels' (", channels,
               ") does not fit ", xb.size(1), " blocks of ", v);
   Tensor x = xb.contiguous();
-  Tensor out = at::empty({xb.size(0), channels, xb.size(2), xb.size(3)}, xb.options());
+  Tensor out = new_tensor({xb.size(0), channels, xb.size(2), xb.size(3)}, xb.options());
   auto st = strides4(out);
   run_shares(num_threads(), [&](int tid, int nt) {
     dc::reorder_from_blocked(x.data_ptr<float>(), xb.size(0), channels, xb.size(2), xb.size(3), static_cast<int>(v),
@@ -47,7 +48,7 @@ Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
   TORCH_CHECK(w.dim() == 4, op, ": expected a 4-D 'w' (K, C, R, S), got shape ", w.sizes());
   TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16, got ", vlen);
   const int64_t k = w.size(0), c = w.size(1), r = w.size(2), s = w.size(3);
-  Tensor out = at::empty({dc::div_up(k, vlen), dc::div_up(c, vlen), r, s, vlen, vlen}, w.options());
+  Tensor out = new_tensor({dc::div_up(k, vlen), dc::div_up(c, vlen), r, s, vlen, vlen}, w.options());
   auto st = strides4(w);
   run_shares(num_threads(), [&](int tid, int nt) {
     dc::reorder_weight_to_blocked(w.data_ptr<float>(), st.data(), k, c, r, s, static_cast<int>(vlen),
@@ -69,7 +70,7 @@ Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c) {
   TORCH_CHECK(c > (wb.size(1) - 1) * v && c <= wb.size(1) * v, op, ": 'c' (", c, ") does not fit ", wb.size(1),
               " blocks of ", v);
   Tensor src = wb.contiguous();
-  Tensor out = at::empty({k, c, wb.size(2), wb.size(3)}, wb.options());
+  Tensor out = new_tensor({k, c, wb.size(2), wb.size(3)}, wb.options());
   auto st = strides4(out);
   run_shares(num_threads(), [&](int tid, int nt) {
     dc::reorder_weight_from_blocked(src.data_ptr<float>(), k, c, wb.size(2), wb.size(3), static_cast<int>(v),

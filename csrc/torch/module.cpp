@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "conv/block_pool.h"
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
 #include "conv/paths.h"
@@ -20,6 +21,7 @@
 #include "jit/peak_kernel.h"
 #include "op_timers.h"
 #include "ops.h"
+#include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
@@ -87,6 +89,22 @@ pybind11::dict jit_stats() {
   return d;
 }
 
+pybind11::dict pool_stats() {
+  const dc::BlockPoolStats s = dc::tensor_block_pool().stats();
+  pybind11::dict d;
+  d["held_bytes"] = s.held_bytes;
+  d["held_blocks"] = s.held_blocks;
+  d["in_use_bytes"] = s.in_use_bytes;
+  d["peak_bytes"] = s.peak_bytes;
+  d["in_use_peak_bytes"] = s.in_use_peak_bytes;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["released_blocks"] = s.released_blocks;
+  d["cap_bytes"] = s.cap_bytes;
+  d["min_bytes"] = kPoolMinBytes;
+  return d;
+}
+
 std::string fwd_plan(const std::string& problem, int64_t threads) {
   return dc::get_fwd_primitive(dc::parse_conv_desc(problem), jit_isa(), static_cast<int>(threads), fwd_options())
       ->plan.to_string();
@@ -129,6 +147,16 @@ PYBIND11_MODULE(_C, m) {
       "set_scratch_mb", [](double mb) { dc::set_scratch_cap_bytes(static_cast<int64_t>(std::max(0.0, mb) * 1024 * 1024)); },
       "The cap of the scratch kept between calls over all threads (TORCH_DIRECTCONV_SCRATCH_MB); buffers past it "
       "are returned to the OS at the end of their call.");
+  m.def("pool_stats", &dc_torch::pool_stats,
+        "The tensor pool's counters (conv/block_pool.h): bytes and blocks held for reuse, bytes in use, the most "
+        "ever mapped, hits, misses, blocks returned to the OS, the cap and the smallest tensor it takes.");
+  m.def(
+      "set_pool_mb",
+      [](double mb) { dc::tensor_block_pool().set_cap_bytes(static_cast<int64_t>(std::max(0.0, mb) * 1024 * 1024)); },
+      "The cap of the tensor pool's held blocks (TORCH_DIRECTCONV_POOL_MB); blocks past it go back to the OS.");
+  m.def(
+      "empty_pool", [] { dc::tensor_block_pool().empty(); },
+      "Returns every block the tensor pool holds to the OS; tensors in use keep theirs.");
   m.def("clear_cache", [] {
     dc::clear_fwd_primitives();
     dc::clear_dw_primitives();
