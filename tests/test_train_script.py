@@ -318,7 +318,8 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
-def test_clear_errors(tmp_path, capsys, one_thread):
+def test_clear_errors(tmp_path, capsys, one_thread, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output-dir
     missing = tmp_path / "nowhere"
     code, err = _run_cli([str(missing)], capsys)
     assert code == 2 and f"DATA/train: no folder '{missing / 'train'}'" in err
@@ -375,6 +376,8 @@ def test_clear_errors(tmp_path, capsys, one_thread):
         capsys,
     )
     assert code == 2 and "holds a 'resnet18' model, but -a/--arch is 'resnet10_tiny'" in err
+    # A run refused at its start writes no log.
+    assert not (tmp_path / "log.txt").exists() and not (tmp_path / "o" / "log.txt").exists()
 
 
 def test_lr_schedules():

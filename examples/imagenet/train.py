@@ -261,16 +261,20 @@ class Context:
         self.out = Path(args.output_dir)
         self.main = self.rank == 0
         self.log_file = None
+        self.logging = False
 
     def open_log(self) -> None:
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.log_file = open(self.out / "log.txt", "a")  # kept open for the run
+        # The file is made at the first line, so a run refused at its start (a bad flag or
+        # path) leaves no empty log.txt behind.
+        self.logging = self.main
 
     def log(self, line: str) -> None:
         if self.main:
             print(line, flush=True)
-            if self.log_file is not None:
+            if self.logging:
+                if self.log_file is None:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    self.log_file = open(self.out / "log.txt", "a")  # kept open for the run
                 self.log_file.write(line + "\n")
                 self.log_file.flush()
 
