@@ -435,8 +435,53 @@ def run_example(ex: Example, set_threads: Callable) -> None:
     if not compare_outcomes(grads, want_grads, "backward"):
         return
     kinds = (("input", InputGradMismatch), ("weight", WeightGradMismatch), ("bias", BiasGradMismatch))
-    for (name, kind), a, e in zip(kinds, grads[0], want_grads[0], strict=False):
-        expect_close(kind, a, e, None, f"gradient of the {name}")
+    for i, ((name, kind), a, e) in enumerate(zip(kinds, grads[0], want_grads[0], strict=False)):
+        try:
+            expect_close(kind, a, e, None, f"gradient of the {name}")
+        except kind:
+            torch_fp32 = fp32_torch_gradient(ex, x, w, b, grad, i)
+            if torch_fp32 is not None and not grad_close(torch_fp32, e) and grad_close(a, torch_fp32):
+                # tdc gives what float32 torch gives, as a user runs it: where that is not float64
+                # torch's, the reference is torch's own error (a channels_last weight of some
+                # grouped geometries, whose input gradient oneDNN gets wrong), not tdc's.
+                raise UnreliableReference(f"float32 torch's gradient of the {name} is not float64 torch's") from None
+            raise
+
+
+def torch_alone(ex: Example) -> None:
+    """Float32 torch on ex's tensors, forward and backward, as a user runs it (oneDNN on), its
+    errors ignored: whether torch itself survives the example."""
+    g = torch.Generator().manual_seed(ex.seed)
+    x, w = make_input(ex, g), make_weight(ex, g)
+    b = torch.randn(ex.k, generator=g) if ex.bias else None
+    leaves = [None if t is None else t.detach().requires_grad_(ex.backward) for t in (x, w, b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = attempt(lambda: forward(ex, *leaves, ours=False))
+        if out[1] is None and ex.backward and out[0][1]:
+            y = out[0][0]
+            attempt(lambda: torch.autograd.grad(y, out[0][1], torch.ones_like(y)))
+
+
+def grad_close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    try:
+        assert_grad_close(got, want.to(got.dtype), "gradient")
+    except AssertionError:
+        return False
+    return True
+
+
+def fp32_torch_gradient(ex: Example, x, w, b, grad: torch.Tensor, i: int) -> torch.Tensor | None:
+    """Float32 torch's gradient of leaf i (as a user runs it, oneDNN on), or None where it raises."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = attempt(lambda: forward(ex, *leaves, ours=False))
+        if out[1] is not None:
+            return None
+        y, ref_leaves, _ = out[0]
+        grads = attempt(lambda: torch.autograd.grad(y, ref_leaves, grad))
+    return None if grads[1] is not None or i >= len(grads[0]) else grads[0][i]
 
 
 def check_on_fresh_threads(ex: Example) -> None:
@@ -522,11 +567,26 @@ class Child:
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # answer() says how the child ended
-        kind, message = self.answer(EXAMPLE_TIMEOUT, call)
+        try:
+            kind, message = self.answer(EXAMPLE_TIMEOUT, call)
+        except (Crashed, Hung):
+            # Where float32 torch alone, as a user runs it, crashes or hangs too (a SIGFPE on
+            # some huge dilations under 'same' padding), tdc's fallback to it cannot do better.
+            if check is not torch_alone and args and isinstance(args[0], Example) and self.torch_fails(args[0]):
+                reject()
+            raise
         if kind == UnreliableReference.__name__:
             reject()
         if kind:
             raise failure_type(kind)(message)
+
+    def torch_fails(self, ex: Example) -> bool:
+        """Whether float32 torch alone crashes or hangs on ex (in a fresh child)."""
+        try:
+            self.run(torch_alone, ex)
+        except (Crashed, Hung):
+            return True
+        return False
 
     def answer(self, timeout: float, call: str) -> list:
         proc = self.proc
