@@ -200,7 +200,7 @@ def print_jit_and_peaks(tdc, res: Results, isa: str) -> None:
     print(
         "FMA peak (GFLOP/s): "
         + ", ".join(f"{t}T {p:.1f} ({res.busy[t]:.2f} CPUs busy)" for t, p in res.peaks.items())
-        + f", {isa}"
+        + f", fp32 kernels {tdc._C.fp32_isa()} (level {isa})"
     )
 
 
