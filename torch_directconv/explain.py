@@ -132,7 +132,8 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     mode = "train" if opt.training else "eval"
     lines.append(
         f"{type(opt._engine.root).__name__}, {mode} mode, input {', '.join(str(tuple(x.shape)) for x in inputs)}, "
-        f"{torch.get_num_threads()} thread(s), ISA {_backend.isa()}: forward {1e3 * total:.2f} ms "
+        f"{torch.get_num_threads()} thread(s), fp32 kernels {_backend._C.fp32_isa()} (level {_backend.isa()}): "
+        f"forward {1e3 * total:.2f} ms "
         f"(sum of the steps' medians over {runs} run(s))"
     )
     lines.append(
