@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_directconv import _C
 
@@ -184,3 +185,16 @@ def describe(proc: subprocess.CompletedProcess) -> str:
     return (
         f"child process ended with {how}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
     )
+
+
+class OpLog(TorchDispatchMode):
+    """The names of the directconv ops that run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "directconv":
+            self.names.append(func._opname)
+        return func(*args, **(kwargs or {}))

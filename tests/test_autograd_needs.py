@@ -16,24 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_directconv as tdc
 from torch_directconv import blocked_ops
-from helpers import requires_jit
+from helpers import OpLog, requires_jit
 
 pytestmark = requires_jit
 
 ops = torch.ops.directconv
-
-
-class OpLog(TorchDispatchMode):
-    """The names of the directconv ops that run under it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "directconv":
-            self.names.append(func._opname)
-        return func(*args, **(kwargs or {}))
 
 
 def _blocked(relu: bool, bias: bool):

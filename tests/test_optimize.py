@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import torch_directconv as tdc
-from helpers import REPO, requires_jit
+from helpers import REPO, OpLog, requires_jit
 from torch_directconv import _graph, _steps, blocked_ops
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -352,19 +352,6 @@ def test_train_twice_cumulative_momentum() -> None:
         _close(opt(x), ref(x.double()), 1e-4, "eval output after training")
 
 
-class _DirectconvOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """The names of the directconv ops dispatched meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "directconv":
-            self.names.append(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
 def test_training_step_has_no_weight_layout_pass() -> None:
     """In training the convolutions take their (K, C, R, S) weights and pack them within the
     call, and their weight gradients come back as (K, C, R, S): no packing pass before them
@@ -372,7 +359,7 @@ def test_training_step_has_no_weight_layout_pass() -> None:
     model = _init_bn(ResNet18ish()).train()
     opt = tdc.optimize(model)
     x = torch.randn(2, 3, 32, 32)
-    with _DirectconvOps() as seen:
+    with OpLog() as seen:
         opt(x).sum().backward()
     # conv -> batch norm in training: the statistics come from the convolution's epilogue.
     assert "conv2d_blocked_backward_weight" in seen.names and "conv2d_blocked_stats" in seen.names
@@ -381,7 +368,7 @@ def test_training_step_has_no_weight_layout_pass() -> None:
     opt.eval()
     with torch.no_grad():
         opt(x)
-        with _DirectconvOps() as seen:
+        with OpLog() as seen:
             opt(x)
     assert "conv2d_blocked" in seen.names and "to_blocked_weight" not in seen.names, sorted(set(seen.names))
 
