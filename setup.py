@@ -26,7 +26,7 @@ def xbyak_include_dir() -> str:
 
 sources = sorted(
     os.path.relpath(p, HERE)
-    for pattern in ("csrc/conv/*.cpp", "csrc/jit/*.cpp", "csrc/torch/*.cpp")
+    for pattern in ("csrc/conv/*.cpp", "csrc/dist/*.cpp", "csrc/jit/*.cpp", "csrc/torch/*.cpp")
     for p in glob.glob(os.path.join(HERE, pattern))
 )
 

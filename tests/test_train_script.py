@@ -142,13 +142,17 @@ DUMMY = [
 ]
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, one_thread):
+@pytest.mark.parametrize("allreduce", ["shm", pytest.param("backend", marks=pytest.mark.slow)])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, one_thread, allreduce):
     """4 steps of a global batch of 16: 2 processes x 8 hold identical parameters after every
-    step, equal to those of 1 process x 16; only rank 0 writes."""
-    procs = _start_ranks(tmp_path, ["-a", "no_bn_net", *DUMMY])
+    step, equal to those of 1 process x 16; only rank 0 writes. The gradients are all-reduced
+    through shared memory (the default) or by gloo."""
+    procs = _start_ranks(tmp_path, ["-a", "no_bn_net", *DUMMY, "--allreduce", allreduce])
     results = _finish(procs, timeout=240)
     for rank, (code, _, err) in enumerate(results):
         assert code == 0, f"rank {rank} failed:\n{err}"
+    summary = json.loads((tmp_path / "out0" / "summary.json").read_text())
+    assert summary["allreduce"] == ("shm" if allreduce == "shm" else "gloo")
     p0, p1 = (torch.load(tmp_path / f"params{r}.pt") for r in (0, 1))
     assert p0.shape[0] == 4
     for step in range(4):

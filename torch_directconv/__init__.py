@@ -8,6 +8,7 @@ See README.md for the blocked API, the environment variables and the benchmark.
 """
 
 from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
+from . import distributed
 from ._backend import empty_cache, isa, isa_levels, jit_stats, pool_stats, vector_width
 from .blocked import (
     conv2d_blocked,
@@ -31,6 +32,7 @@ __all__ = [
     "conv2d_blocked",
     "conv2d_blocked_stats",
     "convert",
+    "distributed",
     "empty_cache",
     "explain",
     "from_blocked",

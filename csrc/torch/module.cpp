@@ -16,6 +16,7 @@
 #include "conv/paths.h"
 #include "conv/scratch.h"
 #include "conv/upd_conv.h"
+#include "dist/shm_allreduce.h"
 #include "jit/isa.h"
 #include "jit/kernel_cache.h"
 #include "jit/peak_kernel.h"
@@ -230,4 +231,24 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("problem"), pybind11::arg("threads") = 1,
       "The weight-update plan of a benchdnn problem string: its tile, rows per block and minibatch parts.");
   dc_torch::register_op_timers(m);
+
+  // torch_directconv.distributed's transport; the rendezvous and the fallback are Python's.
+  py::class_<dc::ShmAllReduce>(m, "ShmAllReduce")
+      .def(py::init<const std::string&, int, int, int64_t, double>(), py::arg("name"), py::arg("rank"),
+           py::arg("world"), py::arg("chunk_elems"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def("unlink", &dc::ShmAllReduce::unlink)
+      .def(
+          "allreduce_mean_",
+          [](dc::ShmAllReduce& self, const at::Tensor& t, double divisor) {
+            TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                        "ShmAllReduce.allreduce_mean_: expected a contiguous float32 CPU tensor, got ", t.scalar_type(),
+                        " on ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+            self.allreduce_mean(t.data_ptr<float>(), t.numel(), static_cast<float>(divisor), at::get_num_threads(),
+                                dc_torch::torch_shares());
+          },
+          py::arg("tensor"), py::arg("divisor"), py::call_guard<py::gil_scoped_release>(),
+          "tensor <- (the sum over the ranks of their tensor) / divisor, in place, the same bits on every rank.")
+      .def_property_readonly("rank", &dc::ShmAllReduce::rank)
+      .def_property_readonly("world", &dc::ShmAllReduce::world)
+      .def_property_readonly("chunk_elems", &dc::ShmAllReduce::chunk_elems);
 }

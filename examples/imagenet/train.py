@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dist-backend", default="gloo", help="torch.distributed backend (default: gloo)")
     p.add_argument(
+        "--allreduce",
+        choices=("shm", "backend"),
+        default="shm",
+        help="the gradients' all-reduce: shm, through shared memory when every process runs on this host (else "
+        "as backend); backend, the process group's all_reduce (default: shm)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=300.0,
@@ -281,20 +288,26 @@ class Context:
 
 class AllReduceTimer:
     """A DDP communication hook that all-reduces each gradient bucket as DDP does (the mean over
-    the processes) and records how long each all-reduce took, from its launch to its completion."""
+    the processes), through `reduce` (a tdc.distributed.ShmAllReduce: shared memory between the
+    processes of one host) or, without one, the process group's all_reduce; it records how long
+    each all-reduce took, from its launch to its completion."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, reduce=None) -> None:
         self.world = world
+        self.reduce = reduce
         self.spans: list[tuple[float, float]] = []
 
-    def hook(self, _state, bucket):  # unannotated: DDP rejects the string annotations of this module
+    def hook(self, state, bucket):  # unannotated: DDP rejects the string annotations of this module
         start = time.perf_counter()
-        buf = bucket.buffer().div_(self.world)
-        fut = dist.all_reduce(buf, async_op=True).get_future()
+        if self.reduce is not None:
+            fut = self.reduce.hook(state, bucket)
+        else:
+            buf = bucket.buffer().div_(self.world)
+            fut = dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
         def done(f: torch.futures.Future) -> torch.Tensor:
             self.spans.append((start, time.perf_counter()))
-            return f.value()[0]
+            return f.value()
 
         return fut.then(done)
 
@@ -547,11 +560,18 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
     inner = apply_impl(model, args)
     if args.compile:
         inner = torch.compile(inner)
-    net, timer = inner, None
+    net, timer, reduce = inner, None, None
     if ctx.world > 1:
         # The gradients are views of DDP's buckets: no copy into the buckets and back per step.
         net = DistributedDataParallel(inner, gradient_as_bucket_view=True)
-        timer = AllReduceTimer(ctx.world)
+        if args.allreduce == "shm":
+            import torch_directconv as tdc
+
+            reduce = tdc.distributed.ShmAllReduce(timeout=args.dist_timeout)
+            if reduce.reason is not None:
+                ctx.log(f"=> gradients all-reduced by {reduce.transport}: {reduce.reason}")
+                reduce = None
+        timer = AllReduceTimer(ctx.world, reduce)
         net.register_comm_hook(None, timer.hook)
 
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -571,6 +591,8 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
         "machine": machine_info(args, ctx),
         "model_parameters": sum(p.numel() for p in model.parameters()),
+        # How the gradients were all-reduced: "shm" (shared memory) or the process group's backend.
+        "allreduce": None if ctx.world == 1 else ("shm" if reduce is not None else dist.get_backend()),
         "start_epoch": start_epoch,
         "epochs": [],
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -673,7 +695,7 @@ def main(argv: list[str] | None = None, on_step: OnStep | None = None) -> dict:
 def _is_collective_error(e: BaseException) -> bool:
     """An error of torch.distributed or of gloo, raised in a collective: DDP's broadcasts and
     all-reduces raise gloo's own RuntimeError (from DDP's code, or from the backward)."""
-    if isinstance(e, dist.DistError) or "gloo" in str(e):
+    if isinstance(e, dist.DistError) or "gloo" in str(e) or "torch_directconv shm all-reduce" in str(e):
         return True
     places = (os.path.join("torch", "distributed", ""), os.path.join("torch", "nn", "parallel", ""))
     return any(p in f.filename for f in traceback.extract_tb(e.__traceback__) for p in places)
