@@ -3,7 +3,9 @@
 
   optimize      --impl optimize, 1 process x T threads
   torch CL      --impl torch --channels-last, 1 process x T threads
-  DDP 2x1       --impl optimize under torchrun, 2 processes x 1 thread (same global batch)
+  DDP 2x1       --impl optimize under torchrun, 2 processes x 1 thread (same global batch), the
+                gradients all-reduced through shared memory (--allreduce shm, the default)
+  DDP 2x1 gloo  the same, all-reduced by gloo over TCP (--allreduce backend)
 
 Every variant is a whole run of the script (its own process, kernels generated in its first
 step), interleaved round by round, so a disturbance of a shared machine falls on all alike. The
@@ -68,13 +70,19 @@ def run(variant: str, args: argparse.Namespace, out: Path) -> dict:
             "optimize",
             "--threads",
             "1",
+            "--allreduce",
+            "backend" if variant == "ddp_2x1_gloo" else "shm",
         ]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"train_targets: {variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    want = {"ddp_2x1": "shm", "ddp_2x1_gloo": "gloo"}.get(variant)
+    if summary.get("allreduce") != want:
+        sys.exit(f"train_targets: {variant} all-reduced by {summary.get('allreduce')!r}, not {want!r}")
+    return summary
 
 
 def main() -> None:
@@ -88,8 +96,8 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         nargs="+",
-        default=["optimize", "torch_cl", "ddp_2x1"],
-        choices=["optimize", "torch_cl", "ddp_2x1"],
+        default=["optimize", "torch_cl", "ddp_2x1", "ddp_2x1_gloo"],
+        choices=["optimize", "torch_cl", "ddp_2x1", "ddp_2x1_gloo"],
     )
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args()
@@ -104,7 +112,7 @@ def main() -> None:
             )
             step_ms = 1000 * args.batch / e["img_per_s_median_step"]
             print(
-                f"round {r} {v:9} {e['img_per_s_median_step']:7.2f} img/s (median step {step_ms:.0f} ms{extra}), "
+                f"round {r} {v:12} {e['img_per_s_median_step']:7.2f} img/s (median step {step_ms:.0f} ms{extra}), "
                 f"CPU share {e['cpu_share']:.2f}, load {s['machine']['load_average'][0]:.1f}",
                 flush=True,
             )
@@ -114,14 +122,16 @@ def main() -> None:
         f"medians of {args.rounds} round(s):"
     )
     for v, x in speed.items():
-        print(f"  {v:9} {x:7.2f} img/s   CPU share {statistics.median(e['cpu_share'] for e in runs[v]):.2f}")
+        print(f"  {v:12} {x:7.2f} img/s   CPU share {statistics.median(e['cpu_share'] for e in runs[v]):.2f}")
     if "optimize" in speed and "torch_cl" in speed:
         print(f"  optimize / torch CL ({args.threads} threads): {speed['optimize'] / speed['torch_cl']:.2f}x")
-    if "optimize" in speed and "ddp_2x1" in speed:
-        print(f"  DDP 2x1 / 1x{args.threads}: {speed['ddp_2x1'] / speed['optimize']:.2f}x")
-        ar = statistics.median(e["allreduce_ms_median_step"] for e in runs["ddp_2x1"])
-        step = statistics.median(e["step_ms_median"] for e in runs["ddp_2x1"])
-        print(f"  gradient all-reduce in flight: {ar:.0f} ms of a {step:.0f} ms step (median)")
+    for v, how in (("ddp_2x1", "shared memory"), ("ddp_2x1_gloo", "gloo")):
+        if "optimize" not in speed or v not in speed:
+            continue
+        print(f"  {v} / 1x{args.threads} ({how}): {speed[v] / speed['optimize']:.2f}x")
+        ar = statistics.median(e["allreduce_ms_median_step"] for e in runs[v])
+        step = statistics.median(e["step_ms_median"] for e in runs[v])
+        print(f"    gradient all-reduce in flight: {ar:.0f} ms of a {step:.0f} ms step (median)")
 
 
 if __name__ == "__main__":

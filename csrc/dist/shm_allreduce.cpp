@@ -2,9 +2,10 @@
 
 #include <fcntl.h>
 #include <immintrin.h>
-#include <sched.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
@@ -46,6 +48,17 @@ bool process_alive(int pid) {
   return !(end && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X'));
 }
 
+// Shared (not process-private) futexes: the flags live in a segment mapped by several processes.
+void futex_wait(std::atomic<uint32_t>* word, uint32_t seen, const timespec* timeout) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, seen, timeout, nullptr, 0);
+}
+void futex_wake_all(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+// Whether a count of barriers has reached `step` (counts wrap around).
+bool reached(uint32_t count, uint32_t step) { return static_cast<int32_t>(count - step) >= 0; }
+
 // Slice k of a chunk of m floats: [bound(k), bound(k + 1)).
 int64_t bound(int64_t m, int k, int world) {
   if (k >= world) return m;
@@ -72,7 +85,8 @@ struct ShmAllReduce::Header {
   std::atomic<uint64_t> magic;
   int64_t world, chunk;
   struct alignas(64) Rank {
-    std::atomic<uint64_t> steps;  // barriers passed
+    std::atomic<uint32_t> steps;     // barriers passed (a futex word)
+    std::atomic<uint32_t> sleepers;  // ranks asleep on `steps`
     std::atomic<int32_t> pid;
   };
   Rank ranks[1];  // world of them: the header's size is the segment layout's business
@@ -154,28 +168,38 @@ float* ShmAllReduce::buffer(int rank, int which) const {
   return reinterpret_cast<float*>(static_cast<char*>(base_) + header + buf * (2 * rank + which));
 }
 
-void ShmAllReduce::arrive_and_wait(uint64_t step) {
-  header_->ranks[rank_].steps.store(step, std::memory_order_release);
+void ShmAllReduce::arrive_and_wait(uint64_t step64) {
+  const auto step = static_cast<uint32_t>(step64);
+  auto& me = header_->ranks[rank_];
+  // seq_cst store then load, against the sleeper's increment then load: either it sees the
+  // step, or this sees it and wakes it.
+  me.steps.store(step);
+  if (me.sleepers.load() > 0) futex_wake_all(&me.steps);
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
-  auto next_check = start + std::chrono::milliseconds(100);
   for (int k = 0; k < world_; ++k) {
     if (k == rank_) continue;
-    const auto& peer = header_->ranks[k];
-    for (uint64_t spins = 0; peer.steps.load(std::memory_order_acquire) < step; ++spins) {
-      if (spins < 20000) {  // about a millisecond
-        _mm_pause();
-        continue;
+    auto& peer = header_->ranks[k];
+    // A short spin: in a step's sums the ranks arrive within microseconds of each other.
+    for (int spins = 0; spins < 2000 && !reached(peer.steps.load(std::memory_order_acquire), step); ++spins)
+      _mm_pause();
+    while (true) {
+      uint32_t seen = peer.steps.load(std::memory_order_acquire);
+      if (reached(seen, step)) break;
+      // Asleep on the peer's flag, waking every 100 ms to see whether it is alive.
+      peer.sleepers.fetch_add(1);
+      seen = peer.steps.load();
+      if (!reached(seen, step)) {
+        const timespec tenth{0, 100'000'000};
+        futex_wait(&peer.steps, seen, &tenth);
       }
-      sched_yield();
-      const auto now = clock::now();
-      if (now < next_check) continue;
-      next_check = now + std::chrono::milliseconds(100);
+      peer.sleepers.fetch_sub(1);
+      if (reached(peer.steps.load(std::memory_order_acquire), step)) break;
       const int pid = peer.pid.load(std::memory_order_acquire);
       if (pid > 0 && !process_alive(pid))
         throw std::runtime_error("torch_directconv shm all-reduce: rank " + std::to_string(k) + " (pid " +
                                  std::to_string(pid) + ") has exited");
-      if (std::chrono::duration<double>(now - start).count() > timeout_s_)
+      if (std::chrono::duration<double>(clock::now() - start).count() > timeout_s_)
         throw std::runtime_error("torch_directconv shm all-reduce: rank " + std::to_string(k) +
                                  " did not arrive within the timeout (" + std::to_string(timeout_s_) + " s)");
     }

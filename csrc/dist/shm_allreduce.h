@@ -16,8 +16,10 @@
 // Chunks alternate between the two buffers: a rank writes a buffer again only two chunks
 // later, when every rank has passed step 4 of the chunk between, so no one still reads it.
 //
-// Arriving is a release store of the rank's flag (a count of the steps it has passed); waiting
-// spins on the others' flags, then yields. A rank that does not arrive within the timeout, or
+// Arriving is a store of the rank's flag (a count of the barriers it has passed); waiting spins
+// briefly on the others' flags, then sleeps on them (a futex, shared between the processes), so
+// that a rank that waits leaves the core to others: with more processes than cores a spinning
+// rank would take the time of the very peer it waits for. A rank that does not arrive within the timeout, or
 // whose process has exited, makes the wait throw std::runtime_error naming it, so the others
 // never hang on a dead peer.
 #pragma once
