@@ -4,7 +4,6 @@
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
-#include <tuple>
 
 #include "conv/reference.h"
 
@@ -48,13 +47,14 @@ std::string Bf16FwdPlan::to_string() const {
 
 namespace {
 
-// The runs of one image, of m pixels each. At stride 1 a run's rows are the virtual pixels v
-// of the padded map (row v / Wv, column v % Wv; columns >= Q are not stored).
-std::vector<Run> image_runs(const Bf16FwdPlan& p, int m) {
+// The runs of one image, of m pixels each. Flat (stride 1 only), a run's rows are the
+// virtual pixels v of the padded map (row v / Wv, column v % Wv; columns >= Q are not
+// stored); else each run stays within one output row.
+std::vector<Run> image_runs(const Bf16FwdPlan& p, bool flat, int m) {
   const ConvDesc& in = p.inner;
   const int64_t P = in.p(), Q = in.q();
   std::vector<Run> runs;
-  if (p.flat) {
+  if (flat) {
     const int64_t q_virtual = p.wp, total = (P - 1) * q_virtual + Q;
     for (auto [start, skip] : run_starts(total, m)) {
       int64_t rows = 0, first = -1;
@@ -84,25 +84,35 @@ double dot_call_cycles(int64_t steps, int px) {
   return steps * (std::max({static_cast<double>(accs), loads / 2.0, 12.0}) + 0.05 * loads) + 100 + 4.0 * accs;
 }
 
-// The (runs per call, pixels per run) of the avx512_bf16 kernels with the fewest estimated
-// cycles over an image's runs, within the register file.
-std::pair<int, int> choose_dot_tile(const Bf16FwdPlan& p, int pairs) {
+// The runs (flat or in rows: stride 1 may take either), runs per call and pixels per run
+// of the avx512_bf16 kernels with the fewest estimated cycles over an image's runs,
+// within the register file. Rows win where a row splits evenly (res5's 7 x 7 maps: 2 rows
+// of 7 a call, 49 pixels computed, against 63 of the flat map's 61 virtual ones); flat
+// wins where the rows are short and the map unpadded.
+struct DotTile {
+  bool flat;
+  int n_a, m;
+};
+DotTile choose_dot_tile(const Bf16FwdPlan& p, int pairs) {
   const ConvDesc& in = p.inner;
   const int64_t steps = p.cb * in.r * in.s * pairs;
-  const int64_t max_m = p.flat ? (in.p() - 1) * p.wp + in.q() : in.q();
-  std::pair<int, int> best{1, 1};
+  DotTile best{false, 1, 1};
   double best_cycles = 1e300;
-  for (int n_a = 1; n_a <= 2; ++n_a)
-    for (int m = 1; m <= std::min<int64_t>(max_m, 28); ++m) {
-      Avx512Bf16FwdKernelSpec sp;
-      sp.m = m;
-      sp.n_a = n_a;
-      if (avx512bf16_fwd_vector_registers(sp) > 32) continue;
-      const int64_t runs = static_cast<int64_t>(image_runs(p, m).size());
-      const double cycles =
-          (runs / n_a) * dot_call_cycles(steps, n_a * m) + (runs % n_a ? dot_call_cycles(steps, m) : 0.0);
-      if (cycles < best_cycles * 0.999) best_cycles = cycles, best = {n_a, m};
-    }
+  for (bool flat : {false, true}) {
+    if (flat && !p.flat) continue;
+    const int64_t max_m = flat ? (in.p() - 1) * p.wp + in.q() : in.q();
+    for (int n_a = 1; n_a <= 2; ++n_a)
+      for (int m = 1; m <= std::min<int64_t>(max_m, 28); ++m) {
+        Avx512Bf16FwdKernelSpec sp;
+        sp.m = m;
+        sp.n_a = n_a;
+        if (avx512bf16_fwd_vector_registers(sp) > 32) continue;
+        const int64_t runs = static_cast<int64_t>(image_runs(p, flat, m).size());
+        const double cycles =
+            (runs / n_a) * dot_call_cycles(steps, n_a * m) + (runs % n_a ? dot_call_cycles(steps, m) : 0.0);
+        if (cycles < best_cycles * 0.999) best_cycles = cycles, best = {flat, n_a, m};
+      }
+  }
   return best;
 }
 
@@ -141,16 +151,19 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   p.kb = div_up(in.k, kAmxBlock);
   p.hp = in.h + in.pad_t + in.pad_b;
   p.wp = in.w + in.pad_l + in.pad_r;
-  p.flat = in.stride_h == 1 && in.stride_w == 1;
+  p.flat = in.stride_h == 1 && in.stride_w == 1;  // AMX: always at stride 1
   // A single input block reads only its pairs that hold channels (conv1's folded 21 of 32).
   const int pairs = level == Isa::avx512_bf16 && p.cb == 1 ? static_cast<int>(div_up(in.c, 2)) : 16;
   if (level == Isa::amx) {
     p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, p.flat ? (P - 1) * p.wp + Q : Q));
     p.n_a = 2;
   } else {
-    std::tie(p.n_a, p.m) = choose_dot_tile(p, pairs);
+    const DotTile tile = choose_dot_tile(p, pairs);
+    p.flat = tile.flat;
+    p.n_a = tile.n_a;
+    p.m = tile.m;
   }
-  const std::vector<Run> runs = image_runs(p, p.m);
+  const std::vector<Run> runs = image_runs(p, p.flat, p.m);
 
   auto kernel_index = [&](int n_a, int n_b) {
     if (level == Isa::amx) {

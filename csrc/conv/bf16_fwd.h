@@ -10,8 +10,9 @@
 // On AMX, M = 16 (fewer only on maps smaller than that) and two runs make a call. At the
 // avx512_bf16 level a call's runs x M pixels x 32 output channels are its fp32
 // accumulators, one zmm per pixel and 16 channels, so n_a runs x M <= 14; the plan takes
-// the (n_a, M) whose calls cost the fewest estimated cycles over the layer (mostly: the
-// fewest pixels computed, overlaps and virtual columns included). A thread's stream
+// the runs (flat or in rows, at stride 1) and the (n_a, M) whose calls cost the fewest
+// estimated cycles over the layer (mostly: the fewest pixels computed, overlaps and
+// virtual columns included). A thread's stream
 // takes calls in (image, output block, pixels) order, so a block's weights stay in cache
 // while its pixels pass. Where the layer pads, the driver first copies the input into a
 // zero-bordered scratch, each thread its share, so that every tap is a plain load
@@ -64,7 +65,7 @@ struct Bf16FwdPlan {
   FwdPostOps post;
   int64_t cb = 0, kb = 0;        // blocks of 32 input and output channels
   int64_t hp = 0, wp = 0;        // the plane the kernels read: the copy's, or the input's
-  bool flat = false;             // stride 1: runs cross (virtual) row ends
+  bool flat = false;             // runs cross (virtual) row ends: AMX at stride 1; avx512_bf16 by cost
   int m = 16;                    // pixels per run, every run of the plan
   int n_a = 2;                   // runs per call (the last call of an image's block may have one)
   int64_t scratch_bytes = 0;     // the copy (0 for a direct input)

@@ -320,25 +320,32 @@ void plan_tiles() {
         amx.to_string().c_str());
   struct Want {
     const char* desc;
+    bool flat;
     int n_a, m, pairs;
   };
-  // avx512_bf16: 14 pixels a call where a row (or the flat map) divides well; 2 x 7 on the
-  // 7-pixel rows of res5a's stride 2 and the 7 x 7 maps (63 pixels computed of the 61
-  // virtual ones, against 70 in runs of 14); conv1, folded, reads its 11 pairs.
+  // avx512_bf16: 14 pixels a call in rows that split evenly (on an unpadded 1x1 the flat
+  // map runs in as many runs, and rows, found first, stay); 2 rows of 7 on the
+  // 7 x 7 maps and the 7-pixel rows of res5a's stride 2; conv1, folded, reads its 11 pairs.
   const Want want[] = {
-      {"mb1ic256ih56oc64oh56kh1ph0", 1, 14, 16},
-      {"mb1ic128ih56oc128oh28kh3sh2ph1", 1, 14, 16},
-      {"mb1ic256ih14oc512oh7kh3sh2ph1", 2, 7, 16},
-      {"mb1ic512ih7oc512oh7kh3ph1", 2, 7, 16},
-      {"mb1ic3ih224oc64oh112kh7sh2ph3", 1, 14, 11},
+      {"mb1ic64ih56oc64oh56kh3ph1", false, 1, 14, 16},
+      {"mb1ic256ih56oc64oh56kh1ph0", false, 1, 14, 16},
+      {"mb1ic128ih56oc128oh28kh3sh2ph1", false, 1, 14, 16},
+      {"mb1ic256ih14oc512oh7kh3sh2ph1", false, 2, 7, 16},
+      {"mb1ic512ih7oc512oh7kh3ph1", false, 2, 7, 16},
+      {"mb1ic3ih224oc64oh112kh7sh2ph3", false, 1, 14, 11},
   };
   for (const Want& w : want) {
     const Bf16FwdPlan p = plan(w.desc, Isa::avx512_bf16);
-    CHECK(p.n_a == w.n_a && p.m == w.m && p.kernels.empty() && !p.dot_kernels.empty() &&
+    CHECK(p.flat == w.flat && p.n_a == w.n_a && p.m == w.m && p.kernels.empty() && !p.dot_kernels.empty() &&
               p.dot_kernels[0].pairs == w.pairs,
-          "avx512_bf16 plan of %s: want %d runs of %d pixels and %d pairs, got %s", w.desc, w.n_a, w.m, w.pairs,
-          p.to_string().c_str());
+          "avx512_bf16 plan of %s: want %s runs of %d pixels, %d a call, %d pairs; got %s", w.desc,
+          w.flat ? "flat" : "row", w.m, w.n_a, w.pairs, p.to_string().c_str());
   }
+  // Flat where rows are short and the map unpadded: a 3 x 3 map in one call of 9 pixels,
+  // against two calls of rows (2 x 3 pixels, then 3).
+  const Bf16FwdPlan flat = plan("mb1ic64ih3oc64oh3kh1ph0", Isa::avx512_bf16);
+  CHECK(flat.flat && flat.m == 9 && flat.n_a == 1, "avx512_bf16 plan of a 3 x 3 1x1: want one flat run of 9, got %s",
+        flat.to_string().c_str());
 }
 
 }  // namespace
