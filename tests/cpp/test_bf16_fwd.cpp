@@ -343,6 +343,16 @@ void plan_tiles() {
   }
   // Flat where rows are short and the map unpadded: a 3 x 3 map in one call of 9 pixels,
   // against two calls of rows (2 x 3 pixels, then 3).
+  // Without a level the plan takes the active one, as TORCH_DIRECTCONV_ISA caps it.
+  ConvDesc d = parse_conv_desc("mb1ic64ih8oc64oh8kh3ph1");
+  d.dt = DataType::bf16;
+  for (Isa cap : {Isa::avx512_bf16, Isa::amx}) {
+    if (cap > detected_isa()) continue;
+    set_isa_cap(cap);
+    const Bf16FwdPlan p = make_bf16_fwd_plan(d, 1, DataType::bf16);
+    CHECK(p.level == cap, "the plan under the cap %s took the level %s", isa_name(cap), isa_name(p.level));
+  }
+  set_isa_cap(Isa::amx);
   const Bf16FwdPlan flat = plan("mb1ic64ih3oc64oh3kh1ph0", Isa::avx512_bf16);
   CHECK(flat.flat && flat.m == 9 && flat.n_a == 1, "avx512_bf16 plan of a 3 x 3 1x1: want one flat run of 9, got %s",
         flat.to_string().c_str());
