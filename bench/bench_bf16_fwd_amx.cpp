@@ -2,12 +2,22 @@
 // answers each with one number, so the script can interleave it with torch's convolution.
 //   peak <seconds>                 GFLOP/s of this core's tdpbf16ps loop (its own, 4 chains),
 //                                  the median of chunks of 4,000 products
-//   conv <problem> <min_seconds>   seconds per call of the bf16 forward (1 thread, bf16 out,
-//                                  no post-ops), the median of calls timed for min_seconds
+//   dotpeak <seconds>              GFLOP/s of the vdpbf16ps loop (jit/peak_kernel.h), the
+//                                  median of chunks of 64,000 instructions
+//   conv <problem> <min_seconds> [level]
+//                                  seconds per call of the bf16 forward (1 thread, bf16 out,
+//                                  no post-ops) at the level (amx, the default, or
+//                                  avx512_bf16), the median of calls timed for min_seconds
+//   fp32 <problem> <min_seconds>   the same for the project's fp32 forward on blocked
+//                                  tensors (NCHW16c, avx512 kernels, fp32 out, no post-ops)
+//   plan <problem> [level]         the bf16 plan's description
+//   clock wall|thread              time the samples that follow by wall time (the default)
+//                                  or by this thread's CPU time
 // A problem is planned and its kernels generated at its first command.
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cstdlib>
 #include <cstdio>
 #include <iostream>
@@ -15,12 +25,15 @@
 #include <memory>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "conv/bf16_fwd.h"
+#include "conv/drivers.h"
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
+#include "jit/peak_kernel.h"
 
 using namespace dc;
 
@@ -59,6 +72,17 @@ double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// What a sample is timed with (the `clock` command): wall time, or this thread's CPU time,
+// which leaves out the time the machine's other work held the core (a call longer than
+// the scheduler's slice is otherwise preempted in most samples on a busy machine).
+bool g_thread_clock = false;
+double sample_now() {
+  if (!g_thread_clock) return now();
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 // 64-byte aligned, as torch's tensors are: a tile row that straddled two cache lines
 // would cost two.
 template <typename T>
@@ -82,11 +106,11 @@ struct Problem {
   Aligned<uint8_t> dst, scratch;
 };
 
-void fill_problem(const std::string& text, Problem* out) {
+void fill_problem(const std::string& text, Isa level, Problem* out) {
   Problem& p = *out;
   ConvDesc d = parse_conv_desc(text);
   d.dt = DataType::bf16;
-  p.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, 1, DataType::bf16));
+  p.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, 1, DataType::bf16, {}, level));
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock);
@@ -103,68 +127,143 @@ void fill_problem(const std::string& text, Problem* out) {
   p.scratch.resize(p.prim->plan.scratch_bytes + 64);
 }
 
+// The fp32 forward of the same problem on blocked fp32 tensors, as the blocked model runs
+// it (the weights packed beforehand).
+struct Fp32Problem {
+  std::shared_ptr<const FwdHandle> handle;
+  Aligned<float> src, wei, dst;
+};
+
+void fill_fp32_problem(const std::string& text, Fp32Problem* out) {
+  Fp32Problem& p = *out;
+  ConvDesc d = parse_conv_desc(text);
+  d.dt = DataType::f32;
+  p.handle = get_fwd_handle(d, Isa::avx512, 1);
+  constexpr int V = 16;
+  const int64_t cb = div_up(d.c, V), kb = div_up(d.k, V);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  p.src.resize(d.n * cb * d.h * d.w * V);
+  for (size_t i = 0; i < p.src.size(); ++i)
+    p.src[i] = static_cast<int64_t>(i % V + (i / (d.h * d.w * V) % cb) * V) < d.c ? u(rng) : 0.f;
+  p.wei.resize(kb * cb * d.r * d.s * V * V);
+  for (size_t i = 0; i < p.wei.size(); ++i) p.wei[i] = u(rng);
+  p.dst.resize(d.n * kb * d.p() * d.q() * V);
+}
+
+Isa parse_level(const std::string& name) {
+  const Isa level = name.empty() ? Isa::amx : parse_isa(name);
+  if (level == Isa::amx && !tiles_usable()) throw std::runtime_error("no AMX tiles here (or the OS refused them)");
+  if (level > detected_isa()) throw std::runtime_error(name + " is above this CPU's level");
+  return level;
+}
+
+// Seconds per call of fn, the median of calls timed for min_seconds (at least 3).
+template <typename F>
+double time_calls(const F& fn, double min_seconds) {
+  fn();
+  std::vector<double> times;
+  const double t0 = now();
+  do {
+    const double a = sample_now();
+    fn();
+    times.push_back(sample_now() - a);
+  } while (now() - t0 < min_seconds || times.size() < 3);
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  return times[times.size() / 2];
+}
+
 }  // namespace
 
 int main() {
-  if (!tiles_usable()) {
-    std::printf("error: no AMX bf16 here (or the OS refused tile data)\n");
-    return 1;
-  }
   const RunShares serial = [](int n, const ShareFn& fn) {
     for (int t = 0; t < n; ++t) fn(t, n);
   };
-  auto peak_kernel = PeakLoop().build();
-  auto peak = peak_kernel->entry<void (*)(int64_t)>();
   std::map<std::string, Problem> problems;
+  std::map<std::string, Fp32Problem> fp32_problems;
+  std::unique_ptr<JitKernel> peak_kernel, dot_peak_kernel;
+  alignas(64) uint16_t dot_in[kDotPeakInElems] = {};
+  alignas(64) float dot_out[kDotPeakOutElems];
+  for (int i = 0; i < kDotPeakInElems; ++i) dot_in[i] = 0x3f80;  // 1.0
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
     std::string cmd;
     in >> cmd;
+    try {
     if (cmd == "peak") {
       // The median of short chunks, as the convolutions' samples are medians of calls: a
       // chunk that the machine's other work preempts does not count.
       double seconds = 0.05;
       in >> seconds;
+      if (!peak_kernel) parse_level("amx"), peak_kernel = PeakLoop().build();
+      auto peak = peak_kernel->entry<void (*)(int64_t)>();
       constexpr int64_t kChunk = 1000;
       peak(kChunk);
       std::vector<double> rates;
       const double t0 = now();
       do {
-        const double a = now();
+        const double a = sample_now();
         peak(kChunk);
-        rates.push_back(kChunk * 4 * 16384.0 / (now() - a) / 1e9);
+        rates.push_back(kChunk * 4 * 16384.0 / (sample_now() - a) / 1e9);
+      } while (now() - t0 < seconds);
+      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+      std::printf("%.1f\n", rates[rates.size() / 2]);
+    } else if (cmd == "dotpeak") {
+      double seconds = 0.05;
+      in >> seconds;
+      if (!dot_peak_kernel) parse_level("avx512_bf16"), dot_peak_kernel = make_bf16_dot_peak_kernel()->build();
+      auto dot_peak = dot_peak_kernel->entry<Bf16PeakKernelFn>();
+      constexpr int64_t kChunk = 1000;
+      dot_peak(kChunk, dot_in, dot_out);
+      std::vector<double> rates;
+      const double t0 = now();
+      do {
+        const double a = sample_now();
+        dot_peak(kChunk, dot_in, dot_out);
+        rates.push_back(kChunk * bf16_dot_peak_flops_per_iter() / (sample_now() - a) / 1e9);
       } while (now() - t0 < seconds);
       std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
       std::printf("%.1f\n", rates[rates.size() / 2]);
     } else if (cmd == "conv") {
+      std::string text, level_name;
+      double min_seconds = 0.05;
+      in >> text >> min_seconds >> level_name;
+      const Isa level = parse_level(level_name);
+      const std::string key = text + " " + isa_name(level);
+      auto it = problems.find(key);
+      if (it == problems.end()) it = problems.try_emplace(key).first, fill_problem(text, level, &it->second);
+      Problem& p = it->second;
+      std::printf("%.9f\n", time_calls([&] {
+        bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), serial);
+      }, min_seconds));
+    } else if (cmd == "fp32") {
       std::string text;
       double min_seconds = 0.05;
       in >> text >> min_seconds;
-      auto it = problems.find(text);
-      if (it == problems.end()) it = problems.try_emplace(text).first, fill_problem(text, &it->second);
-      Problem& p = it->second;
-      auto call = [&] {
-        bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), serial);
-      };
-      call();
-      std::vector<double> times;
-      const double t0 = now();
-      do {
-        const double a = now();
-        call();
-        times.push_back(now() - a);
-      } while (now() - t0 < min_seconds || times.size() < 3);
-      std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-      std::printf("%.9f\n", times[times.size() / 2]);
+      auto it = fp32_problems.find(text);
+      if (it == fp32_problems.end()) it = fp32_problems.try_emplace(text).first, fill_fp32_problem(text, &it->second);
+      Fp32Problem& p = it->second;
+      std::printf("%.9f\n", time_calls([&] {
+        run_fwd(*p.handle, p.src.data(), p.wei.data(), {}, p.dst.data(), 1, 0, 0, 0, 0, serial);
+      }, min_seconds));
+    } else if (cmd == "clock") {
+      std::string which;
+      in >> which;
+      if (which != "wall" && which != "thread") throw std::runtime_error("clock: expected wall or thread");
+      g_thread_clock = which == "thread";
+      std::printf("%d\n", g_thread_clock ? 1 : 0);
     } else if (cmd == "plan") {
-      std::string text;
-      in >> text;
+      std::string text, level_name;
+      in >> text >> level_name;
       ConvDesc d = parse_conv_desc(text);
       d.dt = DataType::bf16;
-      std::printf("%s\n", make_bf16_fwd_plan(d, 1, DataType::bf16).to_string().c_str());
+      std::printf("%s\n", make_bf16_fwd_plan(d, 1, DataType::bf16, {}, parse_level(level_name)).to_string().c_str());
     } else {
       std::printf("error: unknown command %s\n", cmd.c_str());
+    }
+    } catch (const std::exception& e) {
+      std::printf("error: %s\n", e.what());
     }
     std::fflush(stdout);
   }

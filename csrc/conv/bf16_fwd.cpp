@@ -35,16 +35,90 @@ std::vector<std::pair<int64_t, int64_t>> run_starts(int64_t total, int m) {
 
 std::string Bf16FwdPlan::to_string() const {
   std::ostringstream o;
-  o << "bf16 amx fwd " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt) << post.name()
-    << " m=" << m << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded       ? " padded"
+  o << "bf16 " << isa_name(level) << " fwd " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt) << post.name()
+    << " m=" << m << " runs/call=" << n_a << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded       ? " padded"
         : input == Bf16FwdInput::folded     ? " folded"
         : input == Bf16FwdInput::subsampled ? " subsampled"
                                             : "") << " kernels=";
   for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
+  for (size_t i = 0; i < dot_kernels.size(); ++i) o << (i ? "," : "") << dot_kernels[i].name();
   return o.str();
 }
 
-Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, const FwdPostOps& post) {
+namespace {
+
+// The runs of one image, of m pixels each. Flat (stride 1 only), a run's rows are the
+// virtual pixels v of the padded map (row v / Wv, column v % Wv; columns >= Q are not
+// stored); else each run stays within one output row.
+std::vector<Run> image_runs(const Bf16FwdPlan& p, bool flat, int m) {
+  const ConvDesc& in = p.inner;
+  const int64_t P = in.p(), Q = in.q();
+  std::vector<Run> runs;
+  if (flat) {
+    const int64_t q_virtual = p.wp, total = (P - 1) * q_virtual + Q;
+    for (auto [start, skip] : run_starts(total, m)) {
+      int64_t rows = 0, first = -1;
+      for (int64_t v = start + skip; v < start + m; ++v)
+        if (v % q_virtual < Q) {
+          rows |= int64_t{1} << (v - start);
+          if (first < 0) first = v;
+        }
+      if (rows) runs.push_back({start, (first / q_virtual) * Q + first % q_virtual, rows});
+    }
+  } else {
+    for (int64_t oh = 0; oh < P; ++oh)
+      for (auto [start, skip] : run_starts(Q, m))
+        runs.push_back({oh * in.stride_h * p.wp + start * in.stride_w, oh * Q + start + skip,
+                        ((int64_t{1} << m) - 1) & ~((int64_t{1} << skip) - 1)});
+  }
+  return runs;
+}
+
+// Estimated cycles of one vdpbf16ps step (a kernel column and a channel pair) of a call of
+// `px` pixels x 2 vectors, in vdpbf16ps issue slots: the products issue one a slot; loads
+// (two weight rows, a broadcast a pixel) two a slot; and a call of fewer than 12
+// accumulators counts as 12, covering the product's latency and the weight rows it reloads
+// from L2 for fewer products. A call also sets up and stores its accumulators.
+double dot_call_cycles(int64_t steps, int px) {
+  const int accs = 2 * px, loads = 2 + px;
+  return steps * (std::max({static_cast<double>(accs), loads / 2.0, 12.0}) + 0.05 * loads) + 100 + 4.0 * accs;
+}
+
+// The runs (flat or in rows: stride 1 may take either), runs per call and pixels per run
+// of the avx512_bf16 kernels with the fewest estimated cycles over an image's runs,
+// within the register file. Rows win where a row splits evenly (res5's 7 x 7 maps: 2 rows
+// of 7 a call, 49 pixels computed, against 63 of the flat map's 61 virtual ones); flat
+// wins where the rows are short and the map unpadded.
+struct DotTile {
+  bool flat;
+  int n_a, m;
+};
+DotTile choose_dot_tile(const Bf16FwdPlan& p, int pairs) {
+  const ConvDesc& in = p.inner;
+  const int64_t steps = p.cb * in.r * in.s * pairs;
+  DotTile best{false, 1, 1};
+  double best_cycles = 1e300;
+  for (bool flat : {false, true}) {
+    if (flat && !p.flat) continue;
+    const int64_t max_m = flat ? (in.p() - 1) * p.wp + in.q() : in.q();
+    for (int n_a = 1; n_a <= 2; ++n_a)
+      for (int m = 1; m <= std::min<int64_t>(max_m, 28); ++m) {
+        Avx512Bf16FwdKernelSpec sp;
+        sp.m = m;
+        sp.n_a = n_a;
+        if (avx512bf16_fwd_vector_registers(sp) > 32) continue;
+        const int64_t runs = static_cast<int64_t>(image_runs(p, flat, m).size());
+        const double cycles =
+            (runs / n_a) * dot_call_cycles(steps, n_a * m) + (runs % n_a ? dot_call_cycles(steps, m) : 0.0);
+        if (cycles < best_cycles * 0.999) best_cycles = cycles, best = {flat, n_a, m};
+      }
+  }
+  return best;
+}
+
+}  // namespace
+
+Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, const FwdPostOps& post, Isa level) {
   const std::string bad = d.validate();
   if (!bad.empty()) throw std::invalid_argument("bf16 fwd plan: " + bad);
   if (d.dt != DataType::bf16) throw std::invalid_argument("bf16 fwd plan: the description's element type must be bf16");
@@ -53,6 +127,9 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     throw std::invalid_argument("bf16 fwd plan: the output type must be f32 or bf16");
   if (post.stats) throw std::invalid_argument("bf16 fwd plan: the stats post-op is not supported");
   if (threads < 1) throw std::invalid_argument("bf16 fwd plan: threads must be >= 1, got " + std::to_string(threads));
+  if (level != Isa::amx && level != Isa::avx512_bf16)
+    throw std::invalid_argument(std::string("bf16 fwd plan: the level must be amx or avx512_bf16, got ") +
+                                isa_name(level));
   const int64_t P = d.p(), Q = d.q();
   if (P < 1 || Q < 1) throw std::invalid_argument("bf16 fwd plan: the kernel does not fit the padded input");
   if (d.s * d.dil_w > (1 << 20) || d.r > (1 << 20))
@@ -60,6 +137,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
 
   Bf16FwdPlan p;
   p.desc = d;
+  p.level = level;
   p.threads = threads;
   p.out_dt = out_dt;
   p.post = post;
@@ -73,45 +151,49 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   p.kb = div_up(in.k, kAmxBlock);
   p.hp = in.h + in.pad_t + in.pad_b;
   p.wp = in.w + in.pad_l + in.pad_r;
-  p.flat = in.stride_h == 1 && in.stride_w == 1;
-  const int64_t q_virtual = p.flat ? p.wp : Q;
-
-  // The runs of one image. At stride 1 a run's rows are the virtual pixels v of the
-  // padded map (row v / Wv, column v % Wv; columns >= Q are not stored).
-  std::vector<Run> runs;
-  if (p.flat) {
-    const int64_t total = (P - 1) * q_virtual + Q;
-    p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, total));
-    for (auto [start, skip] : run_starts(total, p.m)) {
-      int64_t rows = 0, first = -1;
-      for (int64_t v = start + skip; v < start + p.m; ++v)
-        if (v % q_virtual < Q) {
-          rows |= int64_t{1} << (v - start);
-          if (first < 0) first = v;
-        }
-      if (rows) runs.push_back({start, (first / q_virtual) * Q + first % q_virtual, rows});
-    }
+  p.flat = in.stride_h == 1 && in.stride_w == 1;  // AMX: always at stride 1
+  // A single input block reads only its pairs that hold channels (conv1's folded 21 of 32).
+  const int pairs = level == Isa::avx512_bf16 && p.cb == 1 ? static_cast<int>(div_up(in.c, 2)) : 16;
+  if (level == Isa::amx) {
+    p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, p.flat ? (P - 1) * p.wp + Q : Q));
+    p.n_a = 2;
   } else {
-    p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, Q));
-    for (int64_t oh = 0; oh < P; ++oh)
-      for (auto [start, skip] : run_starts(Q, p.m))
-        runs.push_back({oh * in.stride_h * p.wp + start * in.stride_w, oh * Q + start + skip,
-                        ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
+    const DotTile tile = choose_dot_tile(p, pairs);
+    p.flat = tile.flat;
+    p.n_a = tile.n_a;
+    p.m = tile.m;
   }
+  const std::vector<Run> runs = image_runs(p, p.flat, p.m);
 
   auto kernel_index = [&](int n_a, int n_b) {
-    AmxFwdKernelSpec sp;
+    if (level == Isa::amx) {
+      AmxFwdKernelSpec sp;
+      sp.out_dt = out_dt;
+      sp.s = static_cast<int>(in.s);
+      sp.dil_w = static_cast<int>(in.dil_w);
+      sp.m = p.m;
+      sp.n_a = n_a;
+      sp.n_b = n_b;
+      sp.post = post;
+      for (size_t i = 0; i < p.kernels.size(); ++i)
+        if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
+      p.kernels.push_back(sp);
+      return static_cast<int32_t>(p.kernels.size() - 1);
+    }
+    Avx512Bf16FwdKernelSpec sp;
     sp.out_dt = out_dt;
     sp.s = static_cast<int>(in.s);
     sp.dil_w = static_cast<int>(in.dil_w);
+    sp.px = p.flat ? 1 : static_cast<int>(in.stride_w);
     sp.m = p.m;
     sp.n_a = n_a;
     sp.n_b = n_b;
+    sp.pairs = pairs;
     sp.post = post;
-    for (size_t i = 0; i < p.kernels.size(); ++i)
-      if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
-    p.kernels.push_back(sp);
-    return static_cast<int32_t>(p.kernels.size() - 1);
+    for (size_t i = 0; i < p.dot_kernels.size(); ++i)
+      if (p.dot_kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
+    p.dot_kernels.push_back(sp);
+    return static_cast<int32_t>(p.dot_kernels.size() - 1);
   };
 
   const int64_t img_bytes = p.cb * p.hp * p.wp * kPixelBytes;
@@ -120,9 +202,9 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   for (int64_t n = 0; n < d.n; ++n)
     for (int64_t kbi = 0; kbi < p.kb; ++kbi) {
       const int n_b = d.k - kbi * kAmxBlock <= 16 ? 1 : 2;
-      for (size_t i = 0; i < runs.size(); i += 2) {
+      for (size_t i = 0; i < runs.size(); i += p.n_a) {
         Bf16FwdCall c{};
-        c.n_a = i + 1 < runs.size() ? 2 : 1;
+        c.n_a = static_cast<int32_t>(std::min<size_t>(p.n_a, runs.size() - i));
         c.kernel = kernel_index(c.n_a, n_b);
         for (int j = 0; j < c.n_a; ++j) {
           const Run& r = runs[i + j];
@@ -154,6 +236,11 @@ std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPla
   auto prim = std::make_shared<Bf16FwdPrimitive>();
   prim->plan = plan;
   const std::string info = plan.to_string();
+  for (const Avx512Bf16FwdKernelSpec& sp : plan.dot_kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_avx512bf16_fwd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
+  }
+  if (plan.level != Isa::amx) return prim;
   for (const AmxFwdKernelSpec& sp : plan.kernels) {
     prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_fwd_kernel(sp); }, info));
     prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
@@ -325,6 +412,7 @@ void bf16_fwd_run(const Bf16FwdPrimitive& prim, const uint16_t* src, const uint1
                   void* dst, void* scratch, const RunShares& run) {
   run_all(prim.plan, src, wei, post, dst, scratch, run, [&](int k, const AmxFwdCallArgs* a) {
     if (k >= 0) prim.fns[k](a);
+    else if (!prim.tile_config) return;  // no tiles at the avx512_bf16 level
     else if (k == -1) prim.tile_config();
     else prim.tile_release();
   });
@@ -333,7 +421,9 @@ void bf16_fwd_run(const Bf16FwdPrimitive& prim, const uint16_t* src, const uint1
 void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const uint16_t* wei,
                             const Bf16FwdPostArgs& post, void* dst, void* scratch, const RunShares& run) {
   run_all(plan, src, wei, post, dst, scratch, run, [&](int k, const AmxFwdCallArgs* a) {
-    if (k >= 0) amx_fwd_kernel_ref(plan.kernels[k], a);
+    if (k < 0) return;
+    if (plan.level == Isa::amx) amx_fwd_kernel_ref(plan.kernels[k], a);
+    else avx512bf16_fwd_kernel_ref(plan.dot_kernels[k], a);
   });
 }
 

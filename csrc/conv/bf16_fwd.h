@@ -1,11 +1,18 @@
-// The bf16 forward convolution on AMX: plan, weight packing and driver. Layouts, tiles and
-// the kernel are described in jit/amx_fwd_kernel.h. make_bf16_fwd_plan is a pure function
-// of (ConvDesc, threads, output type, post-ops): no code is generated there.
+// The bf16 forward convolution: plan, weight packing and driver, for two kernel families
+// that read and write the same tensors through the same argument: the AMX tiles at the amx
+// level (jit/amx_fwd_kernel.h, where the layouts are described), vdpbf16ps at the
+// avx512_bf16 level (jit/avx512bf16_fwd_kernel.h). make_bf16_fwd_plan is a pure function
+// of (ConvDesc, threads, output type, post-ops, level): no code is generated there.
 //
 // The plan lists a layer's tiles image by image: at stride 1 the (virtual) pixels of the
-// padded map in runs of M = 16 (fewer only on maps smaller than that), at other strides
-// runs of up to 16 pixels of one output row; the last run of a map (a row) ends exactly on
-// its last pixel, overlapping the one before. Two runs make a call, and a thread's stream
+// padded map in runs of M, at other strides runs of up to M pixels of one output row; the
+// last run of a map (a row) ends exactly on its last pixel, overlapping the one before.
+// On AMX, M = 16 (fewer only on maps smaller than that) and two runs make a call. At the
+// avx512_bf16 level a call's runs x M pixels x 32 output channels are its fp32
+// accumulators, one zmm per pixel and 16 channels, so n_a runs x M <= 14; the plan takes
+// the runs (flat or in rows, at stride 1) and the (n_a, M) whose calls cost the fewest
+// estimated cycles over the layer (mostly: the fewest pixels computed, overlaps and
+// virtual columns included). A thread's stream
 // takes calls in (image, output block, pixels) order, so a block's weights stay in cache
 // while its pixels pass. Where the layer pads, the driver first copies the input into a
 // zero-bordered scratch, each thread its share, so that every tap is a plain load
@@ -20,6 +27,8 @@
 #include "conv/conv_desc.h"
 #include "conv/parallel.h"
 #include "jit/amx_fwd_kernel.h"
+#include "jit/avx512bf16_fwd_kernel.h"
+#include "jit/isa.h"
 #include "jit/kernel_cache.h"
 
 namespace dc {
@@ -48,6 +57,7 @@ ConvDesc bf16_fwd_inner_desc(const ConvDesc& d);
 
 struct Bf16FwdPlan {
   ConvDesc desc;   // dt = bf16
+  Isa level = Isa::amx;  // the kernel family: amx, or avx512_bf16
   ConvDesc inner;  // what the kernels compute (bf16_fwd_inner_desc)
   Bf16FwdInput input = Bf16FwdInput::direct;
   int threads = 1;
@@ -55,10 +65,12 @@ struct Bf16FwdPlan {
   FwdPostOps post;
   int64_t cb = 0, kb = 0;        // blocks of 32 input and output channels
   int64_t hp = 0, wp = 0;        // the plane the kernels read: the copy's, or the input's
-  bool flat = false;             // stride 1: runs cross (virtual) row ends
+  bool flat = false;             // runs cross (virtual) row ends: AMX at stride 1; avx512_bf16 by cost
   int m = 16;                    // pixels per run, every run of the plan
+  int n_a = 2;                   // runs per call (the last call of an image's block may have one)
   int64_t scratch_bytes = 0;     // the copy (0 for a direct input)
-  std::vector<AmxFwdKernelSpec> kernels;
+  std::vector<AmxFwdKernelSpec> kernels;             // level amx
+  std::vector<Avx512Bf16FwdKernelSpec> dot_kernels;  // level avx512_bf16
   std::vector<std::vector<Bf16FwdCall>> streams;  // one per thread
   AmxFwdCallArgs strides{};                       // the per-plan constants of every call
 
@@ -66,15 +78,18 @@ struct Bf16FwdPlan {
 };
 
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
-// element type other than bf16, groups, stats, or an output type other than f32 or bf16.
-Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& desc, int threads, DataType out_dt, const FwdPostOps& post = {});
+// element type other than bf16, groups, stats, an output type other than f32 or bf16, or a
+// level other than amx and avx512_bf16. The level is the kernel family's (by default the
+// active one: active_isa()); nothing checks here that this CPU has it.
+Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& desc, int threads, DataType out_dt, const FwdPostOps& post = {},
+                               Isa level = active_isa());
 
 // The plan and its kernels (from the kernel cache, held for the primitive's life).
 struct Bf16FwdPrimitive {
   Bf16FwdPlan plan;
   std::vector<KernelPtr> held;
-  std::vector<AmxFwdKernelFn> fns;
-  AmxTileFn tile_config = nullptr, tile_release = nullptr;
+  std::vector<AmxFwdKernelFn> fns;  // either family's: they take the same argument
+  AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
 
@@ -93,10 +108,12 @@ struct Bf16FwdPostArgs {
 // Runs the whole convolution on `run`'s threads (the plan's count): src (N, Cb, H, W, 32)
 // bf16 with zero padded lanes, packed weights, dst (N, Kb, P, Q, 32) of the plan's output
 // type; `scratch` holds plan.scratch_bytes (64-byte aligned) where the plan pads.
-// The calling threads must have been granted AMX tile data (Linux: ARCH_REQ_XCOMP_PERM).
+// At the amx level the calling threads must have been granted AMX tile data (Linux:
+// ARCH_REQ_XCOMP_PERM).
 void bf16_fwd_run(const Bf16FwdPrimitive& prim, const uint16_t* src, const uint16_t* wei, const Bf16FwdPostArgs& post,
                   void* dst, void* scratch, const RunShares& run);
-// The same on the kernels' scalar twins (amx_fwd_kernel_ref): for the tests.
+// The same on the kernels' scalar twins (amx_fwd_kernel_ref, avx512bf16_fwd_kernel_ref):
+// for the tests.
 void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const uint16_t* wei,
                             const Bf16FwdPostArgs& post, void* dst, void* scratch, const RunShares& run);
 

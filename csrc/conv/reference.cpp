@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace dc {
 
@@ -196,6 +198,62 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
         float y = 0;
         if (lane < sp.n_b * 16) {
           y = acc[i][lane];
+          if (sp.post.bias) y += a->bias[lane];
+          if (sp.post.add)
+            y += sp.out_dt == DataType::bf16 ? float_from_bf16(reinterpret_cast<const uint16_t*>(res)[lane])
+                                             : reinterpret_cast<const float*>(res)[lane];
+          if (sp.post.relu) y = 0.f > y ? 0.f : y;  // as vmaxps(0, y): NaN and -0 pass
+        }
+        if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
+        else reinterpret_cast<float*>(dst)[lane] = y;
+      }
+      dst += kAmxBlock * out_es;
+      if (sp.post.add) res += kAmxBlock * out_es;
+    }
+  }
+}
+
+namespace {
+// One vdpbf16ps step of a lane: acc + x w, rounded once (a fused multiply-add), a denormal
+// sum flushed to zero of its sign.
+float dot_add(float acc, float x, float w) {
+  const float y = std::fma(x, w, acc);
+  return std::fabs(y) < std::numeric_limits<float>::min() ? std::copysign(0.f, y) : y;
+}
+}  // namespace
+
+void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& sp, const AmxFwdCallArgs* a) {
+  constexpr int kTapBytes = 2048, kPixelBytes = 64;
+  const int out_es = elem_bytes(sp.out_dt);
+  for (int t = 0; t < sp.n_a; ++t) {
+    std::vector<float> acc(static_cast<size_t>(sp.m) * kAmxBlock, 0.f);
+    const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
+    for (int64_t cb = 0; cb < a->n_cb; ++cb)
+      for (int64_t r = 0; r < a->n_r; ++r)
+        for (int col = 0; col < sp.s; ++col, wei += kTapBytes) {
+          const uint8_t* tap = reinterpret_cast<const uint8_t*>(a->src[t]) + cb * a->src_cb_stride +
+                               r * a->src_r_stride + static_cast<int64_t>(col) * sp.dil_w * kPixelBytes;
+          const uint16_t* w = reinterpret_cast<const uint16_t*>(wei);
+          for (int pair = 0; pair < sp.pairs; ++pair)
+            for (int i = 0; i < sp.m; ++i) {
+              const uint16_t* x = reinterpret_cast<const uint16_t*>(tap + static_cast<int64_t>(i) * sp.px * kPixelBytes);
+              for (int b = 0; b < sp.n_b; ++b)
+                for (int n = 0; n < 16; ++n) {
+                  float& y = acc[i * kAmxBlock + b * 16 + n];
+                  const uint16_t* wn = w + b * 512 + pair * 32 + n * 2;
+                  y = dot_add(y, bf16_operand(x[2 * pair + 1]), bf16_operand(wn[1]));
+                  y = dot_add(y, bf16_operand(x[2 * pair]), bf16_operand(wn[0]));
+                }
+            }
+        }
+    uint8_t* dst = static_cast<uint8_t*>(a->dst[t]);
+    const uint8_t* res = static_cast<const uint8_t*>(a->res[t]);
+    for (int i = 0; i < sp.m; ++i) {
+      if (!((a->rows[t] >> i) & 1)) continue;
+      for (int lane = 0; lane < kAmxBlock; ++lane) {
+        float y = 0;
+        if (lane < sp.n_b * 16) {
+          y = acc[i * kAmxBlock + lane];
           if (sp.post.bias) y += a->bias[lane];
           if (sp.post.add)
             y += sp.out_dt == DataType::bf16 ? float_from_bf16(reinterpret_cast<const uint16_t*>(res)[lane])

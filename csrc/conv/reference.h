@@ -3,6 +3,7 @@
 
 #include "conv/conv_desc.h"
 #include "jit/amx_fwd_kernel.h"
+#include "jit/avx512bf16_fwd_kernel.h"
 #include "jit/dw_kernel.h"
 #include "jit/fwd_kernel.h"
 #include "jit/upd_kernel.h"
@@ -22,6 +23,14 @@ void conv_fwd_ref_blocked(const ConvDesc& d, int v, const FwdPostOps& post, cons
 // rows, columns and channel pairs in that order, the same epilogue and rounding. The
 // tiles' own order of summation may differ, so results agree to fp32 rounding.
 void amx_fwd_kernel_ref(const AmxFwdKernelSpec& spec, const AmxFwdCallArgs* args);
+
+// Does exactly what the generated avx512_bf16 kernel of `spec` does with `args`, bit for
+// bit: per output lane, over input blocks, kernel rows, columns and pairs in that order,
+// the pair's odd product added first and then the even one, each a fused multiply-add
+// rounded to fp32, bf16 denormals read as zero and denormal sums flushed to
+// zero, as vdpbf16ps does; then the same epilogue and rounding. It reads the pixel stride
+// from the spec (args->src_px_stride is not read, as by the kernel).
+void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& spec, const AmxFwdCallArgs* args);
 
 // Does exactly what the generated depthwise kernel of `spec` does with `args`.
 void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);

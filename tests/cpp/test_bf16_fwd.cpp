@@ -1,7 +1,9 @@
-// The AMX bf16 forward convolution (conv/bf16_fwd.h) and its kernels' scalar twins against
-// a float64 convolution of the same bf16-rounded operands, every tensor between guard
-// pages: ResNet-50's kinds of layers and random awkward shapes (channel tails, padding,
-// strides, dilation, tiny maps), both output types, the post-ops, one and two threads.
+// The bf16 forward convolution (conv/bf16_fwd.h) on both kernel families, AMX and
+// AVX512_BF16 (each where this CPU has it), and their kernels' scalar twins against a
+// float64 convolution of the same bf16-rounded operands, every tensor between guard pages:
+// ResNet-50's kinds of layers and random awkward shapes (channel tails, padding, strides,
+// dilation, tiny maps), both output types, the post-ops, one and two threads. The
+// AVX512_BF16 kernels must also match their twins bit for bit.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -131,9 +133,42 @@ RunShares threaded() {
 
 float rnd() { return std::uniform_real_distribution<float>(-1.f, 1.f)(dc_test::rng()); }
 
-// One case at `threads`, every tensor guarded (against its upper or lower page): the JIT
-// run and the twins' run against the float64 reference; and, for `drop_check`, the JIT
-// output against a reference missing one tap must fail.
+// The JIT run and the twins' run of one plan against the reference.
+void run_level(const Case& t, const Bf16FwdPlan& plan, const Guarded& g_src, const Guarded& g_wei,
+               const Bf16FwdPostArgs& post, const Guarded& g_dst, void* scratch, const Reference& ref,
+               const std::string& name, int threads) {
+  auto prim = make_bf16_fwd_primitive(plan);
+  std::vector<uint8_t> jit_out(g_dst.bytes());
+  for (int variant = 0; variant < 2; ++variant) {
+    std::memset(g_dst.as<void>(), 0xff, g_dst.bytes());  // NaN everywhere it must write
+    if (variant == 0)
+      bf16_fwd_run(*prim, g_src.as<uint16_t>(), g_wei.as<uint16_t>(), post, g_dst.as<void>(), scratch,
+                   threads > 1 ? threaded() : serial());
+    else
+      bf16_fwd_run_reference(plan, g_src.as<uint16_t>(), g_wei.as<uint16_t>(), post, g_dst.as<void>(), scratch,
+                             serial());
+    const double e = worst(t, ref, g_dst.as<void>());
+    CHECK(e <= 1.0, "%s (%s): error %.3g of the tolerance", name.c_str(), variant ? "twin" : "jit", e);
+    if (variant == 0) std::memcpy(jit_out.data(), g_dst.as<void>(), jit_out.size());
+  }
+  if (plan.level == Isa::avx512_bf16) {
+    size_t i = 0;
+    while (i < jit_out.size() && jit_out[i] == g_dst.as<uint8_t>()[i]) ++i;
+    CHECK(i == jit_out.size(), "%s: the kernels and their twins differ first at byte %zu of %zu", name.c_str(), i,
+          jit_out.size());
+  }
+}
+
+// The levels under test: the bf16 ones this process can run.
+std::vector<Isa>& levels() {
+  static std::vector<Isa> l;
+  return l;
+}
+
+// One case at `threads` on every level, every tensor guarded (against its upper or lower
+// page): the JIT run and the twins' run against the float64 reference (and, at the
+// avx512_bf16 level, against each other exactly); and, for `drop_check`, the JIT output
+// against a reference missing one tap must fail.
 void run_case(const Case& t, int threads, bool at_end, bool drop_check = false) {
   const ConvDesc& d = t.d;
   const int64_t cb = div_up(d.c, B), kb = div_up(d.k, B), P = d.p(), Q = d.q();
@@ -152,10 +187,11 @@ void run_case(const Case& t, int threads, bool at_end, bool drop_check = false) 
       res[i] = t.out_dt == DataType::bf16 ? float_from_bf16(bf16_from_float(v)) : v;
     }
 
-  Bf16FwdPlan plan = make_bf16_fwd_plan(d, threads, t.out_dt, t.post);
+  int64_t scratch_bytes = 64;
+  for (Isa level : levels())
+    scratch_bytes = std::max(scratch_bytes, make_bf16_fwd_plan(d, threads, t.out_dt, t.post, level).scratch_bytes);
   Guarded g_src(src.size() * 2, at_end), g_wei(bf16_fwd_weight_elems(d) * 2, at_end), g_bias(bias.size() * 4, at_end),
-      g_res(out_elems * out_es, at_end), g_dst(out_elems * out_es, at_end),
-      g_scratch(std::max<int64_t>(plan.scratch_bytes, 64), at_end);
+      g_res(out_elems * out_es, at_end), g_dst(out_elems * out_es, at_end), g_scratch(scratch_bytes, at_end);
   std::memcpy(g_src.as<void>(), src.data(), g_src.bytes());
   pack_bf16_fwd_weights(d, w.data(), g_wei.as<uint16_t>());
   std::memcpy(g_bias.as<void>(), bias.data(), g_bias.bytes());
@@ -165,27 +201,20 @@ void run_case(const Case& t, int threads, bool at_end, bool drop_check = false) 
   }
   const Bf16FwdPostArgs post{t.post.bias ? g_bias.as<float>() : nullptr, t.post.add ? g_res.as<void>() : nullptr};
   const Reference ref = reference(t, src, w_bf16, bias, res);
-  const std::string name = d.to_string() + " out " + dtype_name(t.out_dt) + t.post.name() + " threads " +
-                           std::to_string(threads) + (at_end ? " guard above" : " guard below");
-
-  auto prim = make_bf16_fwd_primitive(plan);
-  for (int variant = 0; variant < 2; ++variant) {
-    std::memset(g_dst.as<void>(), 0xff, g_dst.bytes());  // NaN everywhere it must write
-    if (variant == 0)
-      bf16_fwd_run(*prim, g_src.as<uint16_t>(), g_wei.as<uint16_t>(), post, g_dst.as<void>(), g_scratch.as<void>(),
-                   threads > 1 ? threaded() : serial());
-    else
-      bf16_fwd_run_reference(plan, g_src.as<uint16_t>(), g_wei.as<uint16_t>(), post, g_dst.as<void>(),
-                             g_scratch.as<void>(), serial());
-    const double e = worst(t, ref, g_dst.as<void>());
-    CHECK(e <= 1.0, "%s (%s): error %.3g of the tolerance", name.c_str(), variant ? "twin" : "jit", e);
-  }
-  if (drop_check) {
-    bf16_fwd_run(*prim, g_src.as<uint16_t>(), g_wei.as<uint16_t>(), post, g_dst.as<void>(), g_scratch.as<void>(),
-                 serial());
-    const int64_t drop = (((d.k / 2) * d.c + d.c / 2) * d.r + d.r / 2) * d.s + d.s / 2;
-    const double e = worst(t, reference(t, src, w_bf16, bias, res, drop), g_dst.as<void>());
-    CHECK(e > 1.0, "%s: a reference missing one tap still passes (%.3g of the tolerance)", name.c_str(), e);
+  for (Isa level : levels()) {
+    const Bf16FwdPlan plan = make_bf16_fwd_plan(d, threads, t.out_dt, t.post, level);
+    // A plan's scratch, against the guard page when it is below (the copy is all of it).
+    void* scratch = g_scratch.as<uint8_t>() + (at_end ? scratch_bytes - std::max<int64_t>(plan.scratch_bytes, 64) : 0);
+    const std::string name = d.to_string() + " " + isa_name(level) + " out " + dtype_name(t.out_dt) + t.post.name() +
+                             " threads " + std::to_string(threads) + (at_end ? " guard above" : " guard below");
+    run_level(t, plan, g_src, g_wei, post, g_dst, scratch, ref, name, threads);
+    if (drop_check) {
+      auto prim = make_bf16_fwd_primitive(plan);
+      bf16_fwd_run(*prim, g_src.as<uint16_t>(), g_wei.as<uint16_t>(), post, g_dst.as<void>(), scratch, serial());
+      const int64_t drop = (((d.k / 2) * d.c + d.c / 2) * d.r + d.r / 2) * d.s + d.s / 2;
+      const double e = worst(t, reference(t, src, w_bf16, bias, res, drop), g_dst.as<void>());
+      CHECK(e > 1.0, "%s: a reference missing one tap still passes (%.3g of the tolerance)", name.c_str(), e);
+    }
   }
 }
 
@@ -255,7 +284,7 @@ void bad_plans() {
   Case t = make_case("mb1ic16ih8oc16oh8kh3ph1", DataType::bf16, false, false, false);
   auto refused = [&](ConvDesc d, DataType out, FwdPostOps post, const char* what) {
     try {
-      make_bf16_fwd_plan(d, 1, out, post);
+      make_bf16_fwd_plan(d, 1, out, post, Isa::amx);
       CHECK(false, "the plan took %s", what);
     } catch (const std::invalid_argument&) {
     }
@@ -269,18 +298,78 @@ void bad_plans() {
   FwdPostOps stats;
   stats.stats = true;
   refused(t.d, DataType::bf16, stats, "the stats post-op");
+  for (Isa level : {Isa::none, Isa::avx2, Isa::avx512}) {
+    try {
+      make_bf16_fwd_plan(t.d, 1, DataType::bf16, {}, level);
+      CHECK(false, "the plan took the level %s", isa_name(level));
+    } catch (const std::invalid_argument&) {
+    }
+  }
+}
+
+// The tiles each level's plan takes (plans only: no code is generated).
+void plan_tiles() {
+  auto plan = [](const char* s, Isa level) {
+    ConvDesc d = parse_conv_desc(s);
+    d.dt = DataType::bf16;
+    return make_bf16_fwd_plan(d, 1, DataType::bf16, {}, level);
+  };
+  // AMX: runs of 16 pixels, two a call.
+  const Bf16FwdPlan amx = plan("mb1ic64ih56oc64oh56kh3ph1", Isa::amx);
+  CHECK(amx.m == 16 && amx.n_a == 2 && !amx.kernels.empty() && amx.dot_kernels.empty(), "amx plan: %s",
+        amx.to_string().c_str());
+  struct Want {
+    const char* desc;
+    bool flat;
+    int n_a, m, pairs;
+  };
+  // avx512_bf16: 14 pixels a call in rows that split evenly (on an unpadded 1x1 the flat
+  // map runs in as many runs, and rows, found first, stay); 2 rows of 7 on the
+  // 7 x 7 maps and the 7-pixel rows of res5a's stride 2; conv1, folded, reads its 11 pairs.
+  const Want want[] = {
+      {"mb1ic64ih56oc64oh56kh3ph1", false, 1, 14, 16},
+      {"mb1ic256ih56oc64oh56kh1ph0", false, 1, 14, 16},
+      {"mb1ic128ih56oc128oh28kh3sh2ph1", false, 1, 14, 16},
+      {"mb1ic256ih14oc512oh7kh3sh2ph1", false, 2, 7, 16},
+      {"mb1ic512ih7oc512oh7kh3ph1", false, 2, 7, 16},
+      {"mb1ic3ih224oc64oh112kh7sh2ph3", false, 1, 14, 11},
+  };
+  for (const Want& w : want) {
+    const Bf16FwdPlan p = plan(w.desc, Isa::avx512_bf16);
+    CHECK(p.flat == w.flat && p.n_a == w.n_a && p.m == w.m && p.kernels.empty() && !p.dot_kernels.empty() &&
+              p.dot_kernels[0].pairs == w.pairs,
+          "avx512_bf16 plan of %s: want %s runs of %d pixels, %d a call, %d pairs; got %s", w.desc,
+          w.flat ? "flat" : "row", w.m, w.n_a, w.pairs, p.to_string().c_str());
+  }
+  // Flat where rows are short and the map unpadded: a 3 x 3 map in one call of 9 pixels,
+  // against two calls of rows (2 x 3 pixels, then 3).
+  // Without a level the plan takes the active one, as TORCH_DIRECTCONV_ISA caps it.
+  ConvDesc d = parse_conv_desc("mb1ic64ih8oc64oh8kh3ph1");
+  d.dt = DataType::bf16;
+  for (Isa cap : {Isa::avx512_bf16, Isa::amx}) {
+    if (cap > detected_isa()) continue;
+    set_isa_cap(cap);
+    const Bf16FwdPlan p = make_bf16_fwd_plan(d, 1, DataType::bf16);
+    CHECK(p.level == cap, "the plan under the cap %s took the level %s", isa_name(cap), isa_name(p.level));
+  }
+  set_isa_cap(Isa::amx);
+  const Bf16FwdPlan flat = plan("mb1ic64ih3oc64oh3kh1ph0", Isa::avx512_bf16);
+  CHECK(flat.flat && flat.m == 9 && flat.n_a == 1, "avx512_bf16 plan of a 3 x 3 1x1: want one flat run of 9, got %s",
+        flat.to_string().c_str());
 }
 
 }  // namespace
 
 int main() {
   // The AMX level needs the CPU's tiles and the OS's permission for tile data (asked once).
-  if (!tiles_usable()) {
-    std::printf("skipping test_bf16_fwd: this process cannot use AMX tiles (level %s)\n", isa_name(detected_isa()));
-    return 0;
-  }
+  if (tiles_usable()) levels().push_back(Isa::amx);
+  else std::printf("skipping the amx level: this process cannot use AMX tiles (level %s)\n", isa_name(detected_isa()));
+  if (detected_isa() >= Isa::avx512_bf16) levels().push_back(Isa::avx512_bf16);
+  else std::printf("skipping the avx512_bf16 level: this CPU has %s\n", isa_name(detected_isa()));
+  if (levels().empty()) return 0;
   dc_test::rng().seed(10);
   bad_plans();
+  plan_tiles();
   resnet_kinds();
   input_kinds();
   random_shapes();
