@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "conv/driver_util.h"
 #include "conv/reference.h"
 
 namespace dc {
@@ -166,6 +167,25 @@ std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPla
   return prim;
 }
 
+namespace {
+
+PrimitiveCache<Bf16FwdPrimitive>& primitives() {
+  static auto* c = new PrimitiveCache<Bf16FwdPrimitive>();  // never destroyed, like the kernel cache
+  return *c;
+}
+// Made at load, before another thread can be inside it: no fork() finds it half made.
+[[maybe_unused]] PrimitiveCache<Bf16FwdPrimitive>& g_primitives_at_load = primitives();
+
+}  // namespace
+
+std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
+                                                                const FwdPostOps& post) {
+  return primitives().get(desc.to_string() + "/" + std::to_string(threads) + "/" + dtype_name(out_dt) + post.name(),
+                          [&] { return make_bf16_fwd_primitive(make_bf16_fwd_plan(desc, threads, out_dt, post)); });
+}
+
+void clear_bf16_fwd_primitives() { primitives().clear(); }
+
 bool bf16_fwd_folds_columns(const ConvDesc& d) { return d.s > 1 && d.c * d.s <= kAmxBlock; }
 bool bf16_fwd_subsamples(const ConvDesc& d) {
   return d.r == 1 && d.s == 1 && (d.stride_h > 1 || d.stride_w > 1) && !d.pad_t && !d.pad_b && !d.pad_l && !d.pad_r;
@@ -198,25 +218,35 @@ int64_t bf16_fwd_weight_elems(const ConvDesc& d) {
 }
 
 void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed) {
+  const int64_t strides[4] = {d.c * d.r * d.s, d.r * d.s, d.s, 1};
+  pack_bf16_fwd_weights(d, w, DataType::f32, strides, packed, 0, 1);
+}
+
+void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t st[4], uint16_t* packed,
+                           int tid, int nthreads) {
   const ConvDesc in = bf16_fwd_inner_desc(d);
   const bool folded = bf16_fwd_folds_columns(d);
   const int64_t cb = div_up(in.c, kAmxBlock), kb = div_up(in.k, kAmxBlock);
-  for (int64_t kbi = 0; kbi < kb; ++kbi)
-    for (int64_t cbi = 0; cbi < cb; ++cbi)
-      for (int64_t r = 0; r < in.r; ++r)
-        for (int64_t s = 0; s < in.s; ++s) {
-          uint16_t* tap = packed + (((kbi * cb + cbi) * in.r + r) * in.s + s) * 1024;
-          for (int half = 0; half < 2; ++half)
-            for (int pair = 0; pair < 16; ++pair)
-              for (int n = 0; n < 16; ++n)
-                for (int e = 0; e < 2; ++e) {
-                  const int64_t k = kbi * kAmxBlock + half * 16 + n, c = cbi * kAmxBlock + pair * 2 + e;
-                  // Folded: inner channel c is kernel column c / C, channel c % C.
-                  const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
-                  tap[half * 512 + pair * 32 + n * 2 + e] =
-                      k < in.k && c < in.c ? bf16_from_float(w[((k * d.c + src_c) * d.r + r) * d.s + src_s]) : 0;
-                }
-        }
+  const int64_t taps = kb * cb * in.r * in.s, begin = taps * tid / nthreads, end = taps * (tid + 1) / nthreads;
+  const float* wf = static_cast<const float*>(w);
+  const uint16_t* wh = static_cast<const uint16_t*>(w);
+  auto value = [&](int64_t k, int64_t c, int64_t r, int64_t s) -> uint16_t {
+    const int64_t at = k * st[0] + c * st[1] + r * st[2] + s * st[3];
+    return w_dt == DataType::bf16 ? wh[at] : bf16_from_float(wf[at]);
+  };
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t s = t % in.s, r = t / in.s % in.r, cbi = t / (in.s * in.r) % cb, kbi = t / (in.s * in.r * cb);
+    uint16_t* tap = packed + t * 1024;
+    for (int half = 0; half < 2; ++half)
+      for (int pair = 0; pair < 16; ++pair)
+        for (int n = 0; n < 16; ++n)
+          for (int e = 0; e < 2; ++e) {
+            const int64_t k = kbi * kAmxBlock + half * 16 + n, c = cbi * kAmxBlock + pair * 2 + e;
+            // Folded: inner channel c is kernel column c / C, channel c % C.
+            const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
+            tap[half * 512 + pair * 32 + n * 2 + e] = k < in.k && c < in.c ? value(k, src_c, r, src_s) : 0;
+          }
+  }
 }
 
 namespace {
