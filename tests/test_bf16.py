@@ -8,6 +8,7 @@ tight enough that one missing tap fails it.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import sys
@@ -423,10 +424,27 @@ def test_below_amx_bf16_falls_back_with_its_reason() -> None:
         before = tdc.jit_stats()["fallbacks"]
         y = torch.ops.directconv.conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False)
         assert torch.equal(y, F.conv2d(x, w, padding=1)) and tdc.jit_stats()["fallbacks"] == before + 1
+        import io
+        text = tdc.explain(torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3)).bfloat16(), x, file=io.StringIO())
+        assert f"0: torch's convolution: {reason}" in text, text
         print("ok")
         """,
         TORCH_DIRECTCONV_ISA="avx512",
     )
+
+
+@requires_amx
+def test_explain_says_what_each_bf16_convolution_runs_on() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=2)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    buf = io.StringIO()
+    with autocast():
+        text = tdc.explain(model, x, file=buf)
+    assert "runs the original model" in text and "CPU autocast is enabled" in text
+    assert "  0: bf16 amx fwd mb1ic3ih32" in text and "__amx" in text, text
+    assert "  2: torch's convolution: bf16 grouped convolutions (groups=2) are not covered by the JIT" in text, text
+    f64 = tdc.explain(model.double(), x.double(), file=io.StringIO())
+    assert "  0: torch's convolution: dtype torch.float64 is not supported" in f64, f64
 
 
 def test_mixed_dtypes_raise_as_torch_naming_the_argument() -> None:
