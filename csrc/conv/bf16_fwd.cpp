@@ -222,31 +222,49 @@ void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed) 
   pack_bf16_fwd_weights(d, w, DataType::f32, strides, packed, 0, 1);
 }
 
-void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t st[4], uint16_t* packed,
-                           int tid, int nthreads) {
+namespace {
+
+inline uint16_t to_bf16(float v) { return bf16_from_float(v); }
+inline uint16_t to_bf16(uint16_t v) { return v; }
+
+template <typename T>
+void pack_taps(const ConvDesc& d, const T* w, const int64_t st[4], uint16_t* packed, int64_t begin, int64_t end) {
   const ConvDesc in = bf16_fwd_inner_desc(d);
   const bool folded = bf16_fwd_folds_columns(d);
-  const int64_t cb = div_up(in.c, kAmxBlock), kb = div_up(in.k, kAmxBlock);
-  const int64_t taps = kb * cb * in.r * in.s, begin = taps * tid / nthreads, end = taps * (tid + 1) / nthreads;
-  const float* wf = static_cast<const float*>(w);
-  const uint16_t* wh = static_cast<const uint16_t*>(w);
-  auto value = [&](int64_t k, int64_t c, int64_t r, int64_t s) -> uint16_t {
-    const int64_t at = k * st[0] + c * st[1] + r * st[2] + s * st[3];
-    return w_dt == DataType::bf16 ? wh[at] : bf16_from_float(wf[at]);
-  };
+  const int64_t cb = div_up(in.c, kAmxBlock);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t s = t % in.s, r = t / in.s % in.r, cbi = t / (in.s * in.r) % cb, kbi = t / (in.s * in.r * cb);
     uint16_t* tap = packed + t * 1024;
-    for (int half = 0; half < 2; ++half)
-      for (int pair = 0; pair < 16; ++pair)
-        for (int n = 0; n < 16; ++n)
-          for (int e = 0; e < 2; ++e) {
-            const int64_t k = kbi * kAmxBlock + half * 16 + n, c = cbi * kAmxBlock + pair * 2 + e;
-            // Folded: inner channel c is kernel column c / C, channel c % C.
-            const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
-            tap[half * 512 + pair * 32 + n * 2 + e] = k < in.k && c < in.c ? value(k, src_c, r, src_s) : 0;
-          }
+    // Output channel kl of the block: B tile kl / 16, column kl % 16; input channel cl: pair
+    // cl / 2, element cl % 2 (VNNI).
+    for (int64_t kl = 0; kl < kAmxBlock; ++kl) {
+      const int64_t k = kbi * kAmxBlock + kl;
+      uint16_t* col = tap + (kl / 16) * 512 + (kl % 16) * 2;
+      for (int64_t cl = 0; cl < kAmxBlock; ++cl) {
+        const int64_t c = cbi * kAmxBlock + cl;
+        uint16_t v = 0;
+        if (k < in.k && c < in.c) {
+          // Folded: inner channel c is kernel column c / C, channel c % C.
+          const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
+          v = to_bf16(w[k * st[0] + src_c * st[1] + r * st[2] + src_s * st[3]]);
+        }
+        col[(cl / 2) * 32 + cl % 2] = v;
+      }
+    }
   }
+}
+
+}  // namespace
+
+void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t st[4], uint16_t* packed,
+                           int tid, int nthreads) {
+  const ConvDesc in = bf16_fwd_inner_desc(d);
+  const int64_t taps = div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock) * in.r * in.s;
+  const int64_t begin = taps * tid / nthreads, end = taps * (tid + 1) / nthreads;
+  if (w_dt == DataType::bf16)
+    pack_taps(d, static_cast<const uint16_t*>(w), st, packed, begin, end);
+  else
+    pack_taps(d, static_cast<const float*>(w), st, packed, begin, end);
 }
 
 namespace {
