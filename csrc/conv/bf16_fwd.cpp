@@ -4,6 +4,7 @@
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 #include "conv/driver_util.h"
 #include "conv/reference.h"
@@ -227,28 +228,33 @@ namespace {
 inline uint16_t to_bf16(float v) { return bf16_from_float(v); }
 inline uint16_t to_bf16(uint16_t v) { return v; }
 
+// Blocks [begin, end) of (output block, input block): each block's R x S taps. The source is
+// read in its own order (a channel's taps innermost: contiguous in a (K, C, R, S) weight) and
+// written within the block's taps, which stay in L1.
 template <typename T>
-void pack_taps(const ConvDesc& d, const T* w, const int64_t st[4], uint16_t* packed, int64_t begin, int64_t end) {
+void pack_blocks(const ConvDesc& d, const T* w, const int64_t st[4], uint16_t* packed, int64_t begin, int64_t end) {
   const ConvDesc in = bf16_fwd_inner_desc(d);
   const bool folded = bf16_fwd_folds_columns(d);
-  const int64_t cb = div_up(in.c, kAmxBlock);
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t s = t % in.s, r = t / in.s % in.r, cbi = t / (in.s * in.r) % cb, kbi = t / (in.s * in.r * cb);
-    uint16_t* tap = packed + t * 1024;
+  const int64_t cb = div_up(in.c, kAmxBlock), taps = in.r * in.s;
+  // Folded: inner channel c is kernel column c / C, channel c % C; the inner kernel is R x 1.
+  std::vector<int64_t> tap_off(taps);
+  for (int64_t t = 0; t < taps; ++t) tap_off[t] = (t / in.s) * st[2] + (t % in.s) * st[3];
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t kbi = b / cb, cbi = b % cb;
+    uint16_t* block = packed + b * taps * 1024;
+    std::memset(block, 0, taps * 1024 * sizeof(uint16_t));
+    const int64_t k_end = std::min<int64_t>(kAmxBlock, in.k - kbi * kAmxBlock);
+    const int64_t c_end = std::min<int64_t>(kAmxBlock, in.c - cbi * kAmxBlock);
     // Output channel kl of the block: B tile kl / 16, column kl % 16; input channel cl: pair
     // cl / 2, element cl % 2 (VNNI).
-    for (int64_t kl = 0; kl < kAmxBlock; ++kl) {
-      const int64_t k = kbi * kAmxBlock + kl;
-      uint16_t* col = tap + (kl / 16) * 512 + (kl % 16) * 2;
-      for (int64_t cl = 0; cl < kAmxBlock; ++cl) {
+    for (int64_t kl = 0; kl < k_end; ++kl) {
+      const T* src_k = w + (kbi * kAmxBlock + kl) * st[0];
+      uint16_t* col = block + (kl / 16) * 512 + (kl % 16) * 2;
+      for (int64_t cl = 0; cl < c_end; ++cl) {
         const int64_t c = cbi * kAmxBlock + cl;
-        uint16_t v = 0;
-        if (k < in.k && c < in.c) {
-          // Folded: inner channel c is kernel column c / C, channel c % C.
-          const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
-          v = to_bf16(w[k * st[0] + src_c * st[1] + r * st[2] + src_s * st[3]]);
-        }
-        col[(cl / 2) * 32 + cl % 2] = v;
+        const T* src = folded ? src_k + (c % d.c) * st[1] + (c / d.c) * st[3] : src_k + c * st[1];
+        uint16_t* dst = col + (cl / 2) * 32 + cl % 2;
+        for (int64_t t = 0; t < taps; ++t) dst[t * 1024] = to_bf16(src[tap_off[t]]);
       }
     }
   }
@@ -259,12 +265,12 @@ void pack_taps(const ConvDesc& d, const T* w, const int64_t st[4], uint16_t* pac
 void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t st[4], uint16_t* packed,
                            int tid, int nthreads) {
   const ConvDesc in = bf16_fwd_inner_desc(d);
-  const int64_t taps = div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock) * in.r * in.s;
-  const int64_t begin = taps * tid / nthreads, end = taps * (tid + 1) / nthreads;
+  const int64_t blocks = div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock);
+  const int64_t begin = blocks * tid / nthreads, end = blocks * (tid + 1) / nthreads;
   if (w_dt == DataType::bf16)
-    pack_taps(d, static_cast<const uint16_t*>(w), st, packed, begin, end);
+    pack_blocks(d, static_cast<const uint16_t*>(w), st, packed, begin, end);
   else
-    pack_taps(d, static_cast<const float*>(w), st, packed, begin, end);
+    pack_blocks(d, static_cast<const float*>(w), st, packed, begin, end);
 }
 
 namespace {

@@ -89,7 +89,7 @@ int64_t bf16_fwd_weight_elems(const ConvDesc& d);
 // channel s * C + c is (c, s)), rounded to nearest even, padded entries zero.
 void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed);
 // The same from (K, C, R, S) weights of type w_dt (f32 or bf16) with any strides (in
-// elements): thread tid's share of the taps.
+// elements): thread tid's share of the (output block, input block) pairs.
 void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t w_strides[4],
                            uint16_t* packed, int tid, int nthreads);
 
