@@ -3,7 +3,8 @@
 layout conversions, the per-call weight packing and the AMX kernels included) against torch's
 bf16 F.conv2d in channels_last (oneDNN on AMX here); and, under CPU autocast, DirectConv2d
 against nn.Conv2d on fp32 NCHW (ours) and channels_last (torch) inputs, autocast's casts
-included.
+included. The "cached" columns are DirectConv2d(cache_weights=True) (inference: the bf16
+packing kept), on the bf16 input and under autocast.
 
 The variants take turns within every round; each cell is the median over the rounds of
 per-round medians of single calls. GFLOP/s are nominal (2*N*K*C*R*S*P*Q).
@@ -14,6 +15,7 @@ per-round medians of single calls. GFLOP/s are nominal (2*N*K*C*R*S*P*Q).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import statistics
@@ -59,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, {args.rounds} rounds of >= "
           f"{args.min_time}s samples")  # fmt: skip
     print(f"load average at start: {os.getloadavg()}")
-    print("| layer | problem | tdc.conv2d bf16 NCHW GFLOP/s | F.conv2d bf16 CL GFLOP/s | ratio |"
-          " DirectConv2d autocast | nn.Conv2d autocast CL | ratio |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    sums = {"ours": 0.0, "torch": 0.0, "ours_ac": 0.0, "torch_ac": 0.0}
+    print("| layer | problem | tdc.conv2d bf16 NCHW GFLOP/s | cached | F.conv2d bf16 CL GFLOP/s | ratio | cached ratio |"
+          " DirectConv2d autocast | cached | nn.Conv2d autocast CL | ratio | cached ratio |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    sums = {k: 0.0 for k in ("ours", "ours_cached", "torch", "ours_ac", "ours_ac_cached", "torch_ac")}
     ratios, ratios_ac = [], []
     for layer in select_layers(args.layers):
         c = layer.conv
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(args.n, c.ic, c.ih, c.iw)
         conv = nn.Conv2d(c.ic, c.oc, (c.kh, c.kw), c.stride, c.padding, bias=False)
         ours_mod = tdc.DirectConv2d.from_conv2d(conv)
+        cached_mod = tdc.DirectConv2d.from_conv2d(conv, cache_weights=True)
+        cached_bf16 = tdc.DirectConv2d.from_conv2d(copy.deepcopy(conv).bfloat16(), cache_weights=True)
         torch_mod = nn.Conv2d(c.ic, c.oc, (c.kh, c.kw), c.stride, c.padding, bias=False)
         torch_mod.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
         xb, wb = x.bfloat16(), conv.weight.detach().bfloat16()
@@ -77,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         x_cl = x.contiguous(memory_format=torch.channels_last)
         variants = {
             "ours": lambda: tdc.conv2d(xb, wb, None, c.stride, c.padding),
+            "ours_cached": lambda: cached_bf16(xb),
             "torch": lambda: F.conv2d(xb_cl, wb_cl, None, c.stride, c.padding),
             "ours_ac": lambda: ours_mod(x),
+            "ours_ac_cached": lambda: cached_mod(x),
             "torch_ac": lambda: torch_mod(x_cl),
         }
         samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             before = tdc.jit_stats()["fallbacks"]
             for _ in range(args.rounds):
                 for name, fn in variants.items():
-                    if name.endswith("_ac"):
+                    if "_ac" in name:
                         with torch.autocast("cpu", dtype=torch.bfloat16):
                             fn()
                             samples[name].append(sample(fn, args.min_time))
@@ -101,14 +107,17 @@ def main(argv: list[str] | None = None) -> None:
         ratios_ac.append(t["torch_ac"] / t["ours_ac"])
         gf = {k: flops / v / 1e9 for k, v in t.items()}
         print(
-            f"| {layer.id} {layer.name} | mb{args.n}{layer.problem} | {gf['ours']:.0f} | {gf['torch']:.0f} |"
-            f" {ratios[-1]:.2f}x | {gf['ours_ac']:.0f} | {gf['torch_ac']:.0f} | {ratios_ac[-1]:.2f}x |",
+            f"| {layer.id} {layer.name} | mb{args.n}{layer.problem} | {gf['ours']:.0f} | {gf['ours_cached']:.0f} |"
+            f" {gf['torch']:.0f} | {ratios[-1]:.2f}x | {t['torch'] / t['ours_cached']:.2f}x |"
+            f" {gf['ours_ac']:.0f} | {gf['ours_ac_cached']:.0f} | {gf['torch_ac']:.0f} | {ratios_ac[-1]:.2f}x |"
+            f" {t['torch_ac'] / t['ours_ac_cached']:.2f}x |",
             flush=True,
         )
     r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
-    print(f"network-weighted (time x count): bf16 tensors ours / torch = {sums['torch'] / sums['ours']:.2f}x; "
-          f"autocast = {sums['torch_ac'] / sums['ours_ac']:.2f}x")  # fmt: skip
+    print(f"network-weighted (time x count), torch / ours: bf16 tensors {sums['torch'] / sums['ours']:.2f}x "
+          f"(cached {sums['torch'] / sums['ours_cached']:.2f}x); autocast {sums['torch_ac'] / sums['ours_ac']:.2f}x "
+          f"(cached {sums['torch_ac'] / sums['ours_ac_cached']:.2f}x)")  # fmt: skip
     print(f"median per-layer ratio: bf16 tensors {statistics.median(ratios):.2f}x, "
           f"autocast {statistics.median(ratios_ac):.2f}x")  # fmt: skip
     print(f"CPU time / wall time over the run: {cpu / (w1 - w0):.2f} ({args.threads}.0: all ours)")
