@@ -28,14 +28,14 @@ _libc.mprotect.restype = ctypes.c_int
 
 
 def guarded_copy(src: torch.Tensor, side: str) -> torch.Tensor:
-    """A float32 copy of `src` (same strides as a contiguous tensor of its layout) in fresh memory
-    whose last element is followed by a PROT_NONE page (side='after') or whose first element is
-    preceded by one (side='before')."""
+    """A copy of `src`, of its dtype (same strides as a contiguous tensor of its layout), in fresh
+    memory whose last element is followed by a PROT_NONE page (side='after') or whose first
+    element is preceded by one (side='before')."""
     src = src.detach()
     # Keep channels_last tensors channels_last: copy the memory in its own order.
     cl = src.dim() == 4 and src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
     flat = (src.permute(0, 2, 3, 1) if cl else src).contiguous().view(-1)
-    nbytes = flat.numel() * 4
+    nbytes = flat.numel() * flat.element_size()
     data_pages = max(1, math.ceil(nbytes / PAGE))
     total = (data_pages + 2) * PAGE
     buf = mmap.mmap(-1, total, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -46,7 +46,7 @@ def guarded_copy(src: torch.Tensor, side: str) -> torch.Tensor:
         if _libc.mprotect(page, PAGE, PROT_NONE) != 0:
             raise OSError(ctypes.get_errno(), "mprotect failed")
     offset = PAGE if side == "before" else total - PAGE - nbytes
-    out = torch.frombuffer(buf, dtype=torch.float32, count=flat.numel(), offset=offset)
+    out = torch.frombuffer(buf, dtype=flat.dtype, count=flat.numel(), offset=offset)
     out.copy_(flat)
     if cl:
         n, c, h, w = src.shape

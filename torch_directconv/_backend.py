@@ -66,6 +66,13 @@ def jit_covers_groups(groups: int, out_channels: int, in_channels_per_group: int
 
 
 @_constant_under_compile
+def bf16_fallback_reason(groups: int) -> str | None:
+    """Why a bf16 convolution of these groups runs on torch's convolution at the active level, or
+    None when the AMX kernels take it (the C++ rule, conv/paths.h)."""
+    return _C.bf16_fallback_reason(groups)
+
+
+@_constant_under_compile
 def vector_width() -> int:
     """Channels per block of the fp32 blocked layouts: 16 from the avx512 level up, 8 for AVX2,
     0 when the JIT is off."""

@@ -52,6 +52,17 @@ def _pack_weight(weight, groups):
     return weight.new_empty((groups, -(-(k // groups) // v), -(-c // v), r, s, v, v))
 
 
+@torch.library.register_fake("directconv::pack_weight_bf16")
+def _pack_weight_bf16(weight):
+    return weight.new_empty((_backend._C.bf16_packed_weight_elems(*weight.shape),), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("directconv::conv2d_packed_bf16")
+def _conv2d_packed_bf16(input, weight, bias, weight_size, stride, padding, dilation, relu, channels_last):
+    p, q = _spatial(input, weight_size[2], weight_size[3], stride, padding, dilation)
+    return _nchw_out(input, weight_size[0], p, q, channels_last)
+
+
 @torch.library.register_fake("directconv::conv2d_blocked")
 def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels, residual=None):
     p, q = _spatial(xb, wb.shape[2], wb.shape[3], stride, padding, dilation)

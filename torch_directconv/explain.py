@@ -113,6 +113,7 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     reason = blocked_path_reason(inputs, {})
     if reason is not None:
         lines.append(f"{type(model).__name__}: this input runs the original model, not the blocked graph: {reason}")
+        lines.extend(_dropin_choices(model, inputs))
         return _emit(lines, file)
     gm = opt._engine.graphs[opt.training]
     run = _TimedRun(gm)
@@ -174,6 +175,50 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     names = {i: _row(gm, nodes[i], run)[1] for i in slow}
     lines.append("slowest steps: " + ", ".join(f"#{i} {names[i]} {100 * med[nodes[i]] / total:.1f}%" for i in slow))
     return _emit(lines, file)
+
+
+def _dropin_choices(model: nn.Module, inputs: tuple) -> list[str]:
+    """For an input that runs the original model (bf16, CPU autocast): what convert(model) runs
+    each convolution on, with the fallback reason, from one forward under hooks (batch-norm
+    statistics restored)."""
+    from .functional import fallback_reason, op_dtype
+
+    lines = ["what convert(model) runs each convolution on for this input (the drop-in path):"]
+
+    def record(name: str):
+        def hook(conv: nn.Conv2d, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+                lines.append(f"  {name}: torch's convolution (its input is not a 3-D or 4-D tensor)")
+                return
+            why = fallback_reason(x, conv.weight, conv.bias, conv.groups)
+            if why:
+                lines.append(f"  {name}: torch's convolution: {why}")
+            elif op_dtype(conv.weight) != torch.bfloat16:
+                lines.append(f"  {name}: the fp32 kernels ({_backend._C.fp32_isa()})")
+            else:
+                n, _, h, w = x.shape if x.dim() == 4 else (1, *x.shape)
+                try:
+                    plan = _backend._C.bf16_fwd_plan(_problem(conv, (n, None, h, w, None)), torch.get_num_threads())
+                except ValueError as e:
+                    plan = f"no plan ({e}): torch's convolution"
+                lines.append(f"  {name}: {plan}")
+
+        return hook
+
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in convs]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    return lines if convs else []
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -81,6 +81,14 @@ def _check_types(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise TypeError(f"conv2d: expected 'bias' to be a Tensor or None, got {type(bias).__name__}")
 
 
+def op_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the ops compute t in: under CPU autocast, as for torch's convolution, floating
+    tensors other than float64 are cast to the autocast type (the ops' autocast kernels do it)."""
+    if t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return t.dtype
+
+
 def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> None:
     _check_types(input, weight, bias)
     if input.dim() not in (3, 4):
@@ -91,10 +99,11 @@ def _check(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise RuntimeError(f"conv2d: expected a 4-D 'weight' (K, C/groups, R, S), got shape {tuple(weight.shape)}")
     if groups < 1:
         raise RuntimeError(f"conv2d: expected 'groups' to be a positive int, got {groups!r}")
-    if input.dtype != weight.dtype:
-        raise RuntimeError(f"conv2d: 'input' ({input.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise RuntimeError(f"conv2d: 'bias' ({bias.dtype}) and 'weight' ({weight.dtype}) must have the same dtype")
+    input_dtype, weight_dtype = op_dtype(input), op_dtype(weight)
+    if input_dtype != weight_dtype:
+        raise RuntimeError(f"conv2d: 'input' ({input_dtype}) and 'weight' ({weight_dtype}) must have the same dtype")
+    if bias is not None and op_dtype(bias) != weight_dtype:
+        raise RuntimeError(f"conv2d: 'bias' ({op_dtype(bias)}) and 'weight' ({weight_dtype}) must have the same dtype")
     c = input.shape[-3]
     if weight.shape[0] < groups:
         raise RuntimeError(
@@ -128,11 +137,14 @@ def fallback_reason(
             continue
         if t.device.type != "cpu":
             return f"'{name}' is on {t.device.type}, not the CPU"
-        if t.dtype != torch.float32:
-            return f"dtype {t.dtype} is not supported yet (float32 only)"
+        dtype = op_dtype(t)
+        if dtype not in (torch.float32, torch.bfloat16):
+            return f"dtype {dtype} is not supported (float32 and bfloat16 only)"
     if input.shape[-3] == 0:
         # torch gives an output with no channels here, whatever the weight and bias.
         return "'input' has no channels"
+    if op_dtype(weight) == torch.bfloat16:
+        return _backend.bf16_fallback_reason(groups)
     if groups > 1 and not _backend.jit_covers_groups(groups, weight.shape[0], weight.shape[1]):
         kg, cg = weight.shape[0] // groups, weight.shape[1]
         return f"grouped convolutions with {cg} input and {kg} output channels per group are not covered by the JIT"
@@ -210,3 +222,25 @@ def conv2d_packed(
 def pack_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """(K, C/groups, R, S) -> (groups, K/V, C/V, R, S, V, V) for the active ISA."""
     return torch.ops.directconv.pack_weight(weight, groups)
+
+
+def pack_weight_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """(K, C, R, S) fp32 or bf16 -> the AMX kernels' packed bf16 weights (flat), rounded to nearest even."""
+    return torch.ops.directconv.pack_weight_bf16(weight)
+
+
+def conv2d_packed_bf16(
+    input: torch.Tensor,
+    packed_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_size: Sequence[int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    relu: bool = False,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """conv2d on a 4-D bf16 input (cast from fp32 under autocast) with weights packed by pack_weight_bf16."""
+    return torch.ops.directconv.conv2d_packed_bf16(
+        input, packed_weight, bias, list(weight_size), list(stride), list(padding), list(dilation), relu, channels_last
+    )

@@ -14,7 +14,17 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _backend
 from ._autograd import call_op
-from .functional import _check, _pair, conv2d_packed, conv_padding, fallback_reason, pack_weight
+from .functional import (
+    _check,
+    _pair,
+    conv2d_packed,
+    conv2d_packed_bf16,
+    conv_padding,
+    fallback_reason,
+    op_dtype,
+    pack_weight,
+    pack_weight_bf16,
+)
 
 # The smallest image the NCHW 1x1 GEMM takes (C++'s, read once).
 _NCHW_GEMM_MIN_PIXELS = _backend._C.nchw_gemm_min_pixels() if _backend._C is not None else 2**63
@@ -85,14 +95,17 @@ class DirectConv2d(nn.Conv2d):
         self._packed_alias: torch.Tensor | None = None
         # Which Parameter: one made from weight.data shares the storage, not the version counter.
         self._packed_param: weakref.ref | None = None
-        self._packed_key: tuple | None = None  # (version, groups, isa)
+        self._packed_key: tuple | None = None  # (version, groups, isa, bf16)
 
-    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def _packed_weight(self, weight: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """The packing for the fp32 kernels, or with bf16 for the AMX bf16 kernels (of an fp32
+        weight too, as autocast casts it: rounded to nearest even)."""
         # An inference tensor has no version counter to watch, and a weight computed in forward
         # (a parametrization) is new at every call: nothing to cache.
+        pack = pack_weight_bf16 if bf16 else lambda w: pack_weight(w, self.groups)
         if weight.is_inference() or weight is not self._parameters.get("weight"):
-            return pack_weight(weight, self.groups)
-        key = (weight._version, self.groups, _backend.isa())
+            return pack(weight)
+        key = (weight._version, self.groups, _backend.isa(), bf16)
         if (
             self._packed_alias is None
             or not weight.is_set_to(self._packed_alias)
@@ -100,7 +113,7 @@ class DirectConv2d(nn.Conv2d):
             or self._packed_key != key
         ):
             self.refresh_packed_weight()  # frees the old packing before the new one is made
-            self._packed = pack_weight(weight, self.groups)
+            self._packed = pack(weight)
             self._packed_alias = weight.detach()
             self._packed_param = weakref.ref(weight)
             self._packed_key = key
@@ -163,6 +176,7 @@ class DirectConv2d(nn.Conv2d):
             self.padding_mode,
             self.cache_weights,
             _backend.isa(),
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
         )
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -196,13 +210,25 @@ class DirectConv2d(nn.Conv2d):
         # A graph being recorded (torch.compile, torch.jit.trace) must read the weight, not
         # bake in a packing of it as a constant (and a trace sees sizes as tensors).
         # A layer that runs as a GEMM on NCHW tensors reads the weight as it is: nothing to cache.
-        if (
+        bf16 = op_dtype(weight) == torch.bfloat16
+        cached = (
             self.cache_weights
             and not needs_grad
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
-            and not self._nchw_gemm(x, weight, stride, pad4)
-        ):
+        )
+        if cached and bf16:
+            out = conv2d_packed_bf16(
+                x,
+                self._packed_weight(weight, bf16=True),
+                bias,
+                weight.shape,
+                stride,
+                pad4,
+                dilation,
+                channels_last=_backend.is_channels_last(weight),
+            )
+        elif cached and not self._nchw_gemm(x, weight, stride, pad4):
             out = conv2d_packed(
                 x,
                 self._packed_weight(weight),

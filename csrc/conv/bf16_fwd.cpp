@@ -4,7 +4,9 @@
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
+#include "conv/driver_util.h"
 #include "conv/reference.h"
 
 namespace dc {
@@ -253,6 +255,25 @@ std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPla
   return prim;
 }
 
+namespace {
+
+PrimitiveCache<Bf16FwdPrimitive>& primitives() {
+  static auto* c = new PrimitiveCache<Bf16FwdPrimitive>();  // never destroyed, like the kernel cache
+  return *c;
+}
+// Made at load, before another thread can be inside it: no fork() finds it half made.
+[[maybe_unused]] PrimitiveCache<Bf16FwdPrimitive>& g_primitives_at_load = primitives();
+
+}  // namespace
+
+std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
+                                                                const FwdPostOps& post) {
+  return primitives().get(desc.to_string() + "/" + std::to_string(threads) + "/" + dtype_name(out_dt) + post.name(),
+                          [&] { return make_bf16_fwd_primitive(make_bf16_fwd_plan(desc, threads, out_dt, post)); });
+}
+
+void clear_bf16_fwd_primitives() { primitives().clear(); }
+
 bool bf16_fwd_folds_columns(const ConvDesc& d) { return d.s > 1 && d.c * d.s <= kAmxBlock; }
 bool bf16_fwd_subsamples(const ConvDesc& d) {
   return d.r == 1 && d.s == 1 && (d.stride_h > 1 || d.stride_w > 1) && !d.pad_t && !d.pad_b && !d.pad_l && !d.pad_r;
@@ -285,25 +306,58 @@ int64_t bf16_fwd_weight_elems(const ConvDesc& d) {
 }
 
 void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed) {
+  const int64_t strides[4] = {d.c * d.r * d.s, d.r * d.s, d.s, 1};
+  pack_bf16_fwd_weights(d, w, DataType::f32, strides, packed, 0, 1);
+}
+
+namespace {
+
+inline uint16_t to_bf16(float v) { return bf16_from_float(v); }
+inline uint16_t to_bf16(uint16_t v) { return v; }
+
+// Blocks [begin, end) of (output block, input block): each block's R x S taps. The source is
+// read in its own order (a channel's taps innermost: contiguous in a (K, C, R, S) weight) and
+// written within the block's taps, which stay in L1.
+template <typename T>
+void pack_blocks(const ConvDesc& d, const T* w, const int64_t st[4], uint16_t* packed, int64_t begin, int64_t end) {
   const ConvDesc in = bf16_fwd_inner_desc(d);
   const bool folded = bf16_fwd_folds_columns(d);
-  const int64_t cb = div_up(in.c, kAmxBlock), kb = div_up(in.k, kAmxBlock);
-  for (int64_t kbi = 0; kbi < kb; ++kbi)
-    for (int64_t cbi = 0; cbi < cb; ++cbi)
-      for (int64_t r = 0; r < in.r; ++r)
-        for (int64_t s = 0; s < in.s; ++s) {
-          uint16_t* tap = packed + (((kbi * cb + cbi) * in.r + r) * in.s + s) * 1024;
-          for (int half = 0; half < 2; ++half)
-            for (int pair = 0; pair < 16; ++pair)
-              for (int n = 0; n < 16; ++n)
-                for (int e = 0; e < 2; ++e) {
-                  const int64_t k = kbi * kAmxBlock + half * 16 + n, c = cbi * kAmxBlock + pair * 2 + e;
-                  // Folded: inner channel c is kernel column c / C, channel c % C.
-                  const int64_t src_c = folded ? c % d.c : c, src_s = folded ? c / d.c : s;
-                  tap[half * 512 + pair * 32 + n * 2 + e] =
-                      k < in.k && c < in.c ? bf16_from_float(w[((k * d.c + src_c) * d.r + r) * d.s + src_s]) : 0;
-                }
-        }
+  const int64_t cb = div_up(in.c, kAmxBlock), taps = in.r * in.s;
+  // Folded: inner channel c is kernel column c / C, channel c % C; the inner kernel is R x 1.
+  std::vector<int64_t> tap_off(taps);
+  for (int64_t t = 0; t < taps; ++t) tap_off[t] = (t / in.s) * st[2] + (t % in.s) * st[3];
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t kbi = b / cb, cbi = b % cb;
+    uint16_t* block = packed + b * taps * 1024;
+    std::memset(block, 0, taps * 1024 * sizeof(uint16_t));
+    const int64_t k_end = std::min<int64_t>(kAmxBlock, in.k - kbi * kAmxBlock);
+    const int64_t c_end = std::min<int64_t>(kAmxBlock, in.c - cbi * kAmxBlock);
+    // Output channel kl of the block: B tile kl / 16, column kl % 16; input channel cl: pair
+    // cl / 2, element cl % 2 (VNNI).
+    for (int64_t kl = 0; kl < k_end; ++kl) {
+      const T* src_k = w + (kbi * kAmxBlock + kl) * st[0];
+      uint16_t* col = block + (kl / 16) * 512 + (kl % 16) * 2;
+      for (int64_t cl = 0; cl < c_end; ++cl) {
+        const int64_t c = cbi * kAmxBlock + cl;
+        const T* src = folded ? src_k + (c % d.c) * st[1] + (c / d.c) * st[3] : src_k + c * st[1];
+        uint16_t* dst = col + (cl / 2) * 32 + cl % 2;
+        for (int64_t t = 0; t < taps; ++t) dst[t * 1024] = to_bf16(src[tap_off[t]]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t st[4], uint16_t* packed,
+                           int tid, int nthreads) {
+  const ConvDesc in = bf16_fwd_inner_desc(d);
+  const int64_t blocks = div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock);
+  const int64_t begin = blocks * tid / nthreads, end = blocks * (tid + 1) / nthreads;
+  if (w_dt == DataType::bf16)
+    pack_blocks(d, static_cast<const uint16_t*>(w), st, packed, begin, end);
+  else
+    pack_blocks(d, static_cast<const float*>(w), st, packed, begin, end);
 }
 
 namespace {

@@ -92,12 +92,21 @@ struct Bf16FwdPrimitive {
   AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
+// The primitive of (desc, threads, output type, post-ops), made once and kept (an LRU cache, as
+// the fp32 primitives'); desc.dt must be bf16.
+std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
+                                                                const FwdPostOps& post);
+void clear_bf16_fwd_primitives();
 
 // Elements of the packed weights: ceil(K/32) * ceil(C/32) * R * S * 1024 of the inner desc.
 int64_t bf16_fwd_weight_elems(const ConvDesc& d);
 // (K, C, R, S) fp32 weights to the packed bf16 layout (of the inner desc: folded, inner
 // channel s * C + c is (c, s)), rounded to nearest even, padded entries zero.
 void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed);
+// The same from (K, C, R, S) weights of type w_dt (f32 or bf16) with any strides (in
+// elements): thread tid's share of the (output block, input block) pairs.
+void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t w_strides[4],
+                           uint16_t* packed, int tid, int nthreads);
 
 // The operands of the plan's post-ops, read only when it names them.
 struct Bf16FwdPostArgs {

@@ -1,6 +1,7 @@
 #include "conv/paths.h"
 
 #include "conv/fwd_plan.h"
+#include "jit/amx_fwd_kernel.h"
 
 namespace dc {
 
@@ -14,6 +15,24 @@ bool jit_covers_groups(int64_t groups, int64_t k, int64_t cg, int64_t V) {
 
 bool nchw_gemm_preferred(const ConvDesc& d, Isa isa) {
   return d.h * d.w >= kNchwGemmMinPixels && nchw_1x1_applies(d, isa);
+}
+
+std::string bf16_fwd_fallback_reason(Isa active, Isa detected, int64_t groups) {
+  if (active < Isa::amx) {
+    const std::string level = isa_name(active);
+    if (detected >= Isa::amx)
+      return "bf16 convolutions need the amx level; TORCH_DIRECTCONV_ISA caps it at " + level;
+    return "bf16 convolutions need the amx level; this CPU and OS offer " + std::string(isa_name(detected));
+  }
+  if (groups != 1)
+    return "bf16 grouped convolutions (groups=" + std::to_string(groups) + ") are not covered by the JIT";
+  return "";
+}
+
+bool bf16_fwd_fits(const ConvDesc& d) {
+  constexpr int64_t kMaxKernel = int64_t{1} << 20;  // make_bf16_fwd_plan's limit
+  return d.dt == DataType::bf16 && jit_fits(d, kAmxBlock) && d.p() >= 1 && d.q() >= 1 && d.r <= kMaxKernel &&
+         d.s <= kMaxKernel && d.dil_w <= kMaxKernel && d.s * d.dil_w <= kMaxKernel;
 }
 
 }  // namespace dc

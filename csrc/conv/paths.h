@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "conv/conv_desc.h"
 #include "jit/isa.h"
@@ -29,5 +30,14 @@ constexpr int64_t kNchwGemmMinPixels = 28 * 28;
 // Whether a one-group convolution on NCHW tensors (input and weight contiguous, output
 // NCHW) takes the NCHW 1x1 GEMM rather than the blocked kernels.
 bool nchw_gemm_preferred(const ConvDesc& d, Isa isa);
+
+// Why the AMX bf16 forward (conv/bf16_fwd.h) does not take a bf16 convolution of `groups`
+// groups at the `active` level (on a CPU and OS whose best is `detected`), or "" when it
+// does. Its geometry is bf16_fwd_fits's. Below amx, bf16 runs on torch's convolution.
+std::string bf16_fwd_fallback_reason(Isa active, Isa detected, int64_t groups);
+
+// Whether the AMX bf16 forward's plan and kernels take this geometry (d.dt = bf16): offsets
+// within 32 bits (jit_fits) and the plan's kernel-size limits.
+bool bf16_fwd_fits(const ConvDesc& d);
 
 }  // namespace dc

@@ -24,12 +24,19 @@ namespace {
 
 void check_backward_args(const char* op, const Tensor& grad_output, const Tensor& other, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  check_float_cpu(grad_output, op, "grad_output");
+  check_conv_dtype_cpu(grad_output, op, "grad_output");
   TORCH_CHECK(grad_output.dim() == 4, op, ": expected a 4-D 'grad_output', got shape ", grad_output.sizes());
   TORCH_CHECK(other.dim() == 4, op, ": expected 4-D tensors, got shape ", other.sizes());
   TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4, op,
               ": expected 2 strides, 4 paddings and 2 dilations");
   TORCH_CHECK(groups >= 1, op, ": expected 'groups' >= 1, got ", groups);
+}
+
+// The other operand is on the CPU and of grad_output's dtype (float32 or bfloat16).
+void check_same_dtype(const char* op, const Tensor& grad_output, const Tensor& t, const char* name) {
+  check_conv_dtype_cpu(t, op, name);
+  TORCH_CHECK(t.scalar_type() == grad_output.scalar_type(), op, ": 'grad_output' (", grad_output.scalar_type(),
+              ") and '", name, "' (", t.scalar_type(), ") must have the same dtype");
 }
 
 // The convolution whose gradient a backward op computes, checked against 'grad_output'.
@@ -203,7 +210,7 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   dc::ScratchScope call;
   const char* op = "conv2d_backward_data";
   check_backward_args(op, grad_output, weight, stride, padding, dilation, groups);
-  check_float_cpu(weight, op, "weight");
+  check_same_dtype(op, grad_output, weight, "weight");
   // Channels_last when grad_output or the weight is, whatever the path (the fake kernel says so).
   const at::MemoryFormat format = is_channels_last(grad_output) || is_channels_last(weight)
                                       ? at::MemoryFormat::ChannelsLast
@@ -213,6 +220,10 @@ Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at:
   if (input_size.size() == 4 && (input_size[1] == 0 || weight.size(0) == 0))
     return new_zeros(input_size, grad_output.options()).contiguous(format);
   const ConvDesc d = backward_desc(op, grad_output, input_size, weight.sizes(), stride, padding, dilation, groups);
+  if (grad_output.scalar_type() == at::kBFloat16)
+    return std::get<0>(bf16_conv2d_backward(grad_output, new_tensor(input_size, grad_output.options()), weight, stride,
+                                            padding, dilation, groups, true, false))
+        .contiguous(format);
   if (!jit_takes(d)) {
     ++aten_fallbacks;
     Tensor input = new_tensor(input_size, grad_output.options());
@@ -231,10 +242,14 @@ Tensor conv2d_backward_weight(const Tensor& grad_output, const Tensor& input, at
   dc::ScratchScope call;
   const char* op = "conv2d_backward_weight";
   check_backward_args(op, grad_output, input, stride, padding, dilation, groups);
-  check_float_cpu(input, op, "input");
+  check_same_dtype(op, grad_output, input, "input");
   if (weight_size.size() == 4 && (input.size(1) == 0 || weight_size[0] == 0))
     return new_zeros(weight_size, grad_output.options());
   const ConvDesc d = backward_desc(op, grad_output, input.sizes(), weight_size, stride, padding, dilation, groups);
+  if (grad_output.scalar_type() == at::kBFloat16)
+    return std::get<1>(bf16_conv2d_backward(grad_output, input, new_tensor(weight_size, grad_output.options()), stride,
+                                            padding, dilation, groups, false, true))
+        .contiguous();
   if (!jit_takes(d))
     ++aten_fallbacks;
   else if (Tensor gw = backward_weight_jit(grad_output, input, weight_size, stride, padding, dilation, groups);

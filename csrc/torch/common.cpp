@@ -18,6 +18,12 @@ dc::Isa jit_isa(const char* op) {
   return isa;
 }
 
+void check_conv_dtype_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected '", name, "' on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": expected '", name,
+              "' of dtype float32 or bfloat16, got ", t.scalar_type());
+}
+
 void check_float_cpu(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": expected '", name, "' on the CPU, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": expected '", name, "' of dtype float32, got ", t.scalar_type());
@@ -95,6 +101,12 @@ Tensor aten_conv2d(const Tensor& input, const Tensor& weight, const c10::optiona
   ++aten_fallbacks;
   TORCH_WARN_ONCE("torch_directconv: a convolution with empty channels, or with a stride, padding or dilation whose "
                   "offsets exceed the kernels' 32 bits, runs on PyTorch's convolution");
+  return torch_conv2d(input, weight, bias, stride, padding, dilation, groups, relu, format);
+}
+
+Tensor torch_conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                    at::MemoryFormat format) {
   const AtenPadding pad = aten_padding(padding);
   Tensor x = pad.any_extra() ? at::constant_pad_nd(input, pad.extra, 0) : input;
   Tensor y = at::conv2d(x, weight, bias, stride, pad.symmetric, dilation, groups);

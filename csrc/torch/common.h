@@ -24,6 +24,8 @@ using dc::ConvDesc;
 dc::Isa jit_isa(const char* op = "torch_directconv");
 
 void check_float_cpu(const Tensor& t, const char* op, const char* name);
+// On the CPU, float32 or bfloat16 (the drop-in ops take both).
+void check_conv_dtype_cpu(const Tensor& t, const char* op, const char* name);
 
 std::vector<int64_t> strides4(const Tensor& t);
 
@@ -40,6 +42,10 @@ extern std::atomic<int64_t> aten_fallbacks;
 Tensor aten_conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
                    at::MemoryFormat format);
+// aten_conv2d without the count and the warning: for callers that give their own reason.
+Tensor torch_conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                    at::MemoryFormat format);
 std::tuple<Tensor, Tensor, Tensor> aten_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
                                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                                  at::IntArrayRef dilation, int64_t groups, bool want_input,

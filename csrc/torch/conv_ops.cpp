@@ -189,16 +189,20 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
   dc::ScratchScope call;
   const char* op = "conv2d";
-  check_float_cpu(weight, op, "weight");
+  check_conv_dtype_cpu(weight, op, "weight");
   TORCH_CHECK(weight.dim() == 4, op, ": expected a 4-D 'weight' (K, C/groups, R, S), got shape ", weight.sizes());
   TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D 'input' (N, C, H, W), got shape ", input.sizes());
   TORCH_CHECK(groups >= 1, op, ": expected 'groups' >= 1, got ", groups);
   TORCH_CHECK(input.size(1) == weight.size(1) * groups, op, ": 'input' has ", input.size(1),
               " channels, but 'weight' expects ", weight.size(1) * groups, " (", weight.size(1), " per group x ",
               groups, " groups)");
-  check_float_cpu(input, op, "input");
+  check_conv_dtype_cpu(input, op, "input");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), op, ": 'input' (", input.scalar_type(), ") and 'weight' (",
+              weight.scalar_type(), ") must have the same dtype");
   TORCH_CHECK(weight.size(0) >= 1, op, ": expected 'weight' with at least one output channel, got shape ",
               weight.sizes());
+  if (weight.scalar_type() == at::kBFloat16)
+    return conv2d_bf16(input, weight, bias, stride, padding, dilation, groups, relu);
   const bool weight_channels_last = weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   if (weight.size(0) % groups != 0 ||
       !jit_takes(fill_desc(op, input.size(0), weight.size(1), input.size(2), input.size(3), weight.size(0) / groups,

@@ -9,6 +9,9 @@ TORCH_LIBRARY(directconv, m) {
   m.def("conv2d_packed(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, int[4] padding, "
         "int[2] dilation, int groups, bool relu, bool channels_last) -> Tensor");
   m.def("pack_weight(Tensor weight, int groups) -> Tensor");
+  m.def("pack_weight_bf16(Tensor weight) -> Tensor");
+  m.def("conv2d_packed_bf16(Tensor input, Tensor weight, Tensor? bias, int[4] weight_size, int[2] stride, "
+        "int[4] padding, int[2] dilation, bool relu, bool channels_last) -> Tensor");
   m.def("conv2d_blocked(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
         "bool relu, int? in_channels, Tensor? residual=None) -> Tensor");
   m.def("conv2d_blocked_stats(Tensor xb, Tensor wb, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
@@ -31,6 +34,8 @@ TORCH_LIBRARY_IMPL(directconv, CPU, m) {
   m.impl("conv2d", &dc_torch::conv2d);
   m.impl("conv2d_packed", &dc_torch::conv2d_packed);
   m.impl("pack_weight", &dc_torch::pack_weight);
+  m.impl("pack_weight_bf16", &dc_torch::pack_weight_bf16);
+  m.impl("conv2d_packed_bf16", &dc_torch::conv2d_packed_bf16);
   m.impl("conv2d_blocked", &dc_torch::conv2d_blocked);
   m.impl("conv2d_blocked_stats", &dc_torch::conv2d_blocked_stats);
   m.impl("conv2d_backward_data", &dc_torch::conv2d_backward_data);

@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "common.h"
+#include "conv/bf16_fwd.h"
 #include "conv/block_pool.h"
 #include "conv/dw_conv.h"
 #include "conv/fwd_driver.h"
@@ -139,6 +141,7 @@ PYBIND11_MODULE(_C, m) {
       throw pybind11::value_error(e.what());
     }
     dc::clear_fwd_primitives();
+    dc::clear_bf16_fwd_primitives();
     dc::clear_dw_primitives();
     dc::clear_upd_primitives();
   });
@@ -160,6 +163,7 @@ PYBIND11_MODULE(_C, m) {
       "Returns every block the tensor pool holds to the OS; tensors in use keep theirs.");
   m.def("clear_cache", [] {
     dc::clear_fwd_primitives();
+    dc::clear_bf16_fwd_primitives();
     dc::clear_dw_primitives();
     dc::clear_upd_primitives();
     dc::clear_kernel_cache();
@@ -202,6 +206,38 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("groups"), pybind11::arg("out_channels"), pybind11::arg("in_channels_per_group"),
       "Whether the JIT kernels cover a convolution of these groups (conv/paths.h): one group, depthwise, or groups "
       "that waste at most half of their channel blocks.");
+  m.def(
+      "bf16_fallback_reason",
+      [](int64_t groups) -> std::optional<std::string> {
+        std::string why = dc::bf16_fwd_fallback_reason(dc::active_isa(), dc::detected_isa(), groups);
+        if (why.empty()) return std::nullopt;
+        return why;
+      },
+      pybind11::arg("groups"),
+      "Why a bf16 convolution of these groups runs on torch's convolution at the active level, or None when the "
+      "AMX kernels take it (conv/paths.h).");
+  m.def(
+      "bf16_packed_weight_elems",
+      [](int64_t k, int64_t c, int64_t r, int64_t s) {
+        dc::ConvDesc d;
+        d.k = k;
+        d.c = c;
+        d.r = r;
+        d.s = s;
+        d.dt = dc::DataType::bf16;
+        return dc::bf16_fwd_weight_elems(d);
+      },
+      pybind11::arg("out_channels"), pybind11::arg("in_channels"), pybind11::arg("kernel_h"), pybind11::arg("kernel_w"),
+      "Elements of pack_weight_bf16's output for a (K, C, R, S) weight.");
+  m.def(
+      "bf16_fwd_plan",
+      [](const std::string& problem, int64_t threads) {
+        dc::ConvDesc d = dc::parse_conv_desc(problem);
+        d.dt = dc::DataType::bf16;
+        return dc::make_bf16_fwd_plan(d, static_cast<int>(threads), dc::DataType::bf16).to_string();
+      },
+      pybind11::arg("problem"), pybind11::arg("threads") = 1,
+      "The AMX bf16 forward plan of a benchdnn problem string (bf16 output, no post-ops).");
   m.def("is_depthwise", &dc::is_depthwise, pybind11::arg("groups"), pybind11::arg("out_channels"),
         pybind11::arg("in_channels_per_group"),
         "Whether these groups are depthwise (one input and one output channel each), which the depthwise kernels "

@@ -21,6 +21,19 @@ Tensor conv2d(const Tensor& input, const Tensor& weight, const c10::optional<Ten
 Tensor conv2d_nchw_1x1(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu);
 
+// bf16_ops.cpp: the drop-in convolutions on bf16 tensors (the AMX kernels).
+Tensor conv2d_bf16(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
+Tensor pack_weight_bf16(const Tensor& weight);
+Tensor conv2d_packed_bf16(const Tensor& input, const Tensor& packed, const c10::optional<Tensor>& bias,
+                          at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, bool relu, bool channels_last);
+// The bf16 gradients (input, weight), each computed only when wanted.
+std::tuple<Tensor, Tensor> bf16_conv2d_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups, bool want_input,
+                                                bool want_weight);
+
 // blocked_conv.cpp: the blocked convolution and its gradients.
 Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,

@@ -1,0 +1,140 @@
+#include "conv/bf16_layout.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "jit/amx_fwd_kernel.h"
+
+namespace dc {
+
+namespace {
+
+constexpr int64_t kLanes = kAmxBlock;
+
+// Rows [begin, end) of the n * ceil(c/32) * h rows of the blocked tensor, for thread tid.
+struct RowShare {
+  int64_t begin, end;
+  RowShare(int64_t n, int64_t c, int64_t h, int tid, int nthreads) {
+    const int64_t rows = n * ((c + kLanes - 1) / kLanes) * h;
+    begin = rows * tid / nthreads;
+    end = rows * (tid + 1) / nthreads;
+  }
+};
+
+// The permutations of one perfect-shuffle round: the two halves of (a, b) interleaved.
+alignas(64) constexpr uint16_t kShuffleLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) constexpr uint16_t kShuffleHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// A 32 x 32 transpose of 16-bit elements: five perfect-shuffle rounds, each row i and row
+// i + 16 interleaved into rows 2i and 2i + 1. The bf16 layouts are only reached at the amx
+// level, whose CPUs have AVX-512BW.
+__attribute__((target("avx512f,avx512bw"))) void transpose32(__m512i r[32]) {
+  const __m512i lo = _mm512_load_si512(kShuffleLo), hi = _mm512_load_si512(kShuffleHi);
+  for (int round = 0; round < 5; ++round) {
+    __m512i t[32];
+    for (int i = 0; i < 16; ++i) {
+      t[2 * i] = _mm512_permutex2var_epi16(r[i], lo, r[i + 16]);
+      t[2 * i + 1] = _mm512_permutex2var_epi16(r[i], hi, r[i + 16]);
+    }
+    for (int i = 0; i < 32; ++i) r[i] = t[i];
+  }
+}
+
+// One NCHW row (nc channel rows cstride apart, unit pixel stride) into w pixels of 32 lanes.
+// Masked loads read no element past the row, so no tail reads outside the tensor.
+__attribute__((target("avx512f,avx512bw"))) void nchw_row_to_rows32(const uint16_t* in, int64_t cstride,
+                                                                    int64_t nc, int64_t w, uint16_t* out) {
+  for (int64_t x0 = 0; x0 < w; x0 += kLanes) {
+    const int64_t n_px = std::min(kLanes, w - x0);
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << n_px) - 1);
+    __m512i r[32];
+    for (int64_t ci = 0; ci < kLanes; ++ci)
+      r[ci] = ci < nc ? _mm512_maskz_loadu_epi16(mask, in + ci * cstride + x0) : _mm512_setzero_si512();
+    transpose32(r);
+    for (int64_t j = 0; j < n_px; ++j) _mm512_storeu_si512(out + (x0 + j) * kLanes, r[j]);
+  }
+}
+
+// The inverse: w pixels of 32 lanes into nc NCHW channel rows.
+__attribute__((target("avx512f,avx512bw"))) void rows32_to_nchw_row(const uint16_t* in, int64_t nc, int64_t w,
+                                                                    uint16_t* out, int64_t cstride) {
+  for (int64_t x0 = 0; x0 < w; x0 += kLanes) {
+    const int64_t n_px = std::min(kLanes, w - x0);
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << n_px) - 1);
+    __m512i r[32];
+    for (int64_t j = 0; j < kLanes; ++j)
+      r[j] = j < n_px ? _mm512_loadu_si512(in + (x0 + j) * kLanes) : _mm512_setzero_si512();
+    transpose32(r);
+    for (int64_t ci = 0; ci < nc; ++ci) _mm512_mask_storeu_epi16(out + ci * cstride + x0, mask, r[ci]);
+  }
+}
+
+// One pixel's nc channels; a whole block is a fixed-size copy the compiler inlines.
+inline void copy_pixel(uint16_t* dst, const uint16_t* src, int64_t nc) {
+  if (nc == kLanes)
+    std::memcpy(dst, src, kLanes * 2);
+  else
+    std::memcpy(dst, src, nc * 2);
+}
+
+}  // namespace
+
+void bf16_to_rows32(const uint16_t* src, const int64_t st[4], int64_t n, int64_t c, int64_t h, int64_t w,
+                    uint16_t* dst, int tid, int nthreads) {
+  const int64_t cb = (c + kLanes - 1) / kLanes;
+  const RowShare share(n, c, h, tid, nthreads);
+  for (int64_t row = share.begin; row < share.end; ++row) {
+    const int64_t ni = row / (cb * h), bi = row / h % cb, hi = row % h;
+    const int64_t c0 = bi * kLanes, nc = std::min(kLanes, c - c0);
+    const uint16_t* in = src + ni * st[0] + c0 * st[1] + hi * st[2];
+    uint16_t* out = dst + row * w * kLanes;
+    if (st[1] == 1) {  // channels_last: each pixel's channels are contiguous
+      for (int64_t x = 0; x < w; ++x) {
+        copy_pixel(out + x * kLanes, in + x * st[3], nc);
+        if (nc < kLanes) std::memset(out + x * kLanes + nc, 0, (kLanes - nc) * 2);
+      }
+      continue;
+    }
+    if (st[3] == 1) {  // NCHW rows: 32 x 32 transposes
+      nchw_row_to_rows32(in, st[1], nc, w, out);
+      continue;
+    }
+    if (nc < kLanes) std::memset(out, 0, w * kLanes * 2);
+    // Channel by channel: the reads run along the row (NCHW), the writes 64 bytes apart
+    // within a row that stays in L1.
+    for (int64_t ci = 0; ci < nc; ++ci) {
+      const uint16_t* ch = in + ci * st[1];
+      for (int64_t x = 0; x < w; ++x) out[x * kLanes + ci] = ch[x * st[3]];
+    }
+  }
+}
+
+void rows32_to_bf16(const uint16_t* src, int64_t n, int64_t c, int64_t h, int64_t w, uint16_t* dst,
+                    const int64_t st[4], int tid, int nthreads) {
+  const int64_t cb = (c + kLanes - 1) / kLanes;
+  const RowShare share(n, c, h, tid, nthreads);
+  for (int64_t row = share.begin; row < share.end; ++row) {
+    const int64_t ni = row / (cb * h), bi = row / h % cb, hi = row % h;
+    const int64_t c0 = bi * kLanes, nc = std::min(kLanes, c - c0);
+    const uint16_t* in = src + row * w * kLanes;
+    uint16_t* out = dst + ni * st[0] + c0 * st[1] + hi * st[2];
+    if (st[1] == 1) {
+      for (int64_t x = 0; x < w; ++x) copy_pixel(out + x * st[3], in + x * kLanes, nc);
+      continue;
+    }
+    if (st[3] == 1) {
+      rows32_to_nchw_row(in, nc, w, out, st[1]);
+      continue;
+    }
+    for (int64_t ci = 0; ci < nc; ++ci) {
+      uint16_t* ch = out + ci * st[1];
+      for (int64_t x = 0; x < w; ++x) ch[x * st[3]] = in[x * kLanes + ci];
+    }
+  }
+}
+
+}  // namespace dc
