@@ -1,9 +1,14 @@
-// The timing side of bench/bench_bf16_fwd.py: reads commands from stdin, one a line, and
-// answers each with one number, so the script can interleave it with torch's convolution.
+// The timing side of bench/bench_bf16_fwd.py and bench/bench_bf16_bwd.py: reads commands
+// from stdin, one a line, and answers each with one number (plan: one line), so the scripts
+// can interleave it with torch's convolution.
 //   peak <seconds>                 GFLOP/s of this core's tdpbf16ps loop (its own, 4 chains),
 //                                  the median of chunks of 4,000 products
 //   conv <problem> <min_seconds>   seconds per call of the bf16 forward (1 thread, bf16 out,
 //                                  no post-ops), the median of calls timed for min_seconds
+//   bwd_data <problem> <min_seconds>   the same for the bf16 input gradient (bf16 dx)
+//   bwd_data_pack <problem> <min_seconds>   the same for packing its weights from fp32
+//                                  (once per training step, not per call)
+//   plan <problem>, bwd_data_plan <problem>   the pass's plan (Bf16*Plan::to_string)
 // A problem is planned and its kernels generated at its first command.
 
 #include <algorithm>
@@ -18,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "conv/bf16_bwd_data.h"
 #include "conv/bf16_fwd.h"
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
@@ -103,6 +109,50 @@ void fill_problem(const std::string& text, Problem* out) {
   p.scratch.resize(p.prim->plan.scratch_bytes + 64);
 }
 
+// The input gradient of a forward problem: dy (N, Kb, P, Q, 32) in, dx (N, Cb, H, W, 32) out.
+struct BwdDataProblem {
+  std::shared_ptr<const Bf16BwdDataPrimitive> prim;
+  std::vector<float> w;  // (K, C, R, S) fp32
+  Aligned<uint16_t> dy, wei;
+  Aligned<uint8_t> dx, scratch;
+};
+
+void fill_bwd_data_problem(const std::string& text, BwdDataProblem* out) {
+  BwdDataProblem& p = *out;
+  ConvDesc d = parse_conv_desc(text);
+  d.dt = DataType::bf16;
+  p.prim = make_bf16_bwd_data_primitive(make_bf16_bwd_data_plan(d, 1, DataType::bf16));
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock), pq = d.p() * d.q();
+  p.dy.resize(d.n * kb * pq * kAmxBlock);
+  for (size_t i = 0; i < p.dy.size(); ++i)
+    p.dy[i] = static_cast<int64_t>(i % kAmxBlock + (i / (pq * kAmxBlock) % kb) * kAmxBlock) < d.k
+                  ? bf16_from_float(u(rng))
+                  : 0;
+  p.w.resize(d.k * d.c * d.r * d.s);
+  for (float& x : p.w) x = u(rng);
+  p.wei.resize(bf16_bwd_data_weight_elems(d));
+  pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data());
+  p.dx.resize(d.n * cb * d.h * d.w * kAmxBlock * 2);
+  p.scratch.resize(p.prim->plan.scratch_bytes + 64);
+}
+
+// Seconds per call of `call`: the median of calls timed for min_seconds (at least 3).
+template <typename F>
+double median_call(const F& call, double min_seconds) {
+  call();
+  std::vector<double> times;
+  const double t0 = now();
+  do {
+    const double a = now();
+    call();
+    times.push_back(now() - a);
+  } while (now() - t0 < min_seconds || times.size() < 3);
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  return times[times.size() / 2];
+}
+
 }  // namespace
 
 int main() {
@@ -116,6 +166,7 @@ int main() {
   auto peak_kernel = PeakLoop().build();
   auto peak = peak_kernel->entry<void (*)(int64_t)>();
   std::map<std::string, Problem> problems;
+  std::map<std::string, BwdDataProblem> bwd_data_problems;
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
@@ -144,25 +195,40 @@ int main() {
       auto it = problems.find(text);
       if (it == problems.end()) it = problems.try_emplace(text).first, fill_problem(text, &it->second);
       Problem& p = it->second;
-      auto call = [&] {
-        bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), serial);
-      };
-      call();
-      std::vector<double> times;
-      const double t0 = now();
-      do {
-        const double a = now();
-        call();
-        times.push_back(now() - a);
-      } while (now() - t0 < min_seconds || times.size() < 3);
-      std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-      std::printf("%.9f\n", times[times.size() / 2]);
+      const double t = median_call(
+          [&] { bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), serial); },
+          min_seconds);
+      std::printf("%.9f\n", t);
+    } else if (cmd == "bwd_data" || cmd == "bwd_data_pack") {
+      std::string text;
+      double min_seconds = 0.05;
+      in >> text >> min_seconds;
+      auto it = bwd_data_problems.find(text);
+      if (it == bwd_data_problems.end())
+        it = bwd_data_problems.try_emplace(text).first, fill_bwd_data_problem(text, &it->second);
+      BwdDataProblem& p = it->second;
+      const ConvDesc& d = p.prim->plan.desc;
+      const double t =
+          cmd == "bwd_data"
+              ? median_call(
+                    [&] {
+                      bf16_bwd_data_run(*p.prim, p.dy.data(), p.wei.data(), p.dx.data(), p.scratch.data(), serial);
+                    },
+                    min_seconds)
+              : median_call([&] { pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data()); }, min_seconds);
+      std::printf("%.9f\n", t);
     } else if (cmd == "plan") {
       std::string text;
       in >> text;
       ConvDesc d = parse_conv_desc(text);
       d.dt = DataType::bf16;
       std::printf("%s\n", make_bf16_fwd_plan(d, 1, DataType::bf16).to_string().c_str());
+    } else if (cmd == "bwd_data_plan") {
+      std::string text;
+      in >> text;
+      ConvDesc d = parse_conv_desc(text);
+      d.dt = DataType::bf16;
+      std::printf("%s\n", make_bf16_bwd_data_plan(d, 1, DataType::bf16).to_string().c_str());
     } else {
       std::printf("error: unknown command %s\n", cmd.c_str());
     }

@@ -193,28 +193,50 @@ namespace {
 
 // Phase by phase, dx block, dy block, rotated tap: tap (i, j) is the forward tap
 // (taps_r[R_a - 1 - i], taps_s[S_b - 1 - j]); a B tile's pairs are dy channels, its
-// columns dx channels.
+// columns dx channels. Block by block, (32 k) x (32 c) x R x S of the source is first
+// gathered (rounded, zeros past K and C) from its 32 rows in order, then written out
+// tap after tap: both sides stream, where a direct transpose would write 32 blocks whose
+// strides alias in the caches.
 template <typename Get>
 void pack_weights(const ConvDesc& d, const Get& bf16_at, uint16_t* packed) {
-  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock);
-  for (const BwdDataPhase& ph : bwd_data_phases(d)) {
+  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock), rs = d.r * d.s;
+  struct Slice {
+    const BwdDataPhase* ph;
+    uint16_t* out;  // the phase's packed weights
+    int64_t block;  // elements per (dx block, dy block)
+  };
+  const std::vector<BwdDataPhase> phases = bwd_data_phases(d);
+  std::vector<Slice> slices;
+  for (const BwdDataPhase& ph : phases) {
     if (ph.empty()) continue;
-    const int64_t ra = static_cast<int64_t>(ph.taps_r.size()), sa = static_cast<int64_t>(ph.taps_s.size());
-    for (int64_t cbi = 0; cbi < cb; ++cbi)
-      for (int64_t kbi = 0; kbi < kb; ++kbi)
+    const int64_t block = static_cast<int64_t>(ph.taps_r.size() * ph.taps_s.size()) * kTapElems;
+    slices.push_back({&ph, packed, block});
+    packed += cb * kb * block;
+  }
+  std::vector<uint16_t> buf(kAmxBlock * kAmxBlock * rs);  // [k % 32][c % 32][r][s]
+  for (int64_t kbi = 0; kbi < kb; ++kbi)  // 32 rows of the source at a time, all of them
+    for (int64_t cbi = 0; cbi < cb; ++cbi) {
+      const int64_t n_c = std::min<int64_t>(kAmxBlock, d.c - cbi * kAmxBlock);
+      const int64_t n_k = std::min<int64_t>(kAmxBlock, d.k - kbi * kAmxBlock);
+      std::fill(buf.begin(), buf.end(), 0);
+      for (int64_t kl = 0; kl < n_k; ++kl) {
+        const int64_t in = ((kbi * kAmxBlock + kl) * d.c + cbi * kAmxBlock) * rs;
+        for (int64_t e = 0; e < n_c * rs; ++e) buf[kl * kAmxBlock * rs + e] = bf16_at(in + e);
+      }
+      for (const Slice& sl : slices) {
+        const int64_t ra = static_cast<int64_t>(sl.ph->taps_r.size()), sa = static_cast<int64_t>(sl.ph->taps_s.size());
+        uint16_t* out = sl.out + (cbi * kb + kbi) * sl.block;
         for (int64_t i = 0; i < ra; ++i)
-          for (int64_t j = 0; j < sa; ++j, packed += kTapElems) {
-            const int64_t r = ph.taps_r[ra - 1 - i], s = ph.taps_s[sa - 1 - j];
+          for (int64_t j = 0; j < sa; ++j) {
+            const uint16_t* tap = buf.data() + sl.ph->taps_r[ra - 1 - i] * d.s + sl.ph->taps_s[sa - 1 - j];
             for (int half = 0; half < 2; ++half)
               for (int pair = 0; pair < 16; ++pair)
                 for (int n = 0; n < 16; ++n)
-                  for (int e = 0; e < 2; ++e) {
-                    const int64_t k = kbi * kAmxBlock + pair * 2 + e, c = cbi * kAmxBlock + half * 16 + n;
-                    packed[half * 512 + pair * 32 + n * 2 + e] =
-                        k < d.k && c < d.c ? bf16_at(((k * d.c + c) * d.r + r) * d.s + s) : 0;
-                  }
+                  for (int e = 0; e < 2; ++e)
+                    *out++ = tap[((pair * 2 + e) * kAmxBlock + half * 16 + n) * rs];
           }
-  }
+      }
+    }
 }
 
 }  // namespace

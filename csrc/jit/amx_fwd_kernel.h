@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -84,8 +85,21 @@ std::unique_ptr<JitGenerator> make_amx_tile_config_kernel(int m);  // amx_tilecf
 std::unique_ptr<JitGenerator> make_amx_tile_release_kernel();      // amx_tilerelease
 
 // bf16 <-> fp32 as the kernels round: to nearest even, NaN kept quiet, and (as
-// vcvtneps2bf16) denormal inputs become zeros of their sign.
-uint16_t bf16_from_float(float x);
-float float_from_bf16(uint16_t b);
+// vcvtneps2bf16) denormal inputs become zeros of their sign. Inline: the weight packers
+// round every element.
+inline uint16_t bf16_from_float(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);  // zero or denormal
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float float_from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
 
 }  // namespace dc
