@@ -5,22 +5,27 @@
 //                                  the median of chunks of 4,000 products
 //   conv <problem> <min_seconds>   seconds per call of the bf16 forward (1 thread, bf16 out,
 //                                  no post-ops), the median of calls timed for min_seconds
-//   bwd_data <problem> <min_seconds>   the same for the bf16 input gradient (bf16 dx)
+//   bwd_data <problem> <min_seconds> [threads]   the same for the bf16 input gradient (bf16
+//                                  dx), on `threads` threads of the helper's pool (default 1)
 //   bwd_data_pack <problem> <min_seconds>   the same for packing its weights from fp32
 //                                  (once per training step, not per call)
 //   plan <problem>, bwd_data_plan <problem>   the pass's plan (Bf16*Plan::to_string)
 // A problem is planned and its kernels generated at its first command.
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstdio>
 #include <iostream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "conv/bf16_bwd_data.h"
@@ -59,6 +64,66 @@ class PeakLoop : public JitGenerator {
     tilerelease();
     ret();
   }
+};
+
+// The helper's RunShares for more than one thread: workers made once, as torch's pool is,
+// which spin for about 0.1 ms after a region and then sleep, so that they neither delay the
+// next region nor take the core while torch's side runs. The caller runs share 0.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this, t] { work(t); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+      ++gen_;
+    }
+    cv_.notify_all();
+    for (std::thread& w : workers_) w.join();
+  }
+  int size() const { return n_; }
+  void run(int n, const ShareFn& fn) {
+    fn_ = &fn;
+    n_run_ = n;
+    pending_.store(n_ - 1);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      ++gen_;
+    }
+    cv_.notify_all();
+    fn(0, n);
+    while (pending_.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
+  }
+
+ private:
+  void work(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t g = gen_.load(std::memory_order_acquire);
+      for (int i = 0; g == seen && i < 1000; ++i) __builtin_ia32_pause(), g = gen_.load(std::memory_order_acquire);
+      if (g == seen) {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+        g = gen_.load();
+      }
+      seen = g;
+      if (stop_) return;
+      if (t < n_run_) (*fn_)(t, n_run_);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const ShareFn* fn_ = nullptr;
+  int n_run_ = 0;
+  bool stop_ = false;
 };
 
 double now() {
@@ -117,11 +182,11 @@ struct BwdDataProblem {
   Aligned<uint8_t> dx, scratch;
 };
 
-void fill_bwd_data_problem(const std::string& text, BwdDataProblem* out) {
+void fill_bwd_data_problem(const std::string& text, int threads, BwdDataProblem* out) {
   BwdDataProblem& p = *out;
   ConvDesc d = parse_conv_desc(text);
   d.dt = DataType::bf16;
-  p.prim = make_bf16_bwd_data_primitive(make_bf16_bwd_data_plan(d, 1, DataType::bf16));
+  p.prim = make_bf16_bwd_data_primitive(make_bf16_bwd_data_plan(d, threads, DataType::bf16));
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock), pq = d.p() * d.q();
@@ -166,7 +231,8 @@ int main() {
   auto peak_kernel = PeakLoop().build();
   auto peak = peak_kernel->entry<void (*)(int64_t)>();
   std::map<std::string, Problem> problems;
-  std::map<std::string, BwdDataProblem> bwd_data_problems;
+  std::map<std::pair<std::string, int>, BwdDataProblem> bwd_data_problems;
+  std::unique_ptr<Pool> pool;
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
@@ -202,17 +268,28 @@ int main() {
     } else if (cmd == "bwd_data" || cmd == "bwd_data_pack") {
       std::string text;
       double min_seconds = 0.05;
+      int threads = 1;
       in >> text >> min_seconds;
-      auto it = bwd_data_problems.find(text);
+      if (!(in >> threads)) threads = 1;
+      if (threads < 1 || threads > 64) {
+        std::printf("error: threads must be in [1, 64], got %d\n", threads);
+        std::fflush(stdout);
+        continue;
+      }
+      if (threads > 1 && (!pool || pool->size() < threads)) pool.reset(), pool = std::make_unique<Pool>(threads);
+      const RunShares pooled = [&](int n, const ShareFn& fn) { pool->run(n, fn); };
+      const auto key = std::make_pair(text, threads);
+      auto it = bwd_data_problems.find(key);
       if (it == bwd_data_problems.end())
-        it = bwd_data_problems.try_emplace(text).first, fill_bwd_data_problem(text, &it->second);
+        it = bwd_data_problems.try_emplace(key).first, fill_bwd_data_problem(text, threads, &it->second);
       BwdDataProblem& p = it->second;
       const ConvDesc& d = p.prim->plan.desc;
+      const RunShares& run = threads > 1 ? pooled : serial;
       const double t =
           cmd == "bwd_data"
               ? median_call(
                     [&] {
-                      bf16_bwd_data_run(*p.prim, p.dy.data(), p.wei.data(), p.dx.data(), p.scratch.data(), serial);
+                      bf16_bwd_data_run(*p.prim, p.dy.data(), p.wei.data(), p.dx.data(), p.scratch.data(), run);
                     },
                     min_seconds)
               : median_call([&] { pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data()); }, min_seconds);

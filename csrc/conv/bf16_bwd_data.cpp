@@ -213,27 +213,31 @@ void pack_weights(const ConvDesc& d, const Get& bf16_at, uint16_t* packed) {
     slices.push_back({&ph, packed, block});
     packed += cb * kb * block;
   }
-  std::vector<uint16_t> buf(kAmxBlock * kAmxBlock * rs);  // [k % 32][c % 32][r][s]
+  std::vector<uint16_t> buf(rs * kAmxBlock * kAmxBlock);  // [r][s][k % 32][c % 32]
   for (int64_t kbi = 0; kbi < kb; ++kbi)  // 32 rows of the source at a time, all of them
     for (int64_t cbi = 0; cbi < cb; ++cbi) {
       const int64_t n_c = std::min<int64_t>(kAmxBlock, d.c - cbi * kAmxBlock);
       const int64_t n_k = std::min<int64_t>(kAmxBlock, d.k - kbi * kAmxBlock);
-      std::fill(buf.begin(), buf.end(), 0);
+      if (n_c < kAmxBlock || n_k < kAmxBlock) std::fill(buf.begin(), buf.end(), 0);
       for (int64_t kl = 0; kl < n_k; ++kl) {
         const int64_t in = ((kbi * kAmxBlock + kl) * d.c + cbi * kAmxBlock) * rs;
-        for (int64_t e = 0; e < n_c * rs; ++e) buf[kl * kAmxBlock * rs + e] = bf16_at(in + e);
+        for (int64_t cl = 0; cl < n_c; ++cl)
+          for (int64_t t = 0; t < rs; ++t) buf[(t * kAmxBlock + kl) * kAmxBlock + cl] = bf16_at(in + cl * rs + t);
       }
       for (const Slice& sl : slices) {
         const int64_t ra = static_cast<int64_t>(sl.ph->taps_r.size()), sa = static_cast<int64_t>(sl.ph->taps_s.size());
         uint16_t* out = sl.out + (cbi * kb + kbi) * sl.block;
         for (int64_t i = 0; i < ra; ++i)
           for (int64_t j = 0; j < sa; ++j) {
-            const uint16_t* tap = buf.data() + sl.ph->taps_r[ra - 1 - i] * d.s + sl.ph->taps_s[sa - 1 - j];
+            const int64_t t = sl.ph->taps_r[ra - 1 - i] * d.s + sl.ph->taps_s[sa - 1 - j];
+            const uint16_t* tap = buf.data() + t * kAmxBlock * kAmxBlock;
+            // B tile `half`, row `pair`: dx channels half * 16 + n of dy channels 2 pair, 2 pair + 1.
             for (int half = 0; half < 2; ++half)
-              for (int pair = 0; pair < 16; ++pair)
-                for (int n = 0; n < 16; ++n)
-                  for (int e = 0; e < 2; ++e)
-                    *out++ = tap[((pair * 2 + e) * kAmxBlock + half * 16 + n) * rs];
+              for (int pair = 0; pair < 16; ++pair, out += 32) {
+                const uint16_t* k0 = tap + (2 * pair) * kAmxBlock + half * 16;
+                const uint16_t* k1 = k0 + kAmxBlock;
+                for (int n = 0; n < 16; ++n) out[2 * n] = k0[n], out[2 * n + 1] = k1[n];
+              }
           }
       }
     }
