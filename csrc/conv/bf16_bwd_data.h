@@ -5,11 +5,13 @@
 // phase (a, b) holds the input pixels (a + stride_h i, b + stride_w j) and is a stride-1
 // forward convolution of dy (K channels in, C out) with the taps that reach it, rotated.
 // Every phase reads one zero-bordered copy of dy, (N, Kb, P + pt + pb, Q + pl + pr, 32),
-// bordered by the largest padding any phase needs (none: dy itself), in flat runs of M
-// virtual pixels as the forward's stride-1 plans do. At stride 1 the one phase stores
-// straight into dx; strided layers store each phase densely in scratch, and a second pass
-// interleaves the phases into dx, writing zeros where no tap reaches (a 1 x 1 stride-2
-// layer's three phases of four).
+// bordered by the largest padding any phase needs (none: dy itself). At stride 1 the one
+// phase runs in flat runs of M virtual pixels, as the forward's stride-1 plans do, and
+// stores straight into dx. A strided layer either stores each phase straight into dx too,
+// in runs within the phase's rows whose pixels are stride_w apart (when every phase is wide
+// enough to fill the tiles: bf16_bwd_data_interleaves), or runs each phase flat into a
+// dense scratch, and a second pass interleaves the phases into dx, writing zeros where no
+// tap reaches (a 1 x 1 stride-2 layer's three phases of four).
 //
 // make_bf16_bwd_data_plan is a pure function of (ConvDesc, threads, output type): no code
 // is generated there. A thread's stream takes calls in (image, phase, dx block, pixels)
@@ -58,6 +60,7 @@ struct Bf16BwdDataPlan {
   int64_t pt = 0, pb = 0, pl = 0, pr = 0;  // dy's zero border in its copy
   int64_t hp = 0, wp = 0;                 // the dy plane the kernels read
   bool padded = false;                    // the kernels read a copy of dy
+  bool interleaved = false;               // strided: phases store into dx, pixels apart
   bool scattered = false;                 // phases go through scratch, then into dx
   int m = 16;                             // pixels per run, every run of the plan
   int64_t copy_bytes = 0;                 // the dy copy, at the start of the scratch
@@ -71,6 +74,11 @@ struct Bf16BwdDataPlan {
 
   std::string to_string() const;
 };
+
+// Whether a strided layer's phases store straight into dx, each run within a phase row
+// and its pixels stride_w apart (else: flat runs into scratch, then interleaved): when
+// every phase has taps and is at least 14 pixels wide.
+bool bf16_bwd_data_interleaves(const ConvDesc& d);
 
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
 // element type other than bf16, groups, or an output type other than f32 or bf16.

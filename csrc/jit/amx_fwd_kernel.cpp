@@ -174,8 +174,8 @@ class AmxFwdKernel : public JitGenerator {
       bt(reg_rows, row);
       jnc(l_not_stored, T_NEAR);
       store_row(row);
-      add(reg_dst, kAmxBlock * out_bytes());
-      if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
+      add(reg_dst, arg(offsetof(AmxFwdCallArgs, dst_px_stride)));
+      if (sp_.post.add) add(reg_res, arg(offsetof(AmxFwdCallArgs, dst_px_stride)));
       L(l_not_stored);
     }
   }

@@ -23,7 +23,7 @@
 // results are dropped), which keeps tiles full on narrow maps; at other strides a tile
 // stays within one output row. A row's last tile may overlap the one before (it ends
 // exactly on the last pixel). Which rows a call stores is a bit mask, so the epilogue is
-// unrolled with one test per row.
+// unrolled with one test per row; stored pixels are dst_px_stride bytes apart.
 //
 // Epilogue, per stored row and in this order: + bias, + residual (laid out and typed as
 // the output), max(0, .), then the store, rounded to nearest even for bf16. With one B
@@ -72,6 +72,10 @@ struct AmxFwdCallArgs {
   // Bit i: tile j's row i is stored, at the next pixel of dst[j] (and read at the next
   // of res[j]); the others are virtual columns or repeat the run before.
   int64_t rows[2];
+  // Bytes from one stored pixel to the next, in dst and res: the pixel's own size for a
+  // dense output, a multiple of it where the stores interleave with others' (the strided
+  // input gradient's phases, conv/bf16_bwd_data.h).
+  int64_t dst_px_stride;
 };
 
 using AmxFwdKernelFn = void (*)(const AmxFwdCallArgs*);

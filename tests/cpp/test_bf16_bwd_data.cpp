@@ -76,6 +76,17 @@ double worst(const ConvDesc& d, DataType out_dt, const Reference& ref, const voi
   return e;
 }
 
+// Plans of each way to store a strided layer's phases, counted so that main can check
+// that both ran.
+int& interleaved_plans() {
+  static int n = 0;
+  return n;
+}
+int& scattered_plans() {
+  static int n = 0;
+  return n;
+}
+
 float rnd() { return std::uniform_real_distribution<float>(-1.f, 1.f)(dc_test::rng()); }
 
 struct Options {
@@ -103,6 +114,8 @@ void run_case(const ConvDesc& d, DataType out_dt, const Options& o) {
   const size_t dx_elems = d.n * cb * d.h * d.w * B;
 
   const Bf16BwdDataPlan plan = make_bf16_bwd_data_plan(d, o.threads, out_dt);
+  interleaved_plans() += plan.interleaved;
+  scattered_plans() += plan.scattered;
   CHECK(plan.weight_elems == bf16_bwd_data_weight_elems(d), "%s: weight sizes disagree", d.to_string().c_str());
   Guarded g_dy(dy.size() * 2, o.at_end), g_wei(plan.weight_elems * 2, o.at_end), g_dx(dx_elems * out_es, o.at_end),
       g_scratch(std::max<int64_t>(plan.scratch_bytes, 64), o.at_end);
@@ -181,6 +194,8 @@ void odd_kinds() {
       "mb1ic16ih6oc16kh1ph1",                   // a padding wider than the kernel: crops
       "mb1ic33ih2iw3oc70kh3ph1",                // a map smaller than a tile
       "mb1ic16ih1oc16kh1sh2ph0",                // one pixel, stride 2
+      "mb2ic17ih30iw29oc33kh3sh2ph1",           // phases 15 and 14 wide: stored straight into dx
+      "mb1ic40ih5iw33oc20kh2kw3sh1sw2ph1pw0",   // stride (1, 2), phases 17 and 16 wide, into dx
   };
   int i = 0;
   for (const char* s : shapes) {
@@ -242,5 +257,7 @@ int main() {
   resnet_kinds();
   odd_kinds();
   random_shapes();
+  CHECK(interleaved_plans() > 0 && scattered_plans() > 0, "strided plans: %d interleaved, %d scattered",
+        interleaved_plans(), scattered_plans());
   TEST_MAIN_END("test_bf16_bwd_data");
 }
