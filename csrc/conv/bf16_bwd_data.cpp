@@ -70,7 +70,8 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
   const int out_es = elem_bytes(out_dt);
   const int64_t out_px_bytes = kAmxBlock * out_es;
 
-  // The phases, their weights and their outputs; M fits the smallest phase's virtual map.
+  // The phases, their weights and their outputs; M fits the smallest phase's virtual map
+  // (interleaved: its rows).
   int64_t total_min = kAmxMaxRows, dil_h = 1;
   for (const BwdDataPhase& ph : phases) {
     Bf16BwdDataPhase q;
@@ -126,21 +127,24 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
         int64_t src_px, dst_px, rows;
       };
       std::vector<Run> runs;
-      for (int64_t i = 0; p.interleaved && i < q.rows; ++i)
-        for (int64_t start0 = 0; start0 < q.cols; start0 += p.m) {
-          const int64_t start = std::min(start0, q.cols - p.m), skip = start0 - start;
-          const int64_t dx_px = (q.a + d.stride_h * i) * d.w + q.b + d.stride_w * start0;
-          runs.push_back({origin + i * p.wp + start, dx_px, ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
-        }
-      for (int64_t start0 = 0; !p.interleaved && start0 < total; start0 += p.m) {
-        const int64_t start = std::min(start0, total - p.m);
-        int64_t rows = 0, first = -1;
-        for (int64_t v = start0; v < start + p.m; ++v)
-          if (v % p.wp < q.cols) {
-            rows |= int64_t{1} << (v - start);
-            if (first < 0) first = v;
+      if (p.interleaved) {
+        for (int64_t i = 0; i < q.rows; ++i)
+          for (int64_t start0 = 0; start0 < q.cols; start0 += p.m) {
+            const int64_t start = std::min(start0, q.cols - p.m), skip = start0 - start;
+            const int64_t dx_px = (q.a + d.stride_h * i) * d.w + q.b + d.stride_w * start0;
+            runs.push_back({origin + i * p.wp + start, dx_px, ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
           }
-        if (rows) runs.push_back({origin + start, (first / p.wp) * q.cols + first % p.wp, rows});
+      } else {
+        for (int64_t start0 = 0; start0 < total; start0 += p.m) {
+          const int64_t start = std::min(start0, total - p.m);
+          int64_t rows = 0, first = -1;
+          for (int64_t v = start0; v < start + p.m; ++v)
+            if (v % p.wp < q.cols) {
+              rows |= int64_t{1} << (v - start);
+              if (first < 0) first = v;
+            }
+          if (rows) runs.push_back({origin + start, (first / p.wp) * q.cols + first % p.wp, rows});
+        }
       }
       const int64_t n_r = static_cast<int64_t>(q.taps_r.size());
       const int64_t tap_elems = n_r * static_cast<int64_t>(q.taps_s.size()) * kTapElems;
