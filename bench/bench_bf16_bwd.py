@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             ours.append(helper.ask(f"bwd_data {problem} {args.min_time} {args.threads}"))
             theirs.append(torch_time(dy, x, w, c.sh, c.ph, args.min_time))
             peaks.append(args.threads * helper.ask(f"peak {args.min_time}"))
-            packs.append(helper.ask(f"bwd_data_pack {problem} {args.min_time / 5}"))
+            packs.append(helper.ask(f"bwd_data_pack {problem} {args.min_time}"))
         t_ours, t_torch, peak = statistics.median(ours), statistics.median(theirs), statistics.median(peaks)
         t_pack = statistics.median(packs)
         peaks_all.append(peak)
