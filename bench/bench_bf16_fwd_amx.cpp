@@ -1,5 +1,6 @@
-// The timing side of bench/bench_bf16_fwd.py: reads commands from stdin, one a line, and
-// answers each with one number, so the script can interleave it with torch's convolution.
+// The timing side of bench/bench_bf16_fwd.py and bench/bench_bf16_bwd.py: reads commands
+// from stdin, one a line, and answers each with one number (plan: one line), so the scripts
+// can interleave it with torch's convolution.
 //   peak <seconds>                 GFLOP/s of this core's tdpbf16ps loop (its own, 4 chains),
 //                                  the median of chunks of 4,000 products
 //   dotpeak <seconds>              GFLOP/s of the vdpbf16ps loop (jit/peak_kernel.h), the
@@ -13,22 +14,32 @@
 //   plan <problem> [level]         the bf16 plan's description
 //   clock wall|thread              time the samples that follow by wall time (the default)
 //                                  or by this thread's CPU time
+//   bwd_data <problem> <min_seconds> [threads]   the same for the bf16 input gradient (bf16
+//                                  dx), on `threads` threads of the helper's pool (default 1)
+//   bwd_data_pack <problem> <min_seconds>   the same for packing its weights from fp32
+//                                  (once per training step, not per call)
+//   bwd_data_plan <problem>        the input gradient's plan (Bf16BwdDataPlan::to_string)
 // A problem is planned and its kernels generated at its first command.
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <ctime>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstdio>
 #include <iostream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "conv/bf16_bwd_data.h"
 #include "conv/bf16_fwd.h"
 #include "conv/drivers.h"
 #include "jit/isa.h"
@@ -66,6 +77,66 @@ class PeakLoop : public JitGenerator {
     tilerelease();
     ret();
   }
+};
+
+// The helper's RunShares for more than one thread: workers made once, as torch's pool is,
+// which spin for about 0.1 ms after a region and then sleep, so that they neither delay the
+// next region nor take the core while torch's side runs. The caller runs share 0.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this, t] { work(t); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+      ++gen_;
+    }
+    cv_.notify_all();
+    for (std::thread& w : workers_) w.join();
+  }
+  int size() const { return n_; }
+  void run(int n, const ShareFn& fn) {
+    fn_ = &fn;
+    n_run_ = n;
+    pending_.store(n_ - 1);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      ++gen_;
+    }
+    cv_.notify_all();
+    fn(0, n);
+    while (pending_.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
+  }
+
+ private:
+  void work(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t g = gen_.load(std::memory_order_acquire);
+      for (int i = 0; g == seen && i < 1000; ++i) __builtin_ia32_pause(), g = gen_.load(std::memory_order_acquire);
+      if (g == seen) {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return gen_.load() != seen; });
+        g = gen_.load();
+      }
+      seen = g;
+      if (stop_) return;
+      if (t < n_run_) (*fn_)(t, n_run_);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const ShareFn* fn_ = nullptr;
+  int n_run_ = 0;
+  bool stop_ = false;
 };
 
 double now() {
@@ -158,6 +229,35 @@ Isa parse_level(const std::string& name) {
   return level;
 }
 
+// The input gradient of a forward problem: dy (N, Kb, P, Q, 32) in, dx (N, Cb, H, W, 32) out.
+struct BwdDataProblem {
+  std::shared_ptr<const Bf16BwdDataPrimitive> prim;
+  std::vector<float> w;  // (K, C, R, S) fp32
+  Aligned<uint16_t> dy, wei;
+  Aligned<uint8_t> dx, scratch;
+};
+
+void fill_bwd_data_problem(const std::string& text, int threads, BwdDataProblem* out) {
+  BwdDataProblem& p = *out;
+  ConvDesc d = parse_conv_desc(text);
+  d.dt = DataType::bf16;
+  p.prim = make_bf16_bwd_data_primitive(make_bf16_bwd_data_plan(d, threads, DataType::bf16));
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock), pq = d.p() * d.q();
+  p.dy.resize(d.n * kb * pq * kAmxBlock);
+  for (size_t i = 0; i < p.dy.size(); ++i)
+    p.dy[i] = static_cast<int64_t>(i % kAmxBlock + (i / (pq * kAmxBlock) % kb) * kAmxBlock) < d.k
+                  ? bf16_from_float(u(rng))
+                  : 0;
+  p.w.resize(d.k * d.c * d.r * d.s);
+  for (float& x : p.w) x = u(rng);
+  p.wei.resize(bf16_bwd_data_weight_elems(d));
+  pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data());
+  p.dx.resize(d.n * cb * d.h * d.w * kAmxBlock * 2);
+  p.scratch.resize(p.prim->plan.scratch_bytes + 64);
+}
+
 // Seconds per call of fn, the median of calls timed for min_seconds (at least 3).
 template <typename F>
 double time_calls(const F& fn, double min_seconds) {
@@ -185,6 +285,8 @@ int main() {
   alignas(64) uint16_t dot_in[kDotPeakInElems] = {};
   alignas(64) float dot_out[kDotPeakOutElems];
   for (int i = 0; i < kDotPeakInElems; ++i) dot_in[i] = 0x3f80;  // 1.0
+  std::map<std::pair<std::string, int>, BwdDataProblem> bwd_data_problems;
+  std::unique_ptr<Pool> pool;
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
@@ -253,12 +355,47 @@ int main() {
       if (which != "wall" && which != "thread") throw std::runtime_error("clock: expected wall or thread");
       g_thread_clock = which == "thread";
       std::printf("%d\n", g_thread_clock ? 1 : 0);
+    } else if (cmd == "bwd_data" || cmd == "bwd_data_pack") {
+      std::string text;
+      double min_seconds = 0.05;
+      int threads = 1;
+      in >> text >> min_seconds;
+      if (!(in >> threads)) threads = 1;
+      if (threads < 1 || threads > 64) {
+        std::printf("error: threads must be in [1, 64], got %d\n", threads);
+        std::fflush(stdout);
+        continue;
+      }
+      if (threads > 1 && (!pool || pool->size() < threads)) pool.reset(), pool = std::make_unique<Pool>(threads);
+      const RunShares pooled = [&](int n, const ShareFn& fn) { pool->run(n, fn); };
+      const auto key = std::make_pair(text, threads);
+      auto it = bwd_data_problems.find(key);
+      if (it == bwd_data_problems.end())
+        it = bwd_data_problems.try_emplace(key).first, fill_bwd_data_problem(text, threads, &it->second);
+      BwdDataProblem& p = it->second;
+      const ConvDesc& d = p.prim->plan.desc;
+      const RunShares& run = threads > 1 ? pooled : serial;
+      const double t =
+          cmd == "bwd_data"
+              ? time_calls(
+                    [&] {
+                      bf16_bwd_data_run(*p.prim, p.dy.data(), p.wei.data(), p.dx.data(), p.scratch.data(), run);
+                    },
+                    min_seconds)
+              : time_calls([&] { pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data()); }, min_seconds);
+      std::printf("%.9f\n", t);
     } else if (cmd == "plan") {
       std::string text, level_name;
       in >> text >> level_name;
       ConvDesc d = parse_conv_desc(text);
       d.dt = DataType::bf16;
       std::printf("%s\n", make_bf16_fwd_plan(d, 1, DataType::bf16, {}, parse_level(level_name)).to_string().c_str());
+    } else if (cmd == "bwd_data_plan") {
+      std::string text;
+      in >> text;
+      ConvDesc d = parse_conv_desc(text);
+      d.dt = DataType::bf16;
+      std::printf("%s\n", make_bf16_bwd_data_plan(d, 1, DataType::bf16).to_string().c_str());
     } else {
       std::printf("error: unknown command %s\n", cmd.c_str());
     }

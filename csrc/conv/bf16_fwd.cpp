@@ -230,6 +230,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   a.src_px_stride = (p.flat ? 1 : in.stride_w) * kPixelBytes;
   a.src_r_stride = in.dil_h * p.wp * kPixelBytes;
   a.src_cb_stride = p.hp * p.wp * kPixelBytes;
+  a.dst_px_stride = out_px_bytes;
   p.scratch_bytes = p.input == Bf16FwdInput::direct ? 0 : d.n * img_bytes;
   return p;
 }

@@ -170,7 +170,6 @@ float bf16_operand(uint16_t b) { return (b & 0x7f80u) == 0 ? 0.f : float_from_bf
 
 void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   constexpr int kTapBytes = 2048, kRowBytes = 64;
-  const int out_es = elem_bytes(sp.out_dt);
   for (int t = 0; t < sp.n_a; ++t) {
     float acc[kAmxMaxRows][kAmxBlock] = {};
     const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
@@ -207,8 +206,8 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
         if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
         else reinterpret_cast<float*>(dst)[lane] = y;
       }
-      dst += kAmxBlock * out_es;
-      if (sp.post.add) res += kAmxBlock * out_es;
+      dst += a->dst_px_stride;
+      if (sp.post.add) res += a->dst_px_stride;
     }
   }
 }

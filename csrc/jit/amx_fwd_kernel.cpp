@@ -15,21 +15,6 @@ std::string AmxFwdKernelSpec::name() const {
   return o.str();
 }
 
-uint16_t bf16_from_float(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);  // zero or denormal
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return static_cast<uint16_t>((u >> 16) | 0x0040u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-float float_from_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
 namespace {
 
 using namespace Xbyak;
@@ -189,8 +174,8 @@ class AmxFwdKernel : public JitGenerator {
       bt(reg_rows, row);
       jnc(l_not_stored, T_NEAR);
       store_row(row);
-      add(reg_dst, kAmxBlock * out_bytes());
-      if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
+      add(reg_dst, arg(offsetof(AmxFwdCallArgs, dst_px_stride)));
+      if (sp_.post.add) add(reg_res, arg(offsetof(AmxFwdCallArgs, dst_px_stride)));
       L(l_not_stored);
     }
   }

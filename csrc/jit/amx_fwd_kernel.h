@@ -23,7 +23,7 @@
 // results are dropped), which keeps tiles full on narrow maps; at other strides a tile
 // stays within one output row. A row's last tile may overlap the one before (it ends
 // exactly on the last pixel). Which rows a call stores is a bit mask, so the epilogue is
-// unrolled with one test per row.
+// unrolled with one test per row; stored pixels are dst_px_stride bytes apart.
 //
 // Epilogue, per stored row and in this order: + bias, + residual (laid out and typed as
 // the output), max(0, .), then the store, rounded to nearest even for bf16. With one B
@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -71,6 +72,10 @@ struct AmxFwdCallArgs {
   // Bit i: tile j's row i is stored, at the next pixel of dst[j] (and read at the next
   // of res[j]); the others are virtual columns or repeat the run before.
   int64_t rows[2];
+  // Bytes from one stored pixel to the next, in dst and res: the pixel's own size for a
+  // dense output, a multiple of it where the stores interleave with others' (the strided
+  // input gradient's phases, conv/bf16_bwd_data.h).
+  int64_t dst_px_stride;
 };
 
 using AmxFwdKernelFn = void (*)(const AmxFwdCallArgs*);
@@ -84,8 +89,21 @@ std::unique_ptr<JitGenerator> make_amx_tile_config_kernel(int m);  // amx_tilecf
 std::unique_ptr<JitGenerator> make_amx_tile_release_kernel();      // amx_tilerelease
 
 // bf16 <-> fp32 as the kernels round: to nearest even, NaN kept quiet, and (as
-// vcvtneps2bf16) denormal inputs become zeros of their sign.
-uint16_t bf16_from_float(float x);
-float float_from_bf16(uint16_t b);
+// vcvtneps2bf16) denormal inputs become zeros of their sign. Inline: the weight packers
+// round every element.
+inline uint16_t bf16_from_float(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);  // zero or denormal
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float float_from_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
 
 }  // namespace dc

@@ -4,54 +4,26 @@
 // ResNet-50's kinds of layers and random awkward shapes (channel tails, padding, strides,
 // dilation, tiny maps), both output types, the post-ops, one and two threads. The
 // AVX512_BF16 kernels must also match their twins bit for bit.
-#include <sys/mman.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "check.h"
 #include "conv/bf16_fwd.h"
 #include "jit/isa.h"
 #include "conv/reference.h"
+#include "run_util.h"
 
 using namespace dc;
+using dc_test::Guarded;
+using dc_test::serial;
+using dc_test::threaded;
 using dc_test::uni;
 
 namespace {
-
-// `bytes` between two inaccessible pages, placed against the upper one (at_end) or the
-// lower one, so a read or write past either end faults.
-class Guarded {
- public:
-  Guarded(size_t bytes, bool at_end) : bytes_(bytes) {
-    const size_t page = sysconf(_SC_PAGESIZE), body = (bytes + page - 1) / page * page;
-    map_bytes_ = body + 2 * page;
-    map_ = static_cast<uint8_t*>(mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-    if (map_ == MAP_FAILED) throw std::runtime_error("mmap failed");
-    mprotect(map_, page, PROT_NONE);
-    mprotect(map_ + page + body, page, PROT_NONE);
-    data_ = map_ + page + (at_end ? body - bytes : 0);
-  }
-  ~Guarded() { munmap(map_, map_bytes_); }
-  Guarded(const Guarded&) = delete;
-  Guarded& operator=(const Guarded&) = delete;
-  template <typename T>
-  T* as() const {
-    return reinterpret_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  uint8_t* map_;
-  uint8_t* data_;
-  size_t map_bytes_, bytes_;
-};
 
 constexpr int B = kAmxBlock;
 
@@ -116,19 +88,6 @@ double worst(const Case& t, const Reference& ref, const void* dst) {
     e = std::max(e, tol > 0 ? err / tol : (err > 0 ? INFINITY : 0));
   }
   return e;
-}
-
-RunShares serial() {
-  return [](int n, const ShareFn& fn) {
-    for (int t = 0; t < n; ++t) fn(t, n);
-  };
-}
-RunShares threaded() {
-  return [](int n, const ShareFn& fn) {
-    std::vector<std::thread> ts;
-    for (int t = 0; t < n; ++t) ts.emplace_back([&, t] { fn(t, n); });
-    for (auto& th : ts) th.join();
-  };
 }
 
 float rnd() { return std::uniform_real_distribution<float>(-1.f, 1.f)(dc_test::rng()); }
