@@ -18,7 +18,9 @@
 //
 // Pixels: run pixel i of run j is read at src[j] + i * px pixels (px = 1, or the layer's
 // stride along a row; the call's src_px_stride is px * 64 bytes and is not read: the
-// displacements are constants of the code). Which pixels are stored is the rows mask.
+// displacements are constants of the code). Which pixels are stored is the rows mask; they
+// are stored densely, one after the other (dst_px_stride is not read either: only the AMX
+// kernel stores pixels apart, for the input gradient's stride phases).
 //
 // Epilogue, per stored pixel and in this order, as the AMX kernel's: + bias, + residual
 // (laid out and typed as the output), max(0, .), then the store, bf16 rounded to nearest
