@@ -1,0 +1,374 @@
+#include "conv/bf16_upd.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <tuple>
+
+#include "conv/reference.h"
+
+namespace dc {
+
+namespace {
+
+constexpr int64_t kPixelBytes = kAmxBlock * 2;  // one activation row: 32 bf16
+constexpr int64_t kChunkPixels = 32;            // pixels of one product
+constexpr int64_t kChunkBytes = 2048;           // one chunk of dy in VNNI: two B tiles
+constexpr int64_t kTapBlockBytes = kAmxBlock * kAmxBlock * 4;  // a [32 c][32 k] fp32 block
+
+int64_t round_up(int64_t x, int64_t m) { return div_up(x, m) * m; }
+
+// [begin, end) of `total` items dealt in `parts` near-equal runs.
+std::pair<int64_t, int64_t> share_range(int64_t total, int parts, int i) {
+  return {total * i / parts, total * (i + 1) / parts};
+}
+
+}  // namespace
+
+std::string Bf16UpdPlan::to_string() const {
+  std::ostringstream o;
+  o << "bf16 amx upd " << desc.to_string() << " threads=" << threads << " dw=" << dtype_name(dw_dt)
+    << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << " parts=" << parts
+    << " kernels=";
+  for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
+  return o.str();
+}
+
+Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
+  const std::string bad = d.validate();
+  if (!bad.empty()) throw std::invalid_argument("bf16 upd plan: " + bad);
+  if (d.dt != DataType::bf16) throw std::invalid_argument("bf16 upd plan: the description's element type must be bf16");
+  if (d.groups != 1) throw std::invalid_argument("bf16 upd plan: groups must be 1, got " + std::to_string(d.groups));
+  if (dw_dt != DataType::f32 && dw_dt != DataType::bf16)
+    throw std::invalid_argument("bf16 upd plan: the weight gradient's type must be f32 or bf16");
+  if (threads < 1) throw std::invalid_argument("bf16 upd plan: threads must be >= 1, got " + std::to_string(threads));
+  const int64_t P = d.p(), Q = d.q();
+  if (P < 1 || Q < 1) throw std::invalid_argument("bf16 upd plan: the kernel does not fit the padded input");
+
+  Bf16UpdPlan p;
+  p.desc = d;
+  p.threads = threads;
+  p.dw_dt = dw_dt;
+  p.cb = div_up(d.c, kAmxBlock);
+  p.kb = div_up(d.k, kAmxBlock);
+  p.hv = div_up(d.h + d.pad_t + d.pad_b, d.stride_h);
+  p.wv = div_up(d.w + d.pad_l + d.pad_r, d.stride_w);
+  p.chunks = div_up((P - 1) * p.wv + Q, kChunkPixels);
+
+  int64_t max_shift = 0;
+  for (int64_t r = 0; r < d.r; ++r)
+    for (int64_t s = 0; s < d.s; ++s) {
+      const int32_t phase = static_cast<int32_t>((r * d.dil_h) % d.stride_h * d.stride_w + (s * d.dil_w) % d.stride_w);
+      auto it = std::find(p.phases.begin(), p.phases.end(), phase);
+      if (it == p.phases.end()) it = p.phases.insert(p.phases.end(), phase);
+      const int64_t shift = (r * d.dil_h) / d.stride_h * p.wv + (s * d.dil_w) / d.stride_w;
+      p.taps.push_back({static_cast<int32_t>(it - p.phases.begin()), shift});
+      max_shift = std::max(max_shift, shift);
+    }
+  p.row_len = round_up(max_shift + p.chunks * kChunkPixels, kChunkPixels);
+
+  for (int64_t cbi = 0; cbi < p.cb; ++cbi)
+    for (int64_t kbi = 0; kbi < p.kb; ++kbi) {
+      const int n_a = d.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = d.k - kbi * kAmxBlock <= 16 ? 1 : 2;
+      if (p.kernel_of[n_a - 1][n_b - 1] >= 0) continue;
+      p.kernel_of[n_a - 1][n_b - 1] = static_cast<int>(p.kernels.size());
+      p.kernels.push_back({n_a, n_b});
+    }
+
+  // Shares: the input blocks (each thread then copies all of dy in VNNI, the cheaper copy),
+  // else the output blocks, else the images into private copies.
+  p.shares.resize(threads);
+  const bool split_images = p.cb < threads && p.kb < threads && d.n >= threads;
+  p.parts = split_images ? threads : 1;
+  for (int t = 0; t < threads; ++t) {
+    Bf16UpdShare& sh = p.shares[t];
+    sh.n0 = 0, sh.n1 = d.n, sh.kb0 = 0, sh.kb1 = p.kb, sh.cb0 = 0, sh.cb1 = p.cb;
+    if (split_images) {
+      std::tie(sh.n0, sh.n1) = share_range(d.n, threads, t);
+      sh.part = t;
+    } else if (p.cb >= threads) {
+      std::tie(sh.cb0, sh.cb1) = share_range(p.cb, threads, t);
+    } else {
+      // Output blocks over as many threads as there are blocks; the others idle.
+      const int used = static_cast<int>(std::min<int64_t>(threads, p.kb));
+      if (t < used) std::tie(sh.kb0, sh.kb1) = share_range(p.kb, used, t);
+      else sh.n1 = 0;
+    }
+    const int64_t bytes = (sh.n1 - sh.n0) * ((sh.cb1 - sh.cb0) * p.xt_block_bytes() +
+                                             (sh.kb1 - sh.kb0) * p.dy_block_bytes()) +
+                          static_cast<int64_t>(p.taps.size()) * kTapBlockBytes;
+    p.share_bytes = std::max(p.share_bytes, round_up(bytes, 64));
+  }
+  p.scratch_bytes = threads * p.share_bytes + (p.parts > 1 ? p.parts * d.k * d.c * d.r * d.s * 4 : 0);
+  return p;
+}
+
+std::shared_ptr<const Bf16UpdPrimitive> make_bf16_upd_primitive(const Bf16UpdPlan& plan) {
+  auto prim = std::make_shared<Bf16UpdPrimitive>();
+  prim->plan = plan;
+  const std::string info = plan.to_string();
+  for (const AmxUpdKernelSpec& sp : plan.kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_upd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->entry<AmxUpdKernelFn>());
+  }
+  prim->held.push_back(get_kernel("amx_tilecfg_m16", [] { return make_amx_tile_config_kernel(16); }, info));
+  prim->tile_config = prim->held.back()->entry<AmxTileFn>();
+  prim->held.push_back(get_kernel("amx_tilerelease", [] { return make_amx_tile_release_kernel(); }, info));
+  prim->tile_release = prim->held.back()->entry<AmxTileFn>();
+  return prim;
+}
+
+namespace {
+
+// Where the copies of one image's block read: a phase's padded pixel (i, j) is input pixel
+// (ih, iw), or padding.
+struct PhaseGeom {
+  int64_t a, b;  // the phase's row and column offsets
+  bool input_pixel(const ConvDesc& d, int64_t i, int64_t j, int64_t* ih, int64_t* iw) const {
+    *ih = i * d.stride_h + a - d.pad_t;
+    *iw = j * d.stride_w + b - d.pad_l;
+    return *ih >= 0 && *ih < d.h && *iw >= 0 && *iw < d.w;
+  }
+};
+
+PhaseGeom phase_geom(const Bf16UpdPlan& p, int phase) {
+  return {p.phases[phase] / p.desc.stride_w, p.phases[phase] % p.desc.stride_w};
+}
+
+// Image n's input block cb, transposed, every phase: [phase][32 channels][row_len pixels],
+// pixel v of a row being the phase's pixel (v / wv, v % wv), zeros past the phase and on
+// padding. The scalar twin of copy_xt_avx512.
+void copy_xt_scalar(const Bf16UpdPlan& p, const uint16_t* x, int64_t n, int64_t cbi, uint16_t* out) {
+  const ConvDesc& d = p.desc;
+  const uint16_t* img = x + (n * p.cb + cbi) * d.h * d.w * kAmxBlock;
+  for (size_t ph = 0; ph < p.phases.size(); ++ph) {
+    const PhaseGeom g = phase_geom(p, static_cast<int>(ph));
+    for (int c = 0; c < kAmxBlock; ++c) {
+      uint16_t* row = out + (ph * kAmxBlock + c) * p.row_len;
+      for (int64_t v = 0; v < p.row_len; ++v) {
+        int64_t ih, iw;
+        row[v] = g.input_pixel(d, v / p.wv, v % p.wv, &ih, &iw) ? img[(ih * d.w + iw) * kAmxBlock + c] : 0;
+      }
+    }
+  }
+}
+
+// Image n's output block kb in VNNI: chunk i of virtual pixels [32 i, 32 i + 32) as
+// [2 halves][16 pairs][16 k][2 pixels], zeros on virtual columns and past the map. The
+// scalar twin of copy_dy_avx512.
+void copy_dy_scalar(const Bf16UpdPlan& p, const uint16_t* dy, int64_t n, int64_t kbi, uint16_t* out) {
+  const ConvDesc& d = p.desc;
+  const int64_t P = d.p(), Q = d.q();
+  const uint16_t* img = dy + (n * p.kb + kbi) * P * Q * kAmxBlock;
+  for (int64_t v = 0; v < p.chunks * kChunkPixels; ++v) {
+    const int64_t pp = v / p.wv, q = v % p.wv;
+    const bool live = pp < P && q < Q;
+    for (int k = 0; k < kAmxBlock; ++k)
+      out[(v / kChunkPixels) * 1024 + (k / 16) * 512 + (v % kChunkPixels / 2) * 32 + (k % 16) * 2 + v % 2] =
+          live ? img[(pp * Q + q) * kAmxBlock + k] : 0;
+  }
+}
+
+// The interleave of two pixels' 32 channels into VNNI pairs: channels 0-15 (lo), 16-31 (hi).
+__attribute__((target("avx512f,avx512bw"))) inline void pair_pixels(__m512i a, __m512i b, __m512i* lo, __m512i* hi) {
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  *lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(kLo), b);
+  *hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(kHi), b);
+}
+
+// A 16 x 16 transpose of 32-bit elements: four rounds of swapping the off-diagonal blocks
+// of s x s elements, s = 8, 4, 2, 1. Round i's two-source permutes: row i (bit s clear)
+// keeps its columns without bit s and takes row i + s's columns without it; row i + s the
+// rest.
+struct TransposeIndices {
+  alignas(64) int32_t lo[4][16], hi[4][16];
+  constexpr TransposeIndices() : lo(), hi() {
+    for (int round = 0; round < 4; ++round) {
+      const int s = 8 >> round;
+      for (int col = 0; col < 16; ++col) {
+        lo[round][col] = (col & s) ? 16 + col - s : col;
+        hi[round][col] = (col & s) ? 16 + col : col + s;
+      }
+    }
+  }
+};
+constexpr TransposeIndices kTransposeIndices;
+
+__attribute__((target("avx512f"))) inline void transpose16_epi32(__m512i r[16]) {
+  for (int round = 0; round < 4; ++round) {
+    const int s = 8 >> round;
+    const __m512i lo = _mm512_load_si512(kTransposeIndices.lo[round]);
+    const __m512i hi = _mm512_load_si512(kTransposeIndices.hi[round]);
+    for (int i = 0; i < 16; ++i) {
+      if (i & s) continue;
+      const __m512i ri = r[i], rj = r[i + s];
+      r[i] = _mm512_permutex2var_epi32(ri, lo, rj);
+      r[i + s] = _mm512_permutex2var_epi32(ri, hi, rj);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void copy_xt_avx512(const Bf16UpdPlan& p, const uint16_t* x, int64_t n,
+                                                               int64_t cbi, uint16_t* out) {
+  const ConvDesc& d = p.desc;
+  const uint16_t* img = x + (n * p.cb + cbi) * d.h * d.w * kAmxBlock;
+  const int64_t filled = std::min(p.row_len, p.hv * p.wv);  // row pixels inside the phase
+  for (size_t ph = 0; ph < p.phases.size(); ++ph) {
+    const PhaseGeom g = phase_geom(p, static_cast<int>(ph));
+    uint16_t* rows = out + ph * kAmxBlock * p.row_len;
+    for (int64_t i = 0; i * p.wv < filled; ++i)
+      for (int64_t j0 = 0; j0 < p.wv; j0 += 32) {
+        const int64_t v0 = i * p.wv + j0;
+        const int cnt = static_cast<int>(std::min({int64_t{32}, p.wv - j0, filled - v0}));
+        if (cnt <= 0) break;
+        __m512i lo[16], hi[16];
+        for (int m = 0; m < 16; ++m) {
+          __m512i px[2];
+          for (int e = 0; e < 2; ++e) {
+            int64_t ih, iw;
+            const int t = 2 * m + e;
+            px[e] = t < cnt && g.input_pixel(d, i, j0 + t, &ih, &iw)
+                        ? _mm512_loadu_si512(img + (ih * d.w + iw) * kAmxBlock)
+                        : _mm512_setzero_si512();
+          }
+          pair_pixels(px[0], px[1], &lo[m], &hi[m]);
+        }
+        // lo[m]'s 32-bit element c is channel c at pixels 2m, 2m + 1: transposed, row c
+        // holds channel c's 32 pixels.
+        transpose16_epi32(lo);
+        transpose16_epi32(hi);
+        const __mmask32 mask = cnt == 32 ? ~__mmask32{0} : (__mmask32{1} << cnt) - 1;
+        for (int c = 0; c < 16; ++c) {
+          _mm512_mask_storeu_epi16(rows + c * p.row_len + v0, mask, lo[c]);
+          _mm512_mask_storeu_epi16(rows + (16 + c) * p.row_len + v0, mask, hi[c]);
+        }
+      }
+    for (int c = 0; c < kAmxBlock; ++c)
+      std::memset(rows + c * p.row_len + filled, 0, (p.row_len - filled) * 2);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void copy_dy_avx512(const Bf16UpdPlan& p, const uint16_t* dy, int64_t n,
+                                                               int64_t kbi, uint16_t* out) {
+  const ConvDesc& d = p.desc;
+  const int64_t P = d.p(), Q = d.q();
+  const uint16_t* img = dy + (n * p.kb + kbi) * P * Q * kAmxBlock;
+  for (int64_t v = 0; v < p.chunks * kChunkPixels; v += 2) {
+    __m512i px[2], lo, hi;
+    for (int e = 0; e < 2; ++e) {
+      const int64_t pp = (v + e) / p.wv, q = (v + e) % p.wv;
+      px[e] = pp < P && q < Q ? _mm512_loadu_si512(img + (pp * Q + q) * kAmxBlock) : _mm512_setzero_si512();
+    }
+    pair_pixels(px[0], px[1], &lo, &hi);
+    uint16_t* pair = out + (v / kChunkPixels) * 1024 + (v % kChunkPixels / 2) * 32;
+    _mm512_storeu_si512(pair, lo);
+    _mm512_storeu_si512(pair + 512, hi);
+  }
+}
+
+// The tap blocks of (kb, cb) to dW (K, C, R, S): element (k, c, tap) of block tap's
+// [c][k]; into dst of type `dt` (a private copy is fp32).
+void write_blocks(const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, const float* blocks, void* dst, DataType dt) {
+  const ConvDesc& d = p.desc;
+  const int64_t taps = static_cast<int64_t>(p.taps.size());
+  const int64_t k_end = std::min(d.k, (kbi + 1) * kAmxBlock), c_end = std::min(d.c, (cbi + 1) * kAmxBlock);
+  for (int64_t k = kbi * kAmxBlock; k < k_end; ++k)
+    for (int64_t c = cbi * kAmxBlock; c < c_end; ++c) {
+      const float* src = blocks + (c % kAmxBlock) * kAmxBlock + k % kAmxBlock;
+      const int64_t o = (k * d.c + c) * taps;
+      if (dt == DataType::bf16)
+        for (int64_t t = 0; t < taps; ++t) static_cast<uint16_t*>(dst)[o + t] = bf16_from_float(src[t * 1024]);
+      else
+        for (int64_t t = 0; t < taps; ++t) static_cast<float*>(dst)[o + t] = src[t * 1024];
+    }
+}
+
+// Thread tid's share of the sum of the private copies into dW.
+void reduce_parts(const Bf16UpdPlan& p, const float* parts, void* dw, int tid, int nthreads) {
+  const int64_t elems = p.desc.k * p.desc.c * p.desc.r * p.desc.s;
+  const auto [begin, end] = share_range(elems, nthreads, tid);
+  for (int64_t i = begin; i < end; ++i) {
+    float acc = parts[i];
+    for (int part = 1; part < p.parts; ++part) acc += parts[part * elems + i];
+    if (p.dw_dt == DataType::bf16) static_cast<uint16_t*>(dw)[i] = bf16_from_float(acc);
+    else static_cast<float*>(dw)[i] = acc;
+  }
+}
+
+using CopyFn = void (*)(const Bf16UpdPlan&, const uint16_t*, int64_t, int64_t, uint16_t*);
+
+// begin(), call(kernel, args) for every call of the share and end() around them.
+template <typename CallFn, typename TileFn>
+void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
+             const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, const CallFn& call, const TileFn& tiles) {
+  if (!scratch) throw std::invalid_argument("bf16_upd_run: give the plan's scratch");
+  uint8_t* base = static_cast<uint8_t*>(scratch);
+  float* parts = p.parts > 1 ? reinterpret_cast<float*>(base + p.threads * p.share_bytes) : nullptr;
+  const int64_t part_elems = p.desc.k * p.desc.c * p.desc.r * p.desc.s;
+  run(p.threads, [&](int tid, int) {
+    if (tid < 0 || tid >= p.threads) return;
+    const Bf16UpdShare& sh = p.shares[tid];
+    if (sh.n0 >= sh.n1) return;
+    const int64_t ncb = sh.cb1 - sh.cb0, nkb = sh.kb1 - sh.kb0;
+    const int64_t xt_img = ncb * p.xt_block_bytes(), dy_img = nkb * p.dy_block_bytes();
+    uint8_t* xt = base + tid * p.share_bytes;
+    uint8_t* dyv = xt + (sh.n1 - sh.n0) * xt_img;
+    float* blocks = reinterpret_cast<float*>(dyv + (sh.n1 - sh.n0) * dy_img);
+    for (int64_t n = sh.n0; n < sh.n1; ++n) {
+      for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi)
+        copy_xt(p, x, n, cbi, reinterpret_cast<uint16_t*>(xt + (n - sh.n0) * xt_img + (cbi - sh.cb0) * p.xt_block_bytes()));
+      for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi)
+        copy_dy(p, dy, n, kbi, reinterpret_cast<uint16_t*>(dyv + (n - sh.n0) * dy_img + (kbi - sh.kb0) * p.dy_block_bytes()));
+    }
+    void* out = parts ? static_cast<void*>(parts + sh.part * part_elems) : dw;
+    const DataType out_dt = parts ? DataType::f32 : p.dw_dt;
+    tiles(true);
+    AmxUpdCallArgs a{};
+    a.n_imgs = sh.n1 - sh.n0;
+    a.n_chunks = p.chunks;
+    a.src_row_stride = p.row_len * 2;
+    a.src_img_stride = xt_img;
+    a.ddst_img_stride = dy_img;
+    for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi)
+      for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi) {
+        const int n_a = p.desc.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = p.desc.k - kbi * kAmxBlock <= 16 ? 1 : 2;
+        const int kernel = p.kernel_of[n_a - 1][n_b - 1];
+        a.ddst = reinterpret_cast<const uint16_t*>(dyv + (kbi - sh.kb0) * p.dy_block_bytes());
+        for (size_t t = 0; t < p.taps.size(); ++t) {
+          const Bf16UpdTap& tap = p.taps[t];
+          a.src = reinterpret_cast<const uint16_t*>(xt + (cbi - sh.cb0) * p.xt_block_bytes() +
+                                                    (tap.phase * kAmxBlock * p.row_len + tap.shift) * 2);
+          a.dw = blocks + t * 1024;
+          call(kernel, &a);
+        }
+        write_blocks(p, kbi, cbi, blocks, out, out_dt);
+      }
+    tiles(false);
+  });
+  if (parts) run(p.threads, [&](int tid, int nt) { reduce_parts(p, parts, dw, tid, nt); });
+}
+
+}  // namespace
+
+void bf16_upd_run(const Bf16UpdPrimitive& prim, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
+                  const RunShares& run) {
+  run_all(
+      prim.plan, x, dy, dw, scratch, run, copy_xt_avx512, copy_dy_avx512,
+      [&](int k, const AmxUpdCallArgs* a) { prim.fns[k](a); },
+      [&](bool begin) { begin ? prim.tile_config() : prim.tile_release(); });
+}
+
+void bf16_upd_run_reference(const Bf16UpdPlan& plan, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
+                            const RunShares& run) {
+  run_all(
+      plan, x, dy, dw, scratch, run, copy_xt_scalar, copy_dy_scalar,
+      [&](int k, const AmxUpdCallArgs* a) { amx_upd_kernel_ref(plan.kernels[k], a); }, [](bool) {});
+}
+
+}  // namespace dc
