@@ -273,8 +273,9 @@ __attribute__((target("avx512f,avx512bw"))) void copy_dy_avx512(const Bf16UpdPla
 }
 
 // The tap blocks of (kb, cb) to dW (K, C, R, S): element (k, c, tap) of block tap's
-// [c][k]; into dst of type `dt` (a private copy is fp32).
-void write_blocks(const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, const float* blocks, void* dst, DataType dt) {
+// [c][k]; into dst of type `dt` (a private copy is fp32). The scalar twin of
+// write_blocks_avx512.
+void write_blocks_scalar(const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, float* blocks, void* dst, DataType dt) {
   const ConvDesc& d = p.desc;
   const int64_t taps = static_cast<int64_t>(p.taps.size());
   const int64_t k_end = std::min(d.k, (kbi + 1) * kAmxBlock), c_end = std::min(d.c, (cbi + 1) * kAmxBlock);
@@ -282,6 +283,65 @@ void write_blocks(const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, const float* b
     for (int64_t c = cbi * kAmxBlock; c < c_end; ++c) {
       const float* src = blocks + (c % kAmxBlock) * kAmxBlock + k % kAmxBlock;
       const int64_t o = (k * d.c + c) * taps;
+      if (dt == DataType::bf16)
+        for (int64_t t = 0; t < taps; ++t) static_cast<uint16_t*>(dst)[o + t] = bf16_from_float(src[t * 1024]);
+      else
+        for (int64_t t = 0; t < taps; ++t) static_cast<float*>(dst)[o + t] = src[t * 1024];
+    }
+}
+
+// Each tap's [32 c][32 k] block to [32 k][32 c], in place: its four 16 x 16 quarters
+// transposed, the off-diagonal two swapped.
+__attribute__((target("avx512f"))) void transpose_blocks(float* blocks, int64_t taps) {
+  for (int64_t t = 0; t < taps; ++t) {
+    float* blk = blocks + t * 1024;
+    for (int q = 0; q < 3; ++q) {  // quarters (0, 0), (1, 1), then (0, 1) with (1, 0)
+      const int a = q == 1 ? 1 : 0, b = q == 1 ? 1 : q == 2 ? 1 : 0;
+      __m512i r[16], s[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(blk + (a * 16 + i) * kAmxBlock + b * 16);
+      transpose16_epi32(r);
+      if (q < 2) {
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(blk + (a * 16 + i) * kAmxBlock + b * 16, r[i]);
+        continue;
+      }
+      for (int i = 0; i < 16; ++i) s[i] = _mm512_loadu_si512(blk + (16 + i) * kAmxBlock);
+      transpose16_epi32(s);
+      for (int i = 0; i < 16; ++i) {
+        _mm512_storeu_si512(blk + i * kAmxBlock + 16, s[i]);
+        _mm512_storeu_si512(blk + (16 + i) * kAmxBlock, r[i]);
+      }
+    }
+  }
+}
+
+// As write_blocks_scalar, through [k][c] blocks: a 1 x 1 layer's rows of dW are rows of
+// the block; otherwise the taps of (k, c) are gathered, the writes contiguous.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_blocks_avx512(const Bf16UpdPlan& p, int64_t kbi,
+                                                                               int64_t cbi, float* blocks, void* dst,
+                                                                               DataType dt) {
+  const ConvDesc& d = p.desc;
+  const int64_t taps = static_cast<int64_t>(p.taps.size());
+  const int64_t k0 = kbi * kAmxBlock, c0 = cbi * kAmxBlock;
+  const int64_t kn = std::min<int64_t>(kAmxBlock, d.k - k0), cn = std::min<int64_t>(kAmxBlock, d.c - c0);
+  transpose_blocks(blocks, taps);
+  if (taps == 1) {
+    for (int64_t k = 0; k < kn; ++k)
+      for (int h = 0; h * 16 < cn; ++h) {
+        const int n = static_cast<int>(std::min<int64_t>(16, cn - h * 16));
+        const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+        const __m512 v = _mm512_loadu_ps(blocks + k * kAmxBlock + h * 16);
+        const int64_t o = (k0 + k) * d.c + c0 + h * 16;
+        if (dt == DataType::bf16)
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + o, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        else
+          _mm512_mask_storeu_ps(static_cast<float*>(dst) + o, mask, v);
+      }
+    return;
+  }
+  for (int64_t k = 0; k < kn; ++k)
+    for (int64_t c = 0; c < cn; ++c) {
+      const float* src = blocks + k * kAmxBlock + c;
+      const int64_t o = ((k0 + k) * d.c + c0 + c) * taps;
       if (dt == DataType::bf16)
         for (int64_t t = 0; t < taps; ++t) static_cast<uint16_t*>(dst)[o + t] = bf16_from_float(src[t * 1024]);
       else
@@ -302,11 +362,12 @@ void reduce_parts(const Bf16UpdPlan& p, const float* parts, void* dw, int tid, i
 }
 
 using CopyFn = void (*)(const Bf16UpdPlan&, const uint16_t*, int64_t, int64_t, uint16_t*);
+using WriteFn = void (*)(const Bf16UpdPlan&, int64_t, int64_t, float*, void*, DataType);
 
 // begin(), call(kernel, args) for every call of the share and end() around them.
 template <typename CallFn, typename TileFn>
 void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
-             const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, const CallFn& call, const TileFn& tiles) {
+             const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, WriteFn write_blocks, const CallFn& call, const TileFn& tiles) {
   if (!scratch) throw std::invalid_argument("bf16_upd_run: give the plan's scratch");
   uint8_t* base = static_cast<uint8_t*>(scratch);
   float* parts = p.parts > 1 ? reinterpret_cast<float*>(base + p.threads * p.share_bytes) : nullptr;
@@ -359,7 +420,7 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
 void bf16_upd_run(const Bf16UpdPrimitive& prim, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
                   const RunShares& run) {
   run_all(
-      prim.plan, x, dy, dw, scratch, run, copy_xt_avx512, copy_dy_avx512,
+      prim.plan, x, dy, dw, scratch, run, copy_xt_avx512, copy_dy_avx512, write_blocks_avx512,
       [&](int k, const AmxUpdCallArgs* a) { prim.fns[k](a); },
       [&](bool begin) { begin ? prim.tile_config() : prim.tile_release(); });
 }
@@ -367,7 +428,7 @@ void bf16_upd_run(const Bf16UpdPrimitive& prim, const uint16_t* x, const uint16_
 void bf16_upd_run_reference(const Bf16UpdPlan& plan, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
                             const RunShares& run) {
   run_all(
-      plan, x, dy, dw, scratch, run, copy_xt_scalar, copy_dy_scalar,
+      plan, x, dy, dw, scratch, run, copy_xt_scalar, copy_dy_scalar, write_blocks_scalar,
       [&](int k, const AmxUpdCallArgs* a) { amx_upd_kernel_ref(plan.kernels[k], a); }, [](bool) {});
 }
 
