@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "conv/bf16_fwd.h"
 #include "conv/reference.h"
 
 namespace dc {
@@ -50,21 +51,27 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
 
   Bf16UpdPlan p;
   p.desc = d;
+  p.folded = bf16_fwd_folds_columns(d);
+  p.inner = p.folded ? bf16_fwd_inner_desc(d) : d;
   p.threads = threads;
   p.dw_dt = dw_dt;
-  p.cb = div_up(d.c, kAmxBlock);
-  p.kb = div_up(d.k, kAmxBlock);
-  p.hv = div_up(d.h + d.pad_t + d.pad_b, d.stride_h);
-  p.wv = div_up(d.w + d.pad_l + d.pad_r, d.stride_w);
-  p.chunks = div_up((P - 1) * p.wv + Q, kChunkPixels);
+  {
+    const ConvDesc& in = p.inner;
+    p.cb = div_up(in.c, kAmxBlock);
+    p.kb = div_up(in.k, kAmxBlock);
+    p.hv = div_up(in.h + in.pad_t + in.pad_b, in.stride_h);
+    p.wv = div_up(in.w + in.pad_l + in.pad_r, in.stride_w);
+    p.chunks = div_up((P - 1) * p.wv + Q, kChunkPixels);
+  }
+  const ConvDesc& in = p.inner;
 
   int64_t max_shift = 0;
-  for (int64_t r = 0; r < d.r; ++r)
-    for (int64_t s = 0; s < d.s; ++s) {
-      const int32_t phase = static_cast<int32_t>((r * d.dil_h) % d.stride_h * d.stride_w + (s * d.dil_w) % d.stride_w);
+  for (int64_t r = 0; r < in.r; ++r)
+    for (int64_t s = 0; s < in.s; ++s) {
+      const int32_t phase = static_cast<int32_t>((r * in.dil_h) % in.stride_h * in.stride_w + (s * in.dil_w) % in.stride_w);
       auto it = std::find(p.phases.begin(), p.phases.end(), phase);
       if (it == p.phases.end()) it = p.phases.insert(p.phases.end(), phase);
-      const int64_t shift = (r * d.dil_h) / d.stride_h * p.wv + (s * d.dil_w) / d.stride_w;
+      const int64_t shift = (r * in.dil_h) / in.stride_h * p.wv + (s * in.dil_w) / in.stride_w;
       p.taps.push_back({static_cast<int32_t>(it - p.phases.begin()), shift});
       max_shift = std::max(max_shift, shift);
     }
@@ -72,7 +79,7 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
 
   for (int64_t cbi = 0; cbi < p.cb; ++cbi)
     for (int64_t kbi = 0; kbi < p.kb; ++kbi) {
-      const int n_a = d.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = d.k - kbi * kAmxBlock <= 16 ? 1 : 2;
+      const int n_a = in.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = in.k - kbi * kAmxBlock <= 16 ? 1 : 2;
       if (p.kernel_of[n_a - 1][n_b - 1] >= 0) continue;
       p.kernel_of[n_a - 1][n_b - 1] = static_cast<int>(p.kernels.size());
       p.kernels.push_back({n_a, n_b});
@@ -102,7 +109,9 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
                           static_cast<int64_t>(p.taps.size()) * kTapBlockBytes;
     p.share_bytes = std::max(p.share_bytes, round_up(bytes, 64));
   }
-  p.scratch_bytes = threads * p.share_bytes + (p.parts > 1 ? p.parts * d.k * d.c * d.r * d.s * 4 : 0);
+  p.fold_bytes = p.folded ? round_up(d.n * in.h * in.w * kPixelBytes, 64) : 0;
+  p.scratch_bytes = threads * p.share_bytes + (p.parts > 1 ? round_up(p.parts * d.k * d.c * d.r * d.s * 4, 64) : 0) +
+                    p.fold_bytes;
   return p;
 }
 
@@ -135,14 +144,14 @@ struct PhaseGeom {
 };
 
 PhaseGeom phase_geom(const Bf16UpdPlan& p, int phase) {
-  return {p.phases[phase] / p.desc.stride_w, p.phases[phase] % p.desc.stride_w};
+  return {p.phases[phase] / p.inner.stride_w, p.phases[phase] % p.inner.stride_w};
 }
 
 // Image n's input block cb, transposed, every phase: [phase][32 channels][row_len pixels],
 // pixel v of a row being the phase's pixel (v / wv, v % wv), zeros past the phase and on
 // padding. The scalar twin of copy_xt_avx512.
 void copy_xt_scalar(const Bf16UpdPlan& p, const uint16_t* x, int64_t n, int64_t cbi, uint16_t* out) {
-  const ConvDesc& d = p.desc;
+  const ConvDesc& d = p.inner;
   const uint16_t* img = x + (n * p.cb + cbi) * d.h * d.w * kAmxBlock;
   for (size_t ph = 0; ph < p.phases.size(); ++ph) {
     const PhaseGeom g = phase_geom(p, static_cast<int>(ph));
@@ -160,7 +169,7 @@ void copy_xt_scalar(const Bf16UpdPlan& p, const uint16_t* x, int64_t n, int64_t 
 // [2 halves][16 pairs][16 k][2 pixels], zeros on virtual columns and past the map. The
 // scalar twin of copy_dy_avx512.
 void copy_dy_scalar(const Bf16UpdPlan& p, const uint16_t* dy, int64_t n, int64_t kbi, uint16_t* out) {
-  const ConvDesc& d = p.desc;
+  const ConvDesc& d = p.inner;
   const int64_t P = d.p(), Q = d.q();
   const uint16_t* img = dy + (n * p.kb + kbi) * P * Q * kAmxBlock;
   for (int64_t v = 0; v < p.chunks * kChunkPixels; ++v) {
@@ -216,26 +225,34 @@ __attribute__((target("avx512f"))) inline void transpose16_epi32(__m512i r[16]) 
 
 __attribute__((target("avx512f,avx512bw"))) void copy_xt_avx512(const Bf16UpdPlan& p, const uint16_t* x, int64_t n,
                                                                int64_t cbi, uint16_t* out) {
-  const ConvDesc& d = p.desc;
+  const ConvDesc& d = p.inner;
   const uint16_t* img = x + (n * p.cb + cbi) * d.h * d.w * kAmxBlock;
-  const int64_t filled = std::min(p.row_len, p.hv * p.wv);  // row pixels inside the phase
+  const int64_t row_len = p.row_len, wv = p.wv, width = d.w;
+  const int64_t filled = std::min(row_len, p.hv * wv);  // row pixels inside the phase
   for (size_t ph = 0; ph < p.phases.size(); ++ph) {
     const PhaseGeom g = phase_geom(p, static_cast<int>(ph));
-    uint16_t* rows = out + ph * kAmxBlock * p.row_len;
-    for (int64_t i = 0; i * p.wv < filled; ++i)
-      for (int64_t j0 = 0; j0 < p.wv; j0 += 32) {
-        const int64_t v0 = i * p.wv + j0;
-        const int cnt = static_cast<int>(std::min({int64_t{32}, p.wv - j0, filled - v0}));
+    // Phase column j reads input column j * stride_w + col0, inside the row for j in
+    // [j_lo, j_hi).
+    const int64_t col0 = g.b - d.pad_l, step = d.stride_w * kAmxBlock;
+    const int64_t j_lo = col0 >= 0 ? 0 : div_up(-col0, d.stride_w);
+    const int64_t j_hi = width - col0 <= 0 ? 0 : std::min(wv, div_up(width - col0, d.stride_w));
+    uint16_t* rows = out + ph * kAmxBlock * row_len;
+    for (int64_t i = 0; i * wv < filled; ++i) {
+      const int64_t ih = i * d.stride_h + g.a - d.pad_t;
+      const bool row_in = ih >= 0 && ih < d.h;
+      const uint16_t* in_row = img + (ih * width + col0) * kAmxBlock;  // column j at + j * step
+      for (int64_t j0 = 0; j0 < wv; j0 += 32) {
+        const int64_t v0 = i * wv + j0;
+        const int cnt = static_cast<int>(std::min({int64_t{32}, wv - j0, filled - v0}));
         if (cnt <= 0) break;
+        const int64_t t_lo = row_in ? std::max<int64_t>(0, j_lo - j0) : 0;
+        const int64_t t_hi = row_in ? std::min<int64_t>(cnt, j_hi - j0) : 0;
         __m512i lo[16], hi[16];
         for (int m = 0; m < 16; ++m) {
           __m512i px[2];
           for (int e = 0; e < 2; ++e) {
-            int64_t ih, iw;
             const int t = 2 * m + e;
-            px[e] = t < cnt && g.input_pixel(d, i, j0 + t, &ih, &iw)
-                        ? _mm512_loadu_si512(img + (ih * d.w + iw) * kAmxBlock)
-                        : _mm512_setzero_si512();
+            px[e] = t >= t_lo && t < t_hi ? _mm512_loadu_si512(in_row + (j0 + t) * step) : _mm512_setzero_si512();
           }
           pair_pixels(px[0], px[1], &lo[m], &hi[m]);
         }
@@ -244,26 +261,28 @@ __attribute__((target("avx512f,avx512bw"))) void copy_xt_avx512(const Bf16UpdPla
         transpose16_epi32(lo);
         transpose16_epi32(hi);
         const __mmask32 mask = cnt == 32 ? ~__mmask32{0} : (__mmask32{1} << cnt) - 1;
+        uint16_t* dst = rows + v0;
         for (int c = 0; c < 16; ++c) {
-          _mm512_mask_storeu_epi16(rows + c * p.row_len + v0, mask, lo[c]);
-          _mm512_mask_storeu_epi16(rows + (16 + c) * p.row_len + v0, mask, hi[c]);
+          _mm512_mask_storeu_epi16(dst + c * row_len, mask, lo[c]);
+          _mm512_mask_storeu_epi16(dst + (16 + c) * row_len, mask, hi[c]);
         }
       }
-    for (int c = 0; c < kAmxBlock; ++c)
-      std::memset(rows + c * p.row_len + filled, 0, (p.row_len - filled) * 2);
+    }
+    for (int c = 0; c < kAmxBlock; ++c) std::memset(rows + c * row_len + filled, 0, (row_len - filled) * 2);
   }
 }
 
 __attribute__((target("avx512f,avx512bw"))) void copy_dy_avx512(const Bf16UpdPlan& p, const uint16_t* dy, int64_t n,
                                                                int64_t kbi, uint16_t* out) {
-  const ConvDesc& d = p.desc;
+  const ConvDesc& d = p.inner;
   const int64_t P = d.p(), Q = d.q();
   const uint16_t* img = dy + (n * p.kb + kbi) * P * Q * kAmxBlock;
+  int64_t pp = 0, q = 0;  // virtual pixel v's row and column, moved on with v
   for (int64_t v = 0; v < p.chunks * kChunkPixels; v += 2) {
     __m512i px[2], lo, hi;
     for (int e = 0; e < 2; ++e) {
-      const int64_t pp = (v + e) / p.wv, q = (v + e) % p.wv;
       px[e] = pp < P && q < Q ? _mm512_loadu_si512(img + (pp * Q + q) * kAmxBlock) : _mm512_setzero_si512();
+      if (++q == p.wv) q = 0, ++pp;
     }
     pair_pixels(px[0], px[1], &lo, &hi);
     uint16_t* pair = out + (v / kChunkPixels) * 1024 + (v % kChunkPixels / 2) * 32;
@@ -274,19 +293,22 @@ __attribute__((target("avx512f,avx512bw"))) void copy_dy_avx512(const Bf16UpdPla
 
 // The tap blocks of (kb, cb) to dW (K, C, R, S): element (k, c, tap) of block tap's
 // [c][k]; into dst of type `dt` (a private copy is fp32). The scalar twin of
-// write_blocks_avx512.
+// write_blocks_avx512, and the writer of a folded plan's blocks, whose inner channel c
+// is (kernel column c / C, channel c % C) and whose taps are kernel rows.
 void write_blocks_scalar(const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, float* blocks, void* dst, DataType dt) {
   const ConvDesc& d = p.desc;
   const int64_t taps = static_cast<int64_t>(p.taps.size());
-  const int64_t k_end = std::min(d.k, (kbi + 1) * kAmxBlock), c_end = std::min(d.c, (cbi + 1) * kAmxBlock);
+  const int64_t k_end = std::min(p.inner.k, (kbi + 1) * kAmxBlock), c_end = std::min(p.inner.c, (cbi + 1) * kAmxBlock);
   for (int64_t k = kbi * kAmxBlock; k < k_end; ++k)
     for (int64_t c = cbi * kAmxBlock; c < c_end; ++c) {
       const float* src = blocks + (c % kAmxBlock) * kAmxBlock + k % kAmxBlock;
-      const int64_t o = (k * d.c + c) * taps;
-      if (dt == DataType::bf16)
-        for (int64_t t = 0; t < taps; ++t) static_cast<uint16_t*>(dst)[o + t] = bf16_from_float(src[t * 1024]);
-      else
-        for (int64_t t = 0; t < taps; ++t) static_cast<float*>(dst)[o + t] = src[t * 1024];
+      // Element t of (k, c) at o + t * stride.
+      const int64_t o = p.folded ? (k * d.c + c % d.c) * d.r * d.s + c / d.c : (k * d.c + c) * taps;
+      const int64_t stride = p.folded ? d.s : 1;
+      for (int64_t t = 0; t < taps; ++t) {
+        if (dt == DataType::bf16) static_cast<uint16_t*>(dst)[o + t * stride] = bf16_from_float(src[t * 1024]);
+        else static_cast<float*>(dst)[o + t * stride] = src[t * 1024];
+      }
     }
 }
 
@@ -319,6 +341,7 @@ __attribute__((target("avx512f"))) void transpose_blocks(float* blocks, int64_t 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_blocks_avx512(const Bf16UpdPlan& p, int64_t kbi,
                                                                                int64_t cbi, float* blocks, void* dst,
                                                                                DataType dt) {
+  if (p.folded) return write_blocks_scalar(p, kbi, cbi, blocks, dst, dt);  // a few elements
   const ConvDesc& d = p.desc;
   const int64_t taps = static_cast<int64_t>(p.taps.size());
   const int64_t k0 = kbi * kAmxBlock, c0 = cbi * kAmxBlock;
@@ -370,8 +393,18 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
              const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, WriteFn write_blocks, const CallFn& call, const TileFn& tiles) {
   if (!scratch) throw std::invalid_argument("bf16_upd_run: give the plan's scratch");
   uint8_t* base = static_cast<uint8_t*>(scratch);
-  float* parts = p.parts > 1 ? reinterpret_cast<float*>(base + p.threads * p.share_bytes) : nullptr;
   const int64_t part_elems = p.desc.k * p.desc.c * p.desc.r * p.desc.s;
+  float* parts = p.parts > 1 ? reinterpret_cast<float*>(base + p.threads * p.share_bytes) : nullptr;
+  if (p.folded) {
+    // The copies read the folded input, as the forward's kernels do; each thread folds
+    // whole rows.
+    uint16_t* folded = reinterpret_cast<uint16_t*>(base + p.scratch_bytes - p.fold_bytes);
+    const int64_t rows = p.desc.n * p.inner.h;
+    run(p.threads, [&](int tid, int nt) {
+      bf16_fold_columns(p.desc, x, folded, rows * tid / nt, rows * (tid + 1) / nt);
+    });
+    x = folded;
+  }
   run(p.threads, [&](int tid, int) {
     if (tid < 0 || tid >= p.threads) return;
     const Bf16UpdShare& sh = p.shares[tid];
@@ -398,7 +431,7 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
     a.ddst_img_stride = dy_img;
     for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi)
       for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi) {
-        const int n_a = p.desc.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = p.desc.k - kbi * kAmxBlock <= 16 ? 1 : 2;
+        const int n_a = p.inner.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = p.inner.k - kbi * kAmxBlock <= 16 ? 1 : 2;
         const int kernel = p.kernel_of[n_a - 1][n_b - 1];
         a.ddst = reinterpret_cast<const uint16_t*>(dyv + (kbi - sh.kb0) * p.dy_block_bytes());
         for (size_t t = 0; t < p.taps.size(); ++t) {

@@ -48,7 +48,13 @@ struct Bf16UpdShare {
 };
 
 struct Bf16UpdPlan {
-  ConvDesc desc;  // dt = bf16
+  ConvDesc desc;   // dt = bf16
+  // What the copies and kernels compute: desc, or where a few channels meet a wide kernel
+  // (conv1's 3 x 7) the forward's column-folded convolution (bf16_fwd_inner_desc), an
+  // R x 1 one on a copy whose channels are (kernel column, channel) pairs: a seventh of
+  // conv1's products.
+  ConvDesc inner;
+  bool folded = false;
   int threads = 1;
   DataType dw_dt = DataType::f32;
   int64_t cb = 0, kb = 0;      // blocks of 32 input and output channels
@@ -62,7 +68,8 @@ struct Bf16UpdPlan {
   int parts = 1;               // private copies of dW (an image split)
   std::vector<Bf16UpdShare> shares;  // one per thread
   int64_t share_bytes = 0;     // scratch per thread: the copies and the tap blocks
-  int64_t scratch_bytes = 0;   // every thread's, then the private copies
+  int64_t fold_bytes = 0;      // the column-folded copy of x (folded only)
+  int64_t scratch_bytes = 0;   // every thread's, the private copies, the folded copy
 
   // Bytes of one image's copies of one block: x transposed, every phase; dy in VNNI.
   int64_t xt_block_bytes() const { return static_cast<int64_t>(phases.size()) * kAmxBlock * row_len * 2; }
