@@ -106,9 +106,10 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
     }
     const int64_t bytes = (sh.n1 - sh.n0) * ((sh.cb1 - sh.cb0) * p.xt_block_bytes() +
                                              (sh.kb1 - sh.kb0) * p.dy_block_bytes()) +
-                          static_cast<int64_t>(p.taps.size()) * kTapBlockBytes;
+                          static_cast<int64_t>(p.taps.size()) * (kTapBlockBytes + kAmxBlock * 4);
     p.share_bytes = std::max(p.share_bytes, round_up(bytes, 64));
   }
+  p.stream_dw = d.k * d.c * d.r * d.s * 4 > (1 << 20);
   p.fold_bytes = p.folded ? round_up(d.n * in.h * in.w * kPixelBytes, 64) : 0;
   p.scratch_bytes = threads * p.share_bytes + (p.parts > 1 ? round_up(p.parts * d.k * d.c * d.r * d.s * 4, 64) : 0) +
                     p.fold_bytes;
@@ -336,8 +337,32 @@ __attribute__((target("avx512f"))) void transpose_blocks(float* blocks, int64_t 
   }
 }
 
-// As write_blocks_scalar, through [k][c] blocks: a 1 x 1 layer's rows of dW are rows of
-// the block; otherwise the taps of (k, c) are gathered, the writes contiguous.
+// n fp32 values from row to dst as `dt`; with `stream`, the 64-byte aligned vectors bypass
+// the caches (no read of the lines they fill).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_row(const float* row, int64_t n, void* dst,
+                                                                             DataType dt, bool stream) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, n - i));
+    const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, row + i);
+    if (dt == DataType::bf16) {
+      uint16_t* o = static_cast<uint16_t*>(dst) + i;
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+      if (stream && m == 16 && reinterpret_cast<uintptr_t>(o) % 32 == 0) _mm256_stream_si256(reinterpret_cast<__m256i*>(o), h);
+      else _mm256_mask_storeu_epi16(o, mask, h);
+    } else {
+      float* o = static_cast<float*>(dst) + i;
+      if (stream && m == 16 && reinterpret_cast<uintptr_t>(o) % 64 == 0) _mm512_stream_ps(o, v);
+      else _mm512_mask_storeu_ps(o, mask, v);
+    }
+  }
+}
+
+// As write_blocks_scalar. A 1 x 1 layer's blocks, transposed to [k][c], hold rows of dW
+// as they are; otherwise element e of a row's 32 * taps, (c, t) = (e / taps, e % taps),
+// is gathered from block t's [c][k], 16 a vector, through the offsets in `index` (after
+// the blocks in the share's scratch, 32 * taps of them). A dW larger than the caches is
+// streamed to memory.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_blocks_avx512(const Bf16UpdPlan& p, int64_t kbi,
                                                                                int64_t cbi, float* blocks, void* dst,
                                                                                DataType dt) {
@@ -346,30 +371,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_block
   const int64_t taps = static_cast<int64_t>(p.taps.size());
   const int64_t k0 = kbi * kAmxBlock, c0 = cbi * kAmxBlock;
   const int64_t kn = std::min<int64_t>(kAmxBlock, d.k - k0), cn = std::min<int64_t>(kAmxBlock, d.c - c0);
-  transpose_blocks(blocks, taps);
+  const int es = elem_bytes(dt);
   if (taps == 1) {
+    transpose_blocks(blocks, 1);
     for (int64_t k = 0; k < kn; ++k)
-      for (int h = 0; h * 16 < cn; ++h) {
-        const int n = static_cast<int>(std::min<int64_t>(16, cn - h * 16));
-        const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-        const __m512 v = _mm512_loadu_ps(blocks + k * kAmxBlock + h * 16);
-        const int64_t o = (k0 + k) * d.c + c0 + h * 16;
-        if (dt == DataType::bf16)
-          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + o, mask, (__m256i)_mm512_cvtneps_pbh(v));
-        else
-          _mm512_mask_storeu_ps(static_cast<float*>(dst) + o, mask, v);
-      }
+      store_row(blocks + k * kAmxBlock, cn, static_cast<uint8_t*>(dst) + ((k0 + k) * d.c + c0) * es, dt, p.stream_dw);
     return;
   }
-  for (int64_t k = 0; k < kn; ++k)
-    for (int64_t c = 0; c < cn; ++c) {
-      const float* src = blocks + k * kAmxBlock + c;
-      const int64_t o = ((k0 + k) * d.c + c0 + c) * taps;
-      if (dt == DataType::bf16)
-        for (int64_t t = 0; t < taps; ++t) static_cast<uint16_t*>(dst)[o + t] = bf16_from_float(src[t * 1024]);
-      else
-        for (int64_t t = 0; t < taps; ++t) static_cast<float*>(dst)[o + t] = src[t * 1024];
+  int32_t* index = reinterpret_cast<int32_t*>(blocks + taps * 1024);
+  const int64_t n = cn * taps;
+  for (int64_t e = 0; e < n; ++e) index[e] = static_cast<int32_t>((e % taps) * 1024 + (e / taps) * kAmxBlock);
+  alignas(64) float row[16];
+  for (int64_t k = 0; k < kn; ++k) {
+    uint8_t* out = static_cast<uint8_t*>(dst) + ((k0 + k) * d.c + c0) * taps * es;
+    for (int64_t e = 0; e < n; e += 16) {
+      const int m = static_cast<int>(std::min<int64_t>(16, n - e));
+      const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+      const __m512i idx = _mm512_maskz_loadu_epi32(mask, index + e);
+      _mm512_store_ps(row, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, blocks + k, 4));
+      store_row(row, m, out + e * es, dt, p.stream_dw);
     }
+  }
 }
 
 // Thread tid's share of the sum of the private copies into dW.
@@ -444,6 +466,7 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
         write_blocks(p, kbi, cbi, blocks, out, out_dt);
       }
     tiles(false);
+    _mm_sfence();  // the streamed stores are seen by whoever reads dW next
   });
   if (parts) run(p.threads, [&](int tid, int nt) { reduce_parts(p, parts, dw, tid, nt); });
 }

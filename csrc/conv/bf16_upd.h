@@ -66,6 +66,7 @@ struct Bf16UpdPlan {
   std::vector<AmxUpdKernelSpec> kernels;
   int kernel_of[2][2] = {{-1, -1}, {-1, -1}};  // [n_a - 1][n_b - 1]
   int parts = 1;               // private copies of dW (an image split)
+  bool stream_dw = false;      // dW (fp32) is larger than 1 MiB: streamed past the caches
   std::vector<Bf16UpdShare> shares;  // one per thread
   int64_t share_bytes = 0;     // scratch per thread: the copies and the tap blocks
   int64_t fold_bytes = 0;      // the column-folded copy of x (folded only)
