@@ -106,7 +106,7 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
     }
     const int64_t bytes = (sh.n1 - sh.n0) * ((sh.cb1 - sh.cb0) * p.xt_block_bytes() +
                                              (sh.kb1 - sh.kb0) * p.dy_block_bytes()) +
-                          static_cast<int64_t>(p.taps.size()) * (kTapBlockBytes + kAmxBlock * 4);
+                          static_cast<int64_t>(p.taps.size()) * kTapBlockBytes;
     p.share_bytes = std::max(p.share_bytes, round_up(bytes, 64));
   }
   p.stream_dw = d.k * d.c * d.r * d.s * 4 > (1 << 20);
@@ -313,56 +313,26 @@ void write_blocks_scalar(const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, float* 
     }
 }
 
-// Each tap's [32 c][32 k] block to [32 k][32 c], in place: its four 16 x 16 quarters
-// transposed, the off-diagonal two swapped.
-__attribute__((target("avx512f"))) void transpose_blocks(float* blocks, int64_t taps) {
-  for (int64_t t = 0; t < taps; ++t) {
-    float* blk = blocks + t * 1024;
-    for (int q = 0; q < 3; ++q) {  // quarters (0, 0), (1, 1), then (0, 1) with (1, 0)
-      const int a = q == 1 ? 1 : 0, b = q == 1 ? 1 : q == 2 ? 1 : 0;
-      __m512i r[16], s[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(blk + (a * 16 + i) * kAmxBlock + b * 16);
-      transpose16_epi32(r);
-      if (q < 2) {
-        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(blk + (a * 16 + i) * kAmxBlock + b * 16, r[i]);
-        continue;
-      }
-      for (int i = 0; i < 16; ++i) s[i] = _mm512_loadu_si512(blk + (16 + i) * kAmxBlock);
-      transpose16_epi32(s);
-      for (int i = 0; i < 16; ++i) {
-        _mm512_storeu_si512(blk + i * kAmxBlock + 16, s[i]);
-        _mm512_storeu_si512(blk + (16 + i) * kAmxBlock, r[i]);
-      }
-    }
+// 16 fp32 values to dst as `dt`, the first m of them; with `stream` (and m == 16 and the
+// address aligned), past the caches: no read of the lines they fill.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void store16(__m512 v, int m, void* dst,
+                                                                                   DataType dt, bool stream) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+  if (dt == DataType::bf16) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    if (stream && m == 16 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) _mm256_stream_si256(static_cast<__m256i*>(dst), h);
+    else _mm256_mask_storeu_epi16(dst, mask, h);
+  } else {
+    if (stream && m == 16 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) _mm512_stream_ps(static_cast<float*>(dst), v);
+    else _mm512_mask_storeu_ps(dst, mask, v);
   }
 }
 
-// n fp32 values from row to dst as `dt`; with `stream`, the 64-byte aligned vectors bypass
-// the caches (no read of the lines they fill).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void store_row(const float* row, int64_t n, void* dst,
-                                                                             DataType dt, bool stream) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const int m = static_cast<int>(std::min<int64_t>(16, n - i));
-    const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(mask, row + i);
-    if (dt == DataType::bf16) {
-      uint16_t* o = static_cast<uint16_t*>(dst) + i;
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-      if (stream && m == 16 && reinterpret_cast<uintptr_t>(o) % 32 == 0) _mm256_stream_si256(reinterpret_cast<__m256i*>(o), h);
-      else _mm256_mask_storeu_epi16(o, mask, h);
-    } else {
-      float* o = static_cast<float*>(dst) + i;
-      if (stream && m == 16 && reinterpret_cast<uintptr_t>(o) % 64 == 0) _mm512_stream_ps(o, v);
-      else _mm512_mask_storeu_ps(o, mask, v);
-    }
-  }
-}
-
-// As write_blocks_scalar. A 1 x 1 layer's blocks, transposed to [k][c], hold rows of dW
-// as they are; otherwise element e of a row's 32 * taps, (c, t) = (e / taps, e % taps),
-// is gathered from block t's [c][k], 16 a vector, through the offsets in `index` (after
-// the blocks in the share's scratch, 32 * taps of them). A dW larger than the caches is
-// streamed to memory.
+// As write_blocks_scalar. Output channel k's row of dW within the blocks' input channels
+// is element e = c * taps + t of [32 c x taps]: block t's [c][k]. So the rows of all 32
+// output channels are the transpose of the (32 taps) x 32 matrix whose row e is block t's
+// row c: 16 x 16 transposes, each giving 16 elements of 16 rows of dW. A dW larger than
+// the caches is streamed to memory.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_blocks_avx512(const Bf16UpdPlan& p, int64_t kbi,
                                                                                int64_t cbi, float* blocks, void* dst,
                                                                                DataType dt) {
@@ -371,25 +341,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_block
   const int64_t taps = static_cast<int64_t>(p.taps.size());
   const int64_t k0 = kbi * kAmxBlock, c0 = cbi * kAmxBlock;
   const int64_t kn = std::min<int64_t>(kAmxBlock, d.k - k0), cn = std::min<int64_t>(kAmxBlock, d.c - c0);
+  const int64_t n = cn * taps, row_stride = d.c * taps;  // a row's elements; dW's row stride
   const int es = elem_bytes(dt);
-  if (taps == 1) {
-    transpose_blocks(blocks, 1);
-    for (int64_t k = 0; k < kn; ++k)
-      store_row(blocks + k * kAmxBlock, cn, static_cast<uint8_t*>(dst) + ((k0 + k) * d.c + c0) * es, dt, p.stream_dw);
-    return;
-  }
-  int32_t* index = reinterpret_cast<int32_t*>(blocks + taps * 1024);
-  const int64_t n = cn * taps;
-  for (int64_t e = 0; e < n; ++e) index[e] = static_cast<int32_t>((e % taps) * 1024 + (e / taps) * kAmxBlock);
-  alignas(64) float row[16];
-  for (int64_t k = 0; k < kn; ++k) {
-    uint8_t* out = static_cast<uint8_t*>(dst) + ((k0 + k) * d.c + c0) * taps * es;
-    for (int64_t e = 0; e < n; e += 16) {
-      const int m = static_cast<int>(std::min<int64_t>(16, n - e));
-      const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
-      const __m512i idx = _mm512_maskz_loadu_epi32(mask, index + e);
-      _mm512_store_ps(row, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, blocks + k, 4));
-      store_row(row, m, out + e * es, dt, p.stream_dw);
+  uint8_t* out = static_cast<uint8_t*>(dst) + (k0 * d.c + c0) * taps * es;
+  for (int64_t e0 = 0; e0 < n; e0 += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, n - e0));
+    for (int64_t k16 = 0; k16 < kn; k16 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t e = e0 + i;
+        r[i] = i < m ? _mm512_loadu_si512(blocks + (e % taps) * 1024 + (e / taps) * kAmxBlock + k16)
+                     : _mm512_setzero_si512();
+      }
+      transpose16_epi32(r);
+      for (int i = 0; i < 16 && k16 + i < kn; ++i)
+        store16(_mm512_castsi512_ps(r[i]), m, out + ((k16 + i) * row_stride + e0) * es, dt, p.stream_dw);
     }
   }
 }
