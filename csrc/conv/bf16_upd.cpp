@@ -224,6 +224,8 @@ __attribute__((target("avx512f"))) inline void transpose16_epi32(__m512i r[16]) 
   }
 }
 
+// Row by row of 32 pixels (a tile row's 64 aligned bytes in each of the 32 channels'
+// rows): 32 input pixels, or zeros, interleaved in pairs and transposed.
 __attribute__((target("avx512f,avx512bw"))) void copy_xt_avx512(const Bf16UpdPlan& p, const uint16_t* x, int64_t n,
                                                                int64_t cbi, uint16_t* out) {
   const ConvDesc& d = p.inner;
@@ -238,38 +240,39 @@ __attribute__((target("avx512f,avx512bw"))) void copy_xt_avx512(const Bf16UpdPla
     const int64_t j_lo = col0 >= 0 ? 0 : div_up(-col0, d.stride_w);
     const int64_t j_hi = width - col0 <= 0 ? 0 : std::min(wv, div_up(width - col0, d.stride_w));
     uint16_t* rows = out + ph * kAmxBlock * row_len;
-    for (int64_t i = 0; i * wv < filled; ++i) {
+    // Pixel v's phase row i and column j, moved on with v; in_row: phase row i's column 0.
+    int64_t i = 0, j = 0;
+    const uint16_t* in_row = nullptr;
+    bool row_in = false;
+    auto start_row = [&] {
       const int64_t ih = i * d.stride_h + g.a - d.pad_t;
-      const bool row_in = ih >= 0 && ih < d.h;
-      const uint16_t* in_row = img + (ih * width + col0) * kAmxBlock;  // column j at + j * step
-      for (int64_t j0 = 0; j0 < wv; j0 += 32) {
-        const int64_t v0 = i * wv + j0;
-        const int cnt = static_cast<int>(std::min({int64_t{32}, wv - j0, filled - v0}));
-        if (cnt <= 0) break;
-        const int64_t t_lo = row_in ? std::max<int64_t>(0, j_lo - j0) : 0;
-        const int64_t t_hi = row_in ? std::min<int64_t>(cnt, j_hi - j0) : 0;
-        __m512i lo[16], hi[16];
-        for (int m = 0; m < 16; ++m) {
-          __m512i px[2];
-          for (int e = 0; e < 2; ++e) {
-            const int t = 2 * m + e;
-            px[e] = t >= t_lo && t < t_hi ? _mm512_loadu_si512(in_row + (j0 + t) * step) : _mm512_setzero_si512();
-          }
-          pair_pixels(px[0], px[1], &lo[m], &hi[m]);
+      row_in = ih >= 0 && ih < d.h;
+      in_row = row_in ? img + (ih * width + col0) * kAmxBlock : img;
+    };
+    start_row();
+    for (int64_t v0 = 0; v0 < filled; v0 += 32) {
+      __m512i lo[16], hi[16];
+      for (int m = 0; m < 16; ++m) {
+        __m512i px[2];
+        for (int e = 0; e < 2; ++e) {
+          const bool live = v0 + 2 * m + e < filled && row_in && j >= j_lo && j < j_hi;
+          px[e] = live ? _mm512_loadu_si512(in_row + j * step) : _mm512_setzero_si512();
+          if (++j == wv) j = 0, ++i, start_row();
         }
-        // lo[m]'s 32-bit element c is channel c at pixels 2m, 2m + 1: transposed, row c
-        // holds channel c's 32 pixels.
-        transpose16_epi32(lo);
-        transpose16_epi32(hi);
-        const __mmask32 mask = cnt == 32 ? ~__mmask32{0} : (__mmask32{1} << cnt) - 1;
-        uint16_t* dst = rows + v0;
-        for (int c = 0; c < 16; ++c) {
-          _mm512_mask_storeu_epi16(dst + c * row_len, mask, lo[c]);
-          _mm512_mask_storeu_epi16(dst + (16 + c) * row_len, mask, hi[c]);
-        }
+        pair_pixels(px[0], px[1], &lo[m], &hi[m]);
+      }
+      // lo[m]'s 32-bit element c is channel c at pixels 2m, 2m + 1: transposed, row c
+      // holds channel c's 32 pixels.
+      transpose16_epi32(lo);
+      transpose16_epi32(hi);
+      uint16_t* dst = rows + v0;
+      for (int c = 0; c < 16; ++c) {
+        _mm512_store_si512(dst + c * row_len, lo[c]);
+        _mm512_store_si512(dst + (16 + c) * row_len, hi[c]);
       }
     }
-    for (int c = 0; c < kAmxBlock; ++c) std::memset(rows + c * row_len + filled, 0, (row_len - filled) * 2);
+    const int64_t done = round_up(filled, 32);
+    for (int c = 0; c < kAmxBlock; ++c) std::memset(rows + c * row_len + done, 0, (row_len - done) * 2);
   }
 }
 
@@ -379,7 +382,8 @@ using WriteFn = void (*)(const Bf16UpdPlan&, int64_t, int64_t, float*, void*, Da
 template <typename CallFn, typename TileFn>
 void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
              const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, WriteFn write_blocks, const CallFn& call, const TileFn& tiles) {
-  if (!scratch) throw std::invalid_argument("bf16_upd_run: give the plan's scratch");
+  if (!scratch || reinterpret_cast<uintptr_t>(scratch) % 64)
+    throw std::invalid_argument("bf16_upd_run: give the plan's scratch, 64-byte aligned");
   uint8_t* base = static_cast<uint8_t*>(scratch);
   const int64_t part_elems = p.desc.k * p.desc.c * p.desc.r * p.desc.s;
   float* parts = p.parts > 1 ? reinterpret_cast<float*>(base + p.threads * p.share_bytes) : nullptr;
