@@ -32,7 +32,8 @@ std::pair<int64_t, int64_t> share_range(int64_t total, int parts, int i) {
 std::string Bf16UpdPlan::to_string() const {
   std::ostringstream o;
   o << "bf16 amx upd " << desc.to_string() << " threads=" << threads << " dw=" << dtype_name(dw_dt)
-    << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << " parts=" << parts
+    << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << "/" << seg_chunks
+    << " parts=" << parts
     << " kernels=";
   for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
   return o.str();
@@ -108,6 +109,19 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
                                              (sh.kb1 - sh.kb0) * p.dy_block_bytes()) +
                           static_cast<int64_t>(p.taps.size()) * kTapBlockBytes;
     p.share_bytes = std::max(p.share_bytes, round_up(bytes, 64));
+  }
+  // Segments: a share's images' dy chunks and transposed rows of every phase, with the
+  // rows' span of taps, within about 40 KiB of L1; at least 8 chunks, so the sums' loads
+  // and stores stay a small part of a call.
+  {
+    int64_t imgs = 1;
+    for (const Bf16UpdShare& sh : p.shares) imgs = std::max(imgs, sh.n1 - sh.n0);
+    const int64_t nph = static_cast<int64_t>(p.phases.size());
+    const int64_t per_chunk = imgs * (kChunkBytes + nph * kAmxBlock * kChunkPixels * 2);
+    const int64_t span = imgs * nph * kAmxBlock * max_shift * 2;
+    const int64_t budget = 40 << 10;
+    const int64_t seg = span < budget ? (budget - span) / per_chunk : 0;
+    p.seg_chunks = p.chunks <= 16 ? p.chunks : std::min(p.chunks, std::max<int64_t>(8, seg));
   }
   p.stream_dw = d.k * d.c * d.r * d.s * 4 > (1 << 20);
   p.fold_bytes = p.folded ? round_up(d.n * in.h * in.w * kPixelBytes, 64) : 0;
@@ -417,7 +431,6 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
     tiles(true);
     AmxUpdCallArgs a{};
     a.n_imgs = sh.n1 - sh.n0;
-    a.n_chunks = p.chunks;
     a.src_row_stride = p.row_len * 2;
     a.src_img_stride = xt_img;
     a.ddst_img_stride = dy_img;
@@ -425,13 +438,18 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
       for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi) {
         const int n_a = p.inner.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = p.inner.k - kbi * kAmxBlock <= 16 ? 1 : 2;
         const int kernel = p.kernel_of[n_a - 1][n_b - 1];
-        a.ddst = reinterpret_cast<const uint16_t*>(dyv + (kbi - sh.kb0) * p.dy_block_bytes());
-        for (size_t t = 0; t < p.taps.size(); ++t) {
-          const Bf16UpdTap& tap = p.taps[t];
-          a.src = reinterpret_cast<const uint16_t*>(xt + (cbi - sh.cb0) * p.xt_block_bytes() +
-                                                    (tap.phase * kAmxBlock * p.row_len + tap.shift) * 2);
-          a.dw = blocks + t * 1024;
-          call(kernel, &a);
+        for (int64_t seg0 = 0; seg0 < p.chunks; seg0 += p.seg_chunks) {
+          a.n_chunks = std::min(p.seg_chunks, p.chunks - seg0);
+          a.accumulate = seg0 > 0;
+          a.ddst = reinterpret_cast<const uint16_t*>(dyv + (kbi - sh.kb0) * p.dy_block_bytes() + seg0 * kChunkBytes);
+          for (size_t t = 0; t < p.taps.size(); ++t) {
+            const Bf16UpdTap& tap = p.taps[t];
+            a.src = reinterpret_cast<const uint16_t*>(
+                xt + (cbi - sh.cb0) * p.xt_block_bytes() +
+                (tap.phase * kAmxBlock * p.row_len + tap.shift + seg0 * kChunkPixels) * 2);
+            a.dw = blocks + t * 1024;
+            call(kernel, &a);
+          }
         }
         write_blocks(p, kbi, cbi, blocks, out, out_dt);
       }

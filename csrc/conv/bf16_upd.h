@@ -61,6 +61,10 @@ struct Bf16UpdPlan {
   int64_t hv = 0, wv = 0;      // rows and columns of a phase (the virtual map's width is wv)
   int64_t chunks = 0;          // chunks of 32 virtual pixels per image
   int64_t row_len = 0;         // pixels of a transposed row: the largest shift + chunks * 32
+  // Chunks of a call: every tap of a block runs over one segment of the pixels after
+  // another, so the segment's dy (and the transposed rows, when they fit) stay in L1 while
+  // the taps reread them; the calls after the first add to the tap blocks.
+  int64_t seg_chunks = 0;
   std::vector<int32_t> phases; // the phases the taps read, a * stride_w + b
   std::vector<Bf16UpdTap> taps;  // (r, s) in order
   std::vector<AmxUpdKernelSpec> kernels;

@@ -217,7 +217,8 @@ void amx_upd_kernel_ref(const AmxUpdKernelSpec& sp, const AmxUpdCallArgs* a) {
     for (int tb = 0; tb < sp.n_b; ++tb)
       for (int ci = 0; ci < 16; ++ci)
         for (int ki = 0; ki < 16; ++ki) {
-          float acc = 0;
+          float& out = a->dw[(ta * 16 + ci) * kAmxBlock + tb * 16 + ki];
+          float acc = a->accumulate ? out : 0.f;
           for (int64_t img = 0; img < a->n_imgs; ++img) {
             const uint8_t* src = reinterpret_cast<const uint8_t*>(a->src) + img * a->src_img_stride +
                                  (ta * 16 + ci) * a->src_row_stride;
@@ -230,7 +231,7 @@ void amx_upd_kernel_ref(const AmxUpdKernelSpec& sp, const AmxUpdCallArgs* a) {
                   acc += bf16_operand(x[2 * pair + e]) * bf16_operand(dy[pair * 32 + ki * 2 + e]);
             }
           }
-          a->dw[(ta * 16 + ci) * kAmxBlock + tb * 16 + ki] = acc;
+          out = acc;
         }
 }
 

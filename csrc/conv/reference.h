@@ -25,8 +25,9 @@ void conv_fwd_ref_blocked(const ConvDesc& d, int v, const FwdPostOps& post, cons
 void amx_fwd_kernel_ref(const AmxFwdKernelSpec& spec, const AmxFwdCallArgs* args);
 
 // Does what the generated AMX weight-gradient kernel of `spec` does with `args`: the same
-// bf16 operands (denormals read as zero), sums in fp32 over images, chunks, pixel pairs and
-// the pair's two pixels in that order, stored to the [32 c][32 k] block. The tiles' own
+// bf16 operands (denormals read as zero), sums in fp32 (from the block's, where the call
+// accumulates) over images, chunks, pixel pairs and the pair's two pixels in that order,
+// stored to the [32 c][32 k] block. The tiles' own
 // order of summation may differ, so results agree to fp32 rounding.
 void amx_upd_kernel_ref(const AmxUpdKernelSpec& spec, const AmxUpdCallArgs* args);
 

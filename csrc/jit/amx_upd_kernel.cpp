@@ -36,7 +36,8 @@ class AmxUpdKernel : public JitGenerator {
   const Reg64 reg_stride = r10;    // A-tile row stride (tileloadd's index)
   const Reg64 reg_row64 = r11;     // B-tile row stride
   const Reg64 reg_cnt_chunk = rax;
-  // The store, once the reduction's registers are dead.
+  // The block's sums, loaded before and stored after the reduction, whose registers are
+  // free then.
   const Reg64 reg_dw = rsi;
   const Reg64 reg_dw_row = rdx;    // 128: a dW block row
 
@@ -47,12 +48,28 @@ class AmxUpdKernel : public JitGenerator {
   Address arg(size_t offset) const { return qword[reg_args + static_cast<int64_t>(offset)]; }
 
   void generate() override {
-    for (int a = 0; a < sp_.n_a; ++a)
-      for (int b = 0; b < sp_.n_b; ++b) tilezero(tmm_c(a, b));
+    init_c_tiles();
     load_args();
     loop_img([&] { loop_chunk([&] { compute_chunk(); }); });
     store_c_tiles();
     ret();
+  }
+
+  // Zeros, or the block's sums where the call accumulates.
+  void init_c_tiles() {
+    Label l_zero, l_done;
+    cmp(arg(offsetof(AmxUpdCallArgs, accumulate)), 0);
+    je(l_zero, T_NEAR);
+    mov(reg_dw, arg(offsetof(AmxUpdCallArgs, dw)));
+    mov(reg_dw_row, kDwRowBytes);
+    for (int a = 0; a < sp_.n_a; ++a)
+      for (int b = 0; b < sp_.n_b; ++b)
+        tileloadd(tmm_c(a, b), ptr[reg_dw + reg_dw_row + a * 16 * kDwRowBytes + b * kRowBytes]);
+    jmp(l_done, T_NEAR);
+    L(l_zero);
+    for (int a = 0; a < sp_.n_a; ++a)
+      for (int b = 0; b < sp_.n_b; ++b) tilezero(tmm_c(a, b));
+    L(l_done);
   }
 
   void load_args() {

@@ -10,7 +10,8 @@
 //   one 1 KiB tile of 64-byte rows.
 // - C tiles (tmm0-3): (A tile a, B tile b) of 16 input x 16 output channels in fp32,
 //   kept in the tiles over every chunk and image of the call, then stored to a
-//   [32 c][32 k] fp32 block (rows of 128 bytes): tile (a, b) at a * 2 KiB + b * 64.
+//   [32 c][32 k] fp32 block (rows of 128 bytes): tile (a, b) at a * 2 KiB + b * 64. A
+//   call may start from the block's sums (accumulate), so a driver can split the pixels.
 // Every tile has 16 rows of 64 bytes: the forward's configuration of M = 16
 // (make_amx_tile_config_kernel(16)), loaded once per thread's stream.
 #pragma once
@@ -40,6 +41,7 @@ struct AmxUpdCallArgs {
   int64_t src_row_stride;  // bytes from one input channel's row to the next
   int64_t src_img_stride;  // bytes from one image's transposed x to the next
   int64_t ddst_img_stride; // bytes from one image's dy chunks to the next
+  int64_t accumulate;      // nonzero: add to the block's sums (loaded first), else overwrite
 };
 
 using AmxUpdKernelFn = void (*)(const AmxUpdCallArgs*);
