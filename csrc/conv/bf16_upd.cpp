@@ -86,10 +86,18 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
       p.kernels.push_back({n_a, n_b});
     }
 
-  // Shares: the input blocks (each thread then copies all of dy in VNNI, the cheaper copy),
-  // else the output blocks, else the images into private copies.
+  // Shares: whichever split, of those that give every thread work, repeats the fewest
+  // bytes. Over input blocks every thread copies all of dy; over output blocks, all of x;
+  // over the images every thread writes a private copy of dW that the last pass reads.
+  // With none of them (fewer blocks and images than threads), output blocks on as many
+  // threads as there are.
   p.shares.resize(threads);
-  const bool split_images = p.cb < threads && p.kb < threads && d.n >= threads;
+  const double extra = threads - 1.0;
+  const double by_cb = p.cb >= threads ? extra * d.n * p.kb * p.dy_block_bytes() : 1e300;
+  const double by_kb = p.kb >= threads ? extra * d.n * p.cb * p.xt_block_bytes() : 1e300;
+  const double by_img = d.n >= threads && threads > 1 ? 2.0 * threads * d.k * d.c * d.r * d.s * 4 : 1e300;
+  const bool split_images = by_img < std::min(by_cb, by_kb);
+  const bool split_cb = !split_images && by_cb <= by_kb && by_cb < 1e300;
   p.parts = split_images ? threads : 1;
   for (int t = 0; t < threads; ++t) {
     Bf16UpdShare& sh = p.shares[t];
@@ -97,7 +105,7 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
     if (split_images) {
       std::tie(sh.n0, sh.n1) = share_range(d.n, threads, t);
       sh.part = t;
-    } else if (p.cb >= threads) {
+    } else if (split_cb) {
       std::tie(sh.cb0, sh.cb1) = share_range(p.cb, threads, t);
     } else {
       // Output blocks over as many threads as there are blocks; the others idle.

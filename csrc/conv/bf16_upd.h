@@ -16,9 +16,9 @@
 // for its output blocks, zero-padded to chunks of 32 pixels. Then, per (output block, input
 // block), one call per tap reduces every image and pixel in the tiles into a [32 c][32 k]
 // block in cache, and the blocks of every tap are written out as (K, C, R, S), fp32 or bf16.
-// Shares split the input blocks, else the output blocks, else (fewer blocks than threads)
-// the images, each share then summing into a private fp32 copy of dW that a last pass adds
-// up.
+// Shares split the input blocks, the output blocks or the images (each share then summing
+// into a private fp32 copy of dW that a last pass adds up), whichever repeats the fewest
+// bytes.
 #pragma once
 
 #include <cstdint>
