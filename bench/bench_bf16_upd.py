@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     helper = Helper(Path(args.helper))
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, {args.rounds} rounds of >= {args.min_time}s samples")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), N={args.n},"
+        f" {args.rounds} rounds of >= {args.min_time}s samples"
+    )
     print(f"load average at start: {os.getloadavg()}")
     print("| layer | problem | ours GFLOP/s | % AMX peak | torch CL GFLOP/s | % AMX peak | ours / torch |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"network-weighted (time x count over the layers): ours / torch = {weighted_torch / weighted_ours:.2f}x")
     print(f"median per-layer ratio {statistics.median(ratios):.2f}x,", end=" ")
     print(f"median % of AMX peak {statistics.median(pcts):.1f}%")
-    print(f"CPU time / wall time over the run: {cpu / (w1 - w0):.2f} ({args.threads}.0: {args.threads} core(s), all ours)")
+    print(f"CPU time / wall time over the run: {cpu / (w1 - w0):.2f} ({args.threads}.0: all ours)")
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -211,7 +211,8 @@ int main() {
       }
       const std::string key = text + "/" + std::to_string(threads);
       auto it = problems.find(key);
-      if (it == problems.end()) it = problems.try_emplace(key).first, fill_problem(bf16_desc(text), threads, &it->second);
+      if (it == problems.end())
+        it = problems.try_emplace(key).first, fill_problem(bf16_desc(text), threads, &it->second);
       Problem& p = it->second;
       const RunShares& run = threads > 1 ? pooled : serial;
       auto call = [&] { bf16_upd_run(*p.prim, p.x.data(), p.dy.data(), p.dw.data(), p.scratch.data(), run); };

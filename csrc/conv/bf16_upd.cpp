@@ -69,7 +69,8 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
   int64_t max_shift = 0;
   for (int64_t r = 0; r < in.r; ++r)
     for (int64_t s = 0; s < in.s; ++s) {
-      const int32_t phase = static_cast<int32_t>((r * in.dil_h) % in.stride_h * in.stride_w + (s * in.dil_w) % in.stride_w);
+      const int32_t phase =
+          static_cast<int32_t>((r * in.dil_h) % in.stride_h * in.stride_w + (s * in.dil_w) % in.stride_w);
       auto it = std::find(p.phases.begin(), p.phases.end(), phase);
       if (it == p.phases.end()) it = p.phases.insert(p.phases.end(), phase);
       const int64_t shift = (r * in.dil_h) / in.stride_h * p.wv + (s * in.dil_w) / in.stride_w;
@@ -345,8 +346,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void stor
   const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
   if (dt == DataType::bf16) {
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-    if (stream && m == 16 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) _mm256_stream_si256(static_cast<__m256i*>(dst), h);
-    else _mm256_mask_storeu_epi16(dst, mask, h);
+    if (stream && m == 16 && reinterpret_cast<uintptr_t>(dst) % 32 == 0)
+      _mm256_stream_si256(static_cast<__m256i*>(dst), h);
+    else
+      _mm256_mask_storeu_epi16(dst, mask, h);
   } else {
     if (stream && m == 16 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) _mm512_stream_ps(static_cast<float*>(dst), v);
     else _mm512_mask_storeu_ps(dst, mask, v);
@@ -358,9 +361,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void stor
 // output channels are the transpose of the (32 taps) x 32 matrix whose row e is block t's
 // row c: 16 x 16 transposes, each giving 16 elements of 16 rows of dW. A dW larger than
 // the caches is streamed to memory.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_blocks_avx512(const Bf16UpdPlan& p, int64_t kbi,
-                                                                               int64_t cbi, float* blocks, void* dst,
-                                                                               DataType dt) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void write_blocks_avx512(
+    const Bf16UpdPlan& p, int64_t kbi, int64_t cbi, float* blocks, void* dst, DataType dt) {
   if (p.folded) return write_blocks_scalar(p, kbi, cbi, blocks, dst, dt);  // a few elements
   const ConvDesc& d = p.desc;
   const int64_t taps = static_cast<int64_t>(p.taps.size());
@@ -403,7 +405,8 @@ using WriteFn = void (*)(const Bf16UpdPlan&, int64_t, int64_t, float*, void*, Da
 // begin(), call(kernel, args) for every call of the share and end() around them.
 template <typename CallFn, typename TileFn>
 void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
-             const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, WriteFn write_blocks, const CallFn& call, const TileFn& tiles) {
+             const RunShares& run, CopyFn copy_xt, CopyFn copy_dy, WriteFn write_blocks, const CallFn& call,
+             const TileFn& tiles) {
   if (!scratch || reinterpret_cast<uintptr_t>(scratch) % 64)
     throw std::invalid_argument("bf16_upd_run: give the plan's scratch, 64-byte aligned");
   uint8_t* base = static_cast<uint8_t*>(scratch);
@@ -430,9 +433,11 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
     float* blocks = reinterpret_cast<float*>(dyv + (sh.n1 - sh.n0) * dy_img);
     for (int64_t n = sh.n0; n < sh.n1; ++n) {
       for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi)
-        copy_xt(p, x, n, cbi, reinterpret_cast<uint16_t*>(xt + (n - sh.n0) * xt_img + (cbi - sh.cb0) * p.xt_block_bytes()));
+        copy_xt(p, x, n, cbi,
+                reinterpret_cast<uint16_t*>(xt + (n - sh.n0) * xt_img + (cbi - sh.cb0) * p.xt_block_bytes()));
       for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi)
-        copy_dy(p, dy, n, kbi, reinterpret_cast<uint16_t*>(dyv + (n - sh.n0) * dy_img + (kbi - sh.kb0) * p.dy_block_bytes()));
+        copy_dy(p, dy, n, kbi,
+                reinterpret_cast<uint16_t*>(dyv + (n - sh.n0) * dy_img + (kbi - sh.kb0) * p.dy_block_bytes()));
     }
     void* out = parts ? static_cast<void*>(parts + sh.part * part_elems) : dw;
     const DataType out_dt = parts ? DataType::f32 : p.dw_dt;

@@ -34,7 +34,8 @@ struct Drop {
   int64_t tap = -1;    // r * S + s
   int64_t pixel = -1;  // p * Q + q of image 0
 };
-Reference reference(const ConvDesc& d, const std::vector<uint16_t>& x, const std::vector<uint16_t>& dy, Drop drop = {}) {
+Reference reference(const ConvDesc& d, const std::vector<uint16_t>& x, const std::vector<uint16_t>& dy,
+                    Drop drop = {}) {
   const int64_t cb = div_up(d.c, B), kb = div_up(d.k, B), P = d.p(), Q = d.q();
   Reference out;
   out.dw.assign(d.k * d.c * d.r * d.s, 0.0);
