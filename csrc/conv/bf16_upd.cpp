@@ -114,8 +114,7 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
       if (t < used) std::tie(sh.kb0, sh.kb1) = share_range(p.kb, used, t);
       else sh.n1 = 0;
     }
-    const int64_t bytes = (sh.n1 - sh.n0) * ((sh.cb1 - sh.cb0) * p.xt_block_bytes() +
-                                             (sh.kb1 - sh.kb0) * p.dy_block_bytes()) +
+    const int64_t bytes = (sh.n1 - sh.n0) * (p.xt_block_bytes() + (sh.kb1 - sh.kb0) * p.dy_block_bytes()) +
                           static_cast<int64_t>(p.taps.size()) * kTapBlockBytes;
     p.share_bytes = std::max(p.share_bytes, round_up(bytes, 64));
   }
@@ -426,29 +425,29 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
     if (tid < 0 || tid >= p.threads) return;
     const Bf16UpdShare& sh = p.shares[tid];
     if (sh.n0 >= sh.n1) return;
-    const int64_t ncb = sh.cb1 - sh.cb0, nkb = sh.kb1 - sh.kb0;
-    const int64_t xt_img = ncb * p.xt_block_bytes(), dy_img = nkb * p.dy_block_bytes();
+    // dy of every output block first; then, input block by input block, x transposed
+    // (every image) just before the calls that read it, while it is in cache.
+    const int64_t nkb = sh.kb1 - sh.kb0, imgs = sh.n1 - sh.n0;
+    const int64_t xt_img = p.xt_block_bytes(), dy_img = nkb * p.dy_block_bytes();
     uint8_t* xt = base + tid * p.share_bytes;
-    uint8_t* dyv = xt + (sh.n1 - sh.n0) * xt_img;
-    float* blocks = reinterpret_cast<float*>(dyv + (sh.n1 - sh.n0) * dy_img);
-    for (int64_t n = sh.n0; n < sh.n1; ++n) {
-      for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi)
-        copy_xt(p, x, n, cbi,
-                reinterpret_cast<uint16_t*>(xt + (n - sh.n0) * xt_img + (cbi - sh.cb0) * p.xt_block_bytes()));
+    uint8_t* dyv = xt + imgs * xt_img;
+    float* blocks = reinterpret_cast<float*>(dyv + imgs * dy_img);
+    for (int64_t n = sh.n0; n < sh.n1; ++n)
       for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi)
         copy_dy(p, dy, n, kbi,
                 reinterpret_cast<uint16_t*>(dyv + (n - sh.n0) * dy_img + (kbi - sh.kb0) * p.dy_block_bytes()));
-    }
     void* out = parts ? static_cast<void*>(parts + sh.part * part_elems) : dw;
     const DataType out_dt = parts ? DataType::f32 : p.dw_dt;
     tiles(true);
     AmxUpdCallArgs a{};
-    a.n_imgs = sh.n1 - sh.n0;
+    a.n_imgs = imgs;
     a.src_row_stride = p.row_len * 2;
     a.src_img_stride = xt_img;
     a.ddst_img_stride = dy_img;
-    for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi)
-      for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi) {
+    for (int64_t cbi = sh.cb0; cbi < sh.cb1; ++cbi) {
+      for (int64_t n = sh.n0; n < sh.n1; ++n)
+        copy_xt(p, x, n, cbi, reinterpret_cast<uint16_t*>(xt + (n - sh.n0) * xt_img));
+      for (int64_t kbi = sh.kb0; kbi < sh.kb1; ++kbi) {
         const int n_a = p.inner.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = p.inner.k - kbi * kAmxBlock <= 16 ? 1 : 2;
         const int kernel = p.kernel_of[n_a - 1][n_b - 1];
         for (int64_t seg0 = 0; seg0 < p.chunks; seg0 += p.seg_chunks) {
@@ -458,14 +457,14 @@ void run_all(const Bf16UpdPlan& p, const uint16_t* x, const uint16_t* dy, void* 
           for (size_t t = 0; t < p.taps.size(); ++t) {
             const Bf16UpdTap& tap = p.taps[t];
             a.src = reinterpret_cast<const uint16_t*>(
-                xt + (cbi - sh.cb0) * p.xt_block_bytes() +
-                (tap.phase * kAmxBlock * p.row_len + tap.shift + seg0 * kChunkPixels) * 2);
+                xt + (tap.phase * kAmxBlock * p.row_len + tap.shift + seg0 * kChunkPixels) * 2);
             a.dw = blocks + t * 1024;
             call(kernel, &a);
           }
         }
         write_blocks(p, kbi, cbi, blocks, out, out_dt);
       }
+    }
     tiles(false);
     _mm_sfence();  // the streamed stores are seen by whoever reads dW next
   });

@@ -11,11 +11,12 @@
 // is the zero-bordered input, and a strided 1 x 1 reads one phase only: its subsampled
 // pixels.
 //
-// Per image, each thread first copies what its share reads: x transposed (rows of one
-// channel's pixels, per phase it uses) for its input blocks and dy in VNNI over pixel pairs
-// for its output blocks, zero-padded to chunks of 32 pixels. Then, per (output block, input
-// block), one call per tap reduces every image and pixel in the tiles into a [32 c][32 k]
-// block in cache, and the blocks of every tap are written out as (K, C, R, S), fp32 or bf16.
+// Each thread first copies dy in VNNI over pixel pairs for its output blocks and images,
+// zero-padded to chunks of 32 pixels. Then, input block by input block, it copies x
+// transposed (rows of one channel's pixels, per phase it uses; every image), and per
+// output block one call per tap (and segment of pixels) reduces every image in the tiles
+// into a [32 c][32 k] block in cache; the blocks of every tap are written out as
+// (K, C, R, S), fp32 or bf16.
 // Shares split the input blocks, the output blocks or the images (each share then summing
 // into a private fp32 copy of dW that a last pass adds up), whichever repeats the fewest
 // bytes.
