@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """bf16 weight gradient on AMX, per ResNet-50 layer: the project's kernels (fp32 dW, for fp32
-master weights) against torch's bf16 weight gradient in channels_last (oneDNN on AMX here:
+master weights; bf16 with --dw bf16) against torch's bf16 weight gradient in channels_last (oneDNN on AMX here:
 aten.convolution_backward with output_mask [False, True, False]), and against the core's AMX
 peak.
 
@@ -12,6 +12,7 @@ of chunks of 4,000 products). GFLOP/s are nominal (2*N*K*C*R*S*P*Q); % of peak i
 one-core peak times the threads.
 
     python bench/bench_bf16_upd.py [--layers L03,L17] [--rounds 5] [--min-time 0.05] [--n 1] [--threads 1]
+                                   [--dw f32]
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
     ap.add_argument("--n", type=int, default=1, help="batch size")
     ap.add_argument("--threads", type=int, default=1, choices=(1, 2))
+    ap.add_argument("--dw", default="f32", choices=("f32", "bf16"), help="our dW's type (torch's is bf16)")
     ap.add_argument("--helper", default=str(ROOT / "build" / "core" / "bench_bf16_upd_amx"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), N={args.n},"
+        f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, our dW {args.dw},"
         f" {args.rounds} rounds of >= {args.min_time}s samples"
     )
     print(f"load average at start: {os.getloadavg()}")
@@ -98,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         w = torch.randn(c.oc, c.ic, c.kh, c.kw).to(torch.bfloat16).contiguous(memory_format=cl)
         dy = torch.randn(args.n, c.oc, c.oh, c.ow).to(torch.bfloat16).contiguous(memory_format=cl)
         ours, theirs, peaks = [], [], []
-        helper.ask(f"upd {problem} {args.threads} 0.01")  # plan and generate before timing
+        helper.ask(f"upd {problem} {args.threads} 0.01 {args.dw}")  # plan and generate before timing
         for _ in range(args.rounds):
-            ours.append(helper.ask(f"upd {problem} {args.threads} {args.min_time}"))
+            ours.append(helper.ask(f"upd {problem} {args.threads} {args.min_time} {args.dw}"))
             theirs.append(torch_time(dy, x, w, c.stride, c.padding, args.min_time))
             peaks.append(args.threads * helper.ask(f"peak {args.min_time}"))
         t_ours, t_torch, peak = statistics.median(ours), statistics.median(theirs), statistics.median(peaks)

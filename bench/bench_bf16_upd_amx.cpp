@@ -2,8 +2,10 @@
 // answers each with one number, so the script can interleave it with torch's weight gradient.
 //   peak <seconds>                      GFLOP/s of this core's tdpbf16ps loop (its own, 4
 //                                       chains), the median of chunks of 4,000 products
-//   upd <problem> <threads> <min_secs>  seconds per call of the bf16 weight gradient (fp32
-//                                       dW), the median of calls timed for min_secs
+//   upd <problem> <threads> <min_secs> [f32|bf16]
+//                                       seconds per call of the bf16 weight gradient (dW
+//                                       fp32 unless bf16 is asked), the median of calls
+//                                       timed for min_secs
 //   plan <problem> <threads>            the plan's description (answered as text)
 // A problem is planned and its kernels generated at its first command. Two threads run on
 // a pool of this process (the caller and one worker).
@@ -157,8 +159,8 @@ void fill_blocked(Aligned<uint16_t>* v, int64_t n, int64_t channels, int64_t pix
     (*v)[i] = i % kAmxBlock + (i / (pixels * kAmxBlock) % blocks) * kAmxBlock < channels ? bf16_from_float(u(*rng)) : 0;
 }
 
-void fill_problem(const ConvDesc& d, int threads, Problem* p) {
-  p->prim = make_bf16_upd_primitive(make_bf16_upd_plan(d, threads, DataType::f32));
+void fill_problem(const ConvDesc& d, int threads, DataType dw_dt, Problem* p) {
+  p->prim = make_bf16_upd_primitive(make_bf16_upd_plan(d, threads, dw_dt));
   std::mt19937 rng(1);
   fill_blocked(&p->x, d.n, d.c, d.h * d.w, &rng);
   fill_blocked(&p->dy, d.n, d.k, d.p() * d.q(), &rng);
@@ -203,16 +205,18 @@ int main() {
       std::printf("%.1f\n", rates[rates.size() / 2]);
     } else if (cmd == "upd") {
       double min_seconds = 0.05;
-      in >> text >> threads >> min_seconds;
+      std::string dw_type = "f32";
+      in >> text >> threads >> min_seconds >> dw_type;
+      const DataType dw_dt = dw_type == "bf16" ? DataType::bf16 : DataType::f32;
       if (threads < 1 || threads > 2) {
         std::printf("error: threads must be 1 or 2\n");
         std::fflush(stdout);
         continue;
       }
-      const std::string key = text + "/" + std::to_string(threads);
+      const std::string key = text + "/" + std::to_string(threads) + "/" + dtype_name(dw_dt);
       auto it = problems.find(key);
       if (it == problems.end())
-        it = problems.try_emplace(key).first, fill_problem(bf16_desc(text), threads, &it->second);
+        it = problems.try_emplace(key).first, fill_problem(bf16_desc(text), threads, dw_dt, &it->second);
       Problem& p = it->second;
       const RunShares& run = threads > 1 ? pooled : serial;
       auto call = [&] { bf16_upd_run(*p.prim, p.x.data(), p.dy.data(), p.dw.data(), p.scratch.data(), run); };
