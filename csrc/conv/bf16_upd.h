@@ -7,9 +7,10 @@
 // the padded input (phase (a, b): padded pixels (i * stride_h + a, j * stride_w + b)). Tap
 // (r, s) then reads phase ((r * dil_h) % stride_h, (s * dil_w) % stride_w) at v + a fixed
 // shift, so every tap of every layer (padding, stride and dilation alike) is one plain run
-// over the same pixels; virtual columns q >= Q carry zeros in dy. At stride 1 the one phase
-// is the zero-bordered input, and a strided 1 x 1 reads one phase only: its subsampled
-// pixels.
+// over the same pixels; virtual columns q >= Q carry zeros in dy (so an infinite or NaN
+// input value there makes NaN sums, 0 * inf, in taps that do not read it). At stride 1
+// the one phase is the zero-bordered input, and a strided 1 x 1 reads one phase only: its
+// subsampled pixels.
 //
 // Each thread first copies dy in VNNI over pixel pairs for its output blocks and images,
 // zero-padded to chunks of 32 pixels. Then, input block by input block, it copies x
