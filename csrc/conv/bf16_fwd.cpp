@@ -381,16 +381,14 @@ void copy_padded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int t
   }
 }
 
-// Thread tid's share of the column-folded copy: whole (image, padded row) rows. Pixel q of
-// a row holds, for each kernel column s, the C channels that the layer's tap s reads for
-// output column q (zeros where that falls on padding).
-void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
-  const ConvDesc& d = p.desc;
-  const int64_t rows = d.n * p.hp, begin = rows * tid / nthreads, end = rows * (tid + 1) / nthreads;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / p.hp, ih = row % p.hp - d.pad_t;
-    uint16_t* out = static_cast<uint16_t*>(scratch) + row * p.wp * kAmxBlock;
-    std::memset(out, 0, p.wp * kPixelBytes);
+}  // namespace
+
+void bf16_fold_columns(const ConvDesc& d, const uint16_t* src, uint16_t* scratch, int64_t row_begin, int64_t row_end) {
+  const int64_t hp = d.h + d.pad_t + d.pad_b, wp = d.q();
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / hp, ih = row % hp - d.pad_t;
+    uint16_t* out = scratch + row * wp * kAmxBlock;
+    std::memset(out, 0, wp * kPixelBytes);
     if (ih < 0 || ih >= d.h) continue;
     const uint16_t* in = src + (n * d.h + ih) * d.w * kAmxBlock;
     // Tap by tap, over the output columns whose tap falls inside the row. Up to 4 channels
@@ -400,7 +398,7 @@ void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int t
     for (int64_t s = 0; s < d.s; ++s) {
       const int64_t off = s * d.dil_w - d.pad_l;  // iw = q * stride_w + off
       const int64_t q_lo = off >= 0 ? 0 : div_up(-off, d.stride_w);
-      const int64_t q_hi = std::min<int64_t>(p.wp, d.w - off <= 0 ? 0 : div_up(d.w - off, d.stride_w));
+      const int64_t q_hi = std::min<int64_t>(wp, d.w - off <= 0 ? 0 : div_up(d.w - off, d.stride_w));
       if (q_lo >= q_hi) continue;
       uint16_t* o = out + s * d.c;
       const uint16_t* i = in + (q_lo * d.stride_w + off) * kAmxBlock;  // column q_lo's tap
@@ -411,6 +409,14 @@ void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int t
         for (int64_t q = q_lo; q < q_hi; ++q, i += step) std::memcpy(o + q * kAmxBlock, i, d.c * 2);
     }
   }
+}
+
+namespace {
+
+// Thread tid's share of the column-folded copy: whole (image, padded row) rows.
+void copy_folded(const Bf16FwdPlan& p, const uint16_t* src, void* scratch, int tid, int nthreads) {
+  const int64_t rows = p.desc.n * p.hp;
+  bf16_fold_columns(p.desc, src, static_cast<uint16_t*>(scratch), rows * tid / nthreads, rows * (tid + 1) / nthreads);
 }
 
 // Thread tid's share of the subsampled copy: whole (image, block, output row) rows, each

@@ -54,6 +54,10 @@ bool bf16_fwd_folds_columns(const ConvDesc& d);
 bool bf16_fwd_subsamples(const ConvDesc& d);
 // The convolution the kernels compute: d itself, or the folded one.
 ConvDesc bf16_fwd_inner_desc(const ConvDesc& d);
+// Rows [row_begin, row_end) of the column-folded copy of src, rows counted over (image,
+// padded row): pixel q of a row holds, for each kernel column s, the C channels that the
+// layer's tap s reads for output column q (zeros where that falls on padding).
+void bf16_fold_columns(const ConvDesc& d, const uint16_t* src, uint16_t* scratch, int64_t row_begin, int64_t row_end);
 
 struct Bf16FwdPlan {
   ConvDesc desc;   // dt = bf16

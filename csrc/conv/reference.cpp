@@ -268,4 +268,28 @@ void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& sp, const AmxFwdCa
   }
 }
 
+void amx_upd_kernel_ref(const AmxUpdKernelSpec& sp, const AmxUpdCallArgs* a) {
+  constexpr int kChunkBytes = 2048, kRowBytes = 64;
+  for (int ta = 0; ta < sp.n_a; ++ta)
+    for (int tb = 0; tb < sp.n_b; ++tb)
+      for (int ci = 0; ci < 16; ++ci)
+        for (int ki = 0; ki < 16; ++ki) {
+          float& out = a->dw[(ta * 16 + ci) * kAmxBlock + tb * 16 + ki];
+          float acc = a->accumulate ? out : 0.f;
+          for (int64_t img = 0; img < a->n_imgs; ++img) {
+            const uint8_t* src = reinterpret_cast<const uint8_t*>(a->src) + img * a->src_img_stride +
+                                 (ta * 16 + ci) * a->src_row_stride;
+            const uint8_t* ddst = reinterpret_cast<const uint8_t*>(a->ddst) + img * a->ddst_img_stride;
+            for (int64_t ch = 0; ch < a->n_chunks; ++ch) {
+              const uint16_t* x = reinterpret_cast<const uint16_t*>(src + ch * kRowBytes);
+              const uint16_t* dy = reinterpret_cast<const uint16_t*>(ddst + ch * kChunkBytes + tb * 1024);
+              for (int pair = 0; pair < 16; ++pair)
+                for (int e = 0; e < 2; ++e)
+                  acc += bf16_operand(x[2 * pair + e]) * bf16_operand(dy[pair * 32 + ki * 2 + e]);
+            }
+          }
+          out = acc;
+        }
+}
+
 }  // namespace dc

@@ -4,6 +4,7 @@
 #include "conv/conv_desc.h"
 #include "jit/amx_fwd_kernel.h"
 #include "jit/avx512bf16_fwd_kernel.h"
+#include "jit/amx_upd_kernel.h"
 #include "jit/dw_kernel.h"
 #include "jit/fwd_kernel.h"
 #include "jit/upd_kernel.h"
@@ -31,6 +32,13 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& spec, const AmxFwdCallArgs* args
 // zero, as vdpbf16ps does; then the same epilogue and rounding. It reads the pixel stride
 // from the spec (args->src_px_stride is not read, as by the kernel).
 void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& spec, const AmxFwdCallArgs* args);
+
+// Does what the generated AMX weight-gradient kernel of `spec` does with `args`: the same
+// bf16 operands (denormals read as zero), sums in fp32 (from the block's, where the call
+// accumulates) over images, chunks, pixel pairs and the pair's two pixels in that order,
+// stored to the [32 c][32 k] block. The tiles' own
+// order of summation may differ, so results agree to fp32 rounding.
+void amx_upd_kernel_ref(const AmxUpdKernelSpec& spec, const AmxUpdCallArgs* args);
 
 // Does exactly what the generated depthwise kernel of `spec` does with `args`.
 void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);
