@@ -6,7 +6,8 @@
 //
 // bf16: each also takes uint16_t tensors holding bf16 in the bf16 kernels' layout (in.v = 32,
 // as conv/blocked_eltwise.h), on AVX512_BF16, with the same rules: maxima are exact, sums are
-// fp32 and rounded once (a backward adds a plane's windows in fp32, then rounds the plane),
+// fp32 and rounded once (a backward adds a plane's windows in fp32, in scratch of the
+// thread, and rounds each input-gradient row once no later window reaches it),
 // and the global average's (N, C) output and the gradient it takes stay fp32.
 #pragma once
 
