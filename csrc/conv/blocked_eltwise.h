@@ -4,6 +4,12 @@
 // lanes per pixel, and runs one thread's share of the pixels (tid of nthreads). Outputs
 // keep the padded lanes (channels C and up) exactly zero whatever the inputs hold there.
 // Each has a scalar twin (*_ref) for the tests.
+//
+// bf16 activations: every pass also takes uint16_t tensors holding bf16 in the layout of the
+// bf16 kernels, (N, ceil(C/32), H, W, 32) (shape.v = 32), and needs the avx512_bf16 level
+// (AVX512_BF16). The math is fp32 and the statistics are summed in double, as for fp32
+// activations; the per-channel coefficients and parameters stay fp32, padded to whole blocks
+// of 32; bf16 outputs are rounded to nearest even as the bf16 kernels round (bf16_from_float).
 #pragma once
 
 #include <cstdint>
@@ -11,7 +17,7 @@
 
 namespace dc {
 
-// A blocked activation of c real channels in blocks of v (16 or 8) lanes.
+// A blocked activation of c real channels in blocks of v lanes: 16 or 8 for fp32, 32 for bf16.
 struct BlockedShape {
   int64_t n = 0, c = 0, h = 0, w = 0;
   int v = 16;
@@ -24,6 +30,9 @@ struct BlockedShape {
   // The values each channel's statistics run over: N * H * W.
   int64_t per_channel() const { return n * h * w; }
 };
+
+// Throws unless s is a bf16 layout (v = 32) and this CPU has AVX512_BF16, naming `who`.
+void check_bf16_shape(const BlockedShape& s, const char* who);
 
 // Threads worth waking for a loop that streams `floats` floats (1 to max_threads): a share
 // much below a quarter of a megabyte is over before a pool thread is awake.
@@ -42,6 +51,10 @@ void bn_stats_share(const BlockedShape& s, const float* x, double* partial, int 
 void bn_stats_finish(const BlockedShape& s, const float* x, const double* partials, int nthreads, float* mean,
                      float* var);
 void bn_stats_ref(const BlockedShape& s, const float* x, float* mean, float* var);
+void bn_stats_share(const BlockedShape& s, const uint16_t* x, double* partial, int tid, int nthreads);
+void bn_stats_finish(const BlockedShape& s, const uint16_t* x, const double* partials, int nthreads, float* mean,
+                     float* var);
+void bn_stats_ref(const BlockedShape& s, const uint16_t* x, float* mean, float* var);
 
 // ---- running statistics ---------------------------------------------------------------
 
@@ -77,6 +90,10 @@ void bn_apply_share(const BlockedShape& s, const ChannelAffine& a, const float* 
                     float* y, int tid, int nthreads);
 void bn_apply_ref(const BlockedShape& s, const ChannelAffine& a, const float* x, const float* residual, bool relu,
                   float* y);
+void bn_apply_share(const BlockedShape& s, const ChannelAffine& a, const uint16_t* x, const uint16_t* residual,
+                    bool relu, uint16_t* y, int tid, int nthreads);
+void bn_apply_ref(const BlockedShape& s, const ChannelAffine& a, const uint16_t* x, const uint16_t* residual, bool relu,
+                  uint16_t* y);
 
 // ---- backward -------------------------------------------------------------------------
 
@@ -87,19 +104,22 @@ void bn_apply_ref(const BlockedShape& s, const ChannelAffine& a, const float* x,
 //   grad_x = weight * invstd * (g - grad_bias / M - xhat * grad_weight / M)  (train: the
 //            statistics are the batch's own, M = N * H * W values each)
 //   grad_x = weight * invstd * g  (eval: the statistics are constants).
-struct BnBackwardArgs {
+// T is the activations' type: float, or uint16_t for bf16 (grad_y, y, x, grad_x and
+// grad_residual; the statistics, the weight and their gradients stay fp32).
+template <typename T>
+struct BnBackwardArgsT {
   BlockedShape shape;
-  const float* grad_y = nullptr;
-  const float* y = nullptr;  // the forward's output when it ended in a ReLU, else null
-  const float* x = nullptr;
+  const T* grad_y = nullptr;
+  const T* y = nullptr;  // the forward's output when it ended in a ReLU, else null
+  const T* x = nullptr;
   const float* mean = nullptr;  // c floats
   const float* var = nullptr;   // c floats
   double eps = 0;
   const float* weight = nullptr;  // c floats, or null for ones
   bool train = true;
   // The outputs, null when not wanted: blocked like x, and c floats for the parameters.
-  float* grad_x = nullptr;
-  float* grad_residual = nullptr;
+  T* grad_x = nullptr;
+  T* grad_residual = nullptr;
   float* grad_weight = nullptr;
   float* grad_bias = nullptr;
 };
@@ -107,9 +127,10 @@ struct BnBackwardArgs {
 // At most two passes. Train with grad_x: pass 0 sums (writing grad_residual), pass 1 writes
 // grad_x (reading g back from grad_residual when that was written). Otherwise one pass
 // does everything. Use: for each pass, run_share on every thread, then finish_pass.
-class BnBackward {
+template <typename T>
+class BnBackwardT {
  public:
-  explicit BnBackward(const BnBackwardArgs& a);
+  explicit BnBackwardT(const BnBackwardArgsT<T>& a);
   int passes() const { return passes_; }
   int64_t partial_size() const { return 2 * a_.shape.padded(); }  // doubles per thread
   void run_share(int pass, double* partial, int tid, int nthreads) const;
@@ -117,22 +138,30 @@ class BnBackward {
 
   // One pass's work, in the form the vector loops take (public for them).
   struct Pass {
-    const float* g;  // grad_y, or g itself when mask is false
-    const float* y;  // ReLU mask source, or null
-    const float* x;  // when diff is needed (sums, or grad_x in train)
-    float* g_out;
-    float* grad_x;
+    const T* g;  // grad_y, or g itself when mask is false
+    const T* y;  // ReLU mask source, or null
+    const T* x;  // when diff is needed (sums, or grad_x in train)
+    T* g_out;
+    T* grad_x;
     bool sums;
   };
 
  private:
   Pass pass(int i) const;
-  BnBackwardArgs a_;
+  BnBackwardArgsT<T> a_;
   int passes_ = 1;
   bool sums_ = false;
   // grad_x = k * g + b * (x - mean) + d per channel, padded with zeros.
   std::vector<float> mean_, invstd_, k_, b_, d_;
 };
-void bn_backward_ref(const BnBackwardArgs& a);
+using BnBackwardArgs = BnBackwardArgsT<float>;
+using BnBackward = BnBackwardT<float>;
+using BnBackwardArgsBf16 = BnBackwardArgsT<uint16_t>;
+using BnBackwardBf16 = BnBackwardT<uint16_t>;
+extern template class BnBackwardT<float>;
+extern template class BnBackwardT<uint16_t>;
+
+template <typename T>
+void bn_backward_ref(const BnBackwardArgsT<T>& a);
 
 }  // namespace dc

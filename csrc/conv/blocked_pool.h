@@ -3,6 +3,12 @@
 // blocked layout for the classifier. One vector of V channel lanes per pixel; each function
 // runs one thread's share (tid of nthreads); padded lanes of every output are exactly zero.
 // Each has a scalar twin (*_ref) for the tests.
+//
+// bf16: each also takes uint16_t tensors holding bf16 in the bf16 kernels' layout (in.v = 32,
+// as conv/blocked_eltwise.h), on AVX512_BF16, with the same rules: maxima are exact, sums are
+// fp32 and rounded once (a backward adds a plane's windows in fp32, in scratch of the
+// thread, and rounds each input-gradient row once no later window reaches it),
+// and the global average's (N, C) output and the gradient it takes stay fp32.
 #pragma once
 
 #include <cstdint>
@@ -55,10 +61,25 @@ void global_avg_pool_fwd_share(const BlockedShape& s, const float* x, float* y, 
 // grad_x (blocked) = grad_y (N, C) / (H * W) at every pixel.
 void global_avg_pool_bwd_share(const BlockedShape& s, const float* grad_y, float* grad_x, int tid, int nthreads);
 
+void max_pool_fwd_share(const PoolDesc& d, const uint16_t* x, uint16_t* y, int tid, int nthreads);
+void max_pool_bwd_share(const PoolDesc& d, const uint16_t* x, const uint16_t* y, const uint16_t* grad_y,
+                        uint16_t* grad_x, int tid, int nthreads);
+void avg_pool_fwd_share(const PoolDesc& d, const AvgPoolOpts& o, const uint16_t* x, uint16_t* y, int tid,
+                        int nthreads);
+void avg_pool_bwd_share(const PoolDesc& d, const AvgPoolOpts& o, const uint16_t* grad_y, uint16_t* grad_x, int tid,
+                        int nthreads);
+void global_avg_pool_fwd_share(const BlockedShape& s, const uint16_t* x, float* y, int tid, int nthreads);
+void global_avg_pool_bwd_share(const BlockedShape& s, const float* grad_y, uint16_t* grad_x, int tid, int nthreads);
+
 void max_pool_fwd_ref(const PoolDesc& d, const float* x, float* y);
 void max_pool_bwd_ref(const PoolDesc& d, const float* x, const float* grad_y, float* grad_x);
 void avg_pool_fwd_ref(const PoolDesc& d, const AvgPoolOpts& o, const float* x, float* y);
 void avg_pool_bwd_ref(const PoolDesc& d, const AvgPoolOpts& o, const float* grad_y, float* grad_x);
 void global_avg_pool_fwd_ref(const BlockedShape& s, const float* x, float* y);
+void max_pool_fwd_ref(const PoolDesc& d, const uint16_t* x, uint16_t* y);
+void max_pool_bwd_ref(const PoolDesc& d, const uint16_t* x, const uint16_t* grad_y, uint16_t* grad_x);
+void avg_pool_fwd_ref(const PoolDesc& d, const AvgPoolOpts& o, const uint16_t* x, uint16_t* y);
+void avg_pool_bwd_ref(const PoolDesc& d, const AvgPoolOpts& o, const uint16_t* grad_y, uint16_t* grad_x);
+void global_avg_pool_fwd_ref(const BlockedShape& s, const uint16_t* x, float* y);
 
 }  // namespace dc

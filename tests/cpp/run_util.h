@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -41,6 +42,22 @@ class Guarded {
   uint8_t* map_;
   uint8_t* data_;
   size_t map_bytes_, bytes_;
+};
+
+// `count` elements of T in a Guarded buffer, optionally a copy of a vector's.
+template <typename T>
+class GuardedArray {
+ public:
+  GuardedArray(size_t count, bool at_end) : g_(count * sizeof(T), at_end), count_(count) {}
+  GuardedArray(const std::vector<T>& v, bool at_end) : GuardedArray(v.size(), at_end) {
+    if (!v.empty()) std::memcpy(data(), v.data(), v.size() * sizeof(T));
+  }
+  T* data() const { return g_.as<T>(); }
+  std::vector<T> get() const { return {data(), data() + count_}; }
+
+ private:
+  Guarded g_;
+  size_t count_;
 };
 
 inline dc::RunShares serial() {
