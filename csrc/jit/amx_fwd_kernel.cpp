@@ -1,10 +1,11 @@
 #include "jit/amx_fwd_kernel.h"
 
-
 #include <cstddef>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+
+#include "jit/bf16_fwd_loops.h"
 
 namespace dc {
 
@@ -96,41 +97,21 @@ class AmxFwdKernel : public JitGenerator {
     ret();
   }
 
+  const Bf16FwdLoopRegs loop_regs{reg_args, {reg_src_cb0, reg_src_cb1}, {reg_src0, reg_src1}, reg_wei, reg_cnt_cb,
+                                   reg_cnt_r};
+
   void load_args() {
-    mov(reg_src_cb0, arg(offsetof(AmxFwdCallArgs, src)));
-    if (sp_.n_a == 2) mov(reg_src_cb1, arg(offsetof(AmxFwdCallArgs, src) + 8));
-    mov(reg_wei, arg(offsetof(AmxFwdCallArgs, wei)));
+    emit_bf16_fwd_load_args(*this, loop_regs, sp_.n_a);
     mov(reg_px, arg(offsetof(AmxFwdCallArgs, src_px_stride)));
     mov(reg_row64, kRowBytes);
   }
-
   template <typename F>
   void loop_cb(F body) {
-    Label l_cb;
-    mov(reg_cnt_cb, arg(offsetof(AmxFwdCallArgs, n_cb)));
-    align(64);
-    L(l_cb);
-    body();
-    add(reg_src_cb0, arg(offsetof(AmxFwdCallArgs, src_cb_stride)));
-    if (sp_.n_a == 2) add(reg_src_cb1, arg(offsetof(AmxFwdCallArgs, src_cb_stride)));
-    dec(reg_cnt_cb);
-    jnz(l_cb, T_NEAR);
+    emit_bf16_fwd_loop_cb(*this, loop_regs, sp_.n_a, body);
   }
-
   template <typename F>
   void loop_r(F body) {
-    Label l_r;
-    mov(reg_src0, reg_src_cb0);
-    if (sp_.n_a == 2) mov(reg_src1, reg_src_cb1);
-    mov(reg_cnt_r, arg(offsetof(AmxFwdCallArgs, n_r)));
-    align(64);
-    L(l_r);
-    body();
-    add(reg_wei, static_cast<uint32_t>(sp_.s * kTapBytes));
-    add(reg_src0, arg(offsetof(AmxFwdCallArgs, src_r_stride)));
-    if (sp_.n_a == 2) add(reg_src1, arg(offsetof(AmxFwdCallArgs, src_r_stride)));
-    dec(reg_cnt_r);
-    jnz(l_r, T_NEAR);
+    emit_bf16_fwd_loop_r(*this, loop_regs, sp_.n_a, static_cast<uint32_t>(sp_.s * kTapBytes), body);
   }
 
   // Every kernel column of one kernel row. Each load goes as late as possible after the
