@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "conv/bwd_data.h"
+#include "conv/driver_util.h"
 #include "conv/reference.h"
 
 namespace dc {
@@ -27,7 +28,7 @@ std::string Bf16BwdDataPlan::to_string() const {
     o << (i ? "," : "") << phases[i].taps_r.size() << "x" << phases[i].taps_s.size();
   o << (padded ? " padded" : "") << (interleaved ? " interleaved" : "") << (scattered ? " scattered" : "")
     << " kernels=";
-  for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
+  o << spec_names(kernels);
   return o.str();
 }
 
@@ -104,10 +105,7 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
     sp.m = p.m;
     sp.n_a = n_a;
     sp.n_b = n_b;
-    for (size_t i = 0; i < p.kernels.size(); ++i)
-      if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
-    p.kernels.push_back(sp);
-    return static_cast<int32_t>(p.kernels.size() - 1);
+    return spec_index(&p.kernels, sp);
   };
 
   // Flat runs over each phase's virtual pixels v of the dy plane (row v / Wp, column

@@ -42,8 +42,7 @@ std::string Bf16FwdPlan::to_string() const {
         : input == Bf16FwdInput::folded     ? " folded"
         : input == Bf16FwdInput::subsampled ? " subsampled"
                                             : "") << " kernels=";
-  for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
-  for (size_t i = 0; i < dot_kernels.size(); ++i) o << (i ? "," : "") << dot_kernels[i].name();
+  o << spec_names(kernels) << spec_names(dot_kernels);  // one of them is empty
   return o.str();
 }
 
@@ -177,10 +176,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
       sp.n_a = n_a;
       sp.n_b = n_b;
       sp.post = post;
-      for (size_t i = 0; i < p.kernels.size(); ++i)
-        if (p.kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
-      p.kernels.push_back(sp);
-      return static_cast<int32_t>(p.kernels.size() - 1);
+      return spec_index(&p.kernels, sp);
     }
     Avx512Bf16FwdKernelSpec sp;
     sp.out_dt = out_dt;
@@ -192,10 +188,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     sp.n_b = n_b;
     sp.pairs = pairs;
     sp.post = post;
-    for (size_t i = 0; i < p.dot_kernels.size(); ++i)
-      if (p.dot_kernels[i].name() == sp.name()) return static_cast<int32_t>(i);
-    p.dot_kernels.push_back(sp);
-    return static_cast<int32_t>(p.dot_kernels.size() - 1);
+    return spec_index(&p.dot_kernels, sp);
   };
 
   const int64_t img_bytes = p.cb * p.hp * p.wp * kPixelBytes;

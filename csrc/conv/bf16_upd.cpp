@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "conv/bf16_fwd.h"
+#include "conv/driver_util.h"
 #include "conv/reference.h"
 
 namespace dc {
@@ -35,7 +36,7 @@ std::string Bf16UpdPlan::to_string() const {
     << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << "/" << seg_chunks
     << " parts=" << parts
     << " kernels=";
-  for (size_t i = 0; i < kernels.size(); ++i) o << (i ? "," : "") << kernels[i].name();
+  o << spec_names(kernels);
   return o.str();
 }
 

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "jit/fork_safe_mutex.h"
 
@@ -18,6 +19,25 @@ namespace dc {
 template <typename T>
 T* at_offset(T* base, int64_t elements) {
   return reinterpret_cast<T*>(reinterpret_cast<intptr_t>(base) + elements * static_cast<int64_t>(sizeof(float)));
+}
+
+// The index of the spec that bears sp's name in a plan's list, sp appended when none does:
+// each distinct kernel is generated once per plan.
+template <typename Spec>
+int32_t spec_index(std::vector<Spec>* specs, const Spec& sp) {
+  const std::string name = sp.name();
+  for (size_t i = 0; i < specs->size(); ++i)
+    if ((*specs)[i].name() == name) return static_cast<int32_t>(i);
+  specs->push_back(sp);
+  return static_cast<int32_t>(specs->size() - 1);
+}
+
+// A plan's kernel names, comma-separated (its to_string's list).
+template <typename Spec>
+std::string spec_names(const std::vector<Spec>& specs) {
+  std::string out;
+  for (size_t i = 0; i < specs.size(); ++i) out += (i ? "," : "") + specs[i].name();
+  return out;
 }
 
 // A small LRU cache of primitives (a plan with its generated kernels), keyed by problem,
