@@ -46,6 +46,7 @@ class Helper:
     """The C++ timing helper, kept running for the whole benchmark."""
 
     def __init__(self, path: Path) -> None:
+        self.name = path.name
         self.proc = subprocess.Popen([str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, line: str) -> float:
@@ -54,7 +55,7 @@ class Helper:
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline().strip()
         if not answer or answer.startswith("error"):
-            raise RuntimeError(f"bench_bf16_fwd_amx: {line!r} -> {answer!r}")
+            raise RuntimeError(f"{self.name}: {line!r} -> {answer!r}")
         return float(answer)
 
     def close(self) -> None:

@@ -21,7 +21,6 @@ import argparse
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,30 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bf16_fwd import Helper  # noqa: E402
 from problems import select_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Helper:
-    """The C++ timing helper, kept running for the whole benchmark."""
-
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def ask(self, line: str) -> float:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline().strip()
-        if not answer or answer.startswith("error"):
-            raise RuntimeError(f"bench_bf16_upd_amx: {line!r} -> {answer!r}")
-        return float(answer)
-
-    def close(self) -> None:
-        assert self.proc.stdin
-        self.proc.stdin.close()
-        self.proc.wait()
 
 
 def torch_time(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: tuple, pad: tuple, min_time: float) -> float:
