@@ -73,12 +73,12 @@ def bf16_fallback_reason(groups: int) -> str | None:
 
 
 @_constant_under_compile
-def vector_width() -> int:
-    """Channels per block of the fp32 blocked layouts: 16 from the avx512 level up, 8 for AVX2,
-    0 when the JIT is off."""
-    if _C is None or not _IS_X86:
+def vector_width(dtype: torch.dtype = torch.float32) -> int:
+    """Channels per block of the blocked layouts of dtype: for float32 16 from the avx512 level
+    up, 8 for AVX2; for bfloat16 32 (rows of 64 bytes, whatever the level); 0 when the JIT is off."""
+    if _C is None or not _IS_X86 or _C.isa() == "none":
         return 0
-    return _C.vector_width()
+    return _C.bf16_vector_width() if dtype == torch.bfloat16 else _C.vector_width()
 
 
 def note_fallback(reason: str) -> None:

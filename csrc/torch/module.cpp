@@ -134,6 +134,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "vector_width", [] { return dc::active_isa() == dc::Isa::none ? 0 : dc::vlen(dc::active_isa()); },
       "Floats per channel block of the fp32 layouts at the active level (0 when the JIT is off).");
+  m.def(
+      "bf16_vector_width", [] { return static_cast<int64_t>(dc::kAmxBlock); },
+      "Channels per block of the bf16 layouts (rows of 32 bf16: the bf16 kernels' and batch norm's).");
   m.def("set_isa_cap", [](const std::string& name) {
     try {
       dc::set_isa_cap(dc::parse_isa(name));
