@@ -40,9 +40,20 @@ class Step(nn.Module):
         return f"{' + '.join(self.layers)}: {self.what}"
 
 
+def blocked_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a region keeps a value entering it in: bf16 under CPU autocast to bf16 (as the
+    convolutions it feeds would cast it) and for a bf16 value, else the value's own (float32:
+    optimize's forward sends nothing else here)."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return x.dtype
+
+
 class Enter(Step):
     """NCHW -> blocked at a region's entry; checks the rank and channel count first, so that a
-    bad input is reported with the layer that needs it."""
+    bad input is reported with the layer that needs it. Under bf16 autocast, and for a bf16
+    value, the region runs in bf16: the value is rounded to bf16 (as autocast rounds a
+    convolution's input) and blocked in rows of 32 channels."""
 
     def __init__(self, value: str, channels: int, consumer: str) -> None:
         super().__init__([value], f"to_blocked ({channels} channels) for {consumer}")
@@ -58,7 +69,8 @@ class Enter(Step):
                 f"optimize: {self.consumer} expected an input with {self.channels} channels, got {x.shape[1]} "
                 f"(shape {tuple(x.shape)})"
             )
-        return to_blocked(x)
+        dtype = blocked_dtype(x)
+        return to_blocked(x if x.dtype == dtype else x.to(dtype))
 
 
 class Exit(Step):
@@ -94,6 +106,14 @@ class _TensorsKey:
             if t is not None and (t._version != self.versions[i] or not t.is_set_to(self.aliases[i])):
                 return False
         return True
+
+
+def _blocked_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w (K, C, R, S), fp32 or bf16, blocked for activations of dtype: the bf16 kernels' layout
+    (rounded to bf16 in the packing) or the fp32 one."""
+    if dtype == torch.bfloat16:
+        return call_op(torch.ops.directconv.to_blocked_weight.default, w, _backend.vector_width(dtype))
+    return to_blocked_weight(w)
 
 
 def _cacheable(owned: bool, tensors: tuple) -> bool:
@@ -163,13 +183,14 @@ class _ConvStep(Step):
         self._cache: tuple[_TensorsKey, tuple] | None = None
         self._geo: tuple | None = None
 
-    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
-        """compute(pack): packed once (pack = to_blocked_weight) and kept while it may be; else
-        computed at each call with the weight left (K, C, R, S) (pack = the identity), which
-        conv2d_blocked packs within its call and whose gradient it returns as (K, C, R, S): a
-        training step then has no packing pass, nor an unpacking one."""
+    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute, dtype=torch.float32) -> tuple:
+        """compute(pack): packed once (pack(w, dtype) = the blocked weight for activations of
+        dtype) and kept while it may be; else computed at each call with the weight left
+        (K, C, R, S) (pack = the identity), which conv2d_blocked packs within its call and whose
+        gradient it returns as (K, C, R, S): a training step then has no packing pass, nor an
+        unpacking one."""
         if not _cacheable(owned, tensors):
-            return compute(lambda w: w)
+            return compute(lambda w, dtype: w)
         # Made in inference mode, the results are inference tensors: reused only there.
         extra = (*extra, torch.is_inference_mode_enabled())
         entry = self._cache  # one read: other threads may replace it meanwhile
@@ -177,7 +198,7 @@ class _ConvStep(Step):
             return entry[1]
         self._cache = None  # drop the old result before the new one is made
         with torch.no_grad():
-            result = compute(to_blocked_weight)
+            result = compute(_blocked_weight)
         self._cache = (_TensorsKey(tensors, extra), result)
         return result
 
@@ -232,21 +253,25 @@ class Unit(_ConvStep):
         # The scale and shift of a lone add -> ReLU pass: bn_apply with the identity's affine.
         self._identity = (torch.ones(channels), torch.zeros(channels)) if residual else None
 
-    def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
+    def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> tuple:
         """(weight, bias) of the convolution, with bn folded in when it is given; the weight
-        blocked when it is cached, else (K, C, R, S)."""
+        blocked for activations of `dtype` when it is cached (bf16: folded in fp32, then rounded
+        once), else (K, C, R, S), which the op casts and packs within its call."""
         conv_t, conv_owned = _own(conv, ("weight", "bias"))
+        key = (_backend.isa(), dtype)
         if bn is None:
-            return self._cached(conv_t, conv_owned, (_backend.isa(),), lambda pack: (pack(conv_t[0]), conv_t[1]))
+            return self._cached(
+                conv_t, conv_owned, key, lambda pack: (pack(conv_t[0], dtype), conv_t[1]), dtype
+            )
         bn_t, bn_owned = _own(bn, ("weight", "bias", "running_mean", "running_var"))
 
         def fold(pack) -> tuple:
             scale, shift = _eval_affine(bn)
             w = conv_t[0] * scale.view(-1, 1, 1, 1)
             b = shift if conv_t[1] is None else shift + conv_t[1] * scale
-            return pack(w), b
+            return pack(w, dtype), b
 
-        return self._cached(conv_t + bn_t, conv_owned and bn_owned, (_backend.isa(), bn.eps), fold)
+        return self._cached(conv_t + bn_t, conv_owned and bn_owned, (*key, bn.eps), fold, dtype)
 
     @staticmethod
     def _padded(conv: nn.Conv2d, xb: torch.Tensor) -> tuple:
@@ -301,7 +326,7 @@ class Unit(_ConvStep):
             padding,
             conv.dilation,
             channels=self.channels,
-            shift=bn.running_mean.detach() if track else None,
+            shift=bn.running_mean.detach().float() if track else None,
             in_channels=conv.in_channels,
         )
         return yb, (mean, var)
@@ -339,7 +364,7 @@ class Unit(_ConvStep):
         batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
         if conv is not None:
             fold = bn is not None and not batch_stats
-            wb, bias = self._weights(conv, bn if fold else None)
+            wb, bias = self._weights(conv, bn if fold else None, xb.dtype)
             if bn is None or fold:
                 # The residual add and the ReLU in the convolution's epilogue.
                 return self._conv(conv, xb, wb, bias, self.relu, residual)
@@ -458,6 +483,9 @@ class DropInConv(_ConvStep):
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = 0
         (w, b), owned = _own(conv, ("weight", "bias"))
+        if isinstance(x, torch.Tensor) and blocked_dtype(x) == torch.bfloat16:
+            # bf16 (autocast's cast included): conv2d's own bf16 path, which packs in its call.
+            return conv2d(x, w, b, conv.stride, padding, conv.dilation, conv.groups, relu=self.relu)
         # What the JIT's choice and the checks depend on; a call like the last checked one skips them.
         sig = (type(x), x.shape, x.dtype, x.device, w.shape, w.dtype, b is None or (b.shape, b.dtype), _backend.isa())
         if sig != self._checked:
@@ -467,7 +495,9 @@ class DropInConv(_ConvStep):
             self._checked = sig
         stride, pad4, dilation = self._geometry(conv, padding)
         if w.numel() >= _PACK_CACHE_MIN and _cacheable(owned, (w, b)):
-            (packed,) = self._cached((w,), owned, (_backend.isa(), conv.groups), lambda _: (pack_weight(w, conv.groups),))
+            (packed,) = self._cached(
+                (w,), owned, (_backend.isa(), conv.groups), lambda *_: (pack_weight(w, conv.groups),)
+            )
             return conv2d_packed(x, packed, b, w.shape[0], stride, pad4, dilation, conv.groups, self.relu)
         # The op packs the weight within its call (and gives its gradient).
         return call_op(_CONV2D, x, w, b, stride, pad4, dilation, conv.groups, self.relu)

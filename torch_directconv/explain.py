@@ -23,6 +23,7 @@ class _TimedRun(fx.Interpreter):
         super().__init__(gm)
         self.times: dict = defaultdict(list)
         self.input_shapes: dict = {}
+        self.input_dtypes: dict = {}
 
     def run_node(self, n: fx.Node):
         t0 = time.perf_counter()
@@ -33,6 +34,7 @@ class _TimedRun(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if args and isinstance(args[0], torch.Tensor):
             self.input_shapes[target] = tuple(args[0].shape)
+            self.input_dtypes[target] = args[0].dtype
         return super().call_module(target, args, kwargs)
 
 
@@ -83,7 +85,11 @@ def _row(gm: fx.GraphModule, n: fx.Node, run: _TimedRun) -> tuple[str, str, str]
             conv = step._parts[0]
             if conv is not None and n.target in run.input_shapes:
                 problem = _problem(conv, run.input_shapes[n.target])
-                what += f"\n{'':>28}kernels: {_backend._C.fwd_plan(problem, torch.get_num_threads())}"
+                if run.input_dtypes[n.target] == torch.bfloat16:
+                    plan = _backend._C.bf16_fwd_plan(problem, torch.get_num_threads())
+                else:
+                    plan = _backend._C.fwd_plan(problem, torch.get_num_threads())
+                what += f"\n{'':>28}kernels: {plan}"
             return "BLOCKED", layers, what
         label = {"enter": "ENTER", "exit": "EXIT", "meta": "blocked", "nchw": "NCHW"}.get(kind, "BLOCKED")
         what = step.what + (f" ({meta['why']})" if meta.get("why") else "")
@@ -131,9 +137,11 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     med = {n: statistics.median(run.times[n][1:]) for n in nodes}
     total = sum(med.values()) or 1.0
     mode = "train" if opt.training else "eval"
+    bf16 = any(dt == torch.bfloat16 for dt in run.input_dtypes.values())
+    kernels = "bf16 activations (rows of 32 channels)" if bf16 else f"fp32 kernels {_backend._C.fp32_isa()}"
     lines.append(
         f"{type(opt._engine.root).__name__}, {mode} mode, input {', '.join(str(tuple(x.shape)) for x in inputs)}, "
-        f"{torch.get_num_threads()} thread(s), fp32 kernels {_backend._C.fp32_isa()} (level {_backend.isa()}): "
+        f"{torch.get_num_threads()} thread(s), {kernels} (level {_backend.isa()}): "
         f"forward {1e3 * total:.2f} ms "
         f"(sum of the steps' medians over {runs} run(s))"
     )

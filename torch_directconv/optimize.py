@@ -63,22 +63,30 @@ class OptimizedModule(nn.Module):
 def blocked_path_reason(args: tuple, kwargs: dict) -> str | None:
     """Why a call with these inputs runs the original model instead of the blocked graph, or None.
 
-    The blocked kernels are fp32 on the CPU; other inputs (and CPU autocast, which would run the
-    model's convolutions in bf16) get exactly what the original model computes."""
+    The blocked graph runs float32 inputs in fp32, and in bf16 under CPU autocast to bfloat16
+    or for bfloat16 inputs (a model moved with .to(torch.bfloat16)) where this CPU has the bf16
+    kernels; other inputs (float16 autocast, other dtypes and devices) get exactly what the
+    original model computes."""
     reason = _backend.no_jit_reason()
     if reason is not None:
         return reason
+    bf16 = False
     if torch.is_autocast_enabled("cpu"):
-        return "CPU autocast is enabled"
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype != torch.bfloat16:
+            return f"CPU autocast to {dtype} is enabled (the blocked kernels take float32 and bfloat16)"
+        bf16 = True
     # The usual call, tensors as positional arguments, without flattening a tree.
     leaves = args if not kwargs and all(type(a) is torch.Tensor for a in args) else tree_leaves((args, kwargs))
     for t in leaves:
-        if (
-            isinstance(t, torch.Tensor)
-            and t.is_floating_point()
-            and (t.dtype != torch.float32 or t.device.type != "cpu")
-        ):
-            return f"an input is {t.dtype} on {t.device.type} (the blocked kernels take float32 on the CPU)"
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16):
+                return f"an input is {t.dtype} on {t.device.type} (the blocked kernels take float32 and bfloat16 on the CPU)"
+            bf16 = bf16 or t.dtype == torch.bfloat16
+    if bf16:
+        why = _backend.bf16_fallback_reason(1)
+        if why is not None:
+            return f"the bf16 blocked kernels do not run here ({why})"
     return None
 
 

@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", help="with --impl torch: model and images in channels_last")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="forward and loss under torch.autocast('cpu', dtype=torch.bfloat16), fp32 master weights and "
+        "optimizer (with --impl optimize: bf16 activations blocked end to end)",
+    )
+    g.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -398,6 +404,11 @@ def reduce_sums(values: list[float], ctx: Context) -> list[float]:
     return t.tolist()
 
 
+def autocast(args):
+    """bf16 autocast on the CPU with --bf16, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
+
 def train_one_epoch(net, loader, criterion, optimizer, scheduler, epoch, args, ctx, timer, on_step, model) -> dict:
     net.train()
     batch_time, data_time = meters.AverageMeter("Time", ":6.3f"), meters.AverageMeter("Data", ":6.3f")
@@ -418,8 +429,9 @@ def train_one_epoch(net, loader, criterion, optimizer, scheduler, epoch, args, c
         data_time.update(time.perf_counter() - end)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        output = net(images)
-        loss = criterion(output, target)
+        with autocast(args):
+            output = net(images)
+            loss = criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -476,10 +488,12 @@ def validate(net, loader, criterion, args, ctx) -> dict:
         for images, target in loader:
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            output = net(images)
+            with autocast(args):
+                output = net(images)
+                loss = float(criterion(output, target))
             n = images.shape[0]
             c1, c5 = meters.correct_topk(output, target, (1, 5))
-            sums = [sums[0] + float(criterion(output, target)) * n, sums[1] + c1, sums[2] + c5, sums[3] + n]
+            sums = [sums[0] + loss * n, sums[1] + c1, sums[2] + c5, sums[3] + n]
     loss_sum, c1, c5, count = reduce_sums(sums, ctx)
     result = {
         "val_loss": loss_sum / count,
@@ -599,7 +613,7 @@ def run(args: argparse.Namespace, ctx: Context, on_step: OnStep | None) -> dict:
     }
     ctx.log(
         f"=> {args.arch} ({summary['machine']['model_source']}), --impl {args.impl}"
-        f"{' --compile' if args.compile else ''}, {ctx.world} process(es) x {args.threads} thread(s), "
+        f"{' --compile' if args.compile else ''}{' --bf16' if args.bf16 else ''}, {ctx.world} process(es) x {args.threads} thread(s), "
         f"global batch {args.batch_size}, data: {'synthetic' if args.dummy else args.data} ({data.BACKEND})"
     )
     if ckpt is not None:
