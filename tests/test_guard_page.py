@@ -228,3 +228,86 @@ def test_no_reads_outside_the_tensors(isa: str) -> None:
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_no_reads_outside_the_tensors_large(isa: str) -> None:
     run_child_sweep("test_guard_page", isa, count=600, seed=777, timeout=1200)
+
+
+def child_bf16_eltwise_sweep(seed: int) -> None:
+    """The bf16 batch-norm, pooling and layout passes on tensors that end at (or start just
+    after) a PROT_NONE page; results against the same ops on ordinary tensors."""
+    import torch_directconv as tdc
+    from torch_directconv import blocked_ops as bo
+
+    ops = torch.ops.directconv
+    g = torch.Generator().manual_seed(seed)
+    calls = 0
+    for n, c, h, w in [(1, 3, 1, 1), (2, 17, 5, 7), (1, 40, 1, 9), (3, 64, 6, 1), (2, 33, 4, 3)]:
+        x = torch.randn(n, c, h, w, generator=g).bfloat16()
+        xb, rb = tdc.to_blocked(x), tdc.to_blocked(torch.randn(x.shape, generator=g).bfloat16())
+        vec = [torch.rand(c, generator=g) + 0.5 for _ in range(4)]
+        k = (min(3, h), min(3, w))
+        pads = (k[0] // 2, k[1] // 2)
+        pooled = bo.max_pool2d(xb, c, k, 1, pads)
+        avg = bo.avg_pool2d(xb, c, k, [2, 1], pads, True, False)
+        runs = [
+            (ops.to_blocked, (x, 32)),
+            (ops.to_blocked, (x.contiguous(memory_format=torch.channels_last), 32)),
+            (ops.from_blocked, (xb, c)),
+            (ops.bn_stats_blocked, (xb, c)),
+            (ops.bn_apply_blocked, (xb, vec[0], vec[1], rb, True, c)),
+            (ops.batch_norm_blocked, (xb, vec[0], vec[1], vec[2], vec[3], rb, 1e-5, True, True, c)),
+            (
+                ops.batch_norm_blocked,
+                (xb, vec[0].bfloat16(), vec[1], vec[2].bfloat16(), None, None, 1e-5, False, False, c),
+            ),
+            (ops.bn_backward_blocked, (rb, xb, xb, vec[0], vec[1], vec[2], 1e-5, True, c, [True] * 4)),
+            (ops.bn_backward_blocked, (rb, None, xb, vec[0], vec[1], None, 1e-5, False, c, [True] * 4)),
+            (ops.bn_backward_blocked, (rb, None, xb, vec[0], vec[1], vec[2], 1e-5, True, c, [True] + [False] * 3)),
+            (ops.max_pool2d_blocked, (xb, list(k), [1, 1], list(pads), [1, 1], True, c)),
+            (ops.max_pool2d_blocked_backward, (pooled, xb, pooled, list(k), [1, 1], list(pads), [1, 1], True, c)),
+            (ops.avg_pool2d_blocked, (xb, list(k), [2, 1], list(pads), True, False, None, c)),
+            (ops.avg_pool2d_blocked_backward, (avg, list(xb.shape), list(k), [2, 1], list(pads), True, False, None, c)),
+            (ops.global_avg_pool_blocked, (xb, c)),
+            (ops.global_avg_pool_blocked_backward, (torch.randn(n, c, generator=g).bfloat16(), list(xb.shape), c)),
+            (ops.global_avg_pool_blocked_backward, (torch.randn(n, c, generator=g), list(xb.shape), c)),
+        ]
+        for op, args in runs:
+            want = op(*args)
+            for side in ("before", "after"):
+                label = f"bf16 {op} {side} n{n}c{c}h{h}w{w}"
+                print(label, file=sys.stderr, flush=True)
+                guarded = [guarded_copy(a, side) if isinstance(a, torch.Tensor) else a for a in args]
+                got = op(*guarded)
+                got_all = got if isinstance(got, tuple) else (got,)
+                want_all = want if isinstance(want, tuple) else (want,)
+                for a, e in zip(got_all, want_all, strict=True):
+                    assert a.dtype == e.dtype and torch.equal(a, e), label
+                calls += 1
+    # The running statistics' update of bf16 buffers, in place within its tensors.
+    for c in (3, 17, 40):
+        stats = [torch.randn(c, generator=g).bfloat16(), (torch.rand(c, generator=g) + 0.5).bfloat16()]
+        batch = [torch.randn(c, generator=g), torch.rand(c, generator=g)]
+        want = [t.clone() for t in stats]
+        ops.bn_update_running_stats(*want, None, *batch, 9, 0.1)
+        for side in ("before", "after"):
+            running = [guarded_copy(t, side) for t in stats]
+            ops.bn_update_running_stats(*running, None, *(guarded_copy(t, side) for t in batch), 9, 0.1)
+            for a, e in zip(running, want, strict=True):
+                assert torch.equal(a, e), f"bf16 bn_update_running_stats {side} c{c}"
+            calls += 1
+    print(f"bf16 guard-page sweep: {calls} guarded calls", flush=True)
+
+
+def test_bf16_blocked_ops_read_nothing_outside_the_tensors() -> None:
+    """The bf16 batch-norm, pooling and layout ops, at the lowest level that runs them (their
+    loops are the same on AMX)."""
+    if not cpu_has("avx512_bf16"):
+        pytest.skip("this CPU lacks avx512_bf16")
+    proc = run_python(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        from test_guard_page import child_bf16_eltwise_sweep
+        child_bf16_eltwise_sweep(13)
+        """,
+        TORCH_DIRECTCONV_ISA="avx512_bf16",
+    )
+    assert "bf16 guard-page sweep:" in proc.stdout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend  # noqa: F401  (loads the ops)
+from . import _backend  # (also loads the ops)
 from ._autograd import _function, _keep_nothing, _no_double_backward, _register, call_op
 
 ops = torch.ops.directconv
@@ -38,7 +38,8 @@ def _pooled(xb: torch.Tensor, kernel, stride, padding, dilation, ceil_mode) -> t
 
 @torch.library.register_fake("directconv::bn_stats_blocked")
 def _bn_stats_fake(xb, channels):
-    return xb.new_empty((channels,)), xb.new_empty((channels,))
+    # The statistics are fp32 for either dtype of xb.
+    return xb.new_empty((channels,), dtype=torch.float32), xb.new_empty((channels,), dtype=torch.float32)
 
 
 @torch.library.register_fake("directconv::bn_update_running_stats")
@@ -58,9 +59,13 @@ def _batch_norm_fake(xb, mean, var, weight, bias, residual, eps, relu, train, ch
 
 @torch.library.register_fake("directconv::bn_backward_blocked")
 def _bn_backward_fake(grad_y, yb, xb, mean, var, weight, eps, train, channels, output_mask):
-    # Gradients not asked for are empty (0,) tensors.
+    # Gradients not asked for are empty (0,) tensors; grad_x and grad_residual are of xb's dtype,
+    # grad_weight and grad_bias fp32.
     shapes = (xb.shape, (channels,), (channels,), xb.shape)
-    return tuple(xb.new_empty(s if want else (0,)) for s, want in zip(shapes, output_mask, strict=True))
+    dtypes = (xb.dtype, torch.float32, torch.float32, xb.dtype)
+    return tuple(
+        xb.new_empty(s if want else (0,), dtype=d) for s, d, want in zip(shapes, dtypes, output_mask, strict=True)
+    )
 
 
 @torch.library.register_fake("directconv::max_pool2d_blocked")
@@ -92,7 +97,9 @@ def _global_avg_pool_fake(xb, channels):
 
 @torch.library.register_fake("directconv::global_avg_pool_blocked_backward")
 def _global_avg_pool_backward_fake(grad_output, input_size, channels):
-    return grad_output.new_empty(input_size)
+    # Blocked in input_size's layout: bf16 when its blocks are the bf16 layout's.
+    bf16 = len(input_size) == 5 and input_size[4] == _backend.vector_width(torch.bfloat16)
+    return grad_output.new_empty(input_size, dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 # ---- autograd -----------------------------------------------------------------------------
@@ -140,9 +147,9 @@ def _backward_bn_apply(ctx, grad):
     xb, scale, y = ctx.saved_tensors
     needs = ctx.needs_input_grad
     channels = ctx.args[3]
-    gx, gs, gsh, gr = _bn_grads(
-        ctx, grad, xb, scale.new_zeros(channels), scale.new_ones(channels), scale, y, *needs[:4]
-    )
+    # The statistics of this batch norm are fp32, whatever the dtype of scale.
+    zeros, ones = scale.new_zeros(channels, dtype=torch.float32), scale.new_ones(channels, dtype=torch.float32)
+    gx, gs, gsh, gr = _bn_grads(ctx, grad, xb, zeros, ones, scale, y, *needs[:4])
     return gx, gs, gsh, gr, None, None
 
 
@@ -165,7 +172,7 @@ def _backward_bn_stats(ctx, grad_mean, grad_var):
         return torch.zeros_like(xb), None
     gm = _to_blocked_channels(grad_mean, cb, v) / m
     gv = _to_blocked_channels(grad_var, cb, v) * (2.0 / m)
-    return gm + gv * (xb - _to_blocked_channels(mean, cb, v)), None
+    return (gm + gv * (xb - _to_blocked_channels(mean, cb, v))).to(xb.dtype), None
 
 
 def _setup_max_pool(ctx, inputs, output) -> None:

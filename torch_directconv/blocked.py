@@ -1,7 +1,9 @@
 """The blocked layouts (DESIGN.md section 1) and the convolution that stays in them.
 
 Activations are (N, ceil(C/V), H, W, V) and weights (ceil(K/V), ceil(C/V), R, S, V(c), V(k)),
-with V = vector_width() (16 on AVX-512, 8 on AVX2) and missing channels zero-padded.
+with V = vector_width() (16 on AVX-512, 8 on AVX2) and missing channels zero-padded. bf16
+activations are in the bf16 kernels' layout, (N, ceil(C/32), H, W, 32): V =
+vector_width(torch.bfloat16).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ def _require_jit(op: str) -> None:
 
 
 def to_blocked(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, ceil(C/V), H, W, V), zero-padded."""
+    """(N, C, H, W) of any strides -> (N, ceil(C/V), H, W, V), zero-padded, V = vector_width(x.dtype):
+    fp32 blocks of 16 (8 on AVX2), or bf16 rows of 32 channels (exact: the values are moved, not
+    converted)."""
     _require_jit("to_blocked")
-    return call_op(torch.ops.directconv.to_blocked.default, x, _backend.vector_width())
+    return call_op(torch.ops.directconv.to_blocked.default, x, _backend.vector_width(x.dtype))
 
 
 def from_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
-    """(N, ceil(C/V), H, W, V) -> (N, channels, H, W)."""
+    """(N, ceil(C/V), H, W, V) -> (N, channels, H, W), fp32 or bf16 as xb (V 8 or 16 for fp32, 32 for bf16)."""
     _require_jit("from_blocked")
     return call_op(torch.ops.directconv.from_blocked.default, xb, channels)
 

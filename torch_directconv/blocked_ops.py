@@ -7,6 +7,15 @@ padded lanes (channels C and up) are exactly zero, as are those of every gradien
 the inputs hold there. All are differentiable, with backward passes made of the project's own
 ops (torch.ops.directconv.*), and traceable by torch.compile(fullgraph=True).
 
+bf16: every function also takes xb of bfloat16 in the bf16 kernels' layout (N, ceil(C/32), H,
+W, 32) (to_blocked of a bf16 tensor), on the avx512_bf16 level or above (below it, or with
+TORCH_DIRECTCONV_ISA capping it, a bf16 call is an error that says so). The other activations
+of a call (residual, and in the backward the gradients) are of xb's dtype; a mix is an error.
+The arithmetic is fp32 (sums in double), each bf16 output rounded once to nearest even.
+Per-channel tensors stay fp32: statistics, weight and bias, and their gradients; bf16 ones
+(a model moved with .to(torch.bfloat16)) are read as fp32, and bf16 running statistics are
+updated in fp32 and written back rounded.
+
     xb = tdc.to_blocked(x)
     yb = blocked_ops.batch_norm(xb, 64, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                 training=True, momentum=0.1, eps=1e-5, residual=rb, relu=True)
@@ -43,6 +52,7 @@ def bn_stats(xb: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tenso
 
     Summed in double, shifted by each channel's first value, so a large mean costs no digits
     (torch.var_mean(x, (0, 2, 3), unbiased=False) to fp32 rounding). NaN when N * H * W = 0.
+    fp32 for a bf16 xb too (the statistics of its bf16 values).
     """
     _require_jit("bn_stats")
     return call_op(ops.bn_stats_blocked.default, xb, channels)
@@ -56,7 +66,10 @@ def bn_apply(
     residual: torch.Tensor | None = None,
     relu: bool = False,
 ) -> torch.Tensor:
-    """y = x * scale[c] + shift[c] (+ residual), then ReLU when asked, in one pass (a folded batch norm)."""
+    """y = x * scale[c] + shift[c] (+ residual), then ReLU when asked, in one pass (a folded batch norm).
+
+    On a bf16 xb (and residual) y is bf16, computed in fp32 with fp32 (or bf16 read as fp32)
+    scale and shift and rounded once; their gradients are fp32."""
     _require_jit("bn_apply")
     return call_op(ops.bn_apply_blocked.default, xb, scale, shift, residual, relu, channels)
 
@@ -87,6 +100,11 @@ def batch_norm(
     in eval; the backward takes at most two passes. In training, `stats` may give xb's batch
     (mean, biased variance) when they are known already (conv2d_blocked_stats computes them in
     the convolution's epilogue): xb is then read once.
+
+    On a bf16 xb (and residual) the output is bf16, rounded once from fp32; the batch statistics
+    are fp32; running statistics, weight and bias may be fp32 or bf16 (read as fp32; bf16
+    running statistics are written back rounded), and the gradients of weight and bias are
+    computed in fp32.
     """
     _require_jit("batch_norm")
     if training:
@@ -123,7 +141,9 @@ def update_running_stats(
 
     One op (directconv::bn_update_running_stats, in place; the rule is C++'s,
     dc::update_running_stats): a chain of small torch ops costs more than the blocked loops on
-    ResNet's 7x7 maps. Inside a torch.compile graph it is functionalized like any in-place op."""
+    ResNet's 7x7 maps. Inside a torch.compile graph it is functionalized like any in-place op.
+    bf16 running statistics are updated in fp32 and written back rounded to nearest even; mean
+    and var may be fp32 or bf16 (read as fp32)."""
     ops.bn_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
 
 
@@ -137,7 +157,9 @@ def max_pool2d(
     ceil_mode: bool = False,
 ) -> torch.Tensor:
     """F.max_pool2d on a blocked tensor (NaN propagates; the first maximum of a window gets the
-    gradient). The backward finds each window's maximum again from xb, so no indices are kept."""
+    gradient). The backward finds each window's maximum again from xb, so no indices are kept.
+    On bf16 the output and gradient are bf16 (maxima exact, each gradient summed in fp32 and
+    rounded once)."""
     _require_jit("max_pool2d")
     op = "max_pool2d"
     k = _pair(op, "kernel_size", kernel_size)
@@ -156,7 +178,8 @@ def avg_pool2d(
     count_include_pad: bool = True,
     divisor_override: int | None = None,
 ) -> torch.Tensor:
-    """F.avg_pool2d on a blocked tensor, with torch's divisor rules."""
+    """F.avg_pool2d on a blocked tensor, with torch's divisor rules. On bf16 the output and the
+    gradient are bf16, each summed in fp32 and rounded once."""
     _require_jit("avg_pool2d")
     op = "avg_pool2d"
     k = _pair(op, "kernel_size", kernel_size)
@@ -168,7 +191,10 @@ def avg_pool2d(
 
 
 def global_avg_pool(xb: torch.Tensor, channels: int) -> torch.Tensor:
-    """The mean over (H, W): an unblocked (N, C) tensor, the exit to the classifier."""
+    """The mean over (H, W): an unblocked (N, C) tensor, the exit to the classifier.
+
+    Of xb's dtype: on bf16 the fp32 mean rounded once (as torch's mean of a bf16 tensor); its
+    gradient is bf16 blocked, from a bf16 or fp32 grad."""
     _require_jit("global_avg_pool")
     return call_op(ops.global_avg_pool_blocked.default, xb, channels)
 

@@ -87,7 +87,13 @@ void check_bf16_shape(const BlockedShape& s, const char* who) {
     throw std::invalid_argument(std::string(who) + ": bf16 activations are blocked by 32 channels, got a shape of " +
                                 std::to_string(s.v));
   if (detected_isa() < Isa::avx512_bf16)
-    throw std::runtime_error(std::string(who) + ": bf16 activations need AVX512_BF16, which this CPU lacks");
+    throw std::runtime_error(std::string(who) +
+                             ": bf16 activations need the avx512_bf16 level (AVX512_BF16), which this CPU lacks");
+  if (active_isa() < Isa::avx512_bf16)
+    throw std::runtime_error(std::string(who) +
+                             ": bf16 activations need the avx512_bf16 level (AVX512_BF16); TORCH_DIRECTCONV_ISA caps "
+                             "it at " +
+                             isa_name(active_isa()));
 }
 
 // ---- statistics -----------------------------------------------------------------------------

@@ -31,7 +31,8 @@ struct BlockedShape {
   int64_t per_channel() const { return n * h * w; }
 };
 
-// Throws unless s is a bf16 layout (v = 32) and this CPU has AVX512_BF16, naming `who`.
+// Throws unless s is a bf16 layout (v = 32) and the active level (jit/isa.h: the CPU's, capped
+// by TORCH_DIRECTCONV_ISA) is avx512_bf16 or above, naming `who`.
 void check_bf16_shape(const BlockedShape& s, const char* who);
 
 // Threads worth waking for a loop that streams `floats` floats (1 to max_threads): a share

@@ -225,8 +225,10 @@ class BnApplyFunction : public torch::autograd::Function<BnApplyFunction> {
     const variable_list s = ctx->get_saved_variables();
     const int64_t c = ctx->saved_data["channels"].toInt();
     const Tensor& scale = s[1];
+    // The statistics of this batch norm are fp32, whatever the dtype of scale.
+    const at::TensorOptions f32 = scale.options().dtype(at::kFloat);
     const std::array<Tensor, 4> g =
-        bn_grads(grads[0], s[2], s[0], at::zeros({c}, scale.options()), at::ones({c}, scale.options()), scale, 0.0,
+        bn_grads(grads[0], s[2], s[0], at::zeros({c}, f32), at::ones({c}, f32), scale, 0.0,
                  ctx->saved_data["relu"].toBool(), false, c,
                  {wanted(ctx, 0), wanted(ctx, 1), wanted(ctx, 2), wanted(ctx, 3)});
     return {g[0], g[1], g[2], g[3], Tensor(), Tensor()};
@@ -271,7 +273,8 @@ class BnStatsFunction : public torch::autograd::Function<BnStatsFunction> {
     if (m == 0) return {at::zeros_like(xb), Tensor()};
     const Tensor gm = per_lane(grads[0], xb) / static_cast<double>(m);
     const Tensor gv = per_lane(grads[1], xb) * (2.0 / static_cast<double>(m));
-    return {gm + gv * (xb - per_lane(s[1], xb)), Tensor()};
+    // Of xb's dtype (the statistics are fp32).
+    return {(gm + gv * (xb - per_lane(s[1], xb))).to(xb.scalar_type()), Tensor()};
   }
 };
 

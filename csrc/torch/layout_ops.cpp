@@ -1,34 +1,60 @@
-// The layout ops: NCHW to blocked and back, and weights to the blocked layout.
+// The layout ops: NCHW to blocked and back (fp32, and bf16 in the bf16 kernels' rows of 32
+// channels), and weights to the blocked layout.
 #include <ATen/ATen.h>
 
 #include "common.h"
+#include "conv/bf16_layout.h"
 #include "conv/reorder.h"
+#include "jit/amx_fwd_kernel.h"
 #include "ops.h"
 #include "tensor_pool.h"
 #include "threading.h"
 
 namespace dc_torch {
 
+namespace {
+
+const uint16_t* bf16_ptr(const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+uint16_t* bf16_mutable_ptr(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+}  // namespace
+
+// fp32 x into blocks of vlen 8 or 16; bf16 x into the bf16 kernels' rows of 32 (vlen 32).
 Tensor to_blocked(const Tensor& x, int64_t vlen) {
   const char* op = "to_blocked";
-  check_float_cpu(x, op, "x");
+  check_conv_dtype_cpu(x, op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D 'x' (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16, got ", vlen);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (bf16) {
+    TORCH_CHECK(vlen == dc::kAmxBlock, op, ": expected 'vlen' ", dc::kAmxBlock, " for a bfloat16 'x', got ", vlen);
+  } else {
+    TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16 for a float32 'x', got ", vlen);
+  }
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   Tensor out = new_tensor({n, dc::div_up(c, vlen), h, w, vlen}, x.options());
   auto st = strides4(x);
   run_shares(num_threads(), [&](int tid, int nt) {
-    dc::reorder_to_blocked(x.data_ptr<float>(), st.data(), n, c, h, w, static_cast<int>(vlen), out.data_ptr<float>(),
-                           tid, nt);
+    if (bf16)
+      dc::bf16_to_rows32(bf16_ptr(x), st.data(), n, c, h, w, bf16_mutable_ptr(out), tid, nt);
+    else
+      dc::reorder_to_blocked(x.data_ptr<float>(), st.data(), n, c, h, w, static_cast<int>(vlen),
+                             out.data_ptr<float>(), tid, nt);
   });
   return out;
 }
 
+// The inverse of to_blocked: fp32 blocks of 8 or 16, or bf16 rows of 32.
 Tensor from_blocked(const Tensor& xb, int64_t channels) {
   const char* op = "from_blocked";
-  check_float_cpu(xb, op, "xb");
-  TORCH_CHECK(xb.dim() == 5 && (xb.size(4) == 8 || xb.size(4) == 16), op,
-              ": expected a blocked 'xb' (N, C/V, H, W, V) with V 8 or 16, got shape ", xb.sizes());
+  check_conv_dtype_cpu(xb, op, "xb");
+  const bool bf16 = xb.scalar_type() == at::kBFloat16;
+  if (bf16) {
+    TORCH_CHECK(xb.dim() == 5 && xb.size(4) == dc::kAmxBlock, op, ": expected a blocked bfloat16 'xb' (N, C/",
+                dc::kAmxBlock, ", H, W, ", dc::kAmxBlock, "), got shape ", xb.sizes());
+  } else {
+    TORCH_CHECK(xb.dim() == 5 && (xb.size(4) == 8 || xb.size(4) == 16), op,
+                ": expected a blocked float32 'xb' (N, C/V, H, W, V) with V 8 or 16, got shape ", xb.sizes());
+  }
   const int64_t v = xb.size(4);
   TORCH_CHECK(channels > (xb.size(1) - 1) * v && channels <= xb.size(1) * v, op, ": 'channels' (", channels,
               ") does not fit ", xb.size(1), " blocks of ", v);
@@ -36,8 +62,12 @@ Tensor from_blocked(const Tensor& xb, int64_t channels) {
   Tensor out = new_tensor({xb.size(0), channels, xb.size(2), xb.size(3)}, xb.options());
   auto st = strides4(out);
   run_shares(num_threads(), [&](int tid, int nt) {
-    dc::reorder_from_blocked(x.data_ptr<float>(), xb.size(0), channels, xb.size(2), xb.size(3), static_cast<int>(v),
-                             out.data_ptr<float>(), st.data(), tid, nt);
+    if (bf16)
+      dc::rows32_to_bf16(bf16_ptr(x), xb.size(0), channels, xb.size(2), xb.size(3), bf16_mutable_ptr(out), st.data(),
+                         tid, nt);
+    else
+      dc::reorder_from_blocked(x.data_ptr<float>(), xb.size(0), channels, xb.size(2), xb.size(3),
+                               static_cast<int>(v), out.data_ptr<float>(), st.data(), tid, nt);
   });
   return out;
 }
