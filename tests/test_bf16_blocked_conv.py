@@ -184,15 +184,48 @@ def test_input_gradient_through_a_frozen_blocked_weight() -> None:
 
 
 def test_bias_gradient_is_summed_in_fp32() -> None:
-    # 4096 terms of 1 + 2^-8: a bf16 running sum stalls at 256 (its ulp there is 2), an fp32 one is exact.
-    xb = torch.zeros(4, 1, 32, 32, V, dtype=torch.bfloat16, requires_grad=True)
+    # 3072 terms of 1 + 2^-7: 3096 exactly in fp32; a bf16 sum would round it (to 3088 or 3104).
+    xb = torch.zeros(3, 1, 32, 32, V, dtype=torch.bfloat16, requires_grad=True)
     w = torch.zeros(32, 32, 1, 1, requires_grad=True)
-    bias = torch.zeros(32, dtype=torch.bfloat16, requires_grad=True)
-    yb = op_forward(xb, w, bias, dict(stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1)), False, None, None)
-    gy = torch.full(yb.shape, 1 + 2.0**-7, dtype=torch.bfloat16)
-    (gb,) = torch.autograd.grad(yb, [bias], gy)
-    assert gb.dtype == torch.bfloat16
-    assert torch.equal(gb, torch.full((32,), 4096 * (1 + 2.0**-7)).bfloat16()), gb[:4]
+    geo = dict(stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1))
+    for dtype in (torch.float32, torch.bfloat16):
+        bias = torch.zeros(32, dtype=dtype, requires_grad=True)
+        yb = op_forward(xb, w, bias, geo, False, None, None)
+        gy = torch.full(yb.shape, 1 + 2.0**-7, dtype=torch.bfloat16)
+        (gb,) = torch.autograd.grad(yb, [bias], gy)
+        assert gb.dtype == dtype
+        assert torch.equal(gb, torch.full((32,), 3096.0).to(dtype)), (dtype, gb[:4])
+
+
+def test_gradient_ops_types() -> None:
+    """The weight gradient is fp32 for a (K, C, R, S) weight (fp32 master weights; autograd casts
+    it to a bf16 weight's type) and bf16 for a blocked one; the input gradient is bf16."""
+    ops = torch.ops.directconv
+    xb = torch.randn(1, 2, 6, 7, V).bfloat16()
+    gy = torch.randn(1, 1, 6, 7, V).bfloat16()
+    geo = ([1, 1], [1, 1, 1, 1], [1, 1])
+    assert ops.conv2d_blocked_backward_weight(gy, xb, [20, 64, 3, 3], *geo, None).dtype == torch.float32
+    assert ops.conv2d_blocked_backward_weight(gy, xb, [1, 2, 3, 3, V, V], *geo, None).dtype == torch.bfloat16
+    w = torch.randn(20, 64, 3, 3)
+    assert ops.conv2d_blocked_backward_data(gy, w, [1, 2, 6, 7, V], *geo, None).dtype == torch.bfloat16
+
+
+def test_opcheck_bf16_blocked_ops() -> None:
+    g = torch.Generator().manual_seed(SEED + 8)
+    ops = torch.ops.directconv
+    xb = block32(torch.randn(2, 40, 7, 9, generator=g).bfloat16())
+    w = torch.randn(33, 40, 3, 3, generator=g) / 20
+    wb = tdc.to_blocked_weight(w.bfloat16())
+    b = torch.randn(33, generator=g)
+    geo = ([1, 2], [1, 1, 0, 2], [1, 1])
+    for weight in (w, w.bfloat16(), wb):
+        torch.library.opcheck(ops.conv2d_blocked.default, (xb, weight, b, *geo, True, None, None))
+        y = ops.conv2d_blocked(xb, weight, b, *geo, False, None, None)
+        torch.library.opcheck(ops.conv2d_blocked_backward_data.default, (y, weight, list(xb.shape), *geo, None))
+        torch.library.opcheck(ops.conv2d_blocked_backward_weight.default, (y, xb, list(weight.shape), *geo, None))
+    torch.library.opcheck(ops.conv2d_blocked_stats.default, (xb, w, b, *geo, None, torch.zeros(33), 33))
+    torch.library.opcheck(ops.to_blocked_weight.default, (w, V))
+    torch.library.opcheck(ops.from_blocked_weight.default, (wb, 33, 40))
 
 
 def test_blocked_weight_layout_and_inverse() -> None:

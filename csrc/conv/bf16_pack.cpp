@@ -205,7 +205,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_block_avx512(const
   words.resize(kBlock * 2 * rs * 16);
   int32_t* wd = words.data();
   const char* base = static_cast<const char*>(src.w) + (kbi * kBlock * src.st[0] + cbi * kBlock * rs) * esize;
-  for (int64_t kl = 0; kl < kBlock; ++kl)
+  // A row's next block (the next input block, or the next rows'): its first segment is what
+  // the following call reads, and short runs at a large stride leave the hardware
+  // prefetchers no time to find it.
+  const int64_t seg = kBlock * rs * esize, cb = div_up(d.c, kBlock);
+  const char* next = cbi + 1 < cb ? base + seg : base + kBlock * src.st[0] * esize - cbi * seg;
+  for (int64_t kl = 0; kl < kBlock; ++kl) {
+    if (kbi + 1 < kb || cbi + 1 < cb)
+      for (int64_t off = 0; off < seg; off += 64) _mm_prefetch(next + kl * src.st[0] * esize + off, _MM_HINT_T0);
     for (int half = 0; half < 2; ++half) {
       const char* rows = base + (kl * src.st[0] + half * 16 * rs) * esize;
       for (int64_t t0 = 0; t0 < rs; t0 += 16) {
@@ -216,6 +223,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_block_avx512(const
         for (int i = 0; i < count; ++i) _mm512_storeu_si512(wd + ((kl * 2 + half) * rs + t0 + i) * 16, r[i]);
       }
     }
+  }
   for (const BwdSlice& sl : slices) {
     const int64_t ra = static_cast<int64_t>(sl.ph->taps_r.size()), sa = static_cast<int64_t>(sl.ph->taps_s.size());
     uint16_t* out = packed + sl.start + (cbi * kb + kbi) * sl.block;
