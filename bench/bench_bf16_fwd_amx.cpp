@@ -16,8 +16,8 @@
 //                                  or by this thread's CPU time
 //   bwd_data <problem> <min_seconds> [threads]   the same for the bf16 input gradient (bf16
 //                                  dx), on `threads` threads of the helper's pool (default 1)
-//   bwd_data_pack <problem> <min_seconds>   the same for packing its weights from fp32
-//                                  (once per training step, not per call)
+//   bwd_data_pack <problem> <min_seconds> [threads]   the same for packing its weights from
+//                                  fp32 (conv/bf16_pack.h), on `threads` threads (default 1)
 //   bwd_data_plan <problem>        the input gradient's plan (Bf16BwdDataPlan::to_string)
 // A problem is planned and its kernels generated at its first command.
 
@@ -41,6 +41,7 @@
 
 #include "conv/bf16_bwd_data.h"
 #include "conv/bf16_fwd.h"
+#include "conv/bf16_pack.h"
 #include "conv/drivers.h"
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
@@ -208,6 +209,7 @@ Isa parse_level(const std::string& name) {
 struct BwdDataProblem {
   std::shared_ptr<const Bf16BwdDataPrimitive> prim;
   std::vector<float> w;  // (K, C, R, S) fp32
+  Bf16PackSource src;    // w
   Aligned<uint16_t> dy, wei;
   Aligned<uint8_t> dx, scratch;
 };
@@ -227,6 +229,10 @@ void fill_bwd_data_problem(const std::string& text, int threads, BwdDataProblem*
                   : 0;
   p.w.resize(d.k * d.c * d.r * d.s);
   for (float& x : p.w) x = u(rng);
+  p.src.w = p.w.data();
+  p.src.dt = DataType::f32;
+  p.src.k = d.k, p.src.c = d.c, p.src.r = d.r, p.src.s = d.s;
+  p.src.st[0] = d.c * d.r * d.s, p.src.st[1] = d.r * d.s, p.src.st[2] = d.s, p.src.st[3] = 1;
   p.wei.resize(bf16_bwd_data_weight_elems(d));
   pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data());
   p.dx.resize(d.n * cb * d.h * d.w * kAmxBlock * 2);
@@ -357,7 +363,11 @@ int main() {
                       bf16_bwd_data_run(*p.prim, p.dy.data(), p.wei.data(), p.dx.data(), p.scratch.data(), run);
                     },
                     min_seconds)
-              : time_calls([&] { pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data()); }, min_seconds);
+              : time_calls(
+                    [&] {
+                      run(threads, [&](int tid, int nt) { pack_bf16_bwd_data(d, p.src, p.wei.data(), tid, nt); });
+                    },
+                    min_seconds);
       std::printf("%.9f\n", t);
     } else if (cmd == "plan") {
       std::string text, level_name;

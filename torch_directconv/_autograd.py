@@ -73,7 +73,7 @@ def _backward(ctx, grad):
     grad_input, grad_weight, grad = _conv_grads(
         ctx, grad, input, weight, output, ops.conv2d_backward_data.default, ops.conv2d_backward_weight.default
     )
-    grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    grad_bias = grad.sum((0, 2, 3), dtype=torch.float) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -99,7 +99,7 @@ def _backward_blocked(ctx, grad):
     )
     grad_bias = None
     if ctx.bias_size is not None and ctx.needs_input_grad[2]:
-        grad_bias = grad.sum((0, 2, 3)).reshape(-1)[: ctx.bias_size]
+        grad_bias = grad.sum((0, 2, 3), dtype=torch.float).reshape(-1)[: ctx.bias_size]
     # The residual is added before the ReLU: its gradient is the output's, after the mask.
     # A call may leave the residual out (its default), and then has one gradient fewer.
     needs = ctx.needs_input_grad

@@ -80,7 +80,8 @@ def _conv2d_blocked(xb, wb, bias, stride, padding, dilation, relu, in_channels, 
 @torch.library.register_fake("directconv::conv2d_blocked_stats")
 def _conv2d_blocked_stats(xb, wb, bias, stride, padding, dilation, in_channels, shift, channels):
     out = _conv2d_blocked(xb, wb, bias, stride, padding, dilation, False, in_channels)
-    return out, shift.new_empty((channels,)), shift.new_empty((channels,))
+    # The statistics are fp32 for bf16 outputs too.
+    return out, shift.new_empty((channels,), dtype=torch.float32), shift.new_empty((channels,), dtype=torch.float32)
 
 
 @torch.library.register_fake("directconv::to_blocked")
@@ -97,7 +98,9 @@ def _from_blocked(xb, channels):
 @torch.library.register_fake("directconv::to_blocked_weight")
 def _to_blocked_weight(w, vlen):
     k, c, r, s = w.shape
-    return w.new_empty((-(-k // vlen), -(-c // vlen), r, s, vlen, vlen))
+    # vlen 32 is the bf16 kernels' layout, bf16 from fp32 or bf16 weights.
+    dtype = torch.bfloat16 if vlen == _backend.vector_width(torch.bfloat16) else w.dtype
+    return w.new_empty((-(-k // vlen), -(-c // vlen), r, s, vlen, vlen), dtype=dtype)
 
 
 @torch.library.register_fake("directconv::from_blocked_weight")
@@ -126,4 +129,6 @@ def _conv2d_blocked_backward_data(grad_output, wb, input_size, stride, padding, 
 
 @torch.library.register_fake("directconv::conv2d_blocked_backward_weight")
 def _conv2d_blocked_backward_weight(grad_output, xb, weight_size, stride, padding, dilation, in_channels):
-    return grad_output.new_empty(weight_size)
+    # bf16 activations: an fp32 (K, C, R, S) gradient (for fp32 master weights), or a bf16 blocked one.
+    dtype = torch.float32 if len(weight_size) == 4 else grad_output.dtype
+    return grad_output.new_empty(weight_size, dtype=dtype)

@@ -36,9 +36,14 @@ def from_blocked(xb: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def to_blocked_weight(w: torch.Tensor) -> torch.Tensor:
-    """(K, C, R, S) -> (ceil(K/V), ceil(C/V), R, S, V, V), zero-padded."""
+    """(K, C, R, S) -> (ceil(K/V), ceil(C/V), R, S, V, V), zero-padded, V = vector_width(w.dtype).
+
+    A bf16 w gives the bf16 kernels' blocked weight (V = 32): bf16, each (kb, cb, r, s) block the
+    forward kernels' 1024 packed values (pairs of input channels interleaved), which
+    conv2d_blocked takes on bf16 activations. An fp32 w gives the fp32 layout; cast it to bf16
+    first for the bf16 one (to_blocked_weight(w.bfloat16()))."""
     _require_jit("to_blocked_weight")
-    return call_op(torch.ops.directconv.to_blocked_weight.default, w, _backend.vector_width())
+    return call_op(torch.ops.directconv.to_blocked_weight.default, w, _backend.vector_width(w.dtype))
 
 
 def from_blocked_weight(wb: torch.Tensor, out_channels: int, in_channels: int) -> torch.Tensor:

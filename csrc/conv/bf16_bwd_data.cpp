@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "conv/bf16_pack.h"
 #include "conv/bwd_data.h"
 #include "conv/driver_util.h"
 #include "conv/reference.h"
@@ -217,65 +218,22 @@ int64_t bf16_bwd_data_weight_elems(const ConvDesc& d) {
 
 namespace {
 
-// Phase by phase, dx block, dy block, rotated tap: tap (i, j) is the forward tap
-// (taps_r[R_a - 1 - i], taps_s[S_b - 1 - j]); a B tile's pairs are dy channels, its
-// columns dx channels. Block by block, (32 k) x (32 c) x R x S of the source is first
-// gathered (rounded, zeros past K and C) from its 32 rows in order, then written out
-// tap after tap: both sides stream, where a direct transpose would write 32 blocks whose
-// strides alias in the caches.
-template <typename Get>
-void pack_weights(const ConvDesc& d, const Get& bf16_at, uint16_t* packed) {
-  const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock), rs = d.r * d.s;
-  struct Slice {
-    const BwdDataPhase* ph;
-    uint16_t* out;  // the phase's packed weights
-    int64_t block;  // elements per (dx block, dy block)
-  };
-  const std::vector<BwdDataPhase> phases = bwd_data_phases(d);
-  std::vector<Slice> slices;
-  for (const BwdDataPhase& ph : phases) {
-    if (ph.empty()) continue;
-    const int64_t block = static_cast<int64_t>(ph.taps_r.size() * ph.taps_s.size()) * kTapElems;
-    slices.push_back({&ph, packed, block});
-    packed += cb * kb * block;
-  }
-  std::vector<uint16_t> buf(rs * kAmxBlock * kAmxBlock);  // [r][s][k % 32][c % 32]
-  for (int64_t kbi = 0; kbi < kb; ++kbi)  // 32 rows of the source at a time, all of them
-    for (int64_t cbi = 0; cbi < cb; ++cbi) {
-      const int64_t n_c = std::min<int64_t>(kAmxBlock, d.c - cbi * kAmxBlock);
-      const int64_t n_k = std::min<int64_t>(kAmxBlock, d.k - kbi * kAmxBlock);
-      if (n_c < kAmxBlock || n_k < kAmxBlock) std::fill(buf.begin(), buf.end(), 0);
-      for (int64_t kl = 0; kl < n_k; ++kl) {
-        const int64_t in = ((kbi * kAmxBlock + kl) * d.c + cbi * kAmxBlock) * rs;
-        for (int64_t cl = 0; cl < n_c; ++cl)
-          for (int64_t t = 0; t < rs; ++t) buf[(t * kAmxBlock + kl) * kAmxBlock + cl] = bf16_at(in + cl * rs + t);
-      }
-      for (const Slice& sl : slices) {
-        const int64_t ra = static_cast<int64_t>(sl.ph->taps_r.size()), sa = static_cast<int64_t>(sl.ph->taps_s.size());
-        uint16_t* out = sl.out + (cbi * kb + kbi) * sl.block;
-        for (int64_t i = 0; i < ra; ++i)
-          for (int64_t j = 0; j < sa; ++j) {
-            const int64_t t = sl.ph->taps_r[ra - 1 - i] * d.s + sl.ph->taps_s[sa - 1 - j];
-            const uint16_t* tap = buf.data() + t * kAmxBlock * kAmxBlock;
-            // B tile `half`, row `pair`: dx channels half * 16 + n of dy channels 2 pair, 2 pair + 1.
-            for (int half = 0; half < 2; ++half)
-              for (int pair = 0; pair < 16; ++pair, out += 32) {
-                const uint16_t* k0 = tap + (2 * pair) * kAmxBlock + half * 16;
-                const uint16_t* k1 = k0 + kAmxBlock;
-                for (int n = 0; n < 16; ++n) out[2 * n] = k0[n], out[2 * n + 1] = k1[n];
-              }
-          }
-      }
-    }
+Bf16PackSource contiguous_source(const ConvDesc& d, const void* w, DataType dt) {
+  Bf16PackSource src;
+  src.w = w;
+  src.dt = dt;
+  src.k = d.k, src.c = d.c, src.r = d.r, src.s = d.s;
+  src.st[0] = d.c * d.r * d.s, src.st[1] = d.r * d.s, src.st[2] = d.s, src.st[3] = 1;
+  return src;
 }
 
 }  // namespace
 
 void pack_bf16_bwd_data_weights(const ConvDesc& d, const float* w, uint16_t* packed) {
-  pack_weights(d, [w](int64_t i) { return bf16_from_float(w[i]); }, packed);
+  pack_bf16_bwd_data(d, contiguous_source(d, w, DataType::f32), packed, 0, 1);
 }
 void pack_bf16_bwd_data_weights(const ConvDesc& d, const uint16_t* w, uint16_t* packed) {
-  pack_weights(d, [w](int64_t i) { return w[i]; }, packed);
+  pack_bf16_bwd_data(d, contiguous_source(d, w, DataType::bf16), packed, 0, 1);
 }
 
 namespace {

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "conv/bf16_pack.h"
 #include "conv/driver_util.h"
 #include "conv/reference.h"
 
@@ -304,54 +305,14 @@ void pack_bf16_fwd_weights(const ConvDesc& d, const float* w, uint16_t* packed) 
   pack_bf16_fwd_weights(d, w, DataType::f32, strides, packed, 0, 1);
 }
 
-namespace {
-
-inline uint16_t to_bf16(float v) { return bf16_from_float(v); }
-inline uint16_t to_bf16(uint16_t v) { return v; }
-
-// Blocks [begin, end) of (output block, input block): each block's R x S taps. The source is
-// read in its own order (a channel's taps innermost: contiguous in a (K, C, R, S) weight) and
-// written within the block's taps, which stay in L1.
-template <typename T>
-void pack_blocks(const ConvDesc& d, const T* w, const int64_t st[4], uint16_t* packed, int64_t begin, int64_t end) {
-  const ConvDesc in = bf16_fwd_inner_desc(d);
-  const bool folded = bf16_fwd_folds_columns(d);
-  const int64_t cb = div_up(in.c, kAmxBlock), taps = in.r * in.s;
-  // Folded: inner channel c is kernel column c / C, channel c % C; the inner kernel is R x 1.
-  std::vector<int64_t> tap_off(taps);
-  for (int64_t t = 0; t < taps; ++t) tap_off[t] = (t / in.s) * st[2] + (t % in.s) * st[3];
-  for (int64_t b = begin; b < end; ++b) {
-    const int64_t kbi = b / cb, cbi = b % cb;
-    uint16_t* block = packed + b * taps * 1024;
-    std::memset(block, 0, taps * 1024 * sizeof(uint16_t));
-    const int64_t k_end = std::min<int64_t>(kAmxBlock, in.k - kbi * kAmxBlock);
-    const int64_t c_end = std::min<int64_t>(kAmxBlock, in.c - cbi * kAmxBlock);
-    // Output channel kl of the block: B tile kl / 16, column kl % 16; input channel cl: pair
-    // cl / 2, element cl % 2 (VNNI).
-    for (int64_t kl = 0; kl < k_end; ++kl) {
-      const T* src_k = w + (kbi * kAmxBlock + kl) * st[0];
-      uint16_t* col = block + (kl / 16) * 512 + (kl % 16) * 2;
-      for (int64_t cl = 0; cl < c_end; ++cl) {
-        const int64_t c = cbi * kAmxBlock + cl;
-        const T* src = folded ? src_k + (c % d.c) * st[1] + (c / d.c) * st[3] : src_k + c * st[1];
-        uint16_t* dst = col + (cl / 2) * 32 + cl % 2;
-        for (int64_t t = 0; t < taps; ++t) dst[t * 1024] = to_bf16(src[tap_off[t]]);
-      }
-    }
-  }
-}
-
-}  // namespace
-
 void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, const int64_t st[4], uint16_t* packed,
                            int tid, int nthreads) {
-  const ConvDesc in = bf16_fwd_inner_desc(d);
-  const int64_t blocks = div_up(in.k, kAmxBlock) * div_up(in.c, kAmxBlock);
-  const int64_t begin = blocks * tid / nthreads, end = blocks * (tid + 1) / nthreads;
-  if (w_dt == DataType::bf16)
-    pack_blocks(d, static_cast<const uint16_t*>(w), st, packed, begin, end);
-  else
-    pack_blocks(d, static_cast<const float*>(w), st, packed, begin, end);
+  Bf16PackSource src;
+  src.w = w;
+  src.dt = w_dt;
+  src.k = d.k, src.c = d.c, src.r = d.r, src.s = d.s;
+  std::copy(st, st + 4, src.st);
+  pack_bf16_fwd(src, bf16_fwd_folds_columns(d), packed, tid, nthreads);
 }
 
 namespace {

@@ -35,4 +35,12 @@ bool bf16_fwd_fits(const ConvDesc& d) {
          d.s <= kMaxKernel && d.dil_w <= kMaxKernel && d.s * d.dil_w <= kMaxKernel;
 }
 
+std::string bf16_conv_fallback_reason(Isa active, Isa detected, const ConvDesc& d) {
+  std::string why = bf16_fwd_fallback_reason(active, detected, 1);
+  if (why.empty() && !bf16_fwd_fits(d))
+    why = "a bf16 convolution with no channels, or with a stride, padding, dilation or kernel beyond what the AMX "
+          "kernels address";
+  return why;
+}
+
 }  // namespace dc

@@ -40,4 +40,10 @@ std::string bf16_fwd_fallback_reason(Isa active, Isa detected, int64_t groups);
 // within 32 bits (jit_fits) and the plan's kernel-size limits.
 bool bf16_fwd_fits(const ConvDesc& d);
 
+// Why the bf16 kernels do not take a one-group bf16 convolution d (d.dt = bf16) at the
+// `active` level, or "": bf16_fwd_fallback_reason, then bf16_fwd_fits. The input-gradient and
+// weight-gradient plans (conv/bf16_bwd_data.h, conv/bf16_upd.h) have the forward's limits, so
+// this is the rule of all three passes.
+std::string bf16_conv_fallback_reason(Isa active, Isa detected, const ConvDesc& d);
+
 }  // namespace dc

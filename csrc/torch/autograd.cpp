@@ -56,6 +56,24 @@ ConvGrads conv_grads(AutogradContext* ctx, const Tensor& grad_output, const Data
   return g;
 }
 
+// The bias gradient: the output gradient summed over (N, H, W) in fp32 (a bf16 output's too,
+// whose bf16 sum would lose the small terms), the first `size` channels, as the bias's type.
+Tensor bias_grad(const Tensor& grad, int64_t size, int64_t dtype) {
+  Tensor g = grad.sum({0, 2, 3}, false, at::kFloat).reshape({-1});
+  if (g.size(0) != size) g = g.narrow(0, 0, size);
+  return g.to(static_cast<at::ScalarType>(dtype));
+}
+
+void save_bias(AutogradContext* ctx, const std::optional<Tensor>& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  ctx->saved_data["bias_size"] = has_bias ? bias->size(0) : int64_t{0};
+  ctx->saved_data["bias_dtype"] = static_cast<int64_t>(has_bias ? bias->scalar_type() : at::kFloat);
+}
+
+Tensor saved_bias_grad(AutogradContext* ctx, const Tensor& grad) {
+  return bias_grad(grad, ctx->saved_data["bias_size"].toInt(), ctx->saved_data["bias_dtype"].toInt());
+}
+
 void save_geometry(AutogradContext* ctx, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                    bool relu) {
   ctx->saved_data["stride"] = to_vector(stride);
@@ -93,6 +111,7 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->saved_data["edges"] = edge_indices<3>({true, true, has_bias});
     ctx->saved_data["groups"] = groups;
+    save_bias(ctx, bias);
     save_geometry(ctx, stride, padding, dilation, relu);
     save_tensors(ctx, input, weight, out, relu);
     return out;
@@ -109,7 +128,7 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     variable_list out(kArgs);
     out[0] = g.input;
     out[1] = g.weight;
-    if (wanted(ctx, kBias)) out[2] = g.output.sum({0, 2, 3});
+    if (wanted(ctx, kBias)) out[2] = saved_bias_grad(ctx, g.output);
     return out;
   }
 };
@@ -151,7 +170,7 @@ class BlockedFunction : public torch::autograd::Function<BlockedFunction> {
     const bool has_residual = residual.has_value() && residual->defined();
     ctx->saved_data["edges"] = edge_indices<4>({true, true, has_bias, has_residual});
     ctx->saved_data["in_channels"] = in_channels;
-    ctx->saved_data["bias_size"] = has_bias ? bias->size(0) : int64_t{0};
+    save_bias(ctx, bias);
     save_geometry(ctx, stride, padding, dilation, relu);
     save_tensors(ctx, xb, wb, out, relu);
     return out;
@@ -168,8 +187,7 @@ class BlockedFunction : public torch::autograd::Function<BlockedFunction> {
     variable_list out(kArgs);
     out[0] = g.input;
     out[1] = g.weight;
-    if (wanted(ctx, kBias))
-      out[2] = g.output.sum({0, 2, 3}).reshape({-1}).narrow(0, 0, ctx->saved_data["bias_size"].toInt());
+    if (wanted(ctx, kBias)) out[2] = saved_bias_grad(ctx, g.output);
     if (wanted(ctx, kResidual)) out[8] = g.output;
     return out;
   }
@@ -211,7 +229,7 @@ class StatsFunction : public torch::autograd::Function<StatsFunction> {
     const bool has_bias = present(bias);
     ctx->saved_data["edges"] = edge_indices<4>({true, true, has_bias, true});
     ctx->saved_data["in_channels"] = in_channels;
-    ctx->saved_data["bias_size"] = has_bias ? bias->size(0) : int64_t{0};
+    save_bias(ctx, bias);
     save_geometry(ctx, stride, padding, dilation, false);
     save_tensors(ctx, xb, wb, out, false);
     ctx->mark_non_differentiable({mean, var});
@@ -227,8 +245,7 @@ class StatsFunction : public torch::autograd::Function<StatsFunction> {
     const ConvGrads g = conv_grads(ctx, grads[0], data_op, weight_op, ctx->saved_data["in_channels"].toOptional<int64_t>());
     out[0] = g.input;
     out[1] = g.weight;
-    if (wanted(ctx, kBias))
-      out[2] = g.output.sum({0, 2, 3}).reshape({-1}).narrow(0, 0, ctx->saved_data["bias_size"].toInt());
+    if (wanted(ctx, kBias)) out[2] = saved_bias_grad(ctx, g.output);
     return out;
   }
 };

@@ -34,11 +34,8 @@ ConvDesc bf16_desc(const char* op, int64_t n, int64_t c, int64_t h, int64_t w, i
 
 // Why this bf16 call runs on torch's convolution, or "" (the rule is conv/paths.h's).
 std::string bf16_reason(const ConvDesc& d, int64_t groups) {
-  std::string why = dc::bf16_fwd_fallback_reason(dc::active_isa(), dc::detected_isa(), groups);
-  if (why.empty() && !dc::bf16_fwd_fits(d))
-    why = "a bf16 convolution with no channels, or with a stride, padding, dilation or kernel beyond what the AMX "
-          "kernels address";
-  return why;
+  if (groups != 1) return dc::bf16_fwd_fallback_reason(dc::active_isa(), dc::detected_isa(), groups);
+  return dc::bf16_conv_fallback_reason(dc::active_isa(), dc::detected_isa(), d);
 }
 
 Tensor bf16_on_torch(const std::string& why, const Tensor& input, const Tensor& weight,

@@ -23,8 +23,6 @@
 
 namespace dc_torch {
 
-namespace {
-
 // The weight of a blocked op: blocked (Kb, Cb, R, S, V, V), or (K, C, R, S) as a module holds
 // it, which the op packs within its call (no packing pass before it, no blocked weight
 // gradient to unpack after it). Checks it against the input's cb channel blocks and returns
@@ -49,6 +47,8 @@ std::pair<int64_t, int64_t> blocked_weight_geometry(const char* op, const char* 
   }
   return {w[0], c};
 }
+
+namespace {
 
 // A (K, C, R, S) weight with its output channels zero-padded to kb * V, for torch's convolution.
 Tensor padded_out_channels(const Tensor& w, int64_t kb, int64_t V) {
@@ -134,6 +134,8 @@ std::atomic<int64_t> conv_stats_recomputed{0};
 Tensor conv2d_blocked(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
                       c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual) {
+  if (input.scalar_type() == at::kBFloat16)
+    return conv2d_blocked_bf16(input, weight, bias, stride, padding, dilation, relu, in_channels, residual);
   dc::ScratchScope call;
   const char* op = "conv2d_blocked";
   const BlockedConv bc = check_blocked_conv(op, input, weight, bias, stride, padding, dilation, in_channels);
@@ -175,6 +177,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats(const Tensor& input, con
                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
                                                         c10::optional<int64_t> in_channels, const Tensor& shift,
                                                         int64_t channels) {
+  if (input.scalar_type() == at::kBFloat16)
+    return conv2d_blocked_stats_bf16(input, weight, bias, stride, padding, dilation, in_channels, shift, channels);
   dc::ScratchScope call;
   const char* op = "conv2d_blocked_stats";
   const BlockedConv bc = check_blocked_conv(op, input, weight, bias, stride, padding, dilation, in_channels);
@@ -243,6 +247,8 @@ void check_blocked_grad_output(const char* op, const Tensor& gy, const ConvDesc&
 Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     c10::optional<int64_t> in_channels) {
+  if (grad_output.scalar_type() == at::kBFloat16)
+    return conv2d_blocked_backward_data_bf16(grad_output, weight, input_size, stride, padding, dilation, in_channels);
   dc::ScratchScope call;
   const char* op = "conv2d_blocked_backward_data";
   const int64_t V = dc::vlen(jit_isa());
@@ -299,6 +305,9 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
 Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       c10::optional<int64_t> in_channels) {
+  if (grad_output.scalar_type() == at::kBFloat16)
+    return conv2d_blocked_backward_weight_bf16(grad_output, input, weight_size, stride, padding, dilation,
+                                               in_channels);
   dc::ScratchScope call;
   const char* op = "conv2d_blocked_backward_weight";
   const int64_t V = dc::vlen(jit_isa());

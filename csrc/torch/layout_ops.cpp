@@ -72,11 +72,13 @@ Tensor from_blocked(const Tensor& xb, int64_t channels) {
   return out;
 }
 
+// vlen 32: the bf16 kernels' blocked weight (to_blocked_weight_bf16), from fp32 or bf16.
 Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
   const char* op = "to_blocked_weight";
+  if (vlen == dc::kAmxBlock) return to_blocked_weight_bf16(w);
   check_float_cpu(w, op, "w");
   TORCH_CHECK(w.dim() == 4, op, ": expected a 4-D 'w' (K, C, R, S), got shape ", w.sizes());
-  TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16, got ", vlen);
+  TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16 (float32), or 32 (the bf16 layout), got ", vlen);
   const int64_t k = w.size(0), c = w.size(1), r = w.size(2), s = w.size(3);
   Tensor out = new_tensor({dc::div_up(k, vlen), dc::div_up(c, vlen), r, s, vlen, vlen}, w.options());
   auto st = strides4(w);
@@ -91,6 +93,7 @@ Tensor to_blocked_weight(const Tensor& w, int64_t vlen) {
 // to_blocked_weight, and its backward.
 Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c) {
   const char* op = "from_blocked_weight";
+  if (wb.device().is_cpu() && wb.scalar_type() == at::kBFloat16) return from_blocked_weight_bf16(wb, k, c);
   check_float_cpu(wb, op, "wb");
   TORCH_CHECK(wb.dim() == 6 && wb.size(4) == wb.size(5) && (wb.size(4) == 8 || wb.size(4) == 16), op,
               ": expected a blocked 'wb' (K/V, C/V, R, S, V, V) with V 8 or 16, got shape ", wb.sizes());

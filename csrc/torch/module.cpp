@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "conv/bf16_bwd_primitives.h"
 #include "conv/bf16_fwd.h"
 #include "conv/block_pool.h"
 #include "conv/dw_conv.h"
@@ -145,6 +146,7 @@ PYBIND11_MODULE(_C, m) {
     }
     dc::clear_fwd_primitives();
     dc::clear_bf16_fwd_primitives();
+    dc::clear_bf16_bwd_primitives();
     dc::clear_dw_primitives();
     dc::clear_upd_primitives();
   });
@@ -167,6 +169,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("clear_cache", [] {
     dc::clear_fwd_primitives();
     dc::clear_bf16_fwd_primitives();
+    dc::clear_bf16_bwd_primitives();
     dc::clear_dw_primitives();
     dc::clear_upd_primitives();
     dc::clear_kernel_cache();

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <tuple>
+#include <utility>
 
 namespace dc_torch {
 
@@ -51,6 +52,31 @@ Tensor conv2d_blocked_backward_data(const Tensor& grad_output, const Tensor& wei
 Tensor conv2d_blocked_backward_weight(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       c10::optional<int64_t> in_channels);
+
+// The weight geometry of a blocked op (blocked_conv.cpp): a blocked (Kb, Cb, R, S, V, V) or a
+// (K, C, R, S) weight w checked against the input's cb channel blocks; (kb, the input
+// channels read).
+std::pair<int64_t, int64_t> blocked_weight_geometry(const char* op, const char* arg, at::IntArrayRef w, int64_t cb,
+                                                    c10::optional<int64_t> in_channels, int64_t V);
+
+// bf16_blocked_conv.cpp: the blocked ops on bf16 tensors (rows of 32 channels), which the ops
+// above dispatch to on a bf16 'xb' or 'grad_output'.
+Tensor conv2d_blocked_bf16(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                           c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual);
+std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats_bf16(const Tensor& input, const Tensor& weight,
+                                                             const c10::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                             c10::optional<int64_t> in_channels, const Tensor& shift,
+                                                             int64_t channels);
+Tensor conv2d_blocked_backward_data_bf16(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         c10::optional<int64_t> in_channels);
+Tensor conv2d_blocked_backward_weight_bf16(const Tensor& grad_output, const Tensor& input, at::IntArrayRef weight_size,
+                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                           c10::optional<int64_t> in_channels);
+Tensor to_blocked_weight_bf16(const Tensor& w);
+Tensor from_blocked_weight_bf16(const Tensor& wb, int64_t k, int64_t c);
 
 // backward_ops.cpp: the gradients of the drop-in convolution.
 Tensor conv2d_backward_data(const Tensor& grad_output, const Tensor& weight, at::IntArrayRef input_size,
