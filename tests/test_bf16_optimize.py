@@ -116,13 +116,18 @@ def test_train_under_autocast_is_as_accurate_as_torch(name: str) -> None:
     assert ours[0].dtype == theirs[0].dtype
     _within(_err(ours[0], ref[0]), _err(theirs[0], ref[0]), f"{name} output")
     _within(_rel_norm(ours[1], ref[1]), _rel_norm(theirs[1], ref[1]), f"{name} input gradient")
+    # A gradient much smaller than the others (a bias before a batch norm, zero in exact
+    # arithmetic) is rounding of their size: the floor is relative to the largest one.
+    largest = max(r.norm().item() for r in ref[2] if r is not None)
     for (pname, p), g, tg, rg in zip(opt.named_parameters(), ours[2], theirs[2], ref[2], strict=True):
         assert (g is None) == (rg is None), pname
         if g is None:
             continue
         assert g.dtype == p.dtype == torch.float32, pname  # fp32 master weights get fp32 gradients
-        if rg.norm() > 1e-6 * max(r.norm() for r in ref[2] if r is not None):
-            _within(_rel_norm(g, rg), _rel_norm(tg, rg), f"{name} gradient of {pname}")
+        ours_err, theirs_err = (g.double() - rg).norm().item(), (tg.double() - rg).norm().item()
+        assert ours_err <= BF16_SLACK * theirs_err + BF16_FLOOR * largest, (
+            f"{name} gradient of {pname}: optimize's error {ours_err:.3e}, torch autocast's {theirs_err:.3e}"
+        )
     # The running statistics and the counters moved as torch's did (fp32 buffers).
     for (bname, b), tb, rb in zip(opt.named_buffers(), theirs_model.buffers(), ref64.buffers(), strict=True):
         if b.dtype == torch.int64:
@@ -167,7 +172,8 @@ def test_bf16_model_eval_and_train() -> None:
             theirs = theirs_model(x.bfloat16())
             ref = ref64(x.double())
         assert ours.dtype == torch.bfloat16
-        assert any(op == "directconv::conv2d_blocked" and dt == torch.bfloat16 for op, dt in log.calls), log.calls
+        convs = ("directconv::conv2d_blocked", "directconv::conv2d_blocked_stats")
+        assert any(op in convs and dt == torch.bfloat16 for op, dt in log.calls), log.calls
         _within(_err(ours, ref), _err(theirs, ref), f"bf16 model output (training={training})")
     for b, tb in zip(opt.buffers(), theirs_model.buffers(), strict=True):
         assert b.dtype == tb.dtype
@@ -191,8 +197,8 @@ def test_float16_autocast_runs_the_original_model() -> None:
 def test_eval_cache_follows_weight_updates_and_dtype() -> None:
     """The packed bf16 weights are cached per dtype: an fp32 call after a bf16 one (and back) and a
     weight update in between each get the right weights."""
-    model = _init_bn(ResNet18ish()).eval()
-    opt = tdc.optimize(model)
+    opt = tdc.optimize(_init_bn(ResNet18ish()).eval(), inplace=True)
+    model = opt._engine.root  # the same parameters
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         with autocast():
@@ -201,11 +207,12 @@ def test_eval_cache_follows_weight_updates_and_dtype() -> None:
         torch.testing.assert_close(f32, model(x), rtol=1e-4, atol=1e-4)
         with autocast():
             assert torch.equal(opt(x), a)
-        model.fc.weight.mul_(2)
-        model.layer1[0].conv1.weight.mul_(-1)
+        opt.fc.weight.mul_(2)
+        opt.layer1[0].conv1.weight.mul_(-1)
         with autocast():
             b = opt(x)
             theirs = model(x)
+    assert not torch.equal(b, a)
     ref = copy.deepcopy(model).double()(x.double())
     _within(_err(b, ref), _err(theirs, ref), "after the update")
 
@@ -217,10 +224,12 @@ def test_compile_under_autocast_matches_eager() -> None:
     x = torch.randn(2, 3, 32, 32)
     eager = _run(opt, x, amp=True)
     comp = _run(compiled, x, amp=True)
-    torch.testing.assert_close(comp[0], eager[0], rtol=0, atol=0)
-    torch.testing.assert_close(comp[1], eager[1], rtol=1e-5, atol=1e-5)
+    # Inductor fuses torch's ops around ours (the head's flatten and linear) and may round
+    # between them differently: a bf16 ulp or so, not more.
+    for what, c, e in (("output", comp[0], eager[0]), ("input gradient", comp[1], eager[1])):
+        torch.testing.assert_close(c.float(), e.float(), rtol=2**-6, atol=2**-6 * e.abs().max().item(), msg=what)
     for g, e in zip(comp[2], eager[2], strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, e, rtol=2**-6, atol=2**-6 * e.abs().max().item())
 
 
 def test_explain_shows_the_bf16_blocked_graph() -> None:
