@@ -170,6 +170,7 @@ float bf16_operand(uint16_t b) { return (b & 0x7f80u) == 0 ? 0.f : float_from_bf
 
 void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   constexpr int kTapBytes = 2048, kRowBytes = 64;
+  float sum[kAmxBlock] = {}, squares[kAmxBlock] = {};
   for (int t = 0; t < sp.n_a; ++t) {
     float acc[kAmxMaxRows][kAmxBlock] = {};
     const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
@@ -203,12 +204,26 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
                                              : reinterpret_cast<const float*>(res)[lane];
           if (sp.post.relu) y = 0.f > y ? 0.f : y;  // as vmaxps(0, y): NaN and -0 pass
         }
-        if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
-        else reinterpret_cast<float*>(dst)[lane] = y;
+        if (sp.out_dt == DataType::bf16) {
+          reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
+          y = float_from_bf16(bf16_from_float(y));  // the stats' y: the value stored
+        } else {
+          reinterpret_cast<float*>(dst)[lane] = y;
+        }
+        if (sp.post.stats && lane < sp.n_b * 16) {
+          const float dv = y - a->stats_shift[lane];
+          sum[lane] += dv;
+          squares[lane] = std::fma(dv, dv, squares[lane]);
+        }
       }
       dst += a->dst_px_stride;
       if (sp.post.add) res += a->dst_px_stride;
     }
+  }
+  if (!sp.post.stats) return;
+  for (int lane = 0; lane < kAmxBlock; ++lane) {
+    a->stats[lane] = sum[lane];
+    a->stats[kAmxBlock + lane] = squares[lane];
   }
 }
 

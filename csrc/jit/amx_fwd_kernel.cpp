@@ -28,7 +28,7 @@ class AmxFwdKernel : public JitGenerator {
  public:
   explicit AmxFwdKernel(const AmxFwdKernelSpec& sp) : JitGenerator(sp.name(), code_size(sp)), sp_(sp) {
     if (sp.m < 1 || sp.m > kAmxMaxRows || sp.n_a < 1 || sp.n_a > 2 || sp.n_b < 1 || sp.n_b > 2 || sp.s < 1 ||
-        sp.dil_w < 1 || sp.post.stats || (sp.out_dt != DataType::f32 && sp.out_dt != DataType::bf16) ||
+        sp.dil_w < 1 || (sp.out_dt != DataType::f32 && sp.out_dt != DataType::bf16) ||
         static_cast<int64_t>(sp.s) * sp.dil_w * kRowBytes > (1ll << 30) ||
         static_cast<int64_t>(sp.s) * kTapBytes > (1ll << 30))
       throw std::invalid_argument("amx fwd kernel: unsupported spec " + sp.name());
@@ -36,7 +36,7 @@ class AmxFwdKernel : public JitGenerator {
 
  private:
   static size_t code_size(const AmxFwdKernelSpec& sp) {
-    return 4096 + static_cast<size_t>(sp.s) * 160 + static_cast<size_t>(sp.n_a) * sp.m * 256;
+    return 4096 + static_cast<size_t>(sp.s) * 160 + static_cast<size_t>(sp.n_a) * sp.m * (sp.post.stats ? 384 : 256);
   }
 
   // Registers, named by role. rdi carries the argument struct (System V ABI).
@@ -57,6 +57,8 @@ class AmxFwdKernel : public JitGenerator {
   const Reg64 reg_c = r8;        // its fp32 sums in the C scratch
   const Reg64 reg_rows = r9;     // the mask of rows stored
   const Reg64 reg_bias = r11;
+  const Reg64 reg_shift = rcx;   // the block's shifts (stats)
+  const Reg64 reg_slot = r10;    // the call's stats slot
 
   const Tmm tmm_c(int a, int b) const { return Tmm(a * 2 + b); }
   const Tmm tmm_a(int a) const { return Tmm(4 + a); }
@@ -64,6 +66,12 @@ class AmxFwdKernel : public JitGenerator {
   const Zmm zmm_out(int b) const { return Zmm(b); }
   const Zmm zmm_tmp = zmm2;
   const Zmm zmm_zero = zmm3;
+  // The stats post-op's, per B tile b: its 16 shifts, sums of d = y - shift and of d^2;
+  // and d itself.
+  const Zmm zmm_shift(int b) const { return Zmm(4 + b); }
+  const Zmm zmm_sum(int b) const { return Zmm(6 + b); }
+  const Zmm zmm_squares(int b) const { return Zmm(8 + b); }
+  const Zmm zmm_d = zmm10;
 
   Address arg(size_t offset) const { return qword[reg_args + static_cast<int64_t>(offset)]; }
   int out_bytes() const { return elem_bytes(sp_.out_dt); }
@@ -75,7 +83,9 @@ class AmxFwdKernel : public JitGenerator {
       for (int b = 0; b < sp_.n_b; ++b) tilezero(tmm_c(a, b));
     loop_cb([&] { loop_r([&] { compute_kernel_row(); }); });
     store_c_tiles();
+    start_stats();
     for (int a = 0; a < sp_.n_a; ++a) store_rows(a);
+    store_stats();
     postamble();
   }
 
@@ -161,6 +171,41 @@ class AmxFwdKernel : public JitGenerator {
     }
   }
 
+  void start_stats() {
+    if (!sp_.post.stats) return;
+    mov(reg_shift, arg(offsetof(AmxFwdCallArgs, stats_shift)));
+    for (int b = 0; b < sp_.n_b; ++b) {
+      vmovups(zmm_shift(b), ptr[reg_shift + b * 64]);
+      vpxord(zmm_sum(b), zmm_sum(b), zmm_sum(b));
+      vpxord(zmm_squares(b), zmm_squares(b), zmm_squares(b));
+    }
+  }
+
+  // y as stored, in acc (fp32) or, for a bf16 output, in acc's lower half.
+  void add_stats(int b, const Zmm& acc) {
+    if (!sp_.post.stats) return;
+    if (sp_.out_dt == DataType::bf16) {
+      vpmovzxwd(zmm_d, Ymm(acc.getIdx()));
+      vpslld(zmm_d, zmm_d, 16);
+      vsubps(zmm_d, zmm_d, zmm_shift(b));
+    } else {
+      vsubps(zmm_d, acc, zmm_shift(b));
+    }
+    vaddps(zmm_sum(b), zmm_sum(b), zmm_d);
+    vfmadd231ps(zmm_squares(b), zmm_d, zmm_d);
+  }
+
+  // The slot: 32 sums, then 32 sums of squares; lanes without a B tile zero (zmm_zero, as
+  // the epilogue left it).
+  void store_stats() {
+    if (!sp_.post.stats) return;
+    mov(reg_slot, arg(offsetof(AmxFwdCallArgs, stats)));
+    for (int b = 0; b < 2; ++b) {
+      vmovups(ptr[reg_slot + b * 64], b < sp_.n_b ? zmm_sum(b) : zmm_zero);
+      vmovups(ptr[reg_slot + kAmxBlock * 4 + b * 64], b < sp_.n_b ? zmm_squares(b) : zmm_zero);
+    }
+  }
+
   // One pixel's 32 output channels: the post-ops, in their order, and the store.
   void store_row(int row) {
     const bool bf16 = sp_.out_dt == DataType::bf16;
@@ -192,6 +237,7 @@ class AmxFwdKernel : public JitGenerator {
       } else {
         vmovups(ptr[reg_dst + b * half_bytes], acc);
       }
+      add_stats(b, acc);
     }
   }
 
