@@ -11,6 +11,11 @@
 //                                  avx512_bf16), the median of calls timed for min_seconds
 //   fp32 <problem> <min_seconds>   the same for the project's fp32 forward on blocked
 //                                  tensors (NCHW16c, avx512 kernels, fp32 out, no post-ops)
+//   stats <problem> <min_seconds> <threads> <0|1>
+//                                  seconds per call of the AMX bf16 forward (bf16 out) on
+//                                  `threads` threads of the helper's pool, without (0) or
+//                                  with (1) the batch-norm stats post-op and its merge
+//                                  (bf16_fwd_stats_finish)
 //   plan <problem> [level]         the bf16 plan's description
 //   clock wall|thread              time the samples that follow by wall time (the default)
 //                                  or by this thread's CPU time
@@ -37,6 +42,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "conv/bf16_bwd_data.h"
@@ -173,6 +179,26 @@ void fill_problem(const std::string& text, Isa level, Problem* out) {
   p.scratch.resize(p.prim->plan.scratch_bytes + 64);
 }
 
+// A problem of the stats command: the AMX forward at some thread count, with or without
+// the stats post-op, and the shift, slots and statistics it fills.
+struct StatsProblem {
+  Problem conv;
+  std::vector<float> shift, sums, mean, var;
+};
+
+void fill_stats_problem(const std::string& text, int threads, bool stats, StatsProblem* out) {
+  fill_problem(text, Isa::amx, &out->conv);
+  ConvDesc d = out->conv.prim->plan.desc;
+  FwdPostOps post;
+  post.stats = stats;
+  out->conv.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, threads, DataType::bf16, post, Isa::amx));
+  out->conv.scratch.resize(out->conv.prim->plan.scratch_bytes + 64);
+  out->shift.assign(div_up(d.k, kAmxBlock) * kAmxBlock, 0.f);
+  out->sums.resize(out->conv.prim->plan.stats_floats);
+  out->mean.resize(d.k);
+  out->var.resize(d.k);
+}
+
 // The fp32 forward of the same problem on blocked fp32 tensors, as the blocked model runs
 // it (the weights packed beforehand).
 struct Fp32Problem {
@@ -261,6 +287,7 @@ int main() {
   alignas(64) float dot_out[kDotPeakOutElems];
   for (int i = 0; i < kDotPeakInElems; ++i) dot_in[i] = 0x3f80;  // 1.0
   std::map<std::pair<std::string, int>, BwdDataProblem> bwd_data_problems;
+  std::map<std::tuple<std::string, int, bool>, StatsProblem> stats_problems;
   std::unique_ptr<Pool> pool;
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -359,6 +386,33 @@ int main() {
                     min_seconds)
               : time_calls([&] { pack_bf16_bwd_data_weights(d, p.w.data(), p.wei.data()); }, min_seconds);
       std::printf("%.9f\n", t);
+    } else if (cmd == "stats") {
+      std::string text;
+      double min_seconds = 0.05;
+      int threads = 1, with = 0;
+      in >> text >> min_seconds >> threads >> with;
+      if (!in || threads < 1 || threads > 64 || (with != 0 && with != 1)) {
+        std::printf("error: stats <problem> <min_seconds> <threads in [1, 64]> <0|1>\n");
+        std::fflush(stdout);
+        continue;
+      }
+      parse_level("amx");
+      if (threads > 1 && (!pool || pool->size() < threads)) pool.reset(), pool = std::make_unique<Pool>(threads);
+      const RunShares pooled = [&](int n, const ShareFn& fn) { pool->run(n, fn); };
+      const auto key = std::make_tuple(text, threads, with == 1);
+      auto it = stats_problems.find(key);
+      if (it == stats_problems.end())
+        it = stats_problems.try_emplace(key).first, fill_stats_problem(text, threads, with == 1, &it->second);
+      StatsProblem& p = it->second;
+      const RunShares& run = threads > 1 ? pooled : serial;
+      const Bf16FwdPostArgs post{nullptr, nullptr, p.shift.data(), p.sums.data()};
+      std::printf("%.9f\n", time_calls([&] {
+        bf16_fwd_run(*p.conv.prim, p.conv.src.data(), p.conv.wei.data(), with ? post : Bf16FwdPostArgs{},
+                     p.conv.dst.data(), p.conv.scratch.data(), run);
+        if (with)
+          bf16_fwd_stats_finish(p.conv.prim->plan, p.sums.data(), p.shift.data(), p.conv.prim->plan.desc.k,
+                                p.mean.data(), p.var.data());
+      }, min_seconds));
     } else if (cmd == "plan") {
       std::string text, level_name;
       in >> text >> level_name;
