@@ -22,9 +22,11 @@ out for our fp32), no post-ops.
                                    [--levels amx,avx512_bf16] [--clock wall|thread]
 
 With --stats it times instead the AMX forward with the batch-norm stats post-op (and its
-merge, bf16_fwd_stats_finish) against the same forward without, per layer, for each
-threads x N of --stats-configs (default 1x1,2x4), the two variants taking turns in every
-round (which goes first alternates), and reports the overhead: per layer, its median, and
+merge, bf16_fwd_stats_finish) against the same forward without, and against the forward
+followed by the statistics read from its output in one more pass (bn_stats_share, what a
+step without the post-op runs), per layer, for each threads x N of --stats-configs
+(default 1x1,2x4), the three variants taking turns in every round (their order rotating),
+and reports each one's overhead over the forward alone: per layer, its median, and
 network-weighted (time x count over the layers).
 """
 
@@ -94,31 +96,39 @@ def stats_table(helper: Helper, args: argparse.Namespace) -> None:
         f" {args.clock} clock"
     )
     print(f"load average at start: {os.getloadavg()}")
-    print("| layer | problem | threads | plain ms | stats ms | overhead |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| layer | problem | threads | fwd ms | + post-op ms | overhead | + pass ms | overhead |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    modes = (0, 1, 2)  # the forward alone, with the post-op, followed by a statistics pass
     summary = []
     for threads, n in configs:
-        overheads, weighted = [], {0: 0.0, 1: 0.0}
+        overheads: dict[int, list[float]] = {1: [], 2: []}
+        weighted = dict.fromkeys(modes, 0.0)
         for layer in select_layers(args.layers):
             problem = f"mb{n}" + layer.problem
-            for with_stats in (0, 1):  # plan and generate before timing
-                helper.ask(f"stats {problem} 0.01 {threads} {with_stats}")
-            samples: dict[int, list[float]] = {0: [], 1: []}
+            for mode in modes:  # plan and generate before timing
+                helper.ask(f"stats {problem} 0.01 {threads} {mode}")
+            samples: dict[int, list[float]] = {mode: [] for mode in modes}
             for r in range(args.rounds):
-                for with_stats in (r % 2, 1 - r % 2):
-                    samples[with_stats].append(helper.ask(f"stats {problem} {args.min_time} {threads} {with_stats}"))
+                for i in range(len(modes)):
+                    mode = modes[(r + i) % len(modes)]
+                    samples[mode].append(helper.ask(f"stats {problem} {args.min_time} {threads} {mode}"))
             t = {k: statistics.median(v) for k, v in samples.items()}
             for k in t:
                 weighted[k] += layer.count * t[k]
-            overheads.append(100 * (t[1] / t[0] - 1))
+            for k in overheads:
+                overheads[k].append(100 * (t[k] / t[0] - 1))
             print(
                 f"| {layer.id} {layer.name} | {problem} | {threads} | {1e3 * t[0]:.3f} | {1e3 * t[1]:.3f} |"
-                f" {overheads[-1]:+.1f}% |",
+                f" {overheads[1][-1]:+.1f}% | {1e3 * t[2]:.3f} | {overheads[2][-1]:+.1f}% |",
                 flush=True,
             )
-        summary.append((threads, n, statistics.median(overheads), 100 * (weighted[1] / weighted[0] - 1)))
-    for threads, n, median, net in summary:
-        print(f"{threads} thread(s), N={n}: median overhead {median:+.1f}%, network-weighted {net:+.1f}%")
+        summary.append((threads, n, overheads, weighted))
+    for threads, n, overheads, weighted in summary:
+        for k, what in ((1, "the post-op"), (2, "a separate pass")):
+            print(
+                f"{threads} thread(s), N={n}, {what}: median overhead {statistics.median(overheads[k]):+.1f}%,"
+                f" network-weighted {100 * (weighted[k] / weighted[0] - 1):+.1f}%"
+            )
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -170,7 +170,7 @@ float bf16_operand(uint16_t b) { return (b & 0x7f80u) == 0 ? 0.f : float_from_bf
 
 void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   constexpr int kTapBytes = 2048, kRowBytes = 64;
-  float sum[kAmxBlock] = {}, squares[kAmxBlock] = {};
+  float sum[2][2][kAmxBlock] = {}, squares[2][2][kAmxBlock] = {};  // [tile][row parity]: the kernel's chains
   for (int t = 0; t < sp.n_a; ++t) {
     float acc[kAmxMaxRows][kAmxBlock] = {};
     const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
@@ -212,8 +212,8 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
         }
         if (sp.post.stats && lane < sp.n_b * 16) {
           const float dv = y - a->stats_shift[lane];
-          sum[lane] += dv;
-          squares[lane] = std::fma(dv, dv, squares[lane]);
+          sum[t][i % 2][lane] += dv;
+          squares[t][i % 2][lane] = std::fma(dv, dv, squares[t][i % 2][lane]);
         }
       }
       dst += a->dst_px_stride;
@@ -222,8 +222,12 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   }
   if (!sp.post.stats) return;
   for (int lane = 0; lane < kAmxBlock; ++lane) {
-    a->stats[lane] = sum[lane];
-    a->stats[kAmxBlock + lane] = squares[lane];
+    auto chains = [&](float (*acc)[2][kAmxBlock]) {
+      const float tile0 = acc[0][0][lane] + acc[0][1][lane];
+      return sp.n_a == 2 ? tile0 + (acc[1][0][lane] + acc[1][1][lane]) : tile0;
+    };
+    a->stats[lane] = chains(sum);
+    a->stats[kAmxBlock + lane] = chains(squares);
   }
 }
 

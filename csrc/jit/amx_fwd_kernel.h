@@ -31,11 +31,13 @@
 // stored as zeros.
 //
 // Stats (batch norm's, conv/bf16_fwd.h): per lane of the block, fp32 sums of d = y - shift
-// and of d^2 over the call's stored rows, tile 0's then tile 1's, each in row order (d^2
-// added by one fused multiply-add), where y is the value as stored: for a bf16 output the
-// rounded one, which the batch norm reads. The 32 sums, then the 32 sums of squares, are
-// written (not added) to the call's 64-float slot. With one B tile the upper 16 lanes hold
-// no channel and their sums are written as zeros.
+// and of d^2 over the call's stored rows, where y is the value as stored: for a bf16 output
+// the rounded one, which the batch norm reads. Each tile's even and odd rows sum in their
+// own chains (in row order, d^2 added by one fused multiply-add), so the additions' latency
+// does not serialize the epilogue; the chains then add up as (tile 0's even + odd) + (tile
+// 1's even + odd). The 32 sums, then the 32 sums of squares, are written (not added) to the
+// call's 64-float slot. With one B tile the upper 16 lanes hold no channel and their sums
+// are written as zeros.
 #pragma once
 
 #include <cstdint>

@@ -38,9 +38,10 @@ float stored(const Bf16FwdPlan& p, const void* dst, size_t i) {
                                     : static_cast<const float*>(dst)[i];
 }
 
-// The slots as the kernels are to write them, from the output as stored: per call, tile 0's
-// stored rows then tile 1's, in row order; d = y - shift summed, d^2 added by a fused
-// multiply-add; lanes past the call's B tiles zero.
+// The slots as the kernels are to write them, from the output as stored: per call, lane
+// and tile, d = y - shift summed over its stored rows of each parity in row order (d^2
+// added by a fused multiply-add), then (tile 0 even + odd) + (tile 1 even + odd); lanes
+// past the call's B tiles zero.
 std::vector<float> slots_from_output(const Bf16FwdPlan& p, const void* dst, const float* shift) {
   std::vector<float> want(p.stats_floats, 0.f);
   const int64_t px_elems = p.strides.dst_px_stride / elem_bytes(p.out_dt);
@@ -49,17 +50,21 @@ std::vector<float> slots_from_output(const Bf16FwdPlan& p, const void* dst, cons
       const int lanes = p.kernels[c.kernel].n_b * 16;
       const float* sh = shift + c.bias_off / 4;
       float* slot = want.data() + c.stats_off;
-      for (int j = 0; j < c.n_a; ++j) {
-        size_t px = c.dst_off[j] / elem_bytes(p.out_dt);
-        for (int row = 0; row < kAmxMaxRows; ++row) {
-          if (!((c.rows[j] >> row) & 1)) continue;
-          for (int lane = 0; lane < lanes; ++lane) {
+      for (int lane = 0; lane < lanes; ++lane) {
+        float sums[2][2] = {}, squares[2][2] = {};  // [tile][row parity]
+        for (int j = 0; j < c.n_a; ++j) {
+          size_t px = c.dst_off[j] / elem_bytes(p.out_dt);
+          for (int row = 0; row < kAmxMaxRows; ++row) {
+            if (!((c.rows[j] >> row) & 1)) continue;
             const float dv = stored(p, dst, px + lane) - sh[lane];
-            slot[lane] += dv;
-            slot[B + lane] = std::fma(dv, dv, slot[B + lane]);
+            sums[j][row % 2] += dv;
+            squares[j][row % 2] = std::fma(dv, dv, squares[j][row % 2]);
+            px += px_elems;
           }
-          px += px_elems;
         }
+        slot[lane] = c.n_a == 2 ? (sums[0][0] + sums[0][1]) + (sums[1][0] + sums[1][1]) : sums[0][0] + sums[0][1];
+        slot[B + lane] = c.n_a == 2 ? (squares[0][0] + squares[0][1]) + (squares[1][0] + squares[1][1])
+                                    : squares[0][0] + squares[0][1];
       }
     }
   return want;
