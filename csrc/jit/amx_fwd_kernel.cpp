@@ -199,7 +199,7 @@ class AmxFwdKernel : public JitGenerator {
         }
   }
 
-  // Half h of row `row` of tile a, as stored: y in zmm_d(h) (bf16) or in y (fp32).
+  // Half h of row `row` of tile a: y, its values as stored in fp32 (a bf16 output's widened).
   void add_stats(int a, int row, int h, const Zmm& y) {
     const Zmm d = zmm_d(h);
     vsubps(d, y, zmm_shift(h));
