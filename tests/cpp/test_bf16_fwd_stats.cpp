@@ -1,6 +1,7 @@
 // The AMX bf16 forward's stats post-op (conv/bf16_fwd.h, jit/amx_fwd_kernel.h): every
 // call's slot, from the JIT and from its scalar twin, against the same sums taken in the
-// kernel's order over the output each stored, bit for bit; the output itself unchanged by
+// kernel's order over the output each stored, bit for bit (and on exact integer operands
+// the JIT's output and slots against the twin's); the output itself unchanged by
 // the post-op; the merged mean and variance against a float64 reference over the stored
 // output, on ResNet-50's kinds of layers and awkward shapes, both output types, one and two
 // threads, one and two images; a mean far from its shift reported unsound; and the bad
@@ -98,9 +99,11 @@ struct Tensors {
         scratch(scratch_b, at_end) {}
 };
 
-// Random operands of d (padded lanes zero) for the plan's output type; bias_value, when
-// given, is every channel's bias.
-std::unique_ptr<Tensors> make_tensors(const Bf16FwdPlan& p, bool at_end, float bias_value = NAN) {
+// Random operands of d (padded lanes zero) for the plan's output type: in [-1, 1], or small
+// integers, whose products and sums the tiles and the twin both compute exactly (so that
+// they store the same output); bias_value, when given, is every channel's bias.
+std::unique_ptr<Tensors> make_tensors(const Bf16FwdPlan& p, bool at_end, bool integers, float bias_value = NAN) {
+  auto rnd = [&] { return integers ? static_cast<float>(uni(-3, 3)) : ::rnd(); };
   const ConvDesc& d = p.desc;
   const int64_t cb = div_up(d.c, B), P = d.p(), Q = d.q();
   const size_t out_elems = d.n * p.kb * P * Q * B;
@@ -129,9 +132,10 @@ Bf16FwdPostArgs post_args(const Bf16FwdPlan& p, const Tensors& t, const float* s
 // One layer: the plan without stats gives the output and its statistics (float64); shifts
 // drawn within 2 standard deviations of each mean; then the stats plan's JIT run and twin
 // run, each slot checked bit for bit against the sums over the output it stored, the JIT's
-// output against the run without stats, and the merge against the float64 statistics.
+// output against the run without stats, and the merge against the float64 statistics; on
+// integer operands also the JIT's output and slots against the twin's, bit for bit.
 void stats_case(const std::string& s, int n, DataType out_dt, bool bias, bool add, bool relu, int threads,
-                bool at_end) {
+                bool at_end, bool integers) {
   ConvDesc d = parse_conv_desc(s);
   d.dt = DataType::bf16;
   d.n = n;
@@ -143,8 +147,9 @@ void stats_case(const std::string& s, int n, DataType out_dt, bool bias, bool ad
   post.stats = true;
   const Bf16FwdPlan plan = make_bf16_fwd_plan(d, threads, out_dt, post, Isa::amx);
   const std::string name = d.to_string() + " out " + dtype_name(out_dt) + post.name() + " threads " +
-                           std::to_string(threads) + (at_end ? " guard above" : " guard below");
-  auto t = make_tensors(plan, at_end);
+                           std::to_string(threads) + (at_end ? " guard above" : " guard below") +
+                           (integers ? " integers" : "");
+  auto t = make_tensors(plan, at_end, integers);
   const RunShares run = threads > 1 ? threaded() : serial();
   const size_t out_bytes = t->dst.bytes();
   std::vector<uint8_t> plain_out(out_bytes);
@@ -161,6 +166,8 @@ void stats_case(const std::string& s, int n, DataType out_dt, bool bias, bool ad
     channel_stats(plan, plain_out.data(), c, &ref_mean[c], &ref_var[c]);
     shift[c] = static_cast<float>(ref_mean[c] + 2 * rnd() * std::sqrt(ref_var[c]));
   }
+  std::vector<uint8_t> jit_out(out_bytes);
+  std::vector<float> jit_sums(plan.stats_floats);
   for (int variant = 0; variant < 2; ++variant) {
     const char* who = variant ? "twin" : "jit";
     std::memset(t->dst.as<void>(), 0xff, out_bytes);
@@ -179,7 +186,18 @@ void stats_case(const std::string& s, int n, DataType out_dt, bool bias, bool ad
     const size_t i = first_difference(want.data(), g_sums.as<float>(), want.size());
     CHECK(i == want.size(), "%s (%s): slot float %zu of %zu is %g, want %g", name.c_str(), who, i, want.size(),
           i < want.size() ? g_sums.as<float>()[i] : 0.f, i < want.size() ? want[i] : 0.f);
-    if (variant == 1) continue;
+    if (variant == 1) {
+      if (!integers) continue;
+      CHECK(std::memcmp(jit_out.data(), t->dst.as<void>(), out_bytes) == 0,
+            "%s: the twin's output differs from the kernels' on exact operands", name.c_str());
+      const size_t k = first_difference(jit_sums.data(), g_sums.as<float>(), jit_sums.size());
+      CHECK(k == jit_sums.size(), "%s: the twin's slot float %zu of %zu is %g, the kernels' %g", name.c_str(), k,
+            jit_sums.size(), k < jit_sums.size() ? g_sums.as<float>()[k] : 0.f,
+            k < jit_sums.size() ? jit_sums[k] : 0.f);
+      continue;
+    }
+    std::memcpy(jit_out.data(), t->dst.as<void>(), out_bytes);
+    std::memcpy(jit_sums.data(), g_sums.as<float>(), jit_sums.size() * 4);
     std::vector<float> mean(d.k), var(d.k);
     const bool sound = bf16_fwd_stats_finish(plan, g_sums.as<float>(), shift, d.k, mean.data(), var.data());
     CHECK(sound, "%s: every shift within 2 standard deviations, yet unsound", name.c_str());
@@ -221,7 +239,8 @@ void layers() {
     const DataType out = i % 2 ? DataType::f32 : DataType::bf16;
     // The blocked model's stats go without other post-ops; others keep the epilogue's order.
     const bool others = i % 3 == 2;
-    stats_case(l.desc, l.n, out, others, others, others, 1 + (i / 2) % 2, i % 2 == 0);
+    for (bool integers : {false, true})
+      stats_case(l.desc, l.n, out, others, others, others, 1 + (i / 2) % 2, (i % 2 == 0) != integers, integers);
     ++i;
   }
 }
@@ -236,7 +255,7 @@ void far_from_shift() {
     FwdPostOps post;
     post.bias = post.stats = true;
     const Bf16FwdPlan plan = make_bf16_fwd_plan(d, 1, out_dt, post, Isa::amx);
-    auto t = make_tensors(plan, true, 1e3f);
+    auto t = make_tensors(plan, true, false, 1e3f);
     Guarded g_shift(plan.kb * B * 4, false), g_sums(plan.stats_floats * 4, true);
     auto prim = make_bf16_fwd_primitive(plan);
     std::vector<double> ref_mean(d.k), ref_var(d.k);
@@ -282,7 +301,7 @@ void bad_uses() {
           [&] { make_bf16_fwd_plan(d, 1, DataType::bf16, stats, Isa::avx512_bf16); });
   const Bf16FwdPlan plan = make_bf16_fwd_plan(d, 1, DataType::bf16, stats, Isa::amx);
   const Bf16FwdPlan plain = make_bf16_fwd_plan(d, 1, DataType::bf16, {}, Isa::amx);
-  auto t = make_tensors(plan, true);
+  auto t = make_tensors(plan, true, false);
   std::vector<float> shift(plan.kb * B, 0.f), sums(plan.stats_floats), mean(d.k), var(d.k);
   auto run = [&](const float* sh, float* sm) {
     bf16_fwd_run_reference(plan, t->src.as<uint16_t>(), t->wei.as<uint16_t>(), {nullptr, nullptr, sh, sm},
