@@ -94,8 +94,9 @@ struct Bf16FwdPlan {
 
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
 // element type other than bf16, groups, an output type other than f32 or bf16, a level
-// other than amx and avx512_bf16, or stats at the avx512_bf16 level. The level is the kernel family's (by default the
-// active one: active_isa()); nothing checks here that this CPU has it.
+// other than amx and avx512_bf16, or stats at the avx512_bf16 level. The level is the
+// kernel family's (by default the active one: active_isa()); nothing checks here that this
+// CPU has it.
 Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& desc, int threads, DataType out_dt, const FwdPostOps& post = {},
                                Isa level = active_isa());
 
