@@ -20,6 +20,14 @@ out for our fp32), no post-ops.
 
     python bench/bench_bf16_fwd.py [--layers L03,L17] [--rounds 5] [--min-time 0.05] [--n 1]
                                    [--levels amx,avx512_bf16] [--clock wall|thread]
+
+With --stats it times instead the AMX forward with the batch-norm stats post-op (and its
+merge, bf16_fwd_stats_finish) against the same forward without, and against the forward
+followed by the statistics read from its output in one more pass (bn_stats_share, what a
+step without the post-op runs), per layer, for each threads x N of --stats-configs
+(default 1x1,2x4), the three variants taking turns in every round (their order rotating),
+and reports each one's overhead over the forward alone: per layer, its median, and
+network-weighted (time x count over the layers).
 """
 
 from __future__ import annotations
@@ -75,6 +83,55 @@ def torch_time(x: torch.Tensor, w: torch.Tensor, stride: int, pad: int, min_time
     return statistics.median(times)
 
 
+def stats_table(helper: Helper, args: argparse.Namespace) -> None:
+    """The stats post-op's overhead on the AMX forward, per layer and threads x N."""
+    configs = []
+    for item in args.stats_configs.split(","):
+        threads, _, n = item.strip().partition("x")
+        if not (threads.isdigit() and n.isdigit()) or int(threads) < 1 or int(n) < 1:
+            raise SystemExit(f"--stats-configs: expected threads x N pairs such as 1x1,2x4, got {args.stats_configs!r}")
+        configs.append((int(threads), int(n)))
+    print(
+        f"stats post-op on the AMX forward, bf16 out; {args.rounds} rounds of >= {args.min_time}s samples,"
+        f" {args.clock} clock"
+    )
+    print(f"load average at start: {os.getloadavg()}")
+    print("| layer | problem | threads | fwd ms | + post-op ms | overhead | + pass ms | overhead |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    modes = (0, 1, 2)  # the forward alone, with the post-op, followed by a statistics pass
+    summary = []
+    for threads, n in configs:
+        overheads: dict[int, list[float]] = {1: [], 2: []}
+        weighted = dict.fromkeys(modes, 0.0)
+        for layer in select_layers(args.layers):
+            problem = f"mb{n}" + layer.problem
+            for mode in modes:  # plan and generate before timing
+                helper.ask(f"stats {problem} 0.01 {threads} {mode}")
+            samples: dict[int, list[float]] = {mode: [] for mode in modes}
+            for r in range(args.rounds):
+                for i in range(len(modes)):
+                    mode = modes[(r + i) % len(modes)]
+                    samples[mode].append(helper.ask(f"stats {problem} {args.min_time} {threads} {mode}"))
+            t = {k: statistics.median(v) for k, v in samples.items()}
+            for k in t:
+                weighted[k] += layer.count * t[k]
+            for k in overheads:
+                overheads[k].append(100 * (t[k] / t[0] - 1))
+            print(
+                f"| {layer.id} {layer.name} | {problem} | {threads} | {1e3 * t[0]:.3f} | {1e3 * t[1]:.3f} |"
+                f" {overheads[1][-1]:+.1f}% | {1e3 * t[2]:.3f} | {overheads[2][-1]:+.1f}% |",
+                flush=True,
+            )
+        summary.append((threads, n, overheads, weighted))
+    for threads, n, overheads, weighted in summary:
+        for k, what in ((1, "the post-op"), (2, "a separate pass")):
+            print(
+                f"{threads} thread(s), N={n}, {what}: median overhead {statistics.median(overheads[k]):+.1f}%,"
+                f" network-weighted {100 * (weighted[k] / weighted[0] - 1):+.1f}%"
+            )
+    print(f"load average at end: {os.getloadavg()}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default=None, help="comma-separated ids or names (default: all 23)")
@@ -93,7 +150,17 @@ def main(argv: list[str] | None = None) -> None:
         " the scheduler's slice); torch runs in the calling thread at 1 thread",
     )
     ap.add_argument("--helper", default=str(ROOT / "build" / "core" / "bench_bf16_fwd_amx"))
+    ap.add_argument(
+        "--stats", action="store_true", help="time the AMX forward with the stats post-op against without instead"
+    )
+    ap.add_argument("--stats-configs", default="1x1,2x4", help="threads x N pairs for --stats (default 1x1,2x4)")
     args = ap.parse_args(argv)
+    if args.stats:
+        helper = Helper(Path(args.helper))
+        helper.ask(f"clock {args.clock}")
+        stats_table(helper, args)
+        helper.close()
+        return
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
     unknown = [lv for lv in levels if lv not in ("amx", "avx512_bf16")]

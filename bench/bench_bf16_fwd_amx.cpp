@@ -11,6 +11,13 @@
 //                                  avx512_bf16), the median of calls timed for min_seconds
 //   fp32 <problem> <min_seconds>   the same for the project's fp32 forward on blocked
 //                                  tensors (NCHW16c, avx512 kernels, fp32 out, no post-ops)
+//   stats <problem> <min_seconds> <threads> <0|1|2>
+//                                  seconds per call of the AMX bf16 forward (bf16 out) on
+//                                  `threads` threads of the helper's pool: 0 alone; 1 with
+//                                  the batch-norm stats post-op and its merge
+//                                  (bf16_fwd_stats_finish); 2 followed by the statistics
+//                                  read from its output in one more pass (bn_stats_share
+//                                  on the same threads, bn_stats_finish)
 //   plan <problem> [level]         the bf16 plan's description
 //   clock wall|thread              time the samples that follow by wall time (the default)
 //                                  or by this thread's CPU time
@@ -37,11 +44,13 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "conv/bf16_bwd_data.h"
 #include "conv/bf16_fwd.h"
 #include "conv/bf16_pack.h"
+#include "conv/blocked_eltwise.h"
 #include "conv/drivers.h"
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
@@ -174,6 +183,39 @@ void fill_problem(const std::string& text, Isa level, Problem* out) {
   p.scratch.resize(p.prim->plan.scratch_bytes + 64);
 }
 
+// A problem of the stats command: the AMX forward at some thread count, with or without
+// the stats post-op, and the shift, slots, partial sums and statistics it fills.
+struct StatsProblem {
+  Problem conv;
+  std::vector<float> shift, sums, mean, var;
+  std::vector<double> partials;  // the separate pass's, per thread
+};
+
+// The forward's output as the batch norm reads it.
+BlockedShape stats_shape(const ConvDesc& d) {
+  BlockedShape s;
+  s.n = d.n;
+  s.c = d.k;
+  s.h = d.p();
+  s.w = d.q();
+  s.v = kAmxBlock;
+  return s;
+}
+
+void fill_stats_problem(const std::string& text, int threads, int mode, StatsProblem* out) {
+  fill_problem(text, Isa::amx, &out->conv);
+  ConvDesc d = out->conv.prim->plan.desc;
+  FwdPostOps post;
+  post.stats = mode == 1;
+  out->conv.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, threads, DataType::bf16, post, Isa::amx));
+  out->conv.scratch.resize(out->conv.prim->plan.scratch_bytes + 64);
+  out->shift.assign(div_up(d.k, kAmxBlock) * kAmxBlock, 0.f);
+  out->sums.resize(out->conv.prim->plan.stats_floats);
+  out->mean.resize(d.k);
+  out->var.resize(d.k);
+  out->partials.resize(bn_stats_partial_size(stats_shape(d)) * threads);
+}
+
 // The fp32 forward of the same problem on blocked fp32 tensors, as the blocked model runs
 // it (the weights packed beforehand).
 struct Fp32Problem {
@@ -267,6 +309,7 @@ int main() {
   alignas(64) float dot_out[kDotPeakOutElems];
   for (int i = 0; i < kDotPeakInElems; ++i) dot_in[i] = 0x3f80;  // 1.0
   std::map<std::pair<std::string, int>, BwdDataProblem> bwd_data_problems;
+  std::map<std::tuple<std::string, int, int>, StatsProblem> stats_problems;
   std::unique_ptr<Pool> pool;
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -369,6 +412,40 @@ int main() {
                     },
                     min_seconds);
       std::printf("%.9f\n", t);
+    } else if (cmd == "stats") {
+      std::string text;
+      double min_seconds = 0.05;
+      int threads = 1, mode = 0;
+      in >> text >> min_seconds >> threads >> mode;
+      if (!in || threads < 1 || threads > 64 || mode < 0 || mode > 2) {
+        std::printf("error: stats <problem> <min_seconds> <threads in [1, 64]> <0|1|2>\n");
+        std::fflush(stdout);
+        continue;
+      }
+      parse_level("amx");
+      if (threads > 1 && (!pool || pool->size() < threads)) pool.reset(), pool = std::make_unique<Pool>(threads);
+      const RunShares pooled = [&](int n, const ShareFn& fn) { pool->run(n, fn); };
+      const auto key = std::make_tuple(text, threads, mode);
+      auto it = stats_problems.find(key);
+      if (it == stats_problems.end())
+        it = stats_problems.try_emplace(key).first, fill_stats_problem(text, threads, mode, &it->second);
+      StatsProblem& p = it->second;
+      const RunShares& run = threads > 1 ? pooled : serial;
+      const Bf16FwdPostArgs post{nullptr, nullptr, p.shift.data(), p.sums.data()};
+      const Bf16FwdPlan& plan = p.conv.prim->plan;
+      const BlockedShape shape = stats_shape(plan.desc);
+      const uint16_t* y = reinterpret_cast<const uint16_t*>(p.conv.dst.data());
+      const int64_t partial = bn_stats_partial_size(shape);
+      std::printf("%.9f\n", time_calls([&] {
+        bf16_fwd_run(*p.conv.prim, p.conv.src.data(), p.conv.wei.data(), mode == 1 ? post : Bf16FwdPostArgs{},
+                     p.conv.dst.data(), p.conv.scratch.data(), run);
+        if (mode == 1)
+          bf16_fwd_stats_finish(plan, p.sums.data(), p.shift.data(), plan.desc.k, p.mean.data(), p.var.data());
+        if (mode == 2) {
+          run(threads, [&](int tid, int nt) { bn_stats_share(shape, y, p.partials.data() + tid * partial, tid, nt); });
+          bn_stats_finish(shape, y, p.partials.data(), threads, p.mean.data(), p.var.data());
+        }
+      }, min_seconds));
     } else if (cmd == "plan") {
       std::string text, level_name;
       in >> text >> level_name;

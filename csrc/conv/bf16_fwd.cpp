@@ -8,6 +8,7 @@
 
 #include "conv/bf16_pack.h"
 #include "conv/driver_util.h"
+#include "conv/fwd_stats.h"
 #include "conv/reference.h"
 
 namespace dc {
@@ -127,10 +128,12 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   if (d.groups != 1) throw std::invalid_argument("bf16 fwd plan: groups must be 1, got " + std::to_string(d.groups));
   if (out_dt != DataType::f32 && out_dt != DataType::bf16)
     throw std::invalid_argument("bf16 fwd plan: the output type must be f32 or bf16");
-  if (post.stats) throw std::invalid_argument("bf16 fwd plan: the stats post-op is not supported");
   if (threads < 1) throw std::invalid_argument("bf16 fwd plan: threads must be >= 1, got " + std::to_string(threads));
   if (level != Isa::amx && level != Isa::avx512_bf16)
     throw std::invalid_argument(std::string("bf16 fwd plan: the level must be amx or avx512_bf16, got ") +
+                                isa_name(level));
+  if (post.stats && level != Isa::amx)
+    throw std::invalid_argument(std::string("bf16 fwd plan: the stats post-op needs the amx level, got ") +
                                 isa_name(level));
   const int64_t P = d.p(), Q = d.q();
   if (P < 1 || Q < 1) throw std::invalid_argument("bf16 fwd plan: the kernel does not fit the padded input");
@@ -210,6 +213,13 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
         }
         c.wei_off = kbi * p.cb * in.r * in.s * kTapBytes;
         c.bias_off = kbi * kAmxBlock * static_cast<int64_t>(sizeof(float));
+        if (post.stats) {
+          int pixels = 0;
+          for (int j = 0; j < c.n_a; ++j) pixels += __builtin_popcountll(static_cast<uint64_t>(c.rows[j]));
+          c.stats_off = p.stats_floats;
+          p.stats_tiles.push_back({p.stats_floats, kbi, 1, pixels});
+          p.stats_floats += kAmxStatsFloats;
+        }
         calls.push_back(c);
       }
     }
@@ -391,6 +401,8 @@ void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, con
              void* scratch, const RunShares& run, const CallFn& call) {
   if (p.post.bias && !post.bias) throw std::invalid_argument("bf16_fwd_run: the plan adds a bias: give one");
   if (p.post.add && !post.residual) throw std::invalid_argument("bf16_fwd_run: the plan adds a residual: give one");
+  if (p.post.stats && (!post.shift || !post.sums))
+    throw std::invalid_argument("bf16_fwd_run: the plan sums batch-norm statistics: give their shift and sums");
   if (p.input != Bf16FwdInput::direct && !scratch)
     throw std::invalid_argument("bf16_fwd_run: the plan copies its input: give its scratch");
   if (p.input == Bf16FwdInput::padded) run(p.threads, [&](int tid, int nt) { copy_padded(p, src, scratch, tid, nt); });
@@ -401,6 +413,7 @@ void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, con
   const uint8_t* w = reinterpret_cast<const uint8_t*>(wei);
   const uint8_t* res = static_cast<const uint8_t*>(post.residual);
   const uint8_t* bias = reinterpret_cast<const uint8_t*>(post.bias);
+  const uint8_t* shift = reinterpret_cast<const uint8_t*>(post.shift);
   uint8_t* out = static_cast<uint8_t*>(dst);
   run(p.threads, [&](int tid, int) {
     if (tid < 0 || tid >= p.threads) return;
@@ -415,6 +428,10 @@ void run_all(const Bf16FwdPlan& p, const uint16_t* src, const uint16_t* wei, con
       }
       a.wei = reinterpret_cast<const uint16_t*>(w + c.wei_off);
       a.bias = bias ? reinterpret_cast<const float*>(bias + c.bias_off) : nullptr;
+      if (p.post.stats) {
+        a.stats_shift = reinterpret_cast<const float*>(shift + c.bias_off);
+        a.stats = post.sums + c.stats_off;
+      }
       call(c.kernel, &a);
     }
     call(-2, nullptr);  // the stream ends
@@ -440,6 +457,16 @@ void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const 
     if (plan.level == Isa::amx) amx_fwd_kernel_ref(plan.kernels[k], a);
     else avx512bf16_fwd_kernel_ref(plan.dot_kernels[k], a);
   });
+}
+
+bool bf16_fwd_stats_finish(const Bf16FwdPlan& plan, const float* sums, const float* shift, int64_t channels,
+                           float* mean, float* var) {
+  if (!plan.post.stats) throw std::invalid_argument("bf16_fwd_stats_finish: the plan has no stats post-op");
+  if (channels < 0 || channels > plan.desc.k)
+    throw std::invalid_argument("bf16_fwd_stats_finish: channels must be in [0, " + std::to_string(plan.desc.k) +
+                                "], got " + std::to_string(channels));
+  const double count = static_cast<double>(plan.desc.n) * plan.desc.p() * plan.desc.q();
+  return stats_merge(plan.stats_tiles, kAmxBlock, plan.kb * kAmxBlock, count, sums, shift, channels, mean, var);
 }
 
 }  // namespace dc

@@ -17,6 +17,11 @@
 // while its pixels pass. Where the layer pads, the driver first copies the input into a
 // zero-bordered scratch, each thread its share, so that every tap is a plain load
 // (Bf16FwdInput).
+//
+// With the stats post-op (amx level only) every call writes the batch-norm sums of the
+// pixels it stores to its own slot (jit/amx_fwd_kernel.h), and bf16_fwd_stats_finish
+// merges the slots in double as fwd_stats_finish merges the fp32 tiles' (conv/fwd_stats.h,
+// whose soundness rule it keeps: a call's sums are over at most 32 pixels).
 #pragma once
 
 #include <cstdint>
@@ -25,6 +30,7 @@
 #include <vector>
 
 #include "conv/conv_desc.h"
+#include "conv/fwd_plan.h"
 #include "conv/parallel.h"
 #include "jit/amx_fwd_kernel.h"
 #include "jit/avx512bf16_fwd_kernel.h"
@@ -39,7 +45,8 @@ struct Bf16FwdCall {
   int32_t kernel;
   int32_t n_a;  // runs: 1 or 2
   int64_t src_off[2], dst_off[2], rows[2];  // rows: AmxFwdCallArgs::rows
-  int64_t wei_off, bias_off;
+  int64_t wei_off, bias_off;  // bias_off: also the block's shifts' offset (stats)
+  int64_t stats_off;           // with the stats post-op, the call's slot (floats into the sums)
 };
 
 // What the kernels read: the input itself; a zero-bordered copy (N, Cb, H + pt + pb,
@@ -77,14 +84,19 @@ struct Bf16FwdPlan {
   std::vector<Avx512Bf16FwdKernelSpec> dot_kernels;  // level avx512_bf16
   std::vector<std::vector<Bf16FwdCall>> streams;  // one per thread
   AmxFwdCallArgs strides{};                       // the per-plan constants of every call
+  // With the stats post-op, every call's slot (n_oc = 1 block of 32 lanes, kAmxStatsFloats
+  // floats) and the size of the buffer they fill.
+  std::vector<FwdStatsTile> stats_tiles;
+  int64_t stats_floats = 0;
 
   std::string to_string() const;
 };
 
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
-// element type other than bf16, groups, stats, an output type other than f32 or bf16, or a
-// level other than amx and avx512_bf16. The level is the kernel family's (by default the
-// active one: active_isa()); nothing checks here that this CPU has it.
+// element type other than bf16, groups, an output type other than f32 or bf16, a level
+// other than amx and avx512_bf16, or stats at the avx512_bf16 level. The level is the
+// kernel family's (by default the active one: active_isa()); nothing checks here that this
+// CPU has it.
 Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& desc, int threads, DataType out_dt, const FwdPostOps& post = {},
                                Isa level = active_isa());
 
@@ -116,6 +128,8 @@ void pack_bf16_fwd_weights(const ConvDesc& d, const void* w, DataType w_dt, cons
 struct Bf16FwdPostArgs {
   const float* bias = nullptr;     // (ceil(K/32) * 32) fp32, padded lanes zero
   const void* residual = nullptr;  // laid out and typed as dst
+  const float* shift = nullptr;    // stats: (ceil(K/32) * 32) fp32, d = y - shift is summed
+  float* sums = nullptr;           // stats: plan.stats_floats, every slot written
 };
 
 // Runs the whole convolution on `run`'s threads (the plan's count): src (N, Cb, H, W, 32)
@@ -129,5 +143,14 @@ void bf16_fwd_run(const Bf16FwdPrimitive& prim, const uint16_t* src, const uint1
 // for the tests.
 void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const uint16_t* wei,
                             const Bf16FwdPostArgs& post, void* dst, void* scratch, const RunShares& run);
+
+// Per-channel mean and biased variance over (N, P, Q) of the first `channels` channels,
+// from the slots a stats run wrote and the shift it used, merged as fwd_stats_finish
+// merges (conv/fwd_stats.h). Returns false when some channel's mean is more than
+// kStatsMaxShiftStds standard deviations from its shift: the caller then recomputes the
+// statistics from the output. Throws std::invalid_argument for a plan without the stats
+// post-op or channels outside [0, K].
+bool bf16_fwd_stats_finish(const Bf16FwdPlan& plan, const float* sums, const float* shift, int64_t channels,
+                           float* mean, float* var);
 
 }  // namespace dc

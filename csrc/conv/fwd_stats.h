@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "conv/fwd_plan.h"
 
@@ -27,5 +28,12 @@ constexpr double kStatsMaxShiftStds = 4.0;
 // values are then not to be trusted to fp32 accuracy.
 bool fwd_stats_finish(const FwdPlan& plan, const float* sums, const float* shift, int64_t channels, float* mean,
                       float* var);
+
+// The merge itself, for any pass's slots (fwd_stats_finish's, bf16_fwd_stats_finish's):
+// tile t holds, for each of its output blocks [kb0, kb0 + n_oc) of V lanes, V sums of
+// d = y - shift and then V sums of d^2, at sums + t.off; `lanes` is the blocks' lanes in all
+// (the shift's length) and `count` the pixels each channel's sums cover.
+bool stats_merge(const std::vector<FwdStatsTile>& tiles, int V, int64_t lanes, double count, const float* sums,
+                 const float* shift, int64_t channels, float* mean, float* var);
 
 }  // namespace dc

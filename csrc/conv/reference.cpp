@@ -170,6 +170,7 @@ float bf16_operand(uint16_t b) { return (b & 0x7f80u) == 0 ? 0.f : float_from_bf
 
 void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   constexpr int kTapBytes = 2048, kRowBytes = 64;
+  float sum[2][2][kAmxBlock] = {}, squares[2][2][kAmxBlock] = {};  // [tile][row parity]: the kernel's chains
   for (int t = 0; t < sp.n_a; ++t) {
     float acc[kAmxMaxRows][kAmxBlock] = {};
     const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
@@ -203,12 +204,30 @@ void amx_fwd_kernel_ref(const AmxFwdKernelSpec& sp, const AmxFwdCallArgs* a) {
                                              : reinterpret_cast<const float*>(res)[lane];
           if (sp.post.relu) y = 0.f > y ? 0.f : y;  // as vmaxps(0, y): NaN and -0 pass
         }
-        if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
-        else reinterpret_cast<float*>(dst)[lane] = y;
+        if (sp.out_dt == DataType::bf16) {
+          reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
+          y = float_from_bf16(bf16_from_float(y));  // the stats' y: the value stored
+        } else {
+          reinterpret_cast<float*>(dst)[lane] = y;
+        }
+        if (sp.post.stats && lane < sp.n_b * 16) {
+          const float dv = y - a->stats_shift[lane];
+          sum[t][i % 2][lane] += dv;
+          squares[t][i % 2][lane] = std::fma(dv, dv, squares[t][i % 2][lane]);
+        }
       }
       dst += a->dst_px_stride;
       if (sp.post.add) res += a->dst_px_stride;
     }
+  }
+  if (!sp.post.stats) return;
+  for (int lane = 0; lane < kAmxBlock; ++lane) {
+    auto chains = [&](float (*acc)[2][kAmxBlock]) {
+      const float tile0 = acc[0][0][lane] + acc[0][1][lane];
+      return sp.n_a == 2 ? tile0 + (acc[1][0][lane] + acc[1][1][lane]) : tile0;
+    };
+    a->stats[lane] = chains(sum);
+    a->stats[kAmxBlock + lane] = chains(squares);
   }
 }
 

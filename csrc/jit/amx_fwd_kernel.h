@@ -29,6 +29,15 @@
 // the output), max(0, .), then the store, rounded to nearest even for bf16. With one B
 // tile (a last output block of 16 channels or fewer) the block's upper 16 lanes are
 // stored as zeros.
+//
+// Stats (batch norm's, conv/bf16_fwd.h): per lane of the block, fp32 sums of d = y - shift
+// and of d^2 over the call's stored rows, where y is the value as stored: for a bf16 output
+// the rounded one, which the batch norm reads. Each tile's even and odd rows sum in their
+// own chains (in row order, d^2 added by one fused multiply-add), so the additions' latency
+// does not serialize the epilogue; the chains then add up as (tile 0's even + odd) + (tile
+// 1's even + odd). The 32 sums, then the 32 sums of squares, are written (not added) to the
+// call's 64-float slot. With one B tile the upper 16 lanes hold no channel and their sums
+// are written as zeros.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +53,7 @@ namespace dc {
 
 constexpr int kAmxBlock = 32;    // channels of an activation row, and of an output block
 constexpr int kAmxMaxRows = 16;  // pixels of an A tile at most
+constexpr int kAmxStatsFloats = 2 * kAmxBlock;  // a call's slot of the stats post-op
 
 struct AmxFwdKernelSpec {
   DataType out_dt = DataType::bf16;  // f32 or bf16
@@ -51,7 +61,7 @@ struct AmxFwdKernelSpec {
   int m = 16;                        // pixels (rows) of every A and C tile
   int n_a = 2;                       // A tiles: 1 or 2
   int n_b = 2;                       // B tiles: 2 (32 output channels) or 1 (16)
-  FwdPostOps post;                   // bias, add, relu (stats are not taken)
+  FwdPostOps post;                   // bias, add, relu, stats
   // e.g. bf16_conv_fwd_kw3d1_m16a2b2_obf16_post_bias_relu__amx
   std::string name() const;
 };
@@ -76,6 +86,10 @@ struct AmxFwdCallArgs {
   // dense output, a multiple of it where the stores interleave with others' (the strided
   // input gradient's phases, conv/bf16_bwd_data.h).
   int64_t dst_px_stride;
+  // Read and written by the stats post-op only (the fields after the ones above, which the
+  // avx512_bf16 kernels read by the same offsets).
+  const float* stats_shift;  // shift + kb * 32: the block's 32 shifts
+  float* stats;              // the call's slot: 32 sums of y - shift, then 32 of its square
 };
 
 using AmxFwdKernelFn = void (*)(const AmxFwdCallArgs*);
