@@ -81,6 +81,11 @@ struct Bf16FwdPlan {
   std::string to_string() const;
 };
 
+// Estimated cycles of an avx512_bf16 kernel call of `px` pixels x 2 vectors that takes
+// `steps` vdpbf16ps steps (a kernel column and a channel pair each): the cost the plans of
+// that level (forward and input gradient) minimise when they size their runs.
+double bf16_dot_call_cycles(int64_t steps, int px);
+
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
 // element type other than bf16, groups, stats, an output type other than f32 or bf16, or a
 // level other than amx and avx512_bf16. The level is the kernel family's (by default the

@@ -223,7 +223,6 @@ float dot_add(float acc, float x, float w) {
 
 void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   constexpr int kTapBytes = 2048, kPixelBytes = 64;
-  const int out_es = elem_bytes(sp.out_dt);
   for (int t = 0; t < sp.n_a; ++t) {
     std::vector<float> acc(static_cast<size_t>(sp.m) * kAmxBlock, 0.f);
     const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
@@ -262,8 +261,8 @@ void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& sp, const AmxFwdCa
         if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
         else reinterpret_cast<float*>(dst)[lane] = y;
       }
-      dst += kAmxBlock * out_es;
-      if (sp.post.add) res += kAmxBlock * out_es;
+      dst += a->dst_px_stride;
+      if (sp.post.add) res += a->dst_px_stride;
     }
   }
 }
