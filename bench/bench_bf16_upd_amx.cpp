@@ -239,8 +239,8 @@ int main() {
     } else if (cmd == "plan") {
       std::string level_name;
       in >> text >> threads >> level_name;
-      std::printf("%s\n",
-                  make_bf16_upd_plan(bf16_desc(text), threads, DataType::f32, parse_level(level_name)).to_string().c_str());
+      const Bf16UpdPlan plan = make_bf16_upd_plan(bf16_desc(text), threads, DataType::f32, parse_level(level_name));
+      std::printf("%s\n", plan.to_string().c_str());
     } else {
       std::printf("error: unknown command %s\n", cmd.c_str());
     }

@@ -68,7 +68,7 @@ def jit_covers_groups(groups: int, out_channels: int, in_channels_per_group: int
 @_constant_under_compile
 def bf16_fallback_reason(groups: int) -> str | None:
     """Why a bf16 convolution of these groups runs on torch's convolution at the active level, or
-    None when the AMX kernels take it (the C++ rule, conv/paths.h)."""
+    None when the bf16 kernels of that level (amx or avx512_bf16) take it (the C++ rule, conv/paths.h)."""
     return _C.bf16_fallback_reason(groups)
 
 

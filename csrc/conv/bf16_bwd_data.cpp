@@ -153,7 +153,8 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
         double cycles = 0;
         for (size_t phi = 0; phi < phases.size(); ++phi) {
           if (p.phases[phi].empty()) continue;
-          const int64_t steps = p.kb * static_cast<int64_t>(phases[phi].taps_r.size() * phases[phi].taps_s.size()) * pairs;
+          const int64_t taps = static_cast<int64_t>(phases[phi].taps_r.size() * phases[phi].taps_s.size());
+          const int64_t steps = p.kb * taps * pairs;
           const int64_t runs = static_cast<int64_t>(phase_runs(phases[phi], p.phases[phi], m).size());
           cycles += (runs / n_a) * bf16_dot_call_cycles(steps, n_a * m) +
                     (runs % n_a ? bf16_dot_call_cycles(steps, m) : 0.0);

@@ -261,8 +261,13 @@ PrimitiveCache<Bf16FwdPrimitive>& primitives() {
 
 std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
                                                                 const FwdPostOps& post) {
-  return primitives().get(desc.to_string() + "/" + std::to_string(threads) + "/" + dtype_name(out_dt) + post.name(),
-                          [&] { return make_bf16_fwd_primitive(make_bf16_fwd_plan(desc, threads, out_dt, post)); });
+  // The level is in the key: after a cap change no call runs another level's kernels (nor,
+  // below amx, a plan that configures tiles).
+  const Isa level = active_isa();
+  const std::string key = std::string(isa_name(level)) + "/" + desc.to_string() + "/" + std::to_string(threads) + "/" +
+                          dtype_name(out_dt) + post.name();
+  return primitives().get(
+      key, [&] { return make_bf16_fwd_primitive(make_bf16_fwd_plan(desc, threads, out_dt, post, level)); });
 }
 
 void clear_bf16_fwd_primitives() { primitives().clear(); }

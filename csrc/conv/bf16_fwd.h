@@ -101,8 +101,9 @@ struct Bf16FwdPrimitive {
   AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
-// The primitive of (desc, threads, output type, post-ops), made once and kept (an LRU cache, as
-// the fp32 primitives'); desc.dt must be bf16.
+// The primitive of (desc, threads, output type, post-ops) at the active level (active_isa(),
+// amx or avx512_bf16), made once and kept (an LRU cache, as the fp32 primitives', keyed on
+// the level too); desc.dt must be bf16.
 std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
                                                                 const FwdPostOps& post);
 void clear_bf16_fwd_primitives();

@@ -18,11 +18,12 @@ bool nchw_gemm_preferred(const ConvDesc& d, Isa isa) {
 }
 
 std::string bf16_fwd_fallback_reason(Isa active, Isa detected, int64_t groups) {
-  if (active < Isa::amx) {
+  if (active < Isa::avx512_bf16) {
     const std::string level = isa_name(active);
-    if (detected >= Isa::amx)
-      return "bf16 convolutions need the amx level; TORCH_DIRECTCONV_ISA caps it at " + level;
-    return "bf16 convolutions need the amx level; this CPU and OS offer " + std::string(isa_name(detected));
+    if (detected >= Isa::avx512_bf16)
+      return "bf16 convolutions need the avx512_bf16 or amx level; TORCH_DIRECTCONV_ISA caps it at " + level;
+    return "bf16 convolutions need the avx512_bf16 or amx level; this CPU and OS offer " +
+           std::string(isa_name(detected));
   }
   if (groups != 1)
     return "bf16 grouped convolutions (groups=" + std::to_string(groups) + ") are not covered by the JIT";

@@ -218,7 +218,7 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("groups"),
       "Why a bf16 convolution of these groups runs on torch's convolution at the active level, or None when the "
-      "AMX kernels take it (conv/paths.h).");
+      "bf16 kernels of the active level (amx or avx512_bf16) take it (conv/paths.h).");
   m.def(
       "bf16_packed_weight_elems",
       [](int64_t k, int64_t c, int64_t r, int64_t s) {
@@ -240,7 +240,8 @@ PYBIND11_MODULE(_C, m) {
         return dc::make_bf16_fwd_plan(d, static_cast<int>(threads), dc::DataType::bf16).to_string();
       },
       pybind11::arg("problem"), pybind11::arg("threads") = 1,
-      "The AMX bf16 forward plan of a benchdnn problem string (bf16 output, no post-ops).");
+      "The bf16 forward plan at the active level (amx or avx512_bf16: its kernels' names end in the level) of a "
+      "benchdnn problem string (bf16 output, no post-ops).");
   m.def("is_depthwise", &dc::is_depthwise, pybind11::arg("groups"), pybind11::arg("out_channels"),
         pybind11::arg("in_channels_per_group"),
         "Whether these groups are depthwise (one input and one output channel each), which the depthwise kernels "

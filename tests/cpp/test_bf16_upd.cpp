@@ -1,8 +1,9 @@
 // The bf16 weight gradient (conv/bf16_upd.h) at each level this process can run (amx,
 // avx512_bf16), and its copies' and kernels' scalar twins, against a float64 weight
 // gradient of the same bf16-rounded operands (and, at the avx512_bf16 level, against each
-// other bit for bit), every tensor between guard pages: ResNet-50's kinds of layers and awkward shapes (channel tails, odd
-// maps, padding, strides, dilation), both dW types, one and two threads.
+// other bit for bit), every tensor between guard pages: ResNet-50's kinds of layers and
+// awkward shapes (channel tails, odd maps, padding, strides, dilation), both dW types, one
+// and two threads.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -126,7 +127,8 @@ void run_level(const ConvDesc& d, DataType dt, int threads, bool at_end, bool dr
   std::memcpy(g_x.as<void>(), x.data(), g_x.bytes());
   std::memcpy(g_dy.as<void>(), dy.data(), g_dy.bytes());
   const Reference ref = reference(d, x, dy);
-  const std::string name = d.to_string() + " " + isa_name(level) + " dw " + dtype_name(dt) + " threads " + std::to_string(threads) +
+  const std::string name = d.to_string() + " " + isa_name(level) + " dw " + dtype_name(dt) + " threads " +
+                           std::to_string(threads) +
                            (at_end ? " guard above" : " guard below");
   auto prim = make_bf16_upd_primitive(plan);
   std::vector<uint8_t> jit_out(g_dw.bytes());
