@@ -39,7 +39,7 @@ def bf16_level(level: str):
     """The active level capped at `level` for the block (skipped where this process cannot run
     it, or where TORCH_DIRECTCONV_ISA caps below it), then the process's own again."""
     if not cpu_has(level):
-        pytest.skip(f"this process cannot run {level} (levels: {tdc.isa_levels()})")
+        pytest.skip(f"this process cannot run {level} (it runs {tdc.runnable_isa_levels()})")
     if EXPECTED_ISA in ORDER and ORDER.index(level) > ORDER.index(EXPECTED_ISA):
         pytest.skip(f"TORCH_DIRECTCONV_ISA caps the level at {EXPECTED_ISA}")
     _C.set_isa_cap(level)
@@ -169,7 +169,7 @@ def test_cached_plans_follow_the_level() -> None:
     level's kernels, right, and never the other level's plan."""
     for level in BF16_LEVELS:
         if not cpu_has(level):
-            pytest.skip(f"this process cannot run {level} (levels: {tdc.isa_levels()})")
+            pytest.skip(f"this process cannot run {level} (it runs {tdc.runnable_isa_levels()})")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 24, 10, 10, generator=g).bfloat16()
     w = (torch.randn(40, 24, 3, 3, generator=g) / math.sqrt(24 * 9)).bfloat16()
@@ -454,7 +454,7 @@ def test_below_avx512_bf16_bf16_falls_back_with_its_reason() -> None:
         x = torch.randn(1, 8, 6, 6).bfloat16()
         w = torch.randn(16, 8, 3, 3).bfloat16()
         reason = fallback_reason(x, w, None, 1)
-        levels = tdc.isa_levels()
+        levels = tdc.runnable_isa_levels()
         if "avx512_bf16" in levels:
             assert reason == (
                 "bf16 convolutions need the avx512_bf16 or amx level; TORCH_DIRECTCONV_ISA caps it at avx512"

@@ -52,11 +52,21 @@ def isa() -> str:
 
 
 def isa_levels() -> list[str]:
-    """The levels this CPU and OS let this process run, lowest first, from 'none' up: the
-    values TORCH_DIRECTCONV_ISA can usefully take here."""
+    """The levels this CPU offers (and the OS saves the state of), lowest first, from 'none'
+    up: 'amx' too where the OS refuses this process AMX tile data (runnable_isa_levels() then
+    stops at 'avx512_bf16')."""
     if _C is None or not _IS_X86:
         return ["none"]
     return list(_C.isa_levels())
+
+
+def runnable_isa_levels() -> list[str]:
+    """The levels this process may run, lowest first, from 'none' up: the values
+    TORCH_DIRECTCONV_ISA can usefully take here (isa_levels() without 'amx' where the OS
+    refuses tile data)."""
+    if _C is None or not _IS_X86:
+        return ["none"]
+    return list(_C.runnable_isa_levels())
 
 
 @_constant_under_compile

@@ -113,6 +113,13 @@ std::string fwd_plan(const std::string& problem, int64_t threads) {
       ->plan.to_string();
 }
 
+// "none" up to `top`, lowest first.
+std::vector<std::string> levels_up_to(dc::Isa top) {
+  std::vector<std::string> levels;
+  for (int i = 0; i <= static_cast<int>(top); ++i) levels.emplace_back(dc::isa_name(static_cast<dc::Isa>(i)));
+  return levels;
+}
+
 }  // namespace dc_torch
 
 PYBIND11_MODULE(_C, m) {
@@ -120,14 +127,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", [] { return std::string(dc::isa_name(dc::active_isa())); });
   m.def("detected_isa", [] { return std::string(dc::isa_name(dc::detected_isa())); });
   m.def(
-      "isa_levels",
-      [] {
-        std::vector<std::string> levels;
-        for (int i = 0; i <= static_cast<int>(dc::detected_isa()); ++i)
-          levels.emplace_back(dc::isa_name(static_cast<dc::Isa>(i)));
-        return levels;
-      },
-      "The levels this CPU and OS let this process run, lowest first ('none' included).");
+      "isa_levels", [] { return dc_torch::levels_up_to(dc::isa_from_cpuid(dc::read_cpuid_bits())); },
+      "The levels this CPU offers (and the OS saves the state of), lowest first ('none' included): amx too where "
+      "the OS refuses this process tile data.");
+  m.def(
+      "runnable_isa_levels", [] { return dc_torch::levels_up_to(dc::detected_isa()); },
+      "The levels this process may run, lowest first ('none' included): isa_levels() without amx where the OS "
+      "refuses this process tile data. The cap (TORCH_DIRECTCONV_ISA, set_isa_cap) takes the active level among "
+      "these.");
   m.def(
       "fp32_isa", [] { return std::string(dc::isa_name(dc::fp32_isa(dc::active_isa()))); },
       "The vector ISA of the fp32 kernels at the active level (in their names and plans).");
