@@ -563,14 +563,22 @@ def guard_child(count: int, seed: int) -> None:
     print(f"bf16 guard-page sweep: {len(cases)} problems", flush=True)
 
 
-@requires_amx
-def test_guard_pages() -> None:
+@pytest.mark.parametrize("level", BF16_LEVELS)
+def test_guard_pages(level: str) -> None:
+    if not cpu_has(level):
+        pytest.skip(f"this process cannot run {level} (it runs {tdc.runnable_isa_levels()})")
+    if EXPECTED_ISA in ORDER and ORDER.index(level) > ORDER.index(EXPECTED_ISA):
+        pytest.skip(f"TORCH_DIRECTCONV_ISA caps the level at {EXPECTED_ISA}")
     proc = run_python(
-        """
+        f"""
         import sys
+        import torch_directconv as tdc
+        assert tdc.isa() == {level!r}, tdc.isa()
         sys.path.insert(0, "tests")
         from test_bf16 import guard_child
         guard_child(20, 77)
-        """
+        assert tdc.jit_stats()["fallbacks"] == 0, tdc.jit_stats()
+        """,
+        TORCH_DIRECTCONV_ISA=level,
     )
     assert "bf16 guard-page sweep: 25 problems" in proc.stdout
