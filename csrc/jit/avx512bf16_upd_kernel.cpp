@@ -8,7 +8,7 @@ namespace dc {
 
 std::string Avx512Bf16UpdKernelSpec::name() const {
   return "bf16_conv_upd_a" + std::to_string(n_a) + "b" + std::to_string(n_b) + "g" + std::to_string(g) +
-         "_of32__avx512bf16";
+         "_of32__avx512_bf16";
 }
 
 namespace {

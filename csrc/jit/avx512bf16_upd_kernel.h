@@ -35,7 +35,7 @@ struct Avx512Bf16UpdKernelSpec {
   int n_a = 2;  // halves of the input block: 2 (32 channels), or 1 where it has 16 or fewer
   int n_b = 2;  // vectors of 16 output channels: 2, or 1 where the output block has 16 or fewer
   int g = 11;   // input channels per group (the last group may have fewer)
-  // e.g. bf16_conv_upd_a2b2g11_of32__avx512bf16: bf16 operands, fp32 sums out
+  // e.g. bf16_conv_upd_a2b2g11_of32__avx512_bf16: bf16 operands, fp32 sums out
   std::string name() const;
 };
 

@@ -252,8 +252,8 @@ void dot_specs() {
   d.dt = DataType::bf16;
   const Bf16UpdPlan p = make_bf16_upd_plan(d, 1, DataType::f32, Isa::avx512_bf16);
   CHECK(p.kernels.empty() && p.dot_kernels.size() == 2, "%s", p.to_string().c_str());
-  CHECK(p.dot_kernels[p.kernel_of[1][1]].name() == "bf16_conv_upd_a2b2g11_of32__avx512bf16" &&
-            p.dot_kernels[p.kernel_of[1][0]].name() == "bf16_conv_upd_a2b1g16_of32__avx512bf16",
+  CHECK(p.dot_kernels[p.kernel_of[1][1]].name() == "bf16_conv_upd_a2b2g11_of32__avx512_bf16" &&
+            p.dot_kernels[p.kernel_of[1][0]].name() == "bf16_conv_upd_a2b1g16_of32__avx512_bf16",
         "%s", p.to_string().c_str());
 }
 
