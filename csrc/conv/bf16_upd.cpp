@@ -32,8 +32,8 @@ std::pair<int64_t, int64_t> share_range(int64_t total, int parts, int i) {
 
 std::string Bf16UpdPlan::to_string() const {
   std::ostringstream o;
-  o << "bf16 " << isa_name(level) << " upd " << desc.to_string() << " threads=" << threads << " dw=" << dtype_name(dw_dt)
-    << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << "/" << seg_chunks
+  o << "bf16 " << isa_name(level) << " upd " << desc.to_string() << " threads=" << threads
+    << " dw=" << dtype_name(dw_dt) << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << "/" << seg_chunks
     << " parts=" << parts
     << " kernels=";
   o << spec_names(kernels) << spec_names(dot_kernels);  // one of them is empty
