@@ -54,11 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1, help="batch size")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    if tdc.isa() != "amx":
-        sys.exit(f"bench_bf16_ops: the bf16 kernels need the amx level; the active level is {tdc.isa()}")
+    why = tdc._backend.bf16_fallback_reason(1)
+    if why:
+        sys.exit(f"bench_bf16_ops: {why}")
     torch.set_num_threads(args.threads)
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, {args.rounds} rounds of >= "
+    print(f"torch {torch.__version__}, level {tdc.isa()}, {args.threads} thread(s), N={args.n}, {args.rounds} rounds"
+          " of >= "
           f"{args.min_time}s samples")  # fmt: skip
     print(f"load average at start: {os.getloadavg()}")
     print("| layer | problem | tdc.conv2d bf16 NCHW GFLOP/s | cached | F.conv2d bf16 CL GFLOP/s | ratio | cached ratio |"

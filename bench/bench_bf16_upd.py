@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""bf16 weight gradient on AMX, per ResNet-50 layer: the project's kernels (fp32 dW, for fp32
-master weights; bf16 with --dw bf16) against torch's bf16 weight gradient in channels_last (oneDNN on AMX here:
-aten.convolution_backward with output_mask [False, True, False]), and against the core's AMX
-peak.
+"""bf16 weight gradient per ResNet-50 layer: the project's kernels (fp32 dW, for fp32 master
+weights; bf16 with --dw bf16) at the amx level (the default) or, with --level avx512_bf16, the
+vdpbf16ps kernels, against torch's bf16 weight gradient in channels_last (oneDNN on AMX here:
+aten.convolution_backward with output_mask [False, True, False]), and against the core's peak
+of the level (the tdpbf16ps loop, or the vdpbf16ps one).
 
 The project's side runs in the C++ helper bench_bf16_upd_amx (built by CMake into
 build/core; the bf16 kernels are not wired into the torch ops yet), which answers one
@@ -12,7 +13,7 @@ of chunks of 4,000 products). GFLOP/s are nominal (2*N*K*C*R*S*P*Q); % of peak i
 one-core peak times the threads.
 
     python bench/bench_bf16_upd.py [--layers L03,L17] [--rounds 5] [--min-time 0.05] [--n 1] [--threads 1]
-                                   [--dw f32]
+                                   [--dw f32] [--level amx|avx512_bf16]
 """
 
 from __future__ import annotations
@@ -56,18 +57,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1, help="batch size")
     ap.add_argument("--threads", type=int, default=1, choices=(1, 2))
     ap.add_argument("--dw", default="f32", choices=("f32", "bf16"), help="our dW's type (torch's is bf16)")
+    ap.add_argument("--level", default="amx", choices=("amx", "avx512_bf16"), help="our kernels' level")
     ap.add_argument("--helper", default=str(ROOT / "build" / "core" / "bench_bf16_upd_amx"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     helper = Helper(Path(args.helper))
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_cmd, peak_name = ("peak", "AMX peak") if args.level == "amx" else ("dotpeak", "vdpbf16ps peak")
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, our dW {args.dw},"
+        f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, our dW {args.dw}, level {args.level},"
         f" {args.rounds} rounds of >= {args.min_time}s samples"
     )
     print(f"load average at start: {os.getloadavg()}")
-    print("| layer | problem | ours GFLOP/s | % AMX peak | torch CL GFLOP/s | % AMX peak | ours / torch |")
+    print(f"| layer | problem | ours GFLOP/s | % {peak_name} | torch CL GFLOP/s | % {peak_name} | ours / torch |")
     print("|---|---|---:|---:|---:|---:|---:|")
     ratios, weighted_ours, weighted_torch, pcts, peaks_all = [], 0.0, 0.0, [], []
     for layer in select_layers(args.layers):
@@ -79,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         w = torch.randn(c.oc, c.ic, c.kh, c.kw).to(torch.bfloat16).contiguous(memory_format=cl)
         dy = torch.randn(args.n, c.oc, c.oh, c.ow).to(torch.bfloat16).contiguous(memory_format=cl)
         ours, theirs, peaks = [], [], []
-        helper.ask(f"upd {problem} {args.threads} 0.01 {args.dw}")  # plan and generate before timing
+        upd = f"upd {problem} {args.threads} {{}} {args.dw} {args.level}"
+        helper.ask(upd.format(0.01))  # plan and generate before timing
         for _ in range(args.rounds):
-            ours.append(helper.ask(f"upd {problem} {args.threads} {args.min_time} {args.dw}"))
+            ours.append(helper.ask(upd.format(args.min_time)))
             theirs.append(torch_time(dy, x, w, c.stride, c.padding, args.min_time))
-            peaks.append(args.threads * helper.ask(f"peak {args.min_time}"))
+            peaks.append(args.threads * helper.ask(f"{peak_cmd} {args.min_time}"))
         t_ours, t_torch, peak = statistics.median(ours), statistics.median(theirs), statistics.median(peaks)
         peaks_all.append(peak)
         g_ours, g_torch = flops / t_ours / 1e9, flops / t_torch / 1e9
@@ -102,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) + (
         c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime
     )
-    print(f"AMX peak x threads (own loop, median of the layers' medians): {statistics.median(peaks_all):.0f} GFLOP/s")
+    print(f"{peak_name} x threads (own loop, median of the layers' medians): {statistics.median(peaks_all):.0f} GFLOP/s")
     print(f"network-weighted (time x count over the layers): ours / torch = {weighted_torch / weighted_ours:.2f}x")
     print(f"median per-layer ratio {statistics.median(ratios):.2f}x,", end=" ")
-    print(f"median % of AMX peak {statistics.median(pcts):.1f}%")
+    print(f"median % of {peak_name} {statistics.median(pcts):.1f}%")
     print(f"CPU time / wall time over the run: {cpu / (w1 - w0):.2f} ({args.threads}.0: all ours)")
     print(f"load average at end: {os.getloadavg()}")
 

@@ -2,11 +2,15 @@
 // answers each with one number, so the script can interleave it with torch's weight gradient.
 //   peak <seconds>                      GFLOP/s of this core's tdpbf16ps loop (its own, 4
 //                                       chains), the median of chunks of 4,000 products
-//   upd <problem> <threads> <min_secs> [f32|bf16]
+//   dotpeak <seconds>                   GFLOP/s of this core's vdpbf16ps loop
+//                                       (jit/peak_kernel.h), the median of chunks of 1,000
+//                                       iterations
+//   upd <problem> <threads> <min_secs> [f32|bf16] [level]
 //                                       seconds per call of the bf16 weight gradient (dW
-//                                       fp32 unless bf16 is asked), the median of calls
-//                                       timed for min_secs
-//   plan <problem> <threads>            the plan's description (answered as text)
+//                                       fp32 unless bf16 is asked) at the level (amx, the
+//                                       default, or avx512_bf16), the median of calls timed
+//                                       for min_secs
+//   plan <problem> <threads> [level]    the plan's description (answered as text)
 // A problem is planned and its kernels generated at its first command. Two threads run on
 // a pool of this process (the caller and one worker).
 
@@ -22,6 +26,7 @@
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -29,6 +34,7 @@
 #include "conv/bf16_upd.h"
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
+#include "jit/peak_kernel.h"
 #include "amx_peak_loop.h"
 
 using namespace dc;
@@ -134,8 +140,16 @@ void fill_blocked(Aligned<uint16_t>* v, int64_t n, int64_t channels, int64_t pix
     (*v)[i] = i % kAmxBlock + (i / (pixels * kAmxBlock) % blocks) * kAmxBlock < channels ? bf16_from_float(u(*rng)) : 0;
 }
 
-void fill_problem(const ConvDesc& d, int threads, DataType dw_dt, Problem* p) {
-  p->prim = make_bf16_upd_primitive(make_bf16_upd_plan(d, threads, dw_dt));
+// The level a command names (amx when it names none), if this process can run it.
+Isa parse_level(const std::string& name) {
+  const Isa level = name.empty() ? Isa::amx : parse_isa(name);
+  if (level == Isa::amx && !tiles_usable()) throw std::runtime_error("no AMX tiles here (or the OS refused them)");
+  if (level > detected_isa()) throw std::runtime_error(name + " is above this CPU's level");
+  return level;
+}
+
+void fill_problem(const ConvDesc& d, int threads, DataType dw_dt, Isa level, Problem* p) {
+  p->prim = make_bf16_upd_primitive(make_bf16_upd_plan(d, threads, dw_dt, level));
   std::mt19937 rng(1);
   fill_blocked(&p->x, d.n, d.c, d.h * d.w, &rng);
   fill_blocked(&p->dy, d.n, d.k, d.p() * d.q(), &rng);
@@ -146,20 +160,18 @@ void fill_problem(const ConvDesc& d, int threads, DataType dw_dt, Problem* p) {
 }  // namespace
 
 int main() {
-  if (!tiles_usable()) {
-    std::printf("error: no AMX bf16 here (or the OS refused tile data)\n");
-    return 1;
-  }
   Pool pool(1);
   const RunShares serial = [](int n, const ShareFn& fn) {
     for (int t = 0; t < n; ++t) fn(t, n);
   };
   const RunShares pooled = [&](int n, const ShareFn& fn) { pool.run(n, fn); };
-  auto peak_kernel = PeakLoop().build();
-  auto peak = peak_kernel->entry<void (*)(int64_t)>();
+  std::unique_ptr<JitKernel> peak_kernel, dot_peak_kernel;
+  alignas(64) uint16_t dot_in[kDotPeakInElems] = {};
+  alignas(64) float dot_out[kDotPeakOutElems];
+  for (int i = 0; i < kDotPeakInElems; ++i) dot_in[i] = 0x3f80;  // 1.0
   std::map<std::string, Problem> problems;
   std::string line;
-  while (std::getline(std::cin, line)) {
+  while (std::getline(std::cin, line)) try {
     std::istringstream in(line);
     std::string cmd, text;
     int threads = 1;
@@ -167,6 +179,8 @@ int main() {
     if (cmd == "peak") {
       double seconds = 0.05;
       in >> seconds;
+      if (!peak_kernel) parse_level("amx"), peak_kernel = PeakLoop().build();
+      auto peak = peak_kernel->entry<void (*)(int64_t)>();
       constexpr int64_t kChunk = 1000;
       peak(kChunk);
       std::vector<double> rates;
@@ -178,20 +192,37 @@ int main() {
       } while (now() - t0 < seconds);
       std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
       std::printf("%.1f\n", rates[rates.size() / 2]);
+    } else if (cmd == "dotpeak") {
+      double seconds = 0.05;
+      in >> seconds;
+      if (!dot_peak_kernel) parse_level("avx512_bf16"), dot_peak_kernel = make_bf16_dot_peak_kernel()->build();
+      auto dot_peak = dot_peak_kernel->entry<Bf16PeakKernelFn>();
+      constexpr int64_t kChunk = 1000;
+      dot_peak(kChunk, dot_in, dot_out);
+      std::vector<double> rates;
+      const double t0 = now();
+      do {
+        const double a = now();
+        dot_peak(kChunk, dot_in, dot_out);
+        rates.push_back(kChunk * bf16_dot_peak_flops_per_iter() / (now() - a) / 1e9);
+      } while (now() - t0 < seconds);
+      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+      std::printf("%.1f\n", rates[rates.size() / 2]);
     } else if (cmd == "upd") {
       double min_seconds = 0.05;
-      std::string dw_type = "f32";
-      in >> text >> threads >> min_seconds >> dw_type;
+      std::string dw_type = "f32", level_name;
+      in >> text >> threads >> min_seconds >> dw_type >> level_name;
+      const Isa level = parse_level(level_name);
       const DataType dw_dt = dw_type == "bf16" ? DataType::bf16 : DataType::f32;
       if (threads < 1 || threads > 2) {
         std::printf("error: threads must be 1 or 2\n");
         std::fflush(stdout);
         continue;
       }
-      const std::string key = text + "/" + std::to_string(threads) + "/" + dtype_name(dw_dt);
+      const std::string key = text + "/" + std::to_string(threads) + "/" + dtype_name(dw_dt) + "/" + isa_name(level);
       auto it = problems.find(key);
       if (it == problems.end())
-        it = problems.try_emplace(key).first, fill_problem(bf16_desc(text), threads, dw_dt, &it->second);
+        it = problems.try_emplace(key).first, fill_problem(bf16_desc(text), threads, dw_dt, level, &it->second);
       Problem& p = it->second;
       const RunShares& run = threads > 1 ? pooled : serial;
       auto call = [&] { bf16_upd_run(*p.prim, p.x.data(), p.dy.data(), p.dw.data(), p.scratch.data(), run); };
@@ -206,11 +237,16 @@ int main() {
       std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
       std::printf("%.9f\n", times[times.size() / 2]);
     } else if (cmd == "plan") {
-      in >> text >> threads;
-      std::printf("%s\n", make_bf16_upd_plan(bf16_desc(text), threads, DataType::f32).to_string().c_str());
+      std::string level_name;
+      in >> text >> threads >> level_name;
+      const Bf16UpdPlan plan = make_bf16_upd_plan(bf16_desc(text), threads, DataType::f32, parse_level(level_name));
+      std::printf("%s\n", plan.to_string().c_str());
     } else {
       std::printf("error: unknown command %s\n", cmd.c_str());
     }
+    std::fflush(stdout);
+  } catch (const std::exception& e) {
+    std::printf("error: %s\n", e.what());
     std::fflush(stdout);
   }
   return 0;

@@ -44,8 +44,8 @@ PEAKS = {
 
 
 def available_peaks(tdc) -> list[str]:
-    """The peak loops the active level runs (the levels are C++'s, tdc.isa_levels())."""
-    levels = tdc.isa_levels()
+    """The peak loops the active level runs (the levels are C++'s, tdc.runnable_isa_levels())."""
+    levels = tdc.runnable_isa_levels()
     active = levels.index(tdc.isa()) if tdc.isa() in levels else 0
     return [name for name, (needs, _, _) in PEAKS.items() if needs in levels[: active + 1]]
 

@@ -31,8 +31,9 @@ ENV_VARS = (
 
 
 def cpu_has(isa: str) -> bool:
-    """Whether this CPU can run the JIT's `isa` level (the cap can only lower it)."""
-    return isa in _C.isa_levels()
+    """Whether this process can run the JIT's `isa` level (the cap can only lower it): the CPU
+    offers it and, for amx, the OS granted tile data."""
+    return isa in _C.runnable_isa_levels()
 
 
 def requires_isa(isa: str) -> pytest.MarkDecorator:

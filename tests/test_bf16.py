@@ -1,5 +1,7 @@
 """bf16 through the public API: tdc.conv2d, DirectConv2d and convert() on bf16 tensors and under
-CPU autocast, on the AMX kernels; their gradients, the fallback reasons, bad input and guard pages.
+CPU autocast, on the AMX kernels (the main sweep at the avx512_bf16 level too, where the CPU has
+it); their gradients, the fallback reasons, the level in the cached plans, bad input and guard
+pages.
 
 Results are checked against a float64 convolution of the same bf16 values, with a bound derived
 from the fan-in and bf16's rounding (bf16_bound); test_bound_catches_one_missing_tap shows it is
@@ -8,6 +10,7 @@ tight enough that one missing tap fails it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -20,12 +23,31 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_directconv as tdc
-from helpers import OpLog, cpu_has, run_python
+from helpers import EXPECTED_ISA, OpLog, cpu_has, run_python
 from test_conv2d import INPUT_LAYOUTS, Case, random_case
 from torch_directconv import _C
 from torch_directconv.functional import fallback_reason
 
 requires_amx = pytest.mark.skipif(tdc.isa() != "amx", reason=f"the active level is {tdc.isa()}, not amx")
+
+ORDER = ["none", "avx2", "avx512", "avx512_bf16", "amx"]
+BF16_LEVELS = ["amx", "avx512_bf16"]
+
+
+@contextlib.contextmanager
+def bf16_level(level: str):
+    """The active level capped at `level` for the block (skipped where this process cannot run
+    it, or where TORCH_DIRECTCONV_ISA caps below it), then the process's own again."""
+    if not cpu_has(level):
+        pytest.skip(f"this process cannot run {level} (it runs {tdc.runnable_isa_levels()})")
+    if EXPECTED_ISA in ORDER and ORDER.index(level) > ORDER.index(EXPECTED_ISA):
+        pytest.skip(f"TORCH_DIRECTCONV_ISA caps the level at {EXPECTED_ISA}")
+    _C.set_isa_cap(level)
+    try:
+        assert tdc.isa() == level
+        yield
+    finally:
+        _C.set_isa_cap(EXPECTED_ISA if EXPECTED_ISA in ORDER else "amx")
 
 SWEEP_SEED = 20261202
 SWEEP_COUNT = 120
@@ -125,7 +147,7 @@ def run_case(case: Case) -> None:
         warnings.filterwarnings("ignore", "torch_directconv: bf16 grouped", RuntimeWarning)
         y = tdc.conv2d(x, w, b, **args, relu=case.relu)
     if case.groups == 1:
-        assert tdc.jit_stats()["fallbacks"] == before, f"{case}: fell back to torch instead of the AMX kernels"
+        assert tdc.jit_stats()["fallbacks"] == before, f"{case}: fell back to torch instead of the bf16 kernels"
     ref, mag = ref64(x, w, b, case.relu, **args)
     assert_bf16_close(y, ref, mag, case.fan_in, str(case))
     if case.n > 0:
@@ -135,10 +157,36 @@ def run_case(case: Case) -> None:
         ), f"{case}: strides {y.stride()} but torch gives {want.stride()}"
 
 
-@requires_amx
+@pytest.mark.parametrize("level", BF16_LEVELS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float64(case: Case) -> None:
-    run_case(case)
+def test_matches_float64(case: Case, level: str) -> None:
+    with bf16_level(level):
+        run_case(case)
+
+
+def test_cached_plans_follow_the_level() -> None:
+    """Caps amx -> avx512_bf16 -> amx in one process: each step runs (and explain() shows) that
+    level's kernels, right, and never the other level's plan."""
+    for level in BF16_LEVELS:
+        if not cpu_has(level):
+            pytest.skip(f"this process cannot run {level} (it runs {tdc.runnable_isa_levels()})")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 24, 10, 10, generator=g).bfloat16()
+    w = (torch.randn(40, 24, 3, 3, generator=g) / math.sqrt(24 * 9)).bfloat16()
+    ref, mag = ref64(x, w, None, padding=1)
+    model = nn.Sequential(nn.Conv2d(24, 40, 3, padding=1, bias=False)).bfloat16()
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    for level in ("amx", "avx512_bf16", "amx"):
+        other = ({"amx", "avx512_bf16"} - {level}).pop()
+        with bf16_level(level):
+            before = tdc.jit_stats()["fallbacks"]
+            assert_bf16_close(tdc.conv2d(x, w, padding=1), ref, mag, 24 * 9, level)
+            assert tdc.jit_stats()["fallbacks"] == before, f"{level}: fell back to torch"
+            plan = _C.bf16_fwd_plan("mb1ic24ih10oc40oh10kh3ph1", torch.get_num_threads())
+            assert plan.startswith(f"bf16 {level} fwd") and f"__{level}" in plan and f"__{other}" not in plan, plan
+            text = tdc.explain(model, x, file=io.StringIO())
+            assert f"  0: bf16 {level} fwd mb1ic24ih10" in text and f"__{other}" not in text, text
 
 
 def test_sweep_covers_the_options() -> None:
@@ -384,7 +432,7 @@ def test_opcheck_bf16_ops() -> None:
 def test_fallback_reasons_name_the_cause() -> None:
     x = torch.randn(1, 8, 5, 5).bfloat16()
     w = torch.randn(8, 4, 3, 3).bfloat16()
-    if tdc.isa() == "amx":
+    if tdc.isa() in BF16_LEVELS:
         assert fallback_reason(x, torch.randn(8, 8, 3, 3).bfloat16(), None, 1) is None
         assert fallback_reason(x, w, None, 2) == "bf16 grouped convolutions (groups=2) are not covered by the JIT"
     x16 = torch.randn(1, 8, 5, 5).half()
@@ -397,7 +445,7 @@ def test_fallback_reasons_name_the_cause() -> None:
 
 
 @pytest.mark.skipif(not cpu_has("avx512"), reason="needs the avx512 level to cap to")
-def test_below_amx_bf16_falls_back_with_its_reason() -> None:
+def test_below_avx512_bf16_bf16_falls_back_with_its_reason() -> None:
     run_python(
         """
         import warnings, torch, torch.nn.functional as F
@@ -406,11 +454,15 @@ def test_below_amx_bf16_falls_back_with_its_reason() -> None:
         x = torch.randn(1, 8, 6, 6).bfloat16()
         w = torch.randn(16, 8, 3, 3).bfloat16()
         reason = fallback_reason(x, w, None, 1)
-        levels = tdc.isa_levels()
-        if "amx" in levels:
-            assert reason == "bf16 convolutions need the amx level; TORCH_DIRECTCONV_ISA caps it at avx512", reason
+        levels = tdc.runnable_isa_levels()
+        if "avx512_bf16" in levels:
+            assert reason == (
+                "bf16 convolutions need the avx512_bf16 or amx level; TORCH_DIRECTCONV_ISA caps it at avx512"
+            ), reason
         else:
-            assert reason.startswith("bf16 convolutions need the amx level; this CPU and OS offer"), reason
+            assert reason.startswith("bf16 convolutions need the avx512_bf16 or amx level; this CPU and OS offer"), (
+                reason
+            )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = tdc.conv2d(x, w, padding=1)
@@ -511,14 +563,22 @@ def guard_child(count: int, seed: int) -> None:
     print(f"bf16 guard-page sweep: {len(cases)} problems", flush=True)
 
 
-@requires_amx
-def test_guard_pages() -> None:
+@pytest.mark.parametrize("level", BF16_LEVELS)
+def test_guard_pages(level: str) -> None:
+    if not cpu_has(level):
+        pytest.skip(f"this process cannot run {level} (it runs {tdc.runnable_isa_levels()})")
+    if EXPECTED_ISA in ORDER and ORDER.index(level) > ORDER.index(EXPECTED_ISA):
+        pytest.skip(f"TORCH_DIRECTCONV_ISA caps the level at {EXPECTED_ISA}")
     proc = run_python(
-        """
+        f"""
         import sys
+        import torch_directconv as tdc
+        assert tdc.isa() == {level!r}, tdc.isa()
         sys.path.insert(0, "tests")
         from test_bf16 import guard_child
         guard_child(20, 77)
-        """
+        assert tdc.jit_stats()["fallbacks"] == 0, tdc.jit_stats()
+        """,
+        TORCH_DIRECTCONV_ISA=level,
     )
     assert "bf16 guard-page sweep: 25 problems" in proc.stdout

@@ -275,7 +275,7 @@ def test_fallback_geometry_runs_on_torch_with_its_reason(capfd) -> None:
     yb = op_forward(xb, wt, b, args, True, None, None)
     assert tdc.jit_stats()["fallbacks"] == before + 1
     # The C++ warning, once per process (the first fallback of this reason in the run).
-    assert "beyond what the AMX kernels address; using PyTorch's convolution" in capfd.readouterr().err
+    assert "beyond what the bf16 kernels address; using PyTorch's convolution" in capfd.readouterr().err
     ref, mag = ref_forward(x, w, b, None, True, **args)
     # Torch's bf16 convolution rounds, then the fp32 bias and the ReLU round again: two ulps.
     check(unblock32(yb, 33), ref, mag, 41, "fallback forward", twice=True)

@@ -1,4 +1,4 @@
-"""The ISA levels: what is listed, the cap (TORCH_DIRECTCONV_ISA and set_isa_cap), the fp32
+"""The ISA levels: what is listed (what the CPU offers, and what this process may run), the cap (TORCH_DIRECTCONV_ISA and set_isa_cap), the fp32
 kernels and plans that stay the same at every level from avx512 up, the permission for AMX
 tile data refused for real (a seccomp filter in a child), and the bf16 peak loops."""
 
@@ -23,15 +23,20 @@ def restore_cap() -> None:
 
 
 def test_levels_are_listed_lowest_first() -> None:
-    levels = tdc.isa_levels()
+    levels = tdc.runnable_isa_levels()
     assert levels == ORDER[: len(levels)], levels
     assert levels[-1] == _C.detected_isa()
+    # What the CPU offers: the runnable levels, and amx above them where the OS refuses tile
+    # data (test_tile_permission_refused_falls_back_to_avx512_bf16).
+    offered = tdc.isa_levels()
+    assert offered == ORDER[: len(offered)] and offered[: len(levels)] == levels, (offered, levels)
+    assert offered == levels or (offered[-1] == "amx" and levels[-1] == "avx512_bf16"), (offered, levels)
     if EXPECTED_ISA in ORDER:
         assert tdc.isa() == ORDER[min(ORDER.index(EXPECTED_ISA), len(levels) - 1)], (tdc.isa(), EXPECTED_ISA)
 
 
 def test_the_cap_lowers_the_level_and_never_raises_it() -> None:
-    levels = tdc.isa_levels()
+    levels = tdc.runnable_isa_levels()
     try:
         for cap in ORDER:
             _C.set_isa_cap(cap)
@@ -46,18 +51,19 @@ def test_the_cap_lowers_the_level_and_never_raises_it() -> None:
 def test_a_bad_cap_is_refused_naming_what_is_accepted() -> None:
     with pytest.raises(ValueError, match=r"'avx512bf16'.*amx, avx512_bf16, avx512, avx2, none|amx, avx512_bf16.*'avx512bf16'"):
         _C.set_isa_cap("avx512bf16")
-    assert tdc.isa() == (EXPECTED_ISA if EXPECTED_ISA in tdc.isa_levels() else tdc.isa())
+    assert tdc.isa() == (EXPECTED_ISA if EXPECTED_ISA in tdc.runnable_isa_levels() else tdc.isa())
 
 
 @pytest.mark.parametrize("level", ORDER[1:])
 def test_the_env_var_caps_the_level(level: str) -> None:
-    levels = tdc.isa_levels()
+    levels, offered = tdc.runnable_isa_levels(), tdc.isa_levels()
     want = level if level in levels else levels[-1]
     run_python(
         f"""
         import torch_directconv as tdc
         assert tdc.isa() == {want!r}, tdc.isa()
-        assert tdc.isa_levels() == {levels!r}, tdc.isa_levels()
+        assert tdc.runnable_isa_levels() == {levels!r}, tdc.runnable_isa_levels()
+        assert tdc.isa_levels() == {offered!r}, tdc.isa_levels()
         """,
         TORCH_DIRECTCONV_ISA=level,
     )
@@ -67,7 +73,7 @@ def test_a_bad_env_value_is_reported_and_ignored() -> None:
     proc = run_python(
         f"""
         import torch_directconv as tdc
-        assert tdc.isa() == {tdc.isa_levels()[-1]!r}, tdc.isa()
+        assert tdc.isa() == {tdc.runnable_isa_levels()[-1]!r}, tdc.isa()
         """,
         TORCH_DIRECTCONV_ISA="amx_bf16",
     )
@@ -111,9 +117,9 @@ def fp32_run(level: str) -> tuple[set, list, str]:
 
 def test_fp32_kernels_and_plans_are_the_same_at_every_level_from_avx512() -> None:
     """No fp32 kernel name or plan changes with the level: the bf16 levels run the avx512 code."""
-    levels = [lv for lv in ORDER[2:] if lv in tdc.isa_levels()]
+    levels = [lv for lv in ORDER[2:] if lv in tdc.runnable_isa_levels()]
     if len(levels) < 2:
-        pytest.skip(f"this CPU offers only {tdc.isa_levels()}: no level above avx512 to compare")
+        pytest.skip(f"this process runs only {tdc.runnable_isa_levels()}: no level above avx512 to compare")
     base_kernels, base_plans, _ = fp32_run("avx512")
     assert len(base_kernels) > 8 and len(base_plans) == 6, (base_kernels, base_plans)
     kinds = {name.split("_")[1] for name, _ in base_kernels}
@@ -164,7 +170,8 @@ def test_tile_permission_refused_falls_back_to_avx512_bf16() -> None:
 import torch, torch.nn.functional as F, torch_directconv as tdc
 from torch_directconv import _C
 assert tdc.isa() == "avx512_bf16", tdc.isa()
-assert tdc.isa_levels()[-1] == "avx512_bf16", tdc.isa_levels()
+assert tdc.runnable_isa_levels()[-1] == "avx512_bf16", tdc.runnable_isa_levels()
+assert tdc.isa_levels()[-1] == "amx", tdc.isa_levels()  # what the CPU offers
 _C.set_isa_cap("amx")
 assert tdc.isa() == "avx512_bf16", tdc.isa()
 x, w = torch.randn(2, 16, 10, 10), torch.randn(32, 16, 3, 3)
@@ -197,7 +204,7 @@ def test_no_warning_when_the_permission_is_granted() -> None:
 def test_peak_loops_run_only_where_the_level_allows(fn: str, needs: str) -> None:
     peak = getattr(_C, fn)
     try:
-        for level in tdc.isa_levels()[1:]:
+        for level in tdc.runnable_isa_levels()[1:]:
             _C.set_isa_cap(level)
             if ORDER.index(level) >= ORDER.index(needs):
                 assert peak(1, 0.01) > 0, level
@@ -212,7 +219,7 @@ def test_fp32_convolution_at_each_level_matches_torch() -> None:
     x, w = torch.randn(1, 20, 9, 9), torch.randn(24, 20, 3, 3)
     ref = F.conv2d(x, w, padding=1)
     try:
-        for level in tdc.isa_levels()[1:]:
+        for level in tdc.runnable_isa_levels()[1:]:
             _C.set_isa_cap(level)
             torch.testing.assert_close(tdc.conv2d(x, w, padding=1), ref, rtol=1e-4, atol=1e-4)
     finally:

@@ -360,8 +360,10 @@ def test_module_built_under_inference_mode(cache_weights: bool) -> None:
         assert_conv_close(y, F.conv2d(x, m[0].weight, m[0].bias, padding=1), 36)
 
 
-# bf16 runs on the AMX kernels at the amx level (test_bf16.py), on torch's convolution below it.
-FALLBACK_DTYPES = [torch.float64, torch.float16] + ([torch.bfloat16] if tdc.isa() != "amx" else [])
+# bf16 runs on the bf16 kernels at the amx and avx512_bf16 levels (test_bf16.py), on torch's
+# convolution below them (the rule is C++'s: bf16_fallback_reason).
+BF16_FALLS_BACK = tdc._backend.bf16_fallback_reason(1) is not None
+FALLBACK_DTYPES = [torch.float64, torch.float16] + ([torch.bfloat16] if BF16_FALLS_BACK else [])
 
 
 @pytest.mark.parametrize("dtype", FALLBACK_DTYPES, ids=str)
@@ -400,14 +402,16 @@ def test_fallbacks_warn_once_per_reason() -> None:
         first = call(torch.float64)
         assert len(first) == 1 and "float64" in first[0], first
         assert call(torch.float64) == [], "the same reason warned twice"
-        # bf16 runs on the AMX kernels at the amx level; below it, it falls back with its reason.
-        fallback_dtypes = (torch.float16,) + ((torch.bfloat16,) if tdc.isa() != "amx" else ())
+        # bf16 runs on the bf16 kernels from the avx512_bf16 level up; below, it falls back with
+        # its reason.
+        bf16_falls_back = tdc._backend.bf16_fallback_reason(1) is not None
+        fallback_dtypes = (torch.float16,) + ((torch.bfloat16,) if bf16_falls_back else ())
         for dt in fallback_dtypes:
             got = call(dt)
             assert len(got) == 1 and (str(dt).split(".")[1] in got[0] or "bf16" in got[0]), got
             assert call(dt) == []
-        if tdc.isa() == "amx":
-            assert call(torch.bfloat16) == [], "a bf16 call on the AMX kernels warned"
+        if not bf16_falls_back:
+            assert call(torch.bfloat16) == [], "a bf16 call on the bf16 kernels warned"
         assert call(torch.float32, grad=True) == [], "autograd runs on the JIT and must not warn"
         assert call(torch.float32) == [], "a JIT call warned"
         assert tdc.jit_stats()["fallbacks"] == 2 + 2 * len(fallback_dtypes), tdc.jit_stats()

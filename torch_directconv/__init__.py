@@ -9,7 +9,7 @@ See README.md for the blocked API, the environment variables and the benchmark.
 
 from . import _autograd, _blocked_ops, _fake, blocked_ops  # noqa: F401  (register autograd and the fake kernels)
 from . import distributed
-from ._backend import empty_cache, isa, isa_levels, jit_stats, pool_stats, vector_width
+from ._backend import empty_cache, isa, isa_levels, jit_stats, pool_stats, runnable_isa_levels, vector_width
 from .blocked import (
     conv2d_blocked,
     conv2d_blocked_stats,
@@ -43,6 +43,7 @@ __all__ = [
     "op_times",
     "optimize",
     "pool_stats",
+    "runnable_isa_levels",
     "to_blocked",
     "to_blocked_weight",
     "vector_width",

@@ -52,11 +52,21 @@ def isa() -> str:
 
 
 def isa_levels() -> list[str]:
-    """The levels this CPU and OS let this process run, lowest first, from 'none' up: the
-    values TORCH_DIRECTCONV_ISA can usefully take here."""
+    """The levels this CPU offers (and the OS saves the state of), lowest first, from 'none'
+    up: 'amx' too where the OS refuses this process AMX tile data (runnable_isa_levels() then
+    stops at 'avx512_bf16')."""
     if _C is None or not _IS_X86:
         return ["none"]
     return list(_C.isa_levels())
+
+
+def runnable_isa_levels() -> list[str]:
+    """The levels this process may run, lowest first, from 'none' up: the values
+    TORCH_DIRECTCONV_ISA can usefully take here (isa_levels() without 'amx' where the OS
+    refuses tile data)."""
+    if _C is None or not _IS_X86:
+        return ["none"]
+    return list(_C.runnable_isa_levels())
 
 
 @_constant_under_compile
@@ -68,7 +78,7 @@ def jit_covers_groups(groups: int, out_channels: int, in_channels_per_group: int
 @_constant_under_compile
 def bf16_fallback_reason(groups: int) -> str | None:
     """Why a bf16 convolution of these groups runs on torch's convolution at the active level, or
-    None when the AMX kernels take it (the C++ rule, conv/paths.h)."""
+    None when the bf16 kernels of that level (amx or avx512_bf16) take it (the C++ rule, conv/paths.h)."""
     return _C.bf16_fallback_reason(groups)
 
 

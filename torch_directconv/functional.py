@@ -225,7 +225,7 @@ def pack_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 
 def pack_weight_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """(K, C, R, S) fp32 or bf16 -> the AMX kernels' packed bf16 weights (flat), rounded to nearest even."""
+    """(K, C, R, S) fp32 or bf16 -> the bf16 kernels' packed weights (flat, both levels'), rounded to nearest even."""
     return torch.ops.directconv.pack_weight_bf16(weight)
 
 

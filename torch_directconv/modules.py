@@ -98,7 +98,7 @@ class DirectConv2d(nn.Conv2d):
         self._packed_key: tuple | None = None  # (version, groups, isa, bf16)
 
     def _packed_weight(self, weight: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-        """The packing for the fp32 kernels, or with bf16 for the AMX bf16 kernels (of an fp32
+        """The packing for the fp32 kernels, or with bf16 for the bf16 kernels (of an fp32
         weight too, as autocast casts it: rounded to nearest even)."""
         # An inference tensor has no version counter to watch, and a weight computed in forward
         # (a parametrization) is new at every call: nothing to cache.

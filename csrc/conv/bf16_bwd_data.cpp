@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "conv/bf16_fwd.h"
 #include "conv/bf16_pack.h"
 #include "conv/bwd_data.h"
 #include "conv/driver_util.h"
@@ -23,17 +24,17 @@ int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 std::string Bf16BwdDataPlan::to_string() const {
   std::ostringstream o;
-  o << "bf16 amx bwd_data " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt)
-    << " m=" << m << " phases=";
+  o << "bf16 " << isa_name(level) << " bwd_data " << desc.to_string() << " threads=" << threads
+    << " out=" << dtype_name(out_dt) << " m=" << m << " runs/call=" << n_a << " phases=";
   for (size_t i = 0; i < phases.size(); ++i)
     o << (i ? "," : "") << phases[i].taps_r.size() << "x" << phases[i].taps_s.size();
   o << (padded ? " padded" : "") << (interleaved ? " interleaved" : "") << (scattered ? " scattered" : "")
     << " kernels=";
-  o << spec_names(kernels);
+  o << spec_names(kernels) << spec_names(dot_kernels);  // one of them is empty
   return o.str();
 }
 
-Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType out_dt) {
+Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType out_dt, Isa level) {
   const std::string bad = d.validate();
   if (!bad.empty()) throw std::invalid_argument("bf16 bwd_data plan: " + bad);
   if (d.dt != DataType::bf16)
@@ -44,6 +45,9 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
     throw std::invalid_argument("bf16 bwd_data plan: the output type must be f32 or bf16");
   if (threads < 1)
     throw std::invalid_argument("bf16 bwd_data plan: threads must be >= 1, got " + std::to_string(threads));
+  if (level != Isa::amx && level != Isa::avx512_bf16)
+    throw std::invalid_argument(std::string("bf16 bwd_data plan: the level must be amx or avx512_bf16, got ") +
+                                isa_name(level));
   const int64_t P = d.p(), Q = d.q();
   if (P < 1 || Q < 1) throw std::invalid_argument("bf16 bwd_data plan: the kernel does not fit the padded input");
   if (d.s * d.dil_w > (1 << 20) || d.r > (1 << 20))
@@ -51,6 +55,7 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
 
   Bf16BwdDataPlan p;
   p.desc = d;
+  p.level = level;
   p.threads = threads;
   p.out_dt = out_dt;
   p.cb = div_up(d.c, kAmxBlock);
@@ -74,7 +79,7 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
 
   // The phases, their weights and their outputs; M fits the smallest phase's virtual map
   // (interleaved: its rows).
-  int64_t total_min = kAmxMaxRows, dil_h = 1;
+  int64_t total_min = INT64_MAX, dil_h = 1;
   for (const BwdDataPhase& ph : phases) {
     Bf16BwdDataPhase q;
     q.a = ph.a;
@@ -94,65 +99,109 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
     }
     p.phases.push_back(q);
   }
-  p.m = static_cast<int>(total_min);
   p.copy_bytes = p.padded ? align64(d.n * p.kb * p.hp * p.wp * kPixelBytes) : 0;
   p.scratch_bytes = p.copy_bytes + p.phase_bytes;
 
+  // Flat runs of m over each phase's virtual pixels v of the dy plane (row v / Wp, column
+  // v % Wp; columns >= the phase's are not stored), the last ending on its last pixel; or,
+  // interleaved, runs within each of the phase's rows, the last ending on the row's end.
+  struct Run {
+    int64_t src_px, dst_px, rows;
+  };
+  auto phase_runs = [&](const BwdDataPhase& ph, const Bf16BwdDataPhase& q, int64_t m) {
+    // The plane pixel of the phase's pixel (0, 0) at rotated tap (0, 0).
+    const int64_t origin = (ph.crop_t - ph.sub.pad_t + p.pt) * p.wp + (ph.crop_l - ph.sub.pad_l + p.pl);
+    const int64_t total = (q.rows - 1) * p.wp + q.cols;
+    std::vector<Run> runs;
+    if (p.interleaved) {
+      for (int64_t i = 0; i < q.rows; ++i)
+        for (int64_t start0 = 0; start0 < q.cols; start0 += m) {
+          const int64_t start = std::min(start0, q.cols - m), skip = start0 - start;
+          const int64_t dx_px = (q.a + d.stride_h * i) * d.w + q.b + d.stride_w * start0;
+          runs.push_back({origin + i * p.wp + start, dx_px, ((int64_t{1} << m) - 1) & ~((int64_t{1} << skip) - 1)});
+        }
+    } else {
+      for (int64_t start0 = 0; start0 < total; start0 += m) {
+        const int64_t start = std::min(start0, total - m);
+        int64_t rows = 0, first = -1;
+        for (int64_t v = start0; v < start + m; ++v)
+          if (v % p.wp < q.cols) {
+            rows |= int64_t{1} << (v - start);
+            if (first < 0) first = v;
+          }
+        if (rows) runs.push_back({origin + start, (first / p.wp) * q.cols + first % p.wp, rows});
+      }
+    }
+    return runs;
+  };
+
+  // AMX: tiles of up to 16 rows, two a call. avx512_bf16: as the forward's plans at that
+  // level, the runs per call and pixels per run (n_a x m pixels x 32 dx channels of fp32
+  // accumulators within the register file) whose calls cost the fewest estimated cycles
+  // over the phases.
+  const int pairs = level == Isa::avx512_bf16 && p.kb == 1 ? static_cast<int>(div_up(d.k, 2)) : 16;
+  if (level == Isa::amx) {
+    p.m = static_cast<int>(std::min<int64_t>(kAmxMaxRows, total_min));
+    p.n_a = 2;
+  } else {
+    double best = 1e300;
+    for (int n_a = 1; n_a <= 2; ++n_a)
+      for (int m = 1; m <= std::min<int64_t>(total_min, 28); ++m) {
+        Avx512Bf16FwdKernelSpec sp;
+        sp.m = m;
+        sp.n_a = n_a;
+        if (avx512bf16_fwd_vector_registers(sp) > 32) continue;
+        double cycles = 0;
+        for (size_t phi = 0; phi < phases.size(); ++phi) {
+          if (p.phases[phi].empty()) continue;
+          const int64_t taps = static_cast<int64_t>(phases[phi].taps_r.size() * phases[phi].taps_s.size());
+          const int64_t steps = p.kb * taps * pairs;
+          const int64_t runs = static_cast<int64_t>(phase_runs(phases[phi], p.phases[phi], m).size());
+          cycles += (runs / n_a) * bf16_dot_call_cycles(steps, n_a * m) +
+                    (runs % n_a ? bf16_dot_call_cycles(steps, m) : 0.0);
+        }
+        if (cycles < best * 0.999) best = cycles, p.m = m, p.n_a = n_a;
+      }
+  }
+
   auto kernel_index = [&](const Bf16BwdDataPhase& ph, int n_a, int n_b) {
-    AmxFwdKernelSpec sp;
+    if (level == Isa::amx) {
+      AmxFwdKernelSpec sp;
+      sp.out_dt = out_dt;
+      sp.s = static_cast<int>(ph.taps_s.size());
+      sp.dil_w = static_cast<int>(ph.dil_w);
+      sp.m = p.m;
+      sp.n_a = n_a;
+      sp.n_b = n_b;
+      return spec_index(&p.kernels, sp);
+    }
+    Avx512Bf16FwdKernelSpec sp;
     sp.out_dt = out_dt;
     sp.s = static_cast<int>(ph.taps_s.size());
     sp.dil_w = static_cast<int>(ph.dil_w);
+    sp.px = 1;
     sp.m = p.m;
     sp.n_a = n_a;
     sp.n_b = n_b;
-    return spec_index(&p.kernels, sp);
+    sp.pairs = pairs;
+    return spec_index(&p.dot_kernels, sp);
   };
 
-  // Flat runs over each phase's virtual pixels v of the dy plane (row v / Wp, column
-  // v % Wp; columns >= the phase's are not stored), the last ending on its last pixel; or,
-  // interleaved, runs within each of the phase's rows, the last ending on the row's end.
   const int64_t img_bytes = p.kb * p.hp * p.wp * kPixelBytes;
   std::vector<Bf16BwdDataCall> calls;
   for (int64_t n = 0; n < d.n; ++n)
     for (size_t phi = 0; phi < phases.size(); ++phi) {
-      const BwdDataPhase& ph = phases[phi];
       const Bf16BwdDataPhase& q = p.phases[phi];
       if (q.empty()) continue;
-      // The plane pixel of the phase's pixel (0, 0) at rotated tap (0, 0).
-      const int64_t origin = (ph.crop_t - ph.sub.pad_t + p.pt) * p.wp + (ph.crop_l - ph.sub.pad_l + p.pl);
-      const int64_t total = (q.rows - 1) * p.wp + q.cols;
-      struct Run {
-        int64_t src_px, dst_px, rows;
-      };
-      std::vector<Run> runs;
-      if (p.interleaved) {
-        for (int64_t i = 0; i < q.rows; ++i)
-          for (int64_t start0 = 0; start0 < q.cols; start0 += p.m) {
-            const int64_t start = std::min(start0, q.cols - p.m), skip = start0 - start;
-            const int64_t dx_px = (q.a + d.stride_h * i) * d.w + q.b + d.stride_w * start0;
-            runs.push_back({origin + i * p.wp + start, dx_px, ((int64_t{1} << p.m) - 1) & ~((int64_t{1} << skip) - 1)});
-          }
-      } else {
-        for (int64_t start0 = 0; start0 < total; start0 += p.m) {
-          const int64_t start = std::min(start0, total - p.m);
-          int64_t rows = 0, first = -1;
-          for (int64_t v = start0; v < start + p.m; ++v)
-            if (v % p.wp < q.cols) {
-              rows |= int64_t{1} << (v - start);
-              if (first < 0) first = v;
-            }
-          if (rows) runs.push_back({origin + start, (first / p.wp) * q.cols + first % p.wp, rows});
-        }
-      }
+      const std::vector<Run> runs = phase_runs(phases[phi], q, p.m);
       const int64_t n_r = static_cast<int64_t>(q.taps_r.size());
       const int64_t tap_elems = n_r * static_cast<int64_t>(q.taps_s.size()) * kTapElems;
       for (int64_t cbi = 0; cbi < p.cb; ++cbi) {
         const int n_b = d.c - cbi * kAmxBlock <= 16 ? 1 : 2;
         const int64_t plane_px = (n * p.cb + cbi) * (p.interleaved ? d.h * d.w : q.rows * q.cols);
-        for (size_t i = 0; i < runs.size(); i += 2) {
+        for (size_t i = 0; i < runs.size(); i += p.n_a) {
           Bf16BwdDataCall c{};
-          c.n_a = i + 1 < runs.size() ? 2 : 1;
+          c.n_a = static_cast<int32_t>(std::min<size_t>(p.n_a, runs.size() - i));
           c.kernel = kernel_index(q, c.n_a, n_b);
           for (int j = 0; j < c.n_a; ++j) {
             const Run& r = runs[i + j];
@@ -184,6 +233,11 @@ std::shared_ptr<const Bf16BwdDataPrimitive> make_bf16_bwd_data_primitive(const B
   auto prim = std::make_shared<Bf16BwdDataPrimitive>();
   prim->plan = plan;
   const std::string info = plan.to_string();
+  for (const Avx512Bf16FwdKernelSpec& sp : plan.dot_kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_avx512bf16_fwd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
+  }
+  if (plan.level != Isa::amx) return prim;
   for (const AmxFwdKernelSpec& sp : plan.kernels) {
     prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_fwd_kernel(sp); }, info));
     prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
@@ -319,6 +373,7 @@ void bf16_bwd_data_run(const Bf16BwdDataPrimitive& prim, const uint16_t* dy, con
                        void* scratch, const RunShares& run) {
   run_all(prim.plan, dy, wei, dx, scratch, run, [&](int k, const AmxFwdCallArgs* a) {
     if (k >= 0) prim.fns[k](a);
+    else if (!prim.tile_config) return;  // no tiles at the avx512_bf16 level
     else if (k == -1) prim.tile_config();
     else prim.tile_release();
   });
@@ -327,7 +382,9 @@ void bf16_bwd_data_run(const Bf16BwdDataPrimitive& prim, const uint16_t* dy, con
 void bf16_bwd_data_run_reference(const Bf16BwdDataPlan& plan, const uint16_t* dy, const uint16_t* wei, void* dx,
                                  void* scratch, const RunShares& run) {
   run_all(plan, dy, wei, dx, scratch, run, [&](int k, const AmxFwdCallArgs* a) {
-    if (k >= 0) amx_fwd_kernel_ref(plan.kernels[k], a);
+    if (k < 0) return;
+    if (plan.level == Isa::amx) amx_fwd_kernel_ref(plan.kernels[k], a);
+    else avx512bf16_fwd_kernel_ref(plan.dot_kernels[k], a);
   });
 }
 

@@ -1,5 +1,8 @@
-// The bf16 input gradient on AMX: plan, weight packing and driver, on the forward's
-// kernels (jit/amx_fwd_kernel.h) by duality (DESIGN.md section 5, conv/bwd_data.h).
+// The bf16 input gradient: plan, weight packing and driver, on the forward's kernels by
+// duality (DESIGN.md section 5, conv/bwd_data.h): the AMX tiles at the amx level
+// (jit/amx_fwd_kernel.h), vdpbf16ps at the avx512_bf16 level (jit/avx512bf16_fwd_kernel.h),
+// whose calls are sized as the forward's at that level (conv/bf16_fwd.h: n_a runs x m
+// pixels of accumulators in the register file, at the fewest estimated cycles).
 //
 // dx = conv_transpose(dy, w) splits into the stride_h x stride_w phases of bwd_data_phases:
 // phase (a, b) holds the input pixels (a + stride_h i, b + stride_w j) and is a stride-1
@@ -13,8 +16,8 @@
 // dense scratch, and a second pass interleaves the phases into dx, writing zeros where no
 // tap reaches (a 1 x 1 stride-2 layer's three phases of four).
 //
-// make_bf16_bwd_data_plan is a pure function of (ConvDesc, threads, output type): no code
-// is generated there. A thread's stream takes calls in (image, phase, dx block, pixels)
+// make_bf16_bwd_data_plan is a pure function of (ConvDesc, threads, output type, level): no
+// code is generated there. A thread's stream takes calls in (image, phase, dx block, pixels)
 // order, so a block's weights stay in cache while its pixels pass.
 #pragma once
 
@@ -26,6 +29,8 @@
 #include "conv/conv_desc.h"
 #include "conv/parallel.h"
 #include "jit/amx_fwd_kernel.h"
+#include "jit/avx512bf16_fwd_kernel.h"
+#include "jit/isa.h"
 #include "jit/kernel_cache.h"
 
 namespace dc {
@@ -54,6 +59,7 @@ struct Bf16BwdDataPhase {
 
 struct Bf16BwdDataPlan {
   ConvDesc desc;  // the forward problem, dt = bf16
+  Isa level = Isa::amx;  // the kernel family: amx, or avx512_bf16
   int threads = 1;
   DataType out_dt = DataType::bf16;
   int64_t cb = 0, kb = 0;                 // blocks of 32 of C (dx) and K (dy)
@@ -63,12 +69,14 @@ struct Bf16BwdDataPlan {
   bool interleaved = false;               // strided: phases store into dx, pixels apart
   bool scattered = false;                 // phases go through scratch, then into dx
   int m = 16;                             // pixels per run, every run of the plan
+  int n_a = 2;                            // runs per call (a phase's last call may have one)
   int64_t copy_bytes = 0;                 // the dy copy, at the start of the scratch
   int64_t phase_bytes = 0;                // the phases' outputs, after it (64-aligned)
   int64_t scratch_bytes = 0;
   int64_t weight_elems = 0;
   std::vector<Bf16BwdDataPhase> phases;
-  std::vector<AmxFwdKernelSpec> kernels;
+  std::vector<AmxFwdKernelSpec> kernels;             // level amx
+  std::vector<Avx512Bf16FwdKernelSpec> dot_kernels;  // level avx512_bf16
   std::vector<std::vector<Bf16BwdDataCall>> streams;  // one per thread
   AmxFwdCallArgs strides{};                           // the per-plan constants of every call
 
@@ -81,15 +89,18 @@ struct Bf16BwdDataPlan {
 bool bf16_bwd_data_interleaves(const ConvDesc& d);
 
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
-// element type other than bf16, groups, or an output type other than f32 or bf16.
-Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& desc, int threads, DataType out_dt);
+// element type other than bf16, groups, an output type other than f32 or bf16, or a level
+// other than amx and avx512_bf16 (by default the active one; nothing checks here that this
+// CPU has it).
+Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& desc, int threads, DataType out_dt,
+                                        Isa level = active_isa());
 
 // The plan and its kernels (from the kernel cache, held for the primitive's life).
 struct Bf16BwdDataPrimitive {
   Bf16BwdDataPlan plan;
   std::vector<KernelPtr> held;
-  std::vector<AmxFwdKernelFn> fns;
-  AmxTileFn tile_config = nullptr, tile_release = nullptr;
+  std::vector<AmxFwdKernelFn> fns;  // either family's: they take the same argument
+  AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16BwdDataPrimitive> make_bf16_bwd_data_primitive(const Bf16BwdDataPlan& plan);
 
@@ -104,11 +115,12 @@ void pack_bf16_bwd_data_weights(const ConvDesc& d, const uint16_t* w, uint16_t* 
 // Runs the whole input gradient on `run`'s threads (the plan's count): dy (N, Kb, P, Q, 32)
 // bf16 with zero padded lanes, packed weights, dx (N, Cb, H, W, 32) of the plan's output
 // type, every lane written (padded lanes zero); `scratch` holds plan.scratch_bytes
-// (64-byte aligned) when that is not 0. The calling threads must have been granted AMX
-// tile data (Linux: ARCH_REQ_XCOMP_PERM).
+// (64-byte aligned) when that is not 0. At the amx level the calling threads must have been
+// granted AMX tile data (Linux: ARCH_REQ_XCOMP_PERM).
 void bf16_bwd_data_run(const Bf16BwdDataPrimitive& prim, const uint16_t* dy, const uint16_t* wei, void* dx,
                        void* scratch, const RunShares& run);
-// The same on the kernels' scalar twins (amx_fwd_kernel_ref): for the tests.
+// The same on the kernels' scalar twins (amx_fwd_kernel_ref, avx512bf16_fwd_kernel_ref):
+// for the tests.
 void bf16_bwd_data_run_reference(const Bf16BwdDataPlan& plan, const uint16_t* dy, const uint16_t* wei, void* dx,
                                  void* scratch, const RunShares& run);
 

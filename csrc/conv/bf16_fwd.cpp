@@ -48,6 +48,15 @@ std::string Bf16FwdPlan::to_string() const {
   return o.str();
 }
 
+// In issue slots: the products issue one a slot; loads (two weight rows, a broadcast a
+// pixel) two a slot; and a call of fewer than 12 accumulators counts as 12, covering the
+// product's latency and the weight rows it reloads from L2 for fewer products. A call also
+// sets up and stores its accumulators.
+double bf16_dot_call_cycles(int64_t steps, int px) {
+  const int accs = 2 * px, loads = 2 + px;
+  return steps * (std::max({static_cast<double>(accs), loads / 2.0, 12.0}) + 0.05 * loads) + 100 + 4.0 * accs;
+}
+
 namespace {
 
 // The runs of one image, of m pixels each. Flat (stride 1 only), a run's rows are the
@@ -77,16 +86,6 @@ std::vector<Run> image_runs(const Bf16FwdPlan& p, bool flat, int m) {
   return runs;
 }
 
-// Estimated cycles of one vdpbf16ps step (a kernel column and a channel pair) of a call of
-// `px` pixels x 2 vectors, in vdpbf16ps issue slots: the products issue one a slot; loads
-// (two weight rows, a broadcast a pixel) two a slot; and a call of fewer than 12
-// accumulators counts as 12, covering the product's latency and the weight rows it reloads
-// from L2 for fewer products. A call also sets up and stores its accumulators.
-double dot_call_cycles(int64_t steps, int px) {
-  const int accs = 2 * px, loads = 2 + px;
-  return steps * (std::max({static_cast<double>(accs), loads / 2.0, 12.0}) + 0.05 * loads) + 100 + 4.0 * accs;
-}
-
 // The runs (flat or in rows: stride 1 may take either), runs per call and pixels per run
 // of the avx512_bf16 kernels with the fewest estimated cycles over an image's runs,
 // within the register file. Rows win where a row splits evenly (res5's 7 x 7 maps: 2 rows
@@ -112,7 +111,7 @@ DotTile choose_dot_tile(const Bf16FwdPlan& p, int pairs) {
         if (avx512bf16_fwd_vector_registers(sp) > 32) continue;
         const int64_t runs = static_cast<int64_t>(image_runs(p, flat, m).size());
         const double cycles =
-            (runs / n_a) * dot_call_cycles(steps, n_a * m) + (runs % n_a ? dot_call_cycles(steps, m) : 0.0);
+            (runs / n_a) * bf16_dot_call_cycles(steps, n_a * m) + (runs % n_a ? bf16_dot_call_cycles(steps, m) : 0.0);
         if (cycles < best_cycles * 0.999) best_cycles = cycles, best = {flat, n_a, m};
       }
   }
@@ -273,8 +272,13 @@ PrimitiveCache<Bf16FwdPrimitive>& primitives() {
 
 std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
                                                                 const FwdPostOps& post) {
-  return primitives().get(desc.to_string() + "/" + std::to_string(threads) + "/" + dtype_name(out_dt) + post.name(),
-                          [&] { return make_bf16_fwd_primitive(make_bf16_fwd_plan(desc, threads, out_dt, post)); });
+  // The level is in the key: after a cap change no call runs another level's kernels (nor,
+  // below amx, a plan that configures tiles).
+  const Isa level = active_isa();
+  const std::string key = std::string(isa_name(level)) + "/" + desc.to_string() + "/" + std::to_string(threads) + "/" +
+                          dtype_name(out_dt) + post.name();
+  return primitives().get(
+      key, [&] { return make_bf16_fwd_primitive(make_bf16_fwd_plan(desc, threads, out_dt, post, level)); });
 }
 
 void clear_bf16_fwd_primitives() { primitives().clear(); }

@@ -92,6 +92,11 @@ struct Bf16FwdPlan {
   std::string to_string() const;
 };
 
+// Estimated cycles of an avx512_bf16 kernel call of `px` pixels x 2 vectors that takes
+// `steps` vdpbf16ps steps (a kernel column and a channel pair each): the cost the plans of
+// that level (forward and input gradient) minimise when they size their runs.
+double bf16_dot_call_cycles(int64_t steps, int px);
+
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
 // element type other than bf16, groups, an output type other than f32 or bf16, a level
 // other than amx and avx512_bf16, or stats at the avx512_bf16 level. The level is the
@@ -108,8 +113,9 @@ struct Bf16FwdPrimitive {
   AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
-// The primitive of (desc, threads, output type, post-ops), made once and kept (an LRU cache, as
-// the fp32 primitives'); desc.dt must be bf16.
+// The primitive of (desc, threads, output type, post-ops) at the active level (active_isa(),
+// amx or avx512_bf16), made once and kept (an LRU cache, as the fp32 primitives', keyed on
+// the level too); desc.dt must be bf16.
 std::shared_ptr<const Bf16FwdPrimitive> get_bf16_fwd_primitive(const ConvDesc& desc, int threads, DataType out_dt,
                                                                 const FwdPostOps& post);
 void clear_bf16_fwd_primitives();

@@ -32,15 +32,15 @@ std::pair<int64_t, int64_t> share_range(int64_t total, int parts, int i) {
 
 std::string Bf16UpdPlan::to_string() const {
   std::ostringstream o;
-  o << "bf16 amx upd " << desc.to_string() << " threads=" << threads << " dw=" << dtype_name(dw_dt)
-    << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << "/" << seg_chunks
+  o << "bf16 " << isa_name(level) << " upd " << desc.to_string() << " threads=" << threads
+    << " dw=" << dtype_name(dw_dt) << " phases=" << phases.size() << " virtual=" << hv << "x" << wv << " chunks=" << chunks << "/" << seg_chunks
     << " parts=" << parts
     << " kernels=";
-  o << spec_names(kernels);
+  o << spec_names(kernels) << spec_names(dot_kernels);  // one of them is empty
   return o.str();
 }
 
-Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
+Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt, Isa level) {
   const std::string bad = d.validate();
   if (!bad.empty()) throw std::invalid_argument("bf16 upd plan: " + bad);
   if (d.dt != DataType::bf16) throw std::invalid_argument("bf16 upd plan: the description's element type must be bf16");
@@ -48,11 +48,15 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
   if (dw_dt != DataType::f32 && dw_dt != DataType::bf16)
     throw std::invalid_argument("bf16 upd plan: the weight gradient's type must be f32 or bf16");
   if (threads < 1) throw std::invalid_argument("bf16 upd plan: threads must be >= 1, got " + std::to_string(threads));
+  if (level != Isa::amx && level != Isa::avx512_bf16)
+    throw std::invalid_argument(std::string("bf16 upd plan: the level must be amx or avx512_bf16, got ") +
+                                isa_name(level));
   const int64_t P = d.p(), Q = d.q();
   if (P < 1 || Q < 1) throw std::invalid_argument("bf16 upd plan: the kernel does not fit the padded input");
 
   Bf16UpdPlan p;
   p.desc = d;
+  p.level = level;
   p.folded = bf16_fwd_folds_columns(d);
   p.inner = p.folded ? bf16_fwd_inner_desc(d) : d;
   p.threads = threads;
@@ -84,8 +88,13 @@ Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& d, int threads, DataType dw_dt) {
     for (int64_t kbi = 0; kbi < p.kb; ++kbi) {
       const int n_a = in.c - cbi * kAmxBlock <= 16 ? 1 : 2, n_b = in.k - kbi * kAmxBlock <= 16 ? 1 : 2;
       if (p.kernel_of[n_a - 1][n_b - 1] >= 0) continue;
-      p.kernel_of[n_a - 1][n_b - 1] = static_cast<int>(p.kernels.size());
-      p.kernels.push_back({n_a, n_b});
+      if (level == Isa::amx) {
+        p.kernel_of[n_a - 1][n_b - 1] = static_cast<int>(p.kernels.size());
+        p.kernels.push_back({n_a, n_b});
+      } else {
+        p.kernel_of[n_a - 1][n_b - 1] = static_cast<int>(p.dot_kernels.size());
+        p.dot_kernels.push_back(avx512bf16_upd_spec(n_a, n_b));
+      }
     }
 
   // Shares: whichever split, of those that give every thread work, repeats the fewest
@@ -143,6 +152,11 @@ std::shared_ptr<const Bf16UpdPrimitive> make_bf16_upd_primitive(const Bf16UpdPla
   auto prim = std::make_shared<Bf16UpdPrimitive>();
   prim->plan = plan;
   const std::string info = plan.to_string();
+  for (const Avx512Bf16UpdKernelSpec& sp : plan.dot_kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_avx512bf16_upd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->entry<AmxUpdKernelFn>());
+  }
+  if (plan.level != Isa::amx) return prim;
   for (const AmxUpdKernelSpec& sp : plan.kernels) {
     prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_upd_kernel(sp); }, info));
     prim->fns.push_back(prim->held.back()->entry<AmxUpdKernelFn>());
@@ -479,14 +493,20 @@ void bf16_upd_run(const Bf16UpdPrimitive& prim, const uint16_t* x, const uint16_
   run_all(
       prim.plan, x, dy, dw, scratch, run, copy_xt_avx512, copy_dy_avx512, write_blocks_avx512,
       [&](int k, const AmxUpdCallArgs* a) { prim.fns[k](a); },
-      [&](bool begin) { begin ? prim.tile_config() : prim.tile_release(); });
+      [&](bool begin) {
+        if (prim.tile_config) begin ? prim.tile_config() : prim.tile_release();  // no tiles at avx512_bf16
+      });
 }
 
 void bf16_upd_run_reference(const Bf16UpdPlan& plan, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
                             const RunShares& run) {
   run_all(
       plan, x, dy, dw, scratch, run, copy_xt_scalar, copy_dy_scalar, write_blocks_scalar,
-      [&](int k, const AmxUpdCallArgs* a) { amx_upd_kernel_ref(plan.kernels[k], a); }, [](bool) {});
+      [&](int k, const AmxUpdCallArgs* a) {
+        if (plan.level == Isa::amx) amx_upd_kernel_ref(plan.kernels[k], a);
+        else avx512bf16_upd_kernel_ref(plan.dot_kernels[k], a);
+      },
+      [](bool) {});
 }
 
 }  // namespace dc

@@ -1,6 +1,8 @@
-// The bf16 weight gradient on AMX: plan, copies and driver. The kernel and the tiles'
-// layouts are described in jit/amx_upd_kernel.h. make_bf16_upd_plan is a pure function of
-// (ConvDesc, threads, dW type): no code is generated there.
+// The bf16 weight gradient: plan, copies and driver, for two kernel families that read and
+// write the same copies and blocks through the same argument: the AMX tiles at the amx level
+// (jit/amx_upd_kernel.h, where the layouts are described), vdpbf16ps at the avx512_bf16
+// level (jit/avx512bf16_upd_kernel.h). make_bf16_upd_plan is a pure function of (ConvDesc,
+// threads, dW type, level): no code is generated there.
 //
 // The reduction runs over pixels of a "virtual" map, as the forward's flat runs do: output
 // pixel (p, q) is virtual pixel v = p * Wv + q, where Wv is the width of a stride phase of
@@ -32,6 +34,8 @@
 #include "conv/parallel.h"
 #include "jit/amx_fwd_kernel.h"
 #include "jit/amx_upd_kernel.h"
+#include "jit/avx512bf16_upd_kernel.h"
+#include "jit/isa.h"
 #include "jit/kernel_cache.h"
 
 namespace dc {
@@ -51,6 +55,7 @@ struct Bf16UpdShare {
 
 struct Bf16UpdPlan {
   ConvDesc desc;   // dt = bf16
+  Isa level = Isa::amx;  // the kernel family: amx, or avx512_bf16
   // What the copies and kernels compute: desc, or where a few channels meet a wide kernel
   // (conv1's 3 x 7) the forward's column-folded convolution (bf16_fwd_inner_desc), an
   // R x 1 one on a copy whose channels are (kernel column, channel) pairs: a seventh of
@@ -69,8 +74,9 @@ struct Bf16UpdPlan {
   int64_t seg_chunks = 0;
   std::vector<int32_t> phases; // the phases the taps read, a * stride_w + b
   std::vector<Bf16UpdTap> taps;  // (r, s) in order
-  std::vector<AmxUpdKernelSpec> kernels;
-  int kernel_of[2][2] = {{-1, -1}, {-1, -1}};  // [n_a - 1][n_b - 1]
+  std::vector<AmxUpdKernelSpec> kernels;             // level amx
+  std::vector<Avx512Bf16UpdKernelSpec> dot_kernels;  // level avx512_bf16
+  int kernel_of[2][2] = {{-1, -1}, {-1, -1}};  // [n_a - 1][n_b - 1]: the level's kernels
   int parts = 1;               // private copies of dW (an image split)
   bool stream_dw = false;      // dW (fp32) is larger than 1 MiB: streamed past the caches
   std::vector<Bf16UpdShare> shares;  // one per thread
@@ -85,24 +91,28 @@ struct Bf16UpdPlan {
 };
 
 // Throws std::invalid_argument, naming what is wrong, for an invalid description, an
-// element type other than bf16, groups, or a dW type other than f32 or bf16.
-Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& desc, int threads, DataType dw_dt = DataType::f32);
+// element type other than bf16, groups, a dW type other than f32 or bf16, or a level other
+// than amx and avx512_bf16 (by default the active one; nothing checks here that this CPU
+// has it).
+Bf16UpdPlan make_bf16_upd_plan(const ConvDesc& desc, int threads, DataType dw_dt = DataType::f32,
+                               Isa level = active_isa());
 
 struct Bf16UpdPrimitive {
   Bf16UpdPlan plan;
   std::vector<KernelPtr> held;
-  std::vector<AmxUpdKernelFn> fns;
-  AmxTileFn tile_config = nullptr, tile_release = nullptr;
+  std::vector<AmxUpdKernelFn> fns;  // either family's: they take the same argument
+  AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16UpdPrimitive> make_bf16_upd_primitive(const Bf16UpdPlan& plan);
 
 // Runs the whole weight gradient on `run`'s threads (the plan's count): x (N, Cb, H, W, 32)
 // and dy (N, Kb, P, Q, 32) bf16, every padded lane zero; dw (K, C, R, S) of the plan's type,
-// every element written; `scratch` holds plan.scratch_bytes, 64-byte aligned. The calling
-// threads must have been granted AMX tile data (Linux: ARCH_REQ_XCOMP_PERM).
+// every element written; `scratch` holds plan.scratch_bytes, 64-byte aligned. At the amx
+// level the calling threads must have been granted AMX tile data (Linux: ARCH_REQ_XCOMP_PERM).
 void bf16_upd_run(const Bf16UpdPrimitive& prim, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
                   const RunShares& run);
-// The same with the scalar twins of the copies and of the kernels (amx_upd_kernel_ref).
+// The same with the scalar twins of the copies and of the kernels (amx_upd_kernel_ref,
+// avx512bf16_upd_kernel_ref).
 void bf16_upd_run_reference(const Bf16UpdPlan& plan, const uint16_t* x, const uint16_t* dy, void* dw, void* scratch,
                             const RunShares& run);
 

@@ -18,11 +18,12 @@ bool nchw_gemm_preferred(const ConvDesc& d, Isa isa) {
 }
 
 std::string bf16_fwd_fallback_reason(Isa active, Isa detected, int64_t groups) {
-  if (active < Isa::amx) {
+  if (active < Isa::avx512_bf16) {
     const std::string level = isa_name(active);
-    if (detected >= Isa::amx)
-      return "bf16 convolutions need the amx level; TORCH_DIRECTCONV_ISA caps it at " + level;
-    return "bf16 convolutions need the amx level; this CPU and OS offer " + std::string(isa_name(detected));
+    if (detected >= Isa::avx512_bf16)
+      return "bf16 convolutions need the avx512_bf16 or amx level; TORCH_DIRECTCONV_ISA caps it at " + level;
+    return "bf16 convolutions need the avx512_bf16 or amx level; this CPU and OS offer " +
+           std::string(isa_name(detected));
   }
   if (groups != 1)
     return "bf16 grouped convolutions (groups=" + std::to_string(groups) + ") are not covered by the JIT";
@@ -38,7 +39,7 @@ bool bf16_fwd_fits(const ConvDesc& d) {
 std::string bf16_conv_fallback_reason(Isa active, Isa detected, const ConvDesc& d) {
   std::string why = bf16_fwd_fallback_reason(active, detected, 1);
   if (why.empty() && !bf16_fwd_fits(d))
-    why = "a bf16 convolution with no channels, or with a stride, padding, dilation or kernel beyond what the AMX "
+    why = "a bf16 convolution with no channels, or with a stride, padding, dilation or kernel beyond what the bf16 "
           "kernels address";
   return why;
 }

@@ -31,12 +31,13 @@ constexpr int64_t kNchwGemmMinPixels = 28 * 28;
 // NCHW) takes the NCHW 1x1 GEMM rather than the blocked kernels.
 bool nchw_gemm_preferred(const ConvDesc& d, Isa isa);
 
-// Why the AMX bf16 forward (conv/bf16_fwd.h) does not take a bf16 convolution of `groups`
-// groups at the `active` level (on a CPU and OS whose best is `detected`), or "" when it
-// does. Its geometry is bf16_fwd_fits's. Below amx, bf16 runs on torch's convolution.
+// Why the bf16 forward (conv/bf16_fwd.h) does not take a bf16 convolution of `groups` groups
+// at the `active` level (on a CPU and OS whose best is `detected`), or "" when it does: at
+// amx on the tiles, at avx512_bf16 on vdpbf16ps. Its geometry is bf16_fwd_fits's. Below
+// avx512_bf16, bf16 runs on torch's convolution.
 std::string bf16_fwd_fallback_reason(Isa active, Isa detected, int64_t groups);
 
-// Whether the AMX bf16 forward's plan and kernels take this geometry (d.dt = bf16): offsets
+// Whether the bf16 forward's plans and kernels (either level's) take this geometry (d.dt = bf16): offsets
 // within 32 bits (jit_fits) and the plan's kernel-size limits.
 bool bf16_fwd_fits(const ConvDesc& d);
 

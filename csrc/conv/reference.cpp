@@ -242,7 +242,6 @@ float dot_add(float acc, float x, float w) {
 
 void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& sp, const AmxFwdCallArgs* a) {
   constexpr int kTapBytes = 2048, kPixelBytes = 64;
-  const int out_es = elem_bytes(sp.out_dt);
   for (int t = 0; t < sp.n_a; ++t) {
     std::vector<float> acc(static_cast<size_t>(sp.m) * kAmxBlock, 0.f);
     const uint8_t* wei = reinterpret_cast<const uint8_t*>(a->wei);
@@ -281,8 +280,8 @@ void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& sp, const AmxFwdCa
         if (sp.out_dt == DataType::bf16) reinterpret_cast<uint16_t*>(dst)[lane] = bf16_from_float(y);
         else reinterpret_cast<float*>(dst)[lane] = y;
       }
-      dst += kAmxBlock * out_es;
-      if (sp.post.add) res += kAmxBlock * out_es;
+      dst += a->dst_px_stride;
+      if (sp.post.add) res += a->dst_px_stride;
     }
   }
 }
@@ -309,6 +308,30 @@ void amx_upd_kernel_ref(const AmxUpdKernelSpec& sp, const AmxUpdCallArgs* a) {
           }
           out = acc;
         }
+}
+
+void avx512bf16_upd_kernel_ref(const Avx512Bf16UpdKernelSpec& sp, const AmxUpdCallArgs* a) {
+  constexpr int kChunkBytes = 2048, kRowBytes = 64;
+  for (int c = 0; c < 16 * sp.n_a; ++c)
+    for (int k = 0; k < 16 * sp.n_b; ++k) {
+      float& out = a->dw[c * kAmxBlock + k];
+      float acc = a->accumulate ? out : 0.f;
+      for (int64_t img = 0; img < a->n_imgs; ++img) {
+        const uint8_t* src =
+            reinterpret_cast<const uint8_t*>(a->src) + img * a->src_img_stride + c * a->src_row_stride;
+        const uint8_t* ddst = reinterpret_cast<const uint8_t*>(a->ddst) + img * a->ddst_img_stride;
+        for (int64_t ch = 0; ch < a->n_chunks; ++ch) {
+          const uint16_t* x = reinterpret_cast<const uint16_t*>(src + ch * kRowBytes);
+          const uint16_t* dy = reinterpret_cast<const uint16_t*>(ddst + ch * kChunkBytes + (k / 16) * 1024);
+          for (int pair = 0; pair < 16; ++pair) {
+            const uint16_t* d = dy + pair * 32 + (k % 16) * 2;
+            acc = dot_add(acc, bf16_operand(x[2 * pair + 1]), bf16_operand(d[1]));
+            acc = dot_add(acc, bf16_operand(x[2 * pair]), bf16_operand(d[0]));
+          }
+        }
+      }
+      out = acc;
+    }
 }
 
 }  // namespace dc

@@ -5,6 +5,7 @@
 #include "jit/amx_fwd_kernel.h"
 #include "jit/avx512bf16_fwd_kernel.h"
 #include "jit/amx_upd_kernel.h"
+#include "jit/avx512bf16_upd_kernel.h"
 #include "jit/dw_kernel.h"
 #include "jit/fwd_kernel.h"
 #include "jit/upd_kernel.h"
@@ -39,6 +40,13 @@ void avx512bf16_fwd_kernel_ref(const Avx512Bf16FwdKernelSpec& spec, const AmxFwd
 // stored to the [32 c][32 k] block. The tiles' own
 // order of summation may differ, so results agree to fp32 rounding.
 void amx_upd_kernel_ref(const AmxUpdKernelSpec& spec, const AmxUpdCallArgs* args);
+
+// Does exactly what the generated avx512_bf16 weight-gradient kernel of `spec` does with
+// `args`, bit for bit: per sum, from zero or the block's (where the call accumulates), over
+// images, chunks and pixel pairs in that order, the pair's odd pixel added first and then
+// the even one, as vdpbf16ps does (avx512bf16_fwd_kernel_ref's rounding); stored to the
+// [32 c][32 k] block's 16 n_a channels x 16 n_b output channels.
+void avx512bf16_upd_kernel_ref(const Avx512Bf16UpdKernelSpec& spec, const AmxUpdCallArgs* args);
 
 // Does exactly what the generated depthwise kernel of `spec` does with `args`.
 void dw_kernel_ref(const DwKernelSpec& spec, const DwCallArgs* args);

@@ -139,8 +139,8 @@ class Avx512Bf16FwdKernel : public JitGenerator {
       }
   }
 
-  // Run a's pixels, each stored where its bit of the mask is set, the destination moving
-  // on by the pixels stored.
+  // Run a's pixels, each stored where its bit of the mask is set, the destination (and the
+  // residual) moving on by dst_px_stride per pixel stored.
   void store_run(int a) {
     mov(reg_dst, arg(offsetof(AmxFwdCallArgs, dst) + 8 * a));
     if (sp_.post.add) mov(reg_res, arg(offsetof(AmxFwdCallArgs, res) + 8 * a));
@@ -152,8 +152,8 @@ class Avx512Bf16FwdKernel : public JitGenerator {
       bt(reg_rows, i);
       jnc(l_not_stored, T_NEAR);
       store_pixel(a, i);
-      add(reg_dst, kAmxBlock * out_bytes());
-      if (sp_.post.add) add(reg_res, kAmxBlock * out_bytes());
+      add(reg_dst, arg(offsetof(AmxFwdCallArgs, dst_px_stride)));
+      if (sp_.post.add) add(reg_res, arg(offsetof(AmxFwdCallArgs, dst_px_stride)));
       L(l_not_stored);
     }
   }

@@ -18,9 +18,10 @@
 //
 // Pixels: run pixel i of run j is read at src[j] + i * px pixels (px = 1, or the layer's
 // stride along a row; the call's src_px_stride is px * 64 bytes and is not read: the
-// displacements are constants of the code). Which pixels are stored is the rows mask; they
-// are stored densely, one after the other (dst_px_stride is not read either: only the AMX
-// kernel stores pixels apart, for the input gradient's stride phases).
+// displacements are constants of the code). Which pixels are stored is the rows mask; each
+// stored pixel goes dst_px_stride bytes after the one before (and its residual is read as
+// far after), as the AMX kernel's: the pixel's own size for a dense output, a multiple of
+// it where the input gradient's stride phases interleave their stores in dx.
 //
 // Epilogue, per stored pixel and in this order, as the AMX kernel's: + bias, + residual
 // (laid out and typed as the output), max(0, .), then the store, bf16 rounded to nearest

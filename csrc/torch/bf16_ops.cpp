@@ -1,4 +1,5 @@
-// The drop-in convolutions on bf16 tensors, on the AMX kernels (conv/bf16_fwd.h): conv2d's
+// The drop-in convolutions on bf16 tensors, on the bf16 kernels of the active level (AMX
+// tiles, or vdpbf16ps at avx512_bf16: conv/bf16_fwd.h): conv2d's
 // bf16 path, pack_weight_bf16 and conv2d_packed_bf16; the ops' autocast kernels; and the bf16
 // gradients, which run on ATen until the bf16 backward kernels exist.
 #include <ATen/ATen.h>
@@ -145,7 +146,7 @@ Tensor conv2d_bf16(const Tensor& input, const Tensor& weight, const c10::optiona
   return bf16_forward(input, d, packed, bias, relu, format);
 }
 
-// (K, C, R, S) fp32 or bf16 to the AMX kernels' packed bf16 weights, flat
+// (K, C, R, S) fp32 or bf16 to the bf16 kernels' packed weights (both levels'), flat
 // (bf16_fwd_weight_elems of its shape), rounded to nearest even.
 Tensor pack_weight_bf16(const Tensor& weight) {
   const char* op = "pack_weight_bf16";

@@ -114,6 +114,13 @@ std::string fwd_plan(const std::string& problem, int64_t threads) {
       ->plan.to_string();
 }
 
+// "none" up to `top`, lowest first.
+std::vector<std::string> levels_up_to(dc::Isa top) {
+  std::vector<std::string> levels;
+  for (int i = 0; i <= static_cast<int>(top); ++i) levels.emplace_back(dc::isa_name(static_cast<dc::Isa>(i)));
+  return levels;
+}
+
 }  // namespace dc_torch
 
 PYBIND11_MODULE(_C, m) {
@@ -121,14 +128,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", [] { return std::string(dc::isa_name(dc::active_isa())); });
   m.def("detected_isa", [] { return std::string(dc::isa_name(dc::detected_isa())); });
   m.def(
-      "isa_levels",
-      [] {
-        std::vector<std::string> levels;
-        for (int i = 0; i <= static_cast<int>(dc::detected_isa()); ++i)
-          levels.emplace_back(dc::isa_name(static_cast<dc::Isa>(i)));
-        return levels;
-      },
-      "The levels this CPU and OS let this process run, lowest first ('none' included).");
+      "isa_levels", [] { return dc_torch::levels_up_to(dc::isa_from_cpuid(dc::read_cpuid_bits())); },
+      "The levels this CPU offers (and the OS saves the state of), lowest first ('none' included): amx too where "
+      "the OS refuses this process tile data.");
+  m.def(
+      "runnable_isa_levels", [] { return dc_torch::levels_up_to(dc::detected_isa()); },
+      "The levels this process may run, lowest first ('none' included): isa_levels() without amx where the OS "
+      "refuses this process tile data. The cap (TORCH_DIRECTCONV_ISA, set_isa_cap) takes the active level among "
+      "these.");
   m.def(
       "fp32_isa", [] { return std::string(dc::isa_name(dc::fp32_isa(dc::active_isa()))); },
       "The vector ISA of the fp32 kernels at the active level (in their names and plans).");
@@ -221,7 +228,7 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("groups"),
       "Why a bf16 convolution of these groups runs on torch's convolution at the active level, or None when the "
-      "AMX kernels take it (conv/paths.h).");
+      "bf16 kernels of the active level (amx or avx512_bf16) take it (conv/paths.h).");
   m.def(
       "bf16_packed_weight_elems",
       [](int64_t k, int64_t c, int64_t r, int64_t s) {
@@ -243,7 +250,8 @@ PYBIND11_MODULE(_C, m) {
         return dc::make_bf16_fwd_plan(d, static_cast<int>(threads), dc::DataType::bf16).to_string();
       },
       pybind11::arg("problem"), pybind11::arg("threads") = 1,
-      "The AMX bf16 forward plan of a benchdnn problem string (bf16 output, no post-ops).");
+      "The bf16 forward plan at the active level (amx or avx512_bf16: its kernels' names end in the level) of a "
+      "benchdnn problem string (bf16 output, no post-ops).");
   m.def("is_depthwise", &dc::is_depthwise, pybind11::arg("groups"), pybind11::arg("out_channels"),
         pybind11::arg("in_channels_per_group"),
         "Whether these groups are depthwise (one input and one output channel each), which the depthwise kernels "

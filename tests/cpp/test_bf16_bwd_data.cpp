@@ -1,6 +1,7 @@
-// The AMX bf16 input gradient (conv/bf16_bwd_data.h) and its kernels' scalar twins against
-// a float64 transposed convolution of the same bf16-rounded operands, every tensor between
-// guard pages: each kind of ResNet-50 layer (1 x 1 and 3 x 3 at strides 1 and 2, conv1's
+// The bf16 input gradient (conv/bf16_bwd_data.h) at each level this process can run (amx,
+// avx512_bf16) and its kernels' scalar twins against a float64 transposed convolution of
+// the same bf16-rounded operands (and, at the avx512_bf16 level, against each other bit for
+// bit), every tensor between guard pages: each kind of ResNet-50 layer (1 x 1 and 3 x 3 at strides 1 and 2, conv1's
 // 7 x 7 stride 2 on 3 channels) and awkward shapes (channel tails, maps that the stride
 // does not divide, strides wider than the kernel, dilation, paddings that crop), both
 // output types, fp32 and bf16 weights, one and two threads.
@@ -96,9 +97,20 @@ struct Options {
   bool drop_check = false;  // the output against a reference missing one tap must fail
 };
 
-// One case, every tensor guarded: the JIT run and the twins' run against the float64
-// reference.
+// The levels under test: the bf16 ones this process can run.
+std::vector<Isa>& levels() {
+  static std::vector<Isa> l;
+  return l;
+}
+
+// One case on every level, every tensor guarded: the JIT run and the twins' run against
+// the float64 reference.
+void run_level(const ConvDesc& d, DataType out_dt, const Options& o, Isa level);
 void run_case(const ConvDesc& d, DataType out_dt, const Options& o) {
+  for (Isa level : levels()) run_level(d, out_dt, o, level);
+}
+
+void run_level(const ConvDesc& d, DataType out_dt, const Options& o, Isa level) {
   const int64_t cb = div_up(d.c, B), kb = div_up(d.k, B), P = d.p(), Q = d.q();
   const int out_es = elem_bytes(out_dt);
   std::vector<uint16_t> dy(d.n * kb * P * Q * B, 0);
@@ -113,7 +125,8 @@ void run_case(const ConvDesc& d, DataType out_dt, const Options& o) {
   }
   const size_t dx_elems = d.n * cb * d.h * d.w * B;
 
-  const Bf16BwdDataPlan plan = make_bf16_bwd_data_plan(d, o.threads, out_dt);
+  const Bf16BwdDataPlan plan = make_bf16_bwd_data_plan(d, o.threads, out_dt, level);
+  CHECK(plan.level == level, "%s: the plan took the level %s", d.to_string().c_str(), isa_name(plan.level));
   interleaved_plans() += plan.interleaved;
   scattered_plans() += plan.scattered;
   CHECK(plan.weight_elems == bf16_bwd_data_weight_elems(d), "%s: weight sizes disagree", d.to_string().c_str());
@@ -123,11 +136,12 @@ void run_case(const ConvDesc& d, DataType out_dt, const Options& o) {
   if (o.bf16_weights) pack_bf16_bwd_data_weights(d, w_bits.data(), g_wei.as<uint16_t>());
   else pack_bf16_bwd_data_weights(d, w.data(), g_wei.as<uint16_t>());
   const Reference ref = reference(d, dy, w_bf16);
-  const std::string name = d.to_string() + " out " + dtype_name(out_dt) + (o.bf16_weights ? " wei bf16" : "") +
+  const std::string name = d.to_string() + " " + isa_name(level) + " out " + dtype_name(out_dt) + (o.bf16_weights ? " wei bf16" : "") +
                            " threads " + std::to_string(o.threads) + (o.at_end ? " guard above" : " guard below");
 
   auto prim = make_bf16_bwd_data_primitive(plan);
   void* scratch = plan.scratch_bytes ? g_scratch.as<void>() : nullptr;
+  std::vector<uint8_t> jit_out(g_dx.bytes());
   for (int variant = 0; variant < 2; ++variant) {
     std::memset(g_dx.as<void>(), 0xff, g_dx.bytes());  // NaN everywhere it must write
     if (variant == 0)
@@ -139,6 +153,13 @@ void run_case(const ConvDesc& d, DataType out_dt, const Options& o) {
     const double e = worst(d, out_dt, ref, g_dx.as<void>());
     CHECK(e <= 1.0, "%s (%s): error %.3g of the tolerance [%s]", name.c_str(), variant ? "twin" : "jit", e,
           plan.to_string().c_str());
+    if (variant == 0) std::memcpy(jit_out.data(), g_dx.as<void>(), jit_out.size());
+  }
+  if (level == Isa::avx512_bf16) {
+    size_t i = 0;
+    while (i < jit_out.size() && jit_out[i] == g_dx.as<uint8_t>()[i]) ++i;
+    CHECK(i == jit_out.size(), "%s: the kernels and their twins differ first at byte %zu of %zu [%s]", name.c_str(),
+          i, jit_out.size(), plan.to_string().c_str());
   }
   if (o.drop_check) {
     bf16_bwd_data_run(*prim, g_dy.as<uint16_t>(), g_wei.as<uint16_t>(), g_dx.as<void>(), scratch, serial());
@@ -242,16 +263,24 @@ void bad_plans() {
   g.groups = 2;
   refused(g, DataType::bf16, 1, "groups");
   refused(d, DataType::bf16, 0, "no threads");
+  for (Isa level : {Isa::none, Isa::avx2, Isa::avx512}) {
+    try {
+      make_bf16_bwd_data_plan(d, 1, DataType::bf16, level);
+      CHECK(false, "the plan took the level %s", isa_name(level));
+    } catch (const std::invalid_argument&) {
+    }
+  }
 }
 
 }  // namespace
 
 int main() {
-  if (!tiles_usable()) {
-    std::printf("skipping test_bf16_bwd_data: this process cannot use AMX tiles (level %s)\n",
-                isa_name(detected_isa()));
-    return 0;
-  }
+  // The AMX level needs the CPU's tiles and the OS's permission for tile data (asked once).
+  if (tiles_usable()) levels().push_back(Isa::amx);
+  else std::printf("skipping the amx level: this process cannot use AMX tiles (level %s)\n", isa_name(detected_isa()));
+  if (detected_isa() >= Isa::avx512_bf16) levels().push_back(Isa::avx512_bf16);
+  else std::printf("skipping the avx512_bf16 level: this CPU has %s\n", isa_name(detected_isa()));
+  if (levels().empty()) return 0;
   dc_test::rng().seed(11);
   bad_plans();
   resnet_kinds();

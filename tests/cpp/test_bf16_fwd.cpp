@@ -321,6 +321,31 @@ void plan_tiles() {
         flat.to_string().c_str());
 }
 
+// The primitive cache keys on the level: under the caps amx -> avx512_bf16 -> amx the same
+// problem gets each level's kernels (and tiles only at amx), never the other level's.
+void primitives_key_on_the_level() {
+  if (detected_isa() < Isa::amx) {
+    std::printf("skipping the primitive cache's levels: this CPU has %s\n", isa_name(detected_isa()));
+    return;
+  }
+  ConvDesc d = parse_conv_desc("mb1ic64ih8oc64oh8kh3ph1");
+  d.dt = DataType::bf16;
+  FwdPostOps post;
+  post.relu = true;
+  for (Isa cap : {Isa::amx, Isa::avx512_bf16, Isa::amx}) {
+    set_isa_cap(cap);
+    const auto prim = get_bf16_fwd_primitive(d, 1, DataType::bf16, post);
+    const std::string names = prim->plan.to_string(), suffix = std::string("__") + isa_name(cap);
+    const std::string other = cap == Isa::amx ? "__avx512_bf16" : "__amx";
+    CHECK(prim->plan.level == cap && names.find(suffix) != std::string::npos &&
+              names.find(other) == std::string::npos,
+          "under the cap %s the cached primitive is %s", isa_name(cap), names.c_str());
+    CHECK((prim->tile_config != nullptr) == (cap == Isa::amx), "under the cap %s: tiles %s", isa_name(cap),
+          prim->tile_config ? "configured" : "not configured");
+  }
+  set_isa_cap(Isa::amx);
+}
+
 }  // namespace
 
 int main() {
@@ -333,6 +358,7 @@ int main() {
   dc_test::rng().seed(10);
   bad_plans();
   plan_tiles();
+  primitives_key_on_the_level();
   resnet_kinds();
   input_kinds();
   random_shapes();

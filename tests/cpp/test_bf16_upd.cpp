@@ -1,7 +1,9 @@
-// The AMX bf16 weight gradient (conv/bf16_upd.h), and its copies' and kernels' scalar
-// twins, against a float64 weight gradient of the same bf16-rounded operands, every tensor
-// between guard pages: ResNet-50's kinds of layers and awkward shapes (channel tails, odd
-// maps, padding, strides, dilation), both dW types, one and two threads.
+// The bf16 weight gradient (conv/bf16_upd.h) at each level this process can run (amx,
+// avx512_bf16), and its copies' and kernels' scalar twins, against a float64 weight
+// gradient of the same bf16-rounded operands (and, at the avx512_bf16 level, against each
+// other bit for bit), every tensor between guard pages: ResNet-50's kinds of layers and
+// awkward shapes (channel tails, odd maps, padding, strides, dilation), both dW types, one
+// and two threads.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -97,23 +99,39 @@ std::vector<uint16_t> blocked(int64_t n, int64_t channels, int64_t pixels) {
   return v;
 }
 
-// One case at `threads`, every tensor guarded (against its upper or lower page): the JIT
-// run and the twins' run against the float64 reference; with `drop_check`, the JIT result
-// against references missing one tap, or one pixel, must fail.
+// The levels under test: the bf16 ones this process can run.
+std::vector<Isa>& levels() {
+  static std::vector<Isa> l;
+  return l;
+}
+
+// One case at `threads` on every level, every tensor guarded (against its upper or lower
+// page): the JIT run and the twins' run against the float64 reference; with `drop_check`,
+// the JIT result against references missing one tap, or one pixel, must fail.
+void run_level(const ConvDesc& d, DataType dt, int threads, bool at_end, bool drop_check, Isa level,
+               const std::vector<uint16_t>& x, const std::vector<uint16_t>& dy);
 void run_case(ConvDesc d, DataType dt, int threads, bool at_end, bool drop_check = false) {
   d.dt = DataType::bf16;
+  const std::vector<uint16_t> x = blocked(d.n, d.c, d.h * d.w), dy = blocked(d.n, d.k, d.p() * d.q());
+  for (Isa level : levels()) run_level(d, dt, threads, at_end, drop_check, level, x, dy);
+}
+
+void run_level(const ConvDesc& d, DataType dt, int threads, bool at_end, bool drop_check, Isa level,
+               const std::vector<uint16_t>& x, const std::vector<uint16_t>& dy) {
   const int64_t P = d.p(), Q = d.q();
-  const std::vector<uint16_t> x = blocked(d.n, d.c, d.h * d.w), dy = blocked(d.n, d.k, P * Q);
-  const Bf16UpdPlan plan = make_bf16_upd_plan(d, threads, dt);
+  const Bf16UpdPlan plan = make_bf16_upd_plan(d, threads, dt, level);
+  CHECK(plan.level == level, "%s: the plan took the level %s", d.to_string().c_str(), isa_name(plan.level));
   const size_t dw_bytes = d.k * d.c * d.r * d.s * elem_bytes(dt);
   Guarded g_x(x.size() * 2, at_end), g_dy(dy.size() * 2, at_end), g_dw(dw_bytes, at_end),
       g_scratch(plan.scratch_bytes, at_end);
   std::memcpy(g_x.as<void>(), x.data(), g_x.bytes());
   std::memcpy(g_dy.as<void>(), dy.data(), g_dy.bytes());
   const Reference ref = reference(d, x, dy);
-  const std::string name = d.to_string() + " dw " + dtype_name(dt) + " threads " + std::to_string(threads) +
+  const std::string name = d.to_string() + " " + isa_name(level) + " dw " + dtype_name(dt) + " threads " +
+                           std::to_string(threads) +
                            (at_end ? " guard above" : " guard below");
   auto prim = make_bf16_upd_primitive(plan);
+  std::vector<uint8_t> jit_out(g_dw.bytes());
   for (int variant = 0; variant < 2; ++variant) {
     std::memset(g_dw.as<void>(), 0xff, g_dw.bytes());  // NaN everywhere it must write
     std::memset(g_scratch.as<void>(), 0xff, g_scratch.bytes());
@@ -125,6 +143,13 @@ void run_case(ConvDesc d, DataType dt, int threads, bool at_end, bool drop_check
                              serial());
     const double e = worst(d, dt, ref, g_dw.as<void>());
     CHECK(e <= 1.0, "%s (%s): error %.3g of the tolerance", name.c_str(), variant ? "twin" : "jit", e);
+    if (variant == 0) std::memcpy(jit_out.data(), g_dw.as<void>(), jit_out.size());
+  }
+  if (level == Isa::avx512_bf16) {
+    size_t i = 0;
+    while (i < jit_out.size() && jit_out[i] == g_dw.as<uint8_t>()[i]) ++i;
+    CHECK(i == jit_out.size(), "%s: the kernels and their twins differ first at byte %zu of %zu [%s]", name.c_str(),
+          i, jit_out.size(), plan.to_string().c_str());
   }
   if (drop_check) {
     bf16_upd_run(*prim, g_x.as<uint16_t>(), g_dy.as<uint16_t>(), g_dw.as<void>(), g_scratch.as<void>(), serial());
@@ -204,17 +229,45 @@ void bad_plans() {
   ConvDesc g = d;
   g.groups = 2;
   refused(g, DataType::f32, "groups");
+  for (Isa level : {Isa::none, Isa::avx2, Isa::avx512}) {
+    try {
+      make_bf16_upd_plan(d, 1, DataType::f32, level);
+      CHECK(false, "the plan took the level %s", isa_name(level));
+    } catch (const std::invalid_argument&) {
+    }
+  }
+}
+
+// The kernel specs of the avx512_bf16 level: the fewest channel groups that fit the
+// registers, as even as they split (plans and specs only: no code is generated).
+void dot_specs() {
+  struct Want {
+    int n_a, n_b, g;
+  } wants[] = {{2, 2, 11}, {1, 2, 8}, {2, 1, 16}, {1, 1, 16}};
+  for (const Want& w : wants) {
+    const Avx512Bf16UpdKernelSpec sp = avx512bf16_upd_spec(w.n_a, w.n_b);
+    CHECK(sp.g == w.g && avx512bf16_upd_vector_registers(sp) <= 32, "%s: expected g%d", sp.name().c_str(), w.g);
+  }
+  ConvDesc d = desc("mb1ic64ih56oc40oh56kh3ph1");
+  d.dt = DataType::bf16;
+  const Bf16UpdPlan p = make_bf16_upd_plan(d, 1, DataType::f32, Isa::avx512_bf16);
+  CHECK(p.kernels.empty() && p.dot_kernels.size() == 2, "%s", p.to_string().c_str());
+  CHECK(p.dot_kernels[p.kernel_of[1][1]].name() == "bf16_conv_upd_a2b2g11_of32__avx512_bf16" &&
+            p.dot_kernels[p.kernel_of[1][0]].name() == "bf16_conv_upd_a2b1g16_of32__avx512_bf16",
+        "%s", p.to_string().c_str());
 }
 
 }  // namespace
 
 int main() {
-  if (!tiles_usable()) {
-    std::printf("skipping test_bf16_upd: this process cannot use AMX tiles (level %s)\n", isa_name(detected_isa()));
-    return 0;
-  }
   dc_test::rng().seed(11);
   bad_plans();
+  dot_specs();
+  // The AMX level needs the CPU's tiles and the OS's permission for tile data (asked once).
+  if (tiles_usable()) levels().push_back(Isa::amx);
+  else std::printf("skipping the amx level: this process cannot use AMX tiles (level %s)\n", isa_name(detected_isa()));
+  if (detected_isa() >= Isa::avx512_bf16) levels().push_back(Isa::avx512_bf16);
+  else std::printf("skipping the avx512_bf16 level: this CPU has %s\n", isa_name(detected_isa()));
   resnet_kinds();
   awkward_kinds();
   random_shapes();
