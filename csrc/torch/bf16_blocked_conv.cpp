@@ -81,12 +81,13 @@ struct Bf16Conv {
   std::string fallback;
 };
 
-Bf16Conv bf16_conv(const char* op, at::IntArrayRef x_size, at::IntArrayRef w_size, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, c10::optional<int64_t> in_channels) {
+Bf16Conv bf16_conv(const char* op, at::IntArrayRef x_size, const char* w_arg, at::IntArrayRef w_size,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                   c10::optional<int64_t> in_channels) {
   TORCH_CHECK(x_size.size() == 5 && x_size[4] == kLanes, op, ": expected a bfloat16 blocked 'xb' (N, C/", kLanes,
               ", H, W, ", kLanes, "), got shape ", x_size);
   const int64_t cb = x_size[1];
-  const auto [kb, c] = blocked_weight_geometry(op, "wb", w_size, cb, in_channels, kLanes);
+  const auto [kb, c] = blocked_weight_geometry(op, w_arg, w_size, cb, in_channels, kLanes);
   Bf16Conv bc{fill_desc(op, x_size[0], c, x_size[2], x_size[3], w_size.size() == 4 ? w_size[0] : kb * kLanes,
                         w_size[2], w_size[3], stride, padding, dilation),
               c, cb, kb, w_size.size() == 4, ""};
@@ -173,7 +174,7 @@ Tensor forward(const char* op, const Tensor& input, const Tensor& weight, const 
                c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual) {
   check_bf16(input, op, "xb");
   check_bf16_weight(weight, op);
-  const Bf16Conv bc = bf16_conv(op, input.sizes(), weight.sizes(), stride, padding, dilation, in_channels);
+  const Bf16Conv bc = bf16_conv(op, input.sizes(), "wb", weight.sizes(), stride, padding, dilation, in_channels);
   const Tensor b = bf16_epilogue_bias(bias, bc.kb, op);
   Tensor res;
   if (residual.has_value() && residual->defined()) {
@@ -235,7 +236,7 @@ Tensor conv2d_blocked_backward_data_bf16(const Tensor& grad_output, const Tensor
   check_bf16_weight(weight, op);
   TORCH_CHECK(input_size.size() == 5 && input_size[4] == kLanes, op, ": expected a blocked 'input_size' (N, C/",
               kLanes, ", H, W, ", kLanes, "), got ", input_size);
-  const Bf16Conv bc = bf16_conv(op, input_size, weight.sizes(), stride, padding, dilation, in_channels);
+  const Bf16Conv bc = bf16_conv(op, input_size, "wb", weight.sizes(), stride, padding, dilation, in_channels);
   check_grad_output(op, grad_output, bc);
   const ConvDesc& d = bc.d;
   if (!bc.fallback.empty()) {
@@ -271,7 +272,7 @@ Tensor conv2d_blocked_backward_weight_bf16(const Tensor& grad_output, const Tens
   check_bf16(input, op, "xb");
   TORCH_CHECK(weight_size.size() == 4 || weight_size.size() == 6, op,
               ": expected a 'weight_size' of 6 values (blocked) or 4 (K, C, R, S), got ", weight_size);
-  const Bf16Conv bc = bf16_conv(op, input.sizes(), weight_size, stride, padding, dilation, in_channels);
+  const Bf16Conv bc = bf16_conv(op, input.sizes(), "weight_size", weight_size, stride, padding, dilation, in_channels);
   check_grad_output(op, grad_output, bc);
   const ConvDesc& d = bc.d;
   const auto f32 = input.options().dtype(at::kFloat);
