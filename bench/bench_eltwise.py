@@ -14,6 +14,9 @@ see `traffic`) over the time, the same bytes for both sides, so their ratio is t
 `copy` is torch's x.copy_() of the same input in the same round, the machine's streaming rate
 for that size: ours / copy says how close the op runs to a plain read and write.
 Timing: median of 5 samples of at least 0.05 s each, round-robin over the methods.
+
+--dtype bfloat16 times the bf16 activations (N, C/32, H, W, 32) against torch's bf16
+channels_last ops (fp32 batch-norm parameters and statistics on both sides).
 """
 
 from __future__ import annotations
@@ -92,17 +95,17 @@ class Case:
     times: dict = field(default_factory=dict)
 
 
-def bn_cases(shape: Shape, n: int) -> list[Case]:
+def bn_cases(shape: Shape, n: int, dtype: torch.dtype) -> list[Case]:
     c, hw = shape.c, shape.hw
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, hw, hw, generator=g)
-    r = torch.randn(n, c, hw, hw, generator=g) if shape.residual else None
+    x = torch.randn(n, c, hw, hw, generator=g).to(dtype)
+    r = torch.randn(n, c, hw, hw, generator=g).to(dtype) if shape.residual else None
     w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
     rm, rv = torch.zeros(c), torch.ones(c)
     xb, rb = tdc.to_blocked(x), tdc.to_blocked(r) if r is not None else None
     x_cl = x.contiguous(memory_format=torch.channels_last)
     r_cl = r.contiguous(memory_format=torch.channels_last) if r is not None else None
-    size = 4 * xb.numel()
+    size = xb.element_size() * xb.numel()
 
     def torch_fwd(training: bool):
         y = F.batch_norm(x_cl, rm, rv, w, b, training, 0.1, 1e-5)
@@ -115,7 +118,7 @@ def bn_cases(shape: Shape, n: int) -> list[Case]:
 
     mean, var = bo.bn_stats(xb, c)
     yb = ours_fwd(True)
-    gyb = tdc.to_blocked(torch.randn(x.shape, generator=g))
+    gyb = tdc.to_blocked(torch.randn(x.shape, generator=g).to(dtype))
     mask = [True, True, True, shape.residual and shape.relu]
 
     def ours_bwd():
@@ -152,13 +155,14 @@ def bn_cases(shape: Shape, n: int) -> list[Case]:
     return cases
 
 
-def maxpool_cases(n: int) -> list[Case]:
+def maxpool_cases(n: int, dtype: torch.dtype) -> list[Case]:
     """The stem's max pool: 64 x 112 x 112 -> 56 x 56."""
     g = torch.Generator().manual_seed(1)
-    x = torch.relu(torch.randn(n, 64, 112, 112, generator=g))
+    x = torch.relu(torch.randn(n, 64, 112, 112, generator=g)).to(dtype)
     xb, x_cl = tdc.to_blocked(x), x.contiguous(memory_format=torch.channels_last)
-    size_in, size_out = 4 * xb.numel(), 4 * xb.numel() // 4
-    gyb = tdc.to_blocked(torch.randn(n, 64, 56, 56, generator=g))
+    size_in = xb.element_size() * xb.numel()
+    size_out = size_in // 4
+    gyb = tdc.to_blocked(torch.randn(n, 64, 56, 56, generator=g).to(dtype))
     gy_cl = tdc.from_blocked(gyb, 64).contiguous(memory_format=torch.channels_last)
     yb = bo.max_pool2d(xb, 64, 3, 2, 1)
     xl = x_cl.clone().requires_grad_()
@@ -191,12 +195,13 @@ def maxpool_cases(n: int) -> list[Case]:
     return [fwd, bwd]
 
 
-def gap_cases(n: int) -> list[Case]:
+def gap_cases(n: int, dtype: torch.dtype) -> list[Case]:
     """The global average pool: 2048 x 7 x 7 -> (N, 2048)."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(n, 2048, 7, 7, generator=g)
+    x = torch.randn(n, 2048, 7, 7, generator=g).to(dtype)
     xb, x_cl = tdc.to_blocked(x), x.contiguous(memory_format=torch.channels_last)
-    gy = torch.randn(n, 2048, generator=g)
+    gy = torch.randn(n, 2048, generator=g).to(dtype)
+    size = xb.element_size() * xb.numel()
     xl = x_cl.clone().requires_grad_()
     with torch.enable_grad():
         yt = xl.mean((2, 3))
@@ -206,13 +211,13 @@ def gap_cases(n: int) -> list[Case]:
         with torch.enable_grad():
             return torch.autograd.grad(yt, xl, gy, retain_graph=True)
 
-    fwd = Case("gap", "fwd", 4 * xb.numel(), 4 * xb.numel(), 1)
+    fwd = Case("gap", "fwd", size, size, 1)
     fwd.fns = {
         "ours": lambda: bo.global_avg_pool(xb, 2048),
         "torch": lambda: x_cl.mean((2, 3)),
         "copy": lambda: gap_dst.copy_(x_cl),
     }
-    bwd = Case("gap", "bwd", 4 * xb.numel(), 4 * xb.numel(), 1)
+    bwd = Case("gap", "bwd", size, size, 1)
     bwd.fns = {
         "ours": lambda: call_op(ops.global_avg_pool_blocked_backward.default, gy, list(xb.shape), 2048),
         "torch": torch_gap_bwd,
@@ -274,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--quick", action="store_true", help="3 samples of 0.01 s: a smoke run")
     ap.add_argument("--isa-cap", choices=["avx2", "avx512", "avx512_bf16", "amx"], default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     if args.isa_cap:
         tdc._C.set_isa_cap(args.isa_cap)
     if tdc.isa() == "none":
@@ -282,14 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     samples, min_time, warmup = (3, 0.01, 1) if args.quick else (5, 0.05, 2)
     print(
-        f"torch {torch.__version__}, ISA {tdc.isa()} (V={tdc.vector_width()}); median of {samples} samples "
+        f"torch {torch.__version__}, ISA {tdc.isa()}, {args.dtype} (V={tdc.vector_width(dtype)}); "
+        f"median of {samples} samples "
         f">= {min_time}s, round-robin"
     )
     with torch.no_grad():
         for threads in args.threads:
             torch.set_num_threads(threads)
             for n in args.batch:
-                cases = [c for s in BN_SHAPES for c in bn_cases(s, n)] + maxpool_cases(n) + gap_cases(n)
+                cases = [c for s in BN_SHAPES for c in bn_cases(s, n, dtype)]
+                cases += maxpool_cases(n, dtype) + gap_cases(n, dtype)
                 for c in cases:
                     time_case(c, samples, min_time, warmup)
                 print(f"\n### {threads} thread(s), N = {n}\n\n{table(cases)}\n\n{network(cases)}", flush=True)

@@ -603,3 +603,18 @@ def test_torch_func_matches_autograd() -> None:
         assert a.dtype == e.dtype, (a.dtype, e.dtype)
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
     assert [t.dtype for t in got] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+
+
+def test_torch_func_layout_gradients() -> None:
+    """to_blocked and from_blocked under torch.func (their Python autograd functions, which keep
+    the vlen of the forward: 32 for bf16)."""
+    g = gen(92)
+    x = bf16_randn(g, 2, 40, 3, 5)
+    gy = bf16_randn(g, 2, 40, 3, 5)
+    xb = tdc.to_blocked(x)
+    _, vjp_from = torch.func.vjp(lambda t: tdc.from_blocked(t, 40), xb)
+    (gxb,) = vjp_from(gy)
+    assert gxb.dtype == torch.bfloat16 and torch.equal(gxb, ref_blocked(gy))
+    _, vjp_to = torch.func.vjp(tdc.to_blocked, x)
+    (gx,) = vjp_to(ref_blocked(gy))
+    assert gx.dtype == torch.bfloat16 and torch.equal(gx, gy)

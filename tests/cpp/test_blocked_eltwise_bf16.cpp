@@ -7,6 +7,7 @@
 // shares (run one after the other), every tensor against a guard page above or below it.
 #include <cmath>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "conv/blocked_pool.h"
 #include "run_util.h"
 #include "jit/amx_fwd_kernel.h"
+#include "jit/isa.h"
 
 using namespace dc;
 using dc_test::GuardedArray;
@@ -432,5 +434,18 @@ int main() {
     refused = true;
   }
   CHECK(refused, "a bf16 shape blocked by 16 is refused");
+  // The level is the active one: capped below avx512_bf16, a bf16 pass is refused.
+  for (Isa cap : {Isa::avx512, Isa::avx2}) {
+    set_isa_cap(cap);
+    bool capped = false;
+    try {
+      check_bf16_shape(BlockedShape{1, 16, 1, 1, V}, "bn_stats");
+    } catch (const std::runtime_error& e) {
+      capped = std::string(e.what()).find(std::string("caps it at ") + isa_name(cap)) != std::string::npos;
+    }
+    CHECK(capped, "a bf16 pass below the avx512_bf16 level is refused, naming the cap");
+  }
+  set_isa_cap(Isa::amx);
+  check_bf16_shape(BlockedShape{1, 16, 1, 1, V}, "bn_stats");  // and runs again
   TEST_MAIN_END("test_blocked_eltwise_bf16");
 }
