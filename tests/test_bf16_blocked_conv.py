@@ -125,6 +125,29 @@ def test_stats_of_the_stored_output() -> None:
     torch.testing.assert_close(var.double(), y.var((0, 2, 3), correction=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["proj_1x1_s2", "3x3_c40_k40", "conv1_folded"])
+def test_stats_from_the_epilogue_or_recomputed(name: str) -> None:
+    """At the amx level the statistics come from the kernels' epilogue, relative to the shift;
+    where a mean lies far from its shift they are recomputed exactly (counted), so both agree
+    with the stored output's to fp32 accuracy."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    x, wr, wb, b, args, _ = make_case(name, "f32", g)
+    k = wr.shape[0]
+    xb = block32(x)
+    for far in (False, True):
+        bias = torch.full((k,), 1000.0) if far else b
+        shift = torch.zeros(k) if far else 0.1 * torch.randn(k, generator=g)
+        before = tdc.jit_stats()["conv_stats_recomputed"]
+        yb, mean, var = torch.ops.directconv.conv2d_blocked_stats(
+            xb, wb, bias, list(args["stride"]), list(args["padding"]), list(args["dilation"]), None, shift, k
+        )
+        recomputed = tdc.jit_stats()["conv_stats_recomputed"] - before
+        assert recomputed == (1 if far and tdc.isa() == "amx" else 0), (far, recomputed)
+        y = unblock32(yb, k).double()
+        torch.testing.assert_close(mean.double(), y.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var.double(), y.var((0, 2, 3), correction=0), rtol=1e-4, atol=1e-6)
+
+
 def ref_grads(x, wr, gy, stride, padding, dilation):
     """(dx, dW) in float64 of the same bf16 values, and their magnitudes' sums."""
     pt, pb, pl, pr = padding

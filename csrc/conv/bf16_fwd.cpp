@@ -131,7 +131,7 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
   if (level != Isa::amx && level != Isa::avx512_bf16)
     throw std::invalid_argument(std::string("bf16 fwd plan: the level must be amx or avx512_bf16, got ") +
                                 isa_name(level));
-  if (post.stats && level != Isa::amx)
+  if (post.stats && !bf16_fwd_has_stats(level))
     throw std::invalid_argument(std::string("bf16 fwd plan: the stats post-op needs the amx level, got ") +
                                 isa_name(level));
   const int64_t P = d.p(), Q = d.q();

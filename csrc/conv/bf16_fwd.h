@@ -156,6 +156,8 @@ void bf16_fwd_run_reference(const Bf16FwdPlan& plan, const uint16_t* src, const 
 // kStatsMaxShiftStds standard deviations from its shift: the caller then recomputes the
 // statistics from the output. Throws std::invalid_argument for a plan without the stats
 // post-op or channels outside [0, K].
+// Whether the kernels of `level` have the stats post-op (the AMX ones do).
+inline bool bf16_fwd_has_stats(Isa level) { return level == Isa::amx; }
 bool bf16_fwd_stats_finish(const Bf16FwdPlan& plan, const float* sums, const float* shift, int64_t channels,
                            float* mean, float* var);
 

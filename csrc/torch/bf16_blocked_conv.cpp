@@ -6,7 +6,9 @@
 // the kernels do not take a geometry or the level lacks them (conv/paths.h), torch's bf16
 // convolution runs on the unblocked tensors, blocked again.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
 
@@ -136,10 +138,19 @@ Tensor torch_forward(const Bf16Conv& bc, const Tensor& input, const Tensor& weig
   return y32.to(at::kBFloat16);
 }
 
+// The batch statistics of a forward from the stats post-op: the shift (fp32, padded to whole
+// blocks) the kernels sum y - shift from, and the slots they fill.
+struct Bf16Stats {
+  Tensor shift;
+  float* sums = nullptr;
+  const dc::Bf16FwdPlan* plan = nullptr;  // set by kernel_forward: the plan that filled them
+  std::shared_ptr<const dc::Bf16FwdPrimitive> prim_held;  // keeps `plan` alive
+};
+
 // The forward on the kernels: a blocked weight as it is (repacked for a folded geometry), a
-// (K, C, R, S) one cast and packed within the call.
+// (K, C, R, S) one cast and packed within the call; with `stats`, the stats post-op too.
 Tensor kernel_forward(const char* op, const Bf16Conv& bc, const Tensor& input, const Tensor& weight,
-                      const Tensor& bias, const Tensor& res, bool relu) {
+                      const Tensor& bias, const Tensor& res, bool relu, Bf16Stats* stats = nullptr) {
   const ConvDesc& d = validated(op, bc.d);
   Tensor out = new_tensor({d.n, bc.kb, d.p(), d.q(), kLanes}, input.options());
   if (d.n == 0) return out;
@@ -148,6 +159,7 @@ Tensor kernel_forward(const char* op, const Bf16Conv& bc, const Tensor& input, c
   post_ops.bias = bias.defined();
   post_ops.add = res.defined();
   post_ops.relu = relu;
+  post_ops.stats = stats != nullptr;
   auto prim = dc::get_bf16_fwd_primitive(d, nt, dc::DataType::bf16, post_ops);
   const bool folded = dc::bf16_fwd_folds_columns(d);
   const uint16_t* wei;
@@ -165,13 +177,26 @@ Tensor kernel_forward(const char* op, const Bf16Conv& bc, const Tensor& input, c
   dc::Bf16FwdPostArgs post;
   post.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   post.residual = res.defined() ? res.const_data_ptr() : nullptr;
+  if (stats) {
+    // The slots, in the calling thread's scratch (the packing and the copy use other slots):
+    // no fresh pages at every call.
+    stats->sums = scratch(dc::kScratchDst, prim->plan.stats_floats);
+    stats->plan = &prim->plan;
+    post.shift = stats->shift.const_data_ptr<float>();
+    post.sums = stats->sums;
+  }
   dc::bf16_fwd_run(*prim, bf16_cptr(x), wei, post, out.mutable_data_ptr(), copy, torch_shares());
+  if (stats) stats->prim_held = prim;
   return out;
 }
 
+// The forward; with `stats` (given when the active level's kernels have the stats post-op),
+// the statistics from the kernels' epilogue where the kernels run: stats->plan stays null when
+// the call went to torch's convolution.
 Tensor forward(const char* op, const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-               c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual) {
+               c10::optional<int64_t> in_channels, const c10::optional<Tensor>& residual,
+               Bf16Stats* stats = nullptr) {
   check_bf16(input, op, "xb");
   check_bf16_weight(weight, op);
   const Bf16Conv bc = bf16_conv(op, input.sizes(), "wb", weight.sizes(), stride, padding, dilation, in_channels);
@@ -185,7 +210,17 @@ Tensor forward(const char* op, const Tensor& input, const Tensor& weight, const 
     res = residual->contiguous();
   }
   if (!bc.fallback.empty()) return torch_forward(bc, input, weight, b, res, relu, stride, padding, dilation);
-  return kernel_forward(op, bc, input, weight, b, res, relu);
+  if (stats && bc.d.n == 0) stats = nullptr;  // no pixels: the statistics are NaN
+  if (stats) {
+    // The shift as the epilogue reads it: fp32, zero-padded to whole blocks.
+    const int64_t channels = stats->shift.size(0);
+    TORCH_CHECK(channels > (bc.kb - 1) * kLanes && channels <= bc.kb * kLanes, op, ": 'channels' (", channels,
+                ") does not fit ", bc.kb, " output blocks of ", kLanes);
+    Tensor padded = new_zeros({bc.kb * kLanes}, stats->shift.options().dtype(at::kFloat));
+    padded.narrow(0, 0, channels).copy_(stats->shift);
+    stats->shift = padded;
+  }
+  return kernel_forward(op, bc, input, weight, b, res, relu, stats);
 }
 
 void check_grad_output(const char* op, const Tensor& gy, const Bf16Conv& bc) {
@@ -206,8 +241,10 @@ Tensor conv2d_blocked_bf16(const Tensor& input, const Tensor& weight, const c10:
   return forward("conv2d_blocked", input, weight, bias, stride, padding, dilation, relu, in_channels, residual);
 }
 
-// The statistics of the output as stored (its bf16 values, which the batch norm normalizes),
-// in one more pass through ATen: mean and biased variance in fp32 of the first `channels`.
+// The statistics of the output as stored (its bf16 values, which the batch norm normalizes):
+// mean and biased variance in fp32 of the first `channels`, from the kernels' epilogue where
+// the level has the stats post-op (relative to `shift`; recomputed exactly where a mean lies
+// too far from it, as the fp32 op does), else from one more pass (bn_stats_blocked).
 std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats_bf16(const Tensor& input, const Tensor& weight,
                                                              const c10::optional<Tensor>& bias, at::IntArrayRef stride,
                                                              at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -218,12 +255,26 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_blocked_stats_bf16(const Tensor& input
   check_conv_dtype_cpu(shift, op, "shift");
   TORCH_CHECK(shift.dim() == 1 && shift.size(0) == channels, op, ": expected 'shift' of shape (", channels, "), got ",
               shift.sizes());
-  Tensor y = forward(op, input, weight, bias, stride, padding, dilation, false, in_channels, c10::nullopt);
+  static const auto bn_stats = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("directconv::bn_stats_blocked", "")
+                                   .typed<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>();
+  Bf16Stats stats;
+  stats.shift = shift;
+  const bool epilogue = dc::bf16_fwd_has_stats(dc::active_isa());
+  Tensor y = forward(op, input, weight, bias, stride, padding, dilation, false, in_channels, c10::nullopt,
+                     epilogue ? &stats : nullptr);
   TORCH_CHECK(channels > (y.size(1) - 1) * kLanes && channels <= y.size(1) * kLanes, op, ": 'channels' (", channels,
               ") does not fit ", y.size(1), " output blocks of ", kLanes);
-  auto [var, mean] = at::var_mean(y.to(at::kFloat), {0, 2, 3}, /*correction=*/0, /*keepdim=*/false);
-  return {y, mean.reshape({-1}).narrow(0, 0, channels).contiguous(),
-          var.reshape({-1}).narrow(0, 0, channels).contiguous()};
+  if (stats.plan != nullptr) {
+    Tensor mean = new_tensor({channels}, shift.options().dtype(at::kFloat));
+    Tensor var = new_tensor({channels}, shift.options().dtype(at::kFloat));
+    if (dc::bf16_fwd_stats_finish(*stats.plan, stats.sums, stats.shift.const_data_ptr<float>(), channels,
+                                  mean.data_ptr<float>(), var.data_ptr<float>()))
+      return {y, mean, var};
+    ++conv_stats_recomputed;
+  }
+  auto [mean, var] = bn_stats.call(y, channels);
+  return {y, mean, var};
 }
 
 // dx bf16 blocked like the input (every lane written, those past in_channels zero), on the
