@@ -238,6 +238,67 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_block_avx512(const
   }
 }
 
+// fp32 source of a full input-gradient block: first the block's tap-major rows, rows[t][kl] =
+// the 32 input channels of (output channel kbi * 32 + kl, tap t) rounded to bf16 (one gather of
+// 16 channels R * S apart, or a plain load at 1 x 1, per half); then each B-tile row is one
+// 16-bit interleave of rows 2 pair and 2 pair + 1. Every source element is read once, and no
+// transpose runs on what it does not use.
+struct InterleaveIndices {
+  alignas(64) int16_t high_halves[32];  // the bf16 (high half) of a's 16 words, then b's
+  alignas(64) int16_t pairs[2][32];     // lane 2 n + e: row e's channel half * 16 + n
+  constexpr InterleaveIndices() : high_halves(), pairs() {
+    for (int i = 0; i < 32; ++i) high_halves[i] = static_cast<int16_t>(i < 16 ? 2 * i + 1 : 32 + 2 * (i - 16) + 1);
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 32; ++j) pairs[half][j] = static_cast<int16_t>((j % 2) * 32 + half * 16 + j / 2);
+  }
+};
+constexpr InterleaveIndices kInterleave;
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_block_f32_avx512(const ConvDesc& d,
+                                                                              const Bf16PackSource& src,
+                                                                              const std::vector<BwdSlice>& slices,
+                                                                              int64_t cbi, int64_t kbi,
+                                                                              uint16_t* packed,
+                                                                              std::vector<uint16_t>& rows) {
+  const int64_t rs = d.r * d.s, kb = div_up(d.k, kBlock);
+  rows.resize(rs * kTapElems);
+  uint16_t* tr = rows.data();
+  const float* base = static_cast<const float*>(src.w) + kbi * kBlock * src.st[0] + cbi * kBlock * rs;
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(rs)));
+  const __m512i high = _mm512_load_si512(kInterleave.high_halves);
+  for (int64_t kl = 0; kl < kBlock; ++kl) {
+    const float* row = base + kl * src.st[0];
+    for (int64_t t = 0; t < rs; ++t) {
+      __m512i a, b;
+      if (rs == 1) {
+        a = _mm512_loadu_si512(row);
+        b = _mm512_loadu_si512(row + 16);
+      } else {
+        a = _mm512_i32gather_epi32(lanes, row + t, 4);
+        b = _mm512_i32gather_epi32(lanes, row + 16 * rs + t, 4);
+      }
+      _mm512_storeu_si512(tr + (t * kBlock + kl) * kBlock,
+                          _mm512_permutex2var_epi16(round_bf16(a), high, round_bf16(b)));
+    }
+  }
+  const __m512i pairs[2] = {_mm512_load_si512(kInterleave.pairs[0]), _mm512_load_si512(kInterleave.pairs[1])};
+  for (const BwdSlice& sl : slices) {
+    const int64_t ra = static_cast<int64_t>(sl.ph->taps_r.size()), sa = static_cast<int64_t>(sl.ph->taps_s.size());
+    uint16_t* out = packed + sl.start + (cbi * kb + kbi) * sl.block;
+    for (int64_t i = 0; i < ra; ++i)
+      for (int64_t j = 0; j < sa; ++j, out += kTapElems) {
+        const uint16_t* tap = tr + (sl.ph->taps_r[ra - 1 - i] * d.s + sl.ph->taps_s[sa - 1 - j]) * kTapElems;
+        for (int pair = 0; pair < 16; ++pair) {
+          const __m512i even = _mm512_loadu_si512(tap + 2 * pair * kBlock);
+          const __m512i odd = _mm512_loadu_si512(tap + (2 * pair + 1) * kBlock);
+          for (int half = 0; half < 2; ++half)
+            _mm512_storeu_si512(out + half * 512 + pair * 32, _mm512_permutex2var_epi16(even, pairs[half], odd));
+        }
+      }
+  }
+}
+
 bool has_avx512() {
   static const bool yes = detected_isa() >= Isa::avx512;
   return yes;
@@ -280,10 +341,12 @@ void pack_bf16_bwd_data(const ConvDesc& d, const Bf16PackSource& src, uint16_t* 
   const int64_t cb = div_up(d.c, kBlock), kb = div_up(d.k, kBlock);
   const Range r = share(kb * cb, tid, nthreads);
   std::vector<int32_t> words;  // 16 lanes an entry
+  std::vector<uint16_t> rows;  // tap-major rows of an fp32 block
   for (int64_t b = r.begin; b < r.end; ++b) {
     const int64_t cbi = b % cb, kbi = b / cb;
-    if ((kbi + 1) * kBlock <= d.k && (cbi + 1) * kBlock <= d.c) bwd_block_avx512(d, src, slices, cbi, kbi, packed, words);
-    else bwd_block_scalar(d, src, slices, cbi, kbi, packed);
+    if ((kbi + 1) * kBlock > d.k || (cbi + 1) * kBlock > d.c) bwd_block_scalar(d, src, slices, cbi, kbi, packed);
+    else if (src.dt == DataType::f32) bwd_block_f32_avx512(d, src, slices, cbi, kbi, packed, rows);
+    else bwd_block_avx512(d, src, slices, cbi, kbi, packed, words);
   }
 }
 
