@@ -492,9 +492,19 @@ def test_explain_says_what_each_bf16_convolution_runs_on() -> None:
     buf = io.StringIO()
     with autocast():
         text = tdc.explain(model, x, file=buf)
-    assert "runs the original model" in text and "CPU autocast is enabled" in text
-    assert "  0: bf16 amx fwd mb1ic3ih32" in text and "__amx" in text, text
-    assert "  2: torch's convolution: bf16 grouped convolutions (groups=2) are not covered by the JIT" in text, text
+    # Under bf16 autocast the optimized graph runs in bf16: here two drop-in convolutions (a
+    # lone one and a grouped one).
+    assert "runs the original model" not in text and "bf16 activations" in text, text
+    assert "drop-in conv2d, NCHW, ReLU in its epilogue" in text, text
+    # A blocked bf16 unit shows its bf16 plan.
+    deep = nn.Sequential(nn.Conv2d(3, 32, 7, 2, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    with autocast():
+        text = tdc.explain(deep, x, file=io.StringIO())
+    assert "kernels: bf16 amx fwd mb1ic3ih32" in text and "__amx" in text, text
+    # float16 autocast runs the original model: what convert(model) runs each convolution on.
+    with torch.autocast("cpu", dtype=torch.float16):
+        text = tdc.explain(model, x, file=io.StringIO())
+    assert "runs the original model" in text and "CPU autocast to torch.float16" in text, text
     f64 = tdc.explain(model.double(), x.double(), file=io.StringIO())
     assert "  0: torch's convolution: dtype torch.float64 is not supported" in f64, f64
 

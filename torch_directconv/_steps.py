@@ -269,7 +269,11 @@ class Unit(_ConvStep):
             scale, shift = _eval_affine(bn)
             w = conv_t[0] * scale.view(-1, 1, 1, 1)
             b = shift if conv_t[1] is None else shift + conv_t[1] * scale
-            return pack(w, dtype), b
+            if pack is not _blocked_weight or dtype != torch.bfloat16:
+                return pack(w, dtype), b
+            # Kept padded to whole blocks of the bf16 layout, as the op reads it: no copy per call.
+            v = _backend.vector_width(dtype)
+            return pack(w, dtype), F.pad(b.float(), (0, -(-b.shape[0] // v) * v - b.shape[0]))
 
         return self._cached(conv_t + bn_t, conv_owned and bn_owned, (*key, bn.eps), fold, dtype)
 

@@ -116,6 +116,8 @@ Tensor bf16_epilogue_bias(const c10::optional<Tensor>& bias, int64_t kb, const c
   check_conv_dtype_cpu(*bias, op, "bias");
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) <= kb * kLanes && bias->size(0) > (kb - 1) * kLanes, op,
               ": expected 'bias' of at most ", kb * kLanes, " values (", kb, " blocks), got shape ", bias->sizes());
+  // Already padded (optimize() keeps its folded biases so): read as it is.
+  if (bias->scalar_type() == at::kFloat && bias->size(0) == kb * kLanes && bias->is_contiguous()) return *bias;
   Tensor b = new_zeros({kb * kLanes}, bias->options().dtype(at::kFloat));
   b.narrow(0, 0, bias->size(0)).copy_(*bias);
   return b;
