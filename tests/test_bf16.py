@@ -186,7 +186,7 @@ def test_cached_plans_follow_the_level() -> None:
             plan = _C.bf16_fwd_plan("mb1ic24ih10oc40oh10kh3ph1", torch.get_num_threads())
             assert plan.startswith(f"bf16 {level} fwd") and f"__{level}" in plan and f"__{other}" not in plan, plan
             text = tdc.explain(model, x, file=io.StringIO())
-            assert f"  0: bf16 {level} fwd mb1ic24ih10" in text and f"__{other}" not in text, text
+            assert f"kernels: bf16 {level} fwd mb1ic24ih10" in text and f"__{other}" not in text, text
 
 
 def test_sweep_covers_the_options() -> None:

@@ -93,6 +93,15 @@ def _row(gm: fx.GraphModule, n: fx.Node, run: _TimedRun) -> tuple[str, str, str]
             return "BLOCKED", layers, what
         label = {"enter": "ENTER", "exit": "EXIT", "meta": "blocked", "nchw": "NCHW"}.get(kind, "BLOCKED")
         what = step.what + (f" ({meta['why']})" if meta.get("why") else "")
+        shape = run.input_shapes.get(n.target, ())
+        if isinstance(step, _steps.DropInConv) and run.input_dtypes.get(n.target) == torch.bfloat16 and len(shape) == 4:
+            # The drop-in path's bf16 plan (or why torch's convolution runs it).
+            conv = step._conv[0]
+            why = _backend.bf16_fallback_reason(conv.groups)
+            plan = why or _backend._C.bf16_fwd_plan(
+                _problem(conv, (shape[0], None, shape[2], shape[3], None)), torch.get_num_threads()
+            )
+            what += f"\n{'':>28}kernels: {plan}"
         return label, layers, what
     layers = " + ".join(meta.get("layers", [n.name]))
     if kind == "blocked":
