@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""bf16 forward per ResNet-50 layer, 1 thread, on both bf16 kernel families.
+"""bf16 forward per ResNet-50 layer, 1 thread (or --threads at the amx level), on both bf16 kernel families.
 
 - amx: the project's AMX kernels against torch's bf16 convolution in channels_last (oneDNN
   on AMX here), both against the core's AMX peak (its own tdpbf16ps loop).
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--helper", default=str(ROOT / "build" / "core" / "bench_bf16_fwd_amx"))
     ap.add_argument(
+        "--threads", type=int, default=1, help="threads of both sides (ours: the helper's pool; amx only; default 1)"
+    )
+    ap.add_argument(
         "--stats", action="store_true", help="time the AMX forward with the stats post-op against without instead"
     )
     ap.add_argument("--stats-configs", default="1x1,2x4", help="threads x N pairs for --stats (default 1x1,2x4)")
@@ -167,13 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or not levels:
         raise SystemExit(f"--levels: expected amx and/or avx512_bf16, got {args.levels!r}")
     amx, dot = "amx" in levels, "avx512_bf16" in levels
-    torch.set_num_threads(1)
+    if args.threads < 1 or (args.threads > 1 and dot):
+        raise SystemExit("--threads: expected 1, or more with --levels amx only")
+    torch.set_num_threads(args.threads)
     helper = Helper(Path(args.helper))
     helper.ask(f"clock {args.clock}")
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
-        f"torch {torch.__version__}, 1 thread, N={args.n}, {args.rounds} rounds of >= {args.min_time}s samples,"
+        f"torch {torch.__version__}, {args.threads} thread(s), N={args.n}, {args.rounds} rounds of >= {args.min_time}s samples,"
         f" {args.clock} clock"
     )
     print(f"load average at start: {os.getloadavg()}")
@@ -197,19 +202,19 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[str, list[float]] = {k: [] for k in ("amx", "torch", "dot", "fp32", "peak", "dotpeak")}
         # Plan and generate before timing.
         if amx:
-            helper.ask(f"conv {problem} 0.01 amx")
+            helper.ask(f"conv {problem} 0.01 amx {args.threads}")
         if dot:
             helper.ask(f"conv {problem} 0.01 avx512_bf16")
             helper.ask(f"fp32 {problem} 0.01")
         for _ in range(args.rounds):
             if amx:
-                samples["amx"].append(helper.ask(f"conv {problem} {args.min_time} amx"))
+                samples["amx"].append(helper.ask(f"conv {problem} {args.min_time} amx {args.threads}"))
             samples["torch"].append(torch_time(x, w, c.sh, c.ph, args.min_time, clock))
             if dot:
                 samples["dot"].append(helper.ask(f"conv {problem} {args.min_time} avx512_bf16"))
                 samples["fp32"].append(helper.ask(f"fp32 {problem} {args.min_time}"))
             if amx:
-                samples["peak"].append(helper.ask(f"peak {args.min_time}"))
+                samples["peak"].append(args.threads * helper.ask(f"peak {args.min_time}"))
             if dot:
                 samples["dotpeak"].append(helper.ask(f"dotpeak {args.min_time}"))
         t = {k: statistics.median(v) for k, v in samples.items() if v}

@@ -162,11 +162,11 @@ struct Problem {
   Aligned<uint8_t> dst, scratch;
 };
 
-void fill_problem(const std::string& text, Isa level, Problem* out) {
+void fill_problem(const std::string& text, Isa level, Problem* out, int threads = 1) {
   Problem& p = *out;
   ConvDesc d = parse_conv_desc(text);
   d.dt = DataType::bf16;
-  p.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, 1, DataType::bf16, {}, level));
+  p.prim = make_bf16_fwd_primitive(make_bf16_fwd_plan(d, threads, DataType::bf16, {}, level));
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   const int64_t cb = div_up(d.c, kAmxBlock), kb = div_up(d.k, kAmxBlock);
@@ -354,14 +354,24 @@ int main() {
     } else if (cmd == "conv") {
       std::string text, level_name;
       double min_seconds = 0.05;
+      int threads = 1;
       in >> text >> min_seconds >> level_name;
+      if (!(in >> threads)) threads = 1;
+      if (threads < 1 || threads > 64) {
+        std::printf("error: threads must be in [1, 64], got %d\n", threads);
+        std::fflush(stdout);
+        continue;
+      }
       const Isa level = parse_level(level_name);
-      const std::string key = text + " " + isa_name(level);
+      if (threads > 1 && (!pool || pool->size() < threads)) pool.reset(), pool = std::make_unique<Pool>(threads);
+      const RunShares pooled = [&](int n, const ShareFn& fn) { pool->run(n, fn); };
+      const std::string key = text + " " + isa_name(level) + " " + std::to_string(threads);
       auto it = problems.find(key);
-      if (it == problems.end()) it = problems.try_emplace(key).first, fill_problem(text, level, &it->second);
+      if (it == problems.end()) it = problems.try_emplace(key).first, fill_problem(text, level, &it->second, threads);
       Problem& p = it->second;
+      const RunShares& run = threads > 1 ? pooled : serial;
       std::printf("%.9f\n", time_calls([&] {
-        bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), serial);
+        bf16_fwd_run(*p.prim, p.src.data(), p.wei.data(), {}, p.dst.data(), p.scratch.data(), run);
       }, min_seconds));
     } else if (cmd == "fp32") {
       std::string text;
