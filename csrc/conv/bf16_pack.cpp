@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "conv/bwd_data.h"
+#include "conv/simd_transpose.h"
 #include "jit/amx_fwd_kernel.h"
 #include "jit/isa.h"
 
@@ -129,35 +130,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i load_words(c
   return round_bf16(_mm512_maskz_loadu_epi32(m, p));
 }
 
-// A 16 x 16 transpose of 32-bit elements: four rounds of swapping the off-diagonal s x s
-// blocks, s = 8, 4, 2, 1.
-struct TransposeIndices {
-  alignas(64) int32_t lo[4][16], hi[4][16];
-  constexpr TransposeIndices() : lo(), hi() {
-    for (int round = 0; round < 4; ++round) {
-      const int s = 8 >> round;
-      for (int col = 0; col < 16; ++col) {
-        lo[round][col] = (col & s) ? 16 + col - s : col;
-        hi[round][col] = (col & s) ? 16 + col : col + s;
-      }
-    }
-  }
-};
-constexpr TransposeIndices kTranspose;
-
-__attribute__((target("avx512f"))) inline void transpose16(__m512i r[16]) {
-  for (int round = 0; round < 4; ++round) {
-    const int s = 8 >> round;
-    const __m512i lo = _mm512_load_si512(kTranspose.lo[round]), hi = _mm512_load_si512(kTranspose.hi[round]);
-    for (int i = 0; i < 16; ++i) {
-      if (i & s) continue;
-      const __m512i a = r[i], b = r[i + s];
-      r[i] = _mm512_permutex2var_epi32(a, lo, b);
-      r[i + s] = _mm512_permutex2var_epi32(a, hi, b);
-    }
-  }
-}
-
 __attribute__((target("avx512f"))) inline __m512i word(const int32_t* words, int64_t i) {
   return _mm512_loadu_si512(words + i * 16);
 }
@@ -182,7 +154,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void fwd_block_avx512(const
     for (int64_t j0 = 0; j0 < len; j0 += 16) {
       __m512i r[16];
       for (int n = 0; n < 16; ++n) r[n] = load_words(rows + (n * src.st[0] + j0) * esize, src.dt, 16);
-      transpose16(r);
+      transpose16_epi32(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(wd + (j0 + i) * 16, r[i]);
     }
     for (int64_t t = 0; t < rs; ++t)
@@ -219,7 +191,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void bwd_block_avx512(const
         const int count = static_cast<int>(std::min<int64_t>(16, rs - t0));
         __m512i r[16];
         for (int n = 0; n < 16; ++n) r[n] = load_words(rows + (n * rs + t0) * esize, src.dt, count);
-        transpose16(r);
+        transpose16_epi32(r);
         for (int i = 0; i < count; ++i) _mm512_storeu_si512(wd + ((kl * 2 + half) * rs + t0 + i) * 16, r[i]);
       }
     }

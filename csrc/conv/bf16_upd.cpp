@@ -11,6 +11,7 @@
 #include "conv/bf16_fwd.h"
 #include "conv/driver_util.h"
 #include "conv/reference.h"
+#include "conv/simd_transpose.h"
 
 namespace dc {
 
@@ -227,38 +228,6 @@ __attribute__((target("avx512f,avx512bw"))) inline void pair_pixels(__m512i a, _
                                                24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   *lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(kLo), b);
   *hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(kHi), b);
-}
-
-// A 16 x 16 transpose of 32-bit elements: four rounds of swapping the off-diagonal blocks
-// of s x s elements, s = 8, 4, 2, 1. Round i's two-source permutes: row i (bit s clear)
-// keeps its columns without bit s and takes row i + s's columns without it; row i + s the
-// rest.
-struct TransposeIndices {
-  alignas(64) int32_t lo[4][16], hi[4][16];
-  constexpr TransposeIndices() : lo(), hi() {
-    for (int round = 0; round < 4; ++round) {
-      const int s = 8 >> round;
-      for (int col = 0; col < 16; ++col) {
-        lo[round][col] = (col & s) ? 16 + col - s : col;
-        hi[round][col] = (col & s) ? 16 + col : col + s;
-      }
-    }
-  }
-};
-constexpr TransposeIndices kTransposeIndices;
-
-__attribute__((target("avx512f"))) inline void transpose16_epi32(__m512i r[16]) {
-  for (int round = 0; round < 4; ++round) {
-    const int s = 8 >> round;
-    const __m512i lo = _mm512_load_si512(kTransposeIndices.lo[round]);
-    const __m512i hi = _mm512_load_si512(kTransposeIndices.hi[round]);
-    for (int i = 0; i < 16; ++i) {
-      if (i & s) continue;
-      const __m512i ri = r[i], rj = r[i + s];
-      r[i] = _mm512_permutex2var_epi32(ri, lo, rj);
-      r[i + s] = _mm512_permutex2var_epi32(ri, hi, rj);
-    }
-  }
 }
 
 // Row by row of 32 pixels (a tile row's 64 aligned bytes in each of the 32 channels'
