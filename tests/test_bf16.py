@@ -290,15 +290,20 @@ def test_cached_bf16_packing_follows_the_weight() -> None:
 
 @requires_amx
 def test_gradients_match_torch_bf16() -> None:
-    """The backward of the bf16 op (torch's convolution_backward on the same bf16 tensors, until the
-    bf16 backward kernels land): the gradients of torch's bf16 convolution, to bf16's rounding."""
+    """The backward of the bf16 op, on the bf16 input-gradient and weight-gradient kernels (no call
+    falls back to torch): the gradients of torch's bf16 convolution, to bf16's rounding."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, 20, 9, 11, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(24, 20, 3, 3, generator=g) / 13).bfloat16().requires_grad_()
     b = torch.randn(24, generator=g).bfloat16().requires_grad_()
     grad = torch.randn(2, 24, 5, 11, generator=g).bfloat16()
     args = dict(stride=(2, 1), padding=1)
-    tdc.conv2d(x, w, b, **args, relu=True).backward(grad)
+    before = tdc.jit_stats()["fallbacks"]
+    with torch.profiler.profile() as prof:  # records the ATen calls made inside our ops too
+        tdc.conv2d(x, w, b, **args, relu=True).backward(grad)
+    assert tdc.jit_stats()["fallbacks"] == before, "the bf16 backward fell back to torch"
+    names = {e.name for e in prof.events()}
+    assert not {"aten::convolution_backward", "aten::convolution"} & names, sorted(names)
     ours = [t.grad for t in (x, w, b)]
     for t in (x, w, b):
         t.grad = None

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "conv/bf16_fwd.h"
@@ -187,15 +188,33 @@ Tensor conv2d_packed_bf16(const Tensor& input, const Tensor& packed, const c10::
   return bf16_forward(input, d, reinterpret_cast<const uint16_t*>(packed.const_data_ptr()), bias, relu, format);
 }
 
-// The bf16 gradients of conv2d: ATen's convolution_backward on the same bf16 tensors, until
-// the AMX bf16 backward kernels exist (issue 10). This is the one place they will replace.
-// Only the shape of the operand whose gradient is not asked for matters to ATen.
+// The bf16 gradients of conv2d, each computed only when wanted: on the bf16 input-gradient
+// and weight-gradient kernels, through the blocked ops (rows of 32 channels in, the weight
+// packed within the call; those fall back to torch's convolution_backward themselves where the
+// kernels do not take a geometry), dx in NCHW (the caller gives its memory format) and dW of
+// the weight's type (from the kernels' fp32, rounded once). Grouped convolutions, and grad
+// tensors that are not 4-D, run ATen's convolution_backward on the same bf16 tensors. Only the
+// shape of the operand whose gradient is not asked for matters.
 std::tuple<Tensor, Tensor> bf16_conv2d_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
                                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                                 at::IntArrayRef dilation, int64_t groups, bool want_input,
                                                 bool want_weight) {
-  auto [gi, gw, unused] =
-      aten_backward(grad_output, input, weight, stride, padding, dilation, groups, want_input, want_weight);
+  if (groups != 1 || grad_output.dim() != 4 || input.dim() != 4 || input.numel() == 0 || grad_output.numel() == 0) {
+    auto [gi, gw, unused] =
+        aten_backward(grad_output, input, weight, stride, padding, dilation, groups, want_input, want_weight);
+    return {gi, gw};
+  }
+  const int64_t c = weight.size(1);
+  const Tensor gyb = to_blocked(grad_output, kLanes);
+  Tensor gi, gw;
+  if (want_input) {
+    const std::vector<int64_t> xb_size{input.size(0), dc::div_up(c, kLanes), input.size(2), input.size(3), kLanes};
+    gi = from_blocked(conv2d_blocked_backward_data_bf16(gyb, weight, xb_size, stride, padding, dilation, c), c);
+  }
+  if (want_weight)
+    gw = conv2d_blocked_backward_weight_bf16(gyb, to_blocked(input, kLanes), weight.sizes(), stride, padding, dilation,
+                                             c)
+             .to(weight.scalar_type());
   return {gi, gw};
 }
 
