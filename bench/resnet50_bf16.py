@@ -26,14 +26,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from harness import load_jit
-from resnet50_optimize import BREAKDOWN_STEPS, _time_interleaved, breakdown, make_sgd
+from resnet50_optimize import (
+    BREAKDOWN_STEPS,
+    _time_interleaved,
+    breakdown,
+    check_common_args,
+    make_sgd,
+    warn_if_shared,
+    write_results,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = ("torch_cl", "compile", "optimize")
@@ -53,15 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default: inference 10, training 5)")
     ap.add_argument("--isa-cap", choices=("avx512_bf16", "amx"), default=None, help="cap the JIT's ISA")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    args = ap.parse_args(argv)
-    try:
-        args.configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
-    except ValueError:
-        ap.error(f"--configs: expected THREADSxN pairs such as 1x1,2x4, got {args.configs!r}")
-    if any(len(c) != 2 or min(c) < 1 for c in args.configs):
-        ap.error(f"--configs: expected positive THREADSxN pairs, got {args.configs}")
-    if args.iters is not None and args.iters < 1:
-        ap.error(f"--iters: expected >= 1, got {args.iters}")
+    args = check_common_args(ap, ap.parse_args(argv))
     if "torch_cl" not in args.variants:
         args.variants.insert(0, "torch_cl")  # the outputs are checked against it
     return args
@@ -225,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             med, busy, diffs, vs_torch, compile_s, fallbacks, parts = run(
                 torch, tdc, base, args.variants, n, args.size, warmup, iters[mode]
             )
-            if busy < 0.75 * threads:
-                print(
-                    f"!! {mode} {threads}T N={n}: this process kept only {busy:.2f} of {threads} CPUs busy while "
-                    "timing: other processes hold the cores, and these times are not a measurement",
-                    file=sys.stderr,
-                )
+            warn_if_shared(mode, threads, n, busy)
             if fallbacks:
                 status = 1
                 print(f"!! {mode} {threads}T N={n}: {fallbacks} call(s) fell back to torch's convolution", file=sys.stderr)
@@ -256,21 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["breakdown_ms"] for r in rows):
             print("\n" + format_breakdown(mode, rows))
         results[mode] = rows
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "resnet50_bf16.json"
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
-        "wall_s": time.time() - start,
-        "torch": torch.__version__,
-        "isa": isa,
-        "iters": iters,
-        "warmup": warmup,
-        "size": args.size,
-        "quick": args.quick,
-        "loadavg_end": os.getloadavg(),
-    }
-    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"\nwrote {path}; wall time {time.time() - start:.0f} s")
+    write_results(torch, args, "resnet50_bf16.json", start, {"isa": isa, "iters": iters, "warmup": warmup}, results)
     return status
 
 

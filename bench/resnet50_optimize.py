@@ -76,7 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     ap.add_argument("--no-memory", action="store_true", help="skip the training step's peak memory (child processes)")
     ap.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = check_common_args(ap, ap.parse_args(argv))
+    if "torch_nchw" not in args.variants:
+        args.variants.insert(0, "torch_nchw")  # every ratio and check is against it
+    return args
+
+
+def check_common_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """--configs as (threads, N) pairs and --iters, checked (the whole-model benchmarks' shared options)."""
     try:
         args.configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
     except ValueError:
@@ -85,9 +92,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--configs: expected positive THREADSxN pairs, got {args.configs}")
     if args.iters is not None and args.iters < 1:
         ap.error(f"--iters: expected >= 1, got {args.iters}")
-    if "torch_nchw" not in args.variants:
-        args.variants.insert(0, "torch_nchw")  # every ratio and check is against it
     return args
+
+
+def warn_if_shared(mode: str, threads: int, n: int, busy: float) -> None:
+    """Says on stderr when this process kept fewer CPUs busy than its threads while timing."""
+    if busy < 0.75 * threads:
+        # With a core taken by another process, a multi-threaded op waits at every barrier.
+        print(
+            f"!! {mode} {threads}T N={n}: this process kept only {busy:.2f} of {threads} CPUs busy while "
+            "timing: other processes hold the cores, and these times are not a measurement",
+            file=sys.stderr,
+        )
+
+
+def write_results(torch, args: argparse.Namespace, name: str, start: float, meta: dict, results: dict) -> None:
+    """args.out / name: the run's metadata (date, wall time, torch, size, quick, load, and `meta`)
+    and its results, as JSON."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / name
+    meta = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+        "wall_s": time.time() - start,
+        "torch": torch.__version__,
+        **meta,
+        "size": args.size,
+        "quick": args.quick,
+        "loadavg_end": os.getloadavg(),
+    }
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"\nwrote {path}; wall time {time.time() - start:.0f} s")
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -390,13 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             med, busy, diffs, compile_s, fallbacks, parts = run(
                 torch, tdc, base, args.variants, n, args.size, warmup, iters[mode], args.sgd
             )
-            if busy < 0.75 * threads:
-                # With a core taken by another process, a multi-threaded op waits at every barrier.
-                print(
-                    f"!! {mode} {threads}T N={n}: this process kept only {busy:.2f} of {threads} CPUs busy while "
-                    "timing: other processes hold the cores, and these times are not a measurement",
-                    file=sys.stderr,
-                )
+            warn_if_shared(mode, threads, n, busy)
             rows.append(
                 {
                     "config": f"{threads}T N={n}",
@@ -430,22 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 status = 1
                 print(f"!! {mode} {r['config']}: differs from torch NCHW {bad} or fell back to torch", file=sys.stderr)
         results[mode] = rows
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "resnet50_optimize.json"
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
-        "wall_s": time.time() - start,
-        "torch": torch.__version__,
-        "isa": isa,
-        "iters": iters,
-        "warmup": warmup,
-        "size": args.size,
-        "quick": args.quick,
-        "sgd": args.sgd,
-        "loadavg_end": os.getloadavg(),
-    }
-    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    print(f"\nwrote {path}; wall time {time.time() - start:.0f} s")
+    meta = {"isa": isa, "iters": iters, "warmup": warmup, "sgd": args.sgd}
+    write_results(torch, args, "resnet50_optimize.json", start, meta, results)
     return status
 
 
