@@ -232,21 +232,7 @@ Bf16BwdDataPlan make_bf16_bwd_data_plan(const ConvDesc& d, int threads, DataType
 std::shared_ptr<const Bf16BwdDataPrimitive> make_bf16_bwd_data_primitive(const Bf16BwdDataPlan& plan) {
   auto prim = std::make_shared<Bf16BwdDataPrimitive>();
   prim->plan = plan;
-  const std::string info = plan.to_string();
-  for (const Avx512Bf16FwdKernelSpec& sp : plan.dot_kernels) {
-    prim->held.push_back(get_kernel(sp.name(), [&] { return make_avx512bf16_fwd_kernel(sp); }, info));
-    prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
-  }
-  if (plan.level != Isa::amx) return prim;
-  for (const AmxFwdKernelSpec& sp : plan.kernels) {
-    prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_fwd_kernel(sp); }, info));
-    prim->fns.push_back(prim->held.back()->entry<AmxFwdKernelFn>());
-  }
-  prim->held.push_back(get_kernel("amx_tilecfg_m" + std::to_string(plan.m),
-                                  [&] { return make_amx_tile_config_kernel(plan.m); }, info));
-  prim->tile_config = prim->held.back()->entry<AmxTileFn>();
-  prim->held.push_back(get_kernel("amx_tilerelease", [] { return make_amx_tile_release_kernel(); }, info));
-  prim->tile_release = prim->held.back()->entry<AmxTileFn>();
+  hold_bf16_fwd_kernels(plan, prim.get());
   return prim;
 }
 

@@ -113,6 +113,28 @@ struct Bf16FwdPrimitive {
   AmxTileFn tile_config = nullptr, tile_release = nullptr;  // level amx only
 };
 std::shared_ptr<const Bf16FwdPrimitive> make_bf16_fwd_primitive(const Bf16FwdPlan& plan);
+
+// The kernels of a plan that runs on the forward's kernel families (the forward's own, or the
+// input gradient's: conv/bf16_bwd_data.h), from the kernel cache into prim: the level's
+// kernels in the plan's order, and at the amx level the tile configuration and release.
+template <typename Plan, typename Prim>
+void hold_bf16_fwd_kernels(const Plan& plan, Prim* prim) {
+  const std::string info = plan.to_string();
+  for (const Avx512Bf16FwdKernelSpec& sp : plan.dot_kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_avx512bf16_fwd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->template entry<AmxFwdKernelFn>());
+  }
+  if (plan.level != Isa::amx) return;
+  for (const AmxFwdKernelSpec& sp : plan.kernels) {
+    prim->held.push_back(get_kernel(sp.name(), [&] { return make_amx_fwd_kernel(sp); }, info));
+    prim->fns.push_back(prim->held.back()->template entry<AmxFwdKernelFn>());
+  }
+  prim->held.push_back(get_kernel("amx_tilecfg_m" + std::to_string(plan.m),
+                                  [&] { return make_amx_tile_config_kernel(plan.m); }, info));
+  prim->tile_config = prim->held.back()->template entry<AmxTileFn>();
+  prim->held.push_back(get_kernel("amx_tilerelease", [] { return make_amx_tile_release_kernel(); }, info));
+  prim->tile_release = prim->held.back()->template entry<AmxTileFn>();
+}
 // The primitive of (desc, threads, output type, post-ops) at the active level (active_isa(),
 // amx or avx512_bf16), made once and kept (an LRU cache, as the fp32 primitives', keyed on
 // the level too); desc.dt must be bf16.
