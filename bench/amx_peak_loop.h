@@ -1,8 +1,13 @@
 // The bench helpers' AMX peak: tmm0-3 accumulate the products of tmm4-5 (A) and tmm6-7 (B),
 // as the convolutions' 2 x 2 tiles do, all 16 rows of 64 bytes; rdi iterations of 4
-// products, no loads (bench_bf16_fwd_amx.cpp, bench_bf16_upd_amx.cpp).
+// products, no loads (bench_bf16_fwd_amx.cpp, bench_bf16_upd_amx.cpp); and the level a
+// helper's command names, checked against what this CPU and process can run.
 #pragma once
 
+#include <stdexcept>
+#include <string>
+
+#include "jit/isa.h"
 #include "jit/jit_kernel.h"
 
 namespace dc_bench {
@@ -33,5 +38,15 @@ class PeakLoop : public dc::JitGenerator {
     ret();
   }
 };
+
+// The kernel family a command names ("" for amx), or an error when this CPU or process cannot
+// run it.
+inline dc::Isa parse_level(const std::string& name) {
+  const dc::Isa level = name.empty() ? dc::Isa::amx : dc::parse_isa(name);
+  if (level == dc::Isa::amx && !dc::tiles_usable())
+    throw std::runtime_error("no AMX tiles here (or the OS refused them)");
+  if (level > dc::detected_isa()) throw std::runtime_error(name + " is above this CPU's level");
+  return level;
+}
 
 }  // namespace dc_bench

@@ -61,6 +61,7 @@ using namespace dc;
 
 namespace {
 
+using dc_bench::parse_level;
 using dc_bench::PeakLoop;
 
 
@@ -238,13 +239,6 @@ void fill_fp32_problem(const std::string& text, Fp32Problem* out) {
   p.wei.resize(kb * cb * d.r * d.s * V * V);
   for (size_t i = 0; i < p.wei.size(); ++i) p.wei[i] = u(rng);
   p.dst.resize(d.n * kb * d.p() * d.q() * V);
-}
-
-Isa parse_level(const std::string& name) {
-  const Isa level = name.empty() ? Isa::amx : parse_isa(name);
-  if (level == Isa::amx && !tiles_usable()) throw std::runtime_error("no AMX tiles here (or the OS refused them)");
-  if (level > detected_isa()) throw std::runtime_error(name + " is above this CPU's level");
-  return level;
 }
 
 // The input gradient of a forward problem: dy (N, Kb, P, Q, 32) in, dx (N, Cb, H, W, 32) out.

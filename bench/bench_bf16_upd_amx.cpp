@@ -41,6 +41,7 @@ using namespace dc;
 
 namespace {
 
+using dc_bench::parse_level;
 using dc_bench::PeakLoop;
 
 
@@ -138,14 +139,6 @@ void fill_blocked(Aligned<uint16_t>* v, int64_t n, int64_t channels, int64_t pix
   v->resize(total);
   for (int64_t i = 0; i < total; ++i)
     (*v)[i] = i % kAmxBlock + (i / (pixels * kAmxBlock) % blocks) * kAmxBlock < channels ? bf16_from_float(u(*rng)) : 0;
-}
-
-// The level a command names (amx when it names none), if this process can run it.
-Isa parse_level(const std::string& name) {
-  const Isa level = name.empty() ? Isa::amx : parse_isa(name);
-  if (level == Isa::amx && !tiles_usable()) throw std::runtime_error("no AMX tiles here (or the OS refused them)");
-  if (level > detected_isa()) throw std::runtime_error(name + " is above this CPU's level");
-  return level;
 }
 
 void fill_problem(const ConvDesc& d, int threads, DataType dw_dt, Isa level, Problem* p) {
