@@ -183,7 +183,7 @@ class _ConvStep(Step):
         self._cache: tuple[_TensorsKey, tuple] | None = None
         self._geo: tuple | None = None
 
-    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute, dtype=torch.float32) -> tuple:
+    def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
         """compute(pack): packed once (pack(w, dtype) = the blocked weight for activations of
         dtype) and kept while it may be; else computed at each call with the weight left
         (K, C, R, S) (pack = the identity), which conv2d_blocked packs within its call and whose
@@ -260,9 +260,7 @@ class Unit(_ConvStep):
         conv_t, conv_owned = _own(conv, ("weight", "bias"))
         key = (_backend.isa(), dtype)
         if bn is None:
-            return self._cached(
-                conv_t, conv_owned, key, lambda pack: (pack(conv_t[0], dtype), conv_t[1]), dtype
-            )
+            return self._cached(conv_t, conv_owned, key, lambda pack: (pack(conv_t[0], dtype), conv_t[1]))
         bn_t, bn_owned = _own(bn, ("weight", "bias", "running_mean", "running_var"))
 
         def fold(pack) -> tuple:
@@ -275,7 +273,7 @@ class Unit(_ConvStep):
             v = _backend.vector_width(dtype)
             return pack(w, dtype), F.pad(b.float(), (0, -(-b.shape[0] // v) * v - b.shape[0]))
 
-        return self._cached(conv_t + bn_t, conv_owned and bn_owned, (*key, bn.eps), fold, dtype)
+        return self._cached(conv_t + bn_t, conv_owned and bn_owned, (*key, bn.eps), fold)
 
     @staticmethod
     def _padded(conv: nn.Conv2d, xb: torch.Tensor) -> tuple:
