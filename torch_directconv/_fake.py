@@ -90,6 +90,13 @@ def _to_blocked(x, vlen):
     return x.new_empty((n, -(-c // vlen), h, w, vlen))
 
 
+@torch.library.register_fake("directconv::to_blocked_folded")
+def _to_blocked_folded(x, kernel_size, stride, padding, dilation):
+    n, _, h, w = x.shape
+    q = (w + padding[2] + padding[3] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, 1, h + padding[0] + padding[1], q, _backend.vector_width(torch.bfloat16)), dtype=torch.bfloat16)
+
+
 @torch.library.register_fake("directconv::from_blocked")
 def _from_blocked(xb, channels):
     return xb.new_empty((xb.shape[0], channels, xb.shape[2], xb.shape[3]))

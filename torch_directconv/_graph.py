@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import _steps
+from . import _backend, _steps
 from .modules import DirectConv2d
 
 CONV, BN, RELU, ACT, ADD, EW2 = "conv", "batch norm", "relu", "activation", "add", "element-wise"
@@ -649,13 +649,31 @@ class _Emitter:
         if v in self.blocked:
             return self.blocked[v]
         if v not in self.entries:
-            name = self.p.ops[reader].name
-            channels, origin = (self.p.channels[v], name) if v in self.p.channels else self.p.required[v]
-            consumer = f"layer '{name}'" + (f" (for '{origin}')" if origin != name else "")
-            step = _steps.Enter(self._describe(v), channels, consumer)
+            step = self._enter(v, reader)
             self.entries[v] = self._step(step, (self.as_nchw(v, reader),), "enter", v.name)
-            self.entries[v].meta["dc"]["channels"] = channels
+            self.entries[v].meta["dc"]["channels"] = step.channels
         return self.entries[v]
+
+    def _enter(self, v: fx.Node, reader: fx.Node) -> _steps.Enter:
+        name = self.p.ops[reader].name
+        channels, origin = (self.p.channels[v], name) if v in self.p.channels else self.p.required[v]
+        consumer = f"layer '{name}'" + (f" (for '{origin}')" if origin != name else "")
+        return _steps.Enter(self._describe(v), channels, consumer)
+
+    def _enters_folded(self, x, conv: fx.Node | None, residual) -> bool:
+        """Whether the unit of conv takes its region's entry in (EnterUnit): x enters the region
+        here and nothing else reads it, and the convolution folds its kernel columns in bf16."""
+        if conv is None or residual is not None or not isinstance(x, fx.Node) or _backend._C is None:
+            return False
+        if x in self.blocked or x in self.entries or len(x.users) != 1:
+            return False
+        m = self.p.ops[conv].module
+        return (
+            isinstance(m, nn.Conv2d)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+            and _backend._C.bf16_folds_columns(m.in_channels, m.kernel_size[1])
+        )
 
     def emit(self) -> fx.Graph:
         for n in self.graph.nodes:
@@ -683,6 +701,19 @@ class _Emitter:
             residual = b if main is None or a is main else a
         ops = self.p.ops
         names = [ops[p].name for p in (conv, bn, add, relu) if p is not None]
+        if self._enters_folded(x, conv, residual):
+            step = _steps.EnterUnit(
+                self._enter(x, first),
+                ops[conv].module,
+                ops[bn].module if bn is not None else None,
+                names,
+                self.p.channels[last],
+                relu is not None,
+            )
+            node = self._step(step, (self.as_nchw(x, first),), "unit", last.name)
+            node.meta["dc"]["enters"] = True  # explain() counts it among the conversions to blocked
+            self._hold_blocked(last, node)
+            return
         step = _steps.Unit(
             ops[conv].module if conv is not None else None,
             ops[bn].module if bn is not None else None,

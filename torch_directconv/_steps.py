@@ -22,6 +22,7 @@ from .functional import _check, _pair, conv2d, conv2d_packed, conv_padding, fall
 
 _CONV2D_BLOCKED = torch.ops.directconv.conv2d_blocked.default
 _CONV2D = torch.ops.directconv.conv2d.default
+_TO_BLOCKED_FOLDED = torch.ops.directconv.to_blocked_folded.default
 # Weights of at least this many elements are packed once and kept while they may be; a smaller
 # one costs less to pack within the call than the cache's checks (DropInConv).
 _PACK_CACHE_MIN = 4096
@@ -61,6 +62,12 @@ class Enter(Step):
         self.consumer = consumer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check(x)
+        dtype = blocked_dtype(x)
+        return to_blocked(x if x.dtype == dtype else x.to(dtype))
+
+    def check(self, x) -> None:
+        """Raises for an input the region cannot take, naming the layer that needs it."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise RuntimeError(f"optimize: {self.consumer} expected a 4-D (N, C, H, W) input, got {got}")
@@ -69,8 +76,6 @@ class Enter(Step):
                 f"optimize: {self.consumer} expected an input with {self.channels} channels, got {x.shape[1]} "
                 f"(shape {tuple(x.shape)})"
             )
-        dtype = blocked_dtype(x)
-        return to_blocked(x if x.dtype == dtype else x.to(dtype))
 
 
 class Exit(Step):
@@ -253,19 +258,21 @@ class Unit(_ConvStep):
         # The scale and shift of a lone add -> ReLU pass: bn_apply with the identity's affine.
         self._identity = (torch.ones(channels), torch.zeros(channels)) if residual else None
 
-    def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> tuple:
+    def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype, columns: bool = False) -> tuple:
         """(weight, bias) of the convolution, with bn folded in when it is given; the weight
         blocked for activations of `dtype` when it is cached (bf16: folded in fp32, then rounded
-        once), else (K, C, R, S), which the op casts and packs within its call."""
+        once), else (K, C, R, S), which the op casts and packs within its call. With `columns`,
+        the weight of the layer on its column-folded input (fold_columns)."""
         conv_t, conv_owned = _own(conv, ("weight", "bias"))
-        key = (_backend.isa(), dtype)
+        key = (_backend.isa(), dtype, columns)
+        layer = fold_columns if columns else (lambda w: w)
         if bn is None:
-            return self._cached(conv_t, conv_owned, key, lambda pack: (pack(conv_t[0], dtype), conv_t[1]))
+            return self._cached(conv_t, conv_owned, key, lambda pack: (pack(layer(conv_t[0]), dtype), conv_t[1]))
         bn_t, bn_owned = _own(bn, ("weight", "bias", "running_mean", "running_var"))
 
         def fold(pack) -> tuple:
             scale, shift = _eval_affine(bn)
-            w = conv_t[0] * scale.view(-1, 1, 1, 1)
+            w = layer(conv_t[0] * scale.view(-1, 1, 1, 1))
             b = shift if conv_t[1] is None else shift + conv_t[1] * scale
             if pack is not _blocked_weight or dtype != torch.bfloat16:
                 return pack(w, dtype), b
@@ -379,6 +386,62 @@ class Unit(_ConvStep):
         if residual is not None and residual.shape != xb.shape:
             return self._add_relu(self._batch_norm(bn, xb, batch_stats, None, False, stats), residual)
         return self._batch_norm(bn, xb, batch_stats, residual, self.relu, stats)
+
+
+def fold_columns(w: torch.Tensor) -> torch.Tensor:
+    """The weight (K, C, R, S) of a layer as the weight (K, S * C, R, 1) of the same layer on its
+    column-folded input (to_blocked_folded: inner channel s * C + c is channel c at column s)."""
+    k, c, r, s = w.shape
+    return w.permute(0, 3, 1, 2).reshape(k, s * c, r, 1)
+
+
+class EnterUnit(Unit):
+    """Enter -> Unit (no residual) for a convolution that folds its kernel columns into its
+    channels in bf16 (conv1's 3 x 7 x 7; _C.bf16_folds_columns). In bf16, when no gradient must
+    reach the input, the region's entry is the folded copy itself (to_blocked_folded: one pass
+    from the NCHW input, rounded as autocast rounds it), on which the layer is an R x 1
+    convolution of C * S channels with the weight fold_columns gives; the 32-lane rows of a
+    3-channel input are never written. Otherwise the entry and the unit run as they would apart."""
+
+    def __init__(self, entry: Enter, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, names: list[str], channels: int, relu: bool) -> None:
+        super().__init__(conv, bn, names, channels, False, relu)
+        self.entry = entry
+        self.what = f"{entry.what}, then {self.what}; in bf16 one folded entry (to_blocked_folded)"
+        self._folded_geo = None
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        if blocked_dtype(x) != torch.bfloat16 or torch._C._are_functorch_transforms_active():
+            return False
+        return not (x.requires_grad and torch.is_grad_enabled())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entry.check(x)
+        if not self._folds(x):
+            return super().forward(self.entry(x))
+        conv, bn = self._parts
+        stride, pad4, dilation = self._geometry(conv, conv.padding)
+        xf = _TO_BLOCKED_FOLDED(x, list(conv.kernel_size), stride, pad4, dilation)
+        # The layer on the folded copy: R x 1, stride (sh, 1), no padding, C * S channels.
+        geo = ([stride[0], 1], [0, 0, 0, 0], [dilation[0], 1])
+        in_channels = conv.in_channels * conv.kernel_size[1]
+        batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
+        fold = bn is not None and not batch_stats
+        wb, bias = self._weights(conv, bn if fold else None, xf.dtype, columns=True)
+        if bn is None or fold:
+            return call_op(_CONV2D_BLOCKED, xf, wb, bias, *geo, self.relu, in_channels, None)
+        track = bn.training and bn.track_running_stats and bn.running_mean is not None
+        yb, mean, var = conv2d_blocked_stats(
+            xf,
+            wb,
+            bias,
+            geo[0],
+            0,
+            geo[2],
+            channels=self.channels,
+            shift=bn.running_mean.detach().float() if track else None,
+            in_channels=in_channels,
+        )
+        return self._batch_norm(bn, yb, batch_stats, None, self.relu, (mean, var))
 
 
 class Pool(Step):

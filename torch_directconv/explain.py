@@ -24,6 +24,7 @@ class _TimedRun(fx.Interpreter):
         self.times: dict = defaultdict(list)
         self.input_shapes: dict = {}
         self.input_dtypes: dict = {}
+        self.output_dtypes: dict = {}
 
     def run_node(self, n: fx.Node):
         t0 = time.perf_counter()
@@ -35,7 +36,10 @@ class _TimedRun(fx.Interpreter):
         if args and isinstance(args[0], torch.Tensor):
             self.input_shapes[target] = tuple(args[0].shape)
             self.input_dtypes[target] = args[0].dtype
-        return super().call_module(target, args, kwargs)
+        out = super().call_module(target, args, kwargs)
+        if isinstance(out, torch.Tensor):
+            self.output_dtypes[target] = out.dtype
+        return out
 
 
 def _problem(conv: nn.Conv2d, xb_shape: tuple) -> str:
@@ -83,9 +87,20 @@ def _row(gm: fx.GraphModule, n: fx.Node, run: _TimedRun) -> tuple[str, str, str]
         if isinstance(step, _steps.Unit):
             what = _unit_what(step)
             conv = step._parts[0]
+            if isinstance(step, _steps.EnterUnit):
+                bf16 = run.output_dtypes.get(n.target) == torch.bfloat16
+                entry = (
+                    "the folded entry (to_blocked_folded: NCHW in one pass, unless a gradient must reach the input)"
+                    if bf16
+                    else step.entry.what
+                )
+                what = f"{entry}, then {what}"
             if conv is not None and n.target in run.input_shapes:
-                problem = _problem(conv, run.input_shapes[n.target])
-                if run.input_dtypes[n.target] == torch.bfloat16:
+                shape = run.input_shapes[n.target]
+                if len(shape) == 4:  # an EnterUnit's NCHW input
+                    shape = (shape[0], None, shape[2], shape[3], None)
+                problem = _problem(conv, shape)
+                if run.input_dtypes[n.target] == torch.bfloat16 or run.output_dtypes.get(n.target) == torch.bfloat16:
                     plan = _backend._C.bf16_fwd_plan(problem, torch.get_num_threads())
                 else:
                     plan = _backend._C.fwd_plan(problem, torch.get_num_threads())
@@ -178,7 +193,7 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
             exits.append(f"  #{i} {layers}: {what}")
         lines.append(f"{i:>4} {layout:<8} {1e3 * med[n]:7.3f} {100 * med[n] / total:5.1f}  {layers}: {what}")
     p = opt._engine.plans[opt.training]
-    entries = sum(1 for n in nodes if n.meta.get("dc", {}).get("kind") == "enter")
+    entries = sum(1 for n in nodes if n.meta.get("dc", {}).get("kind") == "enter" or n.meta.get("dc", {}).get("enters"))
     lines.append("")
     regions = len(set(p.regions.values()))
     lines.append(f"{regions} blocked region(s); {entries} conversion(s) to blocked, {len(exits)} from blocked")

@@ -40,12 +40,25 @@ std::vector<std::pair<int64_t, int64_t>> run_starts(int64_t total, int m) {
 std::string Bf16FwdPlan::to_string() const {
   std::ostringstream o;
   o << "bf16 " << isa_name(level) << " fwd " << desc.to_string() << " threads=" << threads << " out=" << dtype_name(out_dt) << post.name()
-    << " m=" << m << " runs/call=" << n_a << (flat ? " flat" : " rows") << (input == Bf16FwdInput::padded       ? " padded"
+    << " m=" << m << " runs/call=" << n_a << (flat ? " flat" : " rows") << (blocks_outer ? " blocks-outer" : "") << (input == Bf16FwdInput::padded       ? " padded"
         : input == Bf16FwdInput::folded     ? " folded"
         : input == Bf16FwdInput::subsampled ? " subsampled"
                                             : "") << " kernels=";
   o << spec_names(kernels) << spec_names(dot_kernels);  // one of them is empty
   return o.str();
+}
+
+bool bf16_fwd_blocks_outer(int64_t weight_bytes, int64_t image_bytes, int64_t n, int64_t kb, int threads, int64_t l2) {
+  if (n < 2) return false;  // one image: the two orders are the same
+  const int64_t room = l2 / 2;
+  const double images = static_cast<double>(div_up(n, threads));  // a thread's, image-major
+  const double image_major = (weight_bytes <= room ? 1.0 : images) * static_cast<double>(weight_bytes) +
+                             images * static_cast<double>(image_bytes) * (image_bytes <= room ? 1.0 : kb);
+  const double blocks = static_cast<double>(div_up(kb, threads));  // a thread's, block-major
+  const double all = static_cast<double>(n) * image_bytes;
+  const double block_major =
+      static_cast<double>(weight_bytes) * blocks / kb + all * (all <= room ? 1.0 : blocks);
+  return block_major < 0.75 * image_major;  // a clear gain: the image-major order keeps each image's output together
 }
 
 // In issue slots: the products issue one a slot; loads (two weight rows, a broadcast a
@@ -196,9 +209,13 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
 
   const int64_t img_bytes = p.cb * p.hp * p.wp * kPixelBytes;
   const int64_t out_px_bytes = kAmxBlock * elem_bytes(out_dt);
+  p.blocks_outer = bf16_fwd_blocks_outer(p.kb * p.cb * in.r * in.s * kTapBytes, img_bytes, d.n, p.kb, threads,
+                                         l2_bytes());
   std::vector<Bf16FwdCall> calls;
-  for (int64_t n = 0; n < d.n; ++n)
-    for (int64_t kbi = 0; kbi < p.kb; ++kbi) {
+  const int64_t outer = p.blocks_outer ? p.kb : d.n, inner = p.blocks_outer ? d.n : p.kb;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t i_ = 0; i_ < inner; ++i_) {
+      const int64_t n = p.blocks_outer ? i_ : o, kbi = p.blocks_outer ? o : i_;
       const int n_b = d.k - kbi * kAmxBlock <= 16 ? 1 : 2;
       for (size_t i = 0; i < runs.size(); i += p.n_a) {
         Bf16FwdCall c{};
@@ -224,8 +241,9 @@ Bf16FwdPlan make_bf16_fwd_plan(const ConvDesc& d, int threads, DataType out_dt, 
     }
   p.streams.resize(threads);
   const int64_t total = static_cast<int64_t>(calls.size());
-  for (int t = 0; t < threads; ++t)
+  for (int t = 0; t < threads; ++t) {
     p.streams[t].assign(calls.begin() + total * t / threads, calls.begin() + total * (t + 1) / threads);
+  }
 
   AmxFwdCallArgs& a = p.strides;
   a.n_cb = p.cb;

@@ -14,7 +14,10 @@
 // estimated cycles over the layer (mostly: the fewest pixels computed, overlaps and
 // virtual columns included). A thread's stream
 // takes calls in (image, output block, pixels) order, so a block's weights stay in cache
-// while its pixels pass. Where the layer pads, the driver first copies the input into a
+// while its pixels pass; or, where that would read the layer's weights more often from
+// beyond L2 than the input (a layer whose weights do not fit L2, on several images), in
+// (output block, image, pixels) order, so that each thread reads only its blocks' weights,
+// once (bf16_fwd_blocks_outer). Where the layer pads, the driver first copies the input into a
 // zero-bordered scratch, each thread its share, so that every tap is a plain load
 // (Bf16FwdInput).
 //
@@ -79,6 +82,7 @@ struct Bf16FwdPlan {
   bool flat = false;             // runs cross (virtual) row ends: AMX at stride 1; avx512_bf16 by cost
   int m = 16;                    // pixels per run, every run of the plan
   int n_a = 2;                   // runs per call (the last call of an image's block may have one)
+  bool blocks_outer = false;     // calls in (output block, image, pixels) order
   int64_t scratch_bytes = 0;     // the copy (0 for a direct input)
   std::vector<AmxFwdKernelSpec> kernels;             // level amx
   std::vector<Avx512Bf16FwdKernelSpec> dot_kernels;  // level avx512_bf16
@@ -91,6 +95,16 @@ struct Bf16FwdPlan {
 
   std::string to_string() const;
 };
+
+// Whether a plan's calls go in (output block, image, pixels) order rather than (image,
+// output block, pixels): when the bytes each thread reads from beyond L2 are fewer so.
+// weight_bytes: the layer's packed weights; image_bytes: one image of the input the kernels
+// read; kb: output blocks; l2: one core's L2 (half of it counts as room to reuse in).
+// Image-major, a thread on n / threads images reads the weights once if they fit, else
+// once an image, and each image once if it fits, else once a block; block-major, a thread
+// reads its kb / threads blocks' weights once, and every image once if they all fit, else
+// once a block. Block-major only when that reads at most 3/4 of what image-major does.
+bool bf16_fwd_blocks_outer(int64_t weight_bytes, int64_t image_bytes, int64_t n, int64_t kb, int threads, int64_t l2);
 
 // Estimated cycles of an avx512_bf16 kernel call of `px` pixels x 2 vectors that takes
 // `steps` vdpbf16ps steps (a kernel column and a channel pair each): the cost the plans of

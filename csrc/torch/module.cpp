@@ -229,6 +229,9 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("groups"),
       "Why a bf16 convolution of these groups runs on torch's convolution at the active level, or None when the "
       "bf16 kernels of the active level (amx or avx512_bf16) take it (conv/paths.h).");
+  m.def("bf16_folds_columns", &dc_torch::folds_columns, pybind11::arg("in_channels"), pybind11::arg("kernel_w"),
+        "Whether a bf16 convolution of this many input channels and kernel columns folds its columns into its "
+        "channels (conv/bf16_fwd.h): the layers whose blocked model enters through to_blocked_folded.");
   m.def(
       "bf16_packed_weight_elems",
       [](int64_t k, int64_t c, int64_t r, int64_t s) {

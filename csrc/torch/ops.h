@@ -91,4 +91,9 @@ Tensor from_blocked(const Tensor& xb, int64_t channels);
 Tensor to_blocked_weight(const Tensor& w, int64_t vlen);
 Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c);
 
+// fold_ops.cpp: the folded entry of the bf16 blocked model (conv/bf16_fold.h).
+Tensor to_blocked_folded(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation);
+bool folds_columns(int64_t in_channels, int64_t kernel_w);
+
 }  // namespace dc_torch

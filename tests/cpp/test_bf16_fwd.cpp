@@ -321,6 +321,24 @@ void plan_tiles() {
         flat.to_string().c_str());
 }
 
+// The call order: image-major by default; block-major where the layer's weights do not fit
+// L2 and several images would each read them again (bf16_fwd_blocks_outer). Such a layer,
+// on one and two threads, against the reference.
+void call_orders() {
+  const int64_t l2 = 2 << 20;
+  CHECK(bf16_fwd_blocks_outer(4718592, 82944, 4, 16, 2, l2), "res5's 3x3 at N=4 on 2 threads should be block-major");
+  CHECK(!bf16_fwd_blocks_outer(32768, 1605632, 4, 2, 2, l2), "res2's 1x1 at N=4 should stay image-major");
+  CHECK(!bf16_fwd_blocks_outer(4718592, 82944, 1, 16, 2, l2), "one image: the orders are the same, image-major");
+  const Case t = make_case("mb2ic384ih3oc384oh3kh3ph1", DataType::bf16, true, false, true);
+  for (int threads : {1, 2}) {
+    const bool outer = make_bf16_fwd_plan(t.d, threads, t.out_dt, t.post, levels()[0]).blocks_outer;
+    CHECK(outer == (bf16_fwd_weight_elems(t.d) * 2 > l2_bytes() / 2),
+          "%s on %d threads: block-major %d, with %lld bytes of weights and an L2 of %lld", t.d.to_string().c_str(),
+          threads, outer, static_cast<long long>(bf16_fwd_weight_elems(t.d) * 2), static_cast<long long>(l2_bytes()));
+    run_case(t, threads, threads == 2);
+  }
+}
+
 // The primitive cache keys on the level: under the caps amx -> avx512_bf16 -> amx the same
 // problem gets each level's kernels (and tiles only at amx), never the other level's.
 void primitives_key_on_the_level() {
@@ -359,6 +377,7 @@ int main() {
   bad_plans();
   plan_tiles();
   primitives_key_on_the_level();
+  call_orders();
   resnet_kinds();
   input_kinds();
   random_shapes();
