@@ -22,6 +22,7 @@ from .functional import _check, _pair, conv2d, conv2d_packed, conv_padding, fall
 
 _CONV2D_BLOCKED = torch.ops.directconv.conv2d_blocked.default
 _CONV2D = torch.ops.directconv.conv2d.default
+_TO_BLOCKED = torch.ops.directconv.to_blocked.default
 # Weights of at least this many elements are packed once and kept while they may be; a smaller
 # one costs less to pack within the call than the cache's checks (DropInConv).
 _PACK_CACHE_MIN = 4096
@@ -52,8 +53,8 @@ def blocked_dtype(x: torch.Tensor) -> torch.dtype:
 class Enter(Step):
     """NCHW -> blocked at a region's entry; checks the rank and channel count first, so that a
     bad input is reported with the layer that needs it. Under bf16 autocast, and for a bf16
-    value, the region runs in bf16: the value is rounded to bf16 (as autocast rounds a
-    convolution's input) and blocked in rows of 32 channels."""
+    value, the region runs in bf16: the value is rounded to bf16 (bit for bit as autocast
+    rounds a convolution's input, in the same pass) and blocked in rows of 32 channels."""
 
     def __init__(self, value: str, channels: int, consumer: str) -> None:
         super().__init__([value], f"to_blocked ({channels} channels) for {consumer}")
@@ -70,6 +71,9 @@ class Enter(Step):
                 f"(shape {tuple(x.shape)})"
             )
         dtype = blocked_dtype(x)
+        if dtype == torch.bfloat16 and x.dtype == torch.float32:
+            # Rounded to bf16 as autocast's cast rounds, and blocked, in one pass.
+            return call_op(_TO_BLOCKED, x, _backend.vector_width(dtype))
         return to_blocked(x if x.dtype == dtype else x.to(dtype))
 
 
