@@ -45,9 +45,11 @@ def blocked_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a region keeps a value entering it in: bf16 under CPU autocast to bf16 (as the
     convolutions it feeds would cast it) and for a bf16 value, else the value's own (float32:
     optimize's forward sends nothing else here)."""
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return torch.bfloat16
-    return x.dtype
+    return torch.bfloat16 if _bf16_autocast() else x.dtype
+
+
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 class Enter(Step):
@@ -178,14 +180,12 @@ def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{bn_name}: Expected more than 1 value per channel when training, got input size {size}")
 
 
-class _ConvStep(Step):
-    """A step that runs a convolution: its weights (folded, packed) and its geometry kept
-    between calls while they may be."""
+class _CachedStep(Step):
+    """A step that keeps what it computes from its modules' weights between calls while it may."""
 
     def __init__(self, layers: list[str], what: str) -> None:
         super().__init__(layers, what)
         self._cache: tuple[_TensorsKey, tuple] | None = None
-        self._geo: tuple | None = None
 
     def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
         """compute(pack): packed once (pack(w, dtype) = the blocked weight for activations of
@@ -205,6 +205,15 @@ class _ConvStep(Step):
             result = compute(_blocked_weight)
         self._cache = (_TensorsKey(tensors, extra), result)
         return result
+
+
+class _ConvStep(_CachedStep):
+    """A step that runs a convolution: its weights (folded, packed) and its geometry kept
+    between calls while they may be."""
+
+    def __init__(self, layers: list[str], what: str) -> None:
+        super().__init__(layers, what)
+        self._geo: tuple | None = None
 
     def _geometry(self, conv: nn.Conv2d, padding) -> tuple[list, list, list]:
         """(stride, padding (top, bottom, left, right), dilation) as conv2d_blocked's op takes
@@ -507,3 +516,32 @@ class DropInConv(_ConvStep):
             return conv2d_packed(x, packed, b, w.shape[0], stride, pad4, dilation, conv.groups, self.relu)
         # The op packs the weight within its call (and gives its gradient).
         return call_op(_CONV2D, x, w, b, stride, pad4, dilation, conv.groups, self.relu)
+
+
+def _autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as CPU autocast to bf16 casts an argument of a lower-precision op: floating tensors but
+    float64 to bf16, the others as they are."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, torch.bfloat16):
+        return t
+    return t.to(torch.bfloat16)
+
+
+class Linear(_CachedStep):
+    """A plain nn.Linear, NCHW. Under bf16 autocast, while no gradient must reach its weight and
+    bias, they are cast to bf16 once (as autocast casts them at every call) and kept, keyed on
+    the exact tensors and their versions as the convolutions' packed weights are; F.linear on
+    them is then the op autocast runs, on the same operands. Otherwise (and once the module has
+hooks of its own) the module runs itself."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        super().__init__([name], "linear, NCHW (under bf16 autocast without gradients: its bf16 weight and bias kept)")
+        self._module = (module,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self._module[0]
+        if _bf16_autocast() and not (module._forward_hooks or module._forward_pre_hooks):
+            tensors, owned = _own(module, ("weight", "bias"))
+            if _cacheable(owned, tensors):
+                w, b = self._cached(tensors, owned, (), lambda _: tuple(_autocast_cast(t) for t in tensors))
+                return F.linear(x, w, b)
+        return module(x)
