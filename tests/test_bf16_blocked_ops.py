@@ -22,8 +22,8 @@ from torch import nn
 import torch_directconv as tdc
 from helpers import EXPECTED_ISA
 from torch_directconv import _C
-from torch_directconv._autograd import call_op
 from torch_directconv import blocked_ops as bo
+from torch_directconv._autograd import call_op
 
 ops = torch.ops.directconv
 V = 32
@@ -234,7 +234,8 @@ def test_layout_vlen_must_match_the_dtype() -> None:
     x = torch.zeros(1, 3, 2, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="expected 'vlen' 32 for a bfloat16 'x', got 16"):
         ops.to_blocked(x, 16)
-    with pytest.raises(RuntimeError, match=r"expected 'vlen' 8 or 16 \(float32 blocks\) or 32 \(bfloat16 rows\) for a float32 'x', got 4"):
+    fp32_vlens = r"expected 'vlen' 8 or 16 \(float32 blocks\) or 32 \(bfloat16 rows\) for a float32 'x', got 4"
+    with pytest.raises(RuntimeError, match=fp32_vlens):
         ops.to_blocked(x.float(), 4)
     with pytest.raises(RuntimeError, match="expected a blocked bfloat16 'xb'"):
         ops.from_blocked(torch.zeros(1, 1, 2, 2, 16, dtype=torch.bfloat16), 3)
@@ -681,7 +682,8 @@ def test_fp32_entry_compiles() -> None:
         compiled = step(torch.compile(entry, fullgraph=True))
     assert [t.dtype for t in compiled] == [torch.bfloat16, torch.float32]
     for a, e in zip(compiled, eager, strict=True):
-        assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a, e.view(torch.int16) if e.dtype == torch.bfloat16 else e)
+        assert a.dtype == e.dtype
+        assert torch.equal(a.view(torch.int16), e.view(torch.int16)) if a.dtype == torch.bfloat16 else torch.equal(a, e)
 
 
 def test_torch_func_matches_autograd() -> None:

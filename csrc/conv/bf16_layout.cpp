@@ -154,7 +154,8 @@ __attribute__((target("avx512f,avx512bw"))) void f32_cl_row_to_rows32(const floa
   const __mmask16 hi = static_cast<__mmask16>((1u << std::max<int64_t>(0, nc - 16)) - 1);
   for (int64_t x = 0; x < w; ++x) {
     const float* px = in + x * pstride;
-    _mm512_storeu_si512(out + x * kLanes, round32(_mm512_maskz_loadu_ps(lo, px), _mm512_maskz_loadu_ps(hi, px + 16), nan));
+    const __m512i row = round32(_mm512_maskz_loadu_ps(lo, px), _mm512_maskz_loadu_ps(hi, px + 16), nan);
+    _mm512_storeu_si512(out + x * kLanes, row);
   }
 }
 
