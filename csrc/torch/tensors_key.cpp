@@ -40,7 +40,7 @@ class TensorsKey {
       if (!e.tensor.defined() || !THPVariable_Check(item.ptr())) return false;
       const at::Tensor& t = THPVariable_Unpack(item.ptr());
       if (t.unsafeGetTensorImpl() != e.tensor.unsafeGetTensorImpl() || t._version() != e.version ||
-          !t.is_set_to(e.alias))
+          !set_to(t, e.alias))
         return false;
     }
     return true;
@@ -51,6 +51,14 @@ class TensorsKey {
     at::Tensor tensor, alias;
     int64_t version = 0;
   };
+
+  // What Tensor::is_set_to compares (storage, offset, sizes, strides), without a dispatch per
+  // tensor; a tensor without storage (a transform's wrapper) is never the one kept.
+  static bool set_to(const at::Tensor& t, const at::Tensor& alias) {
+    return t.has_storage() && t.storage().unsafeGetStorageImpl() == alias.storage().unsafeGetStorageImpl() &&
+           t.storage_offset() == alias.storage_offset() && t.sizes() == alias.sizes() &&
+           t.strides() == alias.strides();
+  }
 
   static at::Tensor unpack(PyObject* obj) {
     TORCH_CHECK(THPVariable_Check(obj), "TensorsKey: expected tensors or None");
