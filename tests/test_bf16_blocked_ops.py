@@ -23,6 +23,7 @@ import torch_directconv as tdc
 from helpers import EXPECTED_ISA
 from torch_directconv import _C
 from torch_directconv import blocked_ops as bo
+from torch_directconv._autograd import call_op
 
 ops = torch.ops.directconv
 V = 32
@@ -136,6 +137,86 @@ def test_to_from_blocked_round_trip_is_exact(c: int, layout: str) -> None:
     assert back.dtype == torch.bfloat16 and torch.equal(back, x)
 
 
+# Bit patterns the rounding must get right: NaNs (quiet, signalling, negative), the smallest
+# and largest denormals (kept, not flushed), the largest finite value (to infinity), infinities,
+# ties to even both ways, and a denormal tie.
+SPECIAL_BITS = [
+    0x7F800001, 0x7FA00000, 0xFFBFFFFF, 0x7FC00000, 0x00000001, 0x807FFFFF, 0x00400000, 0x00018000,
+    0x00008000, 0x7F7FFFFF, 0x7F800000, 0xFF800000, 0x3F808000, 0x3F818000, 0xBF808001, 0x80000000,
+]  # fmt: skip
+
+
+def fp32_with_specials(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Normal fp32 values with the SPECIAL_BITS scattered among them."""
+    x = torch.randn(*shape, generator=g) * 10
+    flat = x.view(-1)
+    bits = torch.tensor(SPECIAL_BITS, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    where = torch.randperm(flat.numel(), generator=g)[: min(flat.numel(), 3 * len(SPECIAL_BITS))]
+    flat[where] = bits[torch.arange(where.numel()) % bits.numel()]
+    return x
+
+
+def entry_layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x (N, C, H, W) in the layouts an entry may get: each value x's, another memory order."""
+    n, c, h, w = x.shape
+    wide = torch.cat([x, x], 3)
+    return {
+        "contiguous": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "w_strided": wide[..., ::2],
+        "channel_slice": torch.cat([x, x], 1)[:, 1 : c + 1],
+        "channels_last_w_strided": wide.contiguous(memory_format=torch.channels_last)[..., ::2],
+        "h_innermost": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "nhwc_permuted": x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1),
+        "broadcast_c": x[:, :1].expand(n, c, h, w),
+        "broadcast_w": x[..., :1].expand(n, c, h, w),
+    }
+
+
+ENTRY_SHAPES = [(1, c, 3, 7) for c in (1, 3, 4, 5, 31, 32, 33, 64)] + [(2, 3, 2, 33), (2, 4, 1, 16), (1, 40, 2, 65)]
+
+
+@pytest.mark.parametrize("shape", ENTRY_SHAPES, ids=shape_id)
+def test_fp32_entry_is_the_cast_then_to_blocked_bit_for_bit(shape) -> None:
+    """to_blocked(fp32 x, 32): bf16 rows of 32 rounded as x.to(torch.bfloat16) rounds, bit for
+    bit: NaN patterns (which torch's own loops write differently by layout), denormals, ties,
+    infinities, padded lanes zero; for every layout."""
+    g = gen(sum(shape))
+    base = fp32_with_specials(g, *shape)
+    for name, x in entry_layouts(base).items():
+        got = ops.to_blocked(x, V)
+        want = ops.to_blocked(x.to(torch.bfloat16), V)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape, name
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name} strides {x.stride()}"
+
+
+def test_fp32_entry_keeps_denormals_under_flush_denormal() -> None:
+    """The rounding is on the bits: flush-to-zero mode changes nothing (as torch's cast)."""
+    x = fp32_with_specials(gen(7), 1, 3, 4, 20)
+    try:
+        torch.set_flush_denormal(True)
+        got, want = ops.to_blocked(x, V), ops.to_blocked(x.to(torch.bfloat16), V)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert (got.view(torch.int16) == 0x0040).any()  # 0x00400000, kept
+
+
+def test_fp32_entry_gradient_is_fp32() -> None:
+    """The gradient of to_blocked(fp32 x, 32) is from_blocked's, cast back to fp32 (as the
+    cast's gradient), with autograd and under torch.func."""
+    g = gen(8)
+    x = torch.randn(2, 40, 3, 5, generator=g, requires_grad=True)
+    gyb = with_garbage(ref_blocked(bf16_randn(g, 2, 40, 3, 5)), 40)
+    (gx,) = torch.autograd.grad(ops.to_blocked(x, V), x, gyb)
+    want = ref_unblocked(gyb, 40).float()
+    assert gx.dtype == torch.float32 and torch.equal(gx, want)
+    # Under torch.func the op runs through its Python autograd function (call_op).
+    _, vjp = torch.func.vjp(lambda t: call_op(ops.to_blocked.default, t, V), x.detach())
+    (gx_func,) = vjp(gyb)
+    assert gx_func.dtype == torch.float32 and torch.equal(gx_func, want)
+
+
 def test_layout_gradients_are_bf16_and_exact() -> None:
     g = gen(5)
     x = bf16_randn(g, 2, 40, 4, 3).requires_grad_()
@@ -153,8 +234,9 @@ def test_layout_vlen_must_match_the_dtype() -> None:
     x = torch.zeros(1, 3, 2, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="expected 'vlen' 32 for a bfloat16 'x', got 16"):
         ops.to_blocked(x, 16)
-    with pytest.raises(RuntimeError, match="expected 'vlen' 8 or 16 for a float32 'x', got 32"):
-        ops.to_blocked(x.float(), 32)
+    fp32_vlens = r"expected 'vlen' 8 or 16 \(float32 blocks\) or 32 \(bfloat16 rows\) for a float32 'x', got 4"
+    with pytest.raises(RuntimeError, match=fp32_vlens):
+        ops.to_blocked(x.float(), 4)
     with pytest.raises(RuntimeError, match="expected a blocked bfloat16 'xb'"):
         ops.from_blocked(torch.zeros(1, 1, 2, 2, 16, dtype=torch.bfloat16), 3)
     with pytest.raises(RuntimeError, match="expected a blocked float32 'xb'"):
@@ -528,6 +610,8 @@ def op_samples():
             (torch.randn(2, c, generator=g), list(xb.shape), c),
         ),
         ("to_blocked", ops.to_blocked.default, (rg(bf16_randn(g, 2, c, 3, 5)), V)),
+        ("to_blocked_fp32_entry", ops.to_blocked.default, (rg(torch.randn(2, c, 3, 5, generator=g)), V)),
+        ("to_blocked_fp32_entry_c3", ops.to_blocked.default, (rg(torch.randn(1, 3, 4, 19, generator=g)), V)),
         ("from_blocked", ops.from_blocked.default, (rg(xb), c)),
     ]
 
@@ -573,6 +657,33 @@ def test_compile_fullgraph_matches_eager() -> None:
     for a, e in zip(compiled, eager, strict=True):
         assert a.dtype == e.dtype
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_fp32_entry_compiles() -> None:
+    """torch.compile(fullgraph=True) traces the fp32 entry (its fake kernel gives bf16) and
+    its fp32 gradient: the same bits as eager."""
+    g = gen(93)
+    x = fp32_with_specials(g, 2, 3, 6, 9)
+    gy = bf16_randn(g, 2, 3)
+
+    def entry(t):
+        return bo.global_avg_pool(ops.to_blocked(t, V), 3)
+
+    def step(fn):
+        xl = x.clone().requires_grad_()
+        out = fn(xl)
+        return [out, *torch.autograd.grad(out, [xl], gy)]
+
+    eager = step(entry)
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        compiled = step(torch.compile(entry, fullgraph=True))
+    assert [t.dtype for t in compiled] == [torch.bfloat16, torch.float32]
+    for a, e in zip(compiled, eager, strict=True):
+        assert a.dtype == e.dtype
+        assert torch.equal(a.view(torch.int16), e.view(torch.int16)) if a.dtype == torch.bfloat16 else torch.equal(a, e)
 
 
 def test_torch_func_matches_autograd() -> None:

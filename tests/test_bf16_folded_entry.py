@@ -82,6 +82,19 @@ def test_folded_copy_is_torchs_rounding_folded(case, layout: str) -> None:
     assert_same_bits(got, ref_folded(x, kernel, stride, padding, dilation))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_a_nan_has_torchs_bits(layout: str) -> None:
+    """A NaN as x.to(torch.bfloat16) writes it (its vectorized loop's bits, or its scalar one's
+    for an input whose innermost stride is not 1), as the unfolded entry does."""
+    x = torch.randn(1, 3, 8, 18)
+    if layout == "strided":
+        x = x[..., ::2]
+    x[0, 1, 2, 3] = float("nan")
+    got = OP(x, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    nan_bits = got.view(torch.int16)[torch.isnan(got)].unique()
+    assert nan_bits.numel() == 1 and nan_bits.item() == x.to(torch.bfloat16).view(torch.int16)[0, 1, 2, 3].item()
+
+
 @pytest.mark.parametrize("side", ["before", "after"])
 def test_folded_copy_reads_only_its_input(side: str) -> None:
     for shape, kernel, stride, padding, dilation in CASES[1:]:

@@ -264,3 +264,87 @@ def test_training_steps_converge_like_torch() -> None:
         losses[name] = trace
     assert losses["ours"][-1] < 0.5 * losses["ours"][0], losses
     assert abs(losses["ours"][-1] - losses["torch"][-1]) < 0.1 * losses["torch"][0] + 0.05, losses
+
+
+def _linear_step(opt) -> tdc._steps.Linear:
+    (step,) = [m for m in opt._engine.graphs[False].modules() if isinstance(m, tdc._steps.Linear)]
+    return step
+
+
+class CastLog(TorchDispatchMode):
+    """The shapes of every aten::_to_copy's input (autocast's casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._opname == "_to_copy":
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_keeps_its_bf16_weight_bit_identical_to_autocast() -> None:
+    """Under bf16 autocast without gradients the model's nn.Linear runs on its bf16 weight and
+    bias cast once: bit-identical to the module under autocast, no cast of them in later calls,
+    and the kept cast follows in-place updates, `.data =`, a new Parameter and a removed bias."""
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model, inplace=True)
+    fc, step = model.fc, _linear_step(opt)
+    assert "linear" in step.what
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 32, generator=g)
+
+    def check(what: str) -> torch.Tensor:
+        for x in (feats, feats.bfloat16()):
+            with torch.no_grad(), autocast():
+                got, want = step(x), fc(x)
+            assert got.dtype == want.dtype == torch.bfloat16, what
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), what
+        return got
+
+    first = check("first call")
+    with torch.no_grad(), autocast(), CastLog() as log:
+        step(feats)
+        opt(torch.randn(1, 3, 32, 32, generator=g))
+    assert (7, 32) not in log.shapes and (7,) not in log.shapes, log.shapes
+    with torch.no_grad():
+        fc.weight.mul_(-2)
+    assert not torch.equal(check("in-place update"), first)
+    fc.weight.data = torch.randn(7, 32, generator=g)
+    check("weight.data =")
+    fc.bias = nn.Parameter(torch.randn(7, generator=g))
+    check("a new Parameter")
+    fc.bias = None
+    check("no bias")
+    with torch.no_grad():
+        y = opt(torch.randn(2, 3, 32, 32, generator=g))
+    assert y.dtype == torch.float32 and y.shape == (2, 7)
+
+
+def test_linear_gradients_and_other_modes_run_the_module() -> None:
+    """Where a gradient must reach the Linear's weight (eval with gradients, training), or
+    without autocast, it runs as the module itself; a frozen Linear keeps its cast."""
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model, inplace=True)
+    fc, step = model.fc, _linear_step(opt)
+    feats = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    with autocast():
+        out = step(feats)
+        want = fc(feats)
+    assert step._cache is None and out.requires_grad
+    (gw,) = torch.autograd.grad(out.float().sum(), fc.weight)
+    (gw_want,) = torch.autograd.grad(want.float().sum(), fc.weight)
+    assert torch.equal(gw, gw_want)
+    assert torch.equal(step(feats), fc(feats))  # no autocast: fp32, the module
+    fc.requires_grad_(False)
+    with autocast():
+        out = step(feats)
+        assert step._cache is not None and torch.equal(out, fc(feats))
+
+
+def test_explain_shows_the_linear_step() -> None:
+    model = _init_bn(ResNet18ish()).eval()
+    with torch.no_grad(), autocast():
+        text = tdc.explain(model, torch.randn(1, 3, 32, 32), file=io.StringIO())
+    assert "fc: linear, NCHW" in text, text

@@ -239,7 +239,8 @@ def child_bf16_eltwise_sweep(seed: int) -> None:
     ops = torch.ops.directconv
     g = torch.Generator().manual_seed(seed)
     calls = 0
-    for n, c, h, w in [(1, 3, 1, 1), (2, 17, 5, 7), (1, 40, 1, 9), (3, 64, 6, 1), (2, 33, 4, 3)]:
+    shapes = [(1, 3, 1, 1), (2, 17, 5, 7), (1, 40, 1, 9), (3, 64, 6, 1), (2, 33, 4, 3), (1, 3, 2, 19), (2, 4, 3, 16)]
+    for n, c, h, w in shapes:
         x = torch.randn(n, c, h, w, generator=g).bfloat16()
         xb, rb = tdc.to_blocked(x), tdc.to_blocked(torch.randn(x.shape, generator=g).bfloat16())
         vec = [torch.rand(c, generator=g) + 0.5 for _ in range(4)]
@@ -250,6 +251,9 @@ def child_bf16_eltwise_sweep(seed: int) -> None:
         runs = [
             (ops.to_blocked, (x, 32)),
             (ops.to_blocked, (x.contiguous(memory_format=torch.channels_last), 32)),
+            # fp32 entries (rounded to bf16 in the pass), NCHW rows and channels_last pixels.
+            (ops.to_blocked, (x.float() * 3, 32)),
+            (ops.to_blocked, ((x.float() * 3).contiguous(memory_format=torch.channels_last), 32)),
             (ops.from_blocked, (xb, c)),
             (ops.bn_stats_blocked, (xb, c)),
             (ops.bn_apply_blocked, (xb, vec[0], vec[1], rb, True, c)),

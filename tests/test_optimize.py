@@ -22,7 +22,7 @@ from torch import fx, nn
 
 import torch_directconv as tdc
 from helpers import REPO, OpLog, requires_jit
-from torch_directconv import _graph, _steps, blocked_ops
+from torch_directconv import _C, _graph, _steps, blocked_ops
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from resnet50 import randomize_batchnorm, resnet50  # noqa: E402
@@ -892,3 +892,116 @@ def test_lone_convolutions_run_nchw() -> None:
     check("after replacing the parameter")
     opt.b.padding = (0, 0)
     check("after changing the padding")
+
+
+def _conv_units(opt) -> list:
+    steps = opt._engine.graphs[False].modules()
+    return [m for m in steps if isinstance(m, tdc._steps.Unit) and m._parts[0] is not None]
+
+
+def test_eval_prepared_calls_follow_every_change(monkeypatch) -> None:
+    """In eval without gradients each unit keeps its last call prepared and reruns it while
+    nothing it depends on changed: the second of two calls runs no unit's full path, and
+    every change below is seen by the next call (the units it touches take the full path)."""
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model, inplace=True)
+    units = _conv_units(opt)
+    full_calls: list = []
+    full = tdc._steps.Unit._forward
+    monkeypatch.setattr(tdc._steps.Unit, "_forward", lambda self, *a: full_calls.append(self) or full(self, *a))
+    conv, bn = opt.layer1[0].conv2, opt.layer1[0].bn2
+    g = torch.Generator().manual_seed(8)
+
+    def check(what: str, x: torch.Tensor, tol: float = 1e-4) -> None:
+        ref = copy.deepcopy(model).double()(x.double())
+        with torch.no_grad():
+            _close(opt(x), ref, tol, what)
+            assert all(u._fast is not None for u in units), what
+            full_calls.clear()
+            _close(opt(x), ref, tol, f"{what}, prepared")
+        assert not full_calls, f"{what}: {len(full_calls)} units took the full path again"
+
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    check("first calls", x)
+    with torch.no_grad():
+        conv.weight.mul_(-1.5)
+    check("in-place weight update", x)
+    with torch.no_grad():
+        bn.running_var.mul_(3.0)
+    check("in-place running statistics", x)
+    conv.weight.data = torch.randn_like(conv.weight) * 0.1
+    check("weight.data =", x)
+    bn.weight = nn.Parameter(torch.rand_like(bn.weight) + 0.5)
+    check("a new Parameter", x)
+    bn.eps = 0.25
+    check("a batch norm's eps", x)
+    conv.padding, conv.dilation = (2, 2), (2, 2)
+    check("padding and dilation", x)
+    check("another input shape", torch.randn(1, 3, 24, 40, generator=g))
+    with torch.inference_mode():
+        opt(x)
+        opt(x)
+    check("after inference mode", x)
+    cap = tdc.isa()
+    try:
+        _C.set_isa_cap("avx512")
+        check("another ISA", x)
+    finally:
+        _C.set_isa_cap(cap)
+    check("the ISA back", x)
+    if tdc.isa() in ("amx", "avx512_bf16"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            opt(x)
+            low = opt(x)
+        assert all(u._fast[1][0] == torch.bfloat16 for u in units)
+        _close(low.float(), copy.deepcopy(model).double()(x.double()), 5e-2, "bf16 under autocast")
+        check("fp32 after bf16", x)
+    # Gradients: the full path, which records the graph.
+    xg = x.clone().requires_grad_()
+    xr = x.double().requires_grad_()
+    ref = copy.deepcopy(model).double()
+    opt(xg).sum().backward()
+    ref(xr).sum().backward()
+    _close(xg.grad, xr.grad, 1e-4, "input gradient after prepared calls")
+    _close(conv.weight.grad, ref.layer1[0].conv2.weight.grad, 1e-4, "weight gradient after prepared calls")
+    opt.zero_grad()
+
+
+def test_eval_prepared_calls_under_compile_func_and_bad_input() -> None:
+    """Prepared calls leave torch.compile the op itself, torch.func its transforms, and a bad
+    input the full path's error."""
+    model = _init_bn(ResNet18ish()).eval()
+    opt = tdc.optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = opt(x)
+        opt(x)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    with torch.no_grad():
+        torch._dynamo.reset()
+        got = torch.compile(opt, backend=backend, fullgraph=True)(x)
+    _close(got, want.double(), 1e-5, "compiled")
+    assert any("directconv.conv2d_blocked" in g for g in graphs), graphs
+    xr = x.double().requires_grad_()
+    ref = copy.deepcopy(model).double()
+    ref(xr).sum().backward()
+    out, vjp = torch.func.vjp(opt, x)
+    (gx,) = vjp(torch.ones_like(out))
+    _close(gx, xr.grad, 1e-4, "torch.func.vjp after prepared calls")
+    unit = _conv_units(opt)[0]
+    with torch.no_grad():
+        xb = tdc.to_blocked(torch.randn(2, unit._parts[0].in_channels, 16, 16))
+        unit(xb)
+        unit(xb)
+        assert unit._fast is not None
+        with pytest.raises(RuntimeError) as prepared:
+            unit(xb.double())
+        unit._fast = None
+        with pytest.raises(RuntimeError) as fresh:
+            unit(xb.double())
+    assert str(prepared.value) == str(fresh.value)

@@ -125,10 +125,12 @@ def _backward_blocked_stats(ctx, grad, grad_mean, grad_var):
 
 def _setup_to_blocked(ctx, inputs, output) -> None:
     ctx.channels = inputs[0].shape[1]
+    ctx.dtype = inputs[0].dtype
 
 
 def _backward_to_blocked(ctx, grad):
-    return call_op(torch.ops.directconv.from_blocked.default, grad, ctx.channels), None
+    # An fp32 x blocked in bf16 rows (vlen 32) gets its gradient back in fp32, as a cast's.
+    return call_op(torch.ops.directconv.from_blocked.default, grad, ctx.channels).to(ctx.dtype), None
 
 
 def _setup_from_blocked(ctx, inputs, output) -> None:

@@ -87,7 +87,9 @@ def _conv2d_blocked_stats(xb, wb, bias, stride, padding, dilation, in_channels, 
 @torch.library.register_fake("directconv::to_blocked")
 def _to_blocked(x, vlen):
     n, c, h, w = x.shape
-    return x.new_empty((n, -(-c // vlen), h, w, vlen))
+    # vlen 32 is the bf16 rows of 32, bf16 from fp32 (rounded) or bf16 activations.
+    dtype = torch.bfloat16 if vlen == _backend.vector_width(torch.bfloat16) else x.dtype
+    return x.new_empty((n, -(-c // vlen), h, w, vlen), dtype=dtype)
 
 
 @torch.library.register_fake("directconv::to_blocked_folded")

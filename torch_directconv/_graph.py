@@ -92,6 +92,18 @@ def _plain_conv(m: nn.Conv2d) -> bool:
     return t.forward is nn.Conv2d.forward and t._conv_forward in (nn.Conv2d._conv_forward, DirectConv2d._conv_forward)
 
 
+def _plain_linear(m: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """An nn.Linear whose call is F.linear on its weight and bias: no forward of its own (nor a
+    parametrization's class), no hooks, one tensor argument."""
+    return (
+        type(m) is nn.Linear
+        and not _hooked(m)
+        and len(args) == 1
+        and not kwargs
+        and isinstance(args[0], fx.Node)
+    )
+
+
 def _is_one(size) -> bool:
     return size == 1 or (isinstance(size, (tuple, list)) and len(size) == 2 and all(s == 1 for s in size))
 
@@ -795,6 +807,12 @@ class _Emitter:
             owner, _, attr = n.target.rpartition(".")
             module = self.root.get_submodule(owner)
             node = self.new.call_function(getattr, (self.new.get_attr(self._module_node(module, owner)), attr))
+        elif n.op == "call_module" and _plain_linear(self.root.get_submodule(n.target), args, kwargs):
+            # Its bf16 weight kept under autocast in eval (the step runs the module otherwise).
+            step = _steps.Linear(op.name, self.root.get_submodule(n.target))
+            self.nchw[n] = self._step(step, args, "nchw", n.name)
+            self.nchw[n].meta["dc"]["why"] = self.p.why.get(n, "") or op.reason
+            return
         elif n.op == "call_module":
             module = self.root.get_submodule(n.target)
             node = self.new.call_module(self._module_node(module, n.target), args, kwargs)

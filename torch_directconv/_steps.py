@@ -9,6 +9,8 @@ modules' current parameters and flags (train/eval, momentum, eps, ...).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,10 @@ from .functional import _check, _pair, conv2d, conv2d_packed, conv_padding, fall
 
 
 _CONV2D_BLOCKED = torch.ops.directconv.conv2d_blocked.default
+# The op's C++ callable, one Python layer fewer than the OpOverload's __call__ (which only calls it).
+_CONV2D_BLOCKED_OP = _CONV2D_BLOCKED._op
 _CONV2D = torch.ops.directconv.conv2d.default
+_TO_BLOCKED = torch.ops.directconv.to_blocked.default
 _TO_BLOCKED_FOLDED = torch.ops.directconv.to_blocked_folded.default
 # Weights of at least this many elements are packed once and kept while they may be; a smaller
 # one costs less to pack within the call than the cache's checks (DropInConv).
@@ -45,16 +50,18 @@ def blocked_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a region keeps a value entering it in: bf16 under CPU autocast to bf16 (as the
     convolutions it feeds would cast it) and for a bf16 value, else the value's own (float32:
     optimize's forward sends nothing else here)."""
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return torch.bfloat16
-    return x.dtype
+    return torch.bfloat16 if _bf16_autocast() else x.dtype
+
+
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 class Enter(Step):
     """NCHW -> blocked at a region's entry; checks the rank and channel count first, so that a
     bad input is reported with the layer that needs it. Under bf16 autocast, and for a bf16
-    value, the region runs in bf16: the value is rounded to bf16 (as autocast rounds a
-    convolution's input) and blocked in rows of 32 channels."""
+    value, the region runs in bf16: the value is rounded to bf16 (bit for bit as autocast
+    rounds a convolution's input, in the same pass) and blocked in rows of 32 channels."""
 
     def __init__(self, value: str, channels: int, consumer: str) -> None:
         super().__init__([value], f"to_blocked ({channels} channels) for {consumer}")
@@ -64,6 +71,9 @@ class Enter(Step):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)
         dtype = blocked_dtype(x)
+        if dtype == torch.bfloat16 and x.dtype == torch.float32:
+            # Rounded to bf16 as autocast's cast rounds, and blocked, in one pass.
+            return call_op(_TO_BLOCKED, x, _backend.vector_width(dtype))
         return to_blocked(x if x.dtype == dtype else x.to(dtype))
 
     def check(self, x) -> None:
@@ -89,28 +99,39 @@ class Exit(Step):
         return from_blocked(xb, self.channels)
 
 
-class _TensorsKey:
-    """The exact tensors a cached result was computed from, and their versions.
+_WEIGHT_BIAS = operator.itemgetter("weight", "bias")
+_RUNNING_STATS = operator.itemgetter("running_mean", "running_var")
 
-    Holding the tensors (and aliases of them: same storage, no copy) keeps their storage
-    alive, so a new tensor can never be given an old one's address; the alias also catches
-    `param.data = new`, which keeps the Parameter and its version counter."""
+
+def _read_tensors(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
+    """The tensors a folded unit's weights come from, in _weights' order, from the modules'
+    own dicts (KeyError where a name is not there)."""
+    if bn is None:
+        return _WEIGHT_BIAS(conv._parameters)
+    return _WEIGHT_BIAS(conv._parameters) + _WEIGHT_BIAS(bn._parameters) + _RUNNING_STATS(bn._buffers)
+
+
+class _TensorsKey:
+    """The exact tensors a cached result was computed from, their versions (_C.TensorsKey, which
+    holds them and aliases of them: same storage, no copy, so a new tensor can never be given an
+    old one's address, and `param.data = new`, which keeps the Parameter and its version
+    counter, is caught), and the other things it depends on (`extra`)."""
 
     def __init__(self, tensors: tuple, extra: tuple) -> None:
         self.tensors = tensors
-        self.aliases = tuple(t.detach() if t is not None else None for t in tensors)
-        self.versions = tuple(t._version if t is not None else None for t in tensors)
+        self.key = _backend._C.TensorsKey(tensors)
+        self.count = len(tensors)
         self.extra = extra
 
     def matches(self, tensors: tuple, extra: tuple) -> bool:
-        if extra != self.extra or len(tensors) != len(self.tensors):
-            return False
-        for i, t in enumerate(tensors):
-            if t is not self.tensors[i]:
-                return False
-            if t is not None and (t._version != self.versions[i] or not t.is_set_to(self.aliases[i])):
-                return False
-        return True
+        return extra == self.extra and self.key.unchanged(tensors)
+
+    # A copy (deepcopy, pickle) keys on the copied tensors as they are then.
+    def __getstate__(self) -> tuple:
+        return self.tensors, self.extra
+
+    def __setstate__(self, state: tuple) -> None:
+        self.__init__(*state)
 
 
 def _blocked_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -179,14 +200,12 @@ def _check_batch(bn_name: str, xb: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{bn_name}: Expected more than 1 value per channel when training, got input size {size}")
 
 
-class _ConvStep(Step):
-    """A step that runs a convolution: its weights (folded, packed) and its geometry kept
-    between calls while they may be."""
+class _CachedStep(Step):
+    """A step that keeps what it computes from its modules' weights between calls while it may."""
 
     def __init__(self, layers: list[str], what: str) -> None:
         super().__init__(layers, what)
         self._cache: tuple[_TensorsKey, tuple] | None = None
-        self._geo: tuple | None = None
 
     def _cached(self, tensors: tuple, owned: bool, extra: tuple, compute) -> tuple:
         """compute(pack): packed once (pack(w, dtype) = the blocked weight for activations of
@@ -206,6 +225,15 @@ class _ConvStep(Step):
             result = compute(_blocked_weight)
         self._cache = (_TensorsKey(tensors, extra), result)
         return result
+
+
+class _ConvStep(_CachedStep):
+    """A step that runs a convolution: its weights (folded, packed) and its geometry kept
+    between calls while they may be."""
+
+    def __init__(self, layers: list[str], what: str) -> None:
+        super().__init__(layers, what)
+        self._geo: tuple | None = None
 
     def _geometry(self, conv: nn.Conv2d, padding) -> tuple[list, list, list]:
         """(stride, padding (top, bottom, left, right), dilation) as conv2d_blocked's op takes
@@ -257,6 +285,11 @@ class Unit(_ConvStep):
         self.relu = relu
         # The scale and shift of a lone add -> ReLU pass: bn_apply with the identity's affine.
         self._identity = (torch.ones(channels), torch.zeros(channels)) if residual else None
+        # The last eval call without gradients, prepared: (the weight cache's entry it used, what
+        # else it depends on (_state), the op's arguments after the input, the batch norm folded
+        # into them or None). A call that finds the entry's tensors and the state unchanged runs
+        # the op at once.
+        self._fast: tuple | None = None
 
     def _weights(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype, columns: bool = False) -> tuple:
         """(weight, bias) of the convolution, with bn folded in when it is given; the weight
@@ -290,23 +323,64 @@ class Unit(_ConvStep):
             return xb, conv.padding
         return F.pad(xb, (0, 0, *conv._reversed_padding_repeated_twice), mode=conv.padding_mode), 0
 
-    def _conv(self, conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, bias, relu: bool, residual=None):
+    def _state(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, xb: torch.Tensor, residual) -> tuple:
+        """What a prepared call depends on besides the weights' tensors: the input's dtype and
+        shapes (whether the residual is fused), the attributes the geometry and the folding read,
+        inference mode and the ISA."""
+        return (
+            xb.dtype,
+            xb.shape,
+            None if residual is None else residual.shape,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.kernel_size,
+            conv.padding_mode,
+            conv.in_channels,
+            None if bn is None else (bn.training, bn.eps),
+            torch.is_inference_mode_enabled(),
+            _backend._C.isa(),
+        )
+
+    def _prepare(self, conv, bn, xb, residual, args: tuple) -> None:
+        """Keeps the call just made for the next one, when it ran on cached weights without
+        gradients and nothing else decides it (torch.compile, tracing, torch.func)."""
+        entry = self._cache
+        if (
+            entry is None
+            or entry[1][0] is not args[0]
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()
+        ):
+            self._fast = None
+            return
+        try:
+            tensors = _read_tensors(conv, bn)
+        except KeyError:  # not where a plain conv and batch norm keep them
+            self._fast = None
+            return
+        if len(tensors) != entry[0].count:
+            self._fast = None
+            return
+        self._fast = (entry, self._state(conv, bn, xb, residual), args, bn)
+
+    def _conv(
+        self, conv: nn.Conv2d, xb: torch.Tensor, wb: torch.Tensor, bias, relu: bool, residual=None, bn=None
+    ) -> torch.Tensor:
         """relu?(conv(xb) + bias + residual?): the residual (when it has the output's shape) and
-        the ReLU in the kernels' epilogue; a residual that broadcasts takes torch's add after."""
+        the ReLU in the kernels' epilogue; a residual that broadcasts takes torch's add after.
+        bn: the batch norm folded into wb and bias, if any."""
+        x0 = xb
         xb, padding = self._padded(conv, xb)
         fused = residual is not None and tuple(residual.shape) == _conv_out_shape(conv, xb, padding)
         # The op itself: the engine has checked the JIT and the weights' shape (conv2d_blocked's
         # own checks), and the geometry is kept between calls.
-        yb = call_op(
-            _CONV2D_BLOCKED,
-            xb,
-            wb,
-            bias,
-            *self._geometry(conv, padding),
-            relu and (residual is None or fused),
-            conv.in_channels,
-            residual if fused else None,
-        )
+        args = (wb, bias, *self._geometry(conv, padding), relu and (residual is None or fused), conv.in_channels)
+        yb = call_op(_CONV2D_BLOCKED, xb, *args, residual if fused else None)
+        if conv.padding_mode == "zeros" and (residual is None or fused):
+            self._prepare(conv, bn, x0, residual, args)
         if residual is None or fused:
             return yb
         out = yb + residual
@@ -369,6 +443,25 @@ class Unit(_ConvStep):
         )
 
     def forward(self, xb: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        fast = self._fast
+        if (
+            not torch.compiler.is_compiling()  # first: what torch.compile traces stops here
+            and fast is not None
+            and fast[0] is self._cache
+            and not torch.is_grad_enabled()
+            and not torch._C._is_tracing()  # torch.jit.is_tracing(), one Python call fewer
+            and not torch._C._are_functorch_transforms_active()
+        ):
+            conv, bn = self._parts[0], fast[3]
+            try:
+                tensors = _read_tensors(conv, bn)
+            except KeyError:
+                tensors = ()
+            if fast[1] == self._state(conv, bn, xb, residual) and fast[0][0].key.unchanged(tensors):
+                return _CONV2D_BLOCKED_OP(xb, *fast[2], residual)
+        return self._forward(xb, residual)
+
+    def _forward(self, xb: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         conv, bn = self._parts
         batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
         if conv is not None:
@@ -376,7 +469,7 @@ class Unit(_ConvStep):
             wb, bias = self._weights(conv, bn if fold else None, xb.dtype)
             if bn is None or fold:
                 # The residual add and the ReLU in the convolution's epilogue.
-                return self._conv(conv, xb, wb, bias, self.relu, residual)
+                return self._conv(conv, xb, wb, bias, self.relu, residual, bn if fold else None)
             # Batch statistics: from the convolution's epilogue, then one pass applies the batch norm.
             xb, stats = self._conv_batch_stats(conv, bn, xb, wb, bias)
         else:
@@ -566,3 +659,32 @@ class DropInConv(_ConvStep):
             return conv2d_packed(x, packed, b, w.shape[0], stride, pad4, dilation, conv.groups, self.relu)
         # The op packs the weight within its call (and gives its gradient).
         return call_op(_CONV2D, x, w, b, stride, pad4, dilation, conv.groups, self.relu)
+
+
+def _autocast_cast(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as CPU autocast to bf16 casts an argument of a lower-precision op: floating tensors but
+    float64 to bf16, the others as they are."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, torch.bfloat16):
+        return t
+    return t.to(torch.bfloat16)
+
+
+class Linear(_CachedStep):
+    """A plain nn.Linear, NCHW. Under bf16 autocast, while no gradient must reach its weight and
+    bias, they are cast to bf16 once (as autocast casts them at every call) and kept, keyed on
+    the exact tensors and their versions as the convolutions' packed weights are; F.linear on
+    them is then the op autocast runs, on the same operands. Otherwise (and once the module has
+hooks of its own) the module runs itself."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        super().__init__([name], "linear, NCHW (under bf16 autocast without gradients: its bf16 weight and bias kept)")
+        self._module = (module,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self._module[0]
+        if _bf16_autocast() and not (module._forward_hooks or module._forward_pre_hooks):
+            tensors, owned = _own(module, ("weight", "bias"))
+            if _cacheable(owned, tensors):
+                w, b = self._cached(tensors, owned, (), lambda _: tuple(_autocast_cast(t) for t in tensors))
+                return F.linear(x, w, b)
+        return module(x)

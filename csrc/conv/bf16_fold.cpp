@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "conv/bf16_fwd.h"
+#include "conv/bf16_layout.h"
 #include "jit/isa.h"
 
 namespace dc {
@@ -21,21 +22,10 @@ bool has_avx512() {
   return yes;
 }
 
-// bf16_round_as_torch on 16 contiguous floats (count of them read), into words.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void round_16(const float* src, int count, uint16_t* dst) {
-  const __mmask16 m = static_cast<__mmask16>((1u << count) - 1);
-  const __m512 v = _mm512_maskz_loadu_ps(m, src);
-  const __m512i u = _mm512_castps_si512(v);
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-  r = _mm512_srli_epi32(r, 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
-}
-
 // One input row of channel c as bf16 in buf[0, width): buf[j] is column j - pad_l, zero
 // outside [0, W).
-void round_row(const ConvDesc& d, const uint8_t* row, bool src_bf16, int64_t col_stride, uint16_t* buf, int64_t width) {
+void round_row(const ConvDesc& d, const uint8_t* row, bool src_bf16, int64_t col_stride, uint16_t nan, uint16_t* buf,
+               int64_t width) {
   const int64_t lo = std::min<int64_t>(width, d.pad_l), hi = std::min<int64_t>(width, d.pad_l + d.w);
   std::fill(buf, buf + lo, 0);
   if (src_bf16) {
@@ -43,10 +33,11 @@ void round_row(const ConvDesc& d, const uint8_t* row, bool src_bf16, int64_t col
     for (int64_t j = lo; j < hi; ++j) buf[j] = s[(j - d.pad_l) * col_stride];
   } else {
     const float* s = reinterpret_cast<const float*>(row);
-    int64_t j = lo;
-    if (col_stride == 1 && has_avx512())
-      for (; j < hi; j += 16) round_16(s + (j - d.pad_l), static_cast<int>(std::min<int64_t>(16, hi - j)), buf + j);
-    for (; j < hi; ++j) buf[j] = bf16_round_as_torch(s[(j - d.pad_l) * col_stride]);
+    if (col_stride == 1 && has_avx512()) {
+      f32_row_to_bf16(s + (lo - d.pad_l), hi - lo, nan, buf + lo);
+    } else {
+      for (int64_t j = lo; j < hi; ++j) buf[j] = bf16_from_float_as_torch(s[(j - d.pad_l) * col_stride], nan);
+    }
   }
   std::fill(buf + std::max(lo, hi), buf + width, 0);
 }
@@ -85,8 +76,8 @@ void fold_pixels_scalar(const ConvDesc& d, const uint16_t* bufs, int64_t width, 
 
 }  // namespace
 
-void bf16_fold_nchw(const ConvDesc& d, const void* src, bool src_bf16, const int64_t st[4], uint16_t* dst, int tid,
-                    int nthreads) {
+void bf16_fold_nchw(const ConvDesc& d, const void* src, bool src_bf16, const int64_t st[4], uint16_t nan,
+                    uint16_t* dst, int tid, int nthreads) {
   if (!bf16_fwd_folds_columns(d))
     throw std::invalid_argument("bf16_fold_nchw: the layer does not fold its kernel columns (needs S > 1, C * S <= 32)");
   const int64_t hp = d.h + d.pad_t + d.pad_b, q = d.q(), rows = d.n * hp;
@@ -107,7 +98,8 @@ void bf16_fold_nchw(const ConvDesc& d, const void* src, bool src_bf16, const int
       continue;
     }
     for (int64_t c = 0; c < d.c; ++c)
-      round_row(d, base + (n * st[0] + c * st[1] + ih * st[2]) * elem, src_bf16, st[3], bufs.data() + c * width, width);
+      round_row(d, base + (n * st[0] + c * st[1] + ih * st[2]) * elem, src_bf16, st[3], nan, bufs.data() + c * width,
+                width);
     if (vec) fold_pixels_avx512(d, bufs.data(), width, out, q);
     else fold_pixels_scalar(d, bufs.data(), width, out, q);
   }

@@ -5,7 +5,8 @@
 // Where C * S <= 32 (bf16_fwd_folds_columns), a layer is an R x 1 convolution of the input
 // with its kernel columns folded into the channels (conv/bf16_fwd.h). The forward makes that
 // copy from a blocked input; this makes it from fp32 or bf16 NCHW, rounding fp32 as torch's
-// `x.to(torch.bfloat16)` does (nearest even, denormals kept, NaN a quiet NaN), so the model
+// `x.to(torch.bfloat16)` does (bf16_from_float_as_torch: nearest even, denormals kept, NaN
+// `nan`), so the model
 // never writes the 32-lane rows of a 3-channel image. The copy is (N, 1, H + pad_t + pad_b,
 // Q, 32), on which the layer is an ordinary convolution (bf16_fwd_inner_desc: C * S
 // channels, R x 1, stride (stride_h, 1), dilation (dil_h, 1), no padding) with weights
@@ -19,20 +20,11 @@
 namespace dc {
 
 // Thread tid's share of the copy, whole (image, padded row) rows: row (n, hp), pixel q, lane
-// s * C + c holds src[n, c, hp - pad_t, q * stride_w + s * dil_w - pad_l] rounded to bf16,
-// zero where that falls outside the input; the lanes past C * S are zero. src is fp32 (or
-// bf16 when src_bf16), with strides in elements. Throws std::invalid_argument unless
-// bf16_fwd_folds_columns(d).
-void bf16_fold_nchw(const ConvDesc& d, const void* src, bool src_bf16, const int64_t src_strides[4], uint16_t* dst,
-                    int tid, int nthreads);
-
-// fp32 to bf16 as torch's conversion rounds (c10::BFloat16): nearest even, denormals kept,
-// NaN to 0x7fc0.
-inline uint16_t bf16_round_as_torch(float x) {
-  if (x != x) return 0x7fc0;
-  uint32_t u;
-  __builtin_memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+// s * C + c holds src[n, c, hp - pad_t, q * stride_w + s * dil_w - pad_l] rounded to bf16
+// (a NaN as `nan`), zero where that falls outside the input; the lanes past C * S are zero.
+// src is fp32 (or bf16 when src_bf16, copied as it is), with strides in elements. Throws
+// std::invalid_argument unless bf16_fwd_folds_columns(d).
+void bf16_fold_nchw(const ConvDesc& d, const void* src, bool src_bf16, const int64_t src_strides[4], uint16_t nan,
+                    uint16_t* dst, int tid, int nthreads);
 
 }  // namespace dc

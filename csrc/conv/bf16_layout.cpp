@@ -73,6 +73,92 @@ __attribute__((target("avx512f,avx512bw"))) void rows32_to_nchw_row(const uint16
   }
 }
 
+// 16 fp32 values rounded as bf16_from_float_as_torch, each in the high half of its 32-bit
+// lane (the low half zero; `nan` is a NaN's bits there): the integer rounding ignores MXCSR,
+// so denormals stay.
+__attribute__((target("avx512f"))) inline __m512i round_hi16(__m512 v, __m512i nan) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  const __m512i hi = _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), nan, hi);
+}
+
+// The same in the low half of each lane.
+__attribute__((target("avx512f"))) inline __m512i round_lo16(__m512 v, __m512i nan) {
+  return _mm512_srli_epi32(round_hi16(v, nan), 16);
+}
+
+// 32 fp32 values (lo then hi) as 32 bf16.
+__attribute__((target("avx512f"))) inline __m512i round32(__m512 lo, __m512 hi, __m512i nan) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(round_lo16(lo, nan))),
+                            _mm512_cvtepi32_epi16(round_lo16(hi, nan)), 1);
+}
+
+// A NaN's bf16 bits in the high half of each 32-bit lane, as round_hi16 takes them.
+__attribute__((target("avx512f"))) inline __m512i nan_hi16(uint16_t nan) {
+  return _mm512_set1_epi32(static_cast<int>(uint32_t{nan} << 16));
+}
+
+// One fp32 NCHW row of at most 4 channels (nc channel rows cstride apart, unit pixel stride)
+// into w pixels of 32 lanes: per 16 pixels, the channel pairs rounded into two vectors of
+// 32-bit lanes, then each pixel's two lanes moved to the front of its zeroed 64 bytes (one
+// permute per pixel, where a 32 x 32 transpose would take five).
+__attribute__((target("avx512f"))) void f32_row_to_rows32_narrow(const float* in, int64_t cstride, int64_t nc,
+                                                                 int64_t w, uint16_t nan_bits, uint16_t* out) {
+  const __m512i nan = nan_hi16(nan_bits);
+  const __m512i pair_lanes = _mm512_setr_epi32(0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t x0 = 0; x0 < w; x0 += 16) {
+    const int64_t n_px = std::min<int64_t>(16, w - x0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n_px) - 1);
+    __m512 ch[4];
+    for (int64_t ci = 0; ci < 4; ++ci)
+      ch[ci] = ci < nc ? _mm512_maskz_loadu_ps(mask, in + ci * cstride + x0) : _mm512_setzero_ps();
+    // A zero fp32 rounds to a zero bf16, so missing channels need no other care.
+    const __m512i d0 = _mm512_or_si512(round_lo16(ch[0], nan), round_hi16(ch[1], nan));
+    const __m512i d1 = _mm512_or_si512(round_lo16(ch[2], nan), round_hi16(ch[3], nan));
+    for (int64_t j = 0; j < n_px; ++j) {
+      const __m512i idx = _mm512_add_epi32(pair_lanes, _mm512_set1_epi32(static_cast<int>(j)));
+      _mm512_storeu_si512(out + (x0 + j) * kLanes, _mm512_maskz_permutex2var_epi32(0x3, d0, idx, d1));
+    }
+  }
+}
+
+// One fp32 NCHW row of any number of channels up to 32: per 32 pixels, each channel's values
+// rounded into one vector, then the 32 x 32 transpose.
+__attribute__((target("avx512f,avx512bw"))) void f32_row_to_rows32_wide(const float* in, int64_t cstride,
+                                                                        int64_t nc, int64_t w, uint16_t nan_bits,
+                                                                        uint16_t* out) {
+  const __m512i nan = nan_hi16(nan_bits);
+  for (int64_t x0 = 0; x0 < w; x0 += kLanes) {
+    const int64_t n_px = std::min(kLanes, w - x0);
+    const __mmask16 lo = static_cast<__mmask16>((1u << std::min<int64_t>(16, n_px)) - 1);
+    const __mmask16 hi = static_cast<__mmask16>((1u << std::max<int64_t>(0, n_px - 16)) - 1);
+    __m512i r[32];
+    for (int64_t ci = 0; ci < kLanes; ++ci) {
+      const float* ch = in + ci * cstride + x0;
+      r[ci] = ci < nc ? round32(_mm512_maskz_loadu_ps(lo, ch), _mm512_maskz_loadu_ps(hi, ch + 16), nan)
+                      : _mm512_setzero_si512();
+    }
+    transpose32(r);
+    for (int64_t j = 0; j < n_px; ++j) _mm512_storeu_si512(out + (x0 + j) * kLanes, r[j]);
+  }
+}
+
+// One fp32 channels_last row (each pixel's nc channels contiguous, pixels pstride apart).
+__attribute__((target("avx512f,avx512bw"))) void f32_cl_row_to_rows32(const float* in, int64_t pstride,
+                                                                      int64_t nc, int64_t w, uint16_t nan_bits,
+                                                                      uint16_t* out) {
+  const __m512i nan = nan_hi16(nan_bits);
+  const __mmask16 lo = static_cast<__mmask16>((1u << std::min<int64_t>(16, nc)) - 1);
+  const __mmask16 hi = static_cast<__mmask16>((1u << std::max<int64_t>(0, nc - 16)) - 1);
+  for (int64_t x = 0; x < w; ++x) {
+    const float* px = in + x * pstride;
+    const __m512i row = round32(_mm512_maskz_loadu_ps(lo, px), _mm512_maskz_loadu_ps(hi, px + 16), nan);
+    _mm512_storeu_si512(out + x * kLanes, row);
+  }
+}
+
 // One pixel's nc channels; a whole block is a fixed-size copy the compiler inlines.
 inline void copy_pixel(uint16_t* dst, const uint16_t* src, int64_t nc) {
   if (nc == kLanes)
@@ -110,6 +196,42 @@ void bf16_to_rows32(const uint16_t* src, const int64_t st[4], int64_t n, int64_t
       const uint16_t* ch = in + ci * st[1];
       for (int64_t x = 0; x < w; ++x) out[x * kLanes + ci] = ch[x * st[3]];
     }
+  }
+}
+
+void f32_to_rows32(const float* src, const int64_t st[4], int64_t n, int64_t c, int64_t h, int64_t w,
+                   uint16_t nan, uint16_t* dst, int tid, int nthreads) {
+  const int64_t cb = (c + kLanes - 1) / kLanes;
+  const RowShare share(n, c, h, tid, nthreads);
+  for (int64_t row = share.begin; row < share.end; ++row) {
+    const int64_t ni = row / (cb * h), bi = row / h % cb, hi = row % h;
+    const int64_t c0 = bi * kLanes, nc = std::min(kLanes, c - c0);
+    const float* in = src + ni * st[0] + c0 * st[1] + hi * st[2];
+    uint16_t* out = dst + row * w * kLanes;
+    if (st[1] == 1) {
+      f32_cl_row_to_rows32(in, st[3], nc, w, nan, out);
+    } else if (st[3] == 1) {
+      if (nc <= 4)
+        f32_row_to_rows32_narrow(in, st[1], nc, w, nan, out);
+      else
+        f32_row_to_rows32_wide(in, st[1], nc, w, nan, out);
+    } else {
+      if (nc < kLanes) std::memset(out, 0, w * kLanes * 2);
+      for (int64_t ci = 0; ci < nc; ++ci) {
+        const float* ch = in + ci * st[1];
+        for (int64_t x = 0; x < w; ++x) out[x * kLanes + ci] = bf16_from_float_as_torch(ch[x * st[3]], nan);
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void f32_row_to_bf16(const float* src, int64_t count,
+                                                                           uint16_t nan, uint16_t* dst) {
+  const __m512i nan_lanes = nan_hi16(nan);
+  for (int64_t i = 0; i < count; i += 16) {
+    const int k = static_cast<int>(std::min<int64_t>(16, count - i));
+    const __mmask16 m = static_cast<__mmask16>((1u << k) - 1);
+    _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(round_lo16(_mm512_maskz_loadu_ps(m, src + i), nan_lanes)));
   }
 }
 

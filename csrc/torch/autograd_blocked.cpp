@@ -66,10 +66,13 @@ class ToBlockedFunction : public torch::autograd::Function<ToBlockedFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, int64_t vlen) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->saved_data["channels"] = int_size(x, 1);
+    ctx->saved_data["dtype"] = x.scalar_type();
     return to_blocked_op().call(x, vlen);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {call_backward(from_blocked_op(), grads[0], ctx->saved_data["channels"].toInt()), Tensor()};
+    // An fp32 x blocked in bf16 rows (vlen 32) gets its gradient back in fp32, as a cast's.
+    const Tensor grad = call_backward(from_blocked_op(), grads[0], ctx->saved_data["channels"].toInt());
+    return {grad.to(ctx->saved_data["dtype"].toScalarType()), Tensor()};
   }
 };
 

@@ -10,6 +10,7 @@
 #include "common.h"
 #include "conv/bf16_fold.h"
 #include "conv/bf16_fwd.h"
+#include "ops.h"
 #include "tensor_pool.h"
 #include "threading.h"
 
@@ -48,7 +49,10 @@ Tensor to_blocked_folded(const Tensor& x, at::IntArrayRef kernel_size, at::IntAr
   const auto st = strides4(x);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  run_shares(num_threads(), [&](int tid, int nt) { dc::bf16_fold_nchw(d, x.data_ptr(), bf16, st.data(), dst, tid, nt); });
+  // A NaN as x.to(torch.bfloat16) would write it (the unfolded entry's bits too).
+  const uint16_t nan = bf16 ? 0 : torch_bf16_nan(x);
+  run_shares(num_threads(),
+             [&](int tid, int nt) { dc::bf16_fold_nchw(d, x.data_ptr(), bf16, st.data(), nan, dst, tid, nt); });
   return out;
 }
 

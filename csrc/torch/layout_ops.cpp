@@ -2,6 +2,8 @@
 // channels), and weights to the blocked layout.
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include "common.h"
 #include "conv/bf16_layout.h"
 #include "conv/reorder.h"
@@ -19,7 +21,41 @@ uint16_t* bf16_mutable_ptr(const Tensor& t) { return reinterpret_cast<uint16_t*>
 
 }  // namespace
 
-// fp32 x into blocks of vlen 8 or 16; bf16 x into the bf16 kernels' rows of 32 (vlen 32).
+// The bits x.to(torch.bfloat16) gives a NaN of x: 0xffff from torch's vectorized loop, 0x7fc0
+// from its scalar one. The result's strides are inferred from x's, so torch's innermost loop
+// is the first dimension of size > 1 in the order TensorIterator sorts x's strides into (an
+// insertion sort, innermost first, that leaves broadcast dimensions where they are; equal
+// strides put the smaller size first), and it vectorizes where x's stride there is 1.
+uint16_t torch_bf16_nan(const Tensor& x) {
+  const int64_t nd = x.dim();
+  std::vector<int64_t> perm(nd);
+  for (int64_t i = 0; i < nd; ++i) perm[i] = nd - 1 - i;
+  // 1: a goes after b, -1: before it, 0: no order.
+  auto order = [&](int64_t a, int64_t b) {
+    const int64_t sa = x.stride(a), sb = x.stride(b);
+    if (sa == 0 || sb == 0) return 0;
+    if (sa != sb) return sa < sb ? -1 : 1;
+    return x.size(a) > x.size(b) ? 1 : 0;
+  };
+  for (int64_t i = 1; i < nd; ++i) {
+    int64_t moving = i;
+    for (int64_t j = i - 1; j >= 0; --j) {
+      const int cmp = order(perm[j], perm[moving]);
+      if (cmp > 0) {
+        std::swap(perm[j], perm[moving]);
+        moving = j;
+      } else if (cmp < 0) {
+        break;
+      }
+    }
+  }
+  for (int64_t d : perm)
+    if (x.size(d) > 1) return x.stride(d) == 1 ? 0xffff : 0x7fc0;
+  return 0xffff;
+}
+
+// fp32 x into blocks of vlen 8 or 16; bf16 x into the bf16 kernels' rows of 32 (vlen 32); fp32 x
+// with vlen 32 into bf16 rows of 32 in one pass, rounded as x.to(torch.bfloat16) rounds.
 Tensor to_blocked(const Tensor& x, int64_t vlen) {
   const char* op = "to_blocked";
   check_conv_dtype_cpu(x, op, "x");
@@ -28,14 +64,20 @@ Tensor to_blocked(const Tensor& x, int64_t vlen) {
   if (bf16) {
     TORCH_CHECK(vlen == dc::kAmxBlock, op, ": expected 'vlen' ", dc::kAmxBlock, " for a bfloat16 'x', got ", vlen);
   } else {
-    TORCH_CHECK(vlen == 8 || vlen == 16, op, ": expected 'vlen' 8 or 16 for a float32 'x', got ", vlen);
+    TORCH_CHECK(vlen == 8 || vlen == 16 || vlen == dc::kAmxBlock, op,
+                ": expected 'vlen' 8 or 16 (float32 blocks) or ", dc::kAmxBlock,
+                " (bfloat16 rows) for a float32 'x', got ", vlen);
   }
+  const bool rows32 = vlen == dc::kAmxBlock;
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  Tensor out = new_tensor({n, dc::div_up(c, vlen), h, w, vlen}, x.options());
+  Tensor out = new_tensor({n, dc::div_up(c, vlen), h, w, vlen}, x.options().dtype(rows32 ? at::kBFloat16 : at::kFloat));
   auto st = strides4(x);
+  const uint16_t nan = rows32 && !bf16 ? torch_bf16_nan(x) : 0;
   run_shares(num_threads(), [&](int tid, int nt) {
     if (bf16)
       dc::bf16_to_rows32(bf16_ptr(x), st.data(), n, c, h, w, bf16_mutable_ptr(out), tid, nt);
+    else if (rows32)
+      dc::f32_to_rows32(x.data_ptr<float>(), st.data(), n, c, h, w, nan, bf16_mutable_ptr(out), tid, nt);
     else
       dc::reorder_to_blocked(x.data_ptr<float>(), st.data(), n, c, h, w, static_cast<int>(vlen),
                              out.data_ptr<float>(), tid, nt);

@@ -24,6 +24,8 @@ TORCH_LIBRARY(directconv, m) {
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
   m.def("conv2d_blocked_backward_weight(Tensor grad_output, Tensor xb, SymInt[] weight_size, int[2] stride, "
         "int[4] padding, int[2] dilation, int? in_channels) -> Tensor");
+  // vlen 8 / 16: fp32 blocks; vlen 32: bf16 rows of 32, from bf16 x (moved) or fp32 x (rounded
+  // as x.to(torch.bfloat16) rounds, in the same pass).
   m.def("to_blocked(Tensor x, int vlen) -> Tensor");
   m.def("from_blocked(Tensor xb, int channels) -> Tensor");
   m.def("to_blocked_weight(Tensor w, int vlen) -> Tensor");

@@ -90,6 +90,8 @@ Tensor to_blocked(const Tensor& x, int64_t vlen);
 Tensor from_blocked(const Tensor& xb, int64_t channels);
 Tensor to_blocked_weight(const Tensor& w, int64_t vlen);
 Tensor from_blocked_weight(const Tensor& wb, int64_t k, int64_t c);
+// The bits x.to(torch.bfloat16) gives a NaN of the fp32 x (torch's vectorized or scalar loop).
+uint16_t torch_bf16_nan(const Tensor& x);
 
 // fold_ops.cpp: the folded entry of the bf16 blocked model (conv/bf16_fold.h).
 Tensor to_blocked_folded(const Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
