@@ -16,7 +16,8 @@ timing command at a time, so every variant and both peak loops take turns in eve
 Each cell is the median over the rounds of per-round medians of single calls (the peaks:
 of chunks of 1,000 loop iterations), so a call that the machine's other work preempts does
 not count. GFLOP/s are nominal (2*N*K*C*R*S*P*Q); ours are bf16 blocked in, bf16 out (fp32
-out for our fp32), no post-ops.
+out for our fp32), no post-ops; a layer that folds its kernel columns (conv1) runs as the blocked
+model runs it, from a bf16 NCHW input through the folded copy (to_blocked_folded's pass, timed).
 
     python bench/bench_bf16_fwd.py [--layers L03,L17] [--rounds 5] [--min-time 0.05] [--n 1]
                                    [--levels amx,avx512_bf16] [--clock wall|thread]

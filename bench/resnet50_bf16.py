@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", type=int, default=224, help="image height and width (default 224)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run, not a measurement")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default: inference 10, training 5)")
+    ap.add_argument(
+        "--turn",
+        type=int,
+        default=1,
+        help="calls in a row per variant in the round-robin (default 1: every call follows another variant's, "
+        "which has evicted its weights from the caches; more: as a model serving alone finds them)",
+    )
     ap.add_argument("--isa-cap", choices=("avx512_bf16", "amx"), default=None, help="cap the JIT's ISA")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     args = check_common_args(ap, ap.parse_args(argv))
@@ -70,7 +77,7 @@ def _autocast(torch):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
+def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int, turn: int) -> tuple:
     x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
     x_cl = x.contiguous(memory_format=torch.channels_last)
     model_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
@@ -96,12 +103,12 @@ def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warm
         outs = {k: call(k).float() for k in variants}
         diffs = {k: (o - ref).abs().max().item() / scale for k, o in outs.items()}
         vs_torch = {k: (o - outs["torch_cl"]).abs().max().item() / scale for k, o in outs.items()}
-        med, busy = _time_interleaved({k: lambda k=k: call(k) for k in variants}, warmup, iters)
+        med, busy = _time_interleaved({k: lambda k=k: call(k) for k in variants}, warmup, iters, turn)
         parts = breakdown(tdc, lambda: call("optimize"), BREAKDOWN_STEPS) if "optimize" in variants else None
     return med, busy, diffs, vs_torch, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0, parts
 
 
-def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int) -> tuple:
+def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int, turn: int) -> tuple:
     F = torch.nn.functional
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, 3, size, size, generator=gen)
@@ -142,7 +149,7 @@ def run_training(torch, tdc, base, variants: list[str], n: int, size: int, warmu
             compile_s = time.perf_counter() - t0
         diffs[name] = ((g - ref).norm() / ref.norm()).item()
         steps[name] = step
-    med, busy = _time_interleaved(steps, warmup, iters)
+    med, busy = _time_interleaved(steps, warmup, iters, turn)
     parts = breakdown(tdc, steps["optimize"], BREAKDOWN_STEPS) if "optimize" in steps else None
     return med, busy, diffs, None, compile_s, tdc.jit_stats()["fallbacks"] - fallbacks0, parts
 
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ResNet-50 v1.5, {args.size}x{args.size}, bf16 autocast, random weights; torch {torch.__version__}, ISA {isa}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of {iters['inference']} (inference) / "
-        f"{iters['training']} (training) interleaved iterations after {warmup} warm-up(s)"
+        f"{iters['training']} (training) interleaved iterations, {args.turn} in a row per variant, after {warmup} "
+        "warm-up(s)"
         f"{' (--quick)' if args.quick else ''}"
     )
     results: dict = {}
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             randomize_batchnorm(base, torch.Generator().manual_seed(1))
             run = run_inference if mode == "inference" else run_training
             med, busy, diffs, vs_torch, compile_s, fallbacks, parts = run(
-                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode]
+                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode], args.turn
             )
             warn_if_shared(mode, threads, n, busy)
             if fallbacks:

@@ -154,20 +154,24 @@ def breakdown(tdc, fn, steps: int) -> dict:
     return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
 
 
-def _time_interleaved(fns: dict, warmup: int, iters: int) -> tuple[dict, float]:
+def _time_interleaved(fns: dict, warmup: int, iters: int, turn: int = 1) -> tuple[dict, float]:
     """(name -> median ms, CPUs busy while timing): the variants run round-robin so that a
     disturbance hits all alike; the CPU time this process got over the wall time shows whether
-    other processes held the cores meanwhile."""
+    other processes held the cores meanwhile. Each variant's turn is `turn` calls in a row
+    (iters rounded up to whole turns): with 1, every call follows another variant's, which has
+    evicted its weights from the caches; with more, all but the first of a turn find the
+    caches as a model that serves alone finds them."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict = {k: [] for k in fns}
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    for _ in range(iters):
+    for _ in range(-(-iters // turn)):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(turn):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     busy = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     return {k: _median_ms(v) for k, v in times.items()}, busy
 
