@@ -953,7 +953,9 @@ def test_eval_prepared_calls_follow_every_change(monkeypatch) -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             opt(x)
             low = opt(x)
-        assert all(u._fast[1][0] == torch.bfloat16 for u in units)
+        # conv1's EnterUnit runs bf16 on its folded entry, which keeps no prepared call.
+        assert all(u._fast[1][0] == torch.bfloat16 for u in units if not isinstance(u, tdc._steps.EnterUnit))
+        assert all(u._fast is None for u in units if isinstance(u, tdc._steps.EnterUnit))
         _close(low.float(), copy.deepcopy(model).double()(x.double()), 5e-2, "bf16 under autocast")
         check("fp32 after bf16", x)
     # Gradients: the full path, which records the graph.
@@ -993,7 +995,7 @@ def test_eval_prepared_calls_under_compile_func_and_bad_input() -> None:
     out, vjp = torch.func.vjp(opt, x)
     (gx,) = vjp(torch.ones_like(out))
     _close(gx, xr.grad, 1e-4, "torch.func.vjp after prepared calls")
-    unit = _conv_units(opt)[0]
+    unit = next(u for u in _conv_units(opt) if not isinstance(u, tdc._steps.EnterUnit))  # blocked in
     with torch.no_grad():
         xb = tdc.to_blocked(torch.randn(2, unit._parts[0].in_channels, 16, 16))
         unit(xb)

@@ -512,6 +512,7 @@ class EnterUnit(Unit):
         if not self._folds(x):
             return super().forward(self.entry(x))
         conv, bn = self._parts
+        self._fast = None  # the unfolded path's prepared call is not this one
         stride, pad4, dilation = self._geometry(conv, conv.padding)
         xf = _TO_BLOCKED_FOLDED(x, list(conv.kernel_size), stride, pad4, dilation)
         # The layer on the folded copy: R x 1, stride (sh, 1), no padding, C * S channels.
