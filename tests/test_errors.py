@@ -46,6 +46,22 @@ CASES: dict[str, tuple] = {
     "stride_negative": (t(1, 8, 6, 6), t(8, 8, 3, 3), {"stride": (1, -1)}, r"'stride'"),
     "stride_three_values": (t(1, 8, 6, 6), t(8, 8, 3, 3), {"stride": (1, 1, 1)}, r"stride"),
     "stride_float": (t(1, 8, 6, 6), t(8, 8, 3, 3), {"stride": 1.5}, r"stride"),
+    # Past int64: a bare int is torch's ValueError, an item of a list its TypeError, and the
+    # list's is reported first whatever the order of the arguments.
+    "stride_past_int64": (t(1, 8, 6, 6), t(8, 8, 3, 3), {"stride": 2**63}, r"'stride'"),
+    "padding_item_past_int64": (t(1, 8, 6, 6), t(8, 8, 3, 3), {"padding": (2**63, 0)}, r"'padding'"),
+    "stride_and_padding_item_past_int64": (
+        t(1, 8, 6, 6),
+        t(8, 8, 3, 3),
+        {"stride": 2**63, "padding": (2**63, 0)},
+        r"'padding'",
+    ),
+    "stride_and_dilation_item_past_int64": (
+        t(1, 8, 6, 6),
+        t(8, 8, 3, 3),
+        {"stride": 2**63, "dilation": (1, 2**63)},
+        r"'dilation'",
+    ),
     "dilation_zero": (t(1, 8, 6, 6), t(8, 8, 3, 3), {"dilation": 0}, r"'dilation'"),
     "kernel_larger_than_input": (t(1, 8, 2, 6), t(8, 8, 3, 3), {}, r"kernel|'weight'"),
     "kernel_larger_than_padded_input": (t(1, 8, 6, 1), t(8, 8, 3, 4), {"padding": 1}, r"kernel|'weight'"),

@@ -163,8 +163,13 @@ def conv2d(
     relu: bool = False,
 ) -> torch.Tensor:
     """Same as torch.nn.functional.conv2d; relu=True fuses a ReLU into the kernel's epilogue."""
-    # As torch: every argument is parsed, in order, before any shape is checked.
+    # As torch: every argument is parsed, in order, before any shape is checked; and as its
+    # parser, the items of the lists first (an item past int64 is its TypeError), then the bare
+    # ints (past int64: ValueError, when the op reads them).
     _check_types(input, weight, bias)
+    for value, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")):
+        if isinstance(value, (list, tuple, torch.Size)):
+            _pair(value, name)
     stride2 = _pair(stride, "stride")
     if not isinstance(padding, str):
         _pair(padding, "padding")
