@@ -395,22 +395,30 @@ class Unit(_ConvStep):
         scale, shift = self._identity
         return blocked_ops.bn_apply(yb, self.channels, scale, shift, residual, self.relu)
 
-    def _conv_batch_stats(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, xb: torch.Tensor, wb, bias) -> tuple:
+    @staticmethod
+    def _uses_batch_stats(bn: nn.BatchNorm2d | None) -> bool:
+        """Whether bn normalizes with the batch's statistics (training, or no running ones)."""
+        return bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
+
+    def _conv_batch_stats(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, xb: torch.Tensor, wb, bias, layer=None) -> tuple:
         """(conv(xb) + bias, its batch mean, its biased batch variance), the statistics summed in
         the convolution's epilogue relative to the running mean (exact either way: the op
-        recomputes them where a mean lies far from it)."""
-        xb, padding = self._padded(conv, xb)
+        recomputes them where a mean lies far from it). `layer`, (stride, padding, dilation,
+        in_channels), replaces conv's own geometry (EnterUnit's folded layer)."""
+        if layer is None:
+            xb, padding = self._padded(conv, xb)
+            layer = (conv.stride, padding, conv.dilation, conv.in_channels)
         track = bn.training and bn.track_running_stats and bn.running_mean is not None
         yb, mean, var = conv2d_blocked_stats(
             xb,
             wb,
             bias,
-            conv.stride,
-            padding,
-            conv.dilation,
+            layer[0],
+            layer[1],
+            layer[2],
             channels=self.channels,
             shift=bn.running_mean.detach().float() if track else None,
-            in_channels=conv.in_channels,
+            in_channels=layer[3],
         )
         return yb, (mean, var)
 
@@ -463,7 +471,7 @@ class Unit(_ConvStep):
 
     def _forward(self, xb: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         conv, bn = self._parts
-        batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
+        batch_stats = self._uses_batch_stats(bn)
         if conv is not None:
             fold = bn is not None and not batch_stats
             wb, bias = self._weights(conv, bn if fold else None, xb.dtype)
@@ -500,7 +508,6 @@ class EnterUnit(Unit):
         super().__init__(conv, bn, names, channels, False, relu)
         self.entry = entry
         self.what = f"{entry.what}, then {self.what}; in bf16 one folded entry (to_blocked_folded)"
-        self._folded_geo = None
 
     def _folds(self, x: torch.Tensor) -> bool:
         if blocked_dtype(x) != torch.bfloat16 or torch._C._are_functorch_transforms_active():
@@ -516,26 +523,14 @@ class EnterUnit(Unit):
         stride, pad4, dilation = self._geometry(conv, conv.padding)
         xf = _TO_BLOCKED_FOLDED(x, list(conv.kernel_size), stride, pad4, dilation)
         # The layer on the folded copy: R x 1, stride (sh, 1), no padding, C * S channels.
-        geo = ([stride[0], 1], [0, 0, 0, 0], [dilation[0], 1])
-        in_channels = conv.in_channels * conv.kernel_size[1]
-        batch_stats = bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
+        layer = ([stride[0], 1], 0, [dilation[0], 1], conv.in_channels * conv.kernel_size[1])
+        batch_stats = self._uses_batch_stats(bn)
         fold = bn is not None and not batch_stats
         wb, bias = self._weights(conv, bn if fold else None, xf.dtype, columns=True)
         if bn is None or fold:
-            return call_op(_CONV2D_BLOCKED, xf, wb, bias, *geo, self.relu, in_channels, None)
-        track = bn.training and bn.track_running_stats and bn.running_mean is not None
-        yb, mean, var = conv2d_blocked_stats(
-            xf,
-            wb,
-            bias,
-            geo[0],
-            0,
-            geo[2],
-            channels=self.channels,
-            shift=bn.running_mean.detach().float() if track else None,
-            in_channels=in_channels,
-        )
-        return self._batch_norm(bn, yb, batch_stats, None, self.relu, (mean, var))
+            return call_op(_CONV2D_BLOCKED, xf, wb, bias, layer[0], [0, 0, 0, 0], layer[2], self.relu, layer[3], None)
+        yb, stats = self._conv_batch_stats(conv, bn, xf, wb, bias, layer)
+        return self._batch_norm(bn, yb, batch_stats, None, self.relu, stats)
 
 
 class Pool(Step):
