@@ -4,8 +4,11 @@
 // helper's command names, checked against what this CPU and process can run.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "jit/isa.h"
 #include "jit/jit_kernel.h"
@@ -48,5 +51,28 @@ inline dc::Isa parse_level(const std::string& name) {
   if (level > dc::detected_isa()) throw std::runtime_error(name + " is above this CPU's level");
   return level;
 }
+
+// A peak loop's rate in GFLOP/s: the median over chunks of kPeakChunk iterations (run(n) runs
+// n, each of flops_per_iter), for `seconds` of wall() time, each chunk timed by sample(); one
+// chunk first as a warm-up. The median of short chunks, as the convolutions' samples are
+// medians of calls: a chunk that the machine's other work preempts does not count.
+constexpr int64_t kPeakChunk = 1000;
+template <typename Run, typename Wall, typename Sample>
+double median_peak_gflops(const Run& run, double flops_per_iter, double seconds, const Wall& wall,
+                          const Sample& sample) {
+  run(kPeakChunk);
+  std::vector<double> rates;
+  const double t0 = wall();
+  do {
+    const double a = sample();
+    run(kPeakChunk);
+    rates.push_back(kPeakChunk * flops_per_iter / (sample() - a) / 1e9);
+  } while (wall() - t0 < seconds);
+  std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
+  return rates[rates.size() / 2];
+}
+
+// PeakLoop's products per iteration: 4 tdpbf16ps of 16 x 16 x 32 pairs.
+constexpr double kPeakLoopFlopsPerIter = 4 * 16384.0;
 
 }  // namespace dc_bench

@@ -14,27 +14,17 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import sample_median  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch_directconv as tdc  # noqa: E402
 
 DEFAULT_SHAPES = "1x3x224x224,4x3x224x224,1x4x224x224,1x16x112x112,1x64x56x56,1x256x56x56"
-
-
-def sample(fn: Callable[[], object], min_time: float) -> float:
-    """The median of single calls over at least min_time seconds (and 3 calls)."""
-    times = []
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < min_time or len(times) < 3:
-        a = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - a)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds: dict[str, list[float]] = {k: [] for k in variants}
             for _ in range(args.rounds):
                 for name, fn in variants.items():
-                    rounds[name].append(sample(fn, args.min_time))
+                    rounds[name].append(sample_median(fn, args.min_time))
             two, one = (statistics.median(rounds[k]) * 1e3 for k in variants)
             print(f"{spec:>16} {threads:>3} {two:>14.3f} {one:>12.3f} {two / one:>6.2f}")
 

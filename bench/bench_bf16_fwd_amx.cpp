@@ -64,6 +64,8 @@ namespace {
 
 using dc_bench::parse_level;
 using dc_bench::PeakLoop;
+using dc_bench::kPeakLoopFlopsPerIter;
+using dc_bench::median_peak_gflops;
 
 
 // The helper's RunShares for more than one thread: workers made once, as torch's pool is,
@@ -342,39 +344,18 @@ int main() {
     in >> cmd;
     try {
     if (cmd == "peak") {
-      // The median of short chunks, as the convolutions' samples are medians of calls: a
-      // chunk that the machine's other work preempts does not count.
       double seconds = 0.05;
       in >> seconds;
       if (!peak_kernel) parse_level("amx"), peak_kernel = PeakLoop().build();
       auto peak = peak_kernel->entry<void (*)(int64_t)>();
-      constexpr int64_t kChunk = 1000;
-      peak(kChunk);
-      std::vector<double> rates;
-      const double t0 = now();
-      do {
-        const double a = sample_now();
-        peak(kChunk);
-        rates.push_back(kChunk * 4 * 16384.0 / (sample_now() - a) / 1e9);
-      } while (now() - t0 < seconds);
-      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
-      std::printf("%.1f\n", rates[rates.size() / 2]);
+      std::printf("%.1f\n", median_peak_gflops(peak, kPeakLoopFlopsPerIter, seconds, now, sample_now));
     } else if (cmd == "dotpeak") {
       double seconds = 0.05;
       in >> seconds;
       if (!dot_peak_kernel) parse_level("avx512_bf16"), dot_peak_kernel = make_bf16_dot_peak_kernel()->build();
       auto dot_peak = dot_peak_kernel->entry<Bf16PeakKernelFn>();
-      constexpr int64_t kChunk = 1000;
-      dot_peak(kChunk, dot_in, dot_out);
-      std::vector<double> rates;
-      const double t0 = now();
-      do {
-        const double a = sample_now();
-        dot_peak(kChunk, dot_in, dot_out);
-        rates.push_back(kChunk * bf16_dot_peak_flops_per_iter() / (sample_now() - a) / 1e9);
-      } while (now() - t0 < seconds);
-      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
-      std::printf("%.1f\n", rates[rates.size() / 2]);
+      const auto run = [&](int64_t n) { dot_peak(n, dot_in, dot_out); };
+      std::printf("%.1f\n", median_peak_gflops(run, bf16_dot_peak_flops_per_iter(), seconds, now, sample_now));
     } else if (cmd == "conv") {
       std::string text, level_name;
       double min_seconds = 0.05;

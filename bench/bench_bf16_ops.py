@@ -21,7 +21,6 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,21 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import sample_median  # noqa: E402
 from problems import select_layers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch_directconv as tdc  # noqa: E402
-
-
-def sample(fn: Callable[[], object], min_time: float) -> float:
-    """The median of single calls over at least min_time seconds (and 3 calls)."""
-    times = []
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < min_time or len(times) < 3:
-        a = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - a)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,10 +86,10 @@ def main(argv: list[str] | None = None) -> None:
                     if "_ac" in name:
                         with torch.autocast("cpu", dtype=torch.bfloat16):
                             fn()
-                            samples[name].append(sample(fn, args.min_time))
+                            samples[name].append(sample_median(fn, args.min_time))
                     else:
                         fn()
-                        samples[name].append(sample(fn, args.min_time))
+                        samples[name].append(sample_median(fn, args.min_time))
             assert tdc.jit_stats()["fallbacks"] == before, f"{layer.id}: a call fell back to torch"
         t = {k: statistics.median(v) for k, v in samples.items()}
         for k in sums:

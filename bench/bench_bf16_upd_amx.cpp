@@ -43,6 +43,8 @@ namespace {
 
 using dc_bench::parse_level;
 using dc_bench::PeakLoop;
+using dc_bench::kPeakLoopFlopsPerIter;
+using dc_bench::median_peak_gflops;
 
 
 double now() {
@@ -174,33 +176,14 @@ int main() {
       in >> seconds;
       if (!peak_kernel) parse_level("amx"), peak_kernel = PeakLoop().build();
       auto peak = peak_kernel->entry<void (*)(int64_t)>();
-      constexpr int64_t kChunk = 1000;
-      peak(kChunk);
-      std::vector<double> rates;
-      const double t0 = now();
-      do {
-        const double a = now();
-        peak(kChunk);
-        rates.push_back(kChunk * 4 * 16384.0 / (now() - a) / 1e9);
-      } while (now() - t0 < seconds);
-      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
-      std::printf("%.1f\n", rates[rates.size() / 2]);
+      std::printf("%.1f\n", median_peak_gflops(peak, kPeakLoopFlopsPerIter, seconds, now, now));
     } else if (cmd == "dotpeak") {
       double seconds = 0.05;
       in >> seconds;
       if (!dot_peak_kernel) parse_level("avx512_bf16"), dot_peak_kernel = make_bf16_dot_peak_kernel()->build();
       auto dot_peak = dot_peak_kernel->entry<Bf16PeakKernelFn>();
-      constexpr int64_t kChunk = 1000;
-      dot_peak(kChunk, dot_in, dot_out);
-      std::vector<double> rates;
-      const double t0 = now();
-      do {
-        const double a = now();
-        dot_peak(kChunk, dot_in, dot_out);
-        rates.push_back(kChunk * bf16_dot_peak_flops_per_iter() / (now() - a) / 1e9);
-      } while (now() - t0 < seconds);
-      std::nth_element(rates.begin(), rates.begin() + rates.size() / 2, rates.end());
-      std::printf("%.1f\n", rates[rates.size() / 2]);
+      const auto run = [&](int64_t n) { dot_peak(n, dot_in, dot_out); };
+      std::printf("%.1f\n", median_peak_gflops(run, bf16_dot_peak_flops_per_iter(), seconds, now, now));
     } else if (cmd == "upd") {
       double min_seconds = 0.05;
       std::string dw_type = "f32", level_name;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,17 @@ class Timing:
 
 FULL = Timing(samples=5, min_time=0.05, warmup=2, peak_runs=3, peak_seconds=0.2)
 QUICK = Timing(samples=3, min_time=0.01, warmup=1, peak_runs=1, peak_seconds=0.1)
+
+
+def sample_median(fn: Callable[[], object], min_time: float) -> float:
+    """The median of single calls of fn over at least min_time seconds (and 3 calls)."""
+    times = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min_time or len(times) < 3:
+        a = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - a)
+    return statistics.median(times)
 
 
 def config_name(threads: int, n: int) -> str:
