@@ -136,7 +136,7 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     file = file if file is not None else sys.stdout
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     lines: list[str] = []
-    opt = model if isinstance(model, OptimizedModule) else _build(_copy(model))
+    opt = model if isinstance(model, OptimizedModule) else _build(_copy(model), True)
     if isinstance(opt, str):
         lines.append(f"{type(model).__name__}: not optimized, optimize() falls back to convert(): {opt}")
         return _emit(lines, file)

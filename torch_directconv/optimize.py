@@ -12,18 +12,25 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from . import _backend, _graph
+from ._replay import Replayer
 from .modules import _deepcopy, convert
 
 
 class _Engine:
     """What an OptimizedModule runs, kept out of its registered attributes: the user's model
     (whose modules it shares), and the optimized graph module and plan for train and for eval
-    mode (traced in that mode, so Python code that reads self.training is followed)."""
+    mode (traced in that mode, so Python code that reads self.training is followed), and what
+    runs each graph: its Replayer (_replay.py; with replay=False, the graph itself at every call)."""
 
-    def __init__(self, root: nn.Module, graphs: dict[bool, fx.GraphModule], plans: dict[bool, _graph.Plan]) -> None:
+    def __init__(
+        self, root: nn.Module, graphs: dict[bool, fx.GraphModule], plans: dict[bool, _graph.Plan], replay: bool
+    ) -> None:
         self.root = root
         self.graphs = graphs
         self.plans = plans
+        # One replayer per graph module (one graph may serve both modes).
+        made = {id(g): Replayer(root, g, replay) for g in graphs.values()}
+        self.runners = {m: made[id(g)] for m, g in graphs.items()}
 
 
 class OptimizedModule(nn.Module):
@@ -49,9 +56,11 @@ class OptimizedModule(nn.Module):
         engine = self._engine
         if blocked_path_reason(args, kwargs) is not None:
             return engine.root(*args, **kwargs)
-        # The graph module's forward itself: it is internal (no hooks of the user's are on it),
-        # and its __call__ would only add a traceback wrapper.
-        return engine.graphs[self.training].forward(*args, **kwargs)
+        if kwargs:
+            return engine.graphs[self.training].forward(*args, **kwargs)
+        # The graph module's forward itself (it is internal: no hooks of the user's are on it,
+        # and its __call__ would only add a traceback wrapper), or its replay.
+        return engine.runners[self.training](args)
 
     def extra_repr(self) -> str:
         p = self._engine.plans[self.training]
@@ -104,7 +113,7 @@ def _trace_both_modes(model: nn.Module) -> dict[bool, fx.Graph]:
     return graphs
 
 
-def _build(model: nn.Module) -> OptimizedModule | str:
+def _build(model: nn.Module, replay: bool) -> OptimizedModule | str:
     """The optimized module (sharing model's modules), or why fx cannot trace the model."""
     try:
         graphs = _trace_both_modes(model)
@@ -115,11 +124,11 @@ def _build(model: nn.Module) -> OptimizedModule | str:
     # Most models trace the same in both modes: then one graph serves both.
     same = str(graphs[True]) == str(graphs[False])
     built[False] = built[True] if same else _graph.build(model, graphs[False])
-    engine = _Engine(model, {m: b[0] for m, b in built.items()}, {m: b[1] for m, b in built.items()})
+    engine = _Engine(model, {m: b[0] for m, b in built.items()}, {m: b[1] for m, b in built.items()}, replay)
     return OptimizedModule(model, engine)
 
 
-def optimize(model: nn.Module, inplace: bool = False) -> nn.Module:
+def optimize(model: nn.Module, inplace: bool = False, replay: bool = True) -> nn.Module:
     """The model, traced with torch.fx, with its longest regions of supported ops run in the
     blocked layout: converted once at each region's entry and once at each exit, batch norm,
     residual add and ReLU fused with the convolutions.
@@ -129,6 +138,11 @@ def optimize(model: nn.Module, inplace: bool = False) -> nn.Module:
     model is deep-copied first; with inplace=True the result shares the model's parameters and
     buffers (an optimizer made before still updates them). A model fx cannot trace falls back to
     convert(model) with a warning that says why. torch_directconv.explain() shows what runs how.
+
+    With replay=True, a call without gradients that repeats the one before it (same input
+    shapes, dtypes, modes and model) is recorded as the ops it runs, and the calls after it run
+    that record from C++ while all of that stays the same (see _replay.py); replay=False runs
+    the graph's Python at every call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
@@ -136,7 +150,7 @@ def optimize(model: nn.Module, inplace: bool = False) -> nn.Module:
         return model if inplace else _deepcopy(model)
     if not inplace:
         model = _deepcopy(model)
-    built = _build(model)
+    built = _build(model, replay)
     if isinstance(built, str):
         warnings.warn(f"optimize: {built}; falling back to convert(model)", UserWarning, stacklevel=2)
         return convert(model, inplace=True)

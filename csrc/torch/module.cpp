@@ -26,6 +26,7 @@
 #include "op_timers.h"
 #include "ops.h"
 #include "tensor_pool.h"
+#include "program.h"
 #include "tensors_key.h"
 #include "threading.h"
 
@@ -286,6 +287,7 @@ PYBIND11_MODULE(_C, m) {
       "The weight-update plan of a benchdnn problem string: its tile, rows per block and minibatch parts.");
   dc_torch::register_op_timers(m);
   dc_torch::register_tensors_key(m);
+  dc_torch::register_program(m);
 
   // torch_directconv.distributed's transport; the rendezvous and the fallback are Python's.
   py::class_<dc::ShmAllReduce>(m, "ShmAllReduce")
