@@ -424,3 +424,15 @@ def test_weights_that_change_at_every_call_are_rarely_recorded(monkeypatch) -> N
     for _ in range(70):
         _call(opt, x, False)
     assert runner._record is not None and runner._record.replays > 0 and runner._patience == 1
+
+
+def test_explain_says_whether_calls_are_replayed() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 32, 32)
+    eval_text = tdc.explain(model, x, runs=1, file=io.StringIO())
+    assert "replay: calls without gradients that repeat the one before run as a record of" in eval_text
+    train_text = tdc.explain(copy.deepcopy(model).train(), x, runs=1, file=io.StringIO())
+    assert "replay: calls without gradients run the steps above (" in train_text
+    assert "returns several results" in train_text
+    off = tdc.explain(tdc.optimize(model, replay=False), x, runs=1, file=io.StringIO())
+    assert "run the steps above (replay=False)" in off

@@ -128,7 +128,7 @@ class _Recorder(TorchDispatchMode):
                 return f"{func} mutates a tensor that the call did not make"
             return None  # a constant of the program
         if len(schema.returns) != 1 or not isinstance(out, torch.Tensor):
-            return f"{func} does not return one tensor"
+            return f"{func} returns several results (or none)"
         # A result that aliases an argument (a view, an in-place op's self) is fresh memory of
         # the call only if that argument is.
         alias = schema.returns[0].alias_info

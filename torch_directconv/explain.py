@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from . import _backend, _steps
+from ._replay import Replayer, _global_state, _signature
 from .functional import _pair, conv_padding
 from .optimize import OptimizedModule, _build, blocked_path_reason
 
@@ -153,6 +154,7 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
         with grad:
             for _ in range(1 + runs):
                 run.run(*inputs)
+        replay = _replay_line(opt, gm, inputs)
     finally:
         with torch.no_grad():
             for b, value in saved:
@@ -206,7 +208,30 @@ def explain(model: nn.Module, example_input, *, runs: int = 3, file=None) -> str
     slow = sorted(range(len(nodes)), key=lambda i: -med[nodes[i]])[:5]
     names = {i: _row(gm, nodes[i], run)[1] for i in slow}
     lines.append("slowest steps: " + ", ".join(f"#{i} {names[i]} {100 * med[nodes[i]] / total:.1f}%" for i in slow))
+    lines.append(replay)
     return _emit(lines, file)
+
+
+def _replay_line(opt: OptimizedModule, gm, inputs: tuple) -> str:
+    """Whether calls like this one without gradients are replayed (_replay.py), from a recording
+    of one such call by a replayer of its own (the model's is left as it is)."""
+    runner = Replayer(opt._engine.root, gm, opt._engine.runners[opt.training].enabled)
+    sig = _signature(inputs)
+    if runner.why_not is None and sig is not None:
+        with torch.no_grad():
+            runner._record_call(inputs, sig, _global_state())
+    if runner.why_not is not None:
+        why = runner.why_not
+    elif sig is None:
+        why = "an input is not a plain tensor"
+    elif runner._record is None:
+        why = runner.last_refusal
+    else:
+        return (
+            f"replay: calls without gradients that repeat the one before run as a record of "
+            f"{len(runner._record.program)} ops from C++, not the steps above (optimize(replay=False) to time those)"
+        )
+    return f"replay: calls without gradients run the steps above ({why})"
 
 
 def _dropin_choices(model: nn.Module, inputs: tuple) -> list[str]:
