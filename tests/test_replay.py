@@ -245,24 +245,17 @@ class _Cat(nn.Module):
         return self.c(torch.cat([F.relu(self.a(x)), self.b(x)], 1))
 
 
-def test_lists_of_values_are_replayed() -> None:
-    """torch.cat of values of the call (a list argument) is replayed with the new values."""
+@pytest.mark.parametrize(
+    "factory",
+    [_Cat, lambda: _init_bn(Unsupported())],
+    ids=["cat of values of the call", "fallbacks and writes into values of the call"],
+)
+def test_other_graphs_are_replayed(factory) -> None:
+    """torch.cat of values of the call (a list argument, set at each run); the unsupported
+    layers' fallbacks, exits and entries, torch's ops between regions, and ops writing into
+    tensors the call made (copy_ into a new tensor)."""
     torch.manual_seed(0)
-    model = _Cat().eval()
-    graph, opt = tdc.optimize(model, replay=False), tdc.optimize(model)
-    counted = _Counted(opt)
-    x = torch.randn(2, 3, 10, 10)
-    _recorded(opt, counted, x)
-    x2 = torch.randn(2, 3, 10, 10)
-    replayed, out = _replays(opt, counted, x2)
-    assert replayed and torch.equal(out, _call(graph, x2, False))
-
-
-def test_fallbacks_and_writes_into_values_of_the_call_are_replayed() -> None:
-    """The unsupported layers' fallbacks, exits and entries, torch's ops between regions, and
-    ops writing into tensors the call made (copy_ into a new tensor) are replayed."""
-    torch.manual_seed(0)
-    model = _init_bn(Unsupported()).eval()
+    model = factory().eval()
     graph, opt = tdc.optimize(model, replay=False), tdc.optimize(model)
     counted = _Counted(opt)
     x = torch.randn(2, 3, 10, 10)
