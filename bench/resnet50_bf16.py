@@ -14,7 +14,8 @@ Variants, all timed in the same run, interleaved iteration by iteration (median 
   torch.compile   torch.compile(model) (Inductor) under autocast, channels_last; inference with
                   torch._inductor.config.freezing (weights folded and pre-packed);
   optimize        torch_directconv.optimize(model) under autocast: bf16 activations blocked end to
-                  end in rows of 32 channels, batch norm / add / ReLU fused, fp32 statistics.
+                  end in rows of 32 channels, batch norm / add / ReLU fused, fp32 statistics; its
+                  inference calls replayed from C++ after the first two (--no-replay: not).
 Checks (reported; bf16 is not bit-exact): inference outputs against the fp32 model's (max |diff| /
 max |out|), and against torch CL's bf16 output; training, the first step's gradients of every
 variant against the fp32 model's (relative norm over all of them).
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="calls in a row per variant in the round-robin (default 1: every call follows another variant's, "
         "which has evicted its weights from the caches; more: as a model serving alone finds them)",
     )
+    ap.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="optimize(model, replay=False): inference runs the graph's Python at every call instead of replaying",
+    )
     ap.add_argument("--isa-cap", choices=("avx512_bf16", "amx"), default=None, help="cap the JIT's ISA")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     args = check_common_args(ap, ap.parse_args(argv))
@@ -77,11 +83,13 @@ def _autocast(torch):
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def run_inference(torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int, turn: int) -> tuple:
+def run_inference(
+    torch, tdc, base, variants: list[str], n: int, size: int, warmup: int, iters: int, turn: int, replay: bool = True
+) -> tuple:
     x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
     x_cl = x.contiguous(memory_format=torch.channels_last)
     model_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
-    models = {"torch_cl": (model_cl, x_cl), "optimize": (tdc.optimize(base), x)}
+    models = {"torch_cl": (model_cl, x_cl), "optimize": (tdc.optimize(base, replay=replay), x)}
     compile_s = None
     if "compile" in variants:
         compiled = torch.compile(copy.deepcopy(base).to(memory_format=torch.channels_last), dynamic=False)
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ResNet-50 v1.5, {args.size}x{args.size}, bf16 autocast, random weights; torch {torch.__version__}, ISA {isa}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of {iters['inference']} (inference) / "
         f"{iters['training']} (training) interleaved iterations, {args.turn} in a row per variant, after {warmup} "
-        "warm-up(s)"
+        f"warm-up(s){'; optimize without replay' if args.no_replay else ''}"
         f"{' (--quick)' if args.quick else ''}"
     )
     results: dict = {}
@@ -228,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             base = resnet50().train(mode == "training")
             randomize_batchnorm(base, torch.Generator().manual_seed(1))
-            run = run_inference if mode == "inference" else run_training
-            med, busy, diffs, vs_torch, compile_s, fallbacks, parts = run(
-                torch, tdc, base, args.variants, n, args.size, warmup, iters[mode], args.turn
-            )
+            common = (torch, tdc, base, args.variants, n, args.size, warmup, iters[mode], args.turn)
+            if mode == "inference":
+                out = run_inference(*common, replay=not args.no_replay)
+            else:
+                out = run_training(*common)
+            med, busy, diffs, vs_torch, compile_s, fallbacks, parts = out
             warn_if_shared(mode, threads, n, busy)
             if fallbacks:
                 status = 1
