@@ -194,6 +194,10 @@ def test_state_and_input_changes_run_the_graph() -> None:
         before = counted.calls
         out = opt(x)
         assert counted.calls > before and out.is_inference()
+        opt(x)  # recorded in inference mode
+        before = counted.calls
+        replayed = opt(x)
+        assert counted.calls == before and replayed.is_inference() and torch.equal(replayed, out)
     # Under a dispatch mode (which must see the ops) and torch.func, the graph runs.
     _recorded(opt, counted, x)
     with tdc.op_times():  # not a mode: replayed calls are timed too
@@ -429,3 +433,34 @@ def test_explain_says_whether_calls_are_replayed() -> None:
     assert "returns several results" in train_text
     off = tdc.explain(tdc.optimize(model, replay=False), x, runs=1, file=io.StringIO())
     assert "run the steps above (replay=False)" in off
+
+
+def test_replays_from_several_threads() -> None:
+    """The record runs without the GIL: threads replaying it at once each get their own result."""
+    import threading
+
+    model = _model()
+    graph, opt = tdc.optimize(model, replay=False), tdc.optimize(model)
+    counted = _Counted(opt)
+    x = torch.randn(2, 3, 32, 32)
+    _recorded(opt, counted, x)
+    inputs = [torch.randn(2, 3, 32, 32) for _ in range(4)]
+    wants = [_call(graph, xi, False) for xi in inputs]
+    errors: list = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(5):
+                if not torch.equal(_call(opt, inputs[i], False), wants[i]):
+                    errors.append(i)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    before = counted.calls
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert counted.calls == before  # every call replayed
