@@ -374,7 +374,7 @@ def test_copies_and_pickles_record_their_own() -> None:
     _recorded(opt, counted, x)
     for copy_of in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
         other = copy_of(opt)
-        assert other._engine.runners[False]._record is None
+        assert not other._engine.runners[False].records
         with torch.no_grad():
             other.fc.weight.mul_(-1)
         other_counted = _Counted(other)
@@ -420,7 +420,8 @@ def test_weights_that_change_at_every_call_are_rarely_recorded(monkeypatch) -> N
     # Once calls repeat again, a record is replayed and the patience is back to 1.
     for _ in range(70):
         _call(opt, x, False)
-    assert runner._record is not None and runner._record.replays > 0 and runner._patience == 1
+    (record,) = runner.records.values()
+    assert record.replays > 0 and runner._patience == 1
 
 
 def test_explain_says_whether_calls_are_replayed() -> None:
@@ -464,3 +465,39 @@ def test_replays_from_several_threads() -> None:
         t.join()
     assert not errors
     assert counted.calls == before  # every call replayed
+
+
+def test_records_per_signature(monkeypatch) -> None:
+    """A loop whose last batch is smaller, then the full batch again: each signature keeps its
+    record (one recording each), while the model does not change; a change drops them all, and
+    a change of state (autocast) keeps only that state's."""
+    model = _model()
+    graph, opt = tdc.optimize(model, replay=False), tdc.optimize(model)
+    runner = opt._engine.runners[False]
+    recordings = []
+    real = runner._record_call
+    monkeypatch.setattr(runner, "_record_call", lambda *a: recordings.append(1) or real(*a))
+    counted = _Counted(opt)
+    sizes = [4, 4, 4, 1, 1] * 4
+    for i, n in enumerate(sizes):
+        x = torch.randn(n, 3, 16, 16)
+        replayed, out = _replays(opt, counted, x)
+        assert torch.equal(out, _call(graph, x, False)), i
+    assert len(recordings) == 2 and len(runner.records) == 2
+    monkeypatch.setattr(_replay, "MAX_RECORDS", 3)
+    for n in (2, 3, 5):
+        for _ in range(2):
+            _call(opt, torch.randn(n, 3, 16, 16), False)
+    assert len(runner.records) == 3  # the oldest went first
+    assert all(sig[0][0][0] in (2, 3, 5) for sig, _ in runner.records)
+    with torch.no_grad():
+        opt.fc.bias.add_(1)
+    assert not _replays(opt, counted, torch.randn(5, 3, 16, 16))[0]
+    assert not runner.records
+    if BF16:
+        # (The dropped record was never replayed: two calls in a row now before a recording. The
+        # bf16 record drops the fp32 one.)
+        for n, bf16 in ((2, False), (2, True), (3, True)):
+            for _ in range(3):
+                _call(opt, torch.randn(n, 3, 16, 16), bf16)
+        assert len(runner.records) == 2 and {r.state[0] for r in runner.records.values()} == {True}

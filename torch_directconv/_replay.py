@@ -20,7 +20,8 @@ module may do anything in Python); an op that reads a tensor's value into Python
 tensor the call did not make (an input, a constant, a module's buffer; an in-place ReLU on a
 value of the call is replayed); an output that is not a tensor the call computed.
 
-When a record is replayed: the inputs are plain tensors with the recorded shapes, strides,
+Records are kept per input signature (up to MAX_RECORDS, of one global state). When a
+record is replayed: the inputs are plain tensors with the recorded shapes, strides,
 dtypes and devices; gradients are disabled, autocast, inference mode and the ISA are as
 recorded, and nothing records a graph (torch.compile, tracing, torch.func, modes); every
 module's attributes, parameters, buffers, submodules and hooks are the same objects (_C.DictsState),
@@ -209,17 +210,19 @@ class _Record:
         self.spec = spec
         self.replays = 0
 
-    def matches(self, sig: tuple) -> bool:
-        return (
-            sig == self.sig
-            and _global_state() == self.state
-            and self.dicts.unchanged()
-            and self.key.unchanged(self.tensors)
-        )
+    def holds(self) -> bool:
+        """Whether the model is as recorded (the signature and state are the records' key)."""
+        return self.dicts.unchanged() and self.key.unchanged(self.tensors)
+
+
+# Records kept per graph module, one per input signature (a last, smaller batch; a few batch
+# sizes served in turn), all of one global state: those of another state would hold the other
+# dtype's packed weights, which the steps no longer keep. The oldest goes first.
+MAX_RECORDS = 8
 
 
 class Replayer:
-    """The record of one graph module's calls (of one mode), made and dropped as above."""
+    """The records of one graph module's calls (of one mode), made and dropped as above."""
 
     def __init__(self, root: nn.Module, gm: fx.GraphModule, enabled: bool = True) -> None:
         self._root = root
@@ -227,7 +230,8 @@ class Replayer:
         self.enabled = enabled
         self.why_not = replayable_graph(gm) if enabled else "replay=False"
         self.last_refusal: str | None = None  # why the last record was refused
-        self._record: _Record | None = None
+        # By (signature, state); the dict is replaced, never changed in place.
+        self.records: dict[tuple, _Record] = {}
         self._last: tuple | None = None  # (signature, state) of the last call that ran the graph
         self._streak = 0  # calls before it, in a row, with the same
         # Calls in a row that run the graph before one is recorded: doubled (up to 64) each time a
@@ -249,17 +253,18 @@ class Replayer:
         sig = _signature(args) if self.why_not is None and _recordable() else None
         if sig is None:
             return self._gm.forward(*args)
-        record = self._record  # one read: another thread may replace it
+        state = _global_state()
+        record = self.records.get((sig, state))  # one read: another thread may replace the dict
         if record is not None:
-            if record.matches(sig):
+            if record.holds():
                 if not record.replays:
                     self._patience = 1
                 record.replays += 1
                 return tree_unflatten(record.program.run(list(args)), record.spec)
-            self._record = None  # drops its constants with it
+            # The model changed: every record is stale, and goes with its constants.
+            self.records = {}
             if not record.replays:
                 self._patience = min(2 * self._patience, 64)
-        state = _global_state()
         refused = self._refused
         if refused is not None:
             if refused[:2] == (sig, state) and refused[2].unchanged():
@@ -296,7 +301,12 @@ class Replayer:
             program = _backend._C.Program(instrs, len(args), rec.n_slots, slots)
             # Recorded from the state before the call: a call that changed it (it may not) is not kept.
             if dicts.unchanged() and key.unchanged(tensors):
-                self._record = _Record(program, sig, state, dicts, key, tensors, spec)
+                # The other signatures' records that still hold (same state, same model).
+                kept = {k: r for k, r in self.records.items() if k != (sig, state) and r.state == state and r.holds()}
+                while len(kept) >= MAX_RECORDS:
+                    del kept[next(iter(kept))]
+                kept[(sig, state)] = _Record(program, sig, state, dicts, key, tensors, spec)
+                self.records = kept
         else:
             self.last_refusal = rec.refused or "an output is not a tensor the call computed"
             self._refused = (sig, state, dicts)

@@ -224,12 +224,13 @@ def _replay_line(opt: OptimizedModule, gm, inputs: tuple) -> str:
         why = runner.why_not
     elif sig is None:
         why = "an input is not a plain tensor"
-    elif runner._record is None:
+    elif (sig, _global_state()) not in runner.records:
         why = runner.last_refusal
     else:
         return (
             f"replay: calls without gradients that repeat the one before run as a record of "
-            f"{len(runner._record.program)} ops from C++, not the steps above (optimize(replay=False) to time those)"
+            f"{len(runner.records[sig, _global_state()].program)} ops from C++, not the steps above "
+            "(optimize(replay=False) to time those)"
         )
     return f"replay: calls without gradients run the steps above ({why})"
 
