@@ -25,8 +25,8 @@ record is replayed: the inputs are plain tensors with the recorded shapes, strid
 dtypes and devices; gradients are disabled, autocast, inference mode and the ISA are as
 recorded, and nothing records a graph (torch.compile, tracing, torch.func, modes); every
 module's attributes, parameters, buffers, submodules and hooks are the same objects (_C.DictsState),
-and every parameter and buffer is at its version and storage (_C.TensorsKey). Otherwise the
-record is dropped (with the constants it held) and the graph runs.
+and every parameter and buffer is at its version and storage (_C.TensorsKey). Otherwise every
+record is dropped (with the constants they held) and the graph runs.
 """
 
 from __future__ import annotations
@@ -200,9 +200,8 @@ def _recordable() -> bool:
 class _Record:
     """A replayable record and what it depends on."""
 
-    def __init__(self, program, sig: tuple, state: tuple, dicts, key, tensors: tuple, spec) -> None:
+    def __init__(self, program, state: tuple, dicts, key, tensors: tuple, spec) -> None:
         self.program = program
-        self.sig = sig
         self.state = state
         self.dicts = dicts
         self.key = key
@@ -305,7 +304,7 @@ class Replayer:
                 kept = {k: r for k, r in self.records.items() if k != (sig, state) and r.state == state and r.holds()}
                 while len(kept) >= MAX_RECORDS:
                     del kept[next(iter(kept))]
-                kept[(sig, state)] = _Record(program, sig, state, dicts, key, tensors, spec)
+                kept[(sig, state)] = _Record(program, state, dicts, key, tensors, spec)
                 self.records = kept
         else:
             self.last_refusal = rec.refused or "an output is not a tensor the call computed"

@@ -216,20 +216,20 @@ def _replay_line(opt: OptimizedModule, gm, inputs: tuple) -> str:
     """Whether calls like this one without gradients are replayed (_replay.py), from a recording
     of one such call by a replayer of its own (the model's is left as it is)."""
     runner = Replayer(opt._engine.root, gm, opt._engine.runners[opt.training].enabled)
-    sig = _signature(inputs)
+    sig, state = _signature(inputs), _global_state()
     if runner.why_not is None and sig is not None:
         with torch.no_grad():
-            runner._record_call(inputs, sig, _global_state())
+            runner._record_call(inputs, sig, state)
     if runner.why_not is not None:
         why = runner.why_not
     elif sig is None:
         why = "an input is not a plain tensor"
-    elif (sig, _global_state()) not in runner.records:
+    elif (sig, state) not in runner.records:
         why = runner.last_refusal
     else:
         return (
             f"replay: calls without gradients that repeat the one before run as a record of "
-            f"{len(runner.records[sig, _global_state()].program)} ops from C++, not the steps above "
+            f"{len(runner.records[sig, state].program)} ops from C++, not the steps above "
             "(optimize(replay=False) to time those)"
         )
     return f"replay: calls without gradients run the steps above ({why})"

@@ -78,9 +78,11 @@ class Program {
         for (const Read& r : in.reads) whole = whole || (r.arg == i && r.item < 0);
         in.args.push_back(whole ? c10::IValue() : to_ivalue(args[i], schema.arguments()[i].type()));
       }
-      for (const Read& r : in.reads)
-        TORCH_CHECK(r.item < 0 || (in.args[r.arg].isList() && r.item < static_cast<int64_t>(in.args[r.arg].toListRef().size())),
+      for (const Read& r : in.reads) {
+        const c10::IValue& a = in.args[r.arg];
+        TORCH_CHECK(r.item < 0 || (a.isList() && r.item < static_cast<int64_t>(a.toListRef().size())),
                     "Program: a read of an item out of range");
+      }
       in.out = t[4].cast<int64_t>();
       TORCH_CHECK(in.out >= n_inputs && in.out < n_slots, "Program: result slot ", in.out, " out of range");
       in.last_reads = t[5].cast<std::vector<int64_t>>();
